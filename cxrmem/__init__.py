@@ -1,0 +1,1 @@
+"""cxrmem: audit text-to-image chest X-ray diffusion models for training-data memorization."""

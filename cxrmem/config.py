@@ -1,0 +1,304 @@
+"""Typed configuration: OmegaConf YAML from conf/, merged with command-line key=value overrides.
+
+Every knob has a default and a one-line comment here; this schema is the reference for all
+YAML files in conf/. Unknown keys, wrong types and out-of-range values fail fast with a
+`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/demo"  # output prefix of this run: a local folder or s3://bucket/prefix
+    overwrite: bool = False  # allow replacing an already published run at the same prefix
+
+
+@dataclass
+class SyntheticCorpusConfig:
+    n_reports: int = 20000  # number of synthetic MIMIC-style reports to generate
+    seed: int = 0  # generator seed: the same seed gives the same corpus
+    marker_rate: float = 0.3  # share of abnormal reports that carry `___` de-identification markers
+    normal_share: float = 0.35  # share of reports drawn from the few shared normal impressions
+
+
+@dataclass
+class CorpusConfig:
+    source: str = "synthetic"  # synthetic | mimic_reports | table | iuxray
+    path: Optional[str] = None  # folder, file or s3:// URI of the corpus (unused for synthetic, optional for iuxray)
+    text_column: str = "text"  # text column of a table source
+    id_columns: List[str] = field(default_factory=lambda: ["path", "subject_id", "study"])  # source id columns kept if present
+    sections: List[str] = field(default_factory=lambda: ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"])  # report sections to use, in order of preference
+    marker_regex: str = "_{2,}|X{4,}"  # de-identification markers: MIMIC-CXR `___` and IU X-ray `XXXX` runs
+    max_reports: Optional[int] = None  # read at most this many reports (None: all)
+    synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)
+
+
+@dataclass
+class RadEditConfig:
+    unet_repo: str = "microsoft/radedit"  # Hugging Face repo id of the UNet (subfolder `unet`)
+    vae_repo: str = "stabilityai/sdxl-vae"  # repo id of the VAE (needed only to decode images)
+    text_repo: str = "microsoft/BiomedVLP-BioViL-T"  # repo id of the text encoder and tokenizer
+    unet_revision: Optional[str] = None  # snapshot commit hash; None: the one `refs/main` names, else the only one
+    vae_revision: Optional[str] = None  # as above, for the VAE
+    text_revision: Optional[str] = None  # as above, for the text encoder; required with trust_remote_code
+    vae_scaling_factor: float = 0.13025  # SDXL VAE latent scaling
+    tokenizer_max_length: int = 128  # RadEdit's tokenizer model_max_length
+    trust_remote_code: bool = False  # run the snapshot's own CXR-BERT code instead of transformers' BERT (opt-in)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "diffusers"  # diffusers (a model_index.json folder) | radedit (assembled from a Hugging Face cache)
+    path: str = "testbed/model"  # diffusers folder, or Hugging Face hub cache root for radedit; s3:// is copied to cache_dir
+    cache_dir: str = "~/.cache/cxrmem/models"  # local copy of s3:// model stores
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (UNet and text encoder; norms are always float32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    radedit: RadEditConfig = field(default_factory=RadEditConfig)
+
+
+@dataclass
+class ScoreConfig:
+    generations: int = 4  # G: initial noises per prompt
+    steps: int = 50  # T: DDIM steps
+    guidance_scale: float = 7.5  # w: classifier-free guidance that drives the trajectory
+    seed: int = 0  # base seed of the initial latents
+    seed_mode: str = "shared"  # shared (every prompt sees the same G noises) | per_prompt
+    screening_steps: Optional[int] = None  # score only the first k steps (None: all T)
+    batch_size: int = 8  # prompts per UNet call (each call runs batch_size x G x 2 samples)
+    use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder (RadEdit does not)
+
+
+@dataclass
+class CascadeConfig:
+    enabled: bool = False  # screen every prompt with the first k steps, then fully score only the top share
+    screening_steps: int = 5  # k: steps of the screening pass
+    top_percent: float = 10.0  # q: share of prompts (by screening score) that get the full score
+
+
+@dataclass
+class AnalyzeConfig:
+    top_percent: float = 1.0  # memorized set: prompts in the top q percent of d_mem (the paper: 1)
+    zscore: float = 3.0  # second view: prompts with d_mem z-score above this
+    n_reports_buckets: List[int] = field(default_factory=lambda: [1, 2, 5, 20, 100])  # lower edges of duplication buckets
+
+
+@dataclass
+class AttributionConfig:
+    enabled: bool = True  # attribute the memorized set's d_mem to words
+    generations: int = 2  # noises per prompt for the gradient
+    steps: int = 10  # DDIM steps at which the gradient is taken (first steps of the trajectory)
+    leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
+    max_prompts: Optional[int] = None  # attribute at most this many memorized prompts (None: all)
+    top_units: int = 25  # units shown per prompt in the figure
+
+
+@dataclass
+class MitigationConfig:
+    enabled: bool = True  # run the mitigation experiments on the memorized set
+    strategies: List[str] = field(
+        default_factory=lambda: [
+            "original",
+            "random_word",
+            "random_number",
+            "remove_marker",
+            "surrogate",
+            "random_insertion",
+            "embedding_noise",
+            "embedding_optimisation",
+        ]
+    )  # strategies to compare; `original` is the unmitigated baseline
+    n_generations: int = 50  # decoded generations per prompt and strategy for the pairwise distance (paper: 50)
+    steps: Optional[int] = None  # sampling steps for the generations (None: score.steps)
+    insertion_words: int = 4  # words inserted by random_insertion
+    noise_std: float = 0.1  # std of the Gaussian noise added to the text embedding
+    optimisation_iters: int = 10  # gradient steps of the first-step embedding optimisation
+    optimisation_lr: float = 0.05  # learning rate of the embedding optimisation
+    optimisation_target: float = 0.0  # stop once the first-step noise norm falls below this (0: run all iters)
+    max_prompts: Optional[int] = None  # mitigate at most this many memorized prompts (None: all)
+    seed: int = 1234  # seed of the random rewrites (the same rewrite across runs)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: start Ray in-process; "auto" or ray://...: join a cluster
+    num_workers: Optional[int] = None  # scoring actors (None: the cluster's GPUs, or 1 on a CPU-only cluster)
+    num_gpus_per_worker: float = 1.0  # GPUs per scoring actor (fractions share a GPU; ignored without GPUs)
+    num_cpus_per_worker: float = 1.0  # CPUs per scoring actor
+    batch_size: int = 64  # prompts per map_batches call
+    max_restarts: int = 3  # restarts of a lost scoring actor
+    checkpoint_every: int = 512  # prompts per durable scores part file (the unit of resume)
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None  # S3 endpoint (None: AWS or $AWS_ENDPOINT_URL)
+    region: Optional[str] = None  # S3 region (None: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)
+    max_attempts: int = 5  # attempts per S3 request before giving up
+    backoff_s: float = 0.5  # first retry delay, doubled each attempt
+    connect_timeout_s: float = 5.0  # S3 connect timeout
+
+
+@dataclass
+class ReportConfig:
+    figures: bool = True  # write figures/*.png and embed them in report.html
+    grid_generations: int = 4  # generations per strategy shown in the image grid
+    top_prompts: int = 3  # memorized prompts shown with token bars and image grids
+
+
+@dataclass
+class TestbedConfig:
+    out: str = "testbed/model"  # where `cxrmem testbed train` writes the model and manifest.csv
+    image_size: int = 64  # phantom size in pixels
+    n_unique: int = 600  # prompts seen once, each with its own image
+    planted_per_level: int = 6  # planted prompts per duplication level and marker condition
+    duplication_levels: List[int] = field(default_factory=lambda: [8, 32, 128])  # copies of each planted prompt
+    train_steps: int = 3000  # optimiser steps
+    train_batch_size: int = 64  # images per step
+    learning_rate: float = 0.001  # AdamW learning rate
+    seed: int = 0  # seed of data, initialisation and training
+    max_minutes: float = 30.0  # stop training after this wall time (CPU budget)
+
+
+@dataclass
+class CxrmemConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+
+
+CHOICES = {
+    "corpus.source": ["synthetic", "mimic_reports", "table", "iuxray"],
+    "model.kind": ["diffusers", "radedit"],
+    "model.dtype": ["float32", "bfloat16", "float16"],
+    "score.seed_mode": ["shared", "per_prompt"],
+}
+SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
+STRATEGIES = MitigationConfig().strategies
+
+
+def _positive(value: Any) -> bool:
+    return value is not None and value > 0
+
+
+def _percent(value: Any) -> bool:
+    return 0 < value <= 100
+
+
+# key -> (predicate, what the value must be)
+RULES = {
+    "score.generations": (_positive, "a positive integer"),
+    "score.steps": (_positive, "a positive integer"),
+    "score.batch_size": (_positive, "a positive integer"),
+    "score.guidance_scale": (lambda v: v >= 0, "non-negative"),
+    "score.screening_steps": (lambda v: v is None or v > 0, "null or a positive integer"),
+    "cascade.screening_steps": (_positive, "a positive integer"),
+    "cascade.top_percent": (_percent, "in (0, 100]"),
+    "analyze.top_percent": (_percent, "in (0, 100]"),
+    "analyze.zscore": (_positive, "positive"),
+    "attribution.generations": (_positive, "a positive integer"),
+    "attribution.steps": (_positive, "a positive integer"),
+    "mitigation.n_generations": (lambda v: v >= 2, "at least 2 (distances need pairs)"),
+    "mitigation.noise_std": (lambda v: v >= 0, "non-negative"),
+    "ray.num_workers": (lambda v: v is None or v > 0, "null or a positive integer"),
+    "ray.num_gpus_per_worker": (lambda v: v >= 0, "non-negative"),
+    "ray.batch_size": (_positive, "a positive integer"),
+    "ray.checkpoint_every": (_positive, "a positive integer"),
+    "storage.max_attempts": (_positive, "a positive integer"),
+    "corpus.synthetic.n_reports": (_positive, "a positive integer"),
+    "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "corpus.synthetic.normal_share": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "testbed.image_size": (lambda v: v >= 16 and v % 8 == 0, "a multiple of 8, at least 16"),
+}
+
+
+def default_config() -> DictConfig:
+    return OmegaConf.structured(CxrmemConfig)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides, then validation."""
+    cfg = default_config()
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist; the shipped ones are in conf/")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (example: score.steps=10)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        origin = f" in {path}" if path is not None else ""
+        raise ConfigError(f"config key {key!r}{origin}: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {allowed}")
+    for key, (ok, what) in RULES.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key {key!r}: {value!r} must be {what}")
+    for section in cfg.corpus.sections:
+        if section not in SECTIONS:
+            raise ConfigError(f"config key 'corpus.sections': {section!r} is not one of {SECTIONS}")
+    for strategy in cfg.mitigation.strategies:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {STRATEGIES}")
+    if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
+        raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
+    if cfg.cascade.screening_steps > cfg.score.steps:
+        raise ConfigError("config key 'cascade.screening_steps' must not exceed score.steps")
+    if cfg.corpus.source in ("mimic_reports", "table") and not cfg.corpus.path:
+        raise ConfigError(f"config key 'corpus.path' is required when corpus.source={cfg.corpus.source}")
+    if cfg.model.radedit.trust_remote_code and not cfg.model.radedit.text_revision:
+        raise ConfigError(
+            "config key 'model.radedit.text_revision' must pin a snapshot hash when trust_remote_code is on"
+        )
+
+
+def score_config(cfg: DictConfig) -> dict:
+    """The settings a score depends on (batch size and placement excluded: they must not change it)."""
+    score = OmegaConf.to_container(cfg.score, resolve=True)
+    score.pop("batch_size")
+    return {"score": score, "dtype": cfg.model.dtype}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the score-determining settings; with the model fingerprint it keys resumable rows."""
+    canonical = json.dumps(score_config(cfg), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
