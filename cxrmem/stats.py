@@ -1,0 +1,234 @@
+"""Statistics of the findings: pure functions, numpy arrays in, numbers out (no I/O, no pandas).
+
+Choices that change numbers, written down once here:
+
+- Memorized set (`top_percent_mask`): with n finite scores and share q percent, k = ceil(q/100 * n)
+  (at least 1). The threshold is the k-th largest score and every score >= threshold is in the set,
+  so ties at the threshold are all kept: the set has k members, more only when scores tie at the
+  threshold. Non-finite scores never enter (callers drop them first and count them).
+- Percentile rank of a score (`percentile_rank`): 100 * (share of scores <= it), so the largest
+  score has rank 100.
+- Percentiles (`percentiles`): numpy's default linear interpolation between order statistics.
+- z-scores: (x - mean) / std with the sample std (ddof=1); all zeros when the std is 0.
+- Odds ratio of a 2x2 table [[a, b], [c, d]] (`odds_ratio`): ad / bc with Woolf's 95% interval
+  exp(log OR +- 1.96 sqrt(1/a + 1/b + 1/c + 1/d)). When a cell is 0, 0.5 is added to every cell
+  (Haldane-Anscombe) for the estimate and interval, and `corrected` says so. When a whole row or
+  column is 0 the table carries no information: estimate and interval are None.
+  Fisher's exact p-value is two-sided, on the uncorrected table.
+- Pooled over strata (`mantel_haenszel`): the Mantel-Haenszel odds ratio with the
+  Robins-Breslow-Greenland variance of its log; strata without information (a zero margin) are
+  skipped.
+- ROC AUC: the Mann-Whitney probability that a positive outscores a negative, ties counting 1/2.
+- TPR at a false-positive rate f: the operating point flags scores strictly above the
+  (floor(f * n_neg) + 1)-th largest negative score, so at most f of the negatives are flagged;
+  positives tied with that negative are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+
+DEFAULT_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+
+
+def percentiles(values: np.ndarray, qs: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, float]:
+    """{"p50": ..., "p99.9": ..., "max": ...} of finite `values` (linear interpolation)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {**{_pname(q): None for q in qs}, "max": None}
+    out = {_pname(q): float(v) for q, v in zip(qs, np.percentile(values, qs))}
+    out["max"] = float(values.max())
+    return out
+
+
+def _pname(q: float) -> str:
+    return f"p{q:g}"
+
+
+def top_k(n: int, top_percent: float) -> int:
+    """How many of n scores make the top `top_percent` percent: ceil(q/100 * n), at least 1 (0 if n == 0)."""
+    if n == 0:
+        return 0
+    # The small slack keeps 1% of 300 at 3 despite 1/100 * 300 = 3.0000000000000004.
+    return max(1, math.ceil(top_percent / 100.0 * n - 1e-9))
+
+
+def top_percent_threshold(values: np.ndarray, top_percent: float) -> Optional[float]:
+    """The k-th largest value (k = top_k), or None for an empty array."""
+    values = np.asarray(values, dtype=np.float64)
+    k = top_k(values.size, top_percent)
+    if k == 0:
+        return None
+    return float(np.partition(values, values.size - k)[values.size - k])
+
+
+def top_percent_mask(values: np.ndarray, top_percent: float) -> tuple[np.ndarray, Optional[float]]:
+    """(mask of values >= threshold, threshold): the top `top_percent` percent, ties at the threshold kept."""
+    values = np.asarray(values, dtype=np.float64)
+    threshold = top_percent_threshold(values, top_percent)
+    if threshold is None:
+        return np.zeros(0, dtype=bool), None
+    return values >= threshold, threshold
+
+
+def percentile_rank(values: np.ndarray) -> np.ndarray:
+    """100 * share of `values` that are <= each value (the largest has 100)."""
+    values = np.asarray(values, dtype=np.float64)
+    ordered = np.sort(values)
+    return 100.0 * np.searchsorted(ordered, values, side="right") / max(values.size, 1)
+
+
+def zscores(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return np.zeros_like(values)
+    std = values.std(ddof=1)
+    if std == 0:
+        return np.zeros_like(values)
+    return (values - values.mean()) / std
+
+
+def zscore_mask(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Outliers: z-score strictly above `threshold`."""
+    return zscores(values) > threshold
+
+
+def odds_ratio(a: int, b: int, c: int, d: int) -> dict:
+    """Odds ratio of [[a, b], [c, d]] with Woolf's 95% interval and Fisher's exact two-sided p.
+
+    Rows: exposed / not exposed (here: memorized / not); columns: outcome yes / no (has marker / not).
+    """
+    table = [[int(a), int(b)], [int(c), int(d)]]
+    p_value = float(sps.fisher_exact(table, alternative="two-sided")[1])
+    if min(a + b, c + d, a + c, b + d) == 0:
+        return {"odds_ratio": None, "ci_low": None, "ci_high": None, "corrected": False, "fisher_p": p_value}
+    corrected = min(a, b, c, d) == 0
+    if corrected:
+        a, b, c, d = (x + 0.5 for x in (a, b, c, d))
+    log_or = math.log(a * d / (b * c))
+    half_width = Z_95 * math.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
+    return {
+        "odds_ratio": math.exp(log_or),
+        "ci_low": math.exp(log_or - half_width),
+        "ci_high": math.exp(log_or + half_width),
+        "corrected": corrected,
+        "fisher_p": p_value,
+    }
+
+
+def mantel_haenszel(tables: Sequence[Sequence[int]]) -> dict:
+    """Pooled odds ratio over strata [(a, b, c, d), ...] with the Robins-Breslow-Greenland 95% interval."""
+    informative = [t for t in tables if min(t[0] + t[1], t[2] + t[3], t[0] + t[2], t[1] + t[3]) > 0]
+    r_sum = s_sum = pr = ps_qr = qs = 0.0
+    for a, b, c, d in informative:
+        n = a + b + c + d
+        p, q, r, s = (a + d) / n, (b + c) / n, a * d / n, b * c / n
+        r_sum, s_sum = r_sum + r, s_sum + s
+        pr, ps_qr, qs = pr + p * r, ps_qr + p * s + q * r, qs + q * s
+    if r_sum == 0 or s_sum == 0:
+        return {"odds_ratio": None, "ci_low": None, "ci_high": None, "strata": len(informative)}
+    log_or = math.log(r_sum / s_sum)
+    variance = pr / (2 * r_sum**2) + ps_qr / (2 * r_sum * s_sum) + qs / (2 * s_sum**2)
+    half_width = Z_95 * math.sqrt(variance)
+    return {
+        "odds_ratio": math.exp(log_or),
+        "ci_low": math.exp(log_or - half_width),
+        "ci_high": math.exp(log_or + half_width),
+        "strata": len(informative),
+    }
+
+
+def enrichment_table(memorized: np.ndarray, has_marker: np.ndarray) -> tuple[int, int, int, int]:
+    """(a, b, c, d): memorized with / without marker, not memorized with / without marker."""
+    memorized = np.asarray(memorized, dtype=bool)
+    has_marker = np.asarray(has_marker, dtype=bool)
+    a = int(np.sum(memorized & has_marker))
+    b = int(np.sum(memorized & ~has_marker))
+    c = int(np.sum(~memorized & has_marker))
+    d = int(np.sum(~memorized & ~has_marker))
+    return a, b, c, d
+
+
+def marker_enrichment(memorized: np.ndarray, has_marker: np.ndarray) -> dict:
+    """Share of memorized prompts with markers against the base rate, with odds ratio and Fisher p."""
+    a, b, c, d = enrichment_table(memorized, has_marker)
+    n = a + b + c + d
+    return {
+        "n_prompts": n,
+        "n_memorized": a + b,
+        "n_memorized_with_marker": a,
+        "n_with_marker": a + c,
+        "memorized_marker_share": a / (a + b) if a + b else None,
+        "base_marker_share": (a + c) / n if n else None,
+        "rest_marker_share": c / (c + d) if c + d else None,
+        "table": [[a, b], [c, d]],
+        **odds_ratio(a, b, c, d),
+    }
+
+
+def bucket_labels(edges: Sequence[int]) -> list[str]:
+    """Labels of the buckets whose lower edges are `edges`: [1, 2, 5] -> ["1", "2-4", "5+"]."""
+    labels = []
+    for low, high in zip(edges, [*edges[1:], None]):
+        if high is None:
+            labels.append(f"{low}+")
+        elif high - low == 1:
+            labels.append(f"{low}")
+        else:
+            labels.append(f"{low}-{high - 1}")
+    return labels
+
+
+def bucket_index(values: np.ndarray, edges: Sequence[int]) -> np.ndarray:
+    """Index of the bucket each value falls in (lower edges inclusive); -1 below the first edge."""
+    return np.searchsorted(np.asarray(edges), np.asarray(values), side="right") - 1
+
+
+def enrichment_by_bucket(
+    memorized: np.ndarray, has_marker: np.ndarray, n_reports: np.ndarray, edges: Sequence[int]
+) -> dict:
+    """Marker enrichment within each n_reports bucket, and the Mantel-Haenszel odds ratio pooled over them.
+
+    Duplication is the other known cause of memorization; the pooled odds ratio says whether the
+    marker effect survives once prompts are compared only with prompts duplicated as often.
+    """
+    edges = sorted(int(e) for e in edges)
+    memorized = np.asarray(memorized, dtype=bool)
+    has_marker = np.asarray(has_marker, dtype=bool)
+    index = bucket_index(n_reports, edges)
+    buckets, tables = [], []
+    for i, label in enumerate(bucket_labels(edges)):
+        inside = index == i
+        result = marker_enrichment(memorized[inside], has_marker[inside])
+        buckets.append({"bucket": label, "min_reports": edges[i], **result})
+        tables.append(enrichment_table(memorized[inside], has_marker[inside]))
+    return {"buckets": buckets, "below_first_edge": int(np.sum(index < 0)), "mantel_haenszel": mantel_haenszel(tables)}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    """Probability that a random positive scores above a random negative (ties 1/2); None without both classes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = sps.rankdata(scores)  # average ranks handle ties
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float = 0.01) -> Optional[float]:
+    """Share of positives flagged when at most `fpr` of the negatives are (see the module notes)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = scores[labels], np.sort(scores[~labels])[::-1]
+    if positives.size == 0 or negatives.size == 0:
+        return None
+    allowed = math.floor(fpr * negatives.size + 1e-9)
+    threshold = negatives[allowed] if allowed < negatives.size else -np.inf
+    return float(np.mean(positives > threshold))
