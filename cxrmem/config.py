@@ -150,6 +150,10 @@ class StorageConfig:
     max_attempts: int = 5  # attempts per S3 request before giving up
     backoff_s: float = 0.5  # first retry delay, doubled each attempt
     connect_timeout_s: float = 5.0  # S3 connect timeout
+    request_timeout_s: float = 60.0  # S3 socket read/write timeout of one request
+    access_key_id: Optional[str] = None  # None: $AWS_ACCESS_KEY_ID or the AWS credential chain; never written to outputs
+    secret_access_key: Optional[str] = None  # None: $AWS_SECRET_ACCESS_KEY or the AWS credential chain; never written to outputs
+    transfer_threads: int = 8  # files checksummed or copied in parallel by publish and export
 
 
 @dataclass
@@ -227,6 +231,10 @@ RULES = {
     "ray.batch_size": (_positive, "a positive integer"),
     "ray.checkpoint_every": (_positive, "a positive integer"),
     "storage.max_attempts": (_positive, "a positive integer"),
+    "storage.backoff_s": (lambda v: v >= 0, "non-negative"),
+    "storage.connect_timeout_s": (_positive, "positive"),
+    "storage.request_timeout_s": (_positive, "positive"),
+    "storage.transfer_threads": (_positive, "a positive integer"),
     "corpus.synthetic.n_reports": (_positive, "a positive integer"),
     "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "corpus.synthetic.normal_share": (lambda v: 0 <= v < 1, "in [0, 1)"),

