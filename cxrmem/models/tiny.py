@@ -1,0 +1,132 @@
+"""Random-initialised models in diffusers layout, built in seconds, for tests and benchmarks.
+
+`build_tiny_model` makes a small text-to-image model with the parts RadEdit has (UNet with
+cross-attention, BERT text encoder, WordPiece tokenizer, DDIM scheduler, VAE), so the real
+loading and scoring code runs on it. `radedit_shaped=True` gives RadEdit's UNet architecture
+(SD-1.x size, cross-attention dim 768, 4x64x64 latents) and a BERT-base text encoder, with
+random weights, for memory and throughput work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def radedit_scheduler() -> DDIMScheduler:
+    """The DDIM scheduler DESIGN.md fixes for RadEdit (SD-1.x betas, trailing spacing)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 128) -> BertTokenizerFast:
+    """A lower-casing BERT WordPiece tokenizer trained on `texts` (like CXR-BERT's, but small)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return BertTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=True)
+
+
+def corpus_texts(n_reports: int = 2000, seed: int = 0) -> list[str]:
+    """Training text for the tokenizer: synthetic MIMIC-style reports and their impressions."""
+    from cxrmem.corpus.synthetic import generate_reports
+
+    reports = generate_reports(n_reports, seed=seed)
+    return [r["text"] for r in reports] + [r["impression"] for r in reports]
+
+
+def tiny_unet(cross_attention_dim: int, sample_size: int = 16, in_channels: int = 4) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def radedit_shaped_unet() -> UNet2DConditionModel:
+    """SD-1.x UNet architecture (RadEdit's), random weights: 4x64x64 latents, cross-attention 768."""
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+
+
+def build_tiny_model(out_dir: str, radedit_shaped: bool = False, seed: int = 0) -> str:
+    """Write a random-initialised model in diffusers layout to `out_dir`; returns the folder."""
+    torch.manual_seed(seed)
+    tokenizer = train_wordpiece_tokenizer(corpus_texts(seed=seed), vocab_size=30522 if radedit_shaped else 1000)
+    if radedit_shaped:
+        text_config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512)  # BERT-base, as CXR-BERT
+        unet = radedit_shaped_unet()
+    else:
+        text_config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+        unet = tiny_unet(cross_attention_dim=text_config.hidden_size)
+    text_encoder = BertModel(text_config, add_pooling_layer=False)
+    pipeline = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=radedit_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,180 @@
+"""The batched scorer: text-conditional noise norms for B prompts x G generations per UNet call.
+
+The sampling loop in `Scorer.sample` is the whole trajectory in one place: both halves of
+classifier-free guidance in one UNet call, the noise norm recorded at every step, a DDIM step
+driven by the guided noise. Everything else (encoding, seeding, decoding) stays outside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
+from cxrmem.scoring.seeds import initial_latents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor  # [N, L, D] on the scorer's device, in the text encoder's dtype
+    n_tokens: np.ndarray  # [N] tokens with special tokens, before truncation
+    truncated: np.ndarray  # [N] bool: the tokenizer cut the prompt
+
+
+@dataclass
+class Trajectory:
+    step_norms: torch.Tensor  # [N, G, T] float32 on the CPU
+    final_latents: torch.Tensor  # [N, G, C, H, W] float32 on the CPU
+    latents_per_step: Optional[list[torch.Tensor]]  # x_t fed to the UNet at each step, each [N, G, C, H, W]
+    timesteps: torch.Tensor  # [T] the timesteps actually run
+
+
+@dataclass
+class ScoreBatch:
+    d_mem: np.ndarray  # [N] float32, NaN where nonfinite
+    step_norms: np.ndarray  # [N, G, T] float32
+    nonfinite: np.ndarray  # [N] bool
+    n_tokens: np.ndarray  # [N] int
+    truncated: np.ndarray  # [N] bool
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Scorer:
+    """Scores prompts with d_mem on one model replica (one device).
+
+    `score_cfg` is the `score` config section: generations, steps, guidance_scale, seed,
+    seed_mode, screening_steps, batch_size, use_attention_mask.
+    """
+
+    def __init__(self, components, score_cfg, device: Optional[str | torch.device] = None):
+        self.components = components
+        self.cfg = score_cfg
+        self.device = resolve_device(device) if isinstance(device, str) or device is None else device
+        if self.device.type == "cpu" and components.unet.dtype != torch.float32:
+            # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
+            log.warning("model dtype %s on the CPU: using float32", components.unet.dtype)
+            components.unet.float()
+            components.text_encoder.float()
+        self.unet = components.unet.to(self.device)
+        self.text_encoder = components.text_encoder.to(self.device)
+        self.dtype = self.unet.dtype
+        # A private scheduler: set_timesteps mutates it, and workers must not share that state.
+        self.scheduler = copy.deepcopy(components.scheduler)
+        self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
+        self._shared_latents: Optional[torch.Tensor] = None
+
+    # -- text -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Encoded:
+        tokenizer = self.components.tokenizer
+        max_length = self.components.max_length
+        tokens = tokenizer(
+            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        full_lengths = np.array(
+            [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]], dtype=np.int64
+        )
+        mask = tokens["attention_mask"].to(self.device) if self.cfg.use_attention_mask else None
+        embeddings = self.text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask)[0]
+        return Encoded(embeddings, full_lengths, full_lengths > max_length)
+
+    # -- noise ----------------------------------------------------------------------------
+    def initial_latents(self, prompt_ids: Sequence[str], generations: Optional[int] = None) -> torch.Tensor:
+        """[N, G, C, H, W] float32 CPU latents for these prompts under the configured seed mode."""
+        generations = generations or self.cfg.generations
+        shape = self.components.latent_shape
+        sigma = float(self.scheduler.init_noise_sigma)
+        if self.cfg.seed_mode == "per_prompt":
+            return initial_latents(shape, self.cfg.seed, generations, prompt_ids, sigma)
+        if self._shared_latents is None or self._shared_latents.shape[1] != generations:
+            self._shared_latents = initial_latents(shape, self.cfg.seed, generations, None, sigma)
+        return self._shared_latents.expand(len(prompt_ids), *self._shared_latents.shape[1:])
+
+    def timesteps(self, steps: Optional[int] = None) -> torch.Tensor:
+        """The T-step DDIM schedule, cut to its first `steps` entries in screening mode."""
+        self.scheduler.set_timesteps(self.cfg.steps, device=self.device)
+        return self.scheduler.timesteps[: steps or self.cfg.steps]
+
+    # -- the sampling loop ----------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond_embeddings: torch.Tensor,
+        latents: torch.Tensor,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        keep_latents: bool = False,
+        shared_first_step: bool = False,
+    ) -> Trajectory:
+        """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
+
+        cond_embeddings: [N, L, D]; latents: [N, G, C, H, W]. With `shared_first_step` the caller
+        promises every prompt starts from the same G latents, so the first step's unconditional
+        pass runs once for G samples instead of N x G.
+        """
+        n, g = latents.shape[:2]
+        w = self.cfg.guidance_scale if guidance is None else guidance
+        timesteps = self.timesteps(steps)
+        x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
+        cond = cond_embeddings.to(self.device, self.dtype).repeat_interleave(g, dim=0)
+        uncond = self.empty_embedding.to(self.dtype).expand_as(cond)
+        norms, kept = [], []
+        for i, t in enumerate(timesteps):
+            if keep_latents:
+                kept.append(x.reshape(latents.shape).cpu())
+            x_in = self.scheduler.scale_model_input(x, t).to(self.dtype)
+            if i == 0 and shared_first_step:
+                eps_cond = self.unet(x_in, t, encoder_hidden_states=cond).sample
+                eps_uncond = self.unet(x_in[:g], t, encoder_hidden_states=uncond[:g]).sample.repeat(n, 1, 1, 1)
+            else:
+                eps = self.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                eps_uncond, eps_cond = eps.chunk(2)
+            norms.append(noise_norm(eps_cond, eps_uncond))
+            eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
+            x = self.scheduler.step(eps_guided, t, x).prev_sample
+        step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
+        return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_latents else None, timesteps.cpu())
+
+    # -- scoring --------------------------------------------------------------------------
+    def score(self, prompts: Sequence[str], prompt_ids: Sequence[str], steps: Optional[int] = None) -> ScoreBatch:
+        """d_mem and the [N, G, T] norms of a batch; `steps` (default: score.screening_steps) screens."""
+        steps = steps or self.cfg.screening_steps
+        encoded = self.encode(prompts)
+        trajectory = self.sample(
+            encoded.embeddings,
+            self.initial_latents(prompt_ids),
+            steps=steps,
+            shared_first_step=self.cfg.seed_mode == "shared",
+        )
+        score, nonfinite = d_mem(trajectory.step_norms)
+        return ScoreBatch(
+            score.numpy().astype(np.float32),
+            trajectory.step_norms.numpy().astype(np.float32),
+            nonfinite.numpy(),
+            encoded.n_tokens,
+            encoded.truncated,
+        )
+
+    # -- images ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [M, C, H, W] -> images in [0, 1] on the CPU; pixel-space models decode by identity."""
+        vae = self.components.vae
+        if vae is None:
+            images = latents.float()
+        else:
+            vae.to(self.device)
+            images = vae.decode(latents.to(self.device, vae.dtype) / self.components.vae_scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

@@ -1,0 +1,149 @@
+"""The scorer against an independent reference, and its invariances (DESIGN.md, The score)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from omegaconf import OmegaConf
+
+from cxrmem.config import ScoreConfig
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.dmem import d_mem
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.seeds import initial_latents, noise_seed
+
+PROMPTS = [
+    "No acute cardiopulmonary process.",
+    "Compared to ___, moderate right pleural effusion has increased.",
+    "Endotracheal tube terminates 4 cm above the carina. Dr. ___ was notified at ___ a.m.",
+    "Mild cardiomegaly without pulmonary edema.",
+]
+IDS = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in PROMPTS]
+
+
+def score_cfg(**overrides):
+    return OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": 2, "steps": 4, **overrides})
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model_dir):
+    model_cfg = OmegaConf.create({"kind": "diffusers", "path": tiny_model_dir})
+    from cxrmem.config import ModelConfig
+
+    return load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg))
+
+
+def test_noise_seed_follows_design_formula():
+    digest = hashlib.sha256(b"7:3").digest()[:8]
+    assert noise_seed(7, 3) == int.from_bytes(digest, "little") & (2**63 - 1)
+    assert noise_seed(7, 3, "abc") == int.from_bytes(hashlib.sha256(b"7:abc:3").digest()[:8], "little") & (2**63 - 1)
+
+
+def test_initial_latents_shared_and_per_prompt():
+    shared = initial_latents((4, 8, 8), seed=1, generations=3)
+    assert shared.shape == (1, 3, 4, 8, 8)
+    expected = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(noise_seed(1, 2)))
+    assert torch.equal(shared[0, 2], expected)
+    per_prompt = initial_latents((4, 8, 8), seed=1, generations=3, prompt_ids=["a", "b"])
+    assert per_prompt.shape == (2, 3, 4, 8, 8)
+    assert not torch.equal(per_prompt[0], per_prompt[1])
+    assert torch.equal(per_prompt[1, 0], initial_latents((4, 8, 8), 1, 1, ["b"])[0, 0])
+
+
+def test_d_mem_flags_nonfinite_instead_of_averaging():
+    norms = torch.tensor([[[1.0, 3.0], [2.0, 2.0]], [[1.0, float("inf")], [1.0, 1.0]]])
+    score, nonfinite = d_mem(norms)
+    assert score[0].item() == pytest.approx(2.0)
+    assert torch.isnan(score[1]) and nonfinite.tolist() == [False, True]
+
+
+def reference_norms(components, prompt: str, latents: torch.Tensor, steps: int, guidance: float) -> np.ndarray:
+    """One prompt at a time through diffusers' own pipeline; UNet outputs captured by a forward hook."""
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=components.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    captured = []
+    # The pipeline calls the UNet with return_dict=False, so the hook sees a tuple.
+    handle = components.unet.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        pipe(
+            prompt,
+            latents=latents,
+            num_images_per_prompt=latents.shape[0],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="latent",
+        )
+    finally:
+        handle.remove()
+    norms = []
+    for eps in captured:  # the pipeline batches [uncond; cond]
+        eps_uncond, eps_cond = eps.chunk(2)
+        norms.append((eps_cond - eps_uncond).flatten(1).norm(dim=1))
+    return torch.stack(norms, dim=1).numpy()  # [G, T]
+
+
+@pytest.mark.parametrize("seed_mode", ["shared", "per_prompt"])
+def test_scorer_matches_diffusers_pipeline_reference(components, seed_mode):
+    cfg = score_cfg(seed_mode=seed_mode, steps=5, generations=2)
+    scorer = Scorer(components, cfg, device="cpu")
+    batch = scorer.score(PROMPTS, IDS)
+    latents = scorer.initial_latents(IDS)
+    for i, prompt in enumerate(PROMPTS):
+        expected = reference_norms(components, prompt, latents[i].clone(), cfg.steps, cfg.guidance_scale)
+        np.testing.assert_allclose(batch.step_norms[i], expected, rtol=1e-4)
+        assert batch.d_mem[i] == pytest.approx(expected.mean(), rel=1e-4)
+
+
+def test_batch_invariance(components):
+    scorer = Scorer(components, score_cfg(), device="cpu")
+    together = scorer.score(PROMPTS, IDS)
+    alone = [scorer.score([p], [i]) for p, i in zip(PROMPTS, IDS)]
+    reordered = scorer.score(PROMPTS[::-1], IDS[::-1])
+    for k in range(len(PROMPTS)):
+        np.testing.assert_allclose(alone[k].step_norms[0], together.step_norms[k], rtol=1e-4)
+        np.testing.assert_allclose(reordered.step_norms[len(PROMPTS) - 1 - k], together.step_norms[k], rtol=1e-4)
+
+
+def test_seed_modes_differ_and_are_reproducible(components):
+    shared = Scorer(components, score_cfg(seed_mode="shared"), device="cpu").score(PROMPTS[:2], IDS[:2])
+    per_prompt = Scorer(components, score_cfg(seed_mode="per_prompt"), device="cpu").score(PROMPTS[:2], IDS[:2])
+    again = Scorer(components, score_cfg(seed_mode="per_prompt"), device="cpu").score(PROMPTS[:2], IDS[:2])
+    assert not np.allclose(shared.step_norms, per_prompt.step_norms)
+    np.testing.assert_array_equal(per_prompt.step_norms, again.step_norms)
+
+
+def test_screening_scores_the_first_k_steps_of_the_full_trajectory(components):
+    scorer = Scorer(components, score_cfg(steps=6), device="cpu")
+    full = scorer.score(PROMPTS[:2], IDS[:2])
+    screened = scorer.score(PROMPTS[:2], IDS[:2], steps=2)
+    assert screened.step_norms.shape == (2, 2, 2)
+    np.testing.assert_allclose(screened.step_norms, full.step_norms[:, :, :2], rtol=1e-5)
+
+
+def test_nonfinite_weights_are_flagged(components, tiny_model_dir):
+    from cxrmem.config import ModelConfig
+
+    broken = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": tiny_model_dir}))
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    batch = Scorer(broken, score_cfg(), device="cpu").score(PROMPTS[:1], IDS[:1])
+    assert batch.nonfinite.tolist() == [True] and np.isnan(batch.d_mem[0])
+
+
+def test_truncation_flag(components):
+    scorer = Scorer(components, score_cfg(steps=1, generations=1), device="cpu")
+    long_prompt = " ".join(["pleural effusion"] * 200)
+    encoded = scorer.encode([long_prompt, PROMPTS[0]])
+    assert encoded.truncated.tolist() == [True, False]
+    assert encoded.n_tokens[0] > components.max_length
+    assert encoded.embeddings.shape[1] == components.max_length
