@@ -1,0 +1,226 @@
+"""The report's figures as PNG files (matplotlib, Agg; no pyplot state, so safe in any process).
+
+Each function takes data and an output path (local or s3://), writes one PNG and returns the
+path. Markers and the memorized tail are red throughout, everything else grey-blue.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cxrmem import storage
+
+RED = "#c62828"
+BLUE = "#4a6f8a"
+GREY = "#9e9e9e"
+DPI = 130
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs):
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _save(fig: Figure, path: str, storage_cfg=None) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    storage.write_bytes(path, buffer.getvalue(), storage_cfg)
+    return path
+
+
+def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: float, storage_cfg=None) -> str:
+    """Paper Fig. 2: d_mem of every prompt, largest to smallest, the memorized top percentile in red."""
+    ordered = np.sort(np.asarray(d_mem, dtype=np.float64))[::-1]
+    n_top = int(np.sum(ordered >= threshold))
+    rank = np.arange(1, ordered.size + 1)
+    fig, axes = _figure(7.5, 4.0)
+    ax = axes[0, 0]
+    ax.plot(rank[n_top - 1 :], ordered[n_top - 1 :], color=BLUE, lw=1.5, label="other prompts")
+    ax.plot(rank[:n_top], ordered[:n_top], color=RED, lw=2.5, label=f"top {top_percent:g}% (memorized): {n_top:,} prompts")
+    ax.fill_between(rank[:n_top], ordered[:n_top], ordered[-1], color=RED, alpha=0.15, lw=0)
+    ax.axhline(threshold, color=RED, ls="--", lw=0.8)
+    ax.annotate(f"threshold d_mem = {threshold:.4g}", (rank[-1], threshold), xytext=(-4, 4),
+                textcoords="offset points", ha="right", va="bottom", color=RED, fontsize=9)
+    ax.set_xlim(0, ordered.size + 1)
+    ax.set_xlabel(f"prompt rank by d_mem (1 = highest; {ordered.size:,} unique prompts)")
+    ax.set_ylabel("d_mem (mean text-conditional noise norm)")
+    ax.set_title("Memorization score of every unique prompt, sorted")
+    ax.legend(loc="upper right", frameon=False)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, storage_cfg)
+
+
+def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, storage_cfg=None) -> str:
+    """Histogram of d_mem (log counts), the memorized threshold marked."""
+    d_mem = np.asarray(d_mem, dtype=np.float64)
+    fig, axes = _figure(7.5, 3.6)
+    ax = axes[0, 0]
+    bins = np.histogram_bin_edges(d_mem, bins=min(100, max(10, d_mem.size // 20)))
+    ax.hist(d_mem[d_mem < threshold], bins=bins, color=BLUE, label="other prompts")
+    ax.hist(d_mem[d_mem >= threshold], bins=bins, color=RED, label="memorized (top percentile)")
+    ax.axvline(threshold, color=RED, ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("d_mem")
+    ax.set_ylabel("prompts (log scale)")
+    ax.set_title("Distribution of d_mem")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, storage_cfg)
+
+
+def token_bars(
+    tokens: pd.DataFrame, path: str, top_units: int = 25, prompt: Optional[str] = None, storage_cfg=None
+) -> str:
+    """Paper Fig. 3: the top units of one prompt by attribution score, markers in red.
+
+    `tokens`: the rows of one prompt and one method (columns unit, score, is_marker, method).
+    """
+    top = tokens.sort_values("score", ascending=False, kind="stable").head(top_units)
+    colors = [RED if marker else BLUE for marker in top["is_marker"].astype(bool)]
+    fig, axes = _figure(max(6.0, 0.32 * len(top) + 2.0), 4.4)
+    ax = axes[0, 0]
+    ax.bar(np.arange(len(top)), top["score"], color=colors)
+    ax.set_xticks(np.arange(len(top)), [_clip(u, 18) for u in top["unit"]], rotation=60, ha="right", fontsize=9)
+    for tick, color in zip(ax.get_xticklabels(), colors):
+        tick.set_color(color)
+    ax.set_xlim(-0.6, len(top) - 0.4)
+    method = str(tokens["method"].iloc[0]) if len(tokens) else "?"
+    ax.set_ylabel(f"attribution ({method})")
+    ax.grid(axis="y", alpha=0.3)
+    heading = f"Top {len(top)} words by contribution to d_mem (red: de-identification marker)"
+    if prompt:
+        heading += "\n" + "\n".join(textwrap.wrap(_clip(prompt, 300), 110))
+    ax.set_title(heading, fontsize=9, loc="left")
+    return _save(fig, path, storage_cfg)
+
+
+def _clip(text: str, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _as_images(array: np.ndarray) -> np.ndarray:
+    """[N, H, W], [N, C, H, W] or [N, H, W, C] -> [N, H, W] (grey) or [N, H, W, 3], clipped to [0, 1]."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.moveaxis(array, 1, -1)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (3, 4):
+        raise ValueError(f"generations must be [N, H, W] or [N, C, H, W] images, got shape {array.shape}")
+    return np.clip(array, 0.0, 1.0)
+
+
+def generation_grid(
+    images: Mapping[str, np.ndarray],
+    path: str,
+    n_per_strategy: int = 4,
+    title: Optional[str] = None,
+    row_notes: Optional[Mapping[str, str]] = None,
+    storage_cfg=None,
+) -> str:
+    """Paper Fig. 4: rows = strategies, columns = generations from the same seeds, images in [0, 1]."""
+    rows = {name: _as_images(array)[:n_per_strategy] for name, array in images.items()}
+    n_cols = max(len(a) for a in rows.values())
+    fig, axes = _figure(1.6 * n_cols + 1.4, 1.6 * len(rows) + (0.6 if title else 0.2), ncols=n_cols, nrows=len(rows))
+    for r, (name, array) in enumerate(rows.items()):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(array):
+                ax.imshow(array[c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                ax.set_axis_off()
+        label = name if not row_notes or name not in row_notes else f"{name}\n{row_notes[name]}"
+        axes[r, 0].set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    for c in range(n_cols):
+        axes[0, c].set_title(f"generation {c + 1}", fontsize=8)
+    if title:
+        fig.suptitle("\n".join(textwrap.wrap(_clip(title, 240), 100)), fontsize=8)
+    return _save(fig, path, storage_cfg)
+
+
+def enrichment_chart(overall: dict, by_bucket: dict, path: str, storage_cfg=None) -> str:
+    """Marker share of memorized prompts against the base rate, overall and per n_reports bucket,
+    next to the odds ratios with 95% intervals (log scale)."""
+    groups = [("all", overall)] + [(b["bucket"], b) for b in by_bucket["buckets"]]
+    labels = [f"{name}\nn={g['n_prompts']:,}\nmem={g['n_memorized']:,}" for name, g in groups]
+    x = np.arange(len(groups))
+    fig, axes = _figure(11.0, 4.2, ncols=2, width_ratios=[3, 2])
+    ax = axes[0, 0]
+    memorized = [_nan(g["memorized_marker_share"]) for _, g in groups]
+    base = [_nan(g["base_marker_share"]) for _, g in groups]
+    ax.bar(x - 0.2, memorized, width=0.4, color=RED, label="memorized prompts")
+    ax.bar(x + 0.2, base, width=0.4, color=GREY, label="all prompts (base rate)")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlabel("reports sharing the prompt (n_reports)")
+    ax.set_ylabel("share of prompts with a marker")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("De-identification markers: memorized vs all prompts", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[0, 1]
+    pooled = by_bucket.get("mantel_haenszel") or {}
+    rows = groups + [("pooled (MH)", pooled)]
+    for i, (name, g) in enumerate(rows):
+        if g.get("odds_ratio") is None:
+            ax.text(1.0, i, "n/a", va="center", ha="center", fontsize=8, color=GREY)
+            continue
+        low, high = g["ci_low"], g["ci_high"]
+        ax.errorbar(g["odds_ratio"], i, xerr=[[g["odds_ratio"] - low], [high - g["odds_ratio"]]], fmt="o",
+                    color=RED if name in ("all", "pooled (MH)") else BLUE, capsize=3)
+    ax.axvline(1.0, color="black", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(np.arange(len(rows)), [name for name, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("odds ratio, marker | memorized (95% CI, log)")
+    ax.set_title("Odds ratio by duplication bucket", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path, storage_cfg)
+
+
+def _nan(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[Sequence[str]] = None, storage_cfg=None) -> str:
+    """d_mem and mean pairwise distance of the generations per strategy: boxes, prompts as dots, means as
+    diamonds; the dashed line is the unmitigated (`original`) mean. Memorization shows as high d_mem and
+    low pairwise distance."""
+    present = list(dict.fromkeys(mitigation["strategy"]))
+    order = [s for s in (strategies or present) if s in present] + [s for s in present if s not in (strategies or [])]
+    fig, axes = _figure(max(8.0, 1.3 * len(order) + 2.0), 7.0, nrows=2, sharex=True)
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, column, label in (
+        (axes[0, 0], "d_mem", "d_mem (higher = more memorized)"),
+        (axes[1, 0], "pairwise_distance", "mean pairwise RMS distance\n(lower = more memorized)"),
+    ):
+        values = [mitigation.loc[mitigation["strategy"] == s, column].dropna().to_numpy(float) for s in order]
+        x = np.arange(len(order))
+        non_empty = [i for i, v in enumerate(values) if v.size]
+        if non_empty:
+            ax.boxplot([values[i] for i in non_empty], positions=x[non_empty], widths=0.5, showfliers=False,
+                       medianprops={"color": "black"})
+        for i, v in enumerate(values):
+            color = RED if order[i] == "original" else BLUE
+            ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), v, s=10, color=color, alpha=0.6, zorder=3)
+            if v.size:
+                ax.scatter(i, v.mean(), marker="D", s=40, color="black", zorder=4)
+        if "original" in order and values[order.index("original")].size:
+            ax.axhline(values[order.index("original")].mean(), color=RED, ls="--", lw=0.8)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1, 0].set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
+    axes[0, 0].set_title("Mitigation strategies on the memorized prompts (same seeds per strategy)", fontsize=10)
+    return _save(fig, path, storage_cfg)
