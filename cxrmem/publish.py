@@ -1,0 +1,306 @@
+"""Atomic publishing of a run's outputs, and export of a published run to another prefix.
+
+The scheme (local folders and S3 alike; S3 has no rename, so nothing here relies on one):
+
+* A run writes its outputs under its prefix P and then writes `P/manifest.json` LAST. The
+  manifest lists every output file (relative path, bytes, sha256, row count for Parquet), the
+  model fingerprint, the configuration without credentials, the creation time and the cxrmem
+  version. A run is *published* exactly when its manifest exists. Readers and `rescore` trust
+  only published runs and only the files their manifest lists (`require_published`), so a
+  reader never sees a half-written run.
+* Internal paths are never listed: anything whose first path component starts with `_`
+  (`_parts/` resume checkpoints, `_staging/`) and local `*.partial-*` files still being written.
+* Starting a run (`prepare_output`) at an unpublished P writes in place: a failed run leaves no
+  manifest, so nothing of it is trusted, and a rerun resumes from its parts. At a published P
+  it refuses (`RunExistsError`) unless `run.overwrite` is set; then the run writes to
+  `P/_staging/` and the published run at P stays intact and readable while it works. A run that
+  fails therefore never loses or changes anything already published.
+* Finishing (`publish_run`) publishes the manifest at the prefix the run wrote to. A staged run is
+  then promoted: (1) P's manifest is deleted, so P reads as unpublished rather than mixed;
+  (2) P's old files are deleted; (3) the staged files are copied into P and their sizes checked
+  against the staged manifest; (4) P's manifest is written; (5) `P/_staging/` is deleted. If
+  promotion is interrupted, the complete new run is still published at `P/_staging/`, and the
+  next `prepare_output` or `publish_run` at P finishes the promotion.
+* `export_run` copies a published run file by file, checks each file's sha256 against the
+  source manifest while copying and again by reading the copy back, and writes the manifest
+  last; a published destination is replaced (through its own `_staging/`) only when asked.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Optional
+
+from cxrmem import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "cxrmem-run-manifest/1"
+STAGING_NAME = "_staging"
+
+
+class RunNotPublishedError(FileNotFoundError):
+    """The prefix holds no manifest: the run is unfinished, failed, or was never there."""
+
+
+class RunExistsError(FileExistsError):
+    """The prefix already holds a published run and overwriting was not asked for."""
+
+
+class ChecksumMismatchError(storage.StorageError):
+    """A file's bytes differ from what its run's manifest recorded."""
+
+
+def cxrmem_version() -> str:
+    try:
+        return importlib.metadata.version("cxrmem")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def manifest_uri(prefix: str) -> str:
+    return storage.join(prefix, MANIFEST_NAME)
+
+
+def staging_prefix(prefix: str) -> str:
+    return storage.join(prefix, STAGING_NAME)
+
+
+def is_internal(relative_path: str) -> bool:
+    """Files that belong to no published run: resume checkpoints, staging, and files being written."""
+    return relative_path.startswith("_") or storage.PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
+
+
+def run_files(prefix: str, storage_cfg=None) -> list[str]:
+    """Relative paths of the output files under `prefix` that a manifest lists."""
+    relative = (storage.relative(uri, prefix) for uri in storage.list_files(prefix, storage_cfg))
+    return [path for path in relative if not is_internal(path)]
+
+
+def _parallel(function: Callable, items: Iterable, storage_cfg) -> list:
+    """`function` over `items` on `storage.transfer_threads` threads (pyarrow I/O and sha256 release the GIL)."""
+    items = list(items)
+    threads = min(int(storage._setting(storage_cfg, "transfer_threads")), max(1, len(items)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(function, items))
+
+
+def _describe(prefix: str, path: str, storage_cfg) -> dict:
+    uri = storage.join(prefix, path)
+    size, digest = storage.sha256(uri, storage_cfg)
+    entry = {"bytes": size, "sha256": digest}
+    if path.endswith(".parquet"):
+        entry["rows"] = storage.parquet_rows(uri, storage_cfg)
+    return entry
+
+
+def publish_manifest(prefix: str, storage_cfg, model_fingerprint: str, config_dict, extra: Optional[dict] = None) -> dict:
+    """Checksum every output file under `prefix` and write its manifest last; the manifest.
+
+    `config_dict` may be a DictConfig or a dict; credentials are removed before it is written.
+    """
+    paths = run_files(prefix, storage_cfg)
+    if not paths:
+        raise FileNotFoundError(f"nothing to publish under {prefix}: the run wrote no output files")
+    entries = _parallel(lambda path: _describe(prefix, path, storage_cfg), paths, storage_cfg)
+    files = dict(zip(paths, entries))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cxrmem_version": cxrmem_version(),
+        "model_fingerprint": model_fingerprint,
+        "config": storage.public_config(config_dict) if config_dict is not None else None,
+        "files": files,
+        "total_bytes": sum(entry["bytes"] for entry in entries),
+        "extra": storage.redact(extra or {}),
+    }
+    storage.write_json(manifest_uri(prefix), manifest, storage_cfg)
+    log.info("published %s: %d files, %d bytes", prefix, len(files), manifest["total_bytes"])
+    return manifest
+
+
+def read_manifest(prefix: str, storage_cfg=None) -> Optional[dict]:
+    """The run's manifest, or None when the run is not published."""
+    uri = manifest_uri(prefix)
+    try:
+        manifest = storage.read_json(uri, storage_cfg)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{uri} is not a valid manifest ({err}); delete it and publish the run again") from err
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{uri} is not a cxrmem run manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def is_published(prefix: str, storage_cfg=None) -> bool:
+    return storage.exists(manifest_uri(prefix), storage_cfg)
+
+
+def require_published(prefix: str, storage_cfg=None) -> dict:
+    """The manifest of a published run; readers call this before trusting any file under `prefix`."""
+    manifest = read_manifest(prefix, storage_cfg)
+    if manifest is None:
+        raise RunNotPublishedError(
+            f"{prefix} holds no published run (no {MANIFEST_NAME}): the run is unfinished or failed; "
+            "rerun it, or point to a published run"
+        )
+    return manifest
+
+
+def verify_run(prefix: str, storage_cfg=None) -> dict:
+    """Re-read every file a published run lists and compare sizes and sha256 with its manifest."""
+    manifest = require_published(prefix, storage_cfg)
+
+    def check(item: tuple[str, dict]) -> Optional[str]:
+        path, expected = item
+        try:
+            size, digest = storage.sha256(storage.join(prefix, path), storage_cfg)
+        except FileNotFoundError:
+            return "missing"
+        return None if (size, digest) == (expected["bytes"], expected["sha256"]) else "changed"
+
+    problems = _parallel(check, manifest["files"].items(), storage_cfg)
+    by_path = dict(zip(manifest["files"], problems))
+    missing = sorted(path for path, problem in by_path.items() if problem == "missing")
+    changed = sorted(path for path, problem in by_path.items() if problem == "changed")
+    return {
+        "prefix": prefix,
+        "ok": not missing and not changed,
+        "files": len(by_path),
+        "bytes": manifest["total_bytes"],
+        "missing": missing,
+        "changed": changed,
+    }
+
+
+# --- runs: start, publish, promote ------------------------------------------------------------
+
+
+def prepare_output(output: str, storage_cfg=None, overwrite: bool = False) -> str:
+    """The prefix a new run at `output` writes to: `output` itself, or its staging prefix (see module doc)."""
+    finish_interrupted_promotion(output, storage_cfg)
+    if not is_published(output, storage_cfg):
+        return output
+    if not overwrite:
+        created = (read_manifest(output, storage_cfg) or {}).get("created", "?")
+        raise RunExistsError(
+            f"{output} already holds a run published at {created}; set run.overwrite=true to replace it "
+            "(it stays intact until the new run is published), or choose another run.output"
+        )
+    log.info("%s is published; this run writes to %s and replaces it only once complete", output, staging_prefix(output))
+    return staging_prefix(output)
+
+
+def publish_run(
+    output: str,
+    work_prefix: str,
+    storage_cfg,
+    model_fingerprint: str,
+    config_dict,
+    extra: Optional[dict] = None,
+) -> dict:
+    """Publish the run written at `work_prefix` (from `prepare_output`) as the run at `output`."""
+    manifest = publish_manifest(work_prefix, storage_cfg, model_fingerprint, config_dict, extra)
+    if work_prefix.rstrip("/") != output.rstrip("/"):
+        promote(work_prefix, output, storage_cfg)
+    return manifest
+
+
+def promote(staged: str, output: str, storage_cfg=None) -> None:
+    """Replace the run at `output` with the published run at `staged` (steps 1-5 of the module doc)."""
+    manifest = require_published(staged, storage_cfg)
+    storage.delete(manifest_uri(output), storage_cfg)
+    old = run_files(output, storage_cfg)  # never the staged run: internal paths are not listed
+    _parallel(lambda path: storage.delete(storage.join(output, path), storage_cfg), old, storage_cfg)
+
+    def copy(item: tuple[str, dict]) -> None:
+        path, expected = item
+        target = storage.join(output, path)
+        storage.copy_within(storage.join(staged, path), target, storage_cfg)
+        if storage.file_size(target, storage_cfg) != expected["bytes"]:
+            raise ChecksumMismatchError(
+                f"{target} has {storage.file_size(target, storage_cfg)} bytes after promotion, "
+                f"its manifest says {expected['bytes']}; rerun to finish promoting {staged}"
+            )
+
+    _parallel(copy, manifest["files"].items(), storage_cfg)
+    storage.write_json(manifest_uri(output), manifest, storage_cfg)
+    storage.delete_tree(staged, storage_cfg)
+    log.info("promoted %s to %s", staged, output)
+
+
+def finish_interrupted_promotion(output: str, storage_cfg=None) -> bool:
+    """Finish a promotion that stopped part-way (the staged run has a manifest); True if there was one."""
+    staged = staging_prefix(output)
+    if not is_published(staged, storage_cfg):
+        return False
+    log.warning("finishing the interrupted promotion of %s to %s", staged, output)
+    promote(staged, output, storage_cfg)
+    return True
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def export_run(
+    src_prefix: str,
+    dst_prefix: str,
+    storage_cfg=None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> dict:
+    """Copy the published run at `src_prefix` to `dst_prefix` (local or s3://), manifest last.
+
+    Every file's sha256 is checked against the source manifest while copying, and (with
+    `verify`) again by reading the copy back. Refuses an unpublished source, and a published
+    destination unless `overwrite`. Returns files, bytes, seconds and MB/s (10^6 bytes per second).
+    """
+    if src_prefix.rstrip("/") == dst_prefix.rstrip("/"):
+        raise ValueError(f"export source and destination are the same prefix {src_prefix}")
+    manifest = require_published(src_prefix, storage_cfg)
+    finish_interrupted_promotion(dst_prefix, storage_cfg)
+    target = dst_prefix
+    if is_published(dst_prefix, storage_cfg):
+        if not overwrite:
+            raise RunExistsError(
+                f"{dst_prefix} already holds a published run; export with overwrite (run.overwrite=true) "
+                "to replace it, or choose another destination"
+            )
+        target = staging_prefix(dst_prefix)
+
+    def copy(item: tuple[str, dict]) -> int:
+        path, expected = item
+        src, dst = storage.join(src_prefix, path), storage.join(target, path)
+        size, digest = storage.copy_file(src, dst, storage_cfg, storage_cfg)
+        if (size, digest) != (expected["bytes"], expected["sha256"]):
+            raise ChecksumMismatchError(
+                f"{src} does not match its manifest (sha256 {digest[:12]}..., {size} bytes; manifest says "
+                f"{expected['sha256'][:12]}..., {expected['bytes']} bytes): the source run was changed after "
+                "it was published; republish or rerun it"
+            )
+        if verify and storage.sha256(dst, storage_cfg) != (size, digest):
+            raise ChecksumMismatchError(f"{dst} does not read back as written (sha256 differs); export again")
+        return size
+
+    start = time.perf_counter()
+    copied = _parallel(copy, manifest["files"].items(), storage_cfg)
+    storage.write_json(manifest_uri(target), manifest, storage_cfg)
+    if target != dst_prefix:
+        promote(target, dst_prefix, storage_cfg)
+    seconds = time.perf_counter() - start
+    total = sum(copied)
+    return {
+        "src": src_prefix,
+        "dst": dst_prefix,
+        "files": len(copied),
+        "bytes": total,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
+        "verified": verify,
+    }
