@@ -7,7 +7,7 @@ import pytest
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.s3server"]
 
 
 @pytest.fixture(scope="session")
