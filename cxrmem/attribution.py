@@ -1,0 +1,295 @@
+"""Token attribution of the memorized set: which words drive a prompt's d_mem (DESIGN.md).
+
+Two methods, both reported per word-level unit of each memorized prompt:
+
+- gradient (Wen et al.): the gradient of the text-conditional noise norm
+  ||eps(x_t, e_p) - eps(x_t, e_0)||_2 with respect to the prompt embedding e_p (e_0 carries
+  none), per token position the L2 norm over the hidden dimension, averaged over the first
+  `attribution.steps` steps of `attribution.generations` guided trajectories (the scorer's own);
+- leave-one-out: d_mem(prompt) - d_mem(prompt without the unit), with the same seeds.
+
+Units: WordPieces grouped into the tokenizer's words (`##` pieces join their word), and every
+de-identification marker one unit however many pieces it tokenises into (`___` is three `_`
+tokens for BERT). Special tokens and padding are left out.
+
+A unit's gradient score is the SUM of its pieces' norms, not the mean: the first-order change of
+the noise norm when a unit's embeddings move is additive over its positions, so the sum is the
+unit's share of the sensitivity and is the quantity comparable with leave-one-out, which deletes
+all pieces at once. A sum favours units with many pieces (a marker is three), so tokens.parquet
+keeps `n_pieces` and the summary also reports the marker's rank under the per-piece mean.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from cxrmem import storage
+from cxrmem.corpus.text import compile_marker_regex, prompt_id as make_prompt_id
+from cxrmem.scoring.dmem import noise_norm
+
+log = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = {
+    "prompt_id": pa.string(),
+    "prompt": pa.string(),
+    "unit": pa.string(),
+    "unit_index": pa.int32(),
+    "is_marker": pa.bool_(),
+    "n_pieces": pa.int32(),
+    "grad_score": pa.float64(),
+    "grad_rank": pa.float64(),
+    "loo_delta": pa.float64(),
+    "loo_rank": pa.float64(),
+}
+
+
+# -- the gradient (pure tensor math) --------------------------------------------------------
+@torch.no_grad()
+def unconditional_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, uncond_emb: torch.Tensor) -> torch.Tensor:
+    """eps(x_t, e_0) for a batch of K latents; e_0 [1, L, D] carries no gradient."""
+    return unet(latents, timesteps, encoder_hidden_states=uncond_emb.detach().expand(len(latents), -1, -1)).sample
+
+
+def conditional_noise_norms(
+    unet, latents: torch.Tensor, timesteps: torch.Tensor, cond_emb: torch.Tensor, eps_uncond: torch.Tensor
+) -> torch.Tensor:
+    """||eps(x_t, e_p) - eps_uncond||_2 per sample [K], differentiable in cond_emb ([K, L, D] or [1, L, D])."""
+    cond = cond_emb.expand(len(latents), -1, -1)
+    return noise_norm(unet(latents, timesteps, encoder_hidden_states=cond).sample, eps_uncond)
+
+
+def token_gradient_norms(
+    unet, latents_t: torch.Tensor, timesteps: torch.Tensor, cond_emb: torch.Tensor, uncond_emb: torch.Tensor
+) -> torch.Tensor:
+    """Per token position, the mean over the K samples of || d n_k / d e_p ||_2 over the hidden dim: [L].
+
+    latents_t: [K, C, H, W] UNet inputs x_t; timesteps: [K]; cond_emb e_p: [L, D] or [1, L, D];
+    uncond_emb e_0: [1, L, D]. n_k = ||eps(x_k, e_p) - eps(x_k, e_0)||_2. Only e_p gets a gradient
+    (e_0 is detached); when the caller passes e_p as a leaf that requires grad, the summed gradient
+    also lands in its `.grad`, as autograd does.
+    """
+    if not cond_emb.requires_grad:
+        cond_emb = cond_emb.detach().requires_grad_(True)
+    with torch.enable_grad():
+        # One row of e_p per sample, so that each sample's gradient can be read separately: sample
+        # k's norm depends only on row k (the UNet does not mix a batch).
+        cond = cond_emb.reshape(1, *cond_emb.shape[-2:]).expand(len(latents_t), -1, -1)
+        cond.retain_grad()
+        eps_uncond = unconditional_noise(unet, latents_t, timesteps, uncond_emb)
+        conditional_noise_norms(unet, latents_t, timesteps, cond, eps_uncond).sum().backward()
+    return cond.grad.float().norm(dim=-1).mean(dim=0)
+
+
+# -- units ------------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    text: str
+    start: int  # character span of the unit in the prompt
+    end: int
+    positions: list[int]  # its token positions in the padded sequence the text encoder sees
+    is_marker: bool
+
+
+def word_units(tokenizer, prompt: str, marker_pattern: re.Pattern, max_length: int) -> list[Unit]:
+    """The prompt's word-level units in order: tokenizer words, each marker run one unit."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"attribution needs a fast tokenizer (offset mapping); {type(tokenizer).__name__} is not")
+    encoding = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    markers = [(m.start(), m.end()) for m in marker_pattern.finditer(prompt)]
+    groups: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+    for position, (word, (start, end), special) in enumerate(
+        zip(encoding.word_ids(), encoding["offset_mapping"], encoding["special_tokens_mask"])
+    ):
+        if special or word is None or start == end:
+            continue
+        marker = next((i for i, (m_start, m_end) in enumerate(markers) if start < m_end and end > m_start), None)
+        key = ("marker", marker) if marker is not None else ("word", word)
+        groups.setdefault(key, []).append((position, start, end))
+    units = []
+    for (kind, _), pieces in groups.items():  # insertion order: by first token
+        start, end = min(p[1] for p in pieces), max(p[2] for p in pieces)
+        units.append(Unit(prompt[start:end], start, end, [p[0] for p in pieces], kind == "marker"))
+    return units
+
+
+_CLOSING = ",.;:!?)]"
+_JOINERS = ",;:-"
+
+
+def delete_span(text: str, start: int, end: int) -> str:
+    """`text` without text[start:end], tidied only where the cut was.
+
+    No double spaces, no space before closing punctuation, no doubled separator (", ," or "--"),
+    no empty parentheses, no separator left at the start, and a hyphen glued to the cut word goes
+    with it ("a ___-year-old" -> "a year-old").
+    """
+    left, right = text[:start].rstrip(), text[end:].lstrip()
+    if right.startswith("-") and (start == 0 or text[start - 1].isspace()):
+        right = right[1:].lstrip()
+    if left.endswith("(") and right.startswith(")"):
+        left, right = left[:-1].rstrip(), right[1:].lstrip()
+    if left and left[-1] in _JOINERS and right[:1] and right[0] in _JOINERS + _CLOSING:
+        left = left[:-1].rstrip()
+    if not left:
+        right = right.lstrip(_JOINERS + _CLOSING + " ")
+    glue = "" if not left or not right or right[0] in _CLOSING or left[-1] in "([" else " "
+    return left + glue + right
+
+
+# -- one prompt -------------------------------------------------------------------------------
+def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int) -> torch.Tensor:
+    """token_gradient_norms along the scorer's guided trajectories: the first `steps` steps of `generations` noises: [L]."""
+    trajectory = scorer.sample(cond_emb, scorer.initial_latents([prompt_id], generations), steps=steps, keep_latents=True)
+    timesteps = trajectory.timesteps.to(scorer.device)
+    per_generation = []
+    for g in range(generations):
+        x_t = torch.stack(
+            [scorer.scheduler.scale_model_input(x[0, g], t) for x, t in zip(trajectory.latents_per_step, trajectory.timesteps)]
+        )
+        per_generation.append(
+            token_gradient_norms(
+                scorer.unet, x_t.to(scorer.device, scorer.dtype), timesteps, cond_emb[0], scorer.empty_embedding
+            )
+        )
+    return torch.stack(per_generation).mean(dim=0).cpu()
+
+
+def batched_d_mem(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], batch_size: int) -> list[float]:
+    return [
+        float(d)
+        for lo in range(0, len(prompts), batch_size)
+        for d in scorer.score(prompts[lo : lo + batch_size], prompt_ids[lo : lo + batch_size]).d_mem
+    ]
+
+
+def descending_rank(values: pd.Series) -> pd.Series:
+    """1 = largest; ties share the best rank; NaN stays NaN."""
+    return values.rank(ascending=False, method="min")
+
+
+def attribute_prompt(scorer, prompt: str, prompt_id: str, cfg) -> pd.DataFrame:
+    """tokens.parquet rows of one prompt: every unit with its gradient and leave-one-out scores."""
+    pattern = compile_marker_regex(cfg.corpus.marker_regex)
+    units = word_units(scorer.components.tokenizer, prompt, pattern, scorer.components.max_length)
+    cond_emb = scorer.encode([prompt]).embeddings
+    per_token = trajectory_token_norms(scorer, cond_emb, prompt_id, cfg.attribution.generations, cfg.attribution.steps)
+    frame = pd.DataFrame(
+        {
+            "prompt_id": prompt_id,
+            "prompt": prompt,
+            "unit": [u.text for u in units],
+            "unit_index": range(len(units)),
+            "is_marker": [u.is_marker for u in units],
+            "n_pieces": [len(u.positions) for u in units],
+            "grad_score": [float(per_token[u.positions].sum()) for u in units],
+        }
+    )
+    frame["grad_rank"] = descending_rank(frame["grad_score"])
+    if cfg.attribution.leave_one_out and units:
+        # The original is rescored beside its variants, so both sides of the difference share seeds and settings.
+        variants = [prompt] + [delete_span(prompt, u.start, u.end) for u in units]
+        scores = batched_d_mem(scorer, variants, [prompt_id] * len(variants), cfg.score.batch_size)
+        frame["loo_delta"] = [scores[0] - s for s in scores[1:]]
+    else:
+        frame["loo_delta"] = math.nan
+    frame["loo_rank"] = descending_rank(frame["loo_delta"])
+    return frame
+
+
+def attribute_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], cfg) -> pd.DataFrame:
+    """tokens.parquet rows for a batch of prompts (the unit of work of a Ray worker)."""
+    frames = []
+    for i, (prompt, pid) in enumerate(zip(prompts, prompt_ids)):
+        frames.append(attribute_prompt(scorer, prompt, pid, cfg))
+        log.info("attributed %d/%d prompts", i + 1, len(prompts))
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype=dtype.to_pandas_dtype()) for name, dtype in TOKEN_COLUMNS.items()})
+    return pd.concat(frames, ignore_index=True)[list(TOKEN_COLUMNS)]
+
+
+# -- across the memorized set ---------------------------------------------------------------
+def marker_rank_stats(tokens: pd.DataFrame, rank_column: str) -> dict:
+    """Among prompts with a marker: how often a marker ranks first, its mean (best) rank, and the chance rate."""
+    with_marker = tokens[tokens.groupby("prompt_id")["is_marker"].transform("any")]
+    if with_marker.empty or with_marker[rank_column].isna().all():
+        return {"marker_top1": None, "marker_mean_rank": None, "chance_top1": None}
+    best_marker_rank = with_marker[with_marker["is_marker"]].groupby("prompt_id")[rank_column].min()
+    return {
+        "marker_top1": float((best_marker_rank == 1).mean()),
+        "marker_mean_rank": float(best_marker_rank.mean()),
+        # A random ranking puts a marker first this often.
+        "chance_top1": float(with_marker.groupby("prompt_id")["is_marker"].mean().mean()),
+    }
+
+
+def attribution_summary(tokens: pd.DataFrame) -> dict:
+    per_piece = tokens.assign(
+        per_piece_rank=(tokens["grad_score"] / tokens["n_pieces"]).groupby(tokens["prompt_id"]).rank(
+            ascending=False, method="min"
+        )
+    )
+    return {
+        "prompts": int(tokens["prompt_id"].nunique()),
+        "prompts_with_marker": int(tokens.groupby("prompt_id")["is_marker"].any().sum()),
+        "mean_units_per_prompt": float(tokens.groupby("prompt_id").size().mean()) if len(tokens) else None,
+        "gradient": marker_rank_stats(tokens, "grad_rank"),
+        "gradient_per_piece_mean": marker_rank_stats(per_piece, "per_piece_rank"),
+        "leave_one_out": marker_rank_stats(tokens, "loo_rank"),
+    }
+
+
+# -- the stage --------------------------------------------------------------------------------
+def read_memorized(layout: storage.RunLayout, storage_cfg, max_prompts: Optional[int]) -> pd.DataFrame:
+    """The memorized set (prompt_id, prompt), most memorized first, cut to `max_prompts`."""
+    if not storage.exists(layout.memorized, storage_cfg):
+        raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
+    memorized = pd.read_csv(io.BytesIO(storage.read_bytes(layout.memorized, storage_cfg)), keep_default_na=False)
+    if "prompt" not in memorized.columns:
+        raise ValueError(f"{layout.memorized} has no `prompt` column (columns: {list(memorized.columns)})")
+    if "prompt_id" not in memorized.columns:
+        memorized["prompt_id"] = memorized["prompt"].map(make_prompt_id)
+    memorized["prompt_id"] = memorized["prompt_id"].astype(str)
+    return memorized.head(max_prompts) if max_prompts is not None else memorized
+
+
+def merge_summary(layout: storage.RunLayout, key: str, value: dict, storage_cfg) -> None:
+    summary = storage.read_json(layout.summary, storage_cfg) if storage.exists(layout.summary, storage_cfg) else {}
+    summary[key] = value
+    storage.write_json(layout.summary, summary, storage_cfg)
+
+
+def attribute_run(cfg) -> dict:
+    """`cxrmem attribute`: tokens.parquet and summary.json["attribution"] for the run at cfg.run.output."""
+    from cxrmem.models.loading import load_components
+    from cxrmem.scoring.scorer import Scorer
+
+    if not cfg.attribution.enabled:
+        return {"attribution": "disabled (attribution.enabled=false)"}
+    layout = storage.RunLayout(cfg.run.output)
+    memorized = read_memorized(layout, cfg.storage, cfg.attribution.max_prompts)
+    scorer = Scorer(load_components(cfg.model, cfg.storage), cfg.score, device=cfg.model.device)
+    start = time.perf_counter()
+    tokens = attribute_prompts(scorer, memorized["prompt"].tolist(), memorized["prompt_id"].tolist(), cfg)
+    seconds = time.perf_counter() - start
+    storage.write_table(pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False), layout.tokens, cfg.storage)
+    summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
+    merge_summary(layout, "attribution", summary, cfg.storage)
+    log.info("attribution: %s", summary)
+    return summary

@@ -1,0 +1,329 @@
+"""Mitigation experiments on the memorized set (paper section 4.3 and beyond; DESIGN.md).
+
+Prompt rewrites, each a pure function `(prompt, rng, ...) -> str` seeded per (prompt, strategy)
+that changes only what its name says:
+
+- random_word: every marker -> a random whole word of the model's own tokenizer vocabulary;
+- random_number: every marker -> a random number;
+- remove_marker: every marker deleted, with the spaces and punctuation around it tidied;
+- surrogate: every marker -> a realistic surrogate chosen by context (corpus/surrogates.py);
+- random_insertion: Somepalli et al.'s random word addition at random word boundaries.
+
+Embedding-level strategies keep the text: embedding_noise adds Gaussian noise scaled by the
+embedding's std; embedding_optimisation (Wen et al.) runs Adam on the prompt embedding to
+minimise the first-step text-conditional noise norm, on noises of its own seed (not the ones it
+is evaluated on), then generates with the optimised embedding.
+
+For every prompt x strategy: d_mem under the score config (every strategy sees the same G
+noises), and the mean pairwise RMS distance between N decoded generations, again from the same
+N noises for every strategy, so that the comparison is paired.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import time
+import zlib
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from omegaconf import OmegaConf
+
+from cxrmem import storage
+from cxrmem.attribution import (
+    conditional_noise_norms,
+    delete_span,
+    merge_summary,
+    read_memorized,
+    unconditional_noise,
+)
+from cxrmem.corpus.surrogates import replace_with_surrogates
+from cxrmem.corpus.text import compile_marker_regex
+from cxrmem.scoring.dmem import d_mem
+from cxrmem.scoring.seeds import initial_latents
+
+log = logging.getLogger(__name__)
+
+MITIGATION_COLUMNS = {
+    "prompt_id": pa.string(),
+    "prompt": pa.string(),
+    "strategy": pa.string(),
+    "mitigated_prompt": pa.string(),
+    "d_mem": pa.float64(),
+    "pairwise_distance": pa.float64(),
+    "n_generations": pa.int32(),
+}
+
+
+# -- prompt rewrites (pure, seeded) -----------------------------------------------------------
+def vocabulary_words(tokenizer) -> list[str]:
+    """Whole words of the tokenizer's vocabulary: alphabetic, no `##` pieces, no special tokens, 3+ letters."""
+    special = set(tokenizer.all_special_tokens)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special)
+    if not words:
+        raise ValueError("the tokenizer's vocabulary has no whole alphabetic words of 3+ letters to draw from")
+    return words
+
+
+def _draw(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def random_word(prompt: str, rng: np.random.Generator, pattern: re.Pattern, vocab: Sequence[str]) -> str:
+    return pattern.sub(lambda _: _draw(rng, vocab), prompt)
+
+
+def random_number(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
+    return pattern.sub(lambda _: str(int(rng.integers(1, 1000))), prompt)
+
+
+def remove_marker(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
+    """Every marker deleted (right to left, so earlier spans stay valid); `rng` unused: nothing is drawn."""
+    for match in reversed(list(pattern.finditer(prompt))):
+        prompt = delete_span(prompt, match.start(), match.end())
+    return prompt
+
+
+def surrogate(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
+    return replace_with_surrogates(prompt, pattern, rng)[0]
+
+
+def random_insertion(prompt: str, rng: np.random.Generator, vocab: Sequence[str], n_words: int) -> str:
+    """`n_words` vocabulary words inserted at random word boundaries (prompts are whitespace-normalised)."""
+    words = prompt.split(" ") if prompt else []
+    for _ in range(n_words):
+        words.insert(int(rng.integers(len(words) + 1)), _draw(rng, vocab))
+    return " ".join(words)
+
+
+def strategy_rng(seed: int, prompt_id: str, strategy: str) -> np.random.Generator:
+    """A generator that depends only on (seed, prompt, strategy): not on order, batch or worker."""
+    return np.random.default_rng([seed, int(prompt_id, 16), zlib.crc32(strategy.encode())])
+
+
+def mitigated_prompt(strategy: str, prompt: str, prompt_id: str, vocab: Sequence[str], cfg) -> str:
+    """The prompt text a strategy generates with (unchanged for the baseline and embedding-level ones)."""
+    rng = strategy_rng(cfg.mitigation.seed, prompt_id, strategy)
+    pattern = compile_marker_regex(cfg.corpus.marker_regex)
+    if strategy == "random_word":
+        return random_word(prompt, rng, pattern, vocab)
+    if strategy == "random_number":
+        return random_number(prompt, rng, pattern)
+    if strategy == "remove_marker":
+        return remove_marker(prompt, rng, pattern)
+    if strategy == "surrogate":
+        return surrogate(prompt, rng, pattern)
+    if strategy == "random_insertion":
+        return random_insertion(prompt, rng, vocab, cfg.mitigation.insertion_words)
+    return prompt
+
+
+# -- embedding-level strategies and the distance (pure tensor math) ---------------------------
+def noisy_embedding(embedding: torch.Tensor, noise_std: float, generator: torch.Generator) -> torch.Tensor:
+    """embedding + noise_std * std(embedding) * N(0, 1), noise drawn on the CPU from `generator`."""
+    noise = torch.randn(embedding.shape, generator=generator, dtype=torch.float32).to(embedding.device)
+    values = embedding.float()
+    return (values + noise_std * values.std() * noise).to(embedding.dtype)
+
+
+def optimise_embedding(
+    unet,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    cond_emb: torch.Tensor,
+    uncond_emb: torch.Tensor,
+    iters: int,
+    lr: float,
+    target: float = 0.0,
+) -> torch.Tensor:
+    """Wen et al.: Adam on e_p [1, L, D] minimising the mean first-step ||eps(x_T, e_p) - eps(x_T, e_0)|| over latents [G, ...].
+
+    Stops early once the loss falls below `target` (0: run all `iters`). The embedding is optimised
+    in float32 and returned in its own dtype.
+    """
+    timesteps = timestep.expand(len(latents))
+    eps_uncond = unconditional_noise(unet, latents, timesteps, uncond_emb)
+    embedding = cond_emb.detach().float().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([embedding], lr=lr)
+    with torch.enable_grad():
+        for _ in range(iters):
+            loss = conditional_noise_norms(unet, latents, timesteps, embedding.to(cond_emb.dtype), eps_uncond).mean()
+            if target > 0 and loss.item() < target:
+                break
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return embedding.detach().to(cond_emb.dtype)
+
+
+def pairwise_rms_distance(images: torch.Tensor) -> float:
+    """Mean over all pairs i < j of ||a_i - a_j||_2 / sqrt(numel): images [N, ...] in [0, 1], N >= 2."""
+    flat = images.flatten(1).double()
+    n, numel = flat.shape
+    if n < 2:
+        raise ValueError(f"a pairwise distance needs at least 2 images, got {n}")
+    total = sum(float((flat[i + 1 :] - flat[i]).pow(2).sum(dim=1).sqrt().sum()) for i in range(n - 1))
+    return total / math.sqrt(numel) / (n * (n - 1) / 2)
+
+
+# -- one prompt -------------------------------------------------------------------------------
+def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, cfg) -> torch.Tensor:
+    """The conditional embedding [1, L, D] a strategy generates with."""
+    if strategy == "embedding_noise":
+        generator = torch.Generator("cpu").manual_seed(int(strategy_rng(cfg.mitigation.seed, prompt_id, strategy).integers(2**63)))
+        return noisy_embedding(embedding, cfg.mitigation.noise_std, generator)
+    if strategy == "embedding_optimisation":
+        # Its own noises (mitigation.seed): optimising on the evaluation noises would flatter it.
+        timestep = scorer.timesteps()[0]
+        ids = [prompt_id] if scorer.cfg.seed_mode == "per_prompt" else None
+        noise = initial_latents(
+            scorer.components.latent_shape, cfg.mitigation.seed, scorer.cfg.generations, ids, float(scorer.scheduler.init_noise_sigma)
+        )[0]
+        latents = scorer.scheduler.scale_model_input(noise.to(scorer.device), timestep).to(scorer.dtype)
+        return optimise_embedding(
+            scorer.unet,
+            latents,
+            timestep,
+            embedding,
+            scorer.empty_embedding,
+            cfg.mitigation.optimisation_iters,
+            cfg.mitigation.optimisation_lr,
+            cfg.mitigation.optimisation_target,
+        )
+    return embedding
+
+
+def generation_scorer(scorer, steps):
+    """The scorer itself, or one over a `steps`-step schedule (generations need a whole trajectory)."""
+    if steps is None or steps == scorer.cfg.steps:
+        return scorer
+    from cxrmem.scoring.scorer import Scorer
+
+    score_cfg = OmegaConf.create({**OmegaConf.to_container(scorer.cfg, resolve=True), "steps": steps, "screening_steps": None})
+    return Scorer(scorer.components, score_cfg, device=scorer.device)
+
+
+def generate_images(scorer, embedding: torch.Tensor, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Decoded generations [M, C, H, W] in [0, 1] of one embedding [1, L, D] from latents [1, M, ...]."""
+    images = []
+    for lo in range(0, latents.shape[1], chunk):
+        final = scorer.sample(embedding, latents[:, lo : lo + chunk]).final_latents[0]
+        images.append(scorer.decode(final))
+    return torch.cat(images)
+
+
+def mitigate_prompt(
+    scorer, prompt: str, prompt_id: str, cfg, vocab: Sequence[str], keep: int = 0, sampler=None
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W]."""
+    sampler = sampler or generation_scorer(scorer, cfg.mitigation.steps)
+    strategies = list(cfg.mitigation.strategies)
+    texts = [mitigated_prompt(s, prompt, prompt_id, vocab, cfg) for s in strategies]
+    encoded = scorer.encode(texts).embeddings
+    embeddings = torch.cat(
+        [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, cfg) for i, s in enumerate(strategies)]
+    )
+    # d_mem of every strategy in one batch, every row from the same G noises: paired by construction.
+    trajectory = scorer.sample(embeddings, scorer.initial_latents([prompt_id] * len(strategies)), steps=scorer.cfg.screening_steps)
+    scores, _ = d_mem(trajectory.step_norms)
+    latents = sampler.initial_latents([prompt_id], cfg.mitigation.n_generations)
+    chunk = cfg.score.batch_size * cfg.score.generations
+    rows, grids = [], {}
+    for i, strategy in enumerate(strategies):
+        images = generate_images(sampler, embeddings[i : i + 1], latents, chunk)
+        rows.append(
+            {
+                "prompt_id": prompt_id,
+                "prompt": prompt,
+                "strategy": strategy,
+                "mitigated_prompt": texts[i],
+                "d_mem": float(scores[i]),
+                "pairwise_distance": pairwise_rms_distance(images),
+                "n_generations": cfg.mitigation.n_generations,
+            }
+        )
+        if keep:
+            grids[strategy] = images[:keep].mean(dim=1).numpy().astype(np.float32)
+    return rows, grids
+
+
+def mitigate_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], cfg) -> pd.DataFrame:
+    """mitigation.parquet rows for a batch of prompts (the unit of work of a Ray worker)."""
+    vocab = vocabulary_words(scorer.components.tokenizer)
+    sampler = generation_scorer(scorer, cfg.mitigation.steps)
+    rows = []
+    for i, (prompt, pid) in enumerate(zip(prompts, prompt_ids)):
+        rows += mitigate_prompt(scorer, prompt, pid, cfg, vocab, sampler=sampler)[0]
+        log.info("mitigated %d/%d prompts", i + 1, len(prompts))
+    return mitigation_frame(rows)
+
+
+def mitigation_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(MITIGATION_COLUMNS))
+
+
+def mitigation_summary(frame: pd.DataFrame) -> dict:
+    """Mean d_mem and mean pairwise distance per strategy, in the configured order."""
+    per_strategy = frame.groupby("strategy", sort=False).agg(
+        d_mem=("d_mem", "mean"), pairwise_distance=("pairwise_distance", "mean"), prompts=("prompt_id", "nunique")
+    )
+    return {
+        strategy: {"mean_d_mem": float(row.d_mem), "mean_pairwise_distance": float(row.pairwise_distance), "prompts": int(row.prompts)}
+        for strategy, row in per_strategy.iterrows()
+    }
+
+
+# -- the stage --------------------------------------------------------------------------------
+def save_generation_grid(layout: storage.RunLayout, prompt_id: str, grids: dict[str, np.ndarray], storage_cfg) -> str:
+    """figures/generations_<prompt_id>.npz: one float32 [k, H, W] array in [0, 1] per strategy."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **grids)
+    uri = storage.join(layout.figures, f"generations_{prompt_id}.npz")
+    storage.write_bytes(uri, buffer.getvalue(), storage_cfg)
+    return uri
+
+
+def mitigate_run(cfg) -> dict:
+    """`cxrmem mitigate`: mitigation.parquet, image grids and summary.json["mitigation"] for cfg.run.output."""
+    from cxrmem.models.loading import load_components
+    from cxrmem.scoring.scorer import Scorer
+
+    if not cfg.mitigation.enabled:
+        return {"mitigation": "disabled (mitigation.enabled=false)"}
+    layout = storage.RunLayout(cfg.run.output)
+    memorized = read_memorized(layout, cfg.storage, cfg.mitigation.max_prompts)
+    scorer = Scorer(load_components(cfg.model, cfg.storage, need_vae=True), cfg.score, device=cfg.model.device)
+    vocab = vocabulary_words(scorer.components.tokenizer)
+    sampler = generation_scorer(scorer, cfg.mitigation.steps)
+    start = time.perf_counter()
+    rows, figures = [], []
+    for i, (prompt, pid) in enumerate(zip(memorized["prompt"], memorized["prompt_id"])):
+        # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
+        keep = cfg.report.grid_generations if i < cfg.report.top_prompts else 0
+        prompt_rows, grids = mitigate_prompt(scorer, prompt, pid, cfg, vocab, keep=keep, sampler=sampler)
+        rows += prompt_rows
+        if grids:
+            figures.append(save_generation_grid(layout, pid, grids, cfg.storage))
+        log.info("mitigated %d/%d prompts", i + 1, len(memorized))
+    seconds = time.perf_counter() - start
+    frame = mitigation_frame(rows)
+    storage.write_table(
+        pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation, cfg.storage
+    )
+    summary = {
+        "strategies": mitigation_summary(frame),
+        "prompts": int(frame["prompt_id"].nunique()),
+        "n_generations": cfg.mitigation.n_generations,
+        "seconds": round(seconds, 2),
+        "mitigation": layout.mitigation,
+        "figures": figures,
+    }
+    merge_summary(layout, "mitigation", summary, cfg.storage)
+    log.info("mitigation: %s", summary["strategies"])
+    return summary
