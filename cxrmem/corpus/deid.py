@@ -44,7 +44,7 @@ def read_table(path: str, storage_cfg=None) -> pd.DataFrame:
         return pd.read_csv(data, dtype=str, keep_default_na=False)
     if fmt == "parquet":
         return pd.read_parquet(data)
-    return pd.read_json(data, lines=True, dtype=False, convert_dates=False)
+    return pd.read_json(data, lines=True, dtype=False)
 
 
 def write_table(frame: pd.DataFrame, path: str, storage_cfg=None) -> None:
