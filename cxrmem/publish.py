@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Optional
 
+import pyarrow as pa
+
 from cxrmem import storage
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,10 @@ def _describe(prefix: str, path: str, storage_cfg) -> dict:
     size, digest = storage.sha256(uri, storage_cfg)
     entry = {"bytes": size, "sha256": digest}
     if path.endswith(".parquet"):
-        entry["rows"] = storage.parquet_rows(uri, storage_cfg)
+        try:
+            entry["rows"] = storage.parquet_rows(uri, storage_cfg)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{uri} is not a readable Parquet file ({err}); rerun the stage that writes it") from err
     return entry
 
 
