@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cxrmem import stats, storage
 from cxrmem.storage import RunLayout
@@ -99,33 +99,6 @@ def analyze_tables(
     return memorized_df.reset_index(drop=True), analysis
 
 
-def marker_rank_stats(tokens_df: pd.DataFrame) -> list[dict]:
-    """Per attribution method: how often a marker is the top unit of a prompt, over prompts with a marker.
-
-    A prompt's best marker rank is 1 + the number of its units that score strictly above its best
-    marker unit, so it does not depend on how tokens.parquet numbers ranks.
-    """
-    rows = []
-    for method, frame in tokens_df.groupby("method", sort=True):
-        best_ranks = []
-        for _, units in frame.groupby("prompt_id", sort=False):
-            markers = units.loc[units["is_marker"].astype(bool), "score"]
-            if len(markers):
-                best_ranks.append(1 + int((units["score"] > markers.max()).sum()))
-        ranks = np.asarray(best_ranks)
-        rows.append(
-            {
-                "method": str(method),
-                "prompts": int(frame["prompt_id"].nunique()),
-                "prompts_with_marker": int(ranks.size),
-                "marker_top1_share": float(np.mean(ranks == 1)) if ranks.size else None,
-                "marker_top3_share": float(np.mean(ranks <= 3)) if ranks.size else None,
-                "median_best_marker_rank": float(np.median(ranks)) if ranks.size else None,
-            }
-        )
-    return rows
-
-
 def read_prompt_texts(uri: str, prompt_ids: Sequence[str], storage_cfg=None) -> pd.DataFrame:
     """prompt_id, prompt of only the given ids (a filtered scan: the corpus text is never held whole)."""
     if len(prompt_ids) == 0:
@@ -172,7 +145,7 @@ def analyze(cfg: DictConfig) -> dict:
 
     analysis["model_fingerprints"] = sorted(scores["model_fingerprint"].dropna().unique().tolist())
     analysis["config_hashes"] = sorted(scores["config_hash"].dropna().unique().tolist())
-    analysis["config"] = OmegaConf.to_container(cfg, resolve=True)
+    analysis["config"] = storage.public_config(cfg)  # credentials never reach outputs
     analysis["outputs"] = {"memorized": layout.memorized, "summary": layout.summary}
 
     storage.write_text(layout.memorized, memorized.to_csv(index=False), cfg.storage)

@@ -161,6 +161,7 @@ class ReportConfig:
     figures: bool = True  # write figures/*.png and embed them in report.html
     grid_generations: int = 4  # generations per strategy shown in the image grid
     top_prompts: int = 3  # memorized prompts shown with token bars and image grids
+    memorized_rows: int = 50  # rows of the memorized list shown in report.html (the CSV has them all)
 
 
 @dataclass

@@ -86,19 +86,22 @@ def token_bars(
     """
     top = tokens.sort_values("score", ascending=False, kind="stable").head(top_units)
     colors = [RED if marker else BLUE for marker in top["is_marker"].astype(bool)]
-    fig, axes = _figure(max(6.0, 0.32 * len(top) + 2.0), 4.4)
+    # Horizontal bars keep every word (and a `___` marker) readable without rotated labels.
+    fig, axes = _figure(8.0, 0.26 * len(top) + 1.8)
     ax = axes[0, 0]
-    ax.bar(np.arange(len(top)), top["score"], color=colors)
-    ax.set_xticks(np.arange(len(top)), [_clip(u, 18) for u in top["unit"]], rotation=60, ha="right", fontsize=9)
-    for tick, color in zip(ax.get_xticklabels(), colors):
+    y = np.arange(len(top))
+    ax.barh(y, top["score"], color=colors)
+    ax.set_yticks(y, [_clip(u, 24) for u in top["unit"]], fontsize=9)
+    for tick, color in zip(ax.get_yticklabels(), colors):
         tick.set_color(color)
-    ax.set_xlim(-0.6, len(top) - 0.4)
+    ax.set_ylim(len(top) - 0.4, -0.6)  # the top unit first
+    ax.axvline(0.0, color="black", lw=0.6)
     method = str(tokens["method"].iloc[0]) if len(tokens) else "?"
-    ax.set_ylabel(f"attribution ({method})")
-    ax.grid(axis="y", alpha=0.3)
-    heading = f"Top {len(top)} words by contribution to d_mem (red: de-identification marker)"
+    ax.set_xlabel(f"contribution to d_mem ({method})")
+    ax.grid(axis="x", alpha=0.3)
+    heading = f"Top {len(top)} words (red: de-identification marker)"
     if prompt:
-        heading += "\n" + "\n".join(textwrap.wrap(_clip(prompt, 300), 110))
+        heading += "\n" + "\n".join(textwrap.wrap(_clip(prompt, 300), 90))
     ax.set_title(heading, fontsize=9, loc="left")
     return _save(fig, path, storage_cfg)
 

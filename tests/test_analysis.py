@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem.analysis import analyze, analyze_tables, marker_rank_stats
+from cxrmem.analysis import analyze, analyze_tables
 from cxrmem.config import load_config
 from cxrmem.storage import RunLayout
 
@@ -124,21 +124,3 @@ def test_analyze_tables_keeps_ties_and_rejects_foreign_scores():
     foreign = pd.concat([scores, pd.DataFrame({"prompt_id": ["z"], "d_mem": [1.0], "nonfinite": [False]})])
     with pytest.raises(ValueError, match="not in prompts.*first: z"):
         analyze_tables(foreign, prompts, 20, 3.0, [1])
-
-
-def test_marker_rank_stats_per_method():
-    tokens = pd.DataFrame(
-        {
-            "prompt_id": ["p"] * 3 + ["q"] * 3 + ["r"] * 2 + ["p"] * 3,
-            "unit": ["___", "chest", "mild"] * 2 + ["no", "change"] + ["___", "chest", "mild"],
-            "score": [3.0, 1.0, 0.5, 1.0, 2.0, 0.1, 1.0, 2.0, 0.1, 0.9, 0.2],
-            "rank": [1, 2, 3, 2, 1, 3, 2, 1, 3, 1, 2],
-            "is_marker": [True, False, False] * 2 + [False, False] + [True, False, False],
-            "method": ["gradient"] * 8 + ["leave_one_out"] * 3,
-        }
-    )
-    rows = {r["method"]: r for r in marker_rank_stats(tokens)}
-    assert rows["gradient"]["prompts"] == 3 and rows["gradient"]["prompts_with_marker"] == 2
-    assert rows["gradient"]["marker_top1_share"] == 0.5  # first in p, second in q
-    assert rows["gradient"]["median_best_marker_rank"] == 1.5
-    assert rows["leave_one_out"]["marker_top1_share"] == 0.0

@@ -1,0 +1,131 @@
+"""report.html from real run files: figures embedded, text escaped, absent inputs reported, never a crash."""
+
+import base64
+import json
+import os
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cxrmem.analysis import analyze
+from cxrmem.config import load_config
+from cxrmem.report import build_report
+from cxrmem.storage import RunLayout
+from tests.test_analysis import N, _pid, _write_run
+
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class TagBalance(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+def _check_html(text: str) -> None:
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    parser = TagBalance()
+    parser.feed(text)
+    assert parser.errors == [] and parser.stack == []
+    assert "<script" not in text  # prompt text is escaped, nothing executable is embedded
+
+
+def _analyzed_run(tmp_path, overrides=()):
+    rng = np.random.default_rng(1)
+    d_mem = rng.normal(1.0, 0.05, N)
+    d_mem[[0, 1, 2]] = [3.0, 2.5, 2.0]
+    _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
+    cfg = load_config(None, [f"run.output={tmp_path}", "report.top_prompts=2", *overrides])
+    analyze(cfg)
+    return cfg, RunLayout(str(tmp_path))
+
+
+def _write_attribution_and_mitigation(layout: RunLayout):
+    units = ["Finding", "compared", "to", "___", "finding"]
+    rows = [
+        {"prompt_id": _pid(i), "prompt": f"Finding {i}, compared to ___.", "unit": u, "unit_index": j,
+         "is_marker": u == "___", "n_pieces": 3 if u == "___" else 1, "grad_score": float(5 - j),
+         "grad_rank": float(j + 1), "loo_delta": float(j), "loo_rank": float(5 - j)}
+        for i in range(3) for j, u in enumerate(units)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), layout.tokens)
+    strategies = ["original", "random_word", "remove_marker"]
+    mitigation = [
+        {"prompt_id": _pid(i), "strategy": s, "mitigated_prompt": f"Finding {i} <script>x</script> & ___ {s}.",
+         "d_mem": 3.0 - i - 0.5 * k, "pairwise_distance": 0.3 + 0.05 * k}
+        for i in range(3) for k, s in enumerate(strategies)
+    ]
+    pq.write_table(pa.Table.from_pylist(mitigation), layout.mitigation)
+    rng = np.random.default_rng(0)
+    os.makedirs(layout.figures, exist_ok=True)
+    np.savez(f"{layout.figures}/generations_{_pid(0)}.npz", **{s: rng.random((4, 1, 16, 16)) for s in strategies})
+    summary = json.loads(open(layout.summary).read())
+    summary["attribution"] = {"prompts": 3, "prompts_with_marker": 3,
+                              "gradient": {"marker_top1": 0.0, "marker_mean_rank": 4.0, "chance_top1": 0.2},
+                              "leave_one_out": {"marker_top1": 0.0, "marker_mean_rank": 2.0, "chance_top1": 0.2},
+                              "seconds": 1.25}
+    open(layout.summary, "w").write(json.dumps(summary))
+
+
+def test_full_report_embeds_every_figure(tmp_path):
+    cfg, layout = _analyzed_run(tmp_path)
+    _write_attribution_and_mitigation(layout)
+    result = build_report(cfg)
+    assert result["sections"] == {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "attribution", "mitigation")}
+    text = open(layout.report, encoding="utf-8").read()
+    _check_html(text)
+    names = sorted(p.rsplit("/", 1)[-1] for p in result["figures"])
+    # Fig. 2 + histogram, enrichment, 2 prompts x 2 attribution methods, mitigation chart, one image grid
+    assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "mitigation.png",
+                            f"grid_{_pid(0)}.png"] + [f"tokens_{_pid(i)}_{m}.png" for i in (0, 1) for m in ("grad_score", "loo_delta")])
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(embedded) == len(result["figures"])
+    for path in result["figures"]:
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert base64.b64encode(data).decode() in embedded
+    assert "&lt;script&gt;x&lt;/script&gt; &amp; <mark>___</mark>" in text  # escaped, marker still highlighted
+    assert "<mark>___</mark>" in text  # markers highlighted in the memorized list
+    assert "fp-test" in text and "time: attribution.seconds" in text
+    assert "random_word" in text and "remove_marker" in text
+
+
+def test_report_says_which_inputs_are_absent(tmp_path):
+    cfg, layout = _analyzed_run(tmp_path, ["report.figures=false"])
+    result = build_report(cfg)
+    assert result["sections"]["attribution"] == "absent: tokens.parquet"
+    assert result["sections"]["mitigation"] == "absent: mitigation.parquet"
+    assert result["figures"] == []
+    text = open(layout.report, encoding="utf-8").read()
+    _check_html(text)
+    assert "tokens.parquet is absent" in text and "mitigation.parquet is absent" in text
+    assert "data:image/png" not in text and "report.figures=false" in text
+
+
+def test_report_of_an_empty_run_still_renders(tmp_path):
+    cfg = load_config(None, [f"run.output={tmp_path}"])
+    result = build_report(cfg)
+    text = open(RunLayout(str(tmp_path)).report, encoding="utf-8").read()
+    _check_html(text)
+    assert result["sections"]["distribution"] == "absent: analysis"
+    assert "run `cxrmem analyze` first" in text
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16), (4, 3, 16, 16), (4, 16, 16, 3)])
+def test_generation_grid_accepts_grey_and_rgb(tmp_path, shape):
+    from cxrmem.figures import generation_grid
+
+    path = generation_grid({"original": np.random.default_rng(0).random(shape)}, str(tmp_path / "g.png"), 3)
+    assert open(path, "rb").read()[:4] == b"\x89PNG"
