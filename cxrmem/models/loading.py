@@ -14,6 +14,7 @@ scorer's job unless `device` is given.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -169,19 +170,42 @@ def prompt_length(tokenizer, text_config: dict) -> int:
     return int(text_config["max_position_embeddings"])
 
 
-def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: str) -> torch.nn.Module:
-    """from_pretrained that fails, instead of initialising at random, when weights are missing."""
+def load_checked(what: str, path: str, load: Callable) -> torch.nn.Module:
+    """A frozen model from `load() -> (model, loading_info)`; tensors missing from the files are an
+    error (both libraries would otherwise initialise them at random, with only a log warning)."""
 
-    def load():
-        model, info = model_class.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
-        # The pooler feeds only output [1]; the UNet is conditioned on output [0], so a checkpoint
-        # saved without it (BertModel(add_pooling_layer=False)) is complete for our use.
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    def run():
+        model, info = load()
+        missing = sorted(info["missing_keys"])
         if missing:
             raise ModelLoadError(f"the {what} weights in {path} lack {len(missing)} tensors, e.g. {missing[:5]}")
         return model
 
-    return freeze(guarded(what, path, load))
+    return freeze(guarded(what, path, run))
+
+
+def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: str) -> torch.nn.Module:
+    options = {}
+    # A BERT pooler feeds only output [1]; the UNet is conditioned on output [0], and checkpoints
+    # saved without a pooler would otherwise get a random one.
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        options["add_pooling_layer"] = False
+    return load_checked(
+        what,
+        path,
+        lambda: model_class.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True, **options),
+    )
+
+
+def load_diffusers_model(model_class, root: str, subfolder: Optional[str], dtype: torch.dtype, what: str) -> torch.nn.Module:
+    path = os.path.join(root, subfolder) if subfolder else root
+    return load_checked(
+        what,
+        path,
+        lambda: model_class.from_pretrained(
+            root, subfolder=subfolder, local_files_only=True, dtype=dtype, output_loading_info=True
+        ),
+    )
 
 
 def ddim_scheduler(scheduler_config: dict):
@@ -198,10 +222,7 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
     tokenizer = load_named_tokenizer(root, index)
     text_path = os.path.join(root, "text_encoder")
     text_encoder = load_transformers_model(named_class(index, "text_encoder", "transformers"), text_path, dtype, "text encoder")
-    unet_path = os.path.join(root, "unet")
-    unet = freeze(
-        guarded("UNet", unet_path, lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, dtype=dtype))
-    )
+    unet = load_diffusers_model(UNet2DConditionModel, root, "unet", dtype, "UNet")
     scheduler_path = os.path.join(root, "scheduler")
     scheduler = guarded("scheduler", scheduler_path, lambda: ddim_scheduler(DDIMScheduler.load_config(scheduler_path)))
     tokenizer.model_max_length = prompt_length(tokenizer, text_encoder.config.to_dict())
@@ -212,8 +233,8 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
         vae_config = read_json_file(os.path.join(root, "vae", "config.json"), "VAE config")
         scaling_factor = float(vae_config.get("scaling_factor", 1.0))
         if need_vae:
-            vae_path = os.path.join(root, "vae")
-            vae = freeze(guarded("VAE", vae_path, lambda: AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)))
+            # float32 whatever model.dtype says: decoding is cheap next to sampling, and SD VAEs overflow in float16.
+            vae = load_diffusers_model(AutoencoderKL, root, "vae", torch.float32, "VAE")
 
     parts = {name: os.path.join(root, name) for name in REQUIRED_COMPONENTS + (("vae",) if has_vae else ())}
     parts["model_index"] = os.path.join(root, "model_index.json")
@@ -238,7 +259,9 @@ def local_model_root(model_cfg, storage_cfg=None) -> str:
     if not storage.is_s3(model_cfg.path):
         return os.path.abspath(os.path.expanduser(model_cfg.path))
     uri = model_cfg.path.rstrip("/")
-    local = os.path.join(os.path.expanduser(model_cfg.cache_dir), hashlib.sha256(uri.encode()).hexdigest()[:16])
+    # Keyed by endpoint and URI: the same bucket name on two S3 services is two stores.
+    key = f"{storage.s3_settings(storage_cfg).endpoint} {uri}"
+    local = os.path.join(os.path.expanduser(model_cfg.cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
     # A hub cache holds every file twice once uploaded (snapshots dereference the blobs): copy only what loading reads.
     keep = hub_cache_file if model_cfg.kind == "radedit" else None
     copy_store(uri, local, storage_cfg, keep=keep)
@@ -253,24 +276,21 @@ def hub_cache_file(relative: str) -> bool:
 def copy_store(uri: str, local: str, storage_cfg=None, keep: Optional[Callable[[str], bool]] = None) -> None:
     """Copy the files under `uri` to `local` unless a complete copy is already there.
 
-    Each file lands under a temporary name and is renamed into place, and the marker is written
-    last, so that a copy interrupted (or raced by another worker) is never taken as complete.
+    Each file is streamed to a temporary name and renamed into place (storage.copy_file), and the
+    marker is written last, so that a copy interrupted (or raced by another worker on the same
+    node) is never taken as complete.
     """
     marker = os.path.join(local, COMPLETE_MARKER)
     if os.path.isfile(marker):
         return
     files = storage.list_files(uri, storage_cfg)
-    relatives = [f[len(uri) + 1 :] for f in files]
-    chosen = [(f, r) for f, r in zip(files, relatives) if keep is None or keep(r)]
+    chosen = [(f, storage.relative(f, uri)) for f in files]
+    chosen = [(f, name) for f, name in chosen if keep is None or keep(name)]
     if not chosen:
-        raise ModelLoadError(f"model store {uri} holds no files; check model.path and the S3 endpoint/credentials")
-    for source, relative in chosen:
-        target = os.path.join(local, *relative.split("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        partial = f"{target}.partial-{os.getpid()}"
-        with open(partial, "wb") as stream:
-            stream.write(storage.read_bytes(source, storage_cfg))
-        os.replace(partial, target)
-    with open(marker + f".partial-{os.getpid()}", "w", encoding="utf-8") as stream:
-        json.dump({"source": uri, "files": [r for _, r in chosen]}, stream, indent=1)
-    os.replace(marker + f".partial-{os.getpid()}", marker)
+        raise ModelLoadError(f"model store {uri} holds no model files; check model.path and the S3 endpoint")
+    for source, name in chosen:
+        storage.copy_file(source, os.path.join(local, *name.split("/")), src_cfg=storage_cfg)
+    partial = f"{marker}.partial-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as stream:
+        json.dump({"source": uri, "files": [name for _, name in chosen]}, stream, indent=1)
+    os.replace(partial, marker)

@@ -1,0 +1,300 @@
+"""RadEdit assembled from a local Hugging Face hub cache, offline, without remote code.
+
+`model.path` is the cache root (for example ~/.cache/huggingface/hub) holding three snapshots:
+
+    models--microsoft--radedit/snapshots/<rev>/unet/{config.json, diffusion_pytorch_model.safetensors}
+    models--stabilityai--sdxl-vae/snapshots/<rev>/{config.json, diffusion_pytorch_model.safetensors}
+    models--microsoft--BiomedVLP-BioViL-T/snapshots/<rev>/{config.json, pytorch_model.bin, vocab.txt, ...}
+
+Each snapshot is the configured revision (a commit hash, or a ref name under `refs/`), else the
+one `refs/main` names, else the only one there. Whatever is missing is reported in one error
+that lists every missing part and where it was looked for.
+
+Text encoder. BioViL-T publishes CXR-BERT (`architectures: ["CXRBertModel"]`, with an `auto_map`
+to code in the snapshot). That class is transformers' `BertForMaskedLM` (a `bert` BertModel
+without pooler, plus the `cls` masked-LM head) with an extra `cls_projection_head`, and its
+output [0] is the last hidden state of the `bert` encoder. RadEdit feeds exactly that output
+[0] to the UNet's cross-attention; neither head takes part. So loading the checkpoint's `bert.*`
+tensors into transformers' own `BertModel(add_pooling_layer=False)`, built from the config's BERT
+fields, computes the same output [0] bit for bit, and no remote code runs. The `cls.*` and
+`cls_projection_head.*` tensors are skipped; any other tensor, and any BERT tensor the
+checkpoint lacks, is an error (it would mean the snapshot is not the architecture described
+here). The pickle is read with `torch.load(weights_only=True)`, which cannot execute code.
+`model.radedit.trust_remote_code=true` (config validation requires a pinned `text_revision`)
+instead loads the snapshot's own class through `AutoModel`; its output [0] is the same tensor.
+
+Tokenizer: BioViL-T's WordPiece vocabulary and tokenizer_config.json, with
+`model_max_length = model.radedit.tokenizer_max_length` (128, as RadEdit sets it).
+
+Scheduler: exactly DESIGN.md's constructor call, DDIMScheduler(beta_schedule="linear",
+clip_sample=False, prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1), which
+is also the one in RadEdit's published usage. Every argument it leaves out keeps DDIMScheduler's
+default, so the noise schedule is the DDPM linear one, beta_start=0.0001, beta_end=0.02,
+num_train_timesteps=1000 (and set_alpha_to_one=True); not Stable Diffusion 1.x's
+0.00085/0.012, which belong with its "scaled_linear" schedule. These values are written out
+below, so that a change of diffusers' defaults cannot shift them. If the RadEdit snapshot ships
+`scheduler/scheduler_config.json`, its beta_start, beta_end and num_train_timesteps are used
+instead (the model's own record of its training schedule); the DESIGN.md settings still apply.
+
+VAE (only when `need_vae`): the SDXL VAE, latents scaled by `model.radedit.vae_scaling_factor`
+(0.13025). The fingerprint covers the VAE's files whenever the snapshot exists, so that it does
+not depend on `need_vae`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from cxrmem.models.fingerprint import model_fingerprint
+from cxrmem.models.loading import (
+    Components,
+    ModelLoadError,
+    ddim_scheduler,
+    freeze,
+    guarded,
+    load_checked,
+    load_diffusers_model,
+    read_json_file,
+    torch_dtype,
+)
+
+# DDIMScheduler's defaults, which RadEdit's scheduler call keeps (see the module docstring);
+# replaced by the snapshot's scheduler config when it has one.
+DEFAULT_NOISE_SCHEDULE = {"beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000, "set_alpha_to_one": True}
+NOISE_SCHEDULE_KEYS = ("beta_start", "beta_end", "num_train_timesteps")
+RADEDIT_SCHEDULER = {
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
+WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "text": ("model.safetensors", "pytorch_model.bin"),
+}
+# CXR-BERT checkpoint prefixes: the BERT encoder we load, and the heads RadEdit never uses.
+BERT_PREFIX = "bert."
+UNUSED_PREFIXES = ("cls.", "cls_projection_head.")
+
+
+def repo_folder(cache_root: str, repo_id: str) -> str:
+    return os.path.join(cache_root, "models--" + repo_id.replace("/", "--"))
+
+
+def resolve_snapshot(cache_root: str, repo_id: str, revision: Optional[str], knob: str) -> tuple[Optional[str], Optional[str]]:
+    """(snapshot folder, None), or (None, what is wrong) for one repo of the hub cache."""
+    repo = repo_folder(cache_root, repo_id)
+    snapshots = os.path.join(repo, "snapshots")
+    if not os.path.isdir(snapshots):
+        return None, f"{repo_id}: no snapshot folder {snapshots} (download the repo into this cache)"
+    available = sorted(d for d in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, d)))
+    if revision:
+        ref = os.path.join(repo, "refs", revision)
+        commit = open(ref, encoding="utf-8").read().strip() if os.path.isfile(ref) else revision
+        if commit in available:
+            return os.path.join(snapshots, commit), None
+        return None, f"{repo_id}: revision {revision!r} ({knob}) is not in {snapshots} (available: {available})"
+    main_ref = os.path.join(repo, "refs", "main")
+    if os.path.isfile(main_ref):
+        commit = open(main_ref, encoding="utf-8").read().strip()
+        if commit in available:
+            return os.path.join(snapshots, commit), None
+        return None, f"{repo_id}: {main_ref} names {commit!r}, which is not in {snapshots} (available: {available}); set {knob}"
+    if len(available) == 1:
+        return os.path.join(snapshots, available[0]), None
+    if not available:
+        return None, f"{repo_id}: {snapshots} is empty"
+    return None, f"{repo_id}: several snapshots in {snapshots} and no refs/main: {available}; set {knob} to one of them"
+
+
+def first_existing(folder: str, names: tuple[str, ...]) -> Optional[str]:
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def missing_files(folder: str, what: str, required: tuple[str, ...], weights: tuple[str, ...] = ()) -> list[str]:
+    problems = [f"{what}: {os.path.join(folder, name)} is missing" for name in required if not os.path.isfile(os.path.join(folder, name))]
+    if weights and first_existing(folder, weights) is None:
+        problems.append(f"{what}: no weights in {folder} (looked for {' or '.join(weights)})")
+    return problems
+
+
+def locate_snapshots(model_cfg, cache_root: str, need_vae: bool, text_only: bool = False) -> dict[str, Optional[str]]:
+    """Snapshot folders of the text, unet and vae repos, checked for their files; one error lists every problem.
+
+    `text_only` checks just the tokenizer's files. The VAE snapshot is looked up even when not
+    needed (for the fingerprint), but its absence is an error only with `need_vae`.
+    """
+    radedit = model_cfg.radedit
+    if not os.path.isdir(cache_root):
+        raise ModelLoadError(f"Hugging Face cache {cache_root} does not exist; set model.path to the hub cache root")
+    found, problems = {}, []
+    found["text"], problem = resolve_snapshot(cache_root, radedit.text_repo, radedit.text_revision, "model.radedit.text_revision")
+    if problem:
+        problems.append(problem)
+    elif text_only:
+        problems += missing_files(found["text"], "tokenizer", ("vocab.txt",))
+    else:
+        problems += missing_files(found["text"], "text encoder", ("config.json", "vocab.txt"), WEIGHT_NAMES["text"])
+    if not text_only:
+        found["unet"], problem = resolve_snapshot(cache_root, radedit.unet_repo, radedit.unet_revision, "model.radedit.unet_revision")
+        unet_folder = os.path.join(found["unet"] or "", "unet")
+        problems += [problem] if problem else missing_files(unet_folder, "UNet", ("config.json",), WEIGHT_NAMES["unet"])
+        found["vae"], problem = resolve_snapshot(cache_root, radedit.vae_repo, radedit.vae_revision, "model.radedit.vae_revision")
+        if need_vae:
+            problems += [problem] if problem else missing_files(found["vae"], "VAE", ("config.json",), WEIGHT_NAMES["vae"])
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ModelLoadError(f"RadEdit cannot be assembled from the cache {cache_root}:\n  - {listing}")
+    return found
+
+
+def load_radedit_tokenizer(model_cfg, cache_root: str, text_snapshot: Optional[str] = None):
+    from transformers import BertTokenizer
+
+    text_snapshot = text_snapshot or locate_snapshots(model_cfg, cache_root, need_vae=False, text_only=True)["text"]
+    max_length = model_cfg.radedit.tokenizer_max_length
+    return guarded(
+        "tokenizer",
+        text_snapshot,
+        lambda: BertTokenizer.from_pretrained(text_snapshot, local_files_only=True, model_max_length=max_length),
+    )
+
+
+def bert_config(config_path: str):
+    """transformers BertConfig from the BERT fields of CXR-BERT's config.json (remote-code fields dropped)."""
+    from transformers import BertConfig
+
+    published = read_json_file(config_path, "text encoder config")
+    bert_fields = set(BertConfig().to_dict())
+    return BertConfig(**{key: value for key, value in published.items() if key in bert_fields and key not in ("architectures", "model_type", "auto_map")})
+
+
+def read_text_weights(weights_path: str) -> dict[str, torch.Tensor]:
+    if weights_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(weights_path)
+    return torch.load(weights_path, map_location="cpu", weights_only=True)
+
+
+def bert_state_dict(checkpoint: dict[str, torch.Tensor], weights_path: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's `bert.*` tensors under BertModel's names; unused heads dropped, anything else refused."""
+    encoder, unknown = {}, []
+    for key, tensor in checkpoint.items():
+        if key.startswith(BERT_PREFIX):
+            encoder[key[len(BERT_PREFIX) :]] = tensor
+        elif not key.startswith(UNUSED_PREFIXES):
+            unknown.append(key)
+    if unknown:
+        raise ModelLoadError(
+            f"{weights_path} holds tensors outside CXR-BERT's bert/cls/cls_projection_head: {sorted(unknown)[:10]}; "
+            "this snapshot is not the published BioViL-T layout (use model.radedit.trust_remote_code with a pinned text_revision)"
+        )
+    return encoder
+
+
+def load_bert_encoder(text_snapshot: str, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers BertModel holding CXR-BERT's encoder weights (see the module docstring)."""
+    from transformers import BertModel
+
+    weights_path = first_existing(text_snapshot, WEIGHT_NAMES["text"])
+    model = BertModel(bert_config(os.path.join(text_snapshot, "config.json")), add_pooling_layer=False)
+    encoder = bert_state_dict(guarded("text encoder weights", weights_path, lambda: read_text_weights(weights_path)), weights_path)
+    # Checkpoints from older transformers also store the constant position-id buffer; it must match ours.
+    for name, buffer in model.named_buffers():
+        saved = encoder.pop(name, None)
+        if saved is not None and not torch.equal(saved.to(buffer.dtype), buffer):
+            raise ModelLoadError(f"{weights_path}: buffer bert.{name} differs from BERT's constant {name}")
+    result = model.load_state_dict(encoder, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"{weights_path} does not match the BERT built from its config.json: "
+            f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(result.unexpected_keys)[:10]}"
+        )
+    return freeze(model.to(dtype))
+
+
+def load_remote_text_encoder(text_snapshot: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The snapshot's own CXR-BERT class (opt-in remote code, pinned revision)."""
+    from transformers import AutoModel
+
+    return load_checked(
+        "text encoder (remote code)",
+        text_snapshot,
+        lambda: AutoModel.from_pretrained(
+            text_snapshot, trust_remote_code=True, local_files_only=True, dtype=dtype, output_loading_info=True
+        ),
+    )
+
+
+def radedit_scheduler_config(radedit_snapshot: str) -> dict:
+    """DESIGN.md's DDIM settings on the snapshot's noise schedule, else on DDIMScheduler's default one."""
+    path = os.path.join(radedit_snapshot, "scheduler", "scheduler_config.json")
+    schedule = dict(DEFAULT_NOISE_SCHEDULE)
+    if os.path.isfile(path):
+        published = read_json_file(path, "scheduler config")
+        schedule.update({key: published[key] for key in NOISE_SCHEDULE_KEYS if key in published})
+    return {**schedule, **RADEDIT_SCHEDULER}
+
+
+def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    radedit = model_cfg.radedit
+    if radedit.trust_remote_code and not radedit.text_revision:
+        raise ModelLoadError("model.radedit.trust_remote_code needs model.radedit.text_revision pinned to a snapshot hash")
+    dtype = torch_dtype(model_cfg.dtype)
+    found = locate_snapshots(model_cfg, cache_root, need_vae=need_vae)
+
+    tokenizer = load_radedit_tokenizer(model_cfg, cache_root, found["text"])
+    if radedit.trust_remote_code:
+        text_encoder = load_remote_text_encoder(found["text"], dtype)
+    else:
+        text_encoder = load_bert_encoder(found["text"], dtype)
+    unet_folder = os.path.join(found["unet"], "unet")
+    unet = load_diffusers_model(UNet2DConditionModel, found["unet"], "unet", dtype, "UNet")
+    hidden_size = text_encoder.config.hidden_size
+    if unet.config.cross_attention_dim != hidden_size:
+        raise ModelLoadError(
+            f"UNet in {unet_folder} attends to {unet.config.cross_attention_dim}-d text, but the text encoder in "
+            f"{found['text']} gives {hidden_size}-d; check model.radedit.unet_repo/text_repo"
+        )
+    scheduler_config = radedit_scheduler_config(found["unet"])
+    scheduler = ddim_scheduler(scheduler_config)
+    vae = None
+    if need_vae:
+        # float32 whatever model.dtype says: the SDXL VAE overflows in float16.
+        vae = load_diffusers_model(AutoencoderKL, found["vae"], None, torch.float32, "VAE")
+
+    parts = {"text_encoder": found["text"], "unet": unet_folder}
+    scheduler_folder = os.path.join(found["unet"], "scheduler")
+    if os.path.isdir(scheduler_folder):
+        parts["scheduler"] = scheduler_folder
+    if found["vae"]:
+        parts["vae"] = found["vae"]
+    settings = {
+        "scheduler": scheduler_config,
+        "max_length": radedit.tokenizer_max_length,
+        "vae_scaling_factor": radedit.vae_scaling_factor,
+        "text_encoder": "remote_code" if radedit.trust_remote_code else "bert",
+    }
+    revisions = " ".join(f"{name}@{os.path.basename(path)}" for name, path in found.items() if path)
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        vae_scaling_factor=radedit.vae_scaling_factor,
+        max_length=radedit.tokenizer_max_length,
+        fingerprint=model_fingerprint(parts, settings),
+        source=f"radedit:{cache_root} {revisions}",
+    )

@@ -1,0 +1,201 @@
+"""A miniature replica of RadEdit's three published snapshots, laid out as a Hugging Face hub cache.
+
+Same repo folders, file names, config fields and checkpoint key names as the published
+snapshots (microsoft/radedit, stabilityai/sdxl-vae, microsoft/BiomedVLP-BioViL-T), at tiny
+sizes and with random weights; snapshot files are relative symlinks into `blobs/`, and
+`refs/main` names the snapshot, as `huggingface_hub` writes them. The loader runs on it exactly
+as it would on the real cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import BertConfig, BertForMaskedLM
+
+from cxrmem.models.tiny import SPECIAL_TOKENS
+
+UNET_REPO = "microsoft/radedit"
+VAE_REPO = "stabilityai/sdxl-vae"
+TEXT_REPO = "microsoft/BiomedVLP-BioViL-T"
+HIDDEN_SIZE = 32
+PROJECTION_SIZE = 16
+WORDS = (
+    "no acute cardiopulmonary process . , _ small left right pleural effusion effusions "
+    "pneumothorax lung lungs clear heart size normal stable mild moderate atelectasis "
+    "opacity opacities base bases consolidation edema since prior study comparison tube line "
+    "in place unchanged of the and with is are there"
+).split()
+SUBWORDS = ["##s", "##al", "##ed", "##ly", "##ing"]
+BERT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+)
+
+
+def fake_commit(repo_id: str, seed: int) -> str:
+    return hashlib.sha1(f"{repo_id}@{seed}".encode()).hexdigest()
+
+
+def repo_dir(cache_root: str, repo_id: str) -> str:
+    return os.path.join(cache_root, "models--" + repo_id.replace("/", "--"))
+
+
+def place_file(cache_root: str, repo_id: str, commit: str, name: str, data: bytes) -> str:
+    """Store `data` as a blob and link snapshots/<commit>/<name> to it, as the hub cache does."""
+    repo = repo_dir(cache_root, repo_id)
+    blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
+    os.makedirs(os.path.dirname(blob), exist_ok=True)
+    with open(blob, "wb") as stream:
+        stream.write(data)
+    link = os.path.join(repo, "snapshots", commit, name)
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    return link
+
+
+def place_folder(cache_root: str, repo_id: str, commit: str, folder: str, prefix: str = "") -> None:
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as stream:
+            place_file(cache_root, repo_id, commit, prefix + name, stream.read())
+
+
+def set_ref(cache_root: str, repo_id: str, commit: str, ref: str = "main") -> None:
+    path = os.path.join(repo_dir(cache_root, repo_id), "refs", ref)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(commit)
+
+
+def text_config() -> dict:
+    """BioViL-T's config.json fields (CXR-BERT: remote-code class, projection size, BERT fields)."""
+    return {
+        "architectures": ["CXRBertModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_cxrbert.CXRBertConfig",
+            "AutoModel": "modeling_cxrbert.CXRBertModel",
+        },
+        "model_type": "cxr-bert",
+        "projection_size": PROJECTION_SIZE,
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": HIDDEN_SIZE,
+        "initializer_range": 0.02,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 512,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "type_vocab_size": 2,
+        "vocab_size": len(SPECIAL_TOKENS) + len(WORDS) + len(SUBWORDS),
+        "torch_dtype": "float32",
+        "transformers_version": "4.17.0",
+    }
+
+
+def cxr_bert_checkpoint(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """State dict with CXR-BERT's key names: `bert.*` (no pooler), `cls.*` MLM head, `cls_projection_head.*`."""
+    torch.manual_seed(seed)
+    masked_lm = BertForMaskedLM(BertConfig(**{key: config[key] for key in BERT_FIELDS}))
+    checkpoint = {key: tensor.clone() for key, tensor in masked_lm.state_dict().items()}
+    # Older transformers (which saved the published file) also stored the position-id buffer.
+    checkpoint["bert.embeddings.position_ids"] = torch.arange(config["max_position_embeddings"]).unsqueeze(0)
+    hidden, projection = config["hidden_size"], config["projection_size"]
+    checkpoint["cls_projection_head.dense_to_hidden.weight"] = torch.randn(hidden, hidden)
+    checkpoint["cls_projection_head.dense_to_hidden.bias"] = torch.randn(hidden)
+    checkpoint["cls_projection_head.LayerNorm.weight"] = torch.ones(hidden)
+    checkpoint["cls_projection_head.LayerNorm.bias"] = torch.zeros(hidden)
+    checkpoint["cls_projection_head.dense_to_output.weight"] = torch.randn(projection, hidden)
+    checkpoint["cls_projection_head.dense_to_output.bias"] = torch.randn(projection)
+    return checkpoint
+
+
+def tiny_radedit_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=HIDDEN_SIZE,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def tiny_sdxl_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.13025,
+    )
+
+
+def write_text_snapshot(cache_root: str, commit: str, seed: int) -> None:
+    config = text_config()
+    place_file(cache_root, TEXT_REPO, commit, "config.json", json.dumps(config, indent=2).encode())
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = os.path.join(scratch, "pytorch_model.bin")
+        torch.save(cxr_bert_checkpoint(config, seed), weights)
+        place_folder(cache_root, TEXT_REPO, commit, scratch)
+    vocab = "\n".join(SPECIAL_TOKENS + WORDS + SUBWORDS) + "\n"
+    place_file(cache_root, TEXT_REPO, commit, "vocab.txt", vocab.encode())
+    tokenizer_config = {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
+    place_file(cache_root, TEXT_REPO, commit, "tokenizer_config.json", json.dumps(tokenizer_config).encode())
+    special = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]"}
+    place_file(cache_root, TEXT_REPO, commit, "special_tokens_map.json", json.dumps(special).encode())
+    place_file(cache_root, TEXT_REPO, commit, "README.md", b"# BioViL-T (miniature replica for tests)\n")
+
+
+def write_diffusers_snapshot(cache_root: str, repo_id: str, commit: str, model, prefix: str = "") -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        place_folder(cache_root, repo_id, commit, scratch, prefix)
+
+
+def build_radedit_replica(cache_root: str, seed: int = 0, with_scheduler: bool = False) -> dict[str, str]:
+    """Write the three snapshots under `cache_root`; returns repo id -> snapshot commit.
+
+    `with_scheduler` adds a `scheduler/scheduler_config.json` to the RadEdit snapshot (with
+    non-default betas, so a test can see they are taken from it).
+    """
+    commits = {repo: fake_commit(repo, seed) for repo in (UNET_REPO, VAE_REPO, TEXT_REPO)}
+    torch.manual_seed(seed)
+    write_diffusers_snapshot(cache_root, UNET_REPO, commits[UNET_REPO], tiny_radedit_unet(), prefix="unet/")
+    if with_scheduler:
+        scheduler = DDIMScheduler(beta_start=0.001, beta_end=0.02, num_train_timesteps=500, beta_schedule="scaled_linear")
+        with tempfile.TemporaryDirectory() as scratch:
+            scheduler.save_pretrained(scratch)
+            place_folder(cache_root, UNET_REPO, commits[UNET_REPO], scratch, prefix="scheduler/")
+    place_file(cache_root, UNET_REPO, commits[UNET_REPO], "README.md", b"# RadEdit (miniature replica for tests)\n")
+    write_diffusers_snapshot(cache_root, VAE_REPO, commits[VAE_REPO], tiny_sdxl_vae())
+    write_text_snapshot(cache_root, commits[TEXT_REPO], seed)
+    for repo, commit in commits.items():
+        set_ref(cache_root, repo, commit)
+    return commits
