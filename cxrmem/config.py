@@ -44,6 +44,8 @@ class CorpusConfig:
     sections: List[str] = field(default_factory=lambda: ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"])  # report sections to use, in order of preference
     marker_regex: str = "_{2,}|X{4,}"  # de-identification markers: MIMIC-CXR `___` and IU X-ray `XXXX` runs
     max_reports: Optional[int] = None  # read at most this many reports (None: all)
+    progress_every: int = 100000  # reports between progress lines while reading
+    read_workers: int = 16  # threads reading report files in parallel (S3 reads are latency-bound)
     synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)
 
 
@@ -237,6 +239,9 @@ RULES = {
     "storage.request_timeout_s": (_positive, "positive"),
     "storage.transfer_threads": (_positive, "a positive integer"),
     "corpus.synthetic.n_reports": (_positive, "a positive integer"),
+    "corpus.progress_every": (_positive, "a positive integer"),
+    "corpus.read_workers": (_positive, "a positive integer"),
+    "corpus.max_reports": (lambda v: v is None or v > 0, "null or a positive integer"),
     "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "corpus.synthetic.normal_share": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "testbed.image_size": (lambda v: v >= 16 and v % 8 == 0, "a multiple of 8, at least 16"),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 from cxrmem.config import CorpusConfig
 
@@ -36,3 +38,44 @@ def compile_marker_regex(regex: str = MARKER_REGEX) -> re.Pattern:
 def count_markers(text: str, regex: str = MARKER_REGEX) -> int:
     """Number of non-overlapping de-identification marker runs in `text`."""
     return sum(1 for _ in compile_marker_regex(regex).finditer(text))
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """One report as a corpus reader hands it to `build_prompts_table`.
+
+    `text` is the extracted prompt before normalisation; a report that could not give one has
+    `skip` (a reason key counted in the summary) and a `message` naming the file, row and fix.
+    """
+
+    source_id: str
+    text: Optional[str]
+    section: Optional[str] = None  # IMPRESSION | FINDINGS | LAST_PARAGRAPH (None: taken as is, e.g. a table cell)
+    ids: Optional[dict] = None  # further source ids kept per prompt (e.g. subject_id, study)
+    skip: Optional[str] = None
+    message: str = ""
+
+
+def skipped(source_id: str, reason: str, message: str) -> SourceText:
+    return SourceText(source_id, None, skip=reason, message=message)
+
+
+def pick_section(sections: dict, last_paragraph: str, order) -> tuple[Optional[str], str]:
+    """The first non-blank section in `order` (names from config SECTIONS); (None, "") if none has text."""
+    for name in order:
+        text = last_paragraph if name == "LAST_PARAGRAPH" else sections.get(name)
+        if text and text.strip():
+            return name, text
+    return None, ""
+
+
+def decode_utf8(data: bytes, where: str, file_offset: int = 0) -> tuple[Optional[str], str]:
+    """Decoded text, or None and a message naming `where` and the file byte offset of the first bad byte.
+
+    `file_offset` is where `data` starts in its file (a cell or line of a larger file).
+    """
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as err:
+        bad = data[err.start : err.start + 4]
+        return None, f"{where}: invalid UTF-8 at byte offset {file_offset + err.start} ({bad!r}); re-encode the file as UTF-8"

@@ -1,0 +1,140 @@
+"""Tables of prompts: CSV, Parquet or JSONL files (or a folder of them), local or s3://.
+
+The text column (corpus.text_column) is the prompt as is, since a prepared split already holds
+the impression. Id columns (corpus.id_columns) are kept when present: the first present one is
+the row's source id, the others travel with it; without any, the source id is `file:row`.
+Rows are decoded one by one, so one bad row is skipped and counted, not the whole file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from cxrmem import storage
+from cxrmem.corpus.text import SourceText, decode_utf8, skipped
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
+
+
+def _missing_column(uri: str, column: str, present: list[str]) -> ValueError:
+    return ValueError(
+        f"{uri}: no text column {column!r}; the columns are {present}; set corpus.text_column to the one holding the prompt"
+    )
+
+
+def _strings(column: pa.ChunkedArray) -> list[Optional[str]]:
+    """An id column as strings (ints are common; stray bytes are escaped, never fatal for an id)."""
+    if pa.types.is_binary(column.type):
+        return [None if v is None else v.decode("utf-8", "backslashreplace") for v in column.to_pylist()]
+    return column.cast(pa.string()).to_pylist()
+
+
+def _columnar_rows(uri: str, data: bytes, text_column: str, id_columns: list[str]) -> tuple[list, dict[str, list]]:
+    """The text column (bytes or None per row) and the present id columns of a CSV or Parquet file."""
+    if uri.endswith(".parquet"):
+        names = pq.read_schema(io.BytesIO(data)).names
+        columns = [c for c in [text_column, *id_columns] if c in names]
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+    else:
+        # Text and ids as bytes, so that invalid UTF-8 fails one row, with its offset, not the whole file.
+        types = {c: pa.binary() for c in [text_column, *id_columns]}
+        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
+        names = table.column_names
+    if text_column not in names:
+        raise _missing_column(uri, text_column, names)
+    text = table.column(text_column)
+    if not pa.types.is_binary(text.type):
+        text = text.cast(pa.binary())
+    return text.to_pylist(), {c: _strings(table.column(c)) for c in id_columns if c in names}
+
+
+def _source(uri: str, row: int, text, ids: dict, where: str) -> SourceText:
+    """A table row as a SourceText; the first present id column names it, else `file:row`."""
+    source_id, rest = f"{os.path.basename(uri)}:{row}", None
+    if ids:
+        first = next(iter(ids))
+        source_id = ids[first] if ids[first] is not None else source_id
+        rest = {c: v for c, v in ids.items() if c != first} or None
+    if text is None:
+        return skipped(source_id, "empty", f"{where}: the text is empty (null); fill it or drop the row")
+    if not isinstance(text, str):
+        return skipped(source_id, "invalid_row", f"{where}: the text is a {type(text).__name__}, not a string")
+    return SourceText(source_id, text, ids=rest)
+
+
+def _jsonl_rows(uri: str, data: bytes, text_column: str, id_columns: list[str]) -> Iterator[SourceText]:
+    """One record per line (numbered from 1); each line decodes and parses on its own."""
+    offset = 0
+    for row, line in enumerate(data.split(b"\n"), 1):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        where, name = f"{uri} line {row}", f"{os.path.basename(uri)}:{row}"
+        decoded, message = decode_utf8(line, where, start)
+        if decoded is None:
+            yield skipped(name, "invalid_utf8", message)
+            continue
+        try:
+            record = json.loads(decoded)
+        except json.JSONDecodeError as err:
+            yield skipped(name, "invalid_row", f"{where}: not valid JSON ({err.msg}); fix or remove the line")
+            continue
+        if not isinstance(record, dict) or text_column not in record:
+            present = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise _missing_column(where, text_column, present)
+        ids = {c: None if record[c] is None else str(record[c]) for c in id_columns if c in record}
+        yield _source(uri, row, record[text_column], ids, where)
+
+
+def iter_table_rows(uri: str, text_column: str, id_columns, storage_cfg=None) -> Iterator[SourceText]:
+    """Rows of one CSV / Parquet / JSONL file as SourceText records (data rows and lines count from 1)."""
+    try:
+        data = storage.read_bytes(uri, storage_cfg)
+    except OSError as err:
+        yield skipped(uri, "unreadable", f"{uri}: cannot read ({err}); check the path and permissions")
+        return
+    id_columns = list(id_columns)
+    if uri.endswith((".jsonl", ".ndjson")):
+        yield from _jsonl_rows(uri, data, text_column, id_columns)
+        return
+    try:
+        texts, id_values = _columnar_rows(uri, data, text_column, id_columns)
+    except pa.ArrowInvalid as err:
+        yield skipped(uri, "unreadable", f"{uri}: not a valid {uri.rsplit('.', 1)[-1]} file ({err})")
+        return
+    for row, raw in enumerate(texts, 1):
+        where = f"{uri} row {row}"
+        # The raw cell bytes locate the bad byte in the file (unless CSV quoting changed them).
+        text, message = (None, "") if raw is None else decode_utf8(raw, where, max(data.find(raw), 0))
+        if message:
+            yield skipped(f"{os.path.basename(uri)}:{row}", "invalid_utf8", message)
+        else:
+            yield _source(uri, row, text, {c: values[row - 1] for c, values in id_values.items()}, where)
+
+
+def table_files(path: str, storage_cfg=None) -> list[str]:
+    """The table file at `path`, or every CSV / Parquet / JSONL file under the folder `path`."""
+    if path.endswith(SUFFIXES):
+        if not storage.exists(path, storage_cfg):
+            raise FileNotFoundError(f"corpus.path {path} does not exist")
+        return [path]
+    files = [f for f in storage.list_files(path, storage_cfg) if f.endswith(SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files at corpus.path {path}")
+    return files
+
+
+def iter_tables(path: str, text_column: str, id_columns, storage_cfg=None) -> Iterator[SourceText]:
+    for uri in table_files(path, storage_cfg):
+        logger.info("reading table %s", uri)
+        yield from iter_table_rows(uri, text_column, id_columns, storage_cfg)
