@@ -33,6 +33,7 @@ ACCESS_KEY = "cxrmem-test-key"
 SECRET_KEY = "cxrmem-test-secret"
 REGION = "us-east-1"
 READY_TIMEOUT_S = 60.0
+CANARY_BUCKET = "fixture-canary"  # read and written at every start to know the server serves data
 # Every listener of `weed mini` (gRPC ports default to the HTTP port + 10000, so they are set too).
 PORT_FLAGS = [
     "master.port",
@@ -138,7 +139,7 @@ class S3Server:
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Poll with a signed request until the S3 gateway answers it (bounded)."""
+        """Poll (bounded) until the server answers signed requests and serves data written before a restart."""
         client = self.client(retries=1)
         deadline = time.monotonic() + timeout_s
         last_error: Exception | None = None
@@ -149,9 +150,9 @@ class S3Server:
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                client.list_buckets()
+                self.check_canary(client)
                 return
-            except Exception as err:  # not listening yet, or still electing its master
+            except Exception as err:  # not listening yet, or its volumes are not registered yet
                 last_error = err
                 time.sleep(0.2)
         self.stop()
@@ -159,6 +160,16 @@ class S3Server:
             f"SeaweedFS did not answer S3 requests at {self.endpoint_url} within {timeout_s:.0f} s "
             f"(last error: {last_error}); last lines of {self.log_path}:\n{self.log_tail()}"
         )
+
+    def check_canary(self, client) -> None:
+        """Read back the object the previous start wrote (old volumes are served), then write a new one."""
+        names = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
+        if CANARY_BUCKET in names:
+            client.get_object(Bucket=CANARY_BUCKET, Key="canary")["Body"].read()
+        else:
+            client.create_bucket(Bucket=CANARY_BUCKET)
+        client.put_object(Bucket=CANARY_BUCKET, Key="canary", Body=uuid.uuid4().hex.encode())
+        client.get_object(Bucket=CANARY_BUCKET, Key="canary")["Body"].read()
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
