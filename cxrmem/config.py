@@ -143,6 +143,8 @@ class RayConfig:
     batch_size: int = 64  # prompts per map_batches call
     max_restarts: int = 3  # restarts of a lost scoring actor
     checkpoint_every: int = 512  # prompts per durable scores part file (the unit of resume)
+    progress_every_s: float = 30.0  # seconds between the driver's progress lines (done/total, prompts/s, ETA)
+    local_num_cpus: Optional[int] = None  # CPUs of the in-process Ray (None: the workers' share plus one, at least 2)
 
 
 @dataclass
@@ -233,6 +235,8 @@ RULES = {
     "ray.num_gpus_per_worker": (lambda v: v >= 0, "non-negative"),
     "ray.batch_size": (_positive, "a positive integer"),
     "ray.checkpoint_every": (_positive, "a positive integer"),
+    "ray.progress_every_s": (_positive, "positive"),
+    "ray.local_num_cpus": (lambda v: v is None or v > 0, "null or a positive integer"),
     "storage.max_attempts": (_positive, "a positive integer"),
     "storage.backoff_s": (lambda v: v >= 0, "non-negative"),
     "storage.connect_timeout_s": (_positive, "positive"),
@@ -291,8 +295,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {STRATEGIES}")
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
-    if cfg.cascade.screening_steps > cfg.score.steps:
-        raise ConfigError("config key 'cascade.screening_steps' must not exceed score.steps")
+    if cfg.cascade.enabled and cfg.cascade.screening_steps >= cfg.score.steps:
+        raise ConfigError("config key 'cascade.screening_steps' must be below score.steps (the full score)")
     if cfg.corpus.source in ("mimic_reports", "table") and not cfg.corpus.path:
         raise ConfigError(f"config key 'corpus.path' is required when corpus.source={cfg.corpus.source}")
     if cfg.model.radedit.trust_remote_code and not cfg.model.radedit.text_revision:
