@@ -1,0 +1,176 @@
+"""Loading diffusers model folders (and model stores in S3) into scoring components."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from cxrmem import storage
+from cxrmem.config import ModelConfig
+from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, load_components, load_tokenizer
+
+
+def model_cfg(path, **settings):
+    return OmegaConf.structured(ModelConfig(path=str(path), **settings))
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """A private copy of the tiny model for tests that change or damage it."""
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def edit_json(path, **changes):
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_diffusers_folder_loads_frozen_components_on_the_cpu(tiny_model_dir):
+    components = load_components(model_cfg(tiny_model_dir))
+    assert type(components.text_encoder).__name__ == "BertModel"
+    assert type(components.unet).__name__ == "UNet2DConditionModel"
+    assert type(components.scheduler).__name__ == "DDIMScheduler"
+    assert components.vae is None
+    assert components.vae_scaling_factor == 0.13025
+    assert components.latent_shape == (4, 16, 16)
+    assert components.max_length == components.tokenizer.model_max_length == 128
+    assert components.source == f"diffusers:{tiny_model_dir}"
+    for module in (components.text_encoder, components.unet):
+        assert not module.training
+        assert all(not p.requires_grad and p.device.type == "cpu" for p in module.parameters())
+    # The weights are the files' (nothing initialised at random, no pooler added).
+    saved = load_file(os.path.join(tiny_model_dir, "text_encoder", "model.safetensors"))
+    assert set(components.text_encoder.state_dict()) == set(saved)
+    for name, tensor in components.text_encoder.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert load_tokenizer(model_cfg(tiny_model_dir)).model_max_length == 128
+
+
+def test_vae_and_dtype(tiny_model_dir):
+    components = load_components(model_cfg(tiny_model_dir, dtype="bfloat16"), need_vae=True)
+    assert type(components.vae).__name__ == "AutoencoderKL"
+    assert components.unet.dtype == components.text_encoder.dtype == torch.bfloat16
+    assert components.vae.dtype == torch.float32
+    # The fingerprint is of the files: the same with or without the VAE loaded.
+    assert components.fingerprint == load_components(model_cfg(tiny_model_dir)).fingerprint
+
+
+def test_any_scheduler_config_becomes_ddim_with_its_noise_schedule(model_copy):
+    scheduler_config = model_copy / "scheduler" / "scheduler_config.json"
+    edit_json(scheduler_config, _class_name="PNDMScheduler", beta_start=0.001, beta_schedule="scaled_linear", skip_prk_steps=True)
+    (model_copy / "model_index.json").write_text(
+        (model_copy / "model_index.json").read_text().replace("DDIMScheduler", "PNDMScheduler")
+    )
+    scheduler = load_components(model_cfg(model_copy)).scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    assert (scheduler.config.beta_start, scheduler.config.beta_schedule) == (0.001, "scaled_linear")
+
+
+def test_fingerprint_follows_content_not_location(tiny_model_dir, model_copy):
+    original = load_components(model_cfg(tiny_model_dir)).fingerprint
+    assert load_components(model_cfg(model_copy)).fingerprint == original
+    edit_json(model_copy / "scheduler" / "scheduler_config.json", steps_offset=0)
+    changed_config = load_components(model_cfg(model_copy)).fingerprint
+    assert changed_config != original
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one byte of tensor data
+    weights.write_bytes(bytes(data))
+    assert load_components(model_cfg(model_copy)).fingerprint not in (original, changed_config)
+
+
+def test_missing_folder_or_model_index(tmp_path, model_copy):
+    with pytest.raises(ModelLoadError, match=f"{tmp_path / 'absent'} does not exist"):
+        load_components(model_cfg(tmp_path / "absent"))
+    (model_copy / "model_index.json").unlink()
+    with pytest.raises(ModelLoadError, match=f"{model_copy} has no model_index.json"):
+        load_components(model_cfg(model_copy))
+
+
+def test_missing_components_are_listed(model_copy):
+    shutil.rmtree(model_copy / "unet")
+    edit_json(model_copy / "model_index.json", text_encoder=[None, None])
+    with pytest.raises(ModelLoadError) as err:
+        load_components(model_cfg(model_copy))
+    assert str(model_copy) in str(err.value)
+    assert "subfolder unet/ is missing" in str(err.value)
+    assert "no 'text_encoder' entry" in str(err.value)
+
+
+def test_truncated_weights_name_the_component(model_copy):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=f"could not load the UNet from {model_copy / 'unet'}"):
+        load_components(model_cfg(model_copy))
+
+
+def test_weights_lacking_tensors_are_refused(model_copy):
+    from safetensors.torch import save_file
+
+    weights = model_copy / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["encoder.layer.1.attention.self.query.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="encoder.layer.1.attention.self.query.weight"):
+        load_components(model_cfg(model_copy))
+
+
+def test_invalid_config_json_names_the_file(model_copy):
+    (model_copy / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=str(model_copy / "text_encoder")):
+        load_components(model_cfg(model_copy))
+
+
+def test_unknown_text_encoder_class(model_copy):
+    edit_json(model_copy / "model_index.json", text_encoder=["transformers", "NoSuchTextModel"])
+    with pytest.raises(ModelLoadError, match="NoSuchTextModel"):
+        load_components(model_cfg(model_copy))
+
+
+def upload(local_root, uri, storage_cfg):
+    """Upload a folder as a plain S3 prefix (symlinks dereferenced, as `aws s3 sync` does)."""
+    for folder, _, names in os.walk(local_root, followlinks=True):
+        for name in names:
+            path = os.path.join(folder, name)
+            storage.copy_file(path, storage.join(uri, os.path.relpath(path, local_root)), dst_cfg=storage_cfg)
+
+
+def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg, tmp_path):
+    uri = f"s3://{s3_bucket}/models/tiny"
+    upload(tiny_model_dir, uri, s3_storage_cfg)
+    cfg = model_cfg(uri, cache_dir=str(tmp_path / "cache"))
+    components = load_components(cfg, s3_storage_cfg)
+    assert components.fingerprint == load_components(model_cfg(tiny_model_dir)).fingerprint
+    (local,) = (tmp_path / "cache").iterdir()
+    assert (local / COMPLETE_MARKER).is_file()
+    assert components.source == f"diffusers:{local}"
+
+    # A complete copy is used as it is, without asking S3 again.
+    storage.delete_tree(uri, s3_storage_cfg)
+    assert not storage.exists(storage.join(uri, "model_index.json"), s3_storage_cfg)
+    assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
+    # A copy without its marker (interrupted) is redone.
+    upload(tiny_model_dir, uri, s3_storage_cfg)
+    (local / COMPLETE_MARKER).unlink()
+    (local / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+    assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
+
+
+def test_s3_radedit_cache_copies_snapshots_only(s3_bucket, s3_storage_cfg, tmp_path):
+    from tests.radedit_replica import build_radedit_replica
+
+    hub = tmp_path / "hub"
+    build_radedit_replica(str(hub))
+    uri = f"s3://{s3_bucket}/hf-hub"
+    upload(hub, uri, s3_storage_cfg)
+    components = load_components(model_cfg(uri, kind="radedit", cache_dir=str(tmp_path / "cache")), s3_storage_cfg, need_vae=True)
+    assert components.vae is not None
+    assert components.fingerprint == load_components(model_cfg(hub, kind="radedit")).fingerprint
+    (local,) = (tmp_path / "cache").iterdir()
+    copied = {p.relative_to(local).parts[1] for p in local.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER}
+    assert copied == {"refs", "snapshots"}
