@@ -115,7 +115,7 @@ def build_prompts_table(
         source_ids[row].append(record.source_id)
         if record.ids or id_lists:
             ids = record.ids or {}
-            for name in ids.keys() - id_lists.keys():
+            for name in [name for name in ids if name not in id_lists]:
                 # A column first seen now: None for every earlier report (this one is appended below).
                 id_lists[name] = [[None] * len(s) for s in source_ids]
                 id_lists[name][row].pop()

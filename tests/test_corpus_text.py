@@ -1,0 +1,90 @@
+"""Prompt text primitives and the synthetic MIMIC-style corpus."""
+
+import hashlib
+from collections import Counter
+
+import pytest
+
+from cxrmem.corpus import synthetic
+from cxrmem.corpus.mimic import extract_prompt
+from cxrmem.corpus.text import MARKER_REGEX, count_markers, normalise_whitespace, prompt_id
+
+ORDER = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
+
+
+def test_normalise_whitespace_collapses_runs_and_keeps_case_and_punctuation():
+    assert normalise_whitespace("  No acute\n cardiopulmonary\t\tprocess.  \n") == "No acute cardiopulmonary process."
+    assert normalise_whitespace("1. Small effusion.\n 2. AP chest, ___ ") == "1. Small effusion. 2. AP chest, ___"
+    assert normalise_whitespace(" \n\t ") == ""
+
+
+def test_prompt_id_is_sha256_prefix_of_utf8_text():
+    text = "Compared to ___: small left pleural effusion, unchanged. Größe"
+    assert prompt_id(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    assert len(prompt_id("x")) == 16
+    assert prompt_id(normalise_whitespace("a \n b")) == prompt_id("a b") != prompt_id("a  b")
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("No acute process.", 0),
+        ("Compared to ___, Dr. ___ was notified at ___ a.m.", 3),
+        ("a single _ underscore and __ two", 1),
+        ("XXXX yr old with XXXXX and XXX", 2),
+        ("snake_case is not a marker", 0),
+    ],
+)
+def test_count_markers_default_regex(text, n):
+    assert count_markers(text) == n
+    assert count_markers(text, MARKER_REGEX) == n
+
+
+def test_count_markers_custom_regex():
+    assert count_markers("[** Name **] seen on [** Date **]", r"\[\*\*.*?\*\*\]") == 2
+
+
+def test_synthetic_reports_are_reproducible_and_prefix_stable():
+    n = synthetic.BLOCK + 50  # spans two blocks
+    first = synthetic.generate_reports(n, seed=3)
+    assert first == synthetic.generate_reports(n, seed=3)
+    assert synthetic.generate_reports(200, seed=3) == first[:200]
+    assert [r["text"] for r in synthetic.generate_reports(200, seed=4)] != [r["text"] for r in first[:200]]
+    assert len({r["report_id"] for r in first}) == n
+    assert set(first[0]) == {"report_id", "subject_id", "study", "text", "impression"}
+
+
+def test_synthetic_reports_look_like_mimic_and_their_impression_is_extracted():
+    reports = synthetic.generate_reports(500, seed=0)
+    for report in reports:
+        text = report["text"]
+        for header in ("FINAL REPORT", "EXAMINATION:", "INDICATION:", "COMPARISON:", "FINDINGS:", "IMPRESSION:"):
+            assert header in text
+        assert "___-year-old" in text
+        section, prompt = extract_prompt(text, ORDER)
+        assert section == "IMPRESSION"
+        assert normalise_whitespace(prompt) == normalise_whitespace(report["impression"])
+        assert report["report_id"] == f"p{report['subject_id'][1:3]}/{report['subject_id']}/{report['study']}"
+    impressions = " ".join(r["impression"] for r in reports)
+    for keyword in ("cardiomegaly", "pleural effusion", "pneumothorax", "consolidation", "nodule", "Endotracheal tube"):
+        assert keyword in impressions
+    assert any(marker in impressions for marker in ("Compared to ___", "Dr. ___", "at ___ a.m."))
+
+
+def test_synthetic_duplicates_are_heavy_tailed():
+    reports = synthetic.generate_reports(20000, seed=1, marker_rate=0.3, normal_share=0.35)
+    counts = Counter(normalise_whitespace(r["impression"]) for r in reports)
+    (top, top_n), *_ = counts.most_common(1)
+    assert top == "No acute cardiopulmonary process."
+    assert top_n > 1000  # thousands of reports share a few normal impressions
+    assert sum(1 for n in counts.values() if n == 1) > 0.7 * len(counts)  # most prompts are unique
+    marked = sum(count_markers(r["impression"]) > 0 for r in reports) / len(reports)
+    assert marked == pytest.approx(0.65 * 0.3, abs=0.02)  # marker_rate of the abnormal share
+
+
+def test_synthetic_rates_are_honoured_and_checked():
+    plain = synthetic.generate_reports(2000, seed=2, marker_rate=0.0, normal_share=0.0)
+    assert not any(count_markers(r["impression"]) for r in plain)
+    assert not any(r["impression"] in synthetic.NORMAL_IMPRESSIONS for r in plain)
+    with pytest.raises(ValueError, match="marker_rate"):
+        synthetic.generate_reports(10, marker_rate=1.5)
