@@ -7,6 +7,7 @@ hash relative to their component folder, never as absolute paths.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,15 @@ def component_files(root: str) -> list[tuple[str, str]]:
 
 
 def file_digest(path: str) -> str:
+    """sha256 of a file, remembered per (real path, inode, size, mtime) for the life of the process
+    (a worker that loads a model twice hashes its gigabytes once)."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return _digest(real, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(CHUNK_BYTES):
