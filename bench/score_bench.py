@@ -1,0 +1,113 @@
+"""Benchmark (not a test): the batched scorer against a per-prompt loop like the paper's code.
+
+The loop makes one StableDiffusionPipeline call per prompt (G images, T steps, VAE decode at
+the end) and reads the text-conditional noise norms from a UNet forward hook. Both run on the
+same model and prompts; the script checks they agree and prints prompts/s for each and the ratio.
+
+    .venv/bin/python bench/score_bench.py --prompts 256 --generations 4 --steps 50
+    .venv/bin/python bench/score_bench.py --radedit-shaped --device cuda --dtype bfloat16 --batch-sizes 8,32,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from omegaconf import OmegaConf
+
+from cxrmem.config import ModelConfig, ScoreConfig
+from cxrmem.corpus.synthetic import generate_reports
+from cxrmem.corpus.text import normalise_whitespace, prompt_id
+from cxrmem.models.loading import load_components
+from cxrmem.models.tiny import build_tiny_model
+from cxrmem.scoring.scorer import Scorer
+
+
+class PaperLoop:
+    """One pipeline call per prompt, norms captured from the UNet's [uncond; cond] output."""
+
+    def __init__(self, components):
+        self.pipe = StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            unet=components.unet,
+            scheduler=components.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.outputs: list[torch.Tensor] = []
+        components.unet.register_forward_hook(lambda _m, _a, out: self.outputs.append(out[0].float()))
+
+    def d_mem(self, prompt: str, latents: torch.Tensor, steps: int, guidance: float) -> float:
+        self.outputs.clear()
+        self.pipe(prompt, latents=latents, num_images_per_prompt=latents.shape[0], num_inference_steps=steps,
+                  guidance_scale=guidance, output_type="np")
+        diffs = [(c - u).flatten(1).norm(dim=1) for u, c in (out.chunk(2) for out in self.outputs)]
+        return torch.stack(diffs).mean().item()
+
+
+def unique_prompts(n: int) -> list[str]:
+    seen: dict[str, None] = {}
+    for report in generate_reports(n * 4, seed=1):
+        seen.setdefault(normalise_whitespace(report["impression"]), None)
+    return list(seen)[:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="diffusers model folder (default: build a tiny one)")
+    parser.add_argument("--radedit-shaped", action="store_true", help="build a RadEdit-shaped random model")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-sizes", default="8", help="scorer batch sizes to time, comma-separated")
+    parser.add_argument("--loop-prompts", type=int, default=None, help="prompts for the per-prompt loop (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    model_dir = args.model or build_tiny_model(tempfile.mkdtemp(), radedit_shaped=args.radedit_shaped)
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": model_dir, "dtype": args.dtype})
+    components = load_components(model_cfg, need_vae=True)
+    prompts = unique_prompts(args.prompts)
+    ids = [prompt_id(p) for p in prompts]
+    print(f"model {model_dir}  prompts {len(prompts)}  G={args.generations} T={args.steps}  device {args.device} {args.dtype}")
+
+    results = {}
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig),
+                              {"generations": args.generations, "steps": args.steps, "batch_size": batch_size})
+        scorer = Scorer(components, cfg, device=args.device)
+        scorer.score(prompts[:batch_size], ids[:batch_size], steps=1)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        scores = np.concatenate([scorer.score(prompts[i:i + batch_size], ids[i:i + batch_size]).d_mem
+                                 for i in range(0, len(prompts), batch_size)])
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        results[batch_size] = (len(prompts) / (time.perf_counter() - start), scores)
+        print(f"scorer  batch {batch_size:4d}: {results[batch_size][0]:8.3f} prompts/s")
+
+    n_loop = args.loop_prompts or len(prompts)
+    loop = PaperLoop(components)
+    latents = scorer.initial_latents(ids[:n_loop])
+    start = time.perf_counter()
+    loop_scores = np.array([loop.d_mem(p, latents[i].clone(), args.steps, 7.5) for i, p in enumerate(prompts[:n_loop])])
+    loop_rate = n_loop / (time.perf_counter() - start)
+    print(f"per-prompt pipeline loop : {loop_rate:8.3f} prompts/s")
+
+    for batch_size, (rate, scores) in results.items():
+        max_rel = float(np.max(np.abs(scores[:n_loop] - loop_scores) / np.abs(loop_scores)))
+        print(f"batch {batch_size}: speed-up {rate / loop_rate:.2f}x, max relative d_mem difference {max_rel:.2e}")
+
+
+if __name__ == "__main__":
+    main()
