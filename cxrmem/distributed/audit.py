@@ -67,49 +67,80 @@ def start_actors(cfg, n_prompts: int, need_vae: bool) -> list:
     return [worker.remote(cfg, need_vae=need_vae, torch_threads=int(cfg.ray.num_cpus_per_worker)) for _ in range(count)]
 
 
-def map_on_actors(actors: list, method: str, prompts: pd.DataFrame) -> pd.DataFrame:
-    """Call `method(prompt_ids, prompts)` on chunks spread over the actors; rows in input order."""
+def map_on_actors(actors: list, method: str, prompts: pd.DataFrame, *args) -> list:
+    """`method(prompt_ids, prompts, *args)` on chunks spread over the actors; results in input order."""
     from ray.util import ActorPool
 
     # A few chunks per actor balance uneven prompts; always at least one so the result has its schema.
     size = max(1, math.ceil(len(prompts) / (4 * len(actors))))
     chunks = [prompts.iloc[lo : lo + size] for lo in range(0, max(len(prompts), 1), size)]
     pool = ActorPool(actors)
-    frames = pool.map(
-        lambda actor, chunk: getattr(actor, method).remote(chunk["prompt_id"].tolist(), chunk["prompt"].tolist()),
-        chunks,
+    return list(
+        pool.map(
+            lambda actor, chunk: getattr(actor, method).remote(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args),
+            chunks,
+        )
     )
-    return pd.concat(list(frames), ignore_index=True)
 
 
-def explain_memorized(cfg, timer: StageTimer) -> dict:
+def attribute_on_actors(actors: list, memorized: pd.DataFrame, cfg, layout: storage.RunLayout) -> dict:
+    from cxrmem.attribution import TOKEN_COLUMNS, attribution_summary
+
+    start = time.perf_counter()
+    chosen = memorized.head(cfg.attribution.max_prompts) if cfg.attribution.max_prompts else memorized
+    tokens = pd.concat(map_on_actors(actors, "attribute", chosen), ignore_index=True)
+    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
+    storage.write_table(table, layout.tokens, cfg.storage)
+    summary = {**attribution_summary(tokens), "seconds": round(time.perf_counter() - start, 2), "tokens": layout.tokens}
+    merge_summary(layout, "attribution", summary, cfg.storage)
+    return summary
+
+
+def mitigate_on_actors(actors: list, memorized: pd.DataFrame, cfg, layout: storage.RunLayout) -> dict:
+    """As `cxrmem mitigate` (mitigation.mitigate_run), with the prompts spread over the actors."""
+    from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary, save_generation_grid
+
+    start = time.perf_counter()
+    chosen = memorized.head(cfg.mitigation.max_prompts) if cfg.mitigation.max_prompts else memorized
+    # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
+    grid_ids = frozenset(chosen["prompt_id"].head(cfg.report.top_prompts))
+    results = map_on_actors(actors, "mitigate", chosen, grid_ids)
+    frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+    grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
+    figures = [save_generation_grid(layout, pid, grids[pid], cfg.storage) for pid in chosen["prompt_id"] if pid in grids]
+    table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
+    storage.write_table(table, layout.mitigation, cfg.storage)
+    summary = {
+        "strategies": mitigation_summary(frame),
+        "prompts": int(frame["prompt_id"].nunique()),
+        "n_generations": cfg.mitigation.n_generations,
+        "seconds": round(time.perf_counter() - start, 2),
+        "mitigation": layout.mitigation,
+        "figures": figures,
+    }
+    merge_summary(layout, "mitigation", summary, cfg.storage)
+    return summary
+
+
+def explain_memorized(cfg, timer: "StageTimer") -> dict:
     """tokens.parquet and mitigation.parquet for the memorized set, on one set of actors."""
     import ray
 
-    from cxrmem import attribution
+    from cxrmem.attribution import read_memorized
 
     results: dict = {}
     if not (cfg.attribution.enabled or cfg.mitigation.enabled):
         return results
     layout = storage.RunLayout(cfg.run.output)
-    memorized = attribution.read_memorized(layout, cfg.storage, None)
+    memorized = read_memorized(layout, cfg.storage, None)
     actors = start_actors(cfg, len(memorized), need_vae=cfg.mitigation.enabled)
     try:
         if cfg.attribution.enabled:
             with timer("attribute"):
-                chosen = memorized.head(cfg.attribution.max_prompts) if cfg.attribution.max_prompts else memorized
-                tokens = map_on_actors(actors, "attribute", chosen)
-                schema = pa.schema(attribution.TOKEN_COLUMNS)
-                storage.write_table(pa.Table.from_pandas(tokens, schema=schema, preserve_index=False), layout.tokens, cfg.storage)
-                results["attribution"] = {**attribution.attribution_summary(tokens), "tokens": layout.tokens}
-                merge_summary(layout, "attribution", results["attribution"], cfg.storage)
+                results["attribution"] = attribute_on_actors(actors, memorized, cfg, layout)
         if cfg.mitigation.enabled:
-            from cxrmem import mitigation
-
             with timer("mitigate"):
-                chosen = memorized.head(cfg.mitigation.max_prompts) if cfg.mitigation.max_prompts else memorized
-                rows = map_on_actors(actors, "mitigate", chosen)
-                results["mitigation"] = mitigation.write_mitigation(rows, cfg)
+                results["mitigation"] = mitigate_on_actors(actors, memorized, cfg, layout)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -148,17 +179,19 @@ def run_audit(cfg) -> dict:
         with timer("analyze"):
             analysis = analyze(cfg)
         explained = explain_memorized(cfg, timer)
-    with timer("report"):
-        from cxrmem.report import build_report
-
-        report = build_report(cfg)
     audit = {
         "output": output,
         "scoring": scoring,
         "memorized_count": analysis["memorized_count"],
         "threshold": analysis["threshold"],
-        "timings_s": {**timer.seconds, "total": round(time.perf_counter() - start, 2)},
+        "timings_s": timer.seconds,
     }
+    merge_summary(layout, "audit", audit, cfg.storage)  # the report shows it
+    with timer("report"):
+        from cxrmem.report import build_report
+
+        report = build_report(cfg)
+    audit["timings_s"] = {**timer.seconds, "total": round(time.perf_counter() - start, 2)}
     merge_summary(layout, "audit", audit, cfg.storage)  # before publishing: the manifest checksums it
     with timer("publish"):
         manifest = publish_run(output, work, cfg.storage, fingerprint, cfg, extra={"config_hash": config_hash(cfg)})
@@ -167,7 +200,7 @@ def run_audit(cfg) -> dict:
         **audit,
         "model_fingerprint": fingerprint,
         "files": len(manifest["files"]),
-        "report": report.get("report") if isinstance(report, dict) else report,
-        **{key: value for key, value in explained.items() if key == "attribution"},
+        "report": report.get("report"),
+        "explained": {stage: summary.get("prompts") for stage, summary in explained.items()},
     }
 

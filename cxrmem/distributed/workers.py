@@ -73,8 +73,16 @@ class ModelWorker:
 
         return attribute_prompts(self.scorer, prompts, prompt_ids, self.cfg)
 
-    def mitigate(self, prompt_ids: list[str], prompts: list[str]):
-        """mitigation.parquet rows (a DataFrame) of these memorized prompts."""
-        from cxrmem.mitigation import mitigate_prompts
+    def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
+        """mitigation.parquet rows (a DataFrame) of these memorized prompts, and the image grids
+        ({prompt_id: {strategy: [k, H, W]}}) of those in `grid_ids`."""
+        from cxrmem.mitigation import generation_scorer, mitigate_prompt, mitigation_frame, vocabulary_words
 
-        return mitigate_prompts(self.scorer, prompts, prompt_ids, self.cfg)
+        vocab = vocabulary_words(self.scorer.components.tokenizer)
+        sampler = generation_scorer(self.scorer, self.cfg.mitigation.steps)
+        rows, grids = [], {}
+        for prompt_id, prompt in zip(prompt_ids, prompts):
+            keep = self.cfg.report.grid_generations if prompt_id in grid_ids else 0
+            prompt_rows, grids[prompt_id] = mitigate_prompt(self.scorer, prompt, prompt_id, self.cfg, vocab, keep, sampler)
+            rows += prompt_rows
+        return mitigation_frame(rows), {pid: g for pid, g in grids.items() if g}
