@@ -126,7 +126,7 @@ def consolidate(
     if not sources:
         raise FileNotFoundError(f"nothing to consolidate: no {layout.scores} and no part files in {layout.score_parts}")
     if not parts:
-        return {"rows": parquet_rows(layout.scores, storage_cfg), "duplicates": 0, "parts": 0}
+        return {"rows": storage.parquet_rows(layout.scores, storage_cfg), "duplicates": 0, "parts": 0}
     keep = key_filter(model_fingerprint, config_hash)
     fs, path = storage.filesystem(parts[0], storage_cfg)
     schema = pq.read_schema(path, filesystem=fs)
@@ -154,9 +154,3 @@ def consolidate(
     if duplicates:
         log.warning("consolidation dropped %d duplicate rows (same prompt_id in several parts)", duplicates)
     return {"rows": rows, "duplicates": duplicates, "parts": len(parts)}
-
-
-def parquet_rows(uri: str, storage_cfg=None) -> int:
-    """Row count from the footer, without reading any data."""
-    fs, path = storage.filesystem(uri, storage_cfg)
-    return pq.read_metadata(path, filesystem=fs).num_rows
