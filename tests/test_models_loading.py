@@ -94,12 +94,20 @@ def test_missing_folder_or_model_index(tmp_path, model_copy):
 
 def test_missing_components_are_listed(model_copy):
     shutil.rmtree(model_copy / "unet")
+    shutil.rmtree(model_copy / "vae")
     edit_json(model_copy / "model_index.json", text_encoder=[None, None])
     with pytest.raises(ModelLoadError) as err:
         load_components(model_cfg(model_copy))
     assert str(model_copy) in str(err.value)
     assert "subfolder unet/ is missing" in str(err.value)
     assert "no 'text_encoder' entry" in str(err.value)
+    assert "names a vae but subfolder vae/ is missing" in str(err.value)
+
+
+def test_unconditional_unet_is_refused(model_copy):
+    edit_json(model_copy / "model_index.json", unet=["diffusers", "UNet2DModel"])
+    with pytest.raises(ModelLoadError, match="UNet2DModel"):
+        load_components(model_cfg(model_copy))
 
 
 def test_truncated_weights_name_the_component(model_copy):

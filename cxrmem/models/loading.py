@@ -14,6 +14,7 @@ scorer's job unless `device` is given.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -54,7 +55,9 @@ class Components:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         config = self.unet.config
-        return (config.in_channels, config.sample_size, config.sample_size)
+        size = config.sample_size  # an int, or [height, width] for non-square models
+        height, width = (size, size) if isinstance(size, int) else size
+        return (config.in_channels, height, width)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -123,14 +126,22 @@ def read_model_index(root: str) -> dict:
     index = read_json_file(path, "model index")
     problems = []
     for name in REQUIRED_COMPONENTS:
-        entry = index.get(name)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        if not has_component(index, name):
             problems.append(f"model_index.json has no {name!r} entry")
         elif not os.path.isdir(os.path.join(root, name)):
             problems.append(f"subfolder {name}/ is missing")
+    if has_component(index, "unet") and index["unet"][1] != "UNet2DConditionModel":
+        problems.append(f"unet is a {index['unet'][1]}; scoring needs a text-conditional UNet2DConditionModel")
+    if has_component(index, "vae") and not os.path.isdir(os.path.join(root, "vae")):
+        problems.append("model_index.json names a vae but subfolder vae/ is missing")
     if problems:
         raise ModelLoadError(f"model folder {root} is incomplete: " + "; ".join(problems))
     return index
+
+
+def has_component(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and bool(entry[1])
 
 
 def named_class(index: dict, name: str, library: str):
@@ -138,7 +149,7 @@ def named_class(index: dict, name: str, library: str):
     entry_library, class_name = index[name]
     if entry_library != library:
         raise ModelLoadError(f"model_index.json: {name} comes from {entry_library!r}; cxrmem loads {library} {name}s only")
-    module = __import__(library)
+    module = importlib.import_module(library)
     if not hasattr(module, class_name):
         raise ModelLoadError(f"model_index.json: {name} class {class_name!r} is not in the installed {library}")
     return getattr(module, class_name)
@@ -164,10 +175,12 @@ def load_named_tokenizer(root: str, index: dict):
 
 
 def prompt_length(tokenizer, text_config: dict) -> int:
-    """The tokenizer's limit, or else the text encoder's position table size."""
-    if tokenizer.model_max_length < UNBOUNDED_LENGTH:
-        return int(tokenizer.model_max_length)
-    return int(text_config["max_position_embeddings"])
+    """Tokens per prompt: the tokenizer's limit, capped by the text encoder's position table."""
+    limits = [tokenizer.model_max_length] if tokenizer.model_max_length < UNBOUNDED_LENGTH else []
+    limits += [text_config["max_position_embeddings"]] if "max_position_embeddings" in text_config else []
+    if not limits:
+        raise ModelLoadError("neither the tokenizer nor the text encoder config states a maximum prompt length")
+    return int(min(limits))
 
 
 def load_checked(what: str, path: str, load: Callable) -> torch.nn.Module:
@@ -227,7 +240,7 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
     scheduler = guarded("scheduler", scheduler_path, lambda: ddim_scheduler(DDIMScheduler.load_config(scheduler_path)))
     tokenizer.model_max_length = prompt_length(tokenizer, text_encoder.config.to_dict())
 
-    has_vae = bool(index.get("vae") and index["vae"][1]) and os.path.isdir(os.path.join(root, "vae"))
+    has_vae = has_component(index, "vae")
     vae, scaling_factor = None, 1.0
     if has_vae:
         vae_config = read_json_file(os.path.join(root, "vae", "config.json"), "VAE config")
