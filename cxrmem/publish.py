@@ -87,7 +87,7 @@ def run_files(prefix: str, storage_cfg=None) -> list[str]:
 def _parallel(function: Callable, items: Iterable, storage_cfg) -> list:
     """`function` over `items` on `storage.transfer_threads` threads (pyarrow I/O and sha256 release the GIL)."""
     items = list(items)
-    threads = min(int(storage._setting(storage_cfg, "transfer_threads")), max(1, len(items)))
+    threads = min(int(storage.setting(storage_cfg, "transfer_threads")), max(1, len(items)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(function, items))
 
@@ -211,7 +211,10 @@ def publish_run(
     extra: Optional[dict] = None,
 ) -> dict:
     """Publish the run written at `work_prefix` (from `prepare_output`) as the run at `output`."""
-    manifest = publish_manifest(work_prefix, storage_cfg, model_fingerprint, config_dict, extra)
+    config = storage.public_config(config_dict) if config_dict is not None else None
+    if config and config.get("run", {}).get("output") == work_prefix:
+        config["run"]["output"] = output  # record where the run lives, not where it was staged
+    manifest = publish_manifest(work_prefix, storage_cfg, model_fingerprint, config, extra)
     if work_prefix.rstrip("/") != output.rstrip("/"):
         promote(work_prefix, output, storage_cfg)
     return manifest

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -112,7 +113,8 @@ class S3Settings:
         return self.endpoint_url or f"AWS S3 ({self.region})"
 
 
-def _setting(storage_cfg, name: str):
+def setting(storage_cfg, name: str):
+    """`storage.<name>` from the config section, or its schema default (also when no section is given)."""
     from cxrmem.config import StorageConfig
 
     value = getattr(storage_cfg, name, None) if storage_cfg is not None else None
@@ -122,7 +124,7 @@ def _setting(storage_cfg, name: str):
 def s3_settings(storage_cfg=None) -> S3Settings:
     """Settings from the `storage` config section, falling back to the standard AWS environment."""
     env = os.environ
-    access_key, secret_key = _setting(storage_cfg, "access_key_id"), _setting(storage_cfg, "secret_access_key")
+    access_key, secret_key = setting(storage_cfg, "access_key_id"), setting(storage_cfg, "secret_access_key")
     session_token = None
     if not (access_key and secret_key) and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         access_key, secret_key = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
@@ -131,13 +133,13 @@ def s3_settings(storage_cfg=None) -> S3Settings:
         access_key = secret_key = None  # the AWS SDK's credential chain (profile, instance role, ...)
     return S3Settings(
         endpoint_url=(
-            _setting(storage_cfg, "endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+            setting(storage_cfg, "endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         ),
-        region=_setting(storage_cfg, "region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        max_attempts=int(_setting(storage_cfg, "max_attempts")),
-        backoff_s=float(_setting(storage_cfg, "backoff_s")),
-        connect_timeout_s=float(_setting(storage_cfg, "connect_timeout_s")),
-        request_timeout_s=float(_setting(storage_cfg, "request_timeout_s")),
+        region=setting(storage_cfg, "region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        max_attempts=int(setting(storage_cfg, "max_attempts")),
+        backoff_s=float(setting(storage_cfg, "backoff_s")),
+        connect_timeout_s=float(setting(storage_cfg, "connect_timeout_s")),
+        request_timeout_s=float(setting(storage_cfg, "request_timeout_s")),
         access_key=access_key,
         secret_key=secret_key,
         session_token=session_token,
@@ -197,7 +199,6 @@ def _error_code(err: BaseException) -> Optional[str]:
     response = getattr(err, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
-        code = {"403": "AccessDenied", "404": "NoSuchBucket"}.get(code, code)  # HEAD answers carry no body
         return code if code in FATAL_ERRORS else None
     text = str(err)
     for name, code in PYARROW_ERRORS.items():
@@ -233,6 +234,9 @@ def _short(err: BaseException) -> str:
     return " ".join(str(err).split())[:300]
 
 
+_BUCKETS_SEEN: set = set()  # (settings, bucket) pairs known to exist and be accessible
+
+
 def ensure_bucket(uri: str, storage_cfg=None, action: str = "use") -> None:
     """Fail with a clear StorageError when the bucket of `uri` is missing or the credentials are wrong."""
     settings = s3_settings(storage_cfg)
@@ -243,19 +247,20 @@ def ensure_bucket(uri: str, storage_cfg=None, action: str = "use") -> None:
     try:
         _s3_client(settings).head_bucket(Bucket=bucket_of(uri))
     except ClientError as err:
-        code = _error_code(err)
-        if code is not None:
+        status = err.response.get("Error", {}).get("Code")
+        code = {"403": "AccessDenied", "404": "NoSuchBucket"}.get(status, status)  # HEAD answers carry no body
+        if code in FATAL_ERRORS:
             raise _fatal(code, action, uri, settings) from err
-        raise
+        raise StorageError(
+            f"cannot {action} {uri}: {settings.endpoint} answered {code} when asked for bucket "
+            f"{bucket_of(uri)!r}; check the server's health"
+        ) from err
     except BotoCoreError as err:
         raise StorageError(
             f"cannot {action} {uri}: {settings.endpoint} is unreachable ({_short(err)}); "
             "check storage.endpoint_url / AWS_ENDPOINT_URL and the network"
         ) from err
     _BUCKETS_SEEN.add((settings, bucket_of(uri)))
-
-
-_BUCKETS_SEEN: set = set()
 
 
 def with_retries(action: str, uri: str, storage_cfg, operation: Callable[[], T]) -> T:
@@ -269,7 +274,7 @@ def with_retries(action: str, uri: str, storage_cfg, operation: Callable[[], T])
     from botocore.exceptions import BotoCoreError, ClientError
 
     settings = s3_settings(storage_cfg)
-    for attempt in range(1, settings.max_attempts + 1):
+    for attempt in itertools.count(1):
         try:
             return operation()
         except StorageError:
@@ -293,7 +298,6 @@ def with_retries(action: str, uri: str, storage_cfg, operation: Callable[[], T])
                 action, uri, attempt, settings.max_attempts, delay, _short(err),
             )  # fmt: skip
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 # --- files ----------------------------------------------------------------------------------

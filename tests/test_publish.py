@@ -131,10 +131,11 @@ def test_overwrite_publishes_the_new_run_and_removes_staging(tmp_path):
 
     work = publish.prepare_output(prefix, overwrite=True)
     new = write_run(work, tag="new", n_rows=7)
-    manifest = publish.publish_run(prefix, work, None, "fp-new", {})
+    manifest = publish.publish_run(prefix, work, None, "fp-new", load_config(overrides=[f"run.output={work}"]))
 
     assert publish.read_manifest(prefix) == manifest and manifest["model_fingerprint"] == "fp-new"
     assert manifest["files"]["scores.parquet"]["rows"] == 7
+    assert manifest["config"]["run"]["output"] == prefix  # not the staging prefix it was written at
     assert set(publish.run_files(prefix)) == set(new)  # the old run's tokens.parquet is gone
     assert publish.verify_run(prefix)["ok"]
     assert storage.list_files(work) == []
