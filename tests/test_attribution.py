@@ -1,0 +1,142 @@
+"""Token attribution on the real tiny model: the gradient, word units, leave-one-out, the stage."""
+
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from cxrmem import storage
+from cxrmem.attribution import (
+    attribute_prompts,
+    attribute_run,
+    attribution_summary,
+    delete_span,
+    token_gradient_norms,
+    word_units,
+)
+from cxrmem.config import load_config
+from cxrmem.corpus.text import MARKER_REGEX
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.scorer import Scorer
+
+PATTERN = re.compile(MARKER_REGEX)
+PROMPT = "Compared to ___, the heart is enlarged."
+TINY = ["score.steps=2", "score.generations=1", "attribution.steps=1", "attribution.generations=2", "model.device=cpu"]
+
+
+def tiny_config(model_dir, *overrides):
+    return load_config(None, [f"model.path={model_dir}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    cfg = tiny_config(tiny_model_dir)
+    return Scorer(load_components(cfg.model), cfg.score, device="cpu")
+
+
+def step_inputs(scorer, k):
+    latents = torch.randn((k, *scorer.components.latent_shape), generator=torch.Generator().manual_seed(0))
+    return latents, scorer.timesteps()[:k]
+
+
+def test_gradient_flows_only_into_the_conditional_embedding(scorer):
+    latents, timesteps = step_inputs(scorer, 2)
+    e_p = scorer.encode([PROMPT]).embeddings.clone().requires_grad_(True)
+    e_0 = scorer.empty_embedding.clone().requires_grad_(True)
+    norms = token_gradient_norms(scorer.unet, latents, timesteps, e_p, e_0)
+    assert e_0.grad is None
+    assert e_p.grad is not None and e_p.grad.abs().sum() > 0
+    assert norms.shape == (scorer.components.max_length,)
+    assert torch.isfinite(norms).all() and (norms > 0).all()
+
+
+def test_gradient_norms_are_per_sample_then_averaged(scorer):
+    """The mean over samples of per-sample token norms, not the norm of a summed gradient."""
+    latents, timesteps = step_inputs(scorer, 2)
+    e_p, e_0 = scorer.encode([PROMPT]).embeddings, scorer.empty_embedding
+    both = token_gradient_norms(scorer.unet, latents, timesteps, e_p, e_0)
+    each = [token_gradient_norms(scorer.unet, latents[i : i + 1], timesteps[i : i + 1], e_p, e_0) for i in range(2)]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_word_units_join_pieces_and_marker_runs(scorer):
+    tokenizer = scorer.components.tokenizer
+    units = word_units(tokenizer, PROMPT, PATTERN, scorer.components.max_length)
+    assert [u.text for u in units] == ["Compared", "to", "___", ",", "the", "heart", "is", "enlarged", "."]
+    assert [u.is_marker for u in units] == [False, False, True, False, False, False, False, False, False]
+    marker = units[2]
+    assert len(marker.positions) == 3  # `___` is three `_` pieces, one unit
+    enlarged = units[7]
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(PROMPT)["input_ids"])
+    assert len(enlarged.positions) > 1 and all(pieces[p].startswith("##") for p in enlarged.positions[1:])
+    # Every token but [CLS], [SEP] and padding belongs to exactly one unit.
+    positions = sorted(p for u in units for p in u.positions)
+    assert positions == list(range(1, len(pieces) - 1))
+
+
+def test_word_units_one_unit_per_marker_run(scorer):
+    units = word_units(scorer.components.tokenizer, "XXXX XXXX ___ seen", PATTERN, scorer.components.max_length)
+    assert [(u.text, u.is_marker) for u in units] == [("XXXX", True), ("XXXX", True), ("___", True), ("seen", False)]
+
+
+@pytest.mark.parametrize(
+    "text, span, expected",
+    [
+        (PROMPT, "___", "Compared to, the heart is enlarged."),
+        ("On ___ at ___.", "___", "On at ___."),
+        ("Stable (___) effusion.", "___", "Stable effusion."),
+        ("___, stable.", "___", "stable."),
+        ("A ___-year-old man.", "___", "A year-old man."),
+        ("the heart is enlarged", "heart", "the is enlarged"),
+        ("heart, lungs, ___, bones", "___", "heart, lungs, bones"),
+        ("the heart.", ".", "the heart"),
+    ],
+)
+def test_delete_span_tidies_only_the_cut(text, span, expected):
+    start = text.index(span)
+    assert delete_span(text, start, start + len(span)) == expected
+
+
+def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
+    cfg = tiny_config(tiny_model_dir)
+    prompts, ids = [PROMPT, "Normal."], ["0" * 16, "1" * 16]
+    tokens = attribute_prompts(scorer, prompts, ids, cfg)
+    assert list(tokens.columns) == [
+        "prompt_id", "prompt", "unit", "unit_index", "is_marker", "n_pieces", "grad_score", "grad_rank", "loo_delta", "loo_rank",
+    ]  # fmt: skip
+    first = tokens[tokens["prompt_id"] == ids[0]]
+    assert first["unit"].tolist()[2] == "___" and first["is_marker"].sum() == 1
+    assert sorted(first["grad_rank"]) == list(range(1, len(first) + 1))
+    assert first.loc[first["grad_score"].idxmax(), "grad_rank"] == 1
+    assert first.loc[first["loo_delta"].idxmax(), "loo_rank"] == 1
+    # Leave-one-out is d_mem(prompt) - d_mem(prompt without the unit), rescored with the same seeds.
+    scores = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2).d_mem
+    assert first["loo_delta"].iloc[2] == pytest.approx(float(scores[0] - scores[1]), rel=1e-4, abs=1e-6)
+    summary = attribution_summary(tokens)
+    assert summary["prompts"] == 2 and summary["prompts_with_marker"] == 1
+    marker_rank = first["grad_rank"].iloc[2]
+    assert summary["gradient"]["marker_top1"] == float(marker_rank == 1)
+    assert summary["gradient"]["marker_mean_rank"] == marker_rank
+    assert summary["gradient"]["chance_top1"] == pytest.approx(1 / len(first))
+
+
+def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, f"run.output={tmp_path}", "attribution.leave_one_out=false", "attribution.max_prompts=2")
+    layout = storage.RunLayout(str(tmp_path))
+    memorized = pd.DataFrame({"prompt": [PROMPT, "Dr. ___ notified.", "Not attributed."], "prompt_id": ["a" * 16, "b" * 16, "c" * 16]})
+    storage.write_text(layout.memorized, memorized.to_csv(index=False))
+    storage.write_json(layout.summary, {"analysis": {"memorized_count": 3}})
+    summary = attribute_run(cfg)
+    tokens = storage.read_table(layout.tokens).to_pandas()
+    assert set(tokens["prompt_id"]) == {"a" * 16, "b" * 16}
+    assert tokens["loo_delta"].isna().all() and tokens["loo_rank"].isna().all()
+    merged = storage.read_json(layout.summary)
+    assert merged["analysis"] == {"memorized_count": 3}
+    assert merged["attribution"]["prompts"] == summary["prompts"] == 2
+    assert merged["attribution"]["leave_one_out"]["marker_top1"] is None
+
+
+def test_attribute_run_without_memorized_set_says_what_to_run(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cxrmem analyze"):
+        attribute_run(tiny_config(tiny_model_dir, f"run.output={tmp_path}"))
