@@ -157,6 +157,49 @@ def tiny_sdxl_vae() -> AutoencoderKL:
     )
 
 
+# Stand-ins for the snapshot's remote code (written for these tests, same class names and
+# outputs as described in cxrmem/models/radedit.py): a BertForMaskedLM with a projection head
+# whose output [0] is the encoder's last hidden state. Only trust_remote_code runs them.
+REMOTE_CONFIG_CODE = """
+from transformers import BertConfig
+
+
+class CXRBertConfig(BertConfig):
+    model_type = "cxr-bert"
+
+    def __init__(self, projection_size=128, **kwargs):
+        super().__init__(**kwargs)
+        self.projection_size = projection_size
+"""
+REMOTE_MODEL_CODE = """
+import torch
+from transformers import BertForMaskedLM
+
+from .configuration_cxrbert import CXRBertConfig
+
+
+class ProjectionHead(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense_to_hidden = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = torch.nn.LayerNorm(config.hidden_size)
+        self.dense_to_output = torch.nn.Linear(config.hidden_size, config.projection_size)
+
+
+class CXRBertModel(BertForMaskedLM):
+    config_class = CXRBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.cls_projection_head = ProjectionHead(config)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        output = super().forward(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True)
+        return (output.hidden_states[-1], output.logits)
+"""
+
+
 def write_text_snapshot(cache_root: str, commit: str, seed: int) -> None:
     config = text_config()
     place_file(cache_root, TEXT_REPO, commit, "config.json", json.dumps(config, indent=2).encode())
@@ -171,6 +214,8 @@ def write_text_snapshot(cache_root: str, commit: str, seed: int) -> None:
     special = {"cls_token": "[CLS]", "mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]"}
     place_file(cache_root, TEXT_REPO, commit, "special_tokens_map.json", json.dumps(special).encode())
     place_file(cache_root, TEXT_REPO, commit, "README.md", b"# BioViL-T (miniature replica for tests)\n")
+    place_file(cache_root, TEXT_REPO, commit, "configuration_cxrbert.py", REMOTE_CONFIG_CODE.encode())
+    place_file(cache_root, TEXT_REPO, commit, "modeling_cxrbert.py", REMOTE_MODEL_CODE.encode())
 
 
 def write_diffusers_snapshot(cache_root: str, repo_id: str, commit: str, model, prefix: str = "") -> None:

@@ -204,3 +204,19 @@ def test_remote_code_needs_a_pinned_revision(replica):
         load_config(overrides=["model.kind=radedit", "model.radedit.trust_remote_code=true"])
     with pytest.raises(ModelLoadError, match="text_revision"):
         load_components(radedit_cfg(replica[0], trust_remote_code=True))
+
+
+def test_opt_in_remote_code_gives_the_same_encoder_output(replica, tmp_path, monkeypatch):
+    """With trust_remote_code and a pinned revision the snapshot's own class runs; output [0] is unchanged."""
+    import transformers.dynamic_module_utils
+
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    root, commits = replica
+    ours = load_components(radedit_cfg(root))
+    remote = load_components(radedit_cfg(root, trust_remote_code=True, text_revision=commits[TEXT_REPO]))
+    assert type(remote.text_encoder).__name__ == "CXRBertModel"
+    assert not remote.text_encoder.training
+    tokens = ours.tokenizer(PROMPTS, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(remote.text_encoder(tokens.input_ids)[0], ours.text_encoder(tokens.input_ids)[0], rtol=0, atol=0)
+    assert remote.fingerprint != ours.fingerprint  # a different loader is a different model record
