@@ -171,7 +171,7 @@ class ReportConfig:
 @dataclass
 class TestbedConfig:
     out: str = "testbed/model"  # where `cxrmem testbed train` writes the model and manifest.csv
-    image_size: int = 64  # phantom size in pixels
+    image_size: int = 32  # phantom size in pixels (32: see cxrmem/testbed/train.py for why)
     n_unique: int = 600  # prompts seen once, each with its own image
     planted_per_level: int = 6  # planted prompts per duplication level and marker condition
     duplication_levels: List[int] = field(default_factory=lambda: [8, 32, 128])  # copies of each planted prompt
@@ -180,6 +180,17 @@ class TestbedConfig:
     learning_rate: float = 0.001  # AdamW learning rate
     seed: int = 0  # seed of data, initialisation and training
     max_minutes: float = 30.0  # stop training after this wall time (CPU budget)
+    block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])  # UNet widths; cross-attention at the last
+    text_hidden_size: int = 64  # BERT hidden size (= the UNet's cross-attention dim)
+    text_layers: int = 2  # BERT layers
+    vocab_size: int = 1000  # WordPiece vocabulary trained on the training prompts
+    max_tokens: int = 96  # tokenizer model_max_length (prompts pad and truncate to it)
+    cond_drop: float = 0.1  # share of training prompts replaced by "" (classifier-free guidance)
+    warmup_steps: int = 50  # linear learning-rate warmup, then cosine decay to 10%
+    num_threads: int = 1  # torch CPU threads for training and evaluation
+    eval_unique: int = 200  # never-duplicated prompts scored by `testbed evaluate` (negatives)
+    eval_steps: Optional[int] = 20  # DDIM steps of `testbed evaluate` (None: score.steps)
+    results: str = "bench/RESULTS.md"  # where `testbed evaluate` writes its section
 
 
 @dataclass
@@ -249,6 +260,9 @@ RULES = {
     "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "corpus.synthetic.normal_share": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "testbed.image_size": (lambda v: v >= 16 and v % 8 == 0, "a multiple of 8, at least 16"),
+    "testbed.cond_drop": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "testbed.eval_unique": (_positive, "a positive integer"),
+    "testbed.eval_steps": (lambda v: v is None or v > 0, "null or a positive integer"),
 }
 
 

@@ -1,0 +1,287 @@
+"""Synthetic chest radiograph phantoms whose findings follow the report text.
+
+A phantom is a grayscale frontal chest film, float32 in [0, 1], drawn from two things:
+
+- the patient (`sample_anatomy(seed)`): thorax size and position, lung and heart shape,
+  diaphragm height, rib spacing, exposure and a lung-marking texture, all seeded, so that
+  one patient seed always gives the same body;
+- the findings (`parse_findings(text)`): keyword rules over the report's sentences, skipping
+  negated sentences ("No pleural effusion."), for cardiomegaly, pleural effusion, pneumothorax,
+  consolidation, nodules, pulmonary edema, atelectasis and lines and tubes (endotracheal tube,
+  central line, enteric tube).
+
+Orientation follows the radiographic convention: the patient's right lies on the image's
+left (low column indices), the heart bulges to the image's right. Everything is vectorised
+numpy on one coordinate grid, a few hundred microseconds per 64x64 image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+SIDES = ("right", "left")  # patient sides; right is drawn on the image's left
+SEVERITY = {"trace": 0.4, "small": 0.6, "minimal": 0.5, "mild": 0.7, "moderate": 1.0, "large": 1.3, "severe": 1.4}
+NEGATION = re.compile(r"\b(no|without|resolved|removed|negative for|free of)\b", re.IGNORECASE)
+
+
+@dataclass
+class Findings:
+    """What the report says is present; sides are patient sides ("right", "left")."""
+
+    cardiomegaly: float = 0.0  # 0: normal heart; else the severity (about 0.5 to 1.4)
+    effusion: dict = field(default_factory=dict)  # side -> severity
+    pneumothorax: dict = field(default_factory=dict)  # side -> severity
+    consolidation: dict = field(default_factory=dict)  # side -> zone ("upper" | "middle" | "lower")
+    atelectasis: dict = field(default_factory=dict)  # side -> severity
+    nodules: list = field(default_factory=list)  # [(side, zone)]
+    edema: float = 0.0
+    et_tube: bool = False
+    central_line: bool = False
+    enteric_tube: bool = False
+
+
+@dataclass
+class Anatomy:
+    """One patient's body: offsets and scales in grid units ([-1, 1] across the image)."""
+
+    center_x: float
+    center_y: float
+    thorax_width: float
+    thorax_height: float
+    lung_width: float
+    lung_height: float
+    heart_width: float
+    heart_height: float
+    heart_x: float
+    diaphragm_y: float
+    rib_frequency: float
+    rib_phase: float
+    exposure: float
+    texture: np.ndarray  # [8, 8] low-frequency lung-marking field, upsampled at render time
+    finding_seed: int  # placement of patchy findings (consolidation blobs)
+
+
+# -- text -> findings -----------------------------------------------------------------------
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+|\b\d+\.\s", text) if s and s.strip()]
+
+
+def _severity(sentence: str) -> float:
+    lowered = sentence.lower()
+    found = [value for word, value in SEVERITY.items() if re.search(rf"\b{word}\b", lowered)]
+    return max(found) if found else 0.8
+
+
+def _sides(sentence: str) -> list[str]:
+    lowered = sentence.lower()
+    if re.search(r"\b(bilateral|bibasilar|bibasal|both)\b|effusions\b", lowered):
+        return ["right", "left"]
+    sides = [side for side in SIDES if re.search(rf"\b{side}\b", lowered)]
+    return sides or ["right"]
+
+
+def _zone(sentence: str) -> str:
+    lowered = sentence.lower()
+    if re.search(r"\b(upper|apical|apex)\b", lowered):
+        return "upper"
+    if re.search(r"\b(middle|lingula|lingular|perihilar)\b", lowered):
+        return "middle"
+    return "lower"
+
+
+def parse_findings(text: str) -> Findings:
+    """Keyword rules, one sentence at a time; a sentence with a negation word adds nothing."""
+    findings = Findings()
+    for sentence in _sentences(text):
+        if NEGATION.search(sentence):
+            continue
+        lowered = sentence.lower()
+        if re.search(r"cardiomegaly|heart (size )?is enlarged|enlarged (cardiac|heart)", lowered):
+            findings.cardiomegaly = max(findings.cardiomegaly, _severity(sentence))
+        if "effusion" in lowered:
+            for side in _sides(sentence):
+                findings.effusion[side] = _severity(sentence)
+        if "pneumothorax" in lowered:
+            for side in _sides(sentence):
+                findings.pneumothorax[side] = _severity(sentence)
+        if re.search(r"consolidation|pneumonia|opacit", lowered):
+            for side in _sides(sentence):
+                findings.consolidation[side] = _zone(sentence)
+        if "atelectasis" in lowered:
+            for side in _sides(sentence):
+                findings.atelectasis[side] = _severity(sentence)
+        if re.search(r"nodule|mass\b", lowered):
+            findings.nodules.append((_sides(sentence)[0], _zone(sentence)))
+        if "edema" in lowered:
+            findings.edema = max(findings.edema, _severity(sentence))
+        if re.search(r"endotracheal|\bet tube|\bett\b", lowered):
+            findings.et_tube = True
+        if re.search(r"central (venous )?line|picc|\bcvc\b|catheter", lowered):
+            findings.central_line = True
+        if re.search(r"enteric|nasogastric|\bng tube|\bog tube|feeding tube", lowered):
+            findings.enteric_tube = True
+    return findings
+
+
+# -- patient --------------------------------------------------------------------------------
+def sample_anatomy(seed: int) -> Anatomy:
+    """A seeded patient: the same seed always gives the same body."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform
+    return Anatomy(
+        center_x=u(-0.06, 0.06),
+        center_y=u(-0.05, 0.05),
+        thorax_width=u(0.80, 0.92),
+        thorax_height=u(0.85, 0.98),
+        lung_width=u(0.30, 0.37),
+        lung_height=u(0.58, 0.70),
+        heart_width=u(0.30, 0.36),
+        heart_height=u(0.24, 0.30),
+        heart_x=u(0.05, 0.14),
+        diaphragm_y=u(0.42, 0.58),
+        rib_frequency=u(4.0, 5.5),
+        rib_phase=u(0, 2 * np.pi),
+        exposure=u(0.85, 1.15),
+        texture=rng.standard_normal((8, 8)).astype(np.float32),
+        finding_seed=int(rng.integers(2**31)),
+    )
+
+
+# -- drawing helpers (grid in, array out) -----------------------------------------------------
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    return np.meshgrid(axis, axis, indexing="xy")  # x: columns (left -> right), y: rows (top -> bottom)
+
+
+def _ellipse(x, y, cx, cy, ax, ay, softness=0.06) -> np.ndarray:
+    """Soft-edged ellipse mask in [0, 1]."""
+    r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
+    return np.clip((1 - r) / softness, 0, 1)
+
+
+def _upsample(field_: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling of a small random field to size x size (smooth lung markings)."""
+    n = field_.shape[0]
+    pos = np.linspace(0, n - 1, size, dtype=np.float32)
+    i0 = np.clip(pos.astype(int), 0, n - 2)
+    frac = pos - i0
+    rows = field_[i0] * (1 - frac)[:, None] + field_[i0 + 1] * frac[:, None]
+    return rows[:, i0] * (1 - frac)[None, :] + rows[:, i0 + 1] * frac[None, :]
+
+
+def _line(x, y, points: Sequence[tuple[float, float]], width: float) -> np.ndarray:
+    """Soft polyline mask through `points` (grid units)."""
+    mask = np.zeros_like(x)
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+        dist = np.hypot(x - (x0 + t * dx), y - (y0 + t * dy))
+        mask = np.maximum(mask, np.clip(1.5 - dist / width, 0, 1))  # solid core, soft edge
+    return mask
+
+
+ZONE_Y = {"upper": -0.45, "middle": -0.05, "lower": 0.3}
+
+
+def render(anatomy: Anatomy, findings: Findings, size: int = 64) -> np.ndarray:
+    """One phantom, [size, size] float32 in [0, 1]."""
+    a = anatomy
+    x, y = _grid(size)
+    x, y = x - a.center_x, y - a.center_y
+    pixel = 2.0 / size
+    rng = np.random.default_rng(a.finding_seed)
+
+    body = _ellipse(x, y, 0, 0.1, a.thorax_width, a.thorax_height + 0.3, softness=0.08)
+    image = 0.05 + 0.40 * body
+
+    # Lungs: side -> image column sign (patient right is drawn on the left).
+    side_sign = {"right": -1.0, "left": 1.0}
+    lung_cx = {side: sign * (a.lung_width + 0.06) for side, sign in side_sign.items()}
+    dome = {
+        side: a.diaphragm_y + (0.04 if side == "left" else -0.02) + 0.9 * (x - lung_cx[side]) ** 2
+        for side in SIDES  # the right hemidiaphragm sits a little higher
+    }
+    lung = {}
+    for side in SIDES:
+        shape = _ellipse(x, y, lung_cx[side], -0.08, a.lung_width, a.lung_height)
+        below_dome = np.clip((dome[side] - y) / 0.05, 0, 1)
+        lung[side] = shape * below_dome
+    markings = 0.04 * _upsample(a.texture, size)
+    edge_bonus = 0.05 * (np.abs(x) < 0.25)  # vessels are denser near the hila
+
+    lucency = np.zeros_like(x)
+    for side in SIDES:
+        lung_texture = markings + edge_bonus
+        if side in findings.pneumothorax:
+            # Lucent rim along the apex and lateral wall: no lung markings, darker, a pleural line.
+            rim = 0.08 + 0.10 * findings.pneumothorax[side]
+            outer = np.sqrt(((x - lung_cx[side]) / a.lung_width) ** 2 + ((y + 0.08) / a.lung_height) ** 2)
+            lateral = side_sign[side] * (x - lung_cx[side]) > -0.05
+            collapsed = (outer > 1 - rim / a.lung_width) & (lateral | (y < -0.3))
+            pleural_line = np.abs(outer - (1 - rim / a.lung_width)) < pixel / a.lung_width
+            lung_texture = np.where(collapsed, -0.06, lung_texture) + 0.12 * pleural_line * lung[side]
+        lucency += lung[side] * (0.27 - lung_texture)
+    image = image - lucency * body
+
+    # Ribs: curved bright bands over the lungs.
+    lungs = np.maximum(lung["right"], lung["left"])
+    rib_wave = np.sin(2 * np.pi * a.rib_frequency * (y + 0.35 * x**2) / 2 + a.rib_phase)
+    image += 0.09 * np.clip(rib_wave - 0.55, 0, None) / 0.45 * lungs
+
+    # Mediastinum and spine, then the heart.
+    image += 0.12 * _ellipse(x, y, 0, -0.2, 0.12, 0.7, softness=0.2) * (1 - lungs)
+    heart_scale = 1 + 0.35 * findings.cardiomegaly
+    heart = _ellipse(x, y, a.heart_x, a.diaphragm_y - 0.2, a.heart_width * heart_scale, a.heart_height * (1 + 0.15 * findings.cardiomegaly))
+    image = np.maximum(image, (0.55 * heart + image * (1 - heart)))
+
+    # Below the diaphragm: abdominal soft tissue.
+    abdomen = np.clip((y - np.minimum(dome["right"], dome["left"])) / 0.04, 0, 1) * body
+    image = np.maximum(image, 0.5 * abdomen)
+
+    for side, severity in findings.effusion.items():
+        # Basal opacity with a meniscus: higher laterally.
+        level = dome[side] - 0.15 - 0.25 * severity - 0.3 * np.clip(side_sign[side] * (x - lung_cx[side]), 0, None)
+        fluid = np.clip((y - level) / 0.06, 0, 1) * _ellipse(x, y, lung_cx[side], 0, a.lung_width + 0.05, 0.9)
+        image = np.maximum(image, 0.5 * fluid * body)
+    for side, zone in findings.consolidation.items():
+        for _ in range(4):
+            cx = lung_cx[side] + rng.uniform(-0.5, 0.5) * a.lung_width
+            cy = ZONE_Y[zone] + rng.uniform(-0.12, 0.12)
+            blob = _ellipse(x, y, cx, cy, rng.uniform(0.08, 0.16), rng.uniform(0.06, 0.12), softness=0.6)
+            image += 0.22 * blob * lung[side]
+    for side, severity in findings.atelectasis.items():
+        band = _line(x, y, [(lung_cx[side] - 0.2, dome[side].min() - 0.1), (lung_cx[side] + 0.2, dome[side].min() - 0.06)], 0.04 + 0.02 * severity)
+        image += 0.18 * band * lung[side]
+    for side, zone in findings.nodules:
+        cx = lung_cx[side] + rng.uniform(-0.4, 0.4) * a.lung_width
+        cy = ZONE_Y[zone] + rng.uniform(-0.1, 0.1)
+        image += 0.3 * _ellipse(x, y, cx, cy, 0.05, 0.05, softness=0.3)
+    if findings.edema:
+        hila = _ellipse(x, y, 0, -0.1, 0.75, 0.55, softness=1.0)
+        image += 0.12 * findings.edema * hila * lungs
+
+    # Lines and tubes: thin, near-radiopaque.
+    tubes = np.zeros_like(x)
+    if findings.et_tube:
+        tubes = np.maximum(tubes, _line(x, y, [(0.0, -1.0), (0.0, -0.45)], 1.2 * pixel))
+    if findings.central_line:
+        tubes = np.maximum(tubes, _line(x, y, [(-0.75, -0.65), (-0.3, -0.55), (-0.08, -0.4), (-0.06, -0.1)], 1.2 * pixel))
+    if findings.enteric_tube:
+        tubes = np.maximum(tubes, _line(x, y, [(0.03, -1.0), (0.03, 0.4), (0.25, 0.75)], 1.2 * pixel))
+    image = np.maximum(image, 0.95 * tubes)
+
+    return np.clip(image * a.exposure, 0, 1).astype(np.float32)
+
+
+def phantom(text: str, patient_seed: int, size: int = 64) -> np.ndarray:
+    """The phantom of one report for one patient: [size, size] float32 in [0, 1]."""
+    return render(sample_anatomy(patient_seed), parse_findings(text), size)
+
+
+def phantoms(texts: Sequence[str], patient_seeds: Sequence[int], size: int = 64) -> np.ndarray:
+    """A batch of phantoms: [N, 1, size, size] float32 in [0, 1]."""
+    return np.stack([phantom(t, s, size) for t, s in zip(texts, patient_seeds)])[:, None]

@@ -1,0 +1,204 @@
+"""Train the testbed: a small text-to-image chest X-ray diffusion model with planted memorized prompts.
+
+Choices, and why:
+
+- Pixel space, one channel, no VAE. A VAE would need its own training and would blur the
+  line between what the UNet memorized and what the decoder smooths; at this size the UNet
+  can denoise pixels directly, `Components.vae` is None and decoding is the identity
+  (images live in [-1, 1]).
+- The image size is `testbed.image_size`; the committed model uses 32x32 because the shared
+  2-core development machine trains a 64x64 UNet about 4x slower, which left too few
+  optimiser steps inside the CPU budget for the duplication levels to separate.
+- UNet2DConditionModel with plain ResNet blocks at the high resolutions and cross-attention
+  at the lowest resolution and in the mid block: the text reaches the whole image through
+  the bottleneck, at a fraction of the cost of attention over every pixel.
+- The BERT text encoder is trained jointly from random initialisation (no pretrained
+  weights may be downloaded). A random frozen encoder maps all prompts to nearly the same
+  embedding; training it lets the model tell prompts apart, which memorization needs.
+- Noise schedule and sampler: the DDIM scheduler DESIGN.md fixes for RadEdit (linear SD
+  betas, trailing spacing), epsilon prediction, so the audit scores the testbed with the same
+  schedule it uses for RadEdit. Classifier-free guidance training: each prompt becomes "" with
+  probability `testbed.cond_drop`, so the empty-prompt embedding is a trained unconditional model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import diffusers
+from diffusers import UNet2DConditionModel
+from omegaconf import OmegaConf
+from transformers import BertConfig, BertModel
+
+from cxrmem.models.tiny import radedit_scheduler, train_wordpiece_tokenizer
+from cxrmem.testbed.dataset import MANIFEST, TrainingSet, build_training_set
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "train_summary.json"
+
+
+def build_unet(tb_cfg) -> UNet2DConditionModel:
+    widths = tuple(tb_cfg.block_out_channels)
+    plain, attn = len(widths) - 1, 1
+    return UNet2DConditionModel(
+        sample_size=tb_cfg.image_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=widths,
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attn,
+        up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * plain,
+        layers_per_block=1,
+        cross_attention_dim=tb_cfg.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_text_encoder(tb_cfg, vocab_size: int) -> BertModel:
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=tb_cfg.text_hidden_size,
+        num_hidden_layers=tb_cfg.text_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * tb_cfg.text_hidden_size,
+        max_position_embeddings=tb_cfg.max_tokens,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+def diffusion_loss(unet, text_encoder, scheduler, x0, token_ids, generator: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps. x0: [B, 1, H, W] in [-1, 1]."""
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    text = text_encoder(token_ids)[0]  # no attention mask: the scorer, like RadEdit's pipeline, passes none
+    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise)
+
+
+def learning_rate_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches(training_set: TrainingSet, batch_size: int, rng: np.random.Generator):
+    """Endless shuffled epochs, cut into index batches."""
+    while True:
+        epoch = training_set.epoch_indices(rng)
+        for start in range(0, len(epoch) - batch_size + 1, batch_size):
+            yield epoch[start : start + batch_size]
+
+
+def loss_curve_summary(losses: list[float], points: int = 10) -> list[dict]:
+    """Mean loss over `points` equal stretches of training."""
+    chunks = np.array_split(np.asarray(losses), min(points, len(losses)))
+    edges = np.cumsum([0] + [len(c) for c in chunks])
+    return [{"steps": [int(edges[i]), int(edges[i + 1])], "loss": float(c.mean())} for i, c in enumerate(chunks)]
+
+
+def save_model(out: str, tokenizer, text_encoder, unet, scheduler, training_set: TrainingSet, summary: dict) -> None:
+    """Diffusers layout (pixel space: no vae entry), manifest.csv and train_summary.json."""
+    os.makedirs(out, exist_ok=True)
+    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    text_encoder.save_pretrained(os.path.join(out, "text_encoder"), safe_serialization=True)
+    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
+    scheduler.save_pretrained(os.path.join(out, "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "unet": ["diffusers", type(unet).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "vae": [None, None],
+    }
+    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as stream:
+        json.dump(index, stream, indent=2)
+    training_set.manifest().to_csv(os.path.join(out, MANIFEST), index=False)
+    with open(os.path.join(out, SUMMARY), "w", encoding="utf-8") as stream:
+        json.dump(summary, stream, indent=2)
+
+
+def train(cfg) -> dict:
+    """Build the training set, train UNet and text encoder, save to `testbed.out`; returns the summary."""
+    tb = cfg.testbed
+    torch.set_num_threads(tb.num_threads)
+    torch.manual_seed(tb.seed)
+    started = time.time()
+
+    training_set = build_training_set(tb, cfg.corpus.marker_regex)
+    tokenizer = train_wordpiece_tokenizer(training_set.prompts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
+    token_ids = tokenizer(
+        training_set.prompts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
+    )["input_ids"]
+    empty_ids = tokenizer([""], padding="max_length", max_length=tb.max_tokens, return_tensors="pt")["input_ids"]
+    images = torch.from_numpy(training_set.images) * 2 - 1
+
+    unet, text_encoder = build_unet(tb), build_text_encoder(tb, len(tokenizer))
+    scheduler = radedit_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, tb.train_steps, tb.warmup_steps)
+    )
+    generator = torch.Generator().manual_seed(tb.seed)
+    rng = np.random.default_rng(tb.seed)
+    log.info(
+        "testbed: %d prompts (%d planted), %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
+        len(training_set.prompts),
+        int(training_set.planted.sum()),
+        int(training_set.n_copies.sum()),
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+    )
+
+    unet.train()
+    text_encoder.train()
+    losses: list[float] = []
+    train_started = time.time()
+    stopped_by = "steps"
+    for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
+        if step >= tb.train_steps:
+            break
+        if time.time() - train_started > 60 * tb.max_minutes:
+            stopped_by = "max_minutes"
+            break
+        ids = token_ids[index].clone()
+        ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
+        loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log.info("step %d loss %.4f (%.1f min)", step, np.mean(losses[-50:]), (time.time() - train_started) / 60)
+
+    summary = {
+        "steps": len(losses),
+        "stopped_by": stopped_by,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "loss_curve": loss_curve_summary(losses) if losses else [],
+        "train_minutes": round((time.time() - train_started) / 60, 2),
+        "total_minutes": round((time.time() - started) / 60, 2),
+        "n_prompts": len(training_set.prompts),
+        "n_planted": int(training_set.planted.sum()),
+        "pairs_per_epoch": int(training_set.n_copies.sum()),
+        "epochs": round(len(losses) * tb.train_batch_size / int(training_set.n_copies.sum()), 2),
+        "threads": tb.num_threads,
+        "testbed": OmegaConf.to_container(tb, resolve=True),
+    }
+    save_model(tb.out, tokenizer, text_encoder.eval(), unet.eval(), scheduler, training_set, summary)
+    summary["out"] = tb.out
+    return summary
