@@ -148,6 +148,7 @@ def upload(local_root, uri, storage_cfg):
             storage.copy_file(path, storage.join(uri, os.path.relpath(path, local_root)), dst_cfg=storage_cfg)
 
 
+@pytest.mark.s3
 def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg, tmp_path):
     uri = f"s3://{s3_bucket}/models/tiny"
     upload(tiny_model_dir, uri, s3_storage_cfg)
@@ -169,6 +170,7 @@ def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg
     assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
 
 
+@pytest.mark.s3
 def test_s3_radedit_cache_copies_snapshots_only(s3_bucket, s3_storage_cfg, tmp_path):
     from tests.radedit_replica import build_radedit_replica
 
