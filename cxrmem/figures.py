@@ -178,7 +178,9 @@ def enrichment_chart(overall: dict, by_bucket: dict, path: str, storage_cfg=None
     rows = groups + [("pooled (MH)", pooled)]
     for i, (name, g) in enumerate(rows):
         if g.get("odds_ratio") is None:
-            ax.text(1.0, i, "n/a", va="center", ha="center", fontsize=8, color=GREY)
+            # x in axes fraction, y in data: the note sits at the left whatever the OR range.
+            ax.text(0.02, i, f"n/a: {no_odds_ratio_reason(g)}", transform=ax.get_yaxis_transform(),
+                    va="center", ha="left", fontsize=8, color=GREY, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
             continue
         low, high = g["ci_low"], g["ci_high"]
         ax.errorbar(g["odds_ratio"], i, xerr=[[g["odds_ratio"] - low], [high - g["odds_ratio"]]], fmt="o",
@@ -186,11 +188,22 @@ def enrichment_chart(overall: dict, by_bucket: dict, path: str, storage_cfg=None
     ax.axvline(1.0, color="black", ls=":", lw=0.8)
     ax.set_xscale("log")
     ax.set_yticks(np.arange(len(rows)), [name for name, _ in rows], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
     ax.set_xlabel("odds ratio, marker | memorized (95% CI, log)")
     ax.set_title("Odds ratio by duplication bucket", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path, storage_cfg)
+
+
+def no_odds_ratio_reason(group: dict) -> str:
+    """Why an enrichment result (stats.marker_enrichment or stats.mantel_haenszel) has no odds ratio."""
+    if "strata" in group:
+        return "a zero cell in every stratum"
+    if group["n_memorized"] == 0:
+        return "no memorized prompts"
+    if group["n_memorized"] == group["n_prompts"]:
+        return "every prompt memorized"
+    return "markers in all or none"
 
 
 def _nan(value) -> float:

@@ -105,7 +105,7 @@ def _percent(value) -> str:
 
 def _interval(result: dict) -> str:
     if result.get("odds_ratio") is None:
-        return "–"
+        return f"– ({figures.no_odds_ratio_reason(result)})"
     return f"{result['odds_ratio']:.3g} [{result['ci_low']:.3g}, {result['ci_high']:.3g}]"
 
 
