@@ -238,6 +238,8 @@ RULES = {
     "cascade.top_percent": (_percent, "in (0, 100]"),
     "analyze.top_percent": (_percent, "in (0, 100]"),
     "analyze.zscore": (_positive, "positive"),
+    "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
+    "report.memorized_rows": (lambda v: v >= 0, "non-negative"),
     "attribution.generations": (_positive, "a positive integer"),
     "attribution.steps": (_positive, "a positive integer"),
     "mitigation.n_generations": (lambda v: v >= 2, "at least 2 (distances need pairs)"),

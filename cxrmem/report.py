@@ -139,8 +139,10 @@ def _flatten(obj, prefix: str = "") -> dict:
 def _run_info(page: Page, summary: dict) -> None:
     analysis = summary.get("analysis", {})
     cfg_dict = analysis.get("config") or storage.public_config(page.cfg)
-    timings = {k: v for k, v in _flatten({k: v for k, v in summary.items() if k != "analysis"}).items()
-               if re.search(r"(seconds|timing|_s$|wall)", k)}
+    flat = _flatten({k: v for k, v in summary.items() if k != "analysis"})
+    # Stages record durations as `seconds`, `timings_s.<stage>` or `<name>_s`; `<name>_per_s` is a rate.
+    timings = {k: v for k, v in flat.items() if re.search(r"(seconds|timings|(?<!per)_s$)", k) and not k.endswith("per_s")}
+    rates = {k: v for k, v in flat.items() if k.endswith("per_s")}
     rows = [
         {"key": "run output", "value": page.layout.prefix},
         {"key": "model fingerprint", "value": ", ".join(analysis.get("model_fingerprints", [])) or "–"},
@@ -148,7 +150,8 @@ def _run_info(page: Page, summary: dict) -> None:
         {"key": "config hash (this config)", "value": config_hash(page.cfg)},
         {"key": "report written", "value": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
     ]
-    rows += [{"key": f"time: {k}", "value": v} for k, v in sorted(timings.items())]
+    rows += [{"key": f"time (s): {k}", "value": v} for k, v in sorted(timings.items())]
+    rows += [{"key": f"rate: {k}", "value": v} for k, v in sorted(rates.items())]
     page.parts.append(_table(rows, {"key": "item", "value": "value"}))
     yaml = OmegaConf.to_yaml(OmegaConf.create(cfg_dict))
     page.parts.append(f"<details><summary>Configuration (YAML)</summary><pre>{_e(yaml)}</pre></details>")

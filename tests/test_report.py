@@ -98,7 +98,7 @@ def test_full_report_embeds_every_figure(tmp_path):
         assert base64.b64encode(data).decode() in embedded
     assert "&lt;script&gt;x&lt;/script&gt; &amp; <mark>___</mark>" in text  # escaped, marker still highlighted
     assert "<mark>___</mark>" in text  # markers highlighted in the memorized list
-    assert "fp-test" in text and "time: attribution.seconds" in text
+    assert "fp-test" in text and "time (s): attribution.seconds" in text
     assert "random_word" in text and "remove_marker" in text
 
 
