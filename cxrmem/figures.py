@@ -56,6 +56,16 @@ def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: floa
     ax.set_title("Memorization score of every unique prompt, sorted")
     ax.legend(loc="upper right", frameon=False)
     ax.grid(alpha=0.3)
+    if ordered.size > 20 * n_top:
+        # The memorized tail is a sliver at full scale: zoom on the first 5x of it.
+        zoom = min(ordered.size, 5 * n_top)
+        inset = ax.inset_axes([0.22, 0.48, 0.33, 0.42])
+        inset.plot(rank[n_top - 1 : zoom], ordered[n_top - 1 : zoom], color=BLUE, lw=1.2)
+        inset.plot(rank[:n_top], ordered[:n_top], color=RED, lw=2)
+        inset.axhline(threshold, color=RED, ls="--", lw=0.8)
+        inset.set_title(f"zoom: ranks 1-{zoom:,}", fontsize=8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
     return _save(fig, path, storage_cfg)
 
 
