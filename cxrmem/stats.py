@@ -211,22 +211,21 @@ def enrichment_by_bucket(
     return {"buckets": buckets, "below_first_edge": int(np.sum(index < 0)), "mantel_haenszel": mantel_haenszel(tables)}
 
 
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
-    """Probability that a random positive scores above a random negative (ties 1/2); None without both classes."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> Optional[float]:
+    """Probability that a random positive scores above a random negative (ties 1/2); None if a class is empty."""
+    positives = np.asarray(positives, dtype=np.float64)
+    negatives = np.asarray(negatives, dtype=np.float64)
+    if positives.size == 0 or negatives.size == 0:
         return None
-    ranks = sps.rankdata(scores)  # average ranks handle ties
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ranks = sps.rankdata(np.concatenate([positives, negatives]))  # average ranks count ties 1/2
+    u = ranks[: positives.size].sum() - positives.size * (positives.size + 1) / 2
+    return float(u / (positives.size * negatives.size))
 
 
-def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float = 0.01) -> Optional[float]:
+def tpr_at_fpr(positives: np.ndarray, negatives: np.ndarray, fpr: float = 0.01) -> Optional[float]:
     """Share of positives flagged when at most `fpr` of the negatives are (see the module notes)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=bool)
-    positives, negatives = scores[labels], np.sort(scores[~labels])[::-1]
+    positives = np.asarray(positives, dtype=np.float64)
+    negatives = np.sort(np.asarray(negatives, dtype=np.float64))[::-1]
     if positives.size == 0 or negatives.size == 0:
         return None
     allowed = math.floor(fpr * negatives.size + 1e-9)
