@@ -177,8 +177,9 @@ def _distribution(page: Page, analysis: dict, d_mem: Optional[np.ndarray]) -> No
     columns = {"min": "min", **{k: k for k in ordered}, "max": "max", "mean": "mean", "std": "std"}
     page.parts.append(_table([{**analysis["percentiles"], **analysis.get("d_mem", {})}], columns))
     if d_mem is None or d_mem.size == 0 or analysis["threshold"] is None:
-        page.parts.append(_note("scores.parquet is absent or empty: no distribution figures."))
-        page.sections["distribution"] = "rendered without figures: scores.parquet absent"
+        reason = "scores.parquet is absent" if d_mem is None else "scores.parquet has no finite d_mem"
+        page.parts.append(_note(f"{reason}: no distribution figures."))
+        page.sections["distribution"] = f"rendered without figures: {reason}"
         return
     threshold, top = analysis["threshold"], analysis["top_percent"]
     page.figure("dmem_sorted.png", lambda p: figures.dmem_curve(d_mem, threshold, p, top, page.cfg.storage),
