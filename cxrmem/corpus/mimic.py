@@ -117,18 +117,18 @@ def _headers(text: str) -> list[tuple[int, int, str]]:
         line_start = text.rfind("\n", 0, colon) + 1
         head = text[line_start:colon]
         kind = header_kind(head.strip())
-        start = line_start + len(head) - len(head.lstrip())
-        if kind is None and head[-1:].isupper():
+        if kind is not None:
+            headers.append((line_start + len(head) - len(head.lstrip()), colon + 1, kind))
+        elif head[-1:].isupper():
             tail = _upper_tail_header(head)
             if tail is not None:
-                start, kind = line_start + tail[0], tail[1]
-        if kind is not None:
-            headers.append((start, colon + 1, kind))
+                headers.append((line_start + tail[0], colon + 1, tail[1]))
         colon = text.find(":", colon + 1)
     upper = text.upper()
     if "ADDENDUM" in upper or "FINAL REPORT" in upper:
+        starts = {header[0] for header in headers}
         for match in _ALONE.finditer(text):
-            if not any(h[0] == match.start(1) for h in headers):
+            if match.start(1) not in starts:  # "ADDENDUM:" was found above already
                 headers.append((match.start(1), match.end(), _HEADERS[match.group(1).upper()]))
     return sorted(headers)
 

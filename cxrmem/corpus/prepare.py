@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from itertools import islice
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
