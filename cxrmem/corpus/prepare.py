@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "prepare_summary.json"
 TOKENIZER_BATCH = 4096  # prompts per fast-tokenizer call
+TOKENIZER_PROGRESS = 100_000  # prompts between progress lines while counting tokens
 LOGGED_PER_REASON = 20  # skip messages logged per reason; the rest are counted
 EXAMPLES_PER_REASON = 5  # skip messages kept per reason in the summary
 TOP_DUPLICATED = 5
@@ -47,6 +48,9 @@ def token_counts(tokenizer, prompts: list[str], batch_size: int = TOKENIZER_BATC
             return_token_type_ids=False,
         )
         counts[lo : lo + batch_size] = [len(ids) for ids in encoded["input_ids"]]
+        done = min(lo + batch_size, len(prompts))
+        if done % TOKENIZER_PROGRESS < batch_size and done < len(prompts):
+            logger.info("counted tokens of %d/%d unique prompts", done, len(prompts))
     return counts
 
 
