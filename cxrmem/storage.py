@@ -11,7 +11,9 @@ Failures: pyarrow retries each S3 request (`AwsStandardS3RetryStrategy(storage.m
 and every operation here is retried as a whole with exponential backoff (`storage.backoff_s`,
 doubled each time, `storage.max_attempts` attempts). Problems that a retry cannot fix (wrong
 access key, wrong secret, access denied, missing bucket) fail at once. Either way a
-`StorageError` names the URI, the endpoint and what to check. Credentials never appear in
+`StorageError` names the URI, the endpoint and what to check. The bound for an unreachable
+endpoint is max_attempts operations of up to max_attempts requests each: about a minute with
+the defaults (5 attempts, 0.5 s backoff), about a second with max_attempts=2. Credentials never appear in
 messages, logs or outputs: `public_config` is the configuration that may be written out.
 """
 
