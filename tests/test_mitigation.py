@@ -1,0 +1,178 @@
+"""Mitigation rewrites, the pairwise distance and the paired experiment, on the real tiny model."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrmem import storage
+from cxrmem.attribution import conditional_noise_norms, unconditional_noise
+from cxrmem.config import load_config
+from cxrmem.corpus.text import MARKER_REGEX
+from cxrmem.mitigation import (
+    mitigate_prompt,
+    mitigate_run,
+    mitigated_prompt,
+    optimise_embedding,
+    pairwise_rms_distance,
+    random_insertion,
+    random_number,
+    random_word,
+    remove_marker,
+    surrogate,
+    vocabulary_words,
+)
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.scorer import Scorer
+
+PATTERN = re.compile(MARKER_REGEX)
+PROMPT = "Compared to ___, the heart is enlarged. Dr. ___ was notified at ___ a.m. XXXX noted."
+TINY = ["score.steps=2", "score.generations=1", "mitigation.n_generations=2", "mitigation.optimisation_iters=2", "model.device=cpu"]
+
+
+def tiny_config(model_dir, *overrides):
+    return load_config(None, [f"model.path={model_dir}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model_dir):
+    return load_components(tiny_config(tiny_model_dir).model, need_vae=True)
+
+
+@pytest.fixture(scope="module")
+def vocab(components):
+    return vocabulary_words(components.tokenizer)
+
+
+def replacements(prompt: str, rewritten: str) -> list[str]:
+    """What each marker became, asserting that everything between the markers is untouched."""
+    outside = PATTERN.split(prompt)
+    match = re.fullmatch("(.+?)".join(re.escape(p) for p in outside), rewritten)
+    assert match, rewritten
+    return list(match.groups())
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def test_vocabulary_words_are_whole_alphabetic_entries(components, vocab):
+    entries = components.tokenizer.get_vocab()
+    assert len(vocab) > 50
+    assert all(w in entries and w.isalpha() and len(w) >= 3 and not w.startswith("##") for w in vocab)
+    assert not set(vocab) & set(components.tokenizer.all_special_tokens)
+
+
+def test_random_word_replaces_only_markers_with_vocabulary_words(vocab):
+    words = replacements(PROMPT, random_word(PROMPT, rng(), PATTERN, vocab))
+    assert len(words) == 4 and all(w in vocab for w in words)
+    assert random_word(PROMPT, rng(), PATTERN, vocab) == random_word(PROMPT, rng(), PATTERN, vocab)
+
+
+def test_random_number_replaces_only_markers_with_numbers():
+    numbers = replacements(PROMPT, random_number(PROMPT, rng(), PATTERN))
+    assert len(numbers) == 4 and all(n.isdigit() for n in numbers)
+
+
+def test_surrogate_replaces_only_markers_by_context():
+    parts = replacements(PROMPT, surrogate(PROMPT, rng(), PATTERN))
+    assert re.search(r"\d", parts[0])  # "compared to" -> a date
+    assert parts[1].isalpha()  # "Dr." -> a surname
+    assert re.fullmatch(r"\d{1,2}:\d{2}", parts[2])  # "... a.m." -> a time
+
+
+def test_remove_marker_leaves_tidy_text():
+    removed = remove_marker(PROMPT, rng(), PATTERN)
+    assert removed == "Compared to, the heart is enlarged. Dr. was notified at a.m. noted."
+    assert "  " not in removed and not PATTERN.search(removed)
+    assert remove_marker("No markers here.", rng(), PATTERN) == "No markers here."
+
+
+def test_random_insertion_only_inserts_vocabulary_words(vocab):
+    inserted = random_insertion(PROMPT, rng(), vocab, 4).split(" ")
+    original = PROMPT.split(" ")
+    assert len(inserted) == len(original) + 4
+    # The original words survive in order (greedy subsequence match); the rest come from the vocabulary.
+    position, extras = 0, []
+    for word in inserted:
+        if position < len(original) and word == original[position]:
+            position += 1
+        else:
+            extras.append(word)
+    assert position == len(original)
+    assert len(extras) == 4 and all(w in vocab for w in extras)
+
+
+def test_rewrites_are_seeded_per_prompt_and_strategy(tiny_model_dir, vocab):
+    cfg = tiny_config(tiny_model_dir)
+    first = mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, cfg)
+    assert mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, cfg) == first
+    assert len({mitigated_prompt("random_word", PROMPT, f"{i:016x}", vocab, cfg) for i in range(5)}) > 1
+    assert mitigated_prompt("embedding_noise", PROMPT, "0" * 16, vocab, cfg) == PROMPT
+
+
+def test_pairwise_rms_distance_by_hand():
+    black, white, grey = torch.zeros(1, 2, 2), torch.ones(1, 2, 2), torch.full((1, 2, 2), 0.5)
+    # pairs: black-white 1, black-grey 0.5, white-grey 0.5
+    assert pairwise_rms_distance(torch.stack([black, white, grey])) == pytest.approx(2 / 3)
+    one_pixel = white.clone()
+    one_pixel[0, 0, 0] = 0.0  # differs from white in 1 of 4 pixels by 1: RMS = sqrt(1/4)
+    assert pairwise_rms_distance(torch.stack([white, one_pixel])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        pairwise_rms_distance(white[None])
+
+
+def test_embedding_optimisation_lowers_the_first_step_norm(tiny_model_dir, components):
+    cfg = tiny_config(tiny_model_dir)
+    scorer = Scorer(components, cfg.score, device="cpu")
+    timestep = scorer.timesteps()[0]
+    latents = scorer.initial_latents(["0" * 16])[0]
+    cond = scorer.encode([PROMPT]).embeddings
+
+    def first_step_norm(embedding):
+        t = timestep.expand(len(latents))
+        return float(conditional_noise_norms(scorer.unet, latents, t, embedding, unconditional_noise(scorer.unet, latents, t, scorer.empty_embedding)).mean())
+
+    optimised = optimise_embedding(scorer.unet, latents, timestep, cond, scorer.empty_embedding, iters=3, lr=0.01)
+    assert optimised.shape == cond.shape and not optimised.requires_grad
+    assert first_step_norm(optimised) < first_step_norm(cond)
+
+
+def test_strategies_share_seeds(tiny_model_dir, components, vocab):
+    """Strategies that leave this prompt's embedding unchanged must give identical numbers: paired noises."""
+    cfg = tiny_config(
+        tiny_model_dir, "mitigation.strategies=[original,remove_marker,embedding_noise]", "mitigation.noise_std=0.0"
+    )
+    scorer = Scorer(components, cfg.score, device="cpu")
+    rows, grids = mitigate_prompt(scorer, "No acute process.", "0" * 16, cfg, vocab, keep=2)
+    frame = pd.DataFrame(rows)
+    assert frame["strategy"].tolist() == ["original", "remove_marker", "embedding_noise"]
+    assert frame["d_mem"].nunique() == 1 and frame["pairwise_distance"].nunique() == 1
+    assert np.isfinite(frame["d_mem"]).all() and (frame["pairwise_distance"] > 0).all()
+    np.testing.assert_array_equal(grids["original"], grids["embedding_noise"])
+    assert grids["original"].shape[0] == 2 and grids["original"].ndim == 3
+
+
+def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
+    strategies = "mitigation.strategies=[original,remove_marker,embedding_optimisation]"
+    cfg = tiny_config(
+        tiny_model_dir, f"run.output={tmp_path}", strategies, "report.top_prompts=1", "report.grid_generations=2"
+    )
+    layout = storage.RunLayout(str(tmp_path))
+    memorized = pd.DataFrame({"prompt": ["Compared to ___, stable.", "Dr. ___ notified."], "prompt_id": ["a" * 16, "b" * 16]})
+    storage.write_text(layout.memorized, memorized.to_csv(index=False))
+    summary = mitigate_run(cfg)
+    table = storage.read_table(layout.mitigation).to_pandas()
+    assert list(table.columns) == ["prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations"]
+    assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
+    removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
+    assert removed["mitigated_prompt"].item() == "Compared to, stable."
+    assert summary["figures"] == [storage.join(layout.figures, f"generations_{'a' * 16}.npz")]
+    with np.load(summary["figures"][0]) as grids:
+        assert sorted(grids.files) == ["embedding_optimisation", "original", "remove_marker"]
+        assert grids["original"].shape[0] == 2 and 0 <= grids["original"].min() <= grids["original"].max() <= 1
+    merged = storage.read_json(layout.summary)["mitigation"]["strategies"]
+    assert sorted(merged) == ["embedding_optimisation", "original", "remove_marker"]
+    assert merged["original"]["mean_d_mem"] == pytest.approx(table[table["strategy"] == "original"]["d_mem"].mean())
