@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def die_with_parent() -> None:
+    """In the child before exec: on Linux, have the kernel stop the server if the test process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class S3Server:
     """One `weed mini` process; stop() and start() keep its ports and data, so buckets survive."""
@@ -135,7 +144,9 @@ class S3Server:
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command(), env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
