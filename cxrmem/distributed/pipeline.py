@@ -109,7 +109,7 @@ def scored_dataset(cfg, prompts_uri: str, skip_ids: pa.Array):
     from ray.data.expressions import col
 
     fs, path = storage.filesystem(prompts_uri, cfg.storage)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "prompt"])
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt_id", "prompt"])
     if len(skip_ids):
         ds = ds.filter(expr=col("prompt_id").not_in(skip_ids.to_pylist()))
     # Blocks of one batch (streamed, no shuffle): results then reach the driver and the part files

@@ -1,0 +1,272 @@
+"""The distributed service against a real Ray head started here (`ray start --head`), with the tiny model.
+
+- a full audit submitted through the Ray Jobs API completes and publishes every output;
+- a scoring actor killed mid-run is restarted, and every prompt is scored exactly once;
+- a driver killed after two part files resumes: the rerun scores only the rest, and the result
+  equals an uninterrupted single-process run.
+
+The head runs in its own session with its own ports and temp dir, and only its own process
+group is stopped at the end.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxrmem import storage
+from cxrmem.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+# The head listens on loopback only and lives for one test module: no token authentication, so
+# that every client (this process, job drivers, subprocesses) connects whatever its token state.
+HEAD_ENV = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+# A cheap but complete configuration: every stage runs, on a few dozen prompts.
+SMALL = [
+    "corpus.synthetic.n_reports=60",
+    "score.steps=2",
+    "score.generations=2",
+    "score.batch_size=4",
+    "ray.batch_size=4",
+    "ray.checkpoint_every=8",
+    "ray.progress_every_s=5",
+    "analyze.top_percent=5",
+    "attribution.steps=1",
+    "attribution.generations=1",
+    "attribution.max_prompts=2",
+    "mitigation.strategies=[original,remove_marker,embedding_noise]",
+    "mitigation.n_generations=2",
+    "mitigation.steps=2",
+    "mitigation.max_prompts=1",
+    "report.figures=false",
+]
+
+
+@dataclass
+class Head:
+    address: str  # GCS address for ray.init
+    dashboard: str  # Jobs API
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from ray.job_submission import JobSubmissionClient
+
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="cxrray", dir="/tmp")  # short: Ray's socket paths live under it
+    log_path = Path(temp_dir) / "head.log"
+    command = [
+        RAY, "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, env={**os.environ, **HEAD_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        if head.poll() is not None:
+            stop_process_group(head)
+            pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            JobSubmissionClient(url).list_jobs()
+            break
+        except Exception as err:
+            if time.monotonic() > deadline:
+                stop_process_group(head)
+                pytest.fail(f"the Ray head's Jobs API did not come up ({err}):\n{log_path.read_text()[-3000:]}")
+            time.sleep(2)
+    yield Head(address=f"127.0.0.1:{gcs}", dashboard=url)
+    stop_process_group(head)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process_group(head: subprocess.Popen) -> None:
+    """Stop the head and everything it started (its own process group), never other Ray instances."""
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+@pytest.fixture()
+def driver_on_head(ray_head, tmp_path):
+    """This process as a Ray driver of the head; `env` reaches every worker of this driver's job."""
+    import ray
+
+    env = {**HEAD_ENV, "CXRMEM_FAULT_ONCE_FILE": str(tmp_path / "kill-one-worker")}
+    ray.init(address=ray_head.address, runtime_env={"env_vars": env}, logging_level="WARNING")
+    yield tmp_path / "kill-one-worker"
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scored_reference(tiny_model_dir, tmp_path_factory):
+    """prompts.parquet and the scores of an uninterrupted single-process run, for the same settings."""
+    from cxrmem.corpus.prepare import prepare
+    from cxrmem.scoring.run import score_prompts_file
+
+    out = str(tmp_path_factory.mktemp("reference"))
+    cfg = load_config(None, [f"run.output={out}", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=120", *SMALL])
+    prepare(cfg)
+    score_prompts_file(cfg)
+    return storage.RunLayout(out)
+
+
+def small_config(output, model_dir, *extra):
+    return load_config(None, [f"run.output={output}", f"model.path={model_dir}", "corpus.synthetic.n_reports=120", *SMALL, *extra])
+
+
+def assert_scores_match(layout, reference):
+    scores = pq.read_table(layout.scores)
+    expected = pq.read_table(reference.scores).sort_by("prompt_id")
+    assert scores["prompt_id"].to_pylist() == expected["prompt_id"].to_pylist()  # sorted, each prompt once
+    np.testing.assert_allclose(scores["d_mem"].to_numpy(), expected["d_mem"].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    output = tmp_path / "run"
+    overrides = [f"run.output={output}", f"model.path={tiny_model_dir}", *SMALL]
+    entrypoint = " ".join([sys.executable, str(REPO / "ray_jobs" / "audit.py"), *[f"'{o}'" for o in overrides]])
+    client = JobSubmissionClient(ray_head.dashboard)
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": HEAD_ENV})
+    deadline = time.monotonic() + 240  # about 90 s on an idle 2-core machine
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(job)
+            pytest.fail(f"the audit job did not finish in time:\n{client.get_job_logs(job)[-4000:]}")
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
+
+    layout = storage.RunLayout(str(output))
+    manifest = storage.read_json(layout.manifest)
+    for name in ["prompts.parquet", "scores.parquet", "summary.json", "memorized_prompts.csv", "tokens.parquet", "mitigation.parquet", "report.html"]:
+        assert name in manifest["files"], name
+    prompts = pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist()
+    scores = pq.read_table(layout.scores)
+    assert scores["prompt_id"].to_pylist() == sorted(prompts)
+    assert np.isfinite(scores["d_mem"].to_numpy()).all()
+    assert set(scores["model_fingerprint"].to_pylist()) == {manifest["model_fingerprint"]}
+    summary = storage.read_json(layout.summary)
+    assert summary["audit"]["scoring"]["computed"] == len(prompts)
+    assert {"score", "analyze", "attribute", "mitigate", "report"} <= set(summary["audit"]["timings_s"])
+    assert summary["analysis"]["memorized_count"] >= 1
+    assert pq.read_table(layout.tokens).num_rows > 0 and pq.read_table(layout.mitigation).num_rows == 3
+    assert resume_parts(layout) == []
+
+
+def resume_parts(layout):
+    from cxrmem.distributed.resume import part_files
+
+    return part_files(layout.score_parts)
+
+
+def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head, scored_reference, tiny_model_dir, tmp_path):
+    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+
+    kill_flag = driver_on_head
+    layout = storage.RunLayout(str(tmp_path / "run"))
+    storage.makedirs(layout.prefix)
+    shutil.copy(scored_reference.prompts, layout.prompts)
+    cfg = small_config(layout.prefix, tiny_model_dir)
+
+    def kill_a_worker_once_parts_exist():
+        while not resume_parts(layout):
+            time.sleep(0.05)
+        kill_flag.touch()  # the next batch's worker deletes it and exits
+
+    threading.Thread(target=kill_a_worker_once_parts_exist, daemon=True).start()
+    result = score_corpus(cfg, model_fingerprint(cfg))
+
+    assert not kill_flag.exists(), "no worker died: the run finished before the fault was armed"
+    total = pq.read_metadata(layout.prompts).num_rows
+    assert result["computed"] == total and result["resumed"] == 0  # every row reached the driver once
+    assert result["duplicates_dropped"] == 0
+    assert_scores_match(layout, scored_reference)
+
+
+DRIVER_KILLED_AFTER_TWO_PARTS = textwrap.dedent(
+    """
+    import os, signal, sys
+    import ray
+    from cxrmem.config import load_config
+    from cxrmem.distributed import resume
+    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+
+    write_part = resume.write_part
+    def write_part_then_die(table, parts_dir, sequence, storage_cfg=None):
+        uri = write_part(table, parts_dir, sequence, storage_cfg)
+        if sequence == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the driver dies hard right after its second part
+        return uri
+    resume.write_part = write_part_then_die
+
+    cfg = load_config(None, sys.argv[2:])
+    ray.init(address=sys.argv[1], runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, logging_level="WARNING")
+    score_corpus(cfg, model_fingerprint(cfg))
+    """
+)
+
+
+def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head, scored_reference, tiny_model_dir, tmp_path):
+    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+
+    layout = storage.RunLayout(str(tmp_path / "run"))
+    storage.makedirs(layout.prefix)
+    shutil.copy(scored_reference.prompts, layout.prompts)
+    overrides = [f"run.output={layout.prefix}", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=120", *SMALL]
+    killed = subprocess.run(
+        [sys.executable, "-c", DRIVER_KILLED_AFTER_TWO_PARTS, ray_head.address, *overrides],
+        env={**os.environ, **HEAD_ENV, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    parts = resume_parts(layout)
+    assert len(parts) == 2 and not storage.exists(layout.scores)
+    rows_in_parts = sum(pq.read_metadata(part).num_rows for part in parts)
+
+    cfg = small_config(layout.prefix, tiny_model_dir)
+    result = score_corpus(cfg, model_fingerprint(cfg))
+
+    total = pq.read_metadata(layout.prompts).num_rows
+    assert result["resumed"] == rows_in_parts >= 2 * cfg.ray.checkpoint_every
+    assert result["computed"] == total - result["resumed"]
+    assert result["duplicates_dropped"] == 0
+    assert_scores_match(layout, scored_reference)
