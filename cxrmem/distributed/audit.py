@@ -16,23 +16,14 @@ import time
 
 import pandas as pd
 import pyarrow as pa
-from omegaconf import OmegaConf
 
 from cxrmem import storage
 from cxrmem.attribution import merge_summary
 from cxrmem.config import config_hash
-from cxrmem.distributed.pipeline import model_fingerprint, pool_size, ray_session, score_corpus
+from cxrmem.distributed.pipeline import model_fingerprint, pool_size, ray_session, score_corpus, with_overrides
 from cxrmem.distributed.workers import ModelWorker
 
 log = logging.getLogger(__name__)
-
-
-def with_overrides(cfg, **dotted):
-    """A read-only copy of `cfg` with dot-keys replaced (keyword `a__b` is the key `a.b`)."""
-    items = [f"{key.replace('__', '.')}={value}" for key, value in dotted.items()]
-    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
-    OmegaConf.set_readonly(merged, True)
-    return merged
 
 
 class StageTimer:
@@ -169,15 +160,18 @@ def run_audit(cfg) -> dict:
                 prepare(cfg)
         with timer("fingerprint"):
             fingerprint = model_fingerprint(cfg)
+        analysis_cfg = cfg
         with timer("score"):
             if cfg.cascade.enabled:
-                from cxrmem.distributed.cascade import run_cascade
+                from cxrmem.distributed.cascade import analysis_top_percent, run_cascade
 
                 scoring = run_cascade(cfg, fingerprint)
+                # scores.parquet holds the screened share only: the same top share of the whole corpus.
+                analysis_cfg = with_overrides(cfg, analyze__top_percent=analysis_top_percent(cfg))
             else:
                 scoring = score_corpus(cfg, fingerprint)
         with timer("analyze"):
-            analysis = analyze(cfg)
+            analysis = analyze(analysis_cfg)
         explained = explain_memorized(cfg, timer)
     audit = {
         "output": output,

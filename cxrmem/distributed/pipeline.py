@@ -15,9 +15,11 @@ import contextlib
 import logging
 import os
 import warnings
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from omegaconf import OmegaConf
 
 from cxrmem import storage
 from cxrmem.config import config_hash
@@ -26,6 +28,14 @@ from cxrmem.distributed.progress import Progress
 from cxrmem.distributed.workers import ModelWorker
 
 log = logging.getLogger(__name__)
+
+
+def with_overrides(cfg, **dotted):
+    """A read-only copy of `cfg` with dot-keys replaced (keyword `a__b` is the key `a.b`)."""
+    items = [f"{key.replace('__', '.')}={value}" for key, value in dotted.items()]
+    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
+    OmegaConf.set_readonly(merged, True)
+    return merged
 
 
 # ---------------------------------------------------------------- Ray session
@@ -149,14 +159,16 @@ def stream_to_parts(ds, layout: storage.RunLayout, cfg, progress: Progress) -> i
     return parts
 
 
-def score_corpus(cfg, fingerprint: str, what: str = "scored") -> dict:
-    """Score every prompt of `run.output`/prompts.parquet not yet scored under (fingerprint, config hash).
+def score_corpus(cfg, fingerprint: str, prompts_uri: Optional[str] = None, what: str = "scored") -> dict:
+    """Score every prompt of `prompts_uri` (default: run.output's prompts.parquet) not yet scored
+    under (fingerprint, config hash) into run.output's part files, then its scores.parquet.
 
-    Needs a Ray session (see `ray_session`). Writes part files, then scores.parquet.
+    Needs a Ray session (see `ray_session`).
     """
     layout = storage.RunLayout(cfg.run.output)
+    prompts_uri = prompts_uri or layout.prompts
     key = config_hash(cfg)
-    prompt_ids = storage.read_table(layout.prompts, cfg.storage, columns=["prompt_id"])["prompt_id"]
+    prompt_ids = storage.read_table(prompts_uri, cfg.storage, columns=["prompt_id"])["prompt_id"]
     done = resume.done_ids(resume.score_sources(layout, cfg.storage), fingerprint, key, cfg.storage)
     resumed = int(pc.sum(pc.is_in(prompt_ids, value_set=done)).as_py() or 0)
     progress = Progress(len(prompt_ids) - resumed, what, cfg.ray.progress_every_s, already_done=resumed)
@@ -164,7 +176,7 @@ def score_corpus(cfg, fingerprint: str, what: str = "scored") -> dict:
     log.info("%s: %d prompts, %d already done; %d workers x %.2f GPU", what, len(prompt_ids), resumed, actors, gpus)
     parts_written = 0
     if progress.total > 0:
-        parts_written = stream_to_parts(scored_dataset(cfg, layout.prompts, done), layout, cfg, progress)
+        parts_written = stream_to_parts(scored_dataset(cfg, prompts_uri, done), layout, cfg, progress)
     merged = resume.consolidate(layout, fingerprint, key, cfg.storage)
     return {
         "scores": layout.scores,

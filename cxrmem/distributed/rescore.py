@@ -28,8 +28,8 @@ import pyarrow as pa
 from cxrmem import storage
 from cxrmem.attribution import merge_summary
 from cxrmem.config import config_hash
-from cxrmem.distributed.audit import run_audit, with_overrides
-from cxrmem.distributed.pipeline import model_fingerprint, ray_session
+from cxrmem.distributed.audit import run_audit
+from cxrmem.distributed.pipeline import model_fingerprint, ray_session, with_overrides
 
 log = logging.getLogger(__name__)
 
