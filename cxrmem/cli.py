@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.stage == "export":
         from cxrmem.publish import export_run
 
-        return export_run(cfg.run.output, args.to, cfg.storage)
+        return export_run(cfg.run.output, args.to, cfg.storage, overwrite=cfg.run.overwrite)
     if args.stage == "deid-rewrite":
         from cxrmem.corpus.deid import rewrite_corpus
 
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"cxrmem: configuration error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
+        # Storage, missing-file, published-run, model-store and bad-input errors say what to do.
         print(f"cxrmem {args.stage}: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, default=str))

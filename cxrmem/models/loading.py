@@ -34,7 +34,7 @@ COMPLETE_MARKER = ".cxrmem-complete.json"
 UNBOUNDED_LENGTH = 1_000_000
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """A model store that cannot be loaded, with the path and what to do in the message."""
 
 
