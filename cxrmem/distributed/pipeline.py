@@ -188,8 +188,7 @@ def score_corpus(cfg, fingerprint: str, prompts_uri: Optional[str] = None, what:
         "duplicates_dropped": merged["duplicates"],
         "workers": actors,
         "gpus_per_worker": gpus,
-        "seconds": round(progress.elapsed_s, 2),
-        "prompts_per_s": round(progress.rate, 3),
+        **{key: value for key, value in progress.summary().items() if key not in ("prompts", "resumed")},
         "model_fingerprint": fingerprint,
         "config_hash": key,
     }

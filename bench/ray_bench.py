@@ -1,0 +1,290 @@
+"""Benchmarks of the Ray service (not tests): run `python bench/ray_bench.py`, read the printed tables.
+
+1. throughput: the Ray Data pipeline (in-process Ray, one actor on the machine's cores) against
+   the single-process scorer on the same prompts and model, side by side, with the ratio;
+2. driver memory: the driver's peak RSS for a small and a large corpus. The large corpus is made
+   resumable: all but `--memory-scored` prompts are already in part files (written by this
+   parent process, not the measured driver), so the driver does everything a 100K-prompt run
+   asks of it (done set, anti-join, streaming, k-way consolidation of every row, the d_mem
+   column for the analysis) while scoring only a few prompts on these CPUs;
+3. cascade: the share of the full score's top 1% that a k-step screen of the top q% recovers,
+   and the UNet evaluations it saves, on `--cascade-model` (the testbed if built, with its
+   planted prompts) or the tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrmem import storage
+from cxrmem.config import config_hash, load_config
+
+log = logging.getLogger("ray_bench")
+
+
+def write_prompts(path: str, n: int) -> None:
+    """n distinct report-like prompts with the prompts.parquet columns the analysis reads."""
+    from cxrmem.corpus.synthetic import generate_reports
+    from cxrmem.corpus.text import prompt_id
+
+    impressions = [r["impression"] for r in generate_reports(min(n, 2000), seed=0)]
+    texts = [f"{impressions[i % len(impressions)]} Study {i}." for i in range(n)]
+    table = pa.table(
+        {
+            "prompt_id": [prompt_id(t) for t in texts],
+            "prompt": texts,
+            "n_reports": np.ones(n, np.int32),
+            "has_marker": np.array(["___" in t for t in texts]),
+            "n_markers": np.array([t.count("___") for t in texts], np.int32),
+        }
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+
+
+def bench_config(output: str, model: str, args, *extra: str):
+    return load_config(
+        None,
+        [
+            f"run.output={output}",
+            f"model.path={model}",
+            f"score.steps={args.steps}",
+            f"score.generations={args.generations}",
+            f"score.batch_size={args.batch_size}",
+            f"ray.batch_size={args.batch_size * 4}",
+            "ray.num_workers=1",
+            f"ray.num_cpus_per_worker={args.cpus}",
+            "ray.progress_every_s=10",
+            *extra,
+        ],
+    )
+
+
+# ---------------------------------------------------------------- 1. throughput
+
+
+def throughput(args, model: str, work: str) -> dict:
+    import torch
+
+    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
+    from cxrmem.models.loading import load_components
+    from cxrmem.scoring.run import score_prompts
+    from cxrmem.scoring.scorer import Scorer
+
+    run = os.path.join(work, "throughput")
+    write_prompts(os.path.join(run, "prompts.parquet"), args.prompts)
+    cfg = bench_config(run, model, args)
+    table = pq.read_table(os.path.join(run, "prompts.parquet"), columns=["prompt_id", "prompt"])
+    ids, prompts = table["prompt_id"].to_pylist(), table["prompt"].to_pylist()
+
+    torch.set_num_threads(args.cpus)
+    components = load_components(cfg.model)
+    scorer = Scorer(components, cfg.score, device="cpu")
+    start = time.perf_counter()
+    for _ in score_prompts(scorer, ids, prompts, cfg.score.batch_size, components.fingerprint, config_hash(cfg)):
+        pass
+    single = args.prompts / (time.perf_counter() - start)
+    del scorer, components
+
+    with ray_session(cfg.ray):
+        result = score_corpus(cfg, model_fingerprint(cfg))
+    return {
+        "prompts": args.prompts,
+        "single_process_prompts_per_s": round(single, 3),
+        "ray_prompts_per_s_end_to_end": result["prompts_per_s"],
+        "ray_prompts_per_s_steady": result["prompts_per_s_steady"],
+        "ray_startup_s": result["startup_s"],
+        "ratio_steady": round(result["prompts_per_s_steady"] / single, 3),
+        "ratio_end_to_end": round(result["prompts_per_s"] / single, 3),
+    }
+
+
+# ---------------------------------------------------------------- 2. driver memory
+
+
+def prefill_parts(cfg, fingerprint: str, n_done: int) -> None:
+    """Part files for the first n_done prompts, as an interrupted run would have left them."""
+    from cxrmem.distributed import resume
+
+    layout = storage.RunLayout(cfg.run.output)
+    prompts = pq.read_table(layout.prompts, columns=["prompt_id", "prompt"]).slice(0, n_done)
+    rng = np.random.default_rng(0)
+    g, t = cfg.score.generations, cfg.score.steps
+    for sequence, lo in enumerate(range(0, n_done, cfg.ray.checkpoint_every)):
+        chunk = prompts.slice(lo, cfg.ray.checkpoint_every)
+        norms = rng.random((chunk.num_rows, g, t), dtype=np.float32)
+        part = pa.table(
+            {
+                "prompt_id": chunk["prompt_id"],
+                "prompt": chunk["prompt"],
+                "d_mem": pa.array(norms.mean(axis=(1, 2)), pa.float32()),
+                "step_norms": pa.array(norms.tolist(), pa.list_(pa.list_(pa.float32()))),
+                "nonfinite": pa.array(np.zeros(chunk.num_rows, bool)),
+                "n_tokens": pa.array(np.full(chunk.num_rows, 20, np.int32)),
+                "truncated": pa.array(np.zeros(chunk.num_rows, bool)),
+                "model_fingerprint": pa.array([fingerprint] * chunk.num_rows),
+                "config_hash": pa.array([config_hash(cfg)] * chunk.num_rows),
+            }
+        )
+        resume.write_part(part, layout.score_parts, sequence)
+
+
+def driver_memory(args, model: str, work: str, n: int) -> dict:
+    """Prepare a corpus of n prompts and measure a fresh driver process on it."""
+    from cxrmem.models.loading import load_components
+
+    run = os.path.join(work, f"memory-{n}")
+    write_prompts(os.path.join(run, "prompts.parquet"), n)
+    cfg = bench_config(run, model, args)
+    prefill_parts(cfg, load_components(cfg.model).fingerprint, max(0, n - args.memory_scored))
+    command = [sys.executable, __file__, "--measure-driver", run, "--model", model, *sys.argv[1:]]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measured driver failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_driver(args, run: str, model: str) -> None:
+    """In a fresh process: score what is left, consolidate, analyse; print peak RSS as JSON."""
+    from cxrmem.analysis import analyze
+    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
+
+    cfg = bench_config(run, model, args, "analyze.top_percent=1")
+    with ray_session(cfg.ray):
+        baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result = score_corpus(cfg, model_fingerprint(cfg))
+        analyze(cfg)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "prompts": result["total"],
+                "scored_now": result["computed"],
+                "resumed": result["resumed"],
+                "rows_consolidated": result["rows"],
+                "driver_rss_after_ray_init_mb": round(baseline_kb / 1024, 1),
+                "driver_peak_rss_mb": round(peak_kb / 1024, 1),
+            }
+        )
+    )
+
+
+# ---------------------------------------------------------------- 3. cascade
+
+
+def cascade(args, model: str) -> dict:
+    """One full trajectory per prompt gives both scores: the screen is the mean of its first k steps."""
+    import torch
+
+    from cxrmem.distributed.cascade import cascade_cost, cascade_recall
+    from cxrmem.models.loading import load_components
+    from cxrmem.scoring.scorer import Scorer
+
+    manifest = os.path.join(model, "manifest.csv")
+    if os.path.isfile(manifest):
+        import pandas as pd
+
+        prompts = pd.read_csv(manifest)["prompt"].drop_duplicates().tolist()
+        source = manifest
+    else:
+        from cxrmem.corpus.synthetic import generate_reports
+
+        prompts = list(dict.fromkeys(r["impression"] for r in generate_reports(args.cascade_prompts * 3, seed=1)))
+        prompts, source = prompts[: args.cascade_prompts], "synthetic impressions"
+    from cxrmem.corpus.text import prompt_id
+
+    torch.set_num_threads(args.cpus)
+    cfg = load_config(None, [f"model.path={model}", f"score.steps={args.cascade_steps}", "score.generations=2"])
+    scorer = Scorer(load_components(cfg.model), cfg.score, device="cpu")
+    norms = np.concatenate(
+        [
+            scorer.score(prompts[lo : lo + 16], [prompt_id(p) for p in prompts[lo : lo + 16]]).step_norms
+            for lo in range(0, len(prompts), 16)
+        ]
+    )
+    full = norms.mean(axis=(1, 2))
+    rows = []
+    for k in args.cascade_k:
+        screen = norms[:, :, :k].mean(axis=(1, 2))
+        for q in args.cascade_q:
+            cost = cascade_cost(len(prompts), int(np.ceil(q / 100 * len(prompts))), k, cfg.score.steps, cfg.score.generations)
+            rows.append(
+                {
+                    "k": k,
+                    "q_percent": q,
+                    "top1_recovered": round(cascade_recall(full, screen, 1.0, q), 3),
+                    "compute_saved": round(cost["compute_saved"], 3),
+                }
+            )
+    return {"model": model, "prompts": len(prompts), "source": source, "steps": cfg.score.steps, "rows": rows}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers model folder (default: a tiny model built here)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPU threads of the single process and of the Ray actor")
+    parser.add_argument("--prompts", type=int, default=256, help="prompts of the throughput comparison")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per UNet call (x4 per Ray batch)")
+    parser.add_argument("--memory-sizes", default="1000,100000", help="corpus sizes of the driver-memory runs")
+    parser.add_argument("--memory-scored", type=int, default=1000, help="prompts actually scored in each memory run")
+    parser.add_argument("--cascade-model", help="model of the cascade evaluation (default: testbed/model if built, else --model)")
+    parser.add_argument("--cascade-prompts", type=int, default=300, help="synthetic prompts when the model has no manifest")
+    parser.add_argument("--cascade-steps", type=int, default=20)
+    parser.add_argument("--cascade-k", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument("--cascade-q", type=float, nargs="+", default=[5.0, 10.0, 20.0])
+    parser.add_argument("--only", choices=["throughput", "memory", "cascade"], action="append")
+    parser.add_argument("--measure-driver", help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    if args.measure_driver:
+        measure_driver(args, args.measure_driver, args.model)
+        return
+    work = tempfile.mkdtemp(prefix="ray_bench_")
+    model = args.model
+    if model is None:
+        from cxrmem.models.tiny import build_tiny_model
+
+        model = build_tiny_model(os.path.join(work, "tiny"), seed=0)
+    only = set(args.only or ["throughput", "memory", "cascade"])
+    if "throughput" in only:
+        t = throughput(args, model, work)
+        print(f"\nthroughput, {t['prompts']} prompts, {args.cpus} CPU threads, steps={args.steps}, G={args.generations}")
+        print(f"  {'single process':<28}{t['single_process_prompts_per_s']:>10.2f} prompts/s")
+        print(f"  {'Ray pipeline (steady)':<28}{t['ray_prompts_per_s_steady']:>10.2f} prompts/s   ratio {t['ratio_steady']:.2f}")
+        print(f"  {'Ray pipeline (end to end)':<28}{t['ray_prompts_per_s_end_to_end']:>10.2f} prompts/s   ratio {t['ratio_end_to_end']:.2f}"
+              f"   (start-up {t['ray_startup_s']} s)")
+    if "memory" in only:
+        print(f"\ndriver peak RSS (score {args.memory_scored} prompts, resume the rest, consolidate all, analyse)")
+        for n in [int(v) for v in args.memory_sizes.split(",")]:
+            m = driver_memory(args, model, work, n)
+            print(f"  {m['prompts']:>8} prompts: peak {m['driver_peak_rss_mb']:>8.1f} MB"
+                  f"  (after ray.init {m['driver_rss_after_ray_init_mb']:.1f} MB; {m['rows_consolidated']} rows consolidated)")
+    if "cascade" in only:
+        cascade_model = args.cascade_model or ("testbed/model" if os.path.isfile("testbed/model/model_index.json") else model)
+        c = cascade(args, cascade_model)
+        print(f"\ncascade on {c['model']} ({c['prompts']} prompts from {c['source']}, T={c['steps']})")
+        print(f"  {'k':>3} {'q %':>6} {'top-1% recovered':>18} {'UNet evals saved':>18}")
+        for row in c["rows"]:
+            print(f"  {row['k']:>3} {row['q_percent']:>6g} {row['top1_recovered']:>18.3f} {row['compute_saved']:>18.3f}")
+
+
+if __name__ == "__main__":
+    main()
