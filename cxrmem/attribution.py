@@ -154,15 +154,17 @@ def delete_span(text: str, start: int, end: int) -> str:
 
 
 # -- one prompt -------------------------------------------------------------------------------
-def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int) -> torch.Tensor:
-    """token_gradient_norms along the scorer's guided trajectories: the first `steps` steps of `generations` noises: [L]."""
-    trajectory = scorer.sample(cond_emb, scorer.initial_latents([prompt_id], generations), steps=steps, keep_latents=True)
+def trajectory_token_norms(
+    scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int
+) -> torch.Tensor:
+    """token_gradient_norms along the scorer's guided trajectories (first `steps` steps, `generations` noises): [L]."""
+    latents = scorer.initial_latents([prompt_id], generations)
+    trajectory = scorer.sample(cond_emb, latents, steps=steps, keep_latents=True)
     timesteps = trajectory.timesteps.to(scorer.device)
     per_generation = []
     for g in range(generations):
-        x_t = torch.stack(
-            [scorer.scheduler.scale_model_input(x[0, g], t) for x, t in zip(trajectory.latents_per_step, trajectory.timesteps)]
-        )
+        steps_g = zip(trajectory.latents_per_step, trajectory.timesteps)
+        x_t = torch.stack([scorer.scheduler.scale_model_input(x[0, g], t) for x, t in steps_g])
         per_generation.append(
             token_gradient_norms(
                 scorer.unet, x_t.to(scorer.device, scorer.dtype), timesteps, cond_emb[0], scorer.empty_embedding
@@ -260,12 +262,15 @@ def read_memorized(layout: storage.RunLayout, storage_cfg, max_prompts: Optional
     """The memorized set (prompt_id, prompt), most memorized first, cut to `max_prompts`."""
     if not storage.exists(layout.memorized, storage_cfg):
         raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
-    memorized = pd.read_csv(io.BytesIO(storage.read_bytes(layout.memorized, storage_cfg)), keep_default_na=False)
+    memorized = pd.read_csv(
+        io.BytesIO(storage.read_bytes(layout.memorized, storage_cfg)),
+        dtype={"prompt": str, "prompt_id": str},  # an all-digit id keeps its leading zeros
+        keep_default_na=False,  # a prompt that reads "NA" stays a prompt
+    )
     if "prompt" not in memorized.columns:
         raise ValueError(f"{layout.memorized} has no `prompt` column (columns: {list(memorized.columns)})")
     if "prompt_id" not in memorized.columns:
         memorized["prompt_id"] = memorized["prompt"].map(make_prompt_id)
-    memorized["prompt_id"] = memorized["prompt_id"].astype(str)
     return memorized.head(max_prompts) if max_prompts is not None else memorized
 
 
@@ -288,7 +293,8 @@ def attribute_run(cfg) -> dict:
     start = time.perf_counter()
     tokens = attribute_prompts(scorer, memorized["prompt"].tolist(), memorized["prompt_id"].tolist(), cfg)
     seconds = time.perf_counter() - start
-    storage.write_table(pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False), layout.tokens, cfg.storage)
+    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
+    storage.write_table(table, layout.tokens, cfg.storage)
     summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
     merge_summary(layout, "attribution", summary, cfg.storage)
     log.info("attribution: %s", summary)

@@ -142,10 +142,11 @@ def optimise_embedding(
     lr: float,
     target: float = 0.0,
 ) -> torch.Tensor:
-    """Wen et al.: Adam on e_p [1, L, D] minimising the mean first-step ||eps(x_T, e_p) - eps(x_T, e_0)|| over latents [G, ...].
+    """Wen et al.: Adam on e_p [1, L, D] minimising the first-step ||eps(x_T, e_p) - eps(x_T, e_0)||.
 
-    Stops early once the loss falls below `target` (0: run all `iters`). The embedding is optimised
-    in float32 and returned in its own dtype.
+    The loss is the mean over the latents x_T [G, C, H, W] (UNet inputs) at `timestep`. Stops early
+    once it falls below `target` (0: run all `iters`). The embedding is optimised in float32 and
+    returned in its own dtype.
     """
     timesteps = timestep.expand(len(latents))
     eps_uncond = unconditional_noise(unet, latents, timesteps, uncond_emb)
@@ -176,15 +177,16 @@ def pairwise_rms_distance(images: torch.Tensor) -> float:
 def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, cfg) -> torch.Tensor:
     """The conditional embedding [1, L, D] a strategy generates with."""
     if strategy == "embedding_noise":
-        generator = torch.Generator("cpu").manual_seed(int(strategy_rng(cfg.mitigation.seed, prompt_id, strategy).integers(2**63)))
+        seed = int(strategy_rng(cfg.mitigation.seed, prompt_id, strategy).integers(2**63))
+        generator = torch.Generator("cpu").manual_seed(seed)
         return noisy_embedding(embedding, cfg.mitigation.noise_std, generator)
     if strategy == "embedding_optimisation":
         # Its own noises (mitigation.seed): optimising on the evaluation noises would flatter it.
         timestep = scorer.timesteps()[0]
         ids = [prompt_id] if scorer.cfg.seed_mode == "per_prompt" else None
-        noise = initial_latents(
-            scorer.components.latent_shape, cfg.mitigation.seed, scorer.cfg.generations, ids, float(scorer.scheduler.init_noise_sigma)
-        )[0]
+        sigma = float(scorer.scheduler.init_noise_sigma)
+        shape = scorer.components.latent_shape
+        noise = initial_latents(shape, cfg.mitigation.seed, scorer.cfg.generations, ids, sigma)[0]
         latents = scorer.scheduler.scale_model_input(noise.to(scorer.device), timestep).to(scorer.dtype)
         return optimise_embedding(
             scorer.unet,
@@ -205,7 +207,8 @@ def generation_scorer(scorer, steps):
         return scorer
     from cxrmem.scoring.scorer import Scorer
 
-    score_cfg = OmegaConf.create({**OmegaConf.to_container(scorer.cfg, resolve=True), "steps": steps, "screening_steps": None})
+    settings = OmegaConf.to_container(scorer.cfg, resolve=True)
+    score_cfg = OmegaConf.create({**settings, "steps": steps, "screening_steps": None})
     return Scorer(scorer.components, score_cfg, device=scorer.device)
 
 
@@ -230,7 +233,8 @@ def mitigate_prompt(
         [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, cfg) for i, s in enumerate(strategies)]
     )
     # d_mem of every strategy in one batch, every row from the same G noises: paired by construction.
-    trajectory = scorer.sample(embeddings, scorer.initial_latents([prompt_id] * len(strategies)), steps=scorer.cfg.screening_steps)
+    same_noises = scorer.initial_latents([prompt_id] * len(strategies))
+    trajectory = scorer.sample(embeddings, same_noises, steps=scorer.cfg.screening_steps)
     scores, _ = d_mem(trajectory.step_norms)
     latents = sampler.initial_latents([prompt_id], cfg.mitigation.n_generations)
     chunk = cfg.score.batch_size * cfg.score.generations
@@ -274,7 +278,11 @@ def mitigation_summary(frame: pd.DataFrame) -> dict:
         d_mem=("d_mem", "mean"), pairwise_distance=("pairwise_distance", "mean"), prompts=("prompt_id", "nunique")
     )
     return {
-        strategy: {"mean_d_mem": float(row.d_mem), "mean_pairwise_distance": float(row.pairwise_distance), "prompts": int(row.prompts)}
+        strategy: {
+            "mean_d_mem": float(row.d_mem),
+            "mean_pairwise_distance": float(row.pairwise_distance),
+            "prompts": int(row.prompts),
+        }
         for strategy, row in per_strategy.iterrows()
     }
 
@@ -313,9 +321,8 @@ def mitigate_run(cfg) -> dict:
         log.info("mitigated %d/%d prompts", i + 1, len(memorized))
     seconds = time.perf_counter() - start
     frame = mitigation_frame(rows)
-    storage.write_table(
-        pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation, cfg.storage
-    )
+    table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
+    storage.write_table(table, layout.mitigation, cfg.storage)
     summary = {
         "strategies": mitigation_summary(frame),
         "prompts": int(frame["prompt_id"].nunique()),

@@ -8,6 +8,7 @@ import torch
 
 from cxrmem import storage
 from cxrmem.attribution import (
+    TOKEN_COLUMNS,
     attribute_prompts,
     attribute_run,
     attribution_summary,
@@ -102,8 +103,9 @@ def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
     cfg = tiny_config(tiny_model_dir)
     prompts, ids = [PROMPT, "Normal."], ["0" * 16, "1" * 16]
     tokens = attribute_prompts(scorer, prompts, ids, cfg)
-    assert list(tokens.columns) == [
-        "prompt_id", "prompt", "unit", "unit_index", "is_marker", "n_pieces", "grad_score", "grad_rank", "loo_delta", "loo_rank",
+    assert list(tokens.columns) == list(TOKEN_COLUMNS) == [
+        "prompt_id", "prompt", "unit", "unit_index", "is_marker", "n_pieces",
+        "grad_score", "grad_rank", "loo_delta", "loo_rank",
     ]  # fmt: skip
     first = tokens[tokens["prompt_id"] == ids[0]]
     assert first["unit"].tolist()[2] == "___" and first["is_marker"].sum() == 1
@@ -122,9 +124,13 @@ def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
 
 
 def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, f"run.output={tmp_path}", "attribution.leave_one_out=false", "attribution.max_prompts=2")
+    cfg = tiny_config(
+        tiny_model_dir, f"run.output={tmp_path}", "attribution.leave_one_out=false", "attribution.max_prompts=2"
+    )
     layout = storage.RunLayout(str(tmp_path))
-    memorized = pd.DataFrame({"prompt": [PROMPT, "Dr. ___ notified.", "Not attributed."], "prompt_id": ["a" * 16, "b" * 16, "c" * 16]})
+    memorized = pd.DataFrame(
+        {"prompt": [PROMPT, "Dr. ___ notified.", "Not attributed."], "prompt_id": ["a" * 16, "b" * 16, "c" * 16]}
+    )
     storage.write_text(layout.memorized, memorized.to_csv(index=False))
     storage.write_json(layout.summary, {"analysis": {"memorized_count": 3}})
     summary = attribute_run(cfg)

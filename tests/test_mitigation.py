@@ -12,6 +12,7 @@ from cxrmem.attribution import conditional_noise_norms, unconditional_noise
 from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX
 from cxrmem.mitigation import (
+    MITIGATION_COLUMNS,
     mitigate_prompt,
     mitigate_run,
     mitigated_prompt,
@@ -29,7 +30,13 @@ from cxrmem.scoring.scorer import Scorer
 
 PATTERN = re.compile(MARKER_REGEX)
 PROMPT = "Compared to ___, the heart is enlarged. Dr. ___ was notified at ___ a.m. XXXX noted."
-TINY = ["score.steps=2", "score.generations=1", "mitigation.n_generations=2", "mitigation.optimisation_iters=2", "model.device=cpu"]
+TINY = [
+    "score.steps=2",
+    "score.generations=1",
+    "mitigation.n_generations=2",
+    "mitigation.optimisation_iters=2",
+    "model.device=cpu",
+]
 
 
 def tiny_config(model_dir, *overrides):
@@ -133,7 +140,8 @@ def test_embedding_optimisation_lowers_the_first_step_norm(tiny_model_dir, compo
 
     def first_step_norm(embedding):
         t = timestep.expand(len(latents))
-        return float(conditional_noise_norms(scorer.unet, latents, t, embedding, unconditional_noise(scorer.unet, latents, t, scorer.empty_embedding)).mean())
+        eps_uncond = unconditional_noise(scorer.unet, latents, t, scorer.empty_embedding)
+        return float(conditional_noise_norms(scorer.unet, latents, t, embedding, eps_uncond).mean())
 
     optimised = optimise_embedding(scorer.unet, latents, timestep, cond, scorer.empty_embedding, iters=3, lr=0.01)
     assert optimised.shape == cond.shape and not optimised.requires_grad
@@ -161,11 +169,15 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
         tiny_model_dir, f"run.output={tmp_path}", strategies, "report.top_prompts=1", "report.grid_generations=2"
     )
     layout = storage.RunLayout(str(tmp_path))
-    memorized = pd.DataFrame({"prompt": ["Compared to ___, stable.", "Dr. ___ notified."], "prompt_id": ["a" * 16, "b" * 16]})
+    memorized = pd.DataFrame(
+        {"prompt": ["Compared to ___, stable.", "Dr. ___ notified."], "prompt_id": ["a" * 16, "b" * 16]}
+    )
     storage.write_text(layout.memorized, memorized.to_csv(index=False))
     summary = mitigate_run(cfg)
     table = storage.read_table(layout.mitigation).to_pandas()
-    assert list(table.columns) == ["prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations"]
+    assert list(table.columns) == list(MITIGATION_COLUMNS) == [
+        "prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations",
+    ]  # fmt: skip
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
     assert removed["mitigated_prompt"].item() == "Compared to, stable."
