@@ -270,3 +270,29 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
     assert result["computed"] == total - result["resumed"]
     assert result["duplicates_dropped"] == 0
     assert_scores_match(layout, scored_reference)
+
+
+def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir, tmp_path):
+    from cxrmem.distributed.rescore import DIFF_FILE, latest_uri, rescore
+    from cxrmem.models.tiny import build_tiny_model
+
+    output = str(tmp_path / "service")
+    light = ["attribution.enabled=false", "mitigation.enabled=false", "corpus.synthetic.n_reports=60"]
+    first = rescore(small_config(output, tiny_model_dir, *light))
+    assert first["status"] == "rescored" and first["previous"] is None
+    assert rescore(small_config(output, tiny_model_dir, *light))["status"] == "unchanged"
+
+    retrained = build_tiny_model(str(tmp_path / "retrained"), seed=1)
+    second = rescore(small_config(output, retrained, *light))
+
+    assert second["status"] == "rescored" and second["previous"] == first["run"]
+    assert second["previous_model_fingerprint"] == first["model_fingerprint"] != second["model_fingerprint"]
+    diff = pq.read_table(second["diff"]).to_pandas()
+    assert len(diff) == pq.read_metadata(storage.RunLayout(first["run"]).prompts).num_rows
+    assert diff["d_mem_change"].notna().all() and (diff["d_mem_change"] != 0).any()
+    assert second["entered"] + second["stayed"] == second["memorized_count"]
+    assert (diff["change"] == "left").sum() == second["left"]
+    assert storage.read_json(latest_uri(output))["run"] == second["run"]
+    manifest = storage.read_json(storage.RunLayout(second["run"]).manifest)
+    assert DIFF_FILE in manifest["files"] and manifest["model_fingerprint"] == second["model_fingerprint"]
+    assert storage.read_json(storage.RunLayout(second["run"]).summary)["rescore"]["entered"] == second["entered"]
