@@ -249,7 +249,9 @@ def cascade(args, model: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="diffusers model folder (default: a tiny model built here)")
-    parser.add_argument("--cpus", type=int, default=2, help="CPU threads of the single process and of the Ray actor")
+    # One thread each by default: on a shared 2-core machine, 2 OpenMP threads per process measured
+    # 5x slower than 1 (spin-waiting threads that other processes preempt).
+    parser.add_argument("--cpus", type=int, default=1, help="torch threads of the single process and of the Ray actor")
     parser.add_argument("--prompts", type=int, default=1024, help="prompts of the throughput comparison")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--generations", type=int, default=1)

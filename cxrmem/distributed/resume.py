@@ -93,7 +93,9 @@ def _rows(uri: str, rank: int, keep: pc.Expression, storage_cfg=None) -> Iterato
     """(prompt_id, source rank, batch, row) for the rows of one sorted source that match `keep`."""
     fs, path = storage.filesystem(uri, storage_cfg)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(filter=keep, batch_size=MERGE_READ_ROWS):
+    # No read-ahead: a merge holds every source open at once, so the driver keeps one batch of each.
+    batches = dataset.to_batches(filter=keep, batch_size=MERGE_READ_ROWS, batch_readahead=0, fragment_readahead=0, use_threads=False)
+    for batch in batches:
         for row, pid in enumerate(batch.column("prompt_id").to_pylist()):
             yield pid, rank, batch, row
 
