@@ -135,7 +135,7 @@ def evaluate(cfg) -> dict:
     if nonfinite.any():
         raise ValueError(f"{int(nonfinite.sum())} prompts gave non-finite noise norms; the testbed model is broken")
     levels = list(tb.duplication_levels)
-    own = train_images[frame.index.to_numpy()][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
+    own = train_images[list(frame.index)][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
     nearest = rms_distance(generated, own).min(dim=1).values.numpy()
     planted = frame.planted.to_numpy()
 

@@ -133,19 +133,19 @@ def sample_anatomy(seed: int) -> Anatomy:
     rng = np.random.default_rng(seed)
     u = rng.uniform
     return Anatomy(
-        center_x=u(-0.06, 0.06),
-        center_y=u(-0.05, 0.05),
-        thorax_width=u(0.80, 0.92),
-        thorax_height=u(0.85, 0.98),
-        lung_width=u(0.30, 0.37),
-        lung_height=u(0.58, 0.70),
+        center_x=u(-0.1, 0.1),
+        center_y=u(-0.08, 0.08),
+        thorax_width=u(0.74, 0.95),
+        thorax_height=u(0.82, 1.0),
+        lung_width=u(0.29, 0.38),
+        lung_height=u(0.55, 0.72),
         heart_width=u(0.30, 0.36),
         heart_height=u(0.24, 0.30),
         heart_x=u(0.05, 0.14),
-        diaphragm_y=u(0.42, 0.58),
+        diaphragm_y=u(0.40, 0.60),
         rib_frequency=u(4.0, 5.5),
         rib_phase=u(0, 2 * np.pi),
-        exposure=u(0.85, 1.15),
+        exposure=u(0.75, 1.25),
         texture=rng.standard_normal((8, 8)).astype(np.float32),
         finding_seed=int(rng.integers(2**31)),
     )
@@ -210,7 +210,7 @@ def render(anatomy: Anatomy, findings: Findings, size: int = 64) -> np.ndarray:
         shape = _ellipse(x, y, lung_cx[side], -0.08, a.lung_width, a.lung_height)
         below_dome = np.clip((dome[side] - y) / 0.05, 0, 1)
         lung[side] = shape * below_dome
-    markings = 0.04 * _upsample(a.texture, size)
+    markings = 0.06 * _upsample(a.texture, size)
     edge_bonus = 0.05 * (np.abs(x) < 0.25)  # vessels are denser near the hila
 
     lucency = np.zeros_like(x)
