@@ -37,7 +37,7 @@ def test_diffusers_folder_loads_frozen_components_on_the_cpu(tiny_model_dir):
     assert type(components.scheduler).__name__ == "DDIMScheduler"
     assert components.vae is None
     assert components.vae_scaling_factor == 0.13025
-    assert components.latent_shape == (4, 16, 16)
+    assert components.latent_shape == (4, 8, 8)
     assert components.max_length == components.tokenizer.model_max_length == 128
     assert components.source == f"diffusers:{tiny_model_dir}"
     for module in (components.text_encoder, components.unet):
