@@ -95,9 +95,11 @@ def throughput(args, model: str, work: str) -> dict:
     start = time.perf_counter()
     components = load_components(cfg.model)
     scorer = Scorer(components, cfg.score, device="cpu")
+    load_s = time.perf_counter() - start
     for _ in score_prompts(scorer, ids, prompts, cfg.score.batch_size, components.fingerprint, config_hash(cfg)):
         pass
     single = args.prompts / (time.perf_counter() - start)
+    single_scoring = args.prompts / (time.perf_counter() - start - load_s)
     del scorer, components
 
     with ray_session(cfg.ray):
@@ -105,9 +107,13 @@ def throughput(args, model: str, work: str) -> dict:
     return {
         "prompts": args.prompts,
         "single_process_prompts_per_s": round(single, 3),
+        "single_process_load_s": round(load_s, 2),
         "ray_prompts_per_s": result["prompts_per_s"],
         "ray_startup_s": result["startup_s"],
         "ratio": round(result["prompts_per_s"] / single, 3),
+        "single_process_prompts_per_s_after_load": round(single_scoring, 3),
+        "ray_prompts_per_s_after_startup": result["prompts_per_s_after_startup"],
+        "ratio_after_startup": round(result["prompts_per_s_after_startup"] / single_scoring, 3),
     }
 
 
@@ -281,9 +287,12 @@ def main() -> None:
     if "throughput" in only:
         t = throughput(args, model, work)
         print(f"\nthroughput, {t['prompts']} prompts, {args.cpus} CPU threads, steps={args.steps}, G={args.generations}")
-        print(f"  {'single process':<16}{t['single_process_prompts_per_s']:>10.2f} prompts/s (model load included)")
-        print(f"  {'Ray pipeline':<16}{t['ray_prompts_per_s']:>10.2f} prompts/s (actor start included: first batch after"
-              f" {t['ray_startup_s']} s)   ratio {t['ratio']:.2f}")
+        print(f"  {'':<16}{'end to end':>14}{'after start-up':>16}  start-up")
+        print(f"  {'single process':<16}{t['single_process_prompts_per_s']:>14.2f}"
+              f"{t['single_process_prompts_per_s_after_load']:>16.2f}  {t['single_process_load_s']} s (model load)")
+        print(f"  {'Ray pipeline':<16}{t['ray_prompts_per_s']:>14.2f}{t['ray_prompts_per_s_after_startup']:>16.2f}"
+              f"  {t['ray_startup_s']} s (actor, model, first batch)")
+        print(f"  {'ratio Ray/single':<16}{t['ratio']:>14.2f}{t['ratio_after_startup']:>16.2f}")
     if "memory" in only:
         print(f"\ndriver peak RSS (score {args.memory_scored} prompts, resume the rest, consolidate all, analyse)")
         for n in [int(v) for v in args.memory_sizes.split(",")]:

@@ -21,6 +21,8 @@ class Progress:
         self.start = time.monotonic()
         self._last_log = self.start
         self.first_result_s: Optional[float] = None  # start-up: actors placed, models loaded, first batch
+        self._first_rows = 0
+        self._last_update = self.start
 
     @property
     def elapsed_s(self) -> float:
@@ -36,11 +38,20 @@ class Progress:
     def eta_s(self) -> Optional[float]:
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
+    @property
+    def steady_rate(self) -> Optional[float]:
+        """Prompts per second from the first result on: the throughput once start-up is paid."""
+        if self.first_result_s is None:
+            return None
+        seconds = self._last_update - self.start - self.first_result_s
+        return (self.done - self._first_rows) / seconds if seconds > 0 else None
+
     def update(self, n: int) -> None:
         now = time.monotonic()
         if self.first_result_s is None:
-            self.first_result_s = now - self.start
+            self.first_result_s, self._first_rows = now - self.start, n
         self.done += n
+        self._last_update = now
         if now - self._last_log >= self.every_s or self.done >= self.total:
             self._last_log = now
             log.info("%s", self.line())
@@ -60,4 +71,5 @@ class Progress:
             "seconds": round(self.elapsed_s, 2),
             "prompts_per_s": round(self.rate, 3),
             "startup_s": None if self.first_result_s is None else round(self.first_result_s, 2),
+            "prompts_per_s_after_startup": None if self.steady_rate is None else round(self.steady_rate, 3),
         }
