@@ -20,9 +20,9 @@ keeps `n_pieces` and the summary also reports the marker's rank under the per-pi
 
 Read "the marker ranks first" against a baseline: on the random-weight tiny model (nothing
 memorized) the three-piece `___` ranked first in all 5 top-1% prompts of a 600-report synthetic
-run, under both the sum and leave-one-out (deleting three tokens moves the embedding more than deleting one), and far
-down under the per-piece mean. Run the same stage on a random-initialised copy of the audited
-architecture before concluding that markers drive memorization.
+run, under both the sum and leave-one-out (deleting three tokens moves the embedding more than
+deleting one), and far down under the per-piece mean. Run the same stage on a random-initialised
+copy of the audited architecture before concluding that markers drive memorization.
 """
 
 from __future__ import annotations
