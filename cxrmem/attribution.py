@@ -298,10 +298,15 @@ def attribute_run(cfg) -> dict:
     scorer = Scorer(load_components(cfg.model, cfg.storage), cfg.score, device=cfg.model.device)
     start = time.perf_counter()
     tokens = attribute_prompts(scorer, memorized["prompt"].tolist(), memorized["prompt_id"].tolist(), cfg)
-    seconds = time.perf_counter() - start
-    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
-    storage.write_table(table, layout.tokens, cfg.storage)
-    summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
-    merge_summary(layout, "attribution", summary, cfg.storage)
+    summary = write_attribution(layout, tokens, time.perf_counter() - start, cfg.storage)
     log.info("attribution: %s", summary)
+    return summary
+
+
+def write_attribution(layout: storage.RunLayout, tokens: pd.DataFrame, seconds: float, storage_cfg) -> dict:
+    """tokens.parquet and summary.json["attribution"]; shared by this stage and the Ray driver."""
+    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
+    storage.write_table(table, layout.tokens, storage_cfg)
+    summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
+    merge_summary(layout, "attribution", summary, storage_cfg)
     return summary

@@ -319,8 +319,13 @@ def mitigate_run(cfg) -> dict:
         if grids:
             figures.append(save_generation_grid(layout, pid, grids, cfg.storage))
         log.info("mitigated %d/%d prompts", i + 1, len(memorized))
-    seconds = time.perf_counter() - start
-    frame = mitigation_frame(rows)
+    summary = write_mitigation(layout, mitigation_frame(rows), figures, time.perf_counter() - start, cfg)
+    log.info("mitigation: %s", summary["strategies"])
+    return summary
+
+
+def write_mitigation(layout: storage.RunLayout, frame: pd.DataFrame, figures: list[str], seconds: float, cfg) -> dict:
+    """mitigation.parquet and summary.json["mitigation"]; shared by this stage and the Ray driver."""
     table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
     storage.write_table(table, layout.mitigation, cfg.storage)
     summary = {
@@ -332,5 +337,4 @@ def mitigate_run(cfg) -> dict:
         "figures": figures,
     }
     merge_summary(layout, "mitigation", summary, cfg.storage)
-    log.info("mitigation: %s", summary["strategies"])
     return summary

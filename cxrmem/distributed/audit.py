@@ -15,7 +15,6 @@ import math
 import time
 
 import pandas as pd
-import pyarrow as pa
 
 from cxrmem import storage
 from cxrmem.attribution import merge_summary
@@ -75,21 +74,17 @@ def map_on_actors(actors: list, method: str, prompts: pd.DataFrame, *args) -> li
 
 
 def attribute_on_actors(actors: list, memorized: pd.DataFrame, cfg, layout: storage.RunLayout) -> dict:
-    from cxrmem.attribution import TOKEN_COLUMNS, attribution_summary
+    from cxrmem.attribution import write_attribution
 
     start = time.perf_counter()
     chosen = memorized.head(cfg.attribution.max_prompts) if cfg.attribution.max_prompts else memorized
     tokens = pd.concat(map_on_actors(actors, "attribute", chosen), ignore_index=True)
-    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
-    storage.write_table(table, layout.tokens, cfg.storage)
-    summary = {**attribution_summary(tokens), "seconds": round(time.perf_counter() - start, 2), "tokens": layout.tokens}
-    merge_summary(layout, "attribution", summary, cfg.storage)
-    return summary
+    return write_attribution(layout, tokens, time.perf_counter() - start, cfg.storage)
 
 
 def mitigate_on_actors(actors: list, memorized: pd.DataFrame, cfg, layout: storage.RunLayout) -> dict:
     """As `cxrmem mitigate` (mitigation.mitigate_run), with the prompts spread over the actors."""
-    from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary, save_generation_grid
+    from cxrmem.mitigation import save_generation_grid, write_mitigation
 
     start = time.perf_counter()
     chosen = memorized.head(cfg.mitigation.max_prompts) if cfg.mitigation.max_prompts else memorized
@@ -99,18 +94,7 @@ def mitigate_on_actors(actors: list, memorized: pd.DataFrame, cfg, layout: stora
     frame = pd.concat([rows for rows, _ in results], ignore_index=True)
     grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
     figures = [save_generation_grid(layout, pid, grids[pid], cfg.storage) for pid in chosen["prompt_id"] if pid in grids]
-    table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
-    storage.write_table(table, layout.mitigation, cfg.storage)
-    summary = {
-        "strategies": mitigation_summary(frame),
-        "prompts": int(frame["prompt_id"].nunique()),
-        "n_generations": cfg.mitigation.n_generations,
-        "seconds": round(time.perf_counter() - start, 2),
-        "mitigation": layout.mitigation,
-        "figures": figures,
-    }
-    merge_summary(layout, "mitigation", summary, cfg.storage)
-    return summary
+    return write_mitigation(layout, frame, figures, time.perf_counter() - start, cfg)
 
 
 def explain_memorized(cfg, timer: "StageTimer") -> dict:
