@@ -88,7 +88,10 @@ def pool_size(ray_cfg) -> tuple[int, float]:
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_worker = ray_cfg.num_gpus_per_worker if cluster_gpus > 0 else 0.0
+    # A cluster whose GPU workers scale up from zero shows no GPUs yet: a fixed pool on a remote
+    # cluster still asks for them, so that the autoscaler brings them up.
+    wants_gpus = cluster_gpus > 0 or (ray_cfg.address is not None and bool(ray_cfg.num_workers))
+    gpus_per_worker = ray_cfg.num_gpus_per_worker if wants_gpus else 0.0
     if ray_cfg.num_workers:
         return ray_cfg.num_workers, gpus_per_worker
     if gpus_per_worker > 0:
