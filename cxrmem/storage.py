@@ -81,7 +81,10 @@ def join(prefix: str, *parts: str) -> str:
 
 
 def relative(uri: str, prefix: str) -> str:
-    """`uri` relative to `prefix` (both local or both s3://)."""
+    """`uri` relative to `prefix` (both local or both s3://; local paths may be relative)."""
+    if not is_s3(prefix):
+        # Listings return absolute local paths, while run.output may be relative (runs/demo).
+        uri, prefix = (os.path.abspath(os.path.expanduser(str(p))) for p in (uri, prefix))
     prefix = str(prefix).rstrip("/") + "/"
     if not str(uri).startswith(prefix):
         raise ValueError(f"{uri} is not under {prefix}")

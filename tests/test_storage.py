@@ -125,3 +125,10 @@ def test_storage_config_rejects_bad_values():
         load_config(overrides=["storage.transfer_threads=0"])
     with pytest.raises(ConfigError, match="storage.backoff_s"):
         load_config(overrides=["storage.backoff_s=-1"])
+
+
+def test_relative_accepts_a_relative_local_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    listed = os.path.join(str(tmp_path), "runs", "demo", "figures", "a.png")
+    assert storage.relative(listed, "runs/demo") == "figures/a.png"
+    assert storage.relative("s3://b/runs/demo/x.json", "s3://b/runs/demo") == "x.json"
