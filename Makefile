@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cxrmem audit --config conf/demo.yaml
+	$(BIN)/cxrmem audit --config conf/demo.yaml run.overwrite=true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
