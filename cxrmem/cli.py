@@ -125,6 +125,20 @@ def _run(args: argparse.Namespace) -> dict:
     raise AssertionError(f"unhandled stage {args.stage}")
 
 
+def job_main(description: str, stage, force_flag: bool = False) -> None:
+    """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file from conf/")
+    if force_flag:
+        parser.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    result = stage(cfg, force=args.force) if force_flag else stage(cfg)
+    print(json.dumps(result, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
