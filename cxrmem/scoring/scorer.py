@@ -130,6 +130,7 @@ class Scorer:
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
         cond = cond_embeddings.to(self.device, self.dtype).repeat_interleave(g, dim=0)
         uncond = self.empty_embedding.to(self.dtype).expand_as(cond)
+        uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
         norms, kept = [], []
         for i, t in enumerate(timesteps):
             if keep_latents:
@@ -139,7 +140,7 @@ class Scorer:
                 eps_cond = self.unet(x_in, t, encoder_hidden_states=cond).sample
                 eps_uncond = self.unet(x_in[:g], t, encoder_hidden_states=uncond[:g]).sample.repeat(n, 1, 1, 1)
             else:
-                eps = self.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                eps = self.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=uncond_and_cond).sample
                 eps_uncond, eps_cond = eps.chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
