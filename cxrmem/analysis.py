@@ -8,8 +8,9 @@ read only for the memorized rows. The statistics themselves live in cxrmem/stats
 
 from __future__ import annotations
 
+import io
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from cxrmem import stats, storage
+from cxrmem.corpus.text import normalise_whitespace, prompt_id
 from cxrmem.storage import RunLayout
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["prompt_id", "d_mem", "nonfinite"]
 RUN_ID_COLUMNS = ["model_fingerprint", "config_hash"]
 PROMPT_COLUMNS = ["prompt_id", "n_reports", "has_marker", "n_markers"]
-MEMORIZED_COLUMNS = ["prompt", "d_mem", "percentile", "n_reports", "has_marker", "prompt_id", "n_markers", "zscore"]
+MEMORIZED_COLUMNS = [
+    "prompt", "d_mem", "percentile", "n_reports", "has_marker", "prompt_id", "n_markers", "zscore", "known_memorized",
+]
 
 
 def analyze_tables(
@@ -33,11 +37,13 @@ def analyze_tables(
     top_percent: float,
     zscore: float,
     buckets: Sequence[int],
+    known_ids: Optional[set[str]] = None,
 ) -> tuple[pd.DataFrame, dict]:
     """The memorized set (sorted by d_mem, descending) and the analysis numbers of one run.
 
     scores_df: prompt_id, d_mem, nonfinite. prompts_df: prompt_id, n_reports, has_marker, and
     optionally n_markers and prompt. Non-finite scores are counted and left out of everything else.
+    known_ids: prompt_ids known to be memorized; when given, detection is checked against them.
     """
     duplicated = scores_df["prompt_id"].duplicated()
     if duplicated.any():
@@ -66,6 +72,8 @@ def analyze_tables(
 
     table["percentile"] = stats.percentile_rank(d_mem)
     table["zscore"] = z
+    if known_ids is not None:
+        table["known_memorized"] = table["prompt_id"].isin(known_ids)
     columns = [c for c in MEMORIZED_COLUMNS if c in table]
     memorized_df = table.loc[memorized, columns].sort_values("d_mem", ascending=False, kind="stable")
 
@@ -96,7 +104,44 @@ def analyze_tables(
             memorized, has_marker, table["n_reports"].to_numpy(), buckets
         ),
     }
+    if known_ids is not None:
+        known = table["known_memorized"].to_numpy(dtype=bool)
+        analysis["known_memorized"] = {
+            "listed": len(known_ids),
+            **known_memorized_check(d_mem, memorized, known),
+        }
     return memorized_df.reset_index(drop=True), analysis
+
+
+def known_memorized_check(d_mem: np.ndarray, memorized: np.ndarray, known: np.ndarray, fpr: float = 0.01) -> dict:
+    """How well the scores find prompts known to be memorized (planted in a testbed, or a released list).
+
+    d_mem, memorized, known: aligned per scored prompt. AUC and TPR at `fpr` take the known prompts
+    as positives and every other scored prompt as a negative.
+    """
+    found = int((memorized & known).sum())
+    return {
+        "known_scored": int(known.sum()),
+        "memorized": int(memorized.sum()),
+        "known_in_memorized": found,
+        "precision": found / int(memorized.sum()) if memorized.any() else None,
+        "recall": found / int(known.sum()) if known.any() else None,
+        "auc": stats.roc_auc(d_mem[known], d_mem[~known]),
+        "tpr_at_fpr": stats.tpr_at_fpr(d_mem[known], d_mem[~known], fpr),
+        "fpr": fpr,
+    }
+
+
+def read_known_memorized(uri: str, storage_cfg=None) -> set[str]:
+    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
+    if not storage.exists(uri, storage_cfg):
+        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
+    table = pd.read_csv(io.StringIO(storage.read_text(uri, storage_cfg)))
+    if "prompt" not in table:
+        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
+    if "planted" in table:
+        table = table[table["planted"].astype(str).str.lower().isin(["true", "1"])]
+    return {prompt_id(normalise_whitespace(str(p))) for p in table["prompt"]}
 
 
 def read_prompt_texts(uri: str, prompt_ids: Sequence[str], storage_cfg=None) -> pd.DataFrame:
@@ -138,6 +183,7 @@ def analyze(cfg: DictConfig) -> dict:
         top_percent=cfg.analyze.top_percent,
         zscore=cfg.analyze.zscore,
         buckets=list(cfg.analyze.n_reports_buckets),
+        known_ids=read_known_memorized(cfg.analyze.known_memorized, cfg.storage) if cfg.analyze.known_memorized else None,
     )
     texts = read_prompt_texts(layout.prompts, memorized["prompt_id"].tolist(), cfg.storage)
     memorized = memorized.merge(texts, on="prompt_id", how="left")

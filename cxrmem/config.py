@@ -96,6 +96,7 @@ class AnalyzeConfig:
     top_percent: float = 1.0  # memorized set: prompts in the top q percent of d_mem (the paper: 1)
     zscore: float = 3.0  # second view: prompts with d_mem z-score above this
     n_reports_buckets: List[int] = field(default_factory=lambda: [1, 2, 5, 20, 100])  # lower edges of duplication buckets
+    known_memorized: Optional[str] = None  # CSV of prompts known to be memorized (column `prompt`; rows with planted=false skipped), e.g. testbed/model/manifest.csv: checks detection against it
 
 
 @dataclass

@@ -189,7 +189,24 @@ def _distribution(page: Page, analysis: dict, d_mem: Optional[np.ndarray]) -> No
     page.sections["distribution"] = "rendered"
 
 
-def _memorized(page: Page, memorized: Optional[pd.DataFrame]) -> None:
+def _known_check(page: Page, known: dict) -> None:
+    """Detection against prompts known to be memorized (analyze.known_memorized): checked, not believed."""
+    page.parts.append(
+        f"<p><b>Check against known memorized prompts</b> ({_e(page.cfg.analyze.known_memorized)}): "
+        f"{_fmt(known['known_in_memorized'])} of the {_fmt(known['memorized'])} prompts in the memorized set are known "
+        f"to be memorized, and the set holds {_fmt(known['known_in_memorized'])} of the {_fmt(known['known_scored'])} "
+        f"known prompts that were scored ({_fmt(known['listed'])} listed).</p>"
+    )
+    page.parts.append(_table([{
+        "precision": _percent(known["precision"]), "recall": _percent(known["recall"]), "auc": known["auc"],
+        "tpr": known["tpr_at_fpr"],
+    }], {"precision": "precision of the memorized set", "recall": "recall of known prompts",
+         "auc": "AUC (known vs other prompts)", "tpr": f"TPR at {_percent(known['fpr'])} FPR"}))
+
+
+def _memorized(page: Page, memorized: Optional[pd.DataFrame], analysis: dict) -> None:
+    if "known_memorized" in analysis:
+        _known_check(page, analysis["known_memorized"])
     if memorized is None:
         page.parts.append(_note("memorized_prompts.csv is absent: run `cxrmem analyze` first."))
         page.sections["memorized"] = "absent: memorized_prompts.csv"
@@ -203,6 +220,8 @@ def _memorized(page: Page, memorized: Optional[pd.DataFrame]) -> None:
     )
     columns = {"rank": "#", "prompt_html": "prompt", "d_mem": "d_mem", "percentile": "percentile",
                "n_reports": "n_reports", "prompt_id": "prompt_id"}
+    if "known_memorized" in memorized:
+        columns["known_memorized"] = "known memorized"
     page.parts.append(_table(rows, columns, raw=("prompt_html",)))
     page.sections["memorized"] = "rendered"
 
@@ -368,7 +387,7 @@ def build_report(cfg: DictConfig) -> dict:
     sections = [
         ("run", "Run", lambda: _run_info(page, summary)),
         ("distribution", "Score distribution", lambda: _distribution(page, analysis, d_mem)),
-        ("memorized", "Memorized prompts", lambda: _memorized(page, memorized)),
+        ("memorized", "Memorized prompts", lambda: _memorized(page, memorized, analysis)),
         ("enrichment", "De-identification marker enrichment", lambda: _enrichment(page, analysis)),
         ("attribution", "Token attribution", lambda: _attribution(page, summary, tokens, memorized)),
         ("mitigation", "Mitigation", lambda: _mitigation(page, mitigation, memorized)),

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem.analysis import analyze, analyze_tables
+from cxrmem.analysis import analyze, analyze_tables, known_memorized_check
 from cxrmem.config import load_config
+from cxrmem.corpus.text import prompt_id
 from cxrmem.storage import RunLayout
 
 N = 300  # 1% of 300 is 3 memorized prompts
@@ -124,3 +125,53 @@ def test_analyze_tables_keeps_ties_and_rejects_foreign_scores():
     foreign = pd.concat([scores, pd.DataFrame({"prompt_id": ["z"], "d_mem": [1.0], "nonfinite": [False]})])
     with pytest.raises(ValueError, match="not in prompts.*first: z"):
         analyze_tables(foreign, prompts, 20, 3.0, [1])
+
+
+def test_known_memorized_check_hand_computed():
+    d_mem = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    memorized = np.array([True, True, False, False, False])
+    known = np.array([True, False, True, False, False])
+    check = known_memorized_check(d_mem, memorized, known)
+    assert check["known_in_memorized"] == 1 and check["precision"] == 0.5 and check["recall"] == 0.5
+    # positives 5 and 3 against negatives 4, 2, 1: 5 of 6 pairs ordered right
+    assert check["auc"] == pytest.approx(5 / 6)
+    assert check["tpr_at_fpr"] == 0.5  # 1% of 3 negatives lets none through: threshold 4
+
+
+def _ids_from_text(layout):
+    """Give the fixture's rows the ids prepare would: the hash of the normalised prompt."""
+    for uri in (layout.prompts, layout.scores):
+        table = pq.read_table(uri)
+        ids = pa.array([prompt_id(p) for p in table["prompt"].to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", ids), uri)
+
+
+def test_analyze_checks_detection_against_a_known_list(run, tmp_path):
+    _, layout, _, _ = run
+    _ids_from_text(layout)
+    known_csv = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "prompt": ["Finding 0, compared to  ___.", "Finding 1, compared to ___.", "Finding 5, no change.", "Not in corpus."],
+            "n_copies": [32, 32, 1, 8],
+            "planted": [True, True, False, True],
+        }
+    ).to_csv(known_csv, index=False)  # whitespace differs in row 0: prompts are normalised before matching
+    analyze(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"]))
+    known = json.loads(open(layout.summary).read())["analysis"]["known_memorized"]
+    assert known["listed"] == 3  # the planted=false row is not a known memorized prompt
+    assert known["known_scored"] == 2 and known["known_in_memorized"] == 2
+    assert known["precision"] == pytest.approx(2 / 3) and known["recall"] == 1.0 and known["auc"] == 1.0
+    memorized = pd.read_csv(layout.memorized, dtype={"prompt_id": str})
+    assert memorized["known_memorized"].tolist() == [True, True, False]
+
+
+def test_known_memorized_file_errors_name_the_key(run, tmp_path):  # noqa: ARG001 (run writes the inputs)
+    def analyze_with(known):
+        analyze(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known}"]))
+
+    with pytest.raises(FileNotFoundError, match="analyze.known_memorized"):
+        analyze_with(tmp_path / "absent.csv")
+    (tmp_path / "bad.csv").write_text("text\nsomething\n")
+    with pytest.raises(ValueError, match="no `prompt` column"):
+        analyze_with(tmp_path / "bad.csv")

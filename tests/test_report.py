@@ -7,6 +7,7 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from cxrmem.analysis import analyze
 from cxrmem.config import load_config
 from cxrmem.report import build_report
 from cxrmem.storage import RunLayout
-from tests.test_analysis import N, _pid, _write_run
+from tests.test_analysis import N, _ids_from_text, _pid, _write_run
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -129,3 +130,21 @@ def test_generation_grid_accepts_grey_and_rgb(tmp_path, shape):
 
     path = generation_grid({"original": np.random.default_rng(0).random(shape)}, str(tmp_path / "g.png"), 3)
     assert open(path, "rb").read()[:4] == b"\x89PNG"
+
+
+def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
+    known_csv = tmp_path / "known.csv"
+    pd.DataFrame({"prompt": ["Finding 0, compared to ___.", "Finding 7, no change."], "planted": [True, True]}).to_csv(known_csv, index=False)
+    rng = np.random.default_rng(1)
+    d_mem = rng.normal(1.0, 0.05, N)
+    d_mem[[0, 1, 2]] = [3.0, 2.5, 2.0]
+    layout, _, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
+    _ids_from_text(layout)
+    cfg = load_config(None, [f"run.output={tmp_path}", "report.figures=false", f"analyze.known_memorized={known_csv}"])
+    analyze(cfg)
+    build_report(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    _check_html(text)
+    assert "Check against known memorized prompts" in text
+    assert "1 of the 3 prompts in the memorized set are known" in text and "1 of the 2 known prompts" in text
+    assert "<th>known memorized</th>" in text

@@ -117,3 +117,16 @@ def test_roc_auc_and_tpr_at_fpr():
     assert stats.tpr_at_fpr(positives, negatives, 0.01) == pytest.approx(2 / 3)
     assert stats.tpr_at_fpr(positives, negatives, 0.0) == pytest.approx(1 / 3)
     assert stats.tpr_at_fpr(positives, negatives, 1.0) == 1.0
+
+
+def test_roc_auc_single_pairs_and_ties():
+    assert stats.roc_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert stats.roc_auc(np.array([1.0]), np.array([2.0])) == 0.0
+    # pairs: (2>1) yes, (2 vs 3) no, (2 vs 2) tie -> (1 + 0.5) / 3
+    assert stats.roc_auc(np.array([2.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+
+
+def test_tpr_at_fpr_threshold_counts():
+    negatives = np.arange(200, dtype=float)  # 1% of 200: two negatives may exceed the threshold (197)
+    assert stats.tpr_at_fpr(np.array([198.0, 199.5, 197.0, 10.0]), negatives) == 0.5
+    assert stats.tpr_at_fpr(np.array([5.0]), np.arange(50, dtype=float)) == 0.0  # 1% of 50 allows none: threshold 49

@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem.corpus.text import count_markers, prompt_id
+from cxrmem.stats import roc_auc, tpr_at_fpr
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.scoring.scorer import Scorer
@@ -40,22 +41,6 @@ SECTION = "## Testbed detection"
 
 
 # -- detection metrics (pure) -----------------------------------------------------------------
-def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(score of a random positive > that of a random negative), ties counting half (Mann-Whitney U)."""
-    positives, negatives = np.asarray(positives, float), np.asarray(negatives, float)
-    greater = (positives[:, None] > negatives[None, :]).sum()
-    ties = (positives[:, None] == negatives[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
-
-
-def tpr_at_fpr(positives: np.ndarray, negatives: np.ndarray, fpr: float = 0.01) -> float:
-    """Share of positives strictly above the threshold that lets at most floor(fpr * n) negatives through."""
-    negatives = np.sort(np.asarray(negatives, float))[::-1]
-    allowed = int(np.floor(fpr * len(negatives)))
-    threshold = negatives[allowed] if allowed < len(negatives) else -np.inf
-    return float((np.asarray(positives, float) > threshold).mean())
-
-
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """||a - b||_2 / sqrt(numel) over the trailing image dims; broadcasts over the leading ones."""
     return (a - b).pow(2).flatten(-3).mean(-1).sqrt()
