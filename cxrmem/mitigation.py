@@ -212,13 +212,21 @@ def generation_scorer(scorer, steps):
     return Scorer(scorer.components, score_cfg, device=scorer.device)
 
 
-def generate_images(scorer, embedding: torch.Tensor, latents: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Decoded generations [M, C, H, W] in [0, 1] of one embedding [1, L, D] from latents [1, M, ...]."""
+def generate_images(scorer, embeddings: torch.Tensor, latents: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Decoded generations [S, M, C, H, W] in [0, 1] of S embeddings [S, L, D], each from the M latents [1, M, ...].
+
+    Every UNet call carries all S strategies for a slice of the generations (about `chunk`
+    samples): few large calls instead of one small call per strategy.
+    """
+    n_strategies, n_generations = embeddings.shape[0], latents.shape[1]
+    per_call = max(1, chunk // n_strategies)
     images = []
-    for lo in range(0, latents.shape[1], chunk):
-        final = scorer.sample(embedding, latents[:, lo : lo + chunk]).final_latents[0]
-        images.append(scorer.decode(final))
-    return torch.cat(images)
+    for lo in range(0, n_generations, per_call):
+        part = latents[:, lo : lo + per_call]
+        final = scorer.sample(embeddings, part.expand(n_strategies, *part.shape[1:])).final_latents
+        decoded = scorer.decode(final.flatten(0, 1))
+        images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
+    return torch.cat(images, dim=1)
 
 
 def mitigate_prompt(
@@ -238,9 +246,10 @@ def mitigate_prompt(
     scores, _ = d_mem(trajectory.step_norms)
     latents = sampler.initial_latents([prompt_id], cfg.mitigation.n_generations)
     chunk = cfg.score.batch_size * cfg.score.generations
+    generations = generate_images(sampler, embeddings, latents, chunk)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
-        images = generate_images(sampler, embeddings[i : i + 1], latents, chunk)
+        images = generations[i]
         rows.append(
             {
                 "prompt_id": prompt_id,

@@ -13,9 +13,11 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX
 from cxrmem.mitigation import (
     MITIGATION_COLUMNS,
+    generate_images,
     mitigate_prompt,
     mitigate_run,
     mitigated_prompt,
+    generate_images,
     optimise_embedding,
     pairwise_rms_distance,
     random_insertion,
@@ -161,6 +163,19 @@ def test_strategies_share_seeds(tiny_model_dir, components, vocab):
     assert np.isfinite(frame["d_mem"]).all() and (frame["pairwise_distance"] > 0).all()
     np.testing.assert_array_equal(grids["original"], grids["embedding_noise"])
     assert grids["original"].shape[0] == 2 and grids["original"].ndim == 3
+
+
+def test_generations_batched_over_strategies_match_one_strategy_at_a_time(tiny_model_dir, components):
+    cfg = tiny_config(tiny_model_dir)
+    scorer = Scorer(components, cfg.score, device="cpu")
+    embeddings = scorer.encode(["No acute process.", "Small left effusion.", "Heart size is enlarged."]).embeddings
+    latents = scorer.initial_latents(["0" * 16], 5)[:1]
+    together = generate_images(scorer, embeddings, latents, chunk=6)  # 2 generations x 3 strategies per call
+    assert together.shape[:2] == (3, 5)
+    for i in range(3):
+        alone = generate_images(scorer, embeddings[i : i + 1], latents, chunk=5)[0]
+        torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
 
 
 def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
