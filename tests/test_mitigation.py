@@ -17,7 +17,6 @@ from cxrmem.mitigation import (
     mitigate_prompt,
     mitigate_run,
     mitigated_prompt,
-    generate_images,
     optimise_embedding,
     pairwise_rms_distance,
     random_insertion,
