@@ -8,9 +8,12 @@ with the project's `Scorer`, then reports:
   (the norm at the first DDIM step only; with shared initial latents it equals the score of a
   `score.screening_steps=1` run, since the first step does not depend on how many follow);
 - mean d_mem of planted prompts with and without `___` markers at each duplication level;
-- how close the guided generations come to the training image: per prompt, the smallest RMS
+- how close the generations come to the training image: per prompt, the smallest RMS
   distance over its G generations to the image it was trained with (planted: the one fixed
-  image; never-duplicated: its own image).
+  image; never-duplicated: its own image), for the guided generations the score is taken on
+  (w = score.guidance_scale) and for plain conditional sampling (w = 1). At w = 7.5 this
+  pixel-space model overshoots on memorized prompts (the very text-conditional noise d_mem
+  measures, amplified 7.5x and clipped), so the copies show best at w = 1.
 
 The section "Testbed detection" of `testbed.results` (bench/RESULTS.md) is replaced by the numbers.
 """
@@ -84,14 +87,24 @@ def training_images(model_dir: str, manifest: pd.DataFrame, marker_regex: str) -
     return training_set.images
 
 
-def score_and_generate(scorer: Scorer, prompts: list[str], batch_size: int, shared: bool):
-    """Step norms [N, G, T] and final guided images [N, G, 1, H, W] in [0, 1]."""
+def nearest_distances(images: torch.Tensor, own: torch.Tensor, frame: pd.DataFrame, levels) -> dict:
+    """Mean over prompts of the smallest RMS distance of a prompt's generations to its training image."""
+    nearest = rms_distance(images, own).min(dim=1).values.numpy()
+    planted = frame.planted.to_numpy()
+    return {
+        "unique": float(nearest[~planted].mean()),
+        **{f"planted_{level}": float(nearest[planted & (frame.n_copies == level).to_numpy()].mean()) for level in levels},
+    }
+
+
+def score_and_generate(scorer: Scorer, prompts: list[str], batch_size: int, shared: bool, guidance=None):
+    """Step norms [N, G, T] and final images [N, G, 1, H, W] in [0, 1], at `guidance` (None: the configured w)."""
     norms, images = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         encoded = scorer.encode(batch)
         latents = scorer.initial_latents([prompt_id(p) for p in batch])
-        trajectory = scorer.sample(encoded.embeddings, latents, shared_first_step=shared)
+        trajectory = scorer.sample(encoded.embeddings, latents, guidance=guidance, shared_first_step=shared)
         norms.append(trajectory.step_norms)
         final = trajectory.final_latents
         images.append(scorer.decode(final.flatten(0, 1)).reshape(final.shape))
@@ -120,8 +133,8 @@ def evaluate(cfg) -> dict:
     if nonfinite.any():
         raise ValueError(f"{int(nonfinite.sum())} prompts gave non-finite noise norms; the testbed model is broken")
     levels = list(tb.duplication_levels)
+    _, conditional = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, False, guidance=1.0)
     own = train_images[list(frame.index)][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
-    nearest = rms_distance(generated, own).min(dim=1).values.numpy()
     planted = frame.planted.to_numpy()
 
     result = {
@@ -142,8 +155,8 @@ def evaluate(cfg) -> dict:
         ],
         "d_mem_unique_mean": float(full[~planted].mean()),
         "distance": {
-            "unique": float(nearest[~planted].mean()),
-            **{f"planted_{level}": float(nearest[planted & (frame.n_copies == level).to_numpy()].mean()) for level in levels},
+            name: nearest_distances(images, own, frame, levels)
+            for name, images in (("guided", generated), ("conditional", conditional))
         },
         "minutes": round((time.time() - started) / 60, 2),
     }
@@ -181,16 +194,20 @@ def results_markdown(result: dict, cfg) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {m['level']} | {m['d_mem_marker']:.3f} | {m['d_mem_no_marker']:.3f} |" for m in result["marker"]]
-    distance = result["distance"]
+    guided, conditional = result["distance"]["guided"], result["distance"]["conditional"]
     lines += [
         "",
-        "Smallest RMS distance (images in [0, 1]) of a prompt's G guided generations to its training image:",
+        "Smallest RMS distance (images in [0, 1]) of a prompt's G generations to its training image, for the",
+        f"guided generations the score is taken on (w={score['guidance']}) and for conditional sampling (w=1):",
         "",
-        "| prompts | mean distance |",
-        "|---|---|",
-        f"| never-duplicated (own image) | {distance['unique']:.3f} |",
+        f"| prompts | guided, w={score['guidance']} | conditional, w=1 |",
+        "|---|---|---|",
     ]
-    lines += [f"| planted, {key.split('_')[1]} copies | {value:.3f} |" for key, value in distance.items() if key != "unique"]
+    lines += [
+        f"| {'never-duplicated (own image)' if key == 'unique' else 'planted, ' + key.split('_')[1] + ' copies'} "
+        f"| {value:.3f} | {conditional[key]:.3f} |"
+        for key, value in guided.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
