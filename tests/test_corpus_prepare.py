@@ -8,7 +8,7 @@ import pytest
 
 from cxrmem import storage
 from cxrmem.config import ConfigError, load_config
-from cxrmem.corpus.prepare import SUMMARY_FILE, build_prompts_table, prepare
+from cxrmem.corpus.prepare import SUMMARY_FILE, build_prompts_table, check_same_corpus, prepare
 from cxrmem.corpus.text import SourceText, prompt_id, skipped
 from cxrmem.models.loading import load_tokenizer
 
@@ -125,3 +125,11 @@ def test_prepare_mimic_reports_from_s3(tiny_model_dir, s3_bucket, s3_server):
     assert sum(table.column("n_reports").to_pylist()) == 40
     assert {i for ids in table.column("source_ids").to_pylist() for i in ids} == {r["report_id"] for r in reports}
     assert storage.read_json(f"{out}/{SUMMARY_FILE}", cfg.storage)["reports_read"] == 41
+
+
+def test_a_resumed_run_must_keep_its_corpus(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    prepare(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40"))
+    check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2"))
+    with pytest.raises(ValueError, match=r"corpus.max_reports: 40 then, 30 now.*delete that folder"):
+        check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30"))

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from omegaconf import OmegaConf
 
 from cxrmem import storage
 from cxrmem.config import ConfigError
@@ -210,6 +211,30 @@ def iter_records(cfg) -> Iterator[SourceText]:
     return islice(iter_tables(corpus.path, corpus.text_column, list(corpus.id_columns), cfg.storage), limit)
 
 
+def corpus_settings(cfg) -> dict:
+    """The corpus keys that decide which prompts a run holds (a resumed run must not mix two corpora)."""
+    settings = OmegaConf.to_container(cfg.corpus, resolve=True)
+    for key in ("progress_every", "read_workers"):  # how it is read, not what
+        settings.pop(key)
+    return settings
+
+
+def check_same_corpus(cfg) -> None:
+    """Raise if run.output already holds prompts prepared from other corpus settings."""
+    summary_uri = storage.RunLayout(cfg.run.output).path(SUMMARY_FILE)
+    if not storage.exists(summary_uri, cfg.storage):
+        return  # prompts.parquet given by hand: nothing recorded to compare with
+    recorded = storage.read_json(summary_uri, cfg.storage).get("corpus")
+    current = corpus_settings(cfg)
+    changed = sorted(k for k in current if recorded is not None and recorded.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"{cfg.run.output} holds an unfinished run prepared with other corpus settings "
+            + ", ".join(f"corpus.{k}: {recorded.get(k)!r} then, {current[k]!r} now" for k in changed)
+            + "; resume it with the same settings, or delete that folder (or choose another run.output) to start over"
+        )
+
+
 def prepare(cfg, tokenizer=None) -> dict:
     """Write prompts.parquet and prepare_summary.json under run.output; returns the summary.
 
@@ -247,6 +272,7 @@ def prepare(cfg, tokenizer=None) -> dict:
     summary = {
         "source": cfg.corpus.source,
         "path": where,
+        "corpus": corpus_settings(cfg),
         "prompts_file": layout.prompts,
         **counts,
         "seconds": {**counts["seconds"], "total": round(seconds, 3)},

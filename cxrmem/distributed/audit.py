@@ -137,9 +137,11 @@ def run_audit(cfg) -> dict:
     timer = StageTimer()
     start = time.perf_counter()
     with ray_session(cfg.ray):
-        if not storage.exists(layout.prompts, cfg.storage):
-            from cxrmem.corpus.prepare import prepare
+        from cxrmem.corpus.prepare import check_same_corpus, prepare
 
+        if storage.exists(layout.prompts, cfg.storage):
+            check_same_corpus(cfg)  # resuming: the prompts must come from this config's corpus
+        else:
             with timer("prepare"):
                 prepare(cfg)
         with timer("fingerprint"):
