@@ -31,16 +31,20 @@ class PaperLoop:
     """One pipeline call per prompt, norms captured from the UNet's [uncond; cond] output."""
 
     def __init__(self, components):
+        def own_scheduler():  # the pipeline's constructor resets clip_sample on the scheduler it gets
+            return type(components.scheduler).from_config(components.scheduler.config)
+
         self.pipe = StableDiffusionPipeline(
             vae=components.vae,
             text_encoder=components.text_encoder,
             tokenizer=components.tokenizer,
             unet=components.unet,
-            scheduler=components.scheduler,
+            scheduler=own_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+        self.pipe.scheduler = own_scheduler()  # the model's own settings, as the scorer uses them
         self.pipe.set_progress_bar_config(disable=True)
         self.outputs: list[torch.Tensor] = []
         components.unet.register_forward_hook(lambda _m, _a, out: self.outputs.append(out[0].float()))

@@ -59,16 +59,22 @@ def test_d_mem_flags_nonfinite_instead_of_averaging():
 
 def reference_norms(components, prompt: str, latents: torch.Tensor, steps: int, guidance: float) -> np.ndarray:
     """One prompt at a time through diffusers' own pipeline; UNet outputs captured by a forward hook."""
+    def own_scheduler():  # a fresh copy each time: the pipeline must not alter the model's components
+        return type(components.scheduler).from_config(components.scheduler.config)
+
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=components.scheduler,
+        scheduler=own_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    # The pipeline's constructor turns clip_sample off (a legacy fix for old SD checkpoints); the
+    # testbed's pixel-space scheduler clips on purpose, so the reference gets the model's own back.
+    pipe.scheduler = own_scheduler()
     captured = []
     # The pipeline calls the UNet with return_dict=False, so the hook sees a tuple.
     handle = components.unet.register_forward_hook(lambda module, args, output: captured.append(output[0]))
