@@ -173,12 +173,12 @@ class ReportConfig:
 class TestbedConfig:
     out: str = "testbed/model"  # where `cxrmem testbed train` writes the model and manifest.csv
     image_size: int = 32  # phantom size in pixels (32: see cxrmem/testbed/train.py for why)
-    n_unique: int = 600  # prompts seen once, each with its own image
-    planted_per_level: int = 6  # planted prompts per duplication level and marker condition
-    duplication_levels: List[int] = field(default_factory=lambda: [8, 32, 128])  # copies of each planted prompt
+    n_unique: int = 1000  # prompts seen once per epoch, each with its own image
+    planted_per_level: int = 4  # planted prompts per duplication level and marker condition
+    duplication_levels: List[int] = field(default_factory=lambda: [32, 64, 128])  # copies of each planted prompt per epoch
     train_steps: int = 3000  # optimiser steps
-    train_batch_size: int = 64  # images per step
-    learning_rate: float = 0.001  # AdamW learning rate
+    train_batch_size: int = 32  # images per step
+    learning_rate: float = 0.002  # AdamW peak learning rate
     seed: int = 0  # seed of data, initialisation and training
     max_minutes: float = 30.0  # stop training after this wall time (CPU budget)
     block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])  # UNet widths; cross-attention at the last
@@ -187,7 +187,7 @@ class TestbedConfig:
     vocab_size: int = 1000  # WordPiece vocabulary trained on the training prompts
     max_tokens: int = 96  # tokenizer model_max_length (prompts pad and truncate to it)
     cond_drop: float = 0.1  # share of training prompts replaced by "" (classifier-free guidance)
-    warmup_steps: int = 50  # linear learning-rate warmup, then cosine decay to 10%
+    warmup_steps: int = 25  # linear learning-rate warmup, then cosine decay to 10%
     num_threads: int = 1  # torch CPU threads for training and evaluation
     eval_unique: int = 200  # never-duplicated prompts scored by `testbed evaluate` (negatives)
     eval_steps: Optional[int] = 20  # DDIM steps of `testbed evaluate` (None: score.steps)
