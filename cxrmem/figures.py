@@ -69,6 +69,27 @@ def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: floa
     return _save(fig, path, storage_cfg)
 
 
+def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: str, storage_cfg=None) -> str:
+    """The sorted d_mem curve with every prompt known to be memorized marked at its rank."""
+    d_mem = np.asarray(d_mem, dtype=np.float64)
+    order = np.argsort(-d_mem, kind="stable")
+    ordered, rank = d_mem[order], np.arange(1, d_mem.size + 1)
+    marked = np.asarray(known, dtype=bool)[order]
+    fig, axes = _figure(7.5, 3.6)
+    ax = axes[0, 0]
+    ax.plot(rank, ordered, color=BLUE, lw=1.2, label="all prompts")
+    ax.scatter(rank[marked], ordered[marked], color=RED, s=18, zorder=3,
+               label=f"known memorized: {int(marked.sum()):,} prompts")
+    ax.axhline(threshold, color=RED, ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt rank by d_mem (log scale; 1 = highest)")
+    ax.set_ylabel("d_mem")
+    ax.set_title("Where the known memorized prompts rank")
+    ax.legend(loc="upper right", frameon=False)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, storage_cfg)
+
+
 def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, storage_cfg=None) -> str:
     """Histogram of d_mem (log counts), the memorized threshold marked."""
     d_mem = np.asarray(d_mem, dtype=np.float64)

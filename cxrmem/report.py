@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, storage
+from cxrmem.analysis import read_known_memorized
 from cxrmem.config import config_hash
 from cxrmem.storage import RunLayout
 
@@ -119,11 +120,15 @@ def _read_memorized(uri: str, storage_cfg) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.read_bytes(uri, storage_cfg)), dtype={"prompt_id": str}, keep_default_na=False)
 
 
+def _read_scores(uri: str, storage_cfg) -> pd.DataFrame:
+    """prompt_id and d_mem of the finite scores (the only whole-corpus columns the report reads)."""
+    table = storage.read_table(uri, storage_cfg, columns=["prompt_id", "d_mem", "nonfinite"]).to_pandas()
+    finite = np.isfinite(table["d_mem"].to_numpy(dtype=np.float64)) & ~table["nonfinite"].to_numpy(dtype=bool)
+    return table.loc[finite, ["prompt_id", "d_mem"]]
+
+
 def _read_d_mem(uri: str, storage_cfg) -> np.ndarray:
-    """The finite d_mem column (the only whole-corpus column the report reads)."""
-    table = storage.read_table(uri, storage_cfg, columns=["d_mem", "nonfinite"]).to_pandas()
-    d_mem = table["d_mem"].to_numpy(dtype=np.float64)
-    return d_mem[np.isfinite(d_mem) & ~table["nonfinite"].to_numpy(dtype=bool)]
+    return _read_scores(uri, storage_cfg)["d_mem"].to_numpy(dtype=np.float64)
 
 
 def _flatten(obj, prefix: str = "") -> dict:
@@ -189,7 +194,7 @@ def _distribution(page: Page, analysis: dict, d_mem: Optional[np.ndarray]) -> No
     page.sections["distribution"] = "rendered"
 
 
-def _known_check(page: Page, known: dict) -> None:
+def _known_check(page: Page, known: dict, threshold: Optional[float]) -> None:
     """Detection against prompts known to be memorized (analyze.known_memorized): checked, not believed."""
     page.parts.append(
         f"<p><b>Check against known memorized prompts</b> ({_e(page.cfg.analyze.known_memorized)}): "
@@ -202,11 +207,19 @@ def _known_check(page: Page, known: dict) -> None:
         "tpr": known["tpr_at_fpr"],
     }], {"precision": "precision of the memorized set", "recall": "recall of known prompts",
          "auc": "AUC (known vs other prompts)", "tpr": f"TPR at {_percent(known['fpr'])} FPR"}))
+    scores = _read_optional(page.layout.scores, page.cfg, lambda u: _read_scores(u, page.cfg.storage))
+    if scores is None or threshold is None or not page.cfg.analyze.known_memorized:
+        return
+    known_ids = read_known_memorized(page.cfg.analyze.known_memorized, page.cfg.storage)
+    page.figure("known_memorized.png",
+                lambda p: figures.known_ranks(scores["d_mem"].to_numpy(), scores["prompt_id"].isin(known_ids).to_numpy(),
+                                              threshold, p, page.cfg.storage),
+                "Every scored prompt by d_mem rank (log scale); red dots: the prompts known to be memorized.")
 
 
 def _memorized(page: Page, memorized: Optional[pd.DataFrame], analysis: dict) -> None:
     if "known_memorized" in analysis:
-        _known_check(page, analysis["known_memorized"])
+        _known_check(page, analysis["known_memorized"], analysis.get("threshold"))
     if memorized is None:
         page.parts.append(_note("memorized_prompts.csv is absent: run `cxrmem analyze` first."))
         page.sections["memorized"] = "absent: memorized_prompts.csv"

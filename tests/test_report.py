@@ -140,9 +140,10 @@ def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
     d_mem[[0, 1, 2]] = [3.0, 2.5, 2.0]
     layout, _, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
     _ids_from_text(layout)
-    cfg = load_config(None, [f"run.output={tmp_path}", "report.figures=false", f"analyze.known_memorized={known_csv}"])
+    cfg = load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"])
     analyze(cfg)
-    build_report(cfg)
+    result = build_report(cfg)
+    assert "known_memorized.png" in [p.rsplit("/", 1)[-1] for p in result["figures"]]
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     assert "Check against known memorized prompts" in text
