@@ -362,7 +362,8 @@ HOW_TO_READ = """
 denoiser away from the unconditional prediction, averaged over the sampling steps and several initial noises. A
 memorized prompt pulls hard and the same way whatever the noise, so its d_mem is high.</li>
 <li>The <b>memorized set</b> is the top percentile of d_mem (ties at the threshold included); it is a ranking of
-suspicion, not proof of memorization. The z-score view is a second, distribution-relative cut.</li>
+suspicion, not proof of memorization. The z-score view is a second, distribution-relative cut. When prompts known to
+be memorized are given (<code>analyze.known_memorized</code>), the section first checks the ranking against them.</li>
 <li><b>Marker enrichment</b> compares the share of memorized prompts that carry a de-identification marker
 (<code>___</code>, <code>XXXX</code>) with the base rate. An odds ratio above 1 whose 95% interval excludes 1 means
 markers are over-represented in the memorized set. Duplication (<code>n_reports</code>) is the other known cause, so
