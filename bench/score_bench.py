@@ -103,6 +103,7 @@ def main() -> None:
     n_loop = args.loop_prompts or len(prompts)
     loop = PaperLoop(components)
     latents = scorer.initial_latents(ids[:n_loop])
+    loop.d_mem(prompts[0], latents[0].clone(), 1, 7.5)  # warm-up, as the scorer had
     start = time.perf_counter()
     loop_scores = np.array([loop.d_mem(p, latents[i].clone(), args.steps, 7.5) for i, p in enumerate(prompts[:n_loop])])
     loop_rate = n_loop / (time.perf_counter() - start)
