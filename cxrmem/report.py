@@ -127,10 +127,6 @@ def _read_scores(uri: str, storage_cfg) -> pd.DataFrame:
     return table.loc[finite, ["prompt_id", "d_mem"]]
 
 
-def _read_d_mem(uri: str, storage_cfg) -> np.ndarray:
-    return _read_scores(uri, storage_cfg)["d_mem"].to_numpy(dtype=np.float64)
-
-
 def _flatten(obj, prefix: str = "") -> dict:
     if not isinstance(obj, dict):
         return {prefix: obj}
@@ -194,7 +190,7 @@ def _distribution(page: Page, analysis: dict, d_mem: Optional[np.ndarray]) -> No
     page.sections["distribution"] = "rendered"
 
 
-def _known_check(page: Page, known: dict, threshold: Optional[float]) -> None:
+def _known_check(page: Page, known: dict, threshold: Optional[float], scores: Optional[pd.DataFrame]) -> None:
     """Detection against prompts known to be memorized (analyze.known_memorized): checked, not believed."""
     page.parts.append(
         f"<p><b>Check against known memorized prompts</b> ({_e(page.cfg.analyze.known_memorized)}): "
@@ -207,7 +203,6 @@ def _known_check(page: Page, known: dict, threshold: Optional[float]) -> None:
         "tpr": known["tpr_at_fpr"],
     }], {"precision": "precision of the memorized set", "recall": "recall of known prompts",
          "auc": "AUC (known vs other prompts)", "tpr": f"TPR at {_percent(known['fpr'])} FPR"}))
-    scores = _read_optional(page.layout.scores, page.cfg, lambda u: _read_scores(u, page.cfg.storage))
     if scores is None or threshold is None or not page.cfg.analyze.known_memorized:
         return
     known_ids = read_known_memorized(page.cfg.analyze.known_memorized, page.cfg.storage)
@@ -217,9 +212,9 @@ def _known_check(page: Page, known: dict, threshold: Optional[float]) -> None:
                 "Every scored prompt by d_mem rank (log scale); red dots: the prompts known to be memorized.")
 
 
-def _memorized(page: Page, memorized: Optional[pd.DataFrame], analysis: dict) -> None:
+def _memorized(page: Page, memorized: Optional[pd.DataFrame], analysis: dict, scores: Optional[pd.DataFrame]) -> None:
     if "known_memorized" in analysis:
-        _known_check(page, analysis["known_memorized"], analysis.get("threshold"))
+        _known_check(page, analysis["known_memorized"], analysis.get("threshold"), scores)
     if memorized is None:
         page.parts.append(_note("memorized_prompts.csv is absent: run `cxrmem analyze` first."))
         page.sections["memorized"] = "absent: memorized_prompts.csv"
@@ -393,7 +388,8 @@ def build_report(cfg: DictConfig) -> dict:
     summary = _read_optional(layout.summary, cfg, lambda u: storage.read_json(u, cfg.storage)) or {}
     analysis = summary.get("analysis", {})
     memorized = _read_optional(layout.memorized, cfg, lambda u: _read_memorized(u, cfg.storage))
-    d_mem = _read_optional(layout.scores, cfg, lambda u: _read_d_mem(u, cfg.storage))
+    scores = _read_optional(layout.scores, cfg, lambda u: _read_scores(u, cfg.storage))
+    d_mem = None if scores is None else scores["d_mem"].to_numpy(dtype=np.float64)
     tokens = _read_optional(layout.tokens, cfg, lambda u: storage.read_table(u, cfg.storage).to_pandas())
     mitigation = _read_optional(layout.mitigation, cfg, lambda u: storage.read_table(u, cfg.storage).to_pandas())
 
@@ -401,7 +397,7 @@ def build_report(cfg: DictConfig) -> dict:
     sections = [
         ("run", "Run", lambda: _run_info(page, summary)),
         ("distribution", "Score distribution", lambda: _distribution(page, analysis, d_mem)),
-        ("memorized", "Memorized prompts", lambda: _memorized(page, memorized, analysis)),
+        ("memorized", "Memorized prompts", lambda: _memorized(page, memorized, analysis, scores)),
         ("enrichment", "De-identification marker enrichment", lambda: _enrichment(page, analysis)),
         ("attribution", "Token attribution", lambda: _attribution(page, summary, tokens, memorized)),
         ("mitigation", "Mitigation", lambda: _mitigation(page, mitigation, memorized)),

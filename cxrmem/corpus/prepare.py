@@ -225,8 +225,10 @@ def check_same_corpus(cfg) -> None:
     if not storage.exists(summary_uri, cfg.storage):
         return  # prompts.parquet given by hand: nothing recorded to compare with
     recorded = storage.read_json(summary_uri, cfg.storage).get("corpus")
+    if recorded is None:
+        return  # prepared before the settings were recorded
     current = corpus_settings(cfg)
-    changed = sorted(k for k in current if recorded is not None and recorded.get(k) != current[k])
+    changed = sorted(k for k in current if recorded.get(k) != current[k])
     if changed:
         raise ValueError(
             f"{cfg.run.output} holds an unfinished run prepared with other corpus settings "

@@ -22,9 +22,9 @@ from cxrmem.models.radedit import DEFAULT_NOISE_SCHEDULE, RADEDIT_SCHEDULER
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def radedit_scheduler() -> DDIMScheduler:
+def radedit_scheduler(**overrides) -> DDIMScheduler:
     """The DDIM scheduler DESIGN.md fixes for RadEdit, with the noise schedule the RadEdit loader uses."""
-    return DDIMScheduler(**RADEDIT_SCHEDULER, **DEFAULT_NOISE_SCHEDULE)
+    return DDIMScheduler(**{**RADEDIT_SCHEDULER, **DEFAULT_NOISE_SCHEDULE, **overrides})
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_length: int = 128) -> BertTokenizerFast:

@@ -31,10 +31,10 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem.corpus.text import count_markers, prompt_id
-from cxrmem.stats import roc_auc, tpr_at_fpr
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.scoring.scorer import Scorer
+from cxrmem.stats import roc_auc, tpr_at_fpr
 from cxrmem.testbed.dataset import MANIFEST, build_training_set
 from cxrmem.testbed.train import SUMMARY
 
@@ -125,7 +125,8 @@ def evaluate(cfg) -> dict:
     model_cfg = OmegaConf.merge(cfg.model, {"path": tb.out})
     components = load_components(model_cfg, cfg.storage)
     scorer = Scorer(components, score_cfg, device=cfg.model.device)
-    norms, generated = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, score_cfg.seed_mode == "shared")
+    shared = score_cfg.seed_mode == "shared"
+    norms, generated = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, shared)
 
     full, nonfinite = d_mem(norms)
     first, _ = d_mem(norms[:, :, :1])
@@ -133,7 +134,7 @@ def evaluate(cfg) -> dict:
     if nonfinite.any():
         raise ValueError(f"{int(nonfinite.sum())} prompts gave non-finite noise norms; the testbed model is broken")
     levels = list(tb.duplication_levels)
-    _, conditional = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, False, guidance=1.0)
+    _, conditional = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, shared, guidance=1.0)
     own = train_images[list(frame.index)][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
     planted = frame.planted.to_numpy()
 

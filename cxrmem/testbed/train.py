@@ -42,12 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import diffusers
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
-from cxrmem.models.radedit import DEFAULT_NOISE_SCHEDULE, RADEDIT_SCHEDULER
-from cxrmem.models.tiny import train_wordpiece_tokenizer
+from cxrmem.models.tiny import radedit_scheduler, train_wordpiece_tokenizer
 from cxrmem.testbed.dataset import MANIFEST, TrainingSet, build_training_set
 
 log = logging.getLogger(__name__)
@@ -74,11 +73,6 @@ def build_unet(tb_cfg) -> UNet2DConditionModel:
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
-
-
-def pixel_scheduler() -> DDIMScheduler:
-    """RadEdit's DDIM settings, with the predicted clean image clipped to the pixel range (see above)."""
-    return DDIMScheduler(**{**RADEDIT_SCHEDULER, "clip_sample": True}, **DEFAULT_NOISE_SCHEDULE)
 
 
 def build_text_encoder(tb_cfg, vocab_size: int) -> BertModel:
@@ -164,7 +158,7 @@ def train(cfg) -> dict:
     images = torch.from_numpy(training_set.images) * 2 - 1
 
     unet, text_encoder = build_unet(tb), build_text_encoder(tb, len(tokenizer))
-    scheduler = pixel_scheduler()
+    scheduler = radedit_scheduler(clip_sample=True)  # pixel space: clip the predicted image (see above)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
