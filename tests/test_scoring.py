@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention
 from omegaconf import OmegaConf
 
 from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.models.loading import load_components
+from cxrmem.scoring.attention import SharedText
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.scoring.scorer import Scorer
 from cxrmem.scoring.seeds import initial_latents, noise_seed
@@ -106,21 +108,65 @@ TESTBED = Path(__file__).resolve().parents[1] / "testbed" / "model"
 TINY_ATOL = 1e-6
 
 
+def load_model(path: str):
+    return load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": path}))
+
+
 @pytest.mark.parametrize("model, atol", [("tiny", TINY_ATOL), ("testbed", 0.0)])
 @pytest.mark.parametrize("seed_mode", ["shared", "per_prompt"])
 def test_scorer_matches_diffusers_pipeline_reference(request, model, atol, seed_mode):
-    if model == "testbed":
-        model_components = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": str(TESTBED)}))
-    else:
-        model_components = request.getfixturevalue("components")
+    path = str(TESTBED) if model == "testbed" else request.getfixturevalue("tiny_model_dir")
     cfg = score_cfg(seed_mode=seed_mode, steps=5, generations=2)
-    scorer = Scorer(model_components, cfg, device="cpu")
+    scorer = Scorer(load_model(path), cfg, device="cpu")
     batch = scorer.score(PROMPTS, IDS)
     latents = scorer.initial_latents(IDS)
+    reference = load_model(path)  # its own copy: the scorer changes its UNet's attention processors
     for i, prompt in enumerate(PROMPTS):
-        expected = reference_norms(model_components, prompt, latents[i].clone(), cfg.steps, cfg.guidance_scale)
+        expected = reference_norms(reference, prompt, latents[i].clone(), cfg.steps, cfg.guidance_scale)
         np.testing.assert_allclose(batch.step_norms[i], expected, rtol=1e-4, atol=atol)
         assert batch.d_mem[i] == pytest.approx(expected.mean(), rel=1e-4, abs=atol)
+
+
+@pytest.mark.parametrize("model", ["tiny", "testbed"])
+def test_shared_text_attention_equals_diffusers_attention(request, model):
+    path = str(TESTBED) if model == "testbed" else request.getfixturevalue("tiny_model_dir")
+    scorer, stock = Scorer(load_model(path), score_cfg(), device="cpu"), load_model(path).unet
+    assert scorer.shares_text
+    prompts = SharedText(scorer.encode(PROMPTS).embeddings)
+    n, g = len(PROMPTS), 3
+    cond = prompts.embeddings.repeat_interleave(g, dim=0)
+    uncond = scorer.empty_embedding.expand_as(cond)
+    x = torch.randn(2 * n * g, *scorer.components.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = scorer.timesteps()[1]
+    cases = [  # the layouts the sampling loop uses: both halves of guidance, then each half alone
+        (x, torch.cat([uncond, cond]), [(scorer.empty_text, n * g), (prompts, g)]),
+        (x[: n * g], cond, [(prompts, g)]),
+        (x[:g], uncond[:g], [(scorer.empty_text, g)]),
+    ]
+    with torch.no_grad():
+        for latents, context, layout in cases:
+            shared = scorer.unet_call(latents, t, context, layout)
+            expected = stock(latents, t, encoder_hidden_states=context).sample
+            torch.testing.assert_close(shared, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_text_keys_and_values_are_projected_once_per_trajectory(components):
+    scorer = Scorer(components, score_cfg(steps=4), device="cpu")
+    calls = []
+    cross = [m for m in components.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    handles = [m.to_k.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0])) for m in cross]
+    try:
+        scorer.score(PROMPTS, IDS)
+        first = list(calls)
+        calls.clear()
+        scorer.score(PROMPTS, IDS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # 4 steps x 2 x 4 prompts x 2 generations samples per layer without sharing; with it, each
+    # layer projects the 4 prompts once and the empty prompt once for the scorer's lifetime.
+    assert sorted(first) == sorted([1, len(PROMPTS)] * len(cross))
+    assert calls == [len(PROMPTS)] * len(cross)
 
 
 def test_batch_invariance(components):

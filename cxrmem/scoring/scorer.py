@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from cxrmem.scoring.attention import SharedText, share_text_projections
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 
@@ -73,6 +74,10 @@ class Scorer:
         # A private scheduler: set_timesteps mutates it, and workers must not share that state.
         self.scheduler = copy.deepcopy(components.scheduler)
         self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
+        # Keys and values of the text embeddings made once, not for every sample at every step
+        # (cxrmem/scoring/attention.py); False where the UNet's attention is not the plain kind.
+        self.shares_text = share_text_projections(self.unet)
+        self.empty_text = SharedText(self.empty_embedding)  # its projections last as long as the worker
         self._shared_latents: Optional[torch.Tensor] = None
 
     # -- text -----------------------------------------------------------------------------
@@ -128,7 +133,8 @@ class Scorer:
         w = self.cfg.guidance_scale if guidance is None else guidance
         timesteps = self.timesteps(steps)
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
-        cond = cond_embeddings.to(self.device, self.dtype).repeat_interleave(g, dim=0)
+        prompts_text = SharedText(cond_embeddings.to(self.device, self.dtype))
+        cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_embedding.to(self.dtype).expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
         norms, kept = [], []
@@ -137,16 +143,21 @@ class Scorer:
                 kept.append(x.reshape(latents.shape).cpu())
             x_in = self.scheduler.scale_model_input(x, t).to(self.dtype)
             if i == 0 and shared_first_step:
-                eps_cond = self.unet(x_in, t, encoder_hidden_states=cond).sample
-                eps_uncond = self.unet(x_in[:g], t, encoder_hidden_states=uncond[:g]).sample.repeat(n, 1, 1, 1)
+                eps_cond = self.unet_call(x_in, t, cond, [(prompts_text, g)])
+                eps_uncond = self.unet_call(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
             else:
-                eps = self.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=uncond_and_cond).sample
-                eps_uncond, eps_cond = eps.chunk(2)
+                both = [(self.empty_text, n * g), (prompts_text, g)]
+                eps_uncond, eps_cond = self.unet_call(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
             x = self.scheduler.step(eps_guided, t, x).prev_sample
         step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
         return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_latents else None, timesteps.cpu())
+
+    def unet_call(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout) -> torch.Tensor:
+        """The UNet's noise prediction; `layout` names the distinct texts behind encoder_hidden_states."""
+        kwargs = {"text_layout": layout} if self.shares_text else None
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], prompt_ids: Sequence[str], steps: Optional[int] = None) -> ScoreBatch:

@@ -1,0 +1,111 @@
+"""Cross-attention that projects each distinct text embedding to keys and values once per trajectory.
+
+A scoring batch sends 2 x N x G samples through the UNet at every step, but holds only N + 1
+distinct text embeddings (the N prompts and the empty prompt), the same at every step. Diffusers'
+attention projects keys and values for every sample at every step. `SharedTextAttnProcessor`
+projects each distinct embedding once per layer and keeps the result for the whole trajectory;
+the samples that share an embedding are folded into one query sequence, which is exact because
+attention treats every query independently.
+
+The caller describes the batch with a `TextLayout` passed in `cross_attention_kwargs`, and still
+passes the full per-sample `encoder_hidden_states`: other UNet parts (a text time embedding) use
+them, and any layer the processor cannot serve falls back to diffusers' own attention on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass(eq=False)
+class SharedText:
+    """Distinct text embeddings [K, L, D] and, per attention layer, the keys and values made of them."""
+
+    embeddings: torch.Tensor
+    projections: dict = field(default_factory=dict)  # Attention module -> (keys, values), each [K, L, inner]
+
+    def keys_values(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn not in self.projections:
+            self.projections[attn] = (attn.to_k(self.embeddings), attn.to_v(self.embeddings))
+        return self.projections[attn]
+
+
+# The batch as consecutive blocks of samples: in a block (text, r), each of text's K embeddings
+# is the context of r consecutive samples, so the block holds K x r samples.
+TextLayout = list[tuple[SharedText, int]]
+
+
+def attend_to_shared_text(attn: Attention, hidden_states: torch.Tensor, layout: TextLayout) -> torch.Tensor:
+    """Cross-attention of hidden_states [S, Q, C] to the layout's texts; equals AttnProcessor2_0's result."""
+    n_samples, n_queries, _ = hidden_states.shape
+    query = attn.to_q(hidden_states)
+    inner = query.shape[-1]
+    heads, head_dim = attn.heads, inner // attn.heads
+    outputs, start = [], 0
+    for text, repeats in layout:
+        keys, values = text.keys_values(attn)
+        rows = keys.shape[0]
+        block = rows * repeats
+        # [rows * repeats, Q, inner] -> [rows, heads, repeats * Q, head_dim]: the samples of one text
+        # become one long query sequence against that text's keys.
+        q = query[start : start + block].reshape(rows, repeats * n_queries, heads, head_dim).transpose(1, 2)
+        k = keys.view(rows, -1, heads, head_dim).transpose(1, 2)
+        v = values.view(rows, -1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        outputs.append(out.transpose(1, 2).reshape(block, n_queries, inner))
+        start += block
+    if start != n_samples:
+        raise ValueError(f"text layout covers {start} samples but the UNet batch has {n_samples}")
+    hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return attn.to_out[1](attn.to_out[0](hidden_states))  # projection, then dropout
+
+
+class SharedTextAttnProcessor:
+    """Serves cross-attention from a `TextLayout` when one is given; otherwise the layer's own processor."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, text_layout=None):
+        if text_layout is None or encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3:
+            extra = {} if temb is None else {"temb": temb}
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **extra
+            )
+        return attend_to_shared_text(attn, hidden_states, text_layout)
+
+
+def _plain_cross_attention(attn: Attention) -> bool:
+    """True where attend_to_shared_text computes exactly what the layer's processor would."""
+    if not attn.is_cross_attention:
+        return True  # self-attention is always left to the layer's own processor
+    return (
+        isinstance(attn.processor, AttnProcessor2_0)
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_cross is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and attn.added_kv_proj_dim is None
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1.0
+    )
+
+
+def share_text_projections(unet) -> bool:
+    """Give every attention layer of `unet` a SharedTextAttnProcessor; False (and no change) if one can't.
+
+    Layers keep their own processor as the fallback, so calls without a text layout are unchanged.
+    """
+    processors = unet.attn_processors
+    if all(isinstance(p, SharedTextAttnProcessor) for p in processors.values()):
+        return True
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    if not all(_plain_cross_attention(m) for m in layers):
+        return False
+    unet.set_attn_processor({name: SharedTextAttnProcessor(p) for name, p in processors.items()})
+    return True
