@@ -4,8 +4,8 @@ The loop makes one StableDiffusionPipeline call per prompt (G images, T steps, V
 the end) and reads the text-conditional noise norms from a UNet forward hook. Both run on the
 same model and prompts; the script checks they agree and prints prompts/s for each and the ratio.
 
-    .venv/bin/python bench/score_bench.py --prompts 256 --generations 4 --steps 50
-    .venv/bin/python bench/score_bench.py --radedit-shaped --device cuda --dtype bfloat16 --batch-sizes 8,32,128,256
+    .venv/bin/python bench/score_bench.py --prompts 256 --generations 4 --steps 50 --batch-sizes 32,64,128
+    .venv/bin/python bench/score_bench.py --radedit-shaped --device cuda --dtype bfloat16 --batch-sizes 8,32,128,256 --rounds 1
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-sizes", default="8", help="scorer batch sizes to time, comma-separated")
     parser.add_argument("--loop-prompts", type=int, default=None, help="prompts for the per-prompt loop (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="times to repeat the comparison; the median counts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -96,26 +97,34 @@ def main() -> None:
         return time.perf_counter() - start, scores
 
     # The machine's speed drifts by tens of percent over minutes, so each scorer timing is
-    # bracketed by half the loop's prompts before and half after, and compared with those.
+    # bracketed by half the loop's prompts before and half after and compared with those, and
+    # the whole comparison is repeated: the median ratio over rounds is the result.
     half = n_loop // 2
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        scorer = Scorer(components, OmegaConf.merge(score_cfg, {"batch_size": batch_size}), device=args.device)
-        scorer.score(prompts[:batch_size], ids[:batch_size], steps=1)  # warm-up
-        loop_before, scores_before = time_loop(range(half))
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        scores = np.concatenate([scorer.score(prompts[i:i + batch_size], ids[i:i + batch_size]).d_mem
-                                 for i in range(0, len(prompts), batch_size)])
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rate = len(prompts) / (time.perf_counter() - start)
-        loop_after, scores_after = time_loop(range(half, n_loop))
-        loop_rate = n_loop / (loop_before + loop_after)
-        loop_scores = np.array(scores_before + scores_after)
-        max_rel = float(np.max(np.abs(scores[:n_loop] - loop_scores) / np.abs(loop_scores)))
-        print(f"batch {batch_size:4d}: scorer {rate:8.3f} prompts/s, loop {loop_rate:7.3f} prompts/s, "
-              f"speed-up {rate / loop_rate:.2f}x, max relative d_mem difference {max_rel:.2e}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    scorers = {b: Scorer(components, OmegaConf.merge(score_cfg, {"batch_size": b}), device=args.device) for b in batch_sizes}
+    ratios: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    for round_index in range(args.rounds):
+        for batch_size, scorer in scorers.items():
+            scorer.score(prompts[:batch_size], ids[:batch_size], steps=1)  # warm-up
+            loop_before, scores_before = time_loop(range(half))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            scores = np.concatenate([scorer.score(prompts[i:i + batch_size], ids[i:i + batch_size]).d_mem
+                                     for i in range(0, len(prompts), batch_size)])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            rate = len(prompts) / (time.perf_counter() - start)
+            loop_after, scores_after = time_loop(range(half, n_loop))
+            loop_rate = n_loop / (loop_before + loop_after)
+            loop_scores = np.array(scores_before + scores_after)
+            max_rel = float(np.max(np.abs(scores[:n_loop] - loop_scores) / np.abs(loop_scores)))
+            ratios[batch_size].append(rate / loop_rate)
+            print(f"round {round_index + 1} batch {batch_size:4d}: scorer {rate:8.3f} prompts/s, loop {loop_rate:7.3f} "
+                  f"prompts/s, speed-up {rate / loop_rate:.2f}x, max relative d_mem difference {max_rel:.2e}", flush=True)
+    for batch_size, values in ratios.items():
+        print(f"batch {batch_size:4d}: median speed-up {np.median(values):.2f}x over {len(values)} rounds "
+              f"(min {min(values):.2f}x, max {max(values):.2f}x)")
 
 if __name__ == "__main__":
     main()
