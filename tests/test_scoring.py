@@ -145,7 +145,7 @@ def test_shared_text_attention_equals_diffusers_attention(request, model):
     ]
     with torch.no_grad():
         for latents, context, layout in cases:
-            shared = scorer.unet_call(latents, t, context, layout)
+            shared = scorer.predict_noise(latents, t, context, layout)
             expected = stock(latents, t, encoder_hidden_states=context).sample
             torch.testing.assert_close(shared, expected, rtol=1e-5, atol=1e-6)
 

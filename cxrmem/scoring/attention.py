@@ -70,8 +70,11 @@ class SharedTextAttnProcessor:
     def __init__(self, fallback):
         self.fallback = fallback
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, text_layout=None):
-        if text_layout is None or encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3:
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, text_layout=None
+    ):
+        shared = text_layout is not None and encoder_hidden_states is not None
+        if not shared or attention_mask is not None or hidden_states.ndim != 3:
             extra = {} if temb is None else {"temb": temb}
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **extra

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from cxrmem.scoring.attention import SharedText, share_text_projections
+from cxrmem.scoring.attention import SharedText, TextLayout, share_text_projections
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 
@@ -143,18 +143,20 @@ class Scorer:
                 kept.append(x.reshape(latents.shape).cpu())
             x_in = self.scheduler.scale_model_input(x, t).to(self.dtype)
             if i == 0 and shared_first_step:
-                eps_cond = self.unet_call(x_in, t, cond, [(prompts_text, g)])
-                eps_uncond = self.unet_call(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
+                eps_cond = self.predict_noise(x_in, t, cond, [(prompts_text, g)])
+                eps_uncond = self.predict_noise(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
             else:
                 both = [(self.empty_text, n * g), (prompts_text, g)]
-                eps_uncond, eps_cond = self.unet_call(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
+                eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
             x = self.scheduler.step(eps_guided, t, x).prev_sample
         step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
         return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_latents else None, timesteps.cpu())
 
-    def unet_call(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout) -> torch.Tensor:
+    def predict_noise(
+        self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: TextLayout
+    ) -> torch.Tensor:
         """The UNet's noise prediction; `layout` names the distinct texts behind encoder_hidden_states."""
         kwargs = {"text_layout": layout} if self.shares_text else None
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
