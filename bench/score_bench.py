@@ -87,9 +87,11 @@ def main() -> None:
 
     score_cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": args.generations, "steps": args.steps})
     n_loop = args.loop_prompts or len(prompts)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    scorers = {b: Scorer(components, OmegaConf.merge(score_cfg, {"batch_size": b}), device=args.device) for b in batch_sizes}
     loop = PaperLoop(load_components(model_cfg, need_vae=True))  # its own copy: the scorer changes its UNet's attention
-    loop_latents = Scorer(components, score_cfg, device=args.device).initial_latents(ids[:n_loop])
-    loop.d_mem(prompts[0], loop_latents[0].clone(), 1, 7.5)  # warm-up, as the scorer gets one
+    loop_latents = scorers[batch_sizes[0]].initial_latents(ids[:n_loop])  # the same for every batch size
+    loop.d_mem(prompts[0], loop_latents[0].clone(), 1, 7.5)  # warm-up, as each scorer timing gets one
 
     def time_loop(indices: range) -> tuple[float, list[float]]:
         start = time.perf_counter()
@@ -100,8 +102,6 @@ def main() -> None:
     # bracketed by half the loop's prompts before and half after and compared with those, and
     # the whole comparison is repeated: the median ratio over rounds is the result.
     half = n_loop // 2
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    scorers = {b: Scorer(components, OmegaConf.merge(score_cfg, {"batch_size": b}), device=args.device) for b in batch_sizes}
     ratios: dict[int, list[float]] = {b: [] for b in batch_sizes}
     for round_index in range(args.rounds):
         for batch_size, scorer in scorers.items():

@@ -77,7 +77,8 @@ class Scorer:
         # Keys and values of the text embeddings made once, not for every sample at every step
         # (cxrmem/scoring/attention.py); False where the UNet's attention is not the plain kind.
         self.shares_text = share_text_projections(self.unet)
-        self.empty_text = SharedText(self.empty_embedding)  # its projections last as long as the worker
+        # The empty prompt as the UNet sees it; its projections last as long as the worker.
+        self.empty_text = SharedText(self.empty_embedding.to(self.dtype))
         self._shared_latents: Optional[torch.Tensor] = None
 
     # -- text -----------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class Scorer:
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
         prompts_text = SharedText(cond_embeddings.to(self.device, self.dtype))
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
-        uncond = self.empty_embedding.to(self.dtype).expand_as(cond)
+        uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
         norms, kept = [], []
         for i, t in enumerate(timesteps):
