@@ -60,9 +60,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="prepare_bench_")
     model = args.model
     if model is None:
+        from cxrmem.corpus.synthetic import tokenizer_texts
         from cxrmem.models.tiny import build_tiny_model
 
-        model = build_tiny_model(os.path.join(work, "model"))
+        model = build_tiny_model(os.path.join(work, "model"), tokenizer_texts())
 
     iu = in_subprocess("iuxray", model, os.path.join(work, "iuxray"))
     print("IU X-ray (torchxrayvision NLMCXR_reports.tgz)")

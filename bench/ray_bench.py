@@ -81,7 +81,7 @@ def throughput(args, model: str, work: str) -> dict:
     from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.run import score_prompts
-    from cxrmem.scoring.scorer import Scorer
+    from cxrmem.scoring.scorer import Scorer, ScoreSettings
 
     run = os.path.join(work, "throughput")
     write_prompts(os.path.join(run, "prompts.parquet"), args.prompts)
@@ -94,7 +94,7 @@ def throughput(args, model: str, work: str) -> dict:
     torch.set_num_threads(args.cpus)
     start = time.perf_counter()
     components = load_components(cfg.model)
-    scorer = Scorer(components, cfg.score, device="cpu")
+    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
     load_s = time.perf_counter() - start
     for _ in score_prompts(scorer, ids, prompts, cfg.score.batch_size, components.fingerprint, config_hash(cfg)):
         pass
@@ -154,7 +154,7 @@ def driver_memory(args, model: str, work: str, n: int) -> dict:
     run = os.path.join(work, f"memory-{n}")
     write_prompts(os.path.join(run, "prompts.parquet"), n)
     cfg = bench_config(run, model, args)
-    prefill_parts(cfg, load_components(cfg.model).fingerprint, max(0, n - args.memory_scored))
+    prefill_parts(cfg, fingerprint_model(cfg.model), max(0, n - args.memory_scored))
     command = [sys.executable, __file__, "--measure-driver", run, "--model", model, *sys.argv[1:]]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -208,7 +208,7 @@ def cascade(args, model: str) -> dict:
 
     from cxrmem.distributed.cascade import cascade_cost, cascade_recall
     from cxrmem.models.loading import load_components
-    from cxrmem.scoring.scorer import Scorer
+    from cxrmem.scoring.scorer import Scorer, ScoreSettings
 
     manifest = os.path.join(model, "manifest.csv")
     if os.path.isfile(manifest):
@@ -225,7 +225,7 @@ def cascade(args, model: str) -> dict:
 
     torch.set_num_threads(args.cpus)
     cfg = load_config(None, [f"model.path={model}", f"score.steps={args.cascade_steps}", f"score.generations={args.generations}"])
-    scorer = Scorer(load_components(cfg.model), cfg.score, device="cpu")
+    scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
     norms = np.concatenate(
         [
             scorer.score(prompts[lo : lo + 16], [prompt_id(p) for p in prompts[lo : lo + 16]]).step_norms
@@ -280,9 +280,10 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="ray_bench_")
     model = args.model
     if model is None:
+        from cxrmem.corpus.synthetic import tokenizer_texts
         from cxrmem.models.tiny import build_tiny_model
 
-        model = build_tiny_model(os.path.join(work, "tiny"), seed=0)
+        model = build_tiny_model(os.path.join(work, "tiny"), tokenizer_texts(), seed=0)
     only = set(args.only or ["throughput", "memory", "cascade"])
     if "throughput" in only:
         t = throughput(args, model, work)

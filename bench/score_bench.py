@@ -23,8 +23,9 @@ from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
 from cxrmem.models.loading import load_components
+from cxrmem.corpus.synthetic import tokenizer_texts
 from cxrmem.models.tiny import build_tiny_model
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
 
 
 class PaperLoop:
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
-    model_dir = args.model or build_tiny_model(tempfile.mkdtemp(), radedit_shaped=args.radedit_shaped)
+    model_dir = args.model or build_tiny_model(tempfile.mkdtemp(), tokenizer_texts(), radedit_shaped=args.radedit_shaped)
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": model_dir, "dtype": args.dtype})
     components = load_components(model_cfg, need_vae=True)
     prompts = unique_prompts(args.prompts)
@@ -88,7 +89,7 @@ def main() -> None:
     score_cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": args.generations, "steps": args.steps})
     n_loop = args.loop_prompts or len(prompts)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    scorers = {b: Scorer(components, OmegaConf.merge(score_cfg, {"batch_size": b}), device=args.device) for b in batch_sizes}
+    scorers = {b: Scorer(components, ScoreSettings.of(score_cfg), device=args.device) for b in batch_sizes}
     loop = PaperLoop(load_components(model_cfg, need_vae=True))  # its own copy: the scorer changes its UNet's attention
     loop_latents = scorers[batch_sizes[0]].initial_latents(ids[:n_loop])  # the same for every batch size
     loop.d_mem(prompts[0], loop_latents[0].clone(), 1, 7.5)  # warm-up, as each scorer timing gets one

@@ -1,4 +1,4 @@
-"""Token attribution of the memorized set: which words drive a prompt's d_mem (DESIGN.md).
+"""Token attribution of the memorized set: which words drive a prompt's d_mem (docs/design.md).
 
 Two methods, both reported per word-level unit of each memorized prompt:
 
@@ -27,23 +27,17 @@ copy of the audited architecture before concluding that markers drive memorizati
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import re
-import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
 import torch
 
-from cxrmem import storage
-from cxrmem.corpus.text import compile_marker_regex, prompt_id as make_prompt_id
-from cxrmem.scoring.dmem import noise_norm
+from cxrmem.corpus.text import compile_marker_regex, delete_span
 
-log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = {
     "prompt_id": pa.string(),
@@ -59,30 +53,28 @@ TOKEN_COLUMNS = {
 }
 
 
+@dataclass(frozen=True)
+class AttributionSettings:
+    generations: int = 2  # noises per prompt for the gradient
+    steps: int = 10  # DDIM steps at which the gradient is taken (first steps of the trajectory)
+    leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
+    marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
+    batch_size: int = 8  # prompts per scoring call of the leave-one-out variants
+
+
 # -- the gradient (pure tensor math) --------------------------------------------------------
-@torch.no_grad()
-def unconditional_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, uncond_emb: torch.Tensor) -> torch.Tensor:
-    """eps(x_t, e_0) for a batch of K latents; e_0 [1, L, D] carries no gradient."""
-    return unet(latents, timesteps, encoder_hidden_states=uncond_emb.detach().expand(len(latents), -1, -1)).sample
-
-
-def conditional_noise_norms(
-    unet, latents: torch.Tensor, timesteps: torch.Tensor, cond_emb: torch.Tensor, eps_uncond: torch.Tensor
-) -> torch.Tensor:
-    """||eps(x_t, e_p) - eps_uncond||_2 per sample [K], differentiable in cond_emb ([K, L, D] or [1, L, D])."""
-    cond = cond_emb.expand(len(latents), -1, -1)
-    return noise_norm(unet(latents, timesteps, encoder_hidden_states=cond).sample, eps_uncond)
-
-
 def token_gradient_norms(
-    unet, latents_t: torch.Tensor, timesteps: torch.Tensor, cond_emb: torch.Tensor, uncond_emb: torch.Tensor
+    noise_norms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    latents_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond_emb: torch.Tensor,
 ) -> torch.Tensor:
     """Per token position, the mean over the K samples of || d n_k / d e_p ||_2 over the hidden dim: [L].
 
-    latents_t: [K, C, H, W] UNet inputs x_t; timesteps: [K]; cond_emb e_p: [L, D] or [1, L, D];
-    uncond_emb e_0: [1, L, D]. n_k = ||eps(x_k, e_p) - eps(x_k, e_0)||_2. Only e_p gets a gradient
-    (e_0 is detached); when the caller passes e_p as a leaf that requires grad, the summed gradient
-    also lands in its `.grad`, as autograd does.
+    `noise_norms(x_t, t, e_p)` gives n_k = ||eps(x_k, e_p) - eps(x_k, e_0)||_2 per sample,
+    differentiable in e_p only (the Scorer's `conditional_noise_norms`). latents_t: [K, C, H, W]
+    UNet inputs; timesteps: [K]; cond_emb e_p: [L, D] or [1, L, D]. When the caller passes e_p
+    as a leaf that requires grad, the summed gradient also lands in its `.grad`, as autograd does.
     """
     if not cond_emb.requires_grad:
         cond_emb = cond_emb.detach().requires_grad_(True)
@@ -91,8 +83,7 @@ def token_gradient_norms(
         # k's norm depends only on row k (the UNet does not mix a batch).
         cond = cond_emb.reshape(1, *cond_emb.shape[-2:]).expand(len(latents_t), -1, -1)
         cond.retain_grad()
-        eps_uncond = unconditional_noise(unet, latents_t, timesteps, uncond_emb)
-        conditional_noise_norms(unet, latents_t, timesteps, cond, eps_uncond).sum().backward()
+        noise_norms(latents_t, timesteps, cond).sum().backward()
     return cond.grad.float().norm(dim=-1).mean(dim=0)
 
 
@@ -135,47 +126,16 @@ def word_units(tokenizer, prompt: str, marker_pattern: re.Pattern, max_length: i
     return units
 
 
-_CLOSING = ",.;:!?)]"
-_JOINERS = ",;:-"
-
-
-def delete_span(text: str, start: int, end: int) -> str:
-    """`text` without text[start:end], tidied only where the cut was.
-
-    No double spaces, no space before closing punctuation, no doubled separator (", ," or "--"),
-    no empty parentheses, no separator left at the start, and a hyphen glued to the cut word goes
-    with it ("a ___-year-old" -> "a year-old").
-    """
-    left, right = text[:start].rstrip(), text[end:].lstrip()
-    if right.startswith("-") and (start == 0 or text[start - 1].isspace()):
-        right = right[1:].lstrip()
-    if left.endswith("(") and right.startswith(")"):
-        left, right = left[:-1].rstrip(), right[1:].lstrip()
-    if left and left[-1] in _JOINERS and right[:1] and right[0] in _JOINERS + _CLOSING:
-        left = left[:-1].rstrip()
-    if not left:
-        right = right.lstrip(_JOINERS + _CLOSING + " ")
-    glue = "" if not left or not right or right[0] in _CLOSING or left[-1] in "([" else " "
-    return left + glue + right
-
-
 # -- one prompt -------------------------------------------------------------------------------
-def trajectory_token_norms(
-    scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int
-) -> torch.Tensor:
+def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int) -> torch.Tensor:
     """token_gradient_norms along the scorer's guided trajectories (first `steps` steps, `generations` noises): [L]."""
     latents = scorer.initial_latents([prompt_id], generations)
-    trajectory = scorer.sample(cond_emb, latents, steps=steps, keep_latents=True)
+    trajectory = scorer.sample(cond_emb, latents, steps=steps, keep_inputs=True)
     timesteps = trajectory.timesteps.to(scorer.device)
     per_generation = []
     for g in range(generations):
-        steps_g = zip(trajectory.latents_per_step, trajectory.timesteps)
-        x_t = torch.stack([scorer.scheduler.scale_model_input(x[0, g], t) for x, t in steps_g])
-        per_generation.append(
-            token_gradient_norms(
-                scorer.unet, x_t.to(scorer.device, scorer.dtype), timesteps, cond_emb[0], scorer.empty_embedding
-            )
-        )
+        x_t = torch.stack([x[0, g] for x in trajectory.model_inputs]).to(scorer.device, scorer.dtype)
+        per_generation.append(token_gradient_norms(scorer.conditional_noise_norms, x_t, timesteps, cond_emb[0]))
     return torch.stack(per_generation).mean(dim=0).cpu()
 
 
@@ -192,12 +152,11 @@ def descending_rank(values: pd.Series) -> pd.Series:
     return values.rank(ascending=False, method="min")
 
 
-def attribute_prompt(scorer, prompt: str, prompt_id: str, cfg) -> pd.DataFrame:
+def attribute_prompt(scorer, prompt: str, prompt_id: str, settings: AttributionSettings) -> pd.DataFrame:
     """tokens.parquet rows of one prompt: every unit with its gradient and leave-one-out scores."""
-    pattern = compile_marker_regex(cfg.corpus.marker_regex)
-    units = word_units(scorer.components.tokenizer, prompt, pattern, scorer.components.max_length)
+    units = word_units(scorer.tokenizer, prompt, compile_marker_regex(settings.marker_regex), scorer.max_length)
     cond_emb = scorer.encode([prompt]).embeddings
-    per_token = trajectory_token_norms(scorer, cond_emb, prompt_id, cfg.attribution.generations, cfg.attribution.steps)
+    per_token = trajectory_token_norms(scorer, cond_emb, prompt_id, settings.generations, settings.steps)
     frame = pd.DataFrame(
         {
             "prompt_id": prompt_id,
@@ -210,10 +169,10 @@ def attribute_prompt(scorer, prompt: str, prompt_id: str, cfg) -> pd.DataFrame:
         }
     )
     frame["grad_rank"] = descending_rank(frame["grad_score"])
-    if cfg.attribution.leave_one_out and units:
+    if settings.leave_one_out and units:
         # The original is rescored beside its variants, so both sides of the difference share seeds and settings.
         variants = [prompt] + [delete_span(prompt, u.start, u.end) for u in units]
-        scores = batched_d_mem(scorer, variants, [prompt_id] * len(variants), cfg.score.batch_size)
+        scores = batched_d_mem(scorer, variants, [prompt_id] * len(variants), settings.batch_size)
         frame["loo_delta"] = [scores[0] - s for s in scores[1:]]
     else:
         frame["loo_delta"] = math.nan
@@ -221,12 +180,9 @@ def attribute_prompt(scorer, prompt: str, prompt_id: str, cfg) -> pd.DataFrame:
     return frame
 
 
-def attribute_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], cfg) -> pd.DataFrame:
-    """tokens.parquet rows for a batch of prompts (the unit of work of a Ray worker)."""
-    frames = []
-    for i, (prompt, pid) in enumerate(zip(prompts, prompt_ids)):
-        frames.append(attribute_prompt(scorer, prompt, pid, cfg))
-        log.info("attributed %d/%d prompts", i + 1, len(prompts))
+def attribute_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: AttributionSettings) -> pd.DataFrame:
+    """tokens.parquet rows for a batch of prompts."""
+    frames = [attribute_prompt(scorer, prompt, pid, settings) for prompt, pid in zip(prompts, prompt_ids)]
     if not frames:
         return pd.DataFrame({name: pd.Series(dtype=dtype.to_pandas_dtype()) for name, dtype in TOKEN_COLUMNS.items()})
     return pd.concat(frames, ignore_index=True)[list(TOKEN_COLUMNS)]
@@ -261,52 +217,3 @@ def attribution_summary(tokens: pd.DataFrame) -> dict:
         "gradient_per_piece_mean": marker_rank_stats(per_piece, "per_piece_rank"),
         "leave_one_out": marker_rank_stats(tokens, "loo_rank"),
     }
-
-
-# -- the stage --------------------------------------------------------------------------------
-def read_memorized(layout: storage.RunLayout, storage_cfg, max_prompts: Optional[int]) -> pd.DataFrame:
-    """The memorized set (prompt_id, prompt), most memorized first, cut to `max_prompts`."""
-    if not storage.exists(layout.memorized, storage_cfg):
-        raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
-    memorized = pd.read_csv(
-        io.BytesIO(storage.read_bytes(layout.memorized, storage_cfg)),
-        dtype={"prompt": str, "prompt_id": str},  # an all-digit id keeps its leading zeros
-        keep_default_na=False,  # a prompt that reads "NA" stays a prompt
-    )
-    if "prompt" not in memorized.columns:
-        raise ValueError(f"{layout.memorized} has no `prompt` column (columns: {list(memorized.columns)})")
-    if "prompt_id" not in memorized.columns:
-        memorized["prompt_id"] = memorized["prompt"].map(make_prompt_id)
-    return memorized.head(max_prompts) if max_prompts is not None else memorized
-
-
-def merge_summary(layout: storage.RunLayout, key: str, value: dict, storage_cfg) -> None:
-    summary = storage.read_json(layout.summary, storage_cfg) if storage.exists(layout.summary, storage_cfg) else {}
-    summary[key] = value
-    storage.write_json(layout.summary, summary, storage_cfg)
-
-
-def attribute_run(cfg) -> dict:
-    """`cxrmem attribute`: tokens.parquet and summary.json["attribution"] for the run at cfg.run.output."""
-    from cxrmem.models.loading import load_components
-    from cxrmem.scoring.scorer import Scorer
-
-    if not cfg.attribution.enabled:
-        return {"attribution": "disabled (attribution.enabled=false)"}
-    layout = storage.RunLayout(cfg.run.output)
-    memorized = read_memorized(layout, cfg.storage, cfg.attribution.max_prompts)
-    scorer = Scorer(load_components(cfg.model, cfg.storage), cfg.score, device=cfg.model.device)
-    start = time.perf_counter()
-    tokens = attribute_prompts(scorer, memorized["prompt"].tolist(), memorized["prompt_id"].tolist(), cfg)
-    summary = write_attribution(layout, tokens, time.perf_counter() - start, cfg.storage)
-    log.info("attribution: %s", summary)
-    return summary
-
-
-def write_attribution(layout: storage.RunLayout, tokens: pd.DataFrame, seconds: float, storage_cfg) -> dict:
-    """tokens.parquet and summary.json["attribution"]; shared by this stage and the Ray driver."""
-    table = pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False)
-    storage.write_table(table, layout.tokens, storage_cfg)
-    summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
-    merge_summary(layout, "attribution", summary, storage_cfg)
-    return summary

@@ -1,7 +1,9 @@
 """`cxrmem <stage> --config FILE [key=value ...]`: the command line of the service.
 
-Each stage reads and writes under `run.output` (DESIGN.md, Outputs). `audit` runs them all in
-order on Ray (in-process on the CPU unless `ray.address` names a cluster).
+Each stage reads and writes under `run.output` (docs/design.md, Outputs). `audit` runs them all
+in order on Ray (in-process on the CPU unless `ray.address` names a cluster). A command prints
+its result as JSON on stdout and ends with one line on stderr naming its main output; errors are
+one line on stderr, exit code 1 (2 for usage and configuration errors).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import logging
 import sys
 
-from cxrmem.config import ConfigError, load_config
+from cxrmem.config import ConfigError, load_config, public_config
 
 STAGES = {
     "prepare": "read the corpus, extract prompts, deduplicate globally: prompts.parquet",
@@ -23,6 +25,8 @@ STAGES = {
     "audit": "all stages in order on Ray, then publish the run's manifest",
     "rescore": "rescore when the model fingerprint changed since the last run, and write a diff",
     "export": "copy a published run to another prefix (--to URI)",
+    "verify": "check a published run's files against its manifest (exit 1 on a mismatch)",
+    "config": "print the resolved configuration (defaults <- FILE <- overrides), credentials removed",
     "deid-rewrite": "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
 }
 
@@ -34,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Overrides are OmegaConf dot-keys, e.g. score.steps=10 run.output=s3://bucket/run1. "
         "Every key and its default: cxrmem/config.py.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {cxrmem_version()}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,12 +46,21 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", help="key=value overrides merged on top of the config")
         if name == "export":
             stage.add_argument("--to", required=True, help="destination prefix (local folder or s3://)")
+        if name == "verify":
+            stage.add_argument("run", nargs="?", help="the run's prefix (default: run.output)")
         if name == "rescore":
             stage.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
         if name == "deid-rewrite":
             stage.add_argument("--input", required=True, help="table (CSV, Parquet, JSONL) with a text column")
             stage.add_argument("--output", required=True, help="rewritten table, same format as the input")
             stage.add_argument("--text-column", default="text", help="column holding the report text")
+
+    compare = sub.add_parser("compare", help="the rescore diff of any two published runs: what entered or left the memorized set")
+    compare.add_argument("run_a", help="the earlier run's prefix")
+    compare.add_argument("run_b", help="the later run's prefix")
+    compare.add_argument("--out", help="write diff.parquet and compare.json under this prefix")
+    compare.add_argument("--config", help="YAML file from conf/ (for storage settings)")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides")
 
     model = sub.add_parser("model", help="build models: `cxrmem model tiny --out DIR`")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)
@@ -67,13 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cxrmem_version() -> str:
+    from cxrmem.publish import cxrmem_version as version
+
+    return version()
+
+
 def _run(args: argparse.Namespace) -> dict:
     if args.stage == "model":
+        from cxrmem.corpus.synthetic import tokenizer_texts
         from cxrmem.models.tiny import build_tiny_model
 
-        return {"model": build_tiny_model(args.out, radedit_shaped=args.radedit_shaped, seed=args.seed)}
+        texts = tokenizer_texts(seed=args.seed)
+        return {"model": build_tiny_model(args.out, texts, radedit_shaped=args.radedit_shaped, seed=args.seed)}
+
+    from cxrmem.storage import Store
 
     cfg = load_config(args.config, args.overrides)
+    store = Store.from_config(cfg.storage)
     if args.stage == "testbed":
         if args.testbed_cmd == "train":
             from cxrmem.testbed.train import train
@@ -82,47 +107,58 @@ def _run(args: argparse.Namespace) -> dict:
         from cxrmem.testbed.evaluate import evaluate
 
         return evaluate(cfg)
-    if args.stage == "prepare":
-        from cxrmem.corpus.prepare import prepare
+    if args.stage in STAGE_MODULES:
+        from importlib import import_module
 
-        return prepare(cfg)
-    if args.stage == "score":
-        from cxrmem.scoring.run import score_prompts_file
-
-        return score_prompts_file(cfg)
-    if args.stage == "analyze":
-        from cxrmem.analysis import analyze
-
-        return analyze(cfg)
-    if args.stage == "attribute":
-        from cxrmem.attribution import attribute_run
-
-        return attribute_run(cfg)
-    if args.stage == "mitigate":
-        from cxrmem.mitigation import mitigate_run
-
-        return mitigate_run(cfg)
-    if args.stage == "report":
-        from cxrmem.report import build_report
-
-        return build_report(cfg)
+        # One module per stage (cxrmem/stages/), each `run(cfg, store)`.
+        return import_module(f"cxrmem.stages.{STAGE_MODULES[args.stage]}").run(cfg, store)
     if args.stage == "audit":
         from cxrmem.distributed.audit import run_audit
 
-        return run_audit(cfg)
+        return run_audit(cfg, store)
     if args.stage == "rescore":
         from cxrmem.distributed.rescore import rescore
 
-        return rescore(cfg, force=args.force)
+        return rescore(cfg, force=args.force, store=store)
     if args.stage == "export":
         from cxrmem.publish import export_run
 
-        return export_run(cfg.run.output, args.to, cfg.storage, overwrite=cfg.run.overwrite)
+        return export_run(store, cfg.run.output, args.to, overwrite=cfg.run.overwrite)
+    if args.stage == "verify":
+        from cxrmem.publish import verify_run
+
+        return verify_run(store, args.run or cfg.run.output)
+    if args.stage == "compare":
+        from cxrmem.stages.compare import run as compare
+
+        return compare(store, args.run_a, args.run_b, args.out)
+    if args.stage == "config":
+        return public_config(cfg)
     if args.stage == "deid-rewrite":
         from cxrmem.corpus.deid import rewrite_corpus
 
-        return rewrite_corpus(args.input, args.output, text_column=args.text_column, cfg=cfg)
+        return rewrite_corpus(store, args.input, args.output, args.text_column, cfg.corpus.marker_regex, cfg.mitigation.seed)
     raise AssertionError(f"unhandled stage {args.stage}")
+
+
+STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "report")}
+# The result key that names each command's main output, for its last line.
+MAIN_OUTPUT = {
+    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation",
+    "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out",
+    "model": "model", "verify": "prefix",
+}  # fmt: skip
+
+
+def last_line(stage: str, result: dict) -> str:
+    """One line naming the command's main output (or why there is none)."""
+    if stage == "verify":
+        state = "matches its manifest" if result["ok"] else f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}"
+        return f"cxrmem verify: {result['prefix']} {state} ({result['files']} files)"
+    if stage == "rescore" and result.get("status") == "unchanged":
+        return f"cxrmem rescore: nothing to do, {result['previous']} is current"
+    output = result.get(MAIN_OUTPUT.get(stage, ""))
+    return f"cxrmem {stage}: done" + (f"; output: {output}" if output else "")
 
 
 def job_main(description: str, stage, force_flag: bool = False) -> None:
@@ -151,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         # Storage, missing-file, published-run, model-store and bad-input errors say what to do.
         print(f"cxrmem {args.stage}: {err}", file=sys.stderr)
         return 1
+    if args.stage == "config":
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.create(result)), end="")
+        return 0
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    print(last_line(args.stage, result), file=sys.stderr)
+    return 0 if result.get("ok", True) else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -335,5 +336,20 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+# --- configuration that may be written out ----------------------------------------------------
+SECRET_KEY_PATTERN = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
+
+
+def redact(obj):
+    """A copy of a nested dict/list with every credential key removed."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items() if not SECRET_KEY_PATTERN.search(str(k))}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def public_config(cfg) -> dict:
+    """The resolved configuration as a plain dict without credentials: what manifests and summaries record."""
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return redact(container)

@@ -15,7 +15,6 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cxrmem import storage
 
 RED = "#c62828"
 BLUE = "#4a6f8a"
@@ -30,14 +29,14 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwarg
     return fig, axes
 
 
-def _save(fig: Figure, path: str, storage_cfg=None) -> str:
+def _save(fig: Figure, path: str, store=None) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    storage.write_bytes(path, buffer.getvalue(), storage_cfg)
+    store.write_bytes(path, buffer.getvalue())
     return path
 
 
-def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: float, storage_cfg=None) -> str:
+def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: float, store=None) -> str:
     """Paper Fig. 2: d_mem of every prompt, largest to smallest, the memorized top percentile in red."""
     ordered = np.sort(np.asarray(d_mem, dtype=np.float64))[::-1]
     n_top = int(np.sum(ordered >= threshold))
@@ -66,10 +65,10 @@ def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: floa
         inset.set_title(f"zoom: ranks 1-{zoom:,}", fontsize=8)
         inset.tick_params(labelsize=7)
         inset.grid(alpha=0.3)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
-def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: str, storage_cfg=None) -> str:
+def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: str, store=None) -> str:
     """The sorted d_mem curve with every prompt known to be memorized marked at its rank."""
     d_mem = np.asarray(d_mem, dtype=np.float64)
     order = np.argsort(-d_mem, kind="stable")
@@ -87,10 +86,10 @@ def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: st
     ax.set_title("Where the known memorized prompts rank")
     ax.legend(loc="upper right", frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
-def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, storage_cfg=None) -> str:
+def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, store=None) -> str:
     """Histogram of d_mem (log counts), the memorized threshold marked."""
     d_mem = np.asarray(d_mem, dtype=np.float64)
     fig, axes = _figure(7.5, 3.6)
@@ -105,11 +104,11 @@ def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, storage_cfg=N
     ax.set_title("Distribution of d_mem")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
 def token_bars(
-    tokens: pd.DataFrame, path: str, top_units: int = 25, prompt: Optional[str] = None, storage_cfg=None
+    tokens: pd.DataFrame, path: str, top_units: int = 25, prompt: Optional[str] = None, store=None
 ) -> str:
     """Paper Fig. 3: the top units of one prompt by attribution score, markers in red.
 
@@ -134,7 +133,7 @@ def token_bars(
     if prompt:
         heading += "\n" + "\n".join(textwrap.wrap(_clip(prompt, 300), 90))
     ax.set_title(heading, fontsize=9, loc="left")
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
 def _clip(text: str, n: int) -> str:
@@ -160,7 +159,7 @@ def generation_grid(
     n_per_strategy: int = 4,
     title: Optional[str] = None,
     row_notes: Optional[Mapping[str, str]] = None,
-    storage_cfg=None,
+    store=None,
 ) -> str:
     """Paper Fig. 4: rows = strategies, columns = generations from the same seeds, images in [0, 1]."""
     rows = {name: _as_images(array)[:n_per_strategy] for name, array in images.items()}
@@ -181,10 +180,10 @@ def generation_grid(
         axes[0, c].set_title(f"generation {c + 1}", fontsize=8)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(_clip(title, 240), 100)), fontsize=8)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
-def enrichment_chart(overall: dict, by_bucket: dict, path: str, storage_cfg=None) -> str:
+def enrichment_chart(overall: dict, by_bucket: dict, path: str, store=None) -> str:
     """Marker share of memorized prompts against the base rate, overall and per n_reports bucket,
     next to the odds ratios with 95% intervals (log scale)."""
     groups = [("all", overall)] + [(b["bucket"], b) for b in by_bucket["buckets"]]
@@ -223,7 +222,7 @@ def enrichment_chart(overall: dict, by_bucket: dict, path: str, storage_cfg=None
     ax.set_xlabel("odds ratio, marker | memorized (95% CI, log)")
     ax.set_title("Odds ratio by duplication bucket", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)
 
 
 def no_odds_ratio_reason(group: dict) -> str:
@@ -241,7 +240,7 @@ def _nan(value) -> float:
     return np.nan if value is None else float(value)
 
 
-def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[Sequence[str]] = None, storage_cfg=None) -> str:
+def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[Sequence[str]] = None, store=None) -> str:
     """d_mem and mean pairwise distance of the generations per strategy: boxes, prompts as dots, means as
     diamonds; the dashed line is the unmitigated (`original`) mean. Memorization shows as high d_mem and
     low pairwise distance."""
@@ -270,4 +269,4 @@ def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[S
         ax.grid(axis="y", alpha=0.3)
     axes[1, 0].set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
     axes[0, 0].set_title("Mitigation strategies on the memorized prompts (same seeds per strategy)", fontsize=10)
-    return _save(fig, path, storage_cfg)
+    return _save(fig, path, store)

@@ -1,4 +1,4 @@
-"""Mitigation experiments on the memorized set (paper section 4.3 and beyond; DESIGN.md).
+"""Mitigation experiments on the memorized set (paper section 4.3 and beyond; docs/design.md).
 
 Prompt rewrites, each a pure function `(prompt, rng, ...) -> str` seeded per (prompt, strategy)
 that changes only what its name says:
@@ -21,34 +21,20 @@ N noises for every strategy, so that the comparison is paired.
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import re
-import time
 import zlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from omegaconf import OmegaConf
 
-from cxrmem import storage
-from cxrmem.attribution import (
-    conditional_noise_norms,
-    delete_span,
-    merge_summary,
-    read_memorized,
-    unconditional_noise,
-)
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex
+from cxrmem.corpus.text import compile_marker_regex, delete_span
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.scoring.seeds import initial_latents
-
-log = logging.getLogger(__name__)
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -59,6 +45,22 @@ MITIGATION_COLUMNS = {
     "pairwise_distance": pa.float64(),
     "n_generations": pa.int32(),
 }
+
+
+@dataclass(frozen=True)
+class MitigationSettings:
+    strategies: tuple[str, ...]  # strategies to compare; `original` is the unmitigated baseline
+    n_generations: int = 50  # decoded generations per prompt and strategy for the pairwise distance
+    steps: int | None = None  # sampling steps of the generations (None: the scorer's)
+    insertion_words: int = 4  # words inserted by random_insertion
+    noise_std: float = 0.1  # std of the Gaussian noise added to the text embedding
+    optimisation_iters: int = 10  # gradient steps of the first-step embedding optimisation
+    optimisation_lr: float = 0.05  # learning rate of the embedding optimisation
+    optimisation_target: float = 0.0  # stop once the first-step noise norm falls below this (0: all iters)
+    seed: int = 1234  # seed of the random rewrites and of the optimisation's own noises
+    marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
+    samples_per_call: int = 32  # UNet samples per generation call (all strategies share a call)
+    grid_generations: int = 4  # generations kept per strategy for the report's image grid
 
 
 # -- prompt rewrites (pure, seeded) -----------------------------------------------------------
@@ -107,10 +109,10 @@ def strategy_rng(seed: int, prompt_id: str, strategy: str) -> np.random.Generato
     return np.random.default_rng([seed, int(prompt_id, 16), zlib.crc32(strategy.encode())])
 
 
-def mitigated_prompt(strategy: str, prompt: str, prompt_id: str, vocab: Sequence[str], cfg) -> str:
+def mitigated_prompt(strategy: str, prompt: str, prompt_id: str, vocab: Sequence[str], settings: MitigationSettings) -> str:
     """The prompt text a strategy generates with (unchanged for the baseline and embedding-level ones)."""
-    rng = strategy_rng(cfg.mitigation.seed, prompt_id, strategy)
-    pattern = compile_marker_regex(cfg.corpus.marker_regex)
+    rng = strategy_rng(settings.seed, prompt_id, strategy)
+    pattern = compile_marker_regex(settings.marker_regex)
     if strategy == "random_word":
         return random_word(prompt, rng, pattern, vocab)
     if strategy == "random_number":
@@ -120,7 +122,7 @@ def mitigated_prompt(strategy: str, prompt: str, prompt_id: str, vocab: Sequence
     if strategy == "surrogate":
         return surrogate(prompt, rng, pattern)
     if strategy == "random_insertion":
-        return random_insertion(prompt, rng, vocab, cfg.mitigation.insertion_words)
+        return random_insertion(prompt, rng, vocab, settings.insertion_words)
     return prompt
 
 
@@ -133,28 +135,21 @@ def noisy_embedding(embedding: torch.Tensor, noise_std: float, generator: torch.
 
 
 def optimise_embedding(
-    unet,
-    latents: torch.Tensor,
-    timestep: torch.Tensor,
-    cond_emb: torch.Tensor,
-    uncond_emb: torch.Tensor,
-    iters: int,
-    lr: float,
-    target: float = 0.0,
+    scorer, latents: torch.Tensor, timestep: torch.Tensor, cond_emb: torch.Tensor, iters: int, lr: float, target: float = 0.0
 ) -> torch.Tensor:
     """Wen et al.: Adam on e_p [1, L, D] minimising the first-step ||eps(x_T, e_p) - eps(x_T, e_0)||.
 
-    The loss is the mean over the latents x_T [G, C, H, W] (UNet inputs) at `timestep`. Stops early
-    once it falls below `target` (0: run all `iters`). The embedding is optimised in float32 and
-    returned in its own dtype.
+    The loss is the mean over the UNet inputs x_T [G, C, H, W] at `timestep`, through the scorer's
+    `conditional_noise_norms`. Stops early once it falls below `target` (0: run all `iters`). The
+    embedding is optimised in float32 and returned in its own dtype.
     """
     timesteps = timestep.expand(len(latents))
-    eps_uncond = unconditional_noise(unet, latents, timesteps, uncond_emb)
+    eps_uncond = scorer.unconditional_noise(latents, timesteps)
     embedding = cond_emb.detach().float().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([embedding], lr=lr)
     with torch.enable_grad():
         for _ in range(iters):
-            loss = conditional_noise_norms(unet, latents, timesteps, embedding.to(cond_emb.dtype), eps_uncond).mean()
+            loss = scorer.conditional_noise_norms(latents, timesteps, embedding.to(cond_emb.dtype), eps_uncond).mean()
             if target > 0 and loss.item() < target:
                 break
             optimiser.zero_grad()
@@ -174,42 +169,20 @@ def pairwise_rms_distance(images: torch.Tensor) -> float:
 
 
 # -- one prompt -------------------------------------------------------------------------------
-def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, cfg) -> torch.Tensor:
+def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, settings: MitigationSettings) -> torch.Tensor:
     """The conditional embedding [1, L, D] a strategy generates with."""
     if strategy == "embedding_noise":
-        seed = int(strategy_rng(cfg.mitigation.seed, prompt_id, strategy).integers(2**63))
+        seed = int(strategy_rng(settings.seed, prompt_id, strategy).integers(2**63))
         generator = torch.Generator("cpu").manual_seed(seed)
-        return noisy_embedding(embedding, cfg.mitigation.noise_std, generator)
+        return noisy_embedding(embedding, settings.noise_std, generator)
     if strategy == "embedding_optimisation":
         # Its own noises (mitigation.seed): optimising on the evaluation noises would flatter it.
-        timestep = scorer.timesteps()[0]
-        ids = [prompt_id] if scorer.cfg.seed_mode == "per_prompt" else None
-        sigma = float(scorer.scheduler.init_noise_sigma)
-        shape = scorer.components.latent_shape
-        noise = initial_latents(shape, cfg.mitigation.seed, scorer.cfg.generations, ids, sigma)[0]
-        latents = scorer.scheduler.scale_model_input(noise.to(scorer.device), timestep).to(scorer.dtype)
+        noise = scorer.initial_latents([prompt_id], seed=settings.seed)[0]
+        latents, timestep = scorer.first_step_inputs(noise)
         return optimise_embedding(
-            scorer.unet,
-            latents,
-            timestep,
-            embedding,
-            scorer.empty_embedding,
-            cfg.mitigation.optimisation_iters,
-            cfg.mitigation.optimisation_lr,
-            cfg.mitigation.optimisation_target,
+            scorer, latents, timestep, embedding, settings.optimisation_iters, settings.optimisation_lr, settings.optimisation_target
         )
     return embedding
-
-
-def generation_scorer(scorer, steps):
-    """The scorer itself, or one over a `steps`-step schedule (generations need a whole trajectory)."""
-    if steps is None or steps == scorer.cfg.steps:
-        return scorer
-    from cxrmem.scoring.scorer import Scorer
-
-    settings = OmegaConf.to_container(scorer.cfg, resolve=True)
-    score_cfg = OmegaConf.create({**settings, "steps": steps, "screening_steps": None})
-    return Scorer(scorer.components, score_cfg, device=scorer.device)
 
 
 def generate_images(scorer, embeddings: torch.Tensor, latents: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -230,23 +203,24 @@ def generate_images(scorer, embeddings: torch.Tensor, latents: torch.Tensor, chu
 
 
 def mitigate_prompt(
-    scorer, prompt: str, prompt_id: str, cfg, vocab: Sequence[str], keep: int = 0, sampler=None
+    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W]."""
-    sampler = sampler or generation_scorer(scorer, cfg.mitigation.steps)
-    strategies = list(cfg.mitigation.strategies)
-    texts = [mitigated_prompt(s, prompt, prompt_id, vocab, cfg) for s in strategies]
+    """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W].
+
+    `scorer` scores (d_mem, every strategy from the same G noises: paired by construction);
+    `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations.
+    """
+    strategies = list(settings.strategies)
+    texts = [mitigated_prompt(s, prompt, prompt_id, vocab, settings) for s in strategies]
     encoded = scorer.encode(texts).embeddings
     embeddings = torch.cat(
-        [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, cfg) for i, s in enumerate(strategies)]
+        [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, settings) for i, s in enumerate(strategies)]
     )
-    # d_mem of every strategy in one batch, every row from the same G noises: paired by construction.
     same_noises = scorer.initial_latents([prompt_id] * len(strategies))
-    trajectory = scorer.sample(embeddings, same_noises, steps=scorer.cfg.screening_steps)
+    trajectory = scorer.sample(embeddings, same_noises, steps=scorer.settings.screening_steps)
     scores, _ = d_mem(trajectory.step_norms)
-    latents = sampler.initial_latents([prompt_id], cfg.mitigation.n_generations)
-    chunk = cfg.score.batch_size * cfg.score.generations
-    generations = generate_images(sampler, embeddings, latents, chunk)
+    latents = sampler.initial_latents([prompt_id], settings.n_generations)
+    generations = generate_images(sampler, embeddings, latents, settings.samples_per_call)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
         images = generations[i]
@@ -258,7 +232,7 @@ def mitigate_prompt(
                 "mitigated_prompt": texts[i],
                 "d_mem": float(scores[i]),
                 "pairwise_distance": pairwise_rms_distance(images),
-                "n_generations": cfg.mitigation.n_generations,
+                "n_generations": settings.n_generations,
             }
         )
         if keep:
@@ -266,15 +240,21 @@ def mitigate_prompt(
     return rows, grids
 
 
-def mitigate_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], cfg) -> pd.DataFrame:
-    """mitigation.parquet rows for a batch of prompts (the unit of work of a Ray worker)."""
-    vocab = vocabulary_words(scorer.components.tokenizer)
-    sampler = generation_scorer(scorer, cfg.mitigation.steps)
-    rows = []
-    for i, (prompt, pid) in enumerate(zip(prompts, prompt_ids)):
-        rows += mitigate_prompt(scorer, prompt, pid, cfg, vocab, sampler=sampler)[0]
-        log.info("mitigated %d/%d prompts", i + 1, len(prompts))
-    return mitigation_frame(rows)
+def mitigate_prompts(
+    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset()
+) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """mitigation.parquet rows of these prompts, and the image grids ({prompt_id: {strategy: [k, H, W]}})
+    of those in `grid_ids`."""
+    vocab = vocabulary_words(scorer.tokenizer)
+    sampler = scorer.with_steps(settings.steps)
+    rows, grids = [], {}
+    for prompt, pid in zip(prompts, prompt_ids):
+        keep = settings.grid_generations if pid in grid_ids else 0
+        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep)
+        rows += prompt_rows
+        if prompt_grids:
+            grids[pid] = prompt_grids
+    return mitigation_frame(rows), grids
 
 
 def mitigation_frame(rows: list[dict]) -> pd.DataFrame:
@@ -294,56 +274,3 @@ def mitigation_summary(frame: pd.DataFrame) -> dict:
         }
         for strategy, row in per_strategy.iterrows()
     }
-
-
-# -- the stage --------------------------------------------------------------------------------
-def save_generation_grid(layout: storage.RunLayout, prompt_id: str, grids: dict[str, np.ndarray], storage_cfg) -> str:
-    """figures/generations_<prompt_id>.npz: one float32 [k, H, W] array in [0, 1] per strategy."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **grids)
-    uri = storage.join(layout.figures, f"generations_{prompt_id}.npz")
-    storage.write_bytes(uri, buffer.getvalue(), storage_cfg)
-    return uri
-
-
-def mitigate_run(cfg) -> dict:
-    """`cxrmem mitigate`: mitigation.parquet, image grids and summary.json["mitigation"] for cfg.run.output."""
-    from cxrmem.models.loading import load_components
-    from cxrmem.scoring.scorer import Scorer
-
-    if not cfg.mitigation.enabled:
-        return {"mitigation": "disabled (mitigation.enabled=false)"}
-    layout = storage.RunLayout(cfg.run.output)
-    memorized = read_memorized(layout, cfg.storage, cfg.mitigation.max_prompts)
-    scorer = Scorer(load_components(cfg.model, cfg.storage, need_vae=True), cfg.score, device=cfg.model.device)
-    vocab = vocabulary_words(scorer.components.tokenizer)
-    sampler = generation_scorer(scorer, cfg.mitigation.steps)
-    start = time.perf_counter()
-    rows, figures = [], []
-    for i, (prompt, pid) in enumerate(zip(memorized["prompt"], memorized["prompt_id"])):
-        # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
-        keep = cfg.report.grid_generations if i < cfg.report.top_prompts else 0
-        prompt_rows, grids = mitigate_prompt(scorer, prompt, pid, cfg, vocab, keep=keep, sampler=sampler)
-        rows += prompt_rows
-        if grids:
-            figures.append(save_generation_grid(layout, pid, grids, cfg.storage))
-        log.info("mitigated %d/%d prompts", i + 1, len(memorized))
-    summary = write_mitigation(layout, mitigation_frame(rows), figures, time.perf_counter() - start, cfg)
-    log.info("mitigation: %s", summary["strategies"])
-    return summary
-
-
-def write_mitigation(layout: storage.RunLayout, frame: pd.DataFrame, figures: list[str], seconds: float, cfg) -> dict:
-    """mitigation.parquet and summary.json["mitigation"]; shared by this stage and the Ray driver."""
-    table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
-    storage.write_table(table, layout.mitigation, cfg.storage)
-    summary = {
-        "strategies": mitigation_summary(frame),
-        "prompts": int(frame["prompt_id"].nunique()),
-        "n_generations": cfg.mitigation.n_generations,
-        "seconds": round(seconds, 2),
-        "mitigation": layout.mitigation,
-        "figures": figures,
-    }
-    merge_summary(layout, "mitigation", summary, cfg.storage)
-    return summary

@@ -31,13 +31,15 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 
 from cxrmem import storage
+from cxrmem.config import public_config, redact
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -78,62 +80,54 @@ def is_internal(relative_path: str) -> bool:
     return relative_path.startswith("_") or storage.PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
 
 
-def run_files(prefix: str, storage_cfg=None) -> list[str]:
+def run_files(store: Store, prefix: str) -> list[str]:
     """Relative paths of the output files under `prefix` that a manifest lists."""
-    relative = (storage.relative(uri, prefix) for uri in storage.list_files(prefix, storage_cfg))
+    relative = (storage.relative(uri, prefix) for uri in store.list_files(prefix))
     return [path for path in relative if not is_internal(path)]
 
 
-def _parallel(function: Callable, items: Iterable, storage_cfg) -> list:
-    """`function` over `items` on `storage.transfer_threads` threads (pyarrow I/O and sha256 release the GIL)."""
-    items = list(items)
-    threads = min(int(storage.setting(storage_cfg, "transfer_threads")), max(1, len(items)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(function, items))
-
-
-def _describe(prefix: str, path: str, storage_cfg) -> dict:
+def _describe(store: Store, prefix: str, path: str) -> dict:
     uri = storage.join(prefix, path)
-    size, digest = storage.sha256(uri, storage_cfg)
+    size, digest = store.sha256(uri)
     entry = {"bytes": size, "sha256": digest}
     if path.endswith(".parquet"):
         try:
-            entry["rows"] = storage.parquet_rows(uri, storage_cfg)
+            entry["rows"] = store.parquet_rows(uri)
         except pa.ArrowInvalid as err:
             raise ValueError(f"{uri} is not a readable Parquet file ({err}); rerun the stage that writes it") from err
     return entry
 
 
-def publish_manifest(prefix: str, storage_cfg, model_fingerprint: str, config_dict, extra: Optional[dict] = None) -> dict:
+def publish_manifest(store: Store, prefix: str, model_fingerprint: str, config_dict, extra: Optional[dict] = None) -> dict:
     """Checksum every output file under `prefix` and write its manifest last; the manifest.
 
     `config_dict` may be a DictConfig or a dict; credentials are removed before it is written.
     """
-    paths = run_files(prefix, storage_cfg)
+    paths = run_files(store, prefix)
     if not paths:
         raise FileNotFoundError(f"nothing to publish under {prefix}: the run wrote no output files")
-    entries = _parallel(lambda path: _describe(prefix, path, storage_cfg), paths, storage_cfg)
+    entries = store.parallel(lambda path: _describe(store, prefix, path), paths)
     files = dict(zip(paths, entries))
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cxrmem_version": cxrmem_version(),
         "model_fingerprint": model_fingerprint,
-        "config": storage.public_config(config_dict) if config_dict is not None else None,
+        "config": public_config(config_dict) if config_dict is not None else None,
         "files": files,
         "total_bytes": sum(entry["bytes"] for entry in entries),
-        "extra": storage.redact(extra or {}),
+        "extra": redact(extra or {}),
     }
-    storage.write_json(manifest_uri(prefix), manifest, storage_cfg)
+    store.write_json(manifest_uri(prefix), manifest)
     log.info("published %s: %d files, %d bytes", prefix, len(files), manifest["total_bytes"])
     return manifest
 
 
-def read_manifest(prefix: str, storage_cfg=None) -> Optional[dict]:
+def read_manifest(store: Store, prefix: str) -> Optional[dict]:
     """The run's manifest, or None when the run is not published."""
     uri = manifest_uri(prefix)
     try:
-        manifest = storage.read_json(uri, storage_cfg)
+        manifest = store.read_json(uri)
     except FileNotFoundError:
         return None
     except ValueError as err:
@@ -143,13 +137,13 @@ def read_manifest(prefix: str, storage_cfg=None) -> Optional[dict]:
     return manifest
 
 
-def is_published(prefix: str, storage_cfg=None) -> bool:
-    return storage.exists(manifest_uri(prefix), storage_cfg)
+def is_published(store: Store, prefix: str) -> bool:
+    return store.exists(manifest_uri(prefix))
 
 
-def require_published(prefix: str, storage_cfg=None) -> dict:
+def require_published(store: Store, prefix: str) -> dict:
     """The manifest of a published run; readers call this before trusting any file under `prefix`."""
-    manifest = read_manifest(prefix, storage_cfg)
+    manifest = read_manifest(store, prefix)
     if manifest is None:
         raise RunNotPublishedError(
             f"{prefix} holds no published run (no {MANIFEST_NAME}): the run is unfinished or failed; "
@@ -158,19 +152,19 @@ def require_published(prefix: str, storage_cfg=None) -> dict:
     return manifest
 
 
-def verify_run(prefix: str, storage_cfg=None) -> dict:
+def verify_run(store: Store, prefix: str) -> dict:
     """Re-read every file a published run lists and compare sizes and sha256 with its manifest."""
-    manifest = require_published(prefix, storage_cfg)
+    manifest = require_published(store, prefix)
 
     def check(item: tuple[str, dict]) -> Optional[str]:
         path, expected = item
         try:
-            size, digest = storage.sha256(storage.join(prefix, path), storage_cfg)
+            size, digest = store.sha256(storage.join(prefix, path))
         except FileNotFoundError:
             return "missing"
         return None if (size, digest) == (expected["bytes"], expected["sha256"]) else "changed"
 
-    problems = _parallel(check, manifest["files"].items(), storage_cfg)
+    problems = store.parallel(check, manifest["files"].items())
     by_path = dict(zip(manifest["files"], problems))
     missing = sorted(path for path, problem in by_path.items() if problem == "missing")
     changed = sorted(path for path, problem in by_path.items() if problem == "changed")
@@ -187,13 +181,13 @@ def verify_run(prefix: str, storage_cfg=None) -> dict:
 # --- runs: start, publish, promote ------------------------------------------------------------
 
 
-def prepare_output(output: str, storage_cfg=None, overwrite: bool = False) -> str:
+def prepare_output(store: Store, output: str, overwrite: bool = False) -> str:
     """The prefix a new run at `output` writes to: `output` itself, or its staging prefix (see module doc)."""
-    finish_interrupted_promotion(output, storage_cfg)
-    if not is_published(output, storage_cfg):
+    finish_interrupted_promotion(store, output)
+    if not is_published(store, output):
         return output
     if not overwrite:
-        created = (read_manifest(output, storage_cfg) or {}).get("created", "?")
+        created = (read_manifest(store, output) or {}).get("created", "?")
         raise RunExistsError(
             f"{output} already holds a run published at {created}; set run.overwrite=true to replace it "
             "(it stays intact until the new run is published), or choose another run.output"
@@ -203,53 +197,53 @@ def prepare_output(output: str, storage_cfg=None, overwrite: bool = False) -> st
 
 
 def publish_run(
+    store: Store,
     output: str,
     work_prefix: str,
-    storage_cfg,
     model_fingerprint: str,
     config_dict,
     extra: Optional[dict] = None,
 ) -> dict:
     """Publish the run written at `work_prefix` (from `prepare_output`) as the run at `output`."""
-    config = storage.public_config(config_dict) if config_dict is not None else None
+    config = public_config(config_dict) if config_dict is not None else None
     if config and config.get("run", {}).get("output") == work_prefix:
         config["run"]["output"] = output  # record where the run lives, not where it was staged
-    manifest = publish_manifest(work_prefix, storage_cfg, model_fingerprint, config, extra)
+    manifest = publish_manifest(store, work_prefix, model_fingerprint, config, extra)
     if work_prefix.rstrip("/") != output.rstrip("/"):
-        promote(work_prefix, output, storage_cfg)
+        promote(store, work_prefix, output)
     return manifest
 
 
-def promote(staged: str, output: str, storage_cfg=None) -> None:
+def promote(store: Store, staged: str, output: str) -> None:
     """Replace the run at `output` with the published run at `staged` (steps 1-5 of the module doc)."""
-    manifest = require_published(staged, storage_cfg)
-    storage.delete(manifest_uri(output), storage_cfg)
-    old = run_files(output, storage_cfg)  # never the staged run: internal paths are not listed
-    _parallel(lambda path: storage.delete(storage.join(output, path), storage_cfg), old, storage_cfg)
+    manifest = require_published(store, staged)
+    store.delete(manifest_uri(output))
+    old = run_files(store, output)  # never the staged run: internal paths are not listed
+    store.parallel(lambda path: store.delete(storage.join(output, path)), old)
 
     def copy(item: tuple[str, dict]) -> None:
         path, expected = item
         target = storage.join(output, path)
-        storage.copy_within(storage.join(staged, path), target, storage_cfg)
-        if storage.file_size(target, storage_cfg) != expected["bytes"]:
+        store.copy_within(storage.join(staged, path), target)
+        if store.file_size(target) != expected["bytes"]:
             raise ChecksumMismatchError(
-                f"{target} has {storage.file_size(target, storage_cfg)} bytes after promotion, "
+                f"{target} has {store.file_size(target)} bytes after promotion, "
                 f"its manifest says {expected['bytes']}; rerun to finish promoting {staged}"
             )
 
-    _parallel(copy, manifest["files"].items(), storage_cfg)
-    storage.write_json(manifest_uri(output), manifest, storage_cfg)
-    storage.delete_tree(staged, storage_cfg)
+    store.parallel(copy, manifest["files"].items())
+    store.write_json(manifest_uri(output), manifest)
+    store.delete_tree(staged)
     log.info("promoted %s to %s", staged, output)
 
 
-def finish_interrupted_promotion(output: str, storage_cfg=None) -> bool:
+def finish_interrupted_promotion(store: Store, output: str) -> bool:
     """Finish a promotion that stopped part-way (the staged run has a manifest); True if there was one."""
     staged = staging_prefix(output)
-    if not is_published(staged, storage_cfg):
+    if not is_published(store, staged):
         return False
     log.warning("finishing the interrupted promotion of %s to %s", staged, output)
-    promote(staged, output, storage_cfg)
+    promote(store, staged, output)
     return True
 
 
@@ -257,9 +251,9 @@ def finish_interrupted_promotion(output: str, storage_cfg=None) -> bool:
 
 
 def export_run(
+    store: Store,
     src_prefix: str,
     dst_prefix: str,
-    storage_cfg=None,
     overwrite: bool = False,
     verify: bool = True,
 ) -> dict:
@@ -271,10 +265,10 @@ def export_run(
     """
     if src_prefix.rstrip("/") == dst_prefix.rstrip("/"):
         raise ValueError(f"export source and destination are the same prefix {src_prefix}")
-    manifest = require_published(src_prefix, storage_cfg)
-    finish_interrupted_promotion(dst_prefix, storage_cfg)
+    manifest = require_published(store, src_prefix)
+    finish_interrupted_promotion(store, dst_prefix)
     target = dst_prefix
-    if is_published(dst_prefix, storage_cfg):
+    if is_published(store, dst_prefix):
         if not overwrite:
             raise RunExistsError(
                 f"{dst_prefix} already holds a published run; export with overwrite (run.overwrite=true) "
@@ -285,22 +279,22 @@ def export_run(
     def copy(item: tuple[str, dict]) -> int:
         path, expected = item
         src, dst = storage.join(src_prefix, path), storage.join(target, path)
-        size, digest = storage.copy_file(src, dst, storage_cfg, storage_cfg)
+        size, digest = store.copy_file(src, dst)
         if (size, digest) != (expected["bytes"], expected["sha256"]):
             raise ChecksumMismatchError(
                 f"{src} does not match its manifest (sha256 {digest[:12]}..., {size} bytes; manifest says "
                 f"{expected['sha256'][:12]}..., {expected['bytes']} bytes): the source run was changed after "
                 "it was published; republish or rerun it"
             )
-        if verify and storage.sha256(dst, storage_cfg) != (size, digest):
+        if verify and store.sha256(dst) != (size, digest):
             raise ChecksumMismatchError(f"{dst} does not read back as written (sha256 differs); export again")
         return size
 
     start = time.perf_counter()
-    copied = _parallel(copy, manifest["files"].items(), storage_cfg)
-    storage.write_json(manifest_uri(target), manifest, storage_cfg)
+    copied = store.parallel(copy, manifest["files"].items())
+    store.write_json(manifest_uri(target), manifest)
     if target != dst_prefix:
-        promote(target, dst_prefix, storage_cfg)
+        promote(store, target, dst_prefix)
     seconds = time.perf_counter() - start
     total = sum(copied)
     return {
@@ -312,3 +306,28 @@ def export_run(
         "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
         "verified": verify,
     }
+
+
+# --- single stages on a run ------------------------------------------------------------------
+
+
+@contextmanager
+def stage_writes(store: Store, output: str, overwrite: bool, stage: str) -> Iterator[None]:
+    """Guard a stage that writes under `output`: a published run is immutable unless `overwrite`.
+
+    With `overwrite` the run's manifest is removed first (the run reads as unpublished while it
+    changes) and written again over the new files when the stage succeeds: it is republished.
+    """
+    manifest = read_manifest(store, output)
+    if manifest is not None and not overwrite:
+        raise RunExistsError(
+            f"{output} holds a run published at {manifest.get('created', '?')}; `cxrmem {stage}` would change its "
+            "files under the manifest's checksums. Set run.overwrite=true to rewrite and republish it, or copy it "
+            "first (`cxrmem export --to NEW`) and run the stage on the copy"
+        )
+    if manifest is not None:
+        store.delete(manifest_uri(output))
+    yield
+    if manifest is not None:
+        publish_manifest(store, output, manifest["model_fingerprint"], manifest["config"], manifest.get("extra"))
+        log.info("republished %s after `%s`", output, stage)

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from cxrmem import figures, storage
-from cxrmem.analysis import read_known_memorized
-from cxrmem.config import config_hash
-from cxrmem.storage import RunLayout
+from cxrmem import figures
+from cxrmem.config import config_hash, public_config
+from cxrmem.runfiles import RunLayout, read_known_memorized, read_memorized
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ SUMMARY_ATTRIBUTION_KEYS = {
 class Page:
     """The report being built: HTML parts, the figures written, and each section's status."""
 
-    def __init__(self, layout: RunLayout, cfg: DictConfig):
-        self.layout, self.cfg = layout, cfg
+    def __init__(self, layout: RunLayout, cfg: DictConfig, store: Store):
+        self.layout, self.cfg, self.store = layout, cfg, store
         self.parts: list[str] = []
         self.figures: list[str] = []
         self.sections: dict[str, str] = {}
@@ -50,9 +50,9 @@ class Page:
         if not self.cfg.report.figures:
             self.parts.append(_note("Figures are off (report.figures=false)."))
             return
-        path = draw(storage.join(self.layout.figures, name))
+        path = draw(self.layout.figure(name))
         self.figures.append(path)
-        data = base64.b64encode(storage.read_bytes(path, self.cfg.storage)).decode("ascii")
+        data = base64.b64encode(self.store.read_bytes(path)).decode("ascii")
         self.parts.append(
             f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
             f"<figcaption>{_e(caption)}</figcaption></figure>"
@@ -111,18 +111,13 @@ def _interval(result: dict) -> str:
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def _read_optional(uri: str, cfg: DictConfig, read: Callable[[str], object]):
-    return read(uri) if storage.exists(uri, cfg.storage) else None
+def _read_optional(store: Store, uri: str, read: Callable[[str], object]):
+    return read(uri) if store.exists(uri) else None
 
 
-def _read_memorized(uri: str, storage_cfg) -> pd.DataFrame:
-    # Ids stay text (an all-digit hex id is not a number) and prompts like "None." are not NA.
-    return pd.read_csv(io.BytesIO(storage.read_bytes(uri, storage_cfg)), dtype={"prompt_id": str}, keep_default_na=False)
-
-
-def _read_scores(uri: str, storage_cfg) -> pd.DataFrame:
+def _read_scores(store: Store, uri: str) -> pd.DataFrame:
     """prompt_id and d_mem of the finite scores (the only whole-corpus columns the report reads)."""
-    table = storage.read_table(uri, storage_cfg, columns=["prompt_id", "d_mem", "nonfinite"]).to_pandas()
+    table = store.read_table(uri, columns=["prompt_id", "d_mem", "nonfinite"]).to_pandas()
     finite = np.isfinite(table["d_mem"].to_numpy(dtype=np.float64)) & ~table["nonfinite"].to_numpy(dtype=bool)
     return table.loc[finite, ["prompt_id", "d_mem"]]
 
@@ -139,7 +134,7 @@ def _flatten(obj, prefix: str = "") -> dict:
 # -- sections --------------------------------------------------------------------------------------
 def _run_info(page: Page, summary: dict) -> None:
     analysis = summary.get("analysis", {})
-    cfg_dict = analysis.get("config") or storage.public_config(page.cfg)
+    cfg_dict = analysis.get("config") or public_config(page.cfg)
     flat = _flatten({k: v for k, v in summary.items() if k != "analysis"})
     # Stages record durations as `seconds`, `timings_s.<stage>` or `<name>_s`; `<name>_per_s` is a rate.
     timings = {k: v for k, v in flat.items() if re.search(r"(seconds|timings|(?<!per)_s$)", k) and not k.endswith("per_s")}
@@ -183,9 +178,9 @@ def _distribution(page: Page, analysis: dict, d_mem: Optional[np.ndarray]) -> No
         page.sections["distribution"] = f"rendered without figures: {reason}"
         return
     threshold, top = analysis["threshold"], analysis["top_percent"]
-    page.figure("dmem_sorted.png", lambda p: figures.dmem_curve(d_mem, threshold, p, top, page.cfg.storage),
+    page.figure("dmem_sorted.png", lambda p: figures.dmem_curve(d_mem, threshold, p, top, page.store),
                 f"d_mem of every prompt, largest to smallest; the top {top:g}% (memorized) in red (cf. paper Fig. 2).")
-    page.figure("dmem_histogram.png", lambda p: figures.dmem_histogram(d_mem, threshold, p, page.cfg.storage),
+    page.figure("dmem_histogram.png", lambda p: figures.dmem_histogram(d_mem, threshold, p, page.store),
                 "Histogram of d_mem, log counts; the dashed line is the memorized threshold.")
     page.sections["distribution"] = "rendered"
 
@@ -205,10 +200,10 @@ def _known_check(page: Page, known: dict, threshold: Optional[float], scores: Op
          "auc": "AUC (known vs other prompts)", "tpr": f"TPR at {_percent(known['fpr'])} FPR"}))
     if scores is None or threshold is None or not page.cfg.analyze.known_memorized:
         return
-    known_ids = read_known_memorized(page.cfg.analyze.known_memorized, page.cfg.storage)
+    known_ids = read_known_memorized(page.store, page.cfg.analyze.known_memorized)
     page.figure("known_memorized.png",
                 lambda p: figures.known_ranks(scores["d_mem"].to_numpy(), scores["prompt_id"].isin(known_ids).to_numpy(),
-                                              threshold, p, page.cfg.storage),
+                                              threshold, p, page.store),
                 "Every scored prompt by d_mem rank (log scale); red dots: the prompts known to be memorized.")
 
 
@@ -254,7 +249,7 @@ def _enrichment(page: Page, analysis: dict) -> None:
         "mem_share": "memorized with marker", "base_share": "all with marker (base rate)",
         "or": "odds ratio [95% CI]", "p": "Fisher p (two-sided)",
     }))
-    page.figure("marker_enrichment.png", lambda p: figures.enrichment_chart(overall, by_bucket, p, page.cfg.storage),
+    page.figure("marker_enrichment.png", lambda p: figures.enrichment_chart(overall, by_bucket, p, page.store),
                 "Share of prompts with a de-identification marker, memorized vs all, per duplication bucket; "
                 "right: odds ratios with 95% intervals (log scale).")
     page.sections["enrichment"] = "rendered"
@@ -290,7 +285,7 @@ def _attribution(page: Page, summary: dict, tokens: Optional[pd.DataFrame], memo
                 continue
             frame = units.rename(columns={column: "score"}).assign(method=label)
             page.figure(f"tokens_{pid}_{column}.png",
-                        lambda p, f=frame, t=prompt: figures.token_bars(f, p, page.cfg.attribution.top_units, t, page.cfg.storage),
+                        lambda p, f=frame, t=prompt: figures.token_bars(f, p, page.cfg.attribution.top_units, t, page.store),
                         f"Prompt {pid}: top {page.cfg.attribution.top_units} words by {label} attribution; markers in red (cf. paper Fig. 3).")
     page.sections["attribution"] = "rendered"
 
@@ -307,24 +302,24 @@ def _mitigation(page: Page, mitigation: Optional[pd.DataFrame], memorized: Optio
         "d_mem_change": "mean change vs original (paired)", "distance_mean": "mean pairwise distance",
         "distance_sd": "sd", "distance_change": "mean change vs original (paired)",
     }))
-    page.figure("mitigation.png", lambda p: figures.mitigation_chart(mitigation, p, order, page.cfg.storage),
+    page.figure("mitigation.png", lambda p: figures.mitigation_chart(mitigation, p, order, page.store),
                 "d_mem and mean pairwise distance of the generations per strategy; dots are prompts, diamonds means, "
                 "the dashed line the unmitigated mean. A strategy that works lowers d_mem and raises the distance.")
-    grids = storage.list_files(page.layout.figures, page.cfg.storage, suffix=".npz")
+    grids = page.store.list_files(page.layout.figures, suffix=".npz")
     by_id = {re.sub(r"^generations_|\.npz$", "", g.rsplit("/", 1)[-1]): g for g in grids if "/generations_" in g}
     ranked = [p for p in (list(memorized["prompt_id"]) if memorized is not None else []) if p in by_id]
     ranked += sorted(p for p in by_id if p not in ranked)
     if not ranked:
         page.parts.append(_note("No sample generations (figures/generations_<prompt_id>.npz) were saved by `cxrmem mitigate`."))
     for pid in ranked[: page.cfg.report.top_prompts]:
-        with np.load(io.BytesIO(storage.read_bytes(by_id[pid], page.cfg.storage))) as npz:
+        with np.load(io.BytesIO(page.store.read_bytes(by_id[pid]))) as npz:
             images = {s: npz[s] for s in order if s in npz.files} | {s: npz[s] for s in npz.files if s not in order}
         rows = mitigation[mitigation["prompt_id"] == pid].set_index("strategy")
         notes = {s: f"dist {rows.loc[s, 'pairwise_distance']:.3f}" for s in images if s in rows.index
                  and np.isfinite(rows.loc[s, "pairwise_distance"])}
         title = str(rows["mitigated_prompt"].get("original", "")) if "original" in rows.index else pid
         page.figure(f"grid_{pid}.png",
-                    lambda p, i=images, n=notes, t=title: figures.generation_grid(i, p, page.cfg.report.grid_generations, t, n, page.cfg.storage),
+                    lambda p, i=images, n=notes, t=title: figures.generation_grid(i, p, page.cfg.report.grid_generations, t, n, page.store),
                     f"Prompt {pid}: generations from the same seeds per strategy (cf. paper Fig. 4).")
         if len(rows):
             prompts = [{"strategy": s, "prompt_html": _mark(str(rows.loc[s, "mitigated_prompt"]), re.compile(page.cfg.corpus.marker_regex))}
@@ -382,18 +377,18 @@ pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
 """
 
 
-def build_report(cfg: DictConfig) -> dict:
+def build_report(cfg: DictConfig, store: Store) -> dict:
     """Write figures/*.png and report.html for the run at cfg.run.output; returns what was written."""
     layout = RunLayout(cfg.run.output)
-    summary = _read_optional(layout.summary, cfg, lambda u: storage.read_json(u, cfg.storage)) or {}
+    summary = _read_optional(store, layout.summary, store.read_json) or {}
     analysis = summary.get("analysis", {})
-    memorized = _read_optional(layout.memorized, cfg, lambda u: _read_memorized(u, cfg.storage))
-    scores = _read_optional(layout.scores, cfg, lambda u: _read_scores(u, cfg.storage))
+    memorized = _read_optional(store, layout.memorized, lambda _: read_memorized(store, layout))
+    scores = _read_optional(store, layout.scores, lambda u: _read_scores(store, u))
     d_mem = None if scores is None else scores["d_mem"].to_numpy(dtype=np.float64)
-    tokens = _read_optional(layout.tokens, cfg, lambda u: storage.read_table(u, cfg.storage).to_pandas())
-    mitigation = _read_optional(layout.mitigation, cfg, lambda u: storage.read_table(u, cfg.storage).to_pandas())
+    tokens = _read_optional(store, layout.tokens, lambda u: store.read_table(u).to_pandas())
+    mitigation = _read_optional(store, layout.mitigation, lambda u: store.read_table(u).to_pandas())
 
-    page = Page(layout, cfg)
+    page = Page(layout, cfg, store)
     sections = [
         ("run", "Run", lambda: _run_info(page, summary)),
         ("distribution", "Score distribution", lambda: _distribution(page, analysis, d_mem)),
@@ -414,6 +409,6 @@ def build_report(cfg: DictConfig) -> dict:
         + "\n".join(page.parts)
         + "</body></html>\n"
     )
-    storage.write_text(layout.report, document, cfg.storage)
+    store.write_text(layout.report, document)
     log.info("report: %s (%d figures)", layout.report, len(page.figures))
     return {"report": layout.report, "figures": page.figures, "sections": page.sections}

@@ -1,20 +1,21 @@
-"""Local paths and s3:// URIs behind one small API (pyarrow's filesystem layer, boto3 for diagnosis).
+"""Local paths and s3:// URIs behind one small API: the `Store` (pyarrow's filesystem layer, boto3 for diagnosis).
 
-Every reader and writer in cxrmem goes through here, so that a run's inputs and outputs can
-live on local disk or in S3 without the rest of the code knowing which.
+Every reader and writer in cxrmem goes through a Store, so that a run's inputs and outputs can
+live on local disk or in S3 without the rest of the code knowing which. Its settings are
+resolved once (`Store.from_config(cfg.storage)`: the `storage` config section, else the
+standard AWS environment AWS_ENDPOINT_URL[_S3], AWS_REGION / AWS_DEFAULT_REGION,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, else the AWS SDK's own chain),
+and the object is passed on by the stages.
 
-S3 settings come from the `storage` config section, else from the standard AWS environment
-(AWS_ENDPOINT_URL[_S3], AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), else from the AWS SDK's own credential chain.
+Writes: one atomic writer (`open_atomic`). On local disk it writes a temporary file, fsyncs
+it, renames it into place and fsyncs the folder, so a crash leaves the old file or the new one,
+durably. On S3 an object appears only once its upload completes.
 
-Failures: pyarrow retries each S3 request (`AwsStandardS3RetryStrategy(storage.max_attempts)`),
-and every operation here is retried as a whole with exponential backoff (`storage.backoff_s`,
-doubled each time, `storage.max_attempts` attempts). Problems that a retry cannot fix (wrong
-access key, wrong secret, access denied, missing bucket) fail at once. Either way a
-`StorageError` names the URI, the endpoint and what to check. The bound for an unreachable
-endpoint is max_attempts operations of up to max_attempts requests each: about a minute with
-the defaults (5 attempts, 0.5 s backoff), about a second with max_attempts=2. Credentials never appear in
-messages, logs or outputs: `public_config` is the configuration that may be written out.
+Failures: one retry layer. pyarrow's and boto3's own retries are off (one attempt per
+request), and every operation here is tried at most `storage.max_attempts` times in all, with
+exponential backoff (`storage.backoff_s`, doubled each time). Problems that a retry cannot fix
+(wrong access key, wrong secret, access denied, missing bucket) fail at once. Either way a
+`StorageError` names the URI, the endpoint and what to check.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import itertools
 import json
 import logging
 import os
-import re
+import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar
+from typing import BinaryIO, Callable, Iterator, Optional, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -68,7 +70,6 @@ PYARROW_ERRORS = {
     "ACCESS_DENIED": "AccessDenied",
     "NO_SUCH_BUCKET": "NoSuchBucket",
 }
-SECRET_KEY_PATTERN = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
 
 
 def is_s3(uri: str) -> bool:
@@ -91,6 +92,14 @@ def relative(uri: str, prefix: str) -> str:
     return str(uri)[len(prefix) :]
 
 
+def join_inside(prefix: str, name: str, what: str) -> str:
+    """prefix/name, refusing a `name` (built from data) that would resolve outside `prefix`."""
+    parts = str(name).replace("\\", "/").split("/")
+    if not name or str(name).startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{what} {name!r} would resolve outside {prefix}; the input that named it is corrupt or hostile")
+    return join(prefix, name)
+
+
 def bucket_of(uri: str) -> str:
     return str(uri)[len("s3://") :].split("/", 1)[0]
 
@@ -102,12 +111,12 @@ def bucket_of(uri: str) -> str:
 class S3Settings:
     """Resolved S3 connection settings; hashable, so that filesystems and clients are cached per setting."""
 
-    endpoint_url: Optional[str]
-    region: str
-    max_attempts: int
-    backoff_s: float
-    connect_timeout_s: float
-    request_timeout_s: float
+    endpoint_url: Optional[str] = None
+    region: str = "us-east-1"
+    max_attempts: int = 5
+    backoff_s: float = 0.5
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
     access_key: Optional[str] = field(default=None, repr=False)
     secret_key: Optional[str] = field(default=None, repr=False)
     session_token: Optional[str] = field(default=None, repr=False)
@@ -118,18 +127,18 @@ class S3Settings:
         return self.endpoint_url or f"AWS S3 ({self.region})"
 
 
-def setting(storage_cfg, name: str):
-    """`storage.<name>` from the config section, or its schema default (also when no section is given)."""
+def s3_settings(storage_cfg=None) -> S3Settings:
+    """Settings from the `storage` config section (None: schema defaults), falling back to the AWS environment."""
     from cxrmem.config import StorageConfig
 
-    value = getattr(storage_cfg, name, None) if storage_cfg is not None else None
-    return getattr(StorageConfig(), name) if value is None else value
+    defaults = StorageConfig()
 
+    def setting(name: str):
+        value = getattr(storage_cfg, name, None) if storage_cfg is not None else None
+        return getattr(defaults, name) if value is None else value
 
-def s3_settings(storage_cfg=None) -> S3Settings:
-    """Settings from the `storage` config section, falling back to the standard AWS environment."""
     env = os.environ
-    access_key, secret_key = setting(storage_cfg, "access_key_id"), setting(storage_cfg, "secret_access_key")
+    access_key, secret_key = setting("access_key_id"), setting("secret_access_key")
     session_token = None
     if not (access_key and secret_key) and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         access_key, secret_key = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
@@ -137,14 +146,12 @@ def s3_settings(storage_cfg=None) -> S3Settings:
     elif not (access_key and secret_key):
         access_key = secret_key = None  # the AWS SDK's credential chain (profile, instance role, ...)
     return S3Settings(
-        endpoint_url=(
-            setting(storage_cfg, "endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        ),
-        region=setting(storage_cfg, "region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        max_attempts=int(setting(storage_cfg, "max_attempts")),
-        backoff_s=float(setting(storage_cfg, "backoff_s")),
-        connect_timeout_s=float(setting(storage_cfg, "connect_timeout_s")),
-        request_timeout_s=float(setting(storage_cfg, "request_timeout_s")),
+        endpoint_url=setting("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        region=setting("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        max_attempts=int(setting("max_attempts")),
+        backoff_s=float(setting("backoff_s")),
+        connect_timeout_s=float(setting("connect_timeout_s")),
+        request_timeout_s=float(setting("request_timeout_s")),
         access_key=access_key,
         secret_key=secret_key,
         session_token=session_token,
@@ -160,7 +167,8 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
         session_token=settings.session_token,
         connect_timeout=settings.connect_timeout_s,
         request_timeout=settings.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        # One attempt per request: the Store's own loop is the only retry layer.
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
     )
     if settings.endpoint_url:
         scheme, _, host = settings.endpoint_url.rstrip("/").partition("://")
@@ -183,20 +191,12 @@ def _s3_client(settings: S3Settings):
         config=Config(
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.request_timeout_s,
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": 1, "mode": "standard"},  # diagnosis only: no retries of its own
         ),
     )
 
 
-def filesystem(uri: str, storage_cfg=None) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds `uri` and the path inside it."""
-    uri = str(uri)
-    if is_s3(uri):
-        return _s3_filesystem(s3_settings(storage_cfg)), uri[len("s3://") :]
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-# --- errors and retries ---------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------
 
 
 def _error_code(err: BaseException) -> Optional[str]:
@@ -212,366 +212,316 @@ def _error_code(err: BaseException) -> Optional[str]:
     return next((code for code in FATAL_ERRORS if code in text), None)
 
 
-def _diagnose(uri: str, settings: S3Settings) -> Optional[str]:
-    """Ask the server with a listing, whose error body says exactly what is wrong (HEAD answers do not)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    key = str(uri)[len("s3://") :].partition("/")[2]
-    try:
-        _s3_client(settings).list_objects_v2(Bucket=bucket_of(uri), Prefix=key, MaxKeys=1)
-    except ClientError as err:
-        return _error_code(err)
-    except BotoCoreError:
-        return None
-    return None
-
-
-def _fatal(code: str, action: str, uri: str, settings: S3Settings) -> StorageError:
-    if code == "AccessDenied":
-        code = _diagnose(uri, settings) or code  # a wrong key or secret also reads as a bare 403
-    detail = FATAL_ERRORS[code]
-    if code == "NoSuchBucket":
-        detail = f"bucket {bucket_of(uri)!r} does not exist; create it or fix the bucket name in the URI"
-    return StorageError(f"cannot {action} {uri} at {settings.endpoint}: {code}: {detail}")
-
-
 def _short(err: BaseException) -> str:
     return " ".join(str(err).split())[:300]
+
+
+def _fsync_folder(path: str) -> None:
+    """Make a rename inside `path` durable (POSIX; a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _BUCKETS_SEEN: set = set()  # (settings, bucket) pairs known to exist and be accessible
 
 
-def ensure_bucket(uri: str, storage_cfg=None, action: str = "use") -> None:
-    """Fail with a clear StorageError when the bucket of `uri` is missing or the credentials are wrong."""
-    settings = s3_settings(storage_cfg)
-    if (settings, bucket_of(uri)) in _BUCKETS_SEEN:
-        return
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        _s3_client(settings).head_bucket(Bucket=bucket_of(uri))
-    except ClientError as err:
-        status = err.response.get("Error", {}).get("Code")
-        code = {"403": "AccessDenied", "404": "NoSuchBucket"}.get(status, status)  # HEAD answers carry no body
-        if code in FATAL_ERRORS:
-            raise _fatal(code, action, uri, settings) from err
-        raise StorageError(
-            f"cannot {action} {uri}: {settings.endpoint} answered {code} when asked for bucket "
-            f"{bucket_of(uri)!r}; check the server's health"
-        ) from err
-    except BotoCoreError as err:
-        raise StorageError(
-            f"cannot {action} {uri}: {settings.endpoint} is unreachable ({_short(err)}); "
-            "check storage.endpoint_url / AWS_ENDPOINT_URL and the network"
-        ) from err
-    _BUCKETS_SEEN.add((settings, bucket_of(uri)))
-
-
-def with_retries(action: str, uri: str, storage_cfg, operation: Callable[[], T]) -> T:
-    """Run `operation` on `uri`; S3 failures are retried with backoff, then raised as StorageError.
-
-    A missing object stays a FileNotFoundError (after checking that its bucket exists); local
-    paths are not retried (their errors already say what is wrong).
-    """
-    if not is_s3(uri):
-        return operation()
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    settings = s3_settings(storage_cfg)
-    for attempt in itertools.count(1):
-        try:
-            return operation()
-        except StorageError:
-            raise
-        except FileNotFoundError as err:
-            ensure_bucket(uri, storage_cfg, action)
-            raise FileNotFoundError(f"{uri} does not exist") from err
-        except (OSError, BotoCoreError, ClientError) as err:
-            code = _error_code(err)
-            if code is not None:
-                raise _fatal(code, action, uri, settings) from err
-            if attempt == settings.max_attempts:
-                raise StorageError(
-                    f"cannot {action} {uri} at {settings.endpoint} after {attempt} attempts: {_short(err)}; "
-                    "check that the endpoint is reachable (storage.endpoint_url / AWS_ENDPOINT_URL) and healthy, "
-                    "or raise storage.max_attempts for a flaky link"
-                ) from err
-            delay = settings.backoff_s * 2 ** (attempt - 1)
-            log.warning(
-                "%s %s failed (attempt %d of %d), retrying in %.2f s: %s",
-                action, uri, attempt, settings.max_attempts, delay, _short(err),
-            )  # fmt: skip
-            time.sleep(delay)
-
-
-# --- files ----------------------------------------------------------------------------------
-
-
-def exists(uri: str, storage_cfg=None) -> bool:
-    fs, path = filesystem(uri, storage_cfg)
-    found = with_retries("inspect", uri, storage_cfg, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
-    if not found and is_s3(uri):
-        ensure_bucket(uri, storage_cfg, "inspect")  # a missing bucket is a configuration error, not a missing file
-    return found
-
-
-def makedirs(uri: str, storage_cfg=None) -> None:
-    """Create a local folder; a no-op on S3, which has no folders (pyarrow would write marker objects)."""
-    if not is_s3(uri):
-        fs, path = filesystem(uri, storage_cfg)
-        fs.create_dir(path, recursive=True)
-
-
-def read_bytes(uri: str, storage_cfg=None) -> bytes:
-    fs, path = filesystem(uri, storage_cfg)
-
-    def read() -> bytes:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-
-    return with_retries("read", uri, storage_cfg, read)
-
-
-def write_bytes(uri: str, data: bytes, storage_cfg=None) -> None:
-    """Write a whole file; readers see the old file or the new one, never a part (local: rename into place)."""
-    fs, path = filesystem(uri, storage_cfg)
-    if is_s3(uri):
-
-        def upload() -> None:
-            with fs.open_output_stream(path) as stream:  # the object appears only when the upload completes
-                stream.write(data)
-
-        with_retries("write", uri, storage_cfg, upload)
-        return
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    partial = f"{path}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(partial) as stream:
-        stream.write(data)
-    fs.move(partial, path)
-
-
-def read_text(uri: str, storage_cfg=None) -> str:
-    return read_bytes(uri, storage_cfg).decode("utf-8")
-
-
-def write_text(uri: str, text: str, storage_cfg=None) -> None:
-    write_bytes(uri, text.encode("utf-8"), storage_cfg)
-
-
-def read_json(uri: str, storage_cfg=None):
-    return json.loads(read_text(uri, storage_cfg))
-
-
-def write_json(uri: str, obj, storage_cfg=None) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", storage_cfg)
-
-
-def read_table(uri: str, storage_cfg=None, columns: Optional[list[str]] = None) -> pa.Table:
-    fs, path = filesystem(uri, storage_cfg)
-    return with_retries("read", uri, storage_cfg, lambda: pq.read_table(path, filesystem=fs, columns=columns))
-
-
-def write_table(table: pa.Table, uri: str, storage_cfg=None) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    write_bytes(uri, buffer.getvalue(), storage_cfg)
-
-
-def parquet_rows(uri: str, storage_cfg=None) -> int:
-    """Row count from the Parquet footer (reads only the footer)."""
-    fs, path = filesystem(uri, storage_cfg)
-
-    def rows() -> int:
-        with fs.open_input_file(path) as handle:
-            return pq.read_metadata(handle).num_rows
-
-    return with_retries("read the Parquet footer of", uri, storage_cfg, rows)
-
-
-def list_files(uri: str, storage_cfg=None, suffix: str = "") -> list[str]:
-    """URIs of the files under `uri` (recursively), sorted; empty when the folder does not exist."""
-    fs, path = filesystem(uri, storage_cfg)
-
-    def listing() -> list[pafs.FileInfo]:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return []
-        return fs.get_file_info(pafs.FileSelector(path, recursive=True))
-
-    infos = with_retries("list", uri, storage_cfg, listing)
-    if not infos and is_s3(uri):
-        ensure_bucket(uri, storage_cfg, "list")
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
-
-
-def file_size(uri: str, storage_cfg=None) -> int:
-    fs, path = filesystem(uri, storage_cfg)
-    info = with_retries("inspect", uri, storage_cfg, lambda: fs.get_file_info(path))
-    if info.type != pafs.FileType.File:
-        if is_s3(uri):
-            ensure_bucket(uri, storage_cfg, "inspect")
-        raise FileNotFoundError(f"{uri} does not exist")
-    return info.size
-
-
-def delete(uri: str, storage_cfg=None) -> None:
-    """Delete one file; deleting a missing file is not an error."""
-    fs, path = filesystem(uri, storage_cfg)
-
-    def remove() -> None:
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            fs.delete_file(path)
-
-    with_retries("delete", uri, storage_cfg, remove)
-
-
-def delete_tree(uri: str, storage_cfg=None) -> None:
-    """Delete a folder (a key prefix on S3) and everything under it; a missing folder is not an error."""
-    fs, path = filesystem(uri, storage_cfg)
-
-    def remove() -> None:
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-
-    with_retries("delete", uri, storage_cfg, remove)
-
-
-def sha256(uri: str, storage_cfg=None) -> tuple[int, str]:
-    """(size in bytes, sha256 hex digest) of a file, streamed in chunks."""
-    fs, path = filesystem(uri, storage_cfg)
-
-    def digest() -> tuple[int, str]:
-        hasher, size = hashlib.sha256(), 0
-        with fs.open_input_stream(path) as stream:
-            while chunk := stream.read(CHUNK_BYTES):
-                hasher.update(chunk)
-                size += len(chunk)
-        return size, hasher.hexdigest()
-
-    return with_retries("checksum", uri, storage_cfg, digest)
-
-
-def copy_file(src: str, dst: str, src_cfg=None, dst_cfg=None) -> tuple[int, str]:
-    """Stream `src` to `dst` (any mix of local and S3), hashing on the way; (bytes, sha256 of what was read).
-
-    Large S3 destinations go up as a multipart upload. A failed attempt starts the whole copy
-    again. An S3 upload that fails in the network never appears, but one whose *source* fails
-    mid-read is completed with what was read (pyarrow cannot abort it): callers that must not
-    trust such a file compare checksums, as `cxrmem.publish.export_run` does.
-    """
-    src_fs, src_path = filesystem(src, src_cfg)
-    dst_fs, dst_path = filesystem(dst, dst_cfg)
-    partial = dst_path
-    if not is_s3(dst):
-        dst_fs.create_dir(os.path.dirname(dst_path), recursive=True)
-        partial = f"{dst_path}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-
-    def copy() -> tuple[int, str]:
-        hasher, size = hashlib.sha256(), 0
-        with src_fs.open_input_stream(src_path) as reader, dst_fs.open_output_stream(partial) as writer:
-            while chunk := reader.read(CHUNK_BYTES):
-                hasher.update(chunk)
-                writer.write(chunk)
-                size += len(chunk)
-        return size, hasher.hexdigest()
-
-    try:
-        if is_s3(dst):
-            result = with_retries(f"copy {src} to", dst, dst_cfg, copy)
-        else:
-            result = with_retries(f"copy to {dst} from", src, src_cfg, copy)
-    except BaseException:
-        if partial != dst_path:
-            with contextlib.suppress(OSError):
-                dst_fs.delete_file(partial)
-        raise
-    if partial != dst_path:
-        dst_fs.move(partial, dst_path)
-    return result
-
-
-def copy_within(src: str, dst: str, storage_cfg=None) -> None:
-    """Copy a file inside one filesystem: a server-side copy on S3 (objects up to 5 GB), no bytes through here."""
-    if is_s3(src) != is_s3(dst):
-        copy_file(src, dst, storage_cfg, storage_cfg)
-        return
-    fs, src_path = filesystem(src, storage_cfg)
-    _, dst_path = filesystem(dst, storage_cfg)
-    if not is_s3(dst):
-        fs.create_dir(os.path.dirname(dst_path), recursive=True)
-    with_retries(f"copy {src} to", dst, storage_cfg, lambda: fs.copy_file(src_path, dst_path))
-
-
-# --- configuration that may be written out ----------------------------------------------------
-
-
-def redact(obj):
-    """A copy of a nested dict/list with every secret-looking key (secret, password, token, access_key) removed."""
-    if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items() if not SECRET_KEY_PATTERN.search(str(k))}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
-def public_config(cfg) -> dict:
-    """The resolved configuration as a plain dict without credentials: what manifests and summaries record."""
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    return redact(container)
-
-
-# --- run layout -----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class RunLayout:
-    """Where each output of one run lives under its output prefix (DESIGN.md, Outputs)."""
+class Store:
+    """Where a run's files are read and written: local disk, or S3 with settings resolved once."""
 
-    prefix: str
+    s3: S3Settings = field(default_factory=S3Settings)
+    transfer_threads: int = 8  # files checksummed or copied in parallel by publish and export
 
-    def path(self, name: str) -> str:
-        return join(self.prefix, name)
+    @classmethod
+    def from_config(cls, storage_cfg=None) -> "Store":
+        threads = getattr(storage_cfg, "transfer_threads", None) if storage_cfg is not None else None
+        return cls(s3=s3_settings(storage_cfg), transfer_threads=int(threads or cls.transfer_threads))
 
-    @property
-    def prompts(self) -> str:
-        return self.path("prompts.parquet")
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem that holds `uri` and the path inside it."""
+        uri = str(uri)
+        if is_s3(uri):
+            return _s3_filesystem(self.s3), uri[len("s3://") :]
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
-    @property
-    def scores(self) -> str:
-        return self.path("scores.parquet")
+    # -- errors and retries ------------------------------------------------------------------
+    def _diagnose(self, uri: str) -> Optional[str]:
+        """Ask the server with a listing, whose error body says exactly what is wrong (HEAD answers do not)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    @property
-    def score_parts(self) -> str:
-        # Durable part files written while scoring streams; the unit of resume.
-        return self.path("_parts/scores")
+        key = str(uri)[len("s3://") :].partition("/")[2]
+        try:
+            _s3_client(self.s3).list_objects_v2(Bucket=bucket_of(uri), Prefix=key, MaxKeys=1)
+        except ClientError as err:
+            return _error_code(err)
+        except BotoCoreError:
+            return None
+        return None
 
-    @property
-    def summary(self) -> str:
-        return self.path("summary.json")
+    def _fatal(self, code: str, action: str, uri: str) -> StorageError:
+        if code == "AccessDenied":
+            code = self._diagnose(uri) or code  # a wrong key or secret also reads as a bare 403
+        detail = FATAL_ERRORS[code]
+        if code == "NoSuchBucket":
+            detail = f"bucket {bucket_of(uri)!r} does not exist; create it or fix the bucket name in the URI"
+        return StorageError(f"cannot {action} {uri} at {self.s3.endpoint}: {code}: {detail}")
 
-    @property
-    def memorized(self) -> str:
-        return self.path("memorized_prompts.csv")
+    def ensure_bucket(self, uri: str, action: str = "use") -> None:
+        """Fail with a clear StorageError when the bucket of `uri` is missing or the credentials are wrong."""
+        if (self.s3, bucket_of(uri)) in _BUCKETS_SEEN:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    @property
-    def tokens(self) -> str:
-        return self.path("tokens.parquet")
+        try:
+            _s3_client(self.s3).head_bucket(Bucket=bucket_of(uri))
+        except ClientError as err:
+            status = err.response.get("Error", {}).get("Code")
+            code = {"403": "AccessDenied", "404": "NoSuchBucket"}.get(status, status)  # HEAD answers carry no body
+            if code in FATAL_ERRORS:
+                raise self._fatal(code, action, uri) from err
+            raise StorageError(
+                f"cannot {action} {uri}: {self.s3.endpoint} answered {code} when asked for bucket "
+                f"{bucket_of(uri)!r}; check the server's health"
+            ) from err
+        except BotoCoreError as err:
+            raise StorageError(
+                f"cannot {action} {uri}: {self.s3.endpoint} is unreachable ({_short(err)}); "
+                "check storage.endpoint_url / AWS_ENDPOINT_URL and the network"
+            ) from err
+        _BUCKETS_SEEN.add((self.s3, bucket_of(uri)))
 
-    @property
-    def mitigation(self) -> str:
-        return self.path("mitigation.parquet")
+    def with_retries(self, action: str, uri: str, operation: Callable[[], T]) -> T:
+        """Run `operation` on `uri`, at most storage.max_attempts times in all; then a StorageError.
 
-    @property
-    def figures(self) -> str:
-        return self.path("figures")
+        A missing object stays a FileNotFoundError (after checking that its bucket exists); local
+        paths are not retried (their errors already say what is wrong).
+        """
+        if not is_s3(uri):
+            return operation()
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    @property
-    def report(self) -> str:
-        return self.path("report.html")
+        attempts = self.s3.max_attempts
+        for attempt in itertools.count(1):
+            try:
+                return operation()
+            except StorageError:
+                raise
+            except FileNotFoundError as err:
+                self.ensure_bucket(uri, action)
+                raise FileNotFoundError(f"{uri} does not exist") from err
+            except (OSError, BotoCoreError, ClientError) as err:
+                code = _error_code(err)
+                if code is not None:
+                    raise self._fatal(code, action, uri) from err
+                if attempt >= attempts:
+                    raise StorageError(
+                        f"cannot {action} {uri} at {self.s3.endpoint}: tried {attempt} times "
+                        f"(storage.max_attempts) over {self.s3.backoff_s * (2 ** (attempt - 1) - 1):.1f} s of backoff; "
+                        f"last error: {_short(err)}. Check that the endpoint is reachable (storage.endpoint_url / "
+                        "AWS_ENDPOINT_URL) and healthy, or raise storage.max_attempts for a flaky link"
+                    ) from err
+                delay = self.s3.backoff_s * 2 ** (attempt - 1)
+                log.warning(
+                    "%s %s failed (attempt %d of %d), retrying in %.2f s: %s",
+                    action, uri, attempt, attempts, delay, _short(err),
+                )  # fmt: skip
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
-    @property
-    def manifest(self) -> str:
-        return self.path("manifest.json")
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        fs, path = self.filesystem(uri)
+        found = self.with_retries("inspect", uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
+        if not found and is_s3(uri):
+            self.ensure_bucket(uri, "inspect")  # a missing bucket is a configuration error, not a missing file
+        return found
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.filesystem(uri)
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+
+        return self.with_retries("read", uri, read)
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def read_json(self, uri: str):
+        return json.loads(self.read_text(uri))
+
+    def read_table(self, uri: str, columns: Optional[list[str]] = None, filters=None) -> pa.Table:
+        fs, path = self.filesystem(uri)
+        return self.with_retries(
+            "read", uri, lambda: pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+        )
+
+    def parquet_schema(self, uri: str) -> pa.Schema:
+        fs, path = self.filesystem(uri)
+        return self.with_retries("read the Parquet schema of", uri, lambda: pq.read_schema(path, filesystem=fs))
+
+    def parquet_rows(self, uri: str) -> int:
+        """Row count from the Parquet footer (reads only the footer)."""
+        fs, path = self.filesystem(uri)
+
+        def rows() -> int:
+            with fs.open_input_file(path) as handle:
+                return pq.read_metadata(handle).num_rows
+
+        return self.with_retries("read the Parquet footer of", uri, rows)
+
+    def list_files(self, uri: str, suffix: str = "") -> list[str]:
+        """URIs of the files under `uri` (recursively), sorted; empty when the folder does not exist."""
+        fs, path = self.filesystem(uri)
+
+        def listing() -> list[pafs.FileInfo]:
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return []
+            return fs.get_file_info(pafs.FileSelector(path, recursive=True))
+
+        infos = self.with_retries("list", uri, listing)
+        if not infos and is_s3(uri):
+            self.ensure_bucket(uri, "list")
+        prefix = "s3://" if is_s3(uri) else ""
+        return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def file_size(self, uri: str) -> int:
+        fs, path = self.filesystem(uri)
+        info = self.with_retries("inspect", uri, lambda: fs.get_file_info(path))
+        if info.type != pafs.FileType.File:
+            if is_s3(uri):
+                self.ensure_bucket(uri, "inspect")
+            raise FileNotFoundError(f"{uri} does not exist")
+        return info.size
+
+    def sha256(self, uri: str) -> tuple[int, str]:
+        """(size in bytes, sha256 hex digest) of a file, streamed in chunks."""
+        fs, path = self.filesystem(uri)
+
+        def digest() -> tuple[int, str]:
+            hasher, size = hashlib.sha256(), 0
+            with fs.open_input_stream(path) as stream:
+                while chunk := stream.read(CHUNK_BYTES):
+                    hasher.update(chunk)
+                    size += len(chunk)
+            return size, hasher.hexdigest()
+
+        return self.with_retries("checksum", uri, digest)
+
+    # -- writing: the one atomic writer --------------------------------------------------------
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[BinaryIO]:
+        """A stream whose bytes appear at `uri` only if the block succeeds, durably on local disk.
+
+        Local: temporary file, fsync, rename, fsync of the folder. S3: the bytes are spooled here
+        and sent in one upload at the end, so a failed block uploads nothing.
+        """
+        if is_s3(uri):
+            with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+                yield spool
+                self.with_retries("write", uri, lambda: self._upload(spool, uri))
+            return
+        _, path = self.filesystem(uri)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{path}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(partial, "wb") as stream:
+                yield stream
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise
+        _fsync_folder(folder)
+
+    def _upload(self, spool: BinaryIO, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        spool.seek(0)
+        with fs.open_output_stream(path) as stream:  # the object appears only when the upload completes
+            while chunk := spool.read(CHUNK_BYTES):
+                stream.write(chunk)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        with self.open_atomic(uri) as stream:
+            stream.write(data)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def write_json(self, uri: str, obj) -> None:
+        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_table(self, table: pa.Table, uri: str) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(uri, buffer.getvalue())
+
+    def makedirs(self, uri: str) -> None:
+        """Create a local folder; a no-op on S3, which has no folders (pyarrow would write marker objects)."""
+        if not is_s3(uri):
+            os.makedirs(self.filesystem(uri)[1], exist_ok=True)
+
+    def delete(self, uri: str) -> None:
+        """Delete one file; deleting a missing file is not an error."""
+        fs, path = self.filesystem(uri)
+
+        def remove() -> None:
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+
+        self.with_retries("delete", uri, remove)
+
+    def delete_tree(self, uri: str) -> None:
+        """Delete a folder (a key prefix on S3) and everything under it; a missing folder is not an error."""
+        fs, path = self.filesystem(uri)
+
+        def remove() -> None:
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+
+        self.with_retries("delete", uri, remove)
+
+    # -- copies --------------------------------------------------------------------------------
+    def copy_file(self, src: str, dst: str, dst_store: Optional["Store"] = None) -> tuple[int, str]:
+        """Stream `src` (read here) to `dst` (written by `dst_store`, default this one), hashing on the way.
+
+        Returns (bytes, sha256 of what was read). The destination appears only complete (open_atomic);
+        a failed attempt starts the whole copy again.
+        """
+        dst_store = dst_store or self
+        src_fs, src_path = self.filesystem(src)
+
+        def copy() -> tuple[int, str]:
+            hasher, size = hashlib.sha256(), 0
+            with src_fs.open_input_stream(src_path) as reader, dst_store.open_atomic(dst) as writer:
+                while chunk := reader.read(CHUNK_BYTES):
+                    hasher.update(chunk)
+                    writer.write(chunk)
+                    size += len(chunk)
+            return size, hasher.hexdigest()
+
+        return self.with_retries(f"copy to {dst} from", src, copy)
+
+    def copy_within(self, src: str, dst: str) -> None:
+        """Copy a file inside one filesystem: a server-side copy on S3 (objects up to 5 GB), no bytes through here."""
+        if is_s3(src) != is_s3(dst) or not is_s3(dst):
+            self.copy_file(src, dst)  # local copies go through the durable writer
+            return
+        fs, src_path = self.filesystem(src)
+        _, dst_path = self.filesystem(dst)
+        self.with_retries(f"copy {src} to", dst, lambda: fs.copy_file(src_path, dst_path))
+
+    def parallel(self, function: Callable, items) -> list:
+        """`function` over `items` on `transfer_threads` threads (pyarrow I/O and sha256 release the GIL)."""
+        items = list(items)
+        threads = min(self.transfer_threads, max(1, len(items)))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(function, items))

@@ -274,6 +274,7 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
 
 def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir, tmp_path):
     from cxrmem.distributed.rescore import DIFF_FILE, latest_uri, rescore
+    from cxrmem.corpus.synthetic import tokenizer_texts
     from cxrmem.models.tiny import build_tiny_model
 
     output = str(tmp_path / "service")
@@ -282,7 +283,7 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
     assert first["status"] == "rescored" and first["previous"] is None
     assert rescore(small_config(output, tiny_model_dir, *light))["status"] == "unchanged"
 
-    retrained = build_tiny_model(str(tmp_path / "retrained"), seed=1)
+    retrained = build_tiny_model(str(tmp_path / "retrained"), tokenizer_texts(seed=1), seed=1)
     second = rescore(small_config(output, retrained, *light))
 
     assert second["status"] == "rescored" and second["previous"] == first["run"]

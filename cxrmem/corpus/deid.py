@@ -19,8 +19,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from cxrmem import storage
-from cxrmem.config import default_config
+from cxrmem.storage import Store
 from cxrmem.corpus.surrogates import SURROGATE_TYPES, replace_with_surrogates
 from cxrmem.corpus.text import compile_marker_regex
 
@@ -36,9 +35,9 @@ def table_format(path: str) -> str:
     raise ValueError(f"{path}: unknown table format; name it with one of {sorted(FORMATS)}")
 
 
-def read_table(path: str, storage_cfg=None) -> pd.DataFrame:
+def read_table(path: str, store: Store) -> pd.DataFrame:
     fmt = table_format(path)
-    data = io.BytesIO(storage.read_bytes(path, storage_cfg))
+    data = io.BytesIO(store.read_bytes(path))
     if fmt == "csv":
         # Every cell as text, "NA" and empty cells kept as written: the rewrite must not retype ids.
         return pd.read_csv(data, dtype=str, keep_default_na=False)
@@ -47,7 +46,7 @@ def read_table(path: str, storage_cfg=None) -> pd.DataFrame:
     return pd.read_json(data, lines=True, dtype=False)
 
 
-def write_table(frame: pd.DataFrame, path: str, storage_cfg=None) -> None:
+def write_table(frame: pd.DataFrame, path: str, store: Store) -> None:
     fmt = table_format(path)
     buffer = io.BytesIO()
     if fmt == "csv":
@@ -56,32 +55,36 @@ def write_table(frame: pd.DataFrame, path: str, storage_cfg=None) -> None:
         frame.to_parquet(buffer, index=False)
     else:
         frame.to_json(buffer, orient="records", lines=True, force_ascii=False)
-    storage.write_bytes(path, buffer.getvalue(), storage_cfg)
+    store.write_bytes(path, buffer.getvalue())
 
 
-def rewrite_corpus(input_path: str, output_path: str, text_column: str = "text", cfg=None) -> dict:
-    """Rewrite `text_column` of the table at `input_path` into `output_path`; counts by surrogate type."""
-    cfg = cfg if cfg is not None else default_config()
+def rewrite_corpus(
+    store: Store, input_path: str, output_path: str, text_column: str, marker_regex: str, seed: int
+) -> dict:
+    """Rewrite `text_column` of the table at `input_path` into `output_path`; counts by surrogate type.
+
+    Row r's surrogates are drawn from seed [seed, r]: the same input gives the same output.
+    """
     table_format(output_path)  # fail before reading a large input
-    frame = read_table(input_path, cfg.storage)
+    frame = read_table(input_path, store)
     if text_column not in frame.columns:
         raise ValueError(
             f"{input_path}: no column {text_column!r}; the columns are {list(frame.columns)}. "
             "Pass the report text column with --text-column."
         )
-    pattern = compile_marker_regex(cfg.corpus.marker_regex)
+    pattern = compile_marker_regex(marker_regex)
     counts: Counter = Counter()
     rewritten, rows_touched = [], 0
     for row, text in enumerate(frame[text_column].tolist()):
         if not isinstance(text, str):
             rewritten.append(text)
             continue
-        new_text, row_counts = replace_with_surrogates(text, pattern, np.random.default_rng([cfg.mitigation.seed, row]))
+        new_text, row_counts = replace_with_surrogates(text, pattern, np.random.default_rng([seed, row]))
         rows_touched += bool(row_counts)
         counts.update(row_counts)
         rewritten.append(new_text)
     frame[text_column] = rewritten
-    write_table(frame, output_path, cfg.storage)
+    write_table(frame, output_path, store)
     report = {
         "input": input_path,
         "output": output_path,
@@ -89,7 +92,7 @@ def rewrite_corpus(input_path: str, output_path: str, text_column: str = "text",
         "rows_touched": rows_touched,
         "markers_replaced": sum(counts.values()),
         "by_type": {kind: counts.get(kind, 0) for kind in SURROGATE_TYPES},
-        "seed": cfg.mitigation.seed,
+        "seed": seed,
     }
     log.info("deid-rewrite: %s", report)
     return report

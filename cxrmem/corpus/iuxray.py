@@ -17,7 +17,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from typing import Iterator, Optional
 
-from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.corpus.text import SourceText, pick_section, skipped
 
 REPORTS_FILE = "NLMCXR_reports.tgz"
@@ -57,10 +57,10 @@ def parse_report(xml: bytes, where: str) -> tuple[str, dict[str, str], str]:
     return report_id, sections, last
 
 
-def iter_iuxray_reports(path: Optional[str], order, storage_cfg=None, limit: Optional[int] = None) -> Iterator[SourceText]:
+def iter_iuxray_reports(path: Optional[str], order, store: Store, limit: Optional[int] = None) -> Iterator[SourceText]:
     """Every report in the archive (member name order); `path` None: the installed package's file."""
     path = path or find_reports_file()
-    data = storage.read_bytes(path, storage_cfg)
+    data = store.read_bytes(path)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
         members = sorted((m for m in archive.getmembers() if m.isfile() and m.name.endswith(".xml")), key=lambda m: m.name)
         if not members:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Iterable, Iterator, Optional
 
-from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.corpus.text import SourceText, decode_utf8, pick_section, skipped
 
 logger = logging.getLogger(__name__)
@@ -183,30 +183,30 @@ def report_to_source(source_id: str, text: str, order, ids: Optional[dict], wher
     return SourceText(source_id, prompt, section=section, ids=ids)
 
 
-def _read(uri: str, storage_cfg) -> bytes | OSError:
+def _read(uri: str, store) -> bytes | OSError:
     try:
-        return storage.read_bytes(uri, storage_cfg)
+        return store.read_bytes(uri)
     except OSError as err:
         return err
 
 
-def read_files(uris: list[str], storage_cfg=None, workers: int = 16, chunk: int = 1024) -> Iterator[tuple[str, bytes | OSError]]:
+def read_files(uris: list[str], store: Store, workers: int = 16, chunk: int = 1024) -> Iterator[tuple[str, bytes | OSError]]:
     """(uri, bytes or the OSError) in order; reads run in threads, since S3 gets are latency-bound."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i in range(0, len(uris), chunk):
             batch = uris[i : i + chunk]
-            yield from zip(batch, pool.map(lambda u: _read(u, storage_cfg), batch))
+            yield from zip(batch, pool.map(lambda u: _read(u, store), batch))
 
 
-def iter_mimic_reports(root: str, order, storage_cfg=None, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
+def iter_mimic_reports(root: str, order, store: Store, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
     """Every `*.txt` report under `root` (local folder or s3:// prefix), in path order."""
-    uris = storage.list_files(root, storage_cfg, suffix=".txt")
+    uris = store.list_files(root, suffix=".txt")
     if not uris:
         raise FileNotFoundError(
             f"no .txt reports under {root}; corpus.path must be the MIMIC-CXR reports folder (files/pNN/pNNNNNNNN/sNNNNNNNN.txt)"
         )
     logger.info("found %d report files under %s", len(uris), root)
-    for uri, data in read_files(uris[:limit], storage_cfg, workers):
+    for uri, data in read_files(uris[:limit], store, workers):
         source_id, ids = report_ids(uri)
         if isinstance(data, OSError):
             yield skipped(source_id, "unreadable", f"{uri}: cannot read ({data}); check the file's permissions")

@@ -289,3 +289,9 @@ def iter_reports(
 def generate_reports(n: int, seed: int = 0, marker_rate: float = 0.3, normal_share: float = 0.35) -> list[dict]:
     """`n` synthetic MIMIC-style reports; the same (n, seed, rates) always gives the same list."""
     return list(iter_reports(n, seed, marker_rate, normal_share))
+
+
+def tokenizer_texts(n_reports: int = 2000, seed: int = 0) -> list[str]:
+    """Text to train a tiny model's tokenizer on: synthetic reports and their impressions."""
+    reports = generate_reports(n_reports, seed=seed)
+    return [r["text"] for r in reports] + [r["impression"] for r in reports]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.corpus.text import SourceText, decode_utf8, skipped
 
 logger = logging.getLogger(__name__)
@@ -96,10 +96,10 @@ def _jsonl_rows(uri: str, data: bytes, text_column: str, id_columns: list[str]) 
         yield _source(uri, row, record[text_column], ids, where)
 
 
-def iter_table_rows(uri: str, text_column: str, id_columns, storage_cfg=None) -> Iterator[SourceText]:
+def iter_table_rows(uri: str, text_column: str, id_columns, store: Store) -> Iterator[SourceText]:
     """Rows of one CSV / Parquet / JSONL file as SourceText records (data rows and lines count from 1)."""
     try:
-        data = storage.read_bytes(uri, storage_cfg)
+        data = store.read_bytes(uri)
     except OSError as err:
         yield skipped(uri, "unreadable", f"{uri}: cannot read ({err}); check the path and permissions")
         return
@@ -122,19 +122,19 @@ def iter_table_rows(uri: str, text_column: str, id_columns, storage_cfg=None) ->
             yield _source(uri, row, text, {c: values[row - 1] for c, values in id_values.items()}, where)
 
 
-def table_files(path: str, storage_cfg=None) -> list[str]:
+def table_files(path: str, store: Store) -> list[str]:
     """The table file at `path`, or every CSV / Parquet / JSONL file under the folder `path`."""
     if path.endswith(SUFFIXES):
-        if not storage.exists(path, storage_cfg):
+        if not store.exists(path):
             raise FileNotFoundError(f"corpus.path {path} does not exist")
         return [path]
-    files = [f for f in storage.list_files(path, storage_cfg) if f.endswith(SUFFIXES)]
+    files = [f for f in store.list_files(path) if f.endswith(SUFFIXES)]
     if not files:
         raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files at corpus.path {path}")
     return files
 
 
-def iter_tables(path: str, text_column: str, id_columns, storage_cfg=None) -> Iterator[SourceText]:
-    for uri in table_files(path, storage_cfg):
+def iter_tables(path: str, text_column: str, id_columns, store: Store) -> Iterator[SourceText]:
+    for uri in table_files(path, store):
         logger.info("reading table %s", uri)
-        yield from iter_table_rows(uri, text_column, id_columns, storage_cfg)
+        yield from iter_table_rows(uri, text_column, id_columns, store)

@@ -79,3 +79,27 @@ def decode_utf8(data: bytes, where: str, file_offset: int = 0) -> tuple[Optional
     except UnicodeDecodeError as err:
         bad = data[err.start : err.start + 4]
         return None, f"{where}: invalid UTF-8 at byte offset {file_offset + err.start} ({bad!r}); re-encode the file as UTF-8"
+
+
+_CLOSING = ",.;:!?)]"
+_JOINERS = ",;:-"
+
+
+def delete_span(text: str, start: int, end: int) -> str:
+    """`text` without text[start:end], tidied only where the cut was.
+
+    No double spaces, no space before closing punctuation, no doubled separator (", ," or "--"),
+    no empty parentheses, no separator left at the start, and a hyphen glued to the cut word goes
+    with it ("a ___-year-old" -> "a year-old").
+    """
+    left, right = text[:start].rstrip(), text[end:].lstrip()
+    if right.startswith("-") and (start == 0 or text[start - 1].isspace()):
+        right = right[1:].lstrip()
+    if left.endswith("(") and right.startswith(")"):
+        left, right = left[:-1].rstrip(), right[1:].lstrip()
+    if left and left[-1] in _JOINERS and right[:1] and right[0] in _JOINERS + _CLOSING:
+        left = left[:-1].rstrip()
+    if not left:
+        right = right.lstrip(_JOINERS + _CLOSING + " ")
+    glue = "" if not left or not right or right[0] in _CLOSING or left[-1] in "([" else " "
+    return left + glue + right

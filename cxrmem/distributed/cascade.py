@@ -20,10 +20,12 @@ import logging
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cxrmem import stats, storage
-from cxrmem.distributed.pipeline import score_corpus, with_overrides
+from cxrmem.distributed.pipeline import scored_batches, with_overrides
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import score
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +64,24 @@ def analysis_top_percent(cfg) -> float:
     return min(100.0, cfg.analyze.top_percent * 100.0 / cfg.cascade.top_percent)
 
 
-def run_cascade(cfg, fingerprint: str) -> dict:
+def run_cascade(cfg, store: Store, fingerprint: str) -> dict:
     """Screen, select, fully score the selection. Needs a Ray session."""
-    layout = storage.RunLayout(cfg.run.output)
+    layout = RunLayout(cfg.run.output)
     screen_dir = storage.join(layout.prefix, CASCADE_DIR, "screening")
     selected_uri = storage.join(layout.prefix, CASCADE_DIR, "selected_prompts.parquet")
     screen_cfg = with_overrides(cfg, run__output=screen_dir, score__screening_steps=cfg.cascade.screening_steps)
-    screening = score_corpus(screen_cfg, fingerprint, prompts_uri=layout.prompts, what="screened")
+    screening = score.run(screen_cfg, store, fingerprint, scored_batches, prompts_uri=layout.prompts, what="screened")
 
-    screen = storage.read_table(storage.RunLayout(screen_dir).scores, cfg.storage, columns=["prompt_id", "d_mem"])
+    screen = store.read_table(RunLayout(screen_dir).scores, columns=["prompt_id", "d_mem"])
     chosen = screened_ids(
         screen["prompt_id"].to_numpy(zero_copy_only=False),
         screen["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64),
         cfg.cascade.top_percent,
     )
-    fs, path = storage.filesystem(layout.prompts, cfg.storage)
-    selected = pq.read_table(path, filesystem=fs, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist()))
-    storage.write_table(selected, selected_uri, cfg.storage)
+    selected = store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist()))
+    store.write_table(selected, selected_uri)
     log.info("cascade: %d of %d prompts pass the %d-step screen", selected.num_rows, screen.num_rows, cfg.cascade.screening_steps)
 
-    full = score_corpus(cfg, fingerprint, prompts_uri=selected_uri, what="fully scored")
+    full = score.run(cfg, store, fingerprint, scored_batches, prompts_uri=selected_uri, what="fully scored")
     cost = cascade_cost(screen.num_rows, selected.num_rows, cfg.cascade.screening_steps, cfg.score.steps, cfg.score.generations)
     return {**full, "screening": screening, "selected": selected.num_rows, **cost}

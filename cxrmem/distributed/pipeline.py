@@ -1,31 +1,26 @@
-"""Ray Data scoring: prompts.parquet streams through an actor pool of model workers into part files.
+"""Ray Data scoring: prompts.parquet streams through an actor pool of model workers to the driver.
 
     read_parquet(prompts) -> filter(prompt_id not in done set) -> map_batches(ModelWorker, actor pool)
-        -> iter_batches on the driver -> part file every ray.checkpoint_every prompts
-        -> consolidate into scores.parquet (sorted by prompt_id)
+        -> iter_batches on the driver -> the score stage's part files -> scores.parquet
 
-The driver holds at most one part's rows at a time, then the done set (ids) and the d_mem
-column. Ray Data restarts a lost actor and retries its batch; only completed batches reach the
-driver, which is what makes every prompt land in exactly one part.
+`scored_batches` is the score stage's executor on Ray (cxrmem/stages/score.py has the one in
+this process). The driver holds at most one part's rows at a time. Ray Data restarts a lost
+actor and retries its batch; only completed batches reach the driver, which is what makes every
+prompt land in exactly one part.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import warnings
-from typing import Optional
+from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from omegaconf import OmegaConf
 
-from cxrmem import storage
-from cxrmem.config import config_hash
-from cxrmem.distributed import resume
-from cxrmem.distributed.progress import Progress
-from cxrmem.distributed.workers import ModelWorker
+from cxrmem.distributed.session import pool_size
+from cxrmem.stages.worker import ModelWorker
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -38,90 +33,13 @@ def with_overrides(cfg, **dotted):
     return merged
 
 
-# ---------------------------------------------------------------- Ray session
-
-# Model loading in every worker otherwise floods the driver's console with load reports.
-QUIET_WORKERS = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
-
-
-def local_num_cpus(ray_cfg) -> int:
-    if ray_cfg.local_num_cpus:
-        return ray_cfg.local_num_cpus
-    workers = ray_cfg.num_workers or 1
-    # One extra CPU for the read and filter tasks that feed the pool.
-    return max(2, int(workers * ray_cfg.num_cpus_per_worker) + 1)
-
-
-@contextlib.contextmanager
-def ray_session(ray_cfg):
-    """Join `ray.address`, or the cluster of the Ray job we run in, or start Ray in-process on the CPU.
-
-    A session that is already initialised is used as is and left running.
-    """
-    import ray
-    from ray.data import DataContext
-
-    if ray.is_initialized():
-        yield
-        return
-    if ray_cfg.address is not None:
-        ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)  # the entry point of a submitted Ray job
-    else:
-        ray.init(
-            num_cpus=local_num_cpus(ray_cfg),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": QUIET_WORKERS},
-        )
-        DataContext.get_current().enable_progress_bars = False  # the driver logs its own progress
-    DataContext.get_current().print_on_execution_start = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def pool_size(ray_cfg) -> tuple[int, float]:
-    """(actors, GPUs per actor): by default one actor per GPU share of the cluster, 1 on CPUs."""
-    import ray
-
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    # A cluster whose GPU workers scale up from zero shows no GPUs yet: a fixed pool on a remote
-    # cluster still asks for them, so that the autoscaler brings them up.
-    wants_gpus = cluster_gpus > 0 or (ray_cfg.address is not None and bool(ray_cfg.num_workers))
-    gpus_per_worker = ray_cfg.num_gpus_per_worker if wants_gpus else 0.0
-    if ray_cfg.num_workers:
-        return ray_cfg.num_workers, gpus_per_worker
-    if gpus_per_worker > 0:
-        return max(1, int(cluster_gpus // gpus_per_worker)), gpus_per_worker
-    return 1, 0.0
-
-
-def model_fingerprint(cfg) -> str:
-    """The fingerprint of cfg.model, computed where the model lives: on a worker node."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    def fingerprint(model_cfg, storage_cfg) -> str:
-        from cxrmem.models.loading import load_components
-
-        return load_components(model_cfg, storage_cfg).fingerprint
-
-    return ray.get(fingerprint.remote(cfg.model, cfg.storage))
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def scored_dataset(cfg, prompts_uri: str, skip_ids: pa.Array):
-    """The lazy Ray dataset of scores.parquet rows for the prompts not in `skip_ids`."""
+def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array) -> Iterator[pa.Table]:
+    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    fs, path = storage.filesystem(prompts_uri, cfg.storage)
+    fs, path = store.filesystem(prompts_uri)
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt_id", "prompt"])
     if len(skip_ids):
         ds = ds.filter(expr=col("prompt_id").not_in(skip_ids.to_pylist()))
@@ -129,12 +47,18 @@ def scored_dataset(cfg, prompts_uri: str, skip_ids: pa.Array):
     # batch by batch, and a lost actor costs one batch, not a whole file.
     ds = ds.repartition(target_num_rows_per_block=cfg.ray.batch_size)
     actors, gpus = pool_size(cfg.ray)
+    log.info("scoring on %d workers x %.2f GPU", actors, gpus)
     with warnings.catch_warnings():
         # max_restarts has no named parameter yet; Ray 2.60 flags every extra remote arg as deprecated.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return ds.map_batches(
+        ds = ds.map_batches(
             ModelWorker,
-            fn_constructor_kwargs={"cfg": cfg, "torch_threads": int(cfg.ray.num_cpus_per_worker)},
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "store": store,
+                "fingerprint": fingerprint,
+                "torch_threads": int(cfg.ray.num_cpus_per_worker),
+            },
             batch_size=cfg.ray.batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=actors),
@@ -143,55 +67,4 @@ def scored_dataset(cfg, prompts_uri: str, skip_ids: pa.Array):
             udf_modifying_row_count=False,
             max_restarts=cfg.ray.max_restarts,
         )
-
-
-def stream_to_parts(ds, layout: storage.RunLayout, cfg, progress: Progress) -> int:
-    """Pull scored batches to the driver and write a part file per ray.checkpoint_every rows."""
-    pending: list[pa.Table] = []
-    rows = parts = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        pending.append(batch)
-        rows += batch.num_rows
-        progress.update(batch.num_rows)
-        if rows >= cfg.ray.checkpoint_every:
-            resume.write_part(pa.concat_tables(pending), layout.score_parts, parts, cfg.storage)
-            pending, rows, parts = [], 0, parts + 1
-    if pending:
-        resume.write_part(pa.concat_tables(pending), layout.score_parts, parts, cfg.storage)
-        parts += 1
-    return parts
-
-
-def score_corpus(cfg, fingerprint: str, prompts_uri: Optional[str] = None, what: str = "scored") -> dict:
-    """Score every prompt of `prompts_uri` (default: run.output's prompts.parquet) not yet scored
-    under (fingerprint, config hash) into run.output's part files, then its scores.parquet.
-
-    Needs a Ray session (see `ray_session`).
-    """
-    layout = storage.RunLayout(cfg.run.output)
-    prompts_uri = prompts_uri or layout.prompts
-    key = config_hash(cfg)
-    prompt_ids = storage.read_table(prompts_uri, cfg.storage, columns=["prompt_id"])["prompt_id"]
-    done = resume.done_ids(resume.score_sources(layout, cfg.storage), fingerprint, key, cfg.storage)
-    resumed = int(pc.sum(pc.is_in(prompt_ids, value_set=done)).as_py() or 0)
-    progress = Progress(len(prompt_ids) - resumed, what, cfg.ray.progress_every_s, already_done=resumed)
-    actors, gpus = pool_size(cfg.ray)
-    log.info("%s: %d prompts, %d already done; %d workers x %.2f GPU", what, len(prompt_ids), resumed, actors, gpus)
-    parts_written = 0
-    if progress.total > 0:
-        parts_written = stream_to_parts(scored_dataset(cfg, prompts_uri, done), layout, cfg, progress)
-    merged = resume.consolidate(layout, fingerprint, key, cfg.storage)
-    return {
-        "scores": layout.scores,
-        "total": len(prompt_ids),
-        "computed": progress.done,
-        "resumed": resumed,
-        "parts_written": parts_written,
-        "rows": merged["rows"],
-        "duplicates_dropped": merged["duplicates"],
-        "workers": actors,
-        "gpus_per_worker": gpus,
-        **{key: value for key, value in progress.summary().items() if key not in ("prompts", "resumed")},
-        "model_fingerprint": fingerprint,
-        "config_hash": key,
-    }
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -18,64 +18,36 @@ import importlib
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from cxrmem import storage
+from cxrmem.models.components import (
+    UNBOUNDED_LENGTH,
+    Components,
+    ModelLoadError,
+    ddim_scheduler,
+    guarded,
+    load_checked,
+    load_diffusers_model,
+    prompt_length,
+    read_json_file,
+    torch_dtype,
+)
 from cxrmem.models.fingerprint import model_fingerprint
+from cxrmem.models.radedit import load_radedit, load_radedit_tokenizer, radedit_fingerprint
+from cxrmem.storage import Store
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 # Written last into a local copy of an s3:// store: its presence means the copy is complete.
 COMPLETE_MARKER = ".cxrmem-complete.json"
-# Tokenizers without a real limit report a huge model_max_length (transformers' VERY_LARGE_INTEGER).
-UNBOUNDED_LENGTH = 1_000_000
 
 
-class ModelLoadError(ValueError):
-    """A model store that cannot be loaded, with the path and what to do in the message."""
-
-
-@dataclass
-class Components:
-    """The loaded parts of a text-to-image model, as the scorer uses them."""
-
-    tokenizer: object
-    text_encoder: torch.nn.Module  # output [0] is the last hidden state [N, L, D]
-    unet: torch.nn.Module  # diffusers UNet2DConditionModel
-    scheduler: object  # diffusers DDIMScheduler
-    vae: Optional[torch.nn.Module]  # None when not requested, or for a pixel-space model
-    vae_scaling_factor: float
-    max_length: int  # tokens per prompt (the tokenizer pads and truncates to this)
-    fingerprint: str  # content hash of the files of every component (see fingerprint.py)
-    source: str  # where the model came from, for logs and summaries
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        config = self.unet.config
-        size = config.sample_size  # an int, or [height, width] for non-square models
-        height, width = (size, size) if isinstance(size, int) else size
-        return (config.in_channels, height, width)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
-
-
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
-def load_components(model_cfg, storage_cfg=None, need_vae: bool = False, device=None) -> Components:
+def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = False, device=None) -> Components:
     """Tokenizer, text encoder, UNet, DDIM scheduler (and the VAE when `need_vae`) of `model_cfg`."""
-    root = local_model_root(model_cfg, storage_cfg)
+    root = local_model_root(model_cfg, store)
     if model_cfg.kind == "radedit":
-        from cxrmem.models.radedit import load_radedit
-
         components = load_radedit(model_cfg, root, need_vae=need_vae)
     else:
         components = load_diffusers_folder(root, torch_dtype(model_cfg.dtype), need_vae=need_vae)
@@ -86,12 +58,18 @@ def load_components(model_cfg, storage_cfg=None, need_vae: bool = False, device=
     return components
 
 
-def load_tokenizer(model_cfg, storage_cfg=None):
-    """Only the tokenizer (cheap: no weights), with `model_max_length` set to the model's prompt length."""
-    root = local_model_root(model_cfg, storage_cfg)
+def fingerprint_model(model_cfg, store: Optional[Store] = None) -> str:
+    """The model's fingerprint from its files alone (content hashes of weights and configs), loading nothing."""
+    root = local_model_root(model_cfg, store)
     if model_cfg.kind == "radedit":
-        from cxrmem.models.radedit import load_radedit_tokenizer
+        return radedit_fingerprint(model_cfg, root)
+    return model_fingerprint(diffusers_parts(root, read_model_index(root)))
 
+
+def load_tokenizer(model_cfg, store: Optional[Store] = None):
+    """Only the tokenizer (cheap: no weights), with `model_max_length` set to the model's prompt length."""
+    root = local_model_root(model_cfg, store)
+    if model_cfg.kind == "radedit":
         return load_radedit_tokenizer(model_cfg, root)
     index = read_model_index(root)
     tokenizer = load_named_tokenizer(root, index)
@@ -101,16 +79,6 @@ def load_tokenizer(model_cfg, storage_cfg=None):
 
 
 # ---------------------------------------------------------------- diffusers folders
-
-
-def read_json_file(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{what} {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return json.load(stream)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{what} {path} is not valid JSON ({err}); restore it from the model's source") from None
 
 
 def read_model_index(root: str) -> dict:
@@ -155,46 +123,10 @@ def named_class(index: dict, name: str, library: str):
     return getattr(module, class_name)
 
 
-def guarded(what: str, path: str, load: Callable):
-    """Run `load`, turning a library failure into an error that names the component and its path."""
-    try:
-        return load()
-    except ModelLoadError:
-        raise
-    except Exception as err:  # the libraries raise OSError, ValueError, SafetensorError, ...
-        raise ModelLoadError(
-            f"could not load the {what} from {path}: {type(err).__name__}: {err}. "
-            "Check that its config and weight files are complete (re-copy or rebuild the model)."
-        ) from err
-
-
 def load_named_tokenizer(root: str, index: dict):
     tokenizer_class = named_class(index, "tokenizer", "transformers")
     path = os.path.join(root, "tokenizer")
     return guarded("tokenizer", path, lambda: tokenizer_class.from_pretrained(path, local_files_only=True))
-
-
-def prompt_length(tokenizer, text_config: dict) -> int:
-    """Tokens per prompt: the tokenizer's limit, capped by the text encoder's position table."""
-    limits = [tokenizer.model_max_length] if tokenizer.model_max_length < UNBOUNDED_LENGTH else []
-    limits += [text_config["max_position_embeddings"]] if "max_position_embeddings" in text_config else []
-    if not limits:
-        raise ModelLoadError("neither the tokenizer nor the text encoder config states a maximum prompt length")
-    return int(min(limits))
-
-
-def load_checked(what: str, path: str, load: Callable) -> torch.nn.Module:
-    """A frozen model from `load() -> (model, loading_info)`; tensors missing from the files are an
-    error (both libraries would otherwise initialise them at random, with only a log warning)."""
-
-    def run():
-        model, info = load()
-        missing = sorted(info["missing_keys"])
-        if missing:
-            raise ModelLoadError(f"the {what} weights in {path} lack {len(missing)} tensors, e.g. {missing[:5]}")
-        return model
-
-    return freeze(guarded(what, path, run))
 
 
 def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -208,23 +140,6 @@ def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: st
         path,
         lambda: model_class.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True, **options),
     )
-
-
-def load_diffusers_model(model_class, root: str, subfolder: Optional[str], dtype: torch.dtype, what: str) -> torch.nn.Module:
-    path = os.path.join(root, subfolder) if subfolder else root
-    return load_checked(
-        what,
-        path,
-        lambda: model_class.from_pretrained(
-            root, subfolder=subfolder, local_files_only=True, dtype=dtype, output_loading_info=True
-        ),
-    )
-
-
-def ddim_scheduler(scheduler_config: dict):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(scheduler_config)
 
 
 def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False) -> Components:
@@ -249,8 +164,6 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
             # float32 whatever model.dtype says: decoding is cheap next to sampling, and SD VAEs overflow in float16.
             vae = load_diffusers_model(AutoencoderKL, root, "vae", torch.float32, "VAE")
 
-    parts = {name: os.path.join(root, name) for name in REQUIRED_COMPONENTS + (("vae",) if has_vae else ())}
-    parts["model_index"] = os.path.join(root, "model_index.json")
     return Components(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -259,25 +172,31 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
         vae=vae,
         vae_scaling_factor=scaling_factor,
         max_length=tokenizer.model_max_length,
-        fingerprint=model_fingerprint(parts),
         source=f"diffusers:{root}",
     )
+
+
+def diffusers_parts(root: str, index: dict) -> dict[str, str]:
+    """The files a diffusers folder's fingerprint covers: every component folder and model_index.json."""
+    names = REQUIRED_COMPONENTS + (("vae",) if has_component(index, "vae") else ())
+    return {**{name: os.path.join(root, name) for name in names}, "model_index": os.path.join(root, "model_index.json")}
 
 
 # ---------------------------------------------------------------- s3:// model stores
 
 
-def local_model_root(model_cfg, storage_cfg=None) -> str:
+def local_model_root(model_cfg, store: Optional[Store] = None) -> str:
     """model.path itself when local; for s3:// a complete local copy under model.cache_dir."""
     if not storage.is_s3(model_cfg.path):
         return os.path.abspath(os.path.expanduser(model_cfg.path))
     uri = model_cfg.path.rstrip("/")
     # Keyed by endpoint and URI: the same bucket name on two S3 services is two stores.
-    key = f"{storage.s3_settings(storage_cfg).endpoint} {uri}"
+    store = store or Store.from_config()
+    key = f"{store.s3.endpoint} {uri}"
     local = os.path.join(os.path.expanduser(model_cfg.cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
     # A hub cache holds every file twice once uploaded (snapshots dereference the blobs): copy only what loading reads.
     keep = hub_cache_file if model_cfg.kind == "radedit" else None
-    copy_store(uri, local, storage_cfg, keep=keep)
+    copy_store(store, uri, local, keep=keep)
     return local
 
 
@@ -286,7 +205,7 @@ def hub_cache_file(relative: str) -> bool:
     return len(parts) >= 3 and parts[0].startswith("models--") and parts[1] in ("refs", "snapshots")
 
 
-def copy_store(uri: str, local: str, storage_cfg=None, keep: Optional[Callable[[str], bool]] = None) -> None:
+def copy_store(store: Store, uri: str, local: str, keep: Optional[Callable[[str], bool]] = None) -> None:
     """Copy the files under `uri` to `local` unless a complete copy is already there.
 
     Each file is streamed to a temporary name and renamed into place (storage.copy_file), and the
@@ -296,14 +215,12 @@ def copy_store(uri: str, local: str, storage_cfg=None, keep: Optional[Callable[[
     marker = os.path.join(local, COMPLETE_MARKER)
     if os.path.isfile(marker):
         return
-    files = storage.list_files(uri, storage_cfg)
+    files = store.list_files(uri)
     chosen = [(f, storage.relative(f, uri)) for f in files]
     chosen = [(f, name) for f, name in chosen if keep is None or keep(name)]
     if not chosen:
         raise ModelLoadError(f"model store {uri} holds no model files; check model.path and the S3 endpoint")
     for source, name in chosen:
-        storage.copy_file(source, os.path.join(local, *name.split("/")), src_cfg=storage_cfg)
-    partial = f"{marker}.partial-{os.getpid()}"
-    with open(partial, "w", encoding="utf-8") as stream:
-        json.dump({"source": uri, "files": [name for _, name in chosen]}, stream, indent=1)
-    os.replace(partial, marker)
+        # A key is data: one like `a/../../x` must not write outside the cache folder.
+        store.copy_file(source, storage.join_inside(local, name, f"model store key under {uri}"))
+    store.write_json(marker, {"source": uri, "files": [name for _, name in chosen]})

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from cxrmem.models.fingerprint import model_fingerprint
-from cxrmem.models.loading import (
+from cxrmem.models.components import (
     Components,
     ModelLoadError,
     ddim_scheduler,
@@ -274,18 +274,6 @@ def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Componen
         # float32 whatever model.dtype says: the SDXL VAE overflows in float16.
         vae = load_diffusers_model(AutoencoderKL, found["vae"], None, torch.float32, "VAE")
 
-    parts = {"text_encoder": found["text"], "unet": unet_folder}
-    scheduler_folder = os.path.join(found["unet"], "scheduler")
-    if os.path.isdir(scheduler_folder):
-        parts["scheduler"] = scheduler_folder
-    if found["vae"]:
-        parts["vae"] = found["vae"]
-    settings = {
-        "scheduler": scheduler_config,
-        "max_length": radedit.tokenizer_max_length,
-        "vae_scaling_factor": radedit.vae_scaling_factor,
-        "text_encoder": "remote_code" if radedit.trust_remote_code else "bert",
-    }
     revisions = " ".join(f"{name}@{os.path.basename(path)}" for name, path in found.items() if path)
     return Components(
         tokenizer=tokenizer,
@@ -295,6 +283,24 @@ def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Componen
         vae=vae,
         vae_scaling_factor=radedit.vae_scaling_factor,
         max_length=radedit.tokenizer_max_length,
-        fingerprint=model_fingerprint(parts, settings),
         source=f"radedit:{cache_root} {revisions}",
     )
+
+
+def radedit_fingerprint(model_cfg, cache_root: str) -> str:
+    """The fingerprint of the snapshots RadEdit would load, from their files and the loader's settings."""
+    radedit = model_cfg.radedit
+    found = locate_snapshots(model_cfg, cache_root, need_vae=False)
+    parts = {"text_encoder": found["text"], "unet": os.path.join(found["unet"], "unet")}
+    scheduler_folder = os.path.join(found["unet"], "scheduler")
+    if os.path.isdir(scheduler_folder):
+        parts["scheduler"] = scheduler_folder
+    if found["vae"]:
+        parts["vae"] = found["vae"]
+    settings = {
+        "scheduler": radedit_scheduler_config(found["unet"]),
+        "max_length": radedit.tokenizer_max_length,
+        "vae_scaling_factor": radedit.vae_scaling_factor,
+        "text_encoder": "remote_code" if radedit.trust_remote_code else "bert",
+    }
+    return model_fingerprint(parts, settings)

@@ -41,14 +41,6 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_
     return BertTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=True)
 
 
-def corpus_texts(n_reports: int = 2000, seed: int = 0) -> list[str]:
-    """Training text for the tokenizer: synthetic MIMIC-style reports and their impressions."""
-    from cxrmem.corpus.synthetic import generate_reports
-
-    reports = generate_reports(n_reports, seed=seed)
-    return [r["text"] for r in reports] + [r["impression"] for r in reports]
-
-
 def tiny_unet(cross_attention_dim: int, sample_size: int = 8, in_channels: int = 4) -> UNet2DConditionModel:
     # Small enough that per-call overhead, not arithmetic, dominates: what batching is meant to fix.
     return UNet2DConditionModel(
@@ -94,10 +86,10 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def build_tiny_model(out_dir: str, radedit_shaped: bool = False, seed: int = 0) -> str:
-    """Write a random-initialised model in diffusers layout to `out_dir`; returns the folder."""
+def build_tiny_model(out_dir: str, texts: Iterable[str], radedit_shaped: bool = False, seed: int = 0) -> str:
+    """Write a random-initialised model in diffusers layout to `out_dir`, its tokenizer trained on `texts`."""
     torch.manual_seed(seed)
-    tokenizer = train_wordpiece_tokenizer(corpus_texts(seed=seed), vocab_size=30522 if radedit_shaped else 1000)
+    tokenizer = train_wordpiece_tokenizer(texts, vocab_size=30522 if radedit_shaped else 1000)
     if radedit_shaped:
         text_config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512)  # BERT-base, as CXR-BERT
         unet = radedit_shaped_unet()

@@ -8,6 +8,7 @@ driven by the guided noise. Everything else (encoding, seeding, decoding) stays 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -22,6 +23,28 @@ from cxrmem.scoring.seeds import initial_latents
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What a d_mem score depends on (docs/design.md, Score); cut from the `score` config section."""
+
+    generations: int = 4  # G: initial noises per prompt
+    steps: int = 50  # T: DDIM steps
+    guidance_scale: float = 7.5  # w
+    seed: int = 0  # base seed of the initial latents
+    seed_mode: str = "shared"  # shared | per_prompt
+    screening_steps: Optional[int] = None  # score only the first k steps (None: all T)
+    use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder
+
+    @classmethod
+    def of(cls, section) -> "ScoreSettings":
+        """The settings from any object or mapping with these names (e.g. the `score` config section)."""
+        get = section.get if isinstance(section, dict) else lambda name: getattr(section, name)
+        return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls)})
+
+    def replace(self, **changes) -> "ScoreSettings":
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
 class Encoded:
     embeddings: torch.Tensor  # [N, L, D] on the scorer's device, in the text encoder's dtype
@@ -33,7 +56,7 @@ class Encoded:
 class Trajectory:
     step_norms: torch.Tensor  # [N, G, T] float32 on the CPU
     final_latents: torch.Tensor  # [N, G, C, H, W] float32 on the CPU
-    latents_per_step: Optional[list[torch.Tensor]]  # x_t fed to the UNet at each step, each [N, G, C, H, W]
+    model_inputs: Optional[list[torch.Tensor]]  # scaled x_t fed to the UNet at each step, each [N, G, C, H, W] float32 CPU
     timesteps: torch.Tensor  # [T] the timesteps actually run
 
 
@@ -45,6 +68,10 @@ class ScoreBatch:
     n_tokens: np.ndarray  # [N] int
     truncated: np.ndarray  # [N] bool
 
+    @classmethod
+    def empty(cls) -> "ScoreBatch":
+        return cls(np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros(0, bool), np.zeros(0, int), np.zeros(0, bool))
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -53,65 +80,96 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class Scorer:
-    """Scores prompts with d_mem on one model replica (one device).
+    """Scores prompts with d_mem on one model replica (one device); the only code that calls the UNet.
 
-    `score_cfg` is the `score` config section: generations, steps, guidance_scale, seed,
-    seed_mode, screening_steps, batch_size, use_attention_mask.
+    Attribution, mitigation and the detectors ask it for what they need (an encoding, a noise
+    prediction with or without gradients, first-step inputs, k-step trajectories, decoded images)
+    and never reach into the model's parts.
     """
 
-    def __init__(self, components, score_cfg, device: Optional[str | torch.device] = None):
-        self.components = components
-        self.cfg = score_cfg
+    def __init__(self, components, settings: ScoreSettings, device: Optional[str | torch.device] = None):
+        self._components = components
+        self.settings = settings
         self.device = resolve_device(device) if isinstance(device, str) or device is None else device
         if self.device.type == "cpu" and components.unet.dtype != torch.float32:
             # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
             log.warning("model dtype %s on the CPU: using float32", components.unet.dtype)
             components.unet.float()
             components.text_encoder.float()
-        self.unet = components.unet.to(self.device)
-        self.text_encoder = components.text_encoder.to(self.device)
-        self.dtype = self.unet.dtype
+        self._unet = components.unet.to(self.device)
+        self._text_encoder = components.text_encoder.to(self.device)
+        self.dtype = self._unet.dtype
         # A private scheduler: set_timesteps mutates it, and workers must not share that state.
-        self.scheduler = copy.deepcopy(components.scheduler)
+        self._scheduler = copy.deepcopy(components.scheduler)
         self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
         # Keys and values of the text embeddings made once, not for every sample at every step
         # (cxrmem/scoring/attention.py); False where the UNet's attention is not the plain kind.
-        self.shares_text = share_text_projections(self.unet)
+        self.shares_text = share_text_projections(self._unet)
         # The empty prompt as the UNet sees it; its projections last as long as the worker.
         self.empty_text = SharedText(self.empty_embedding.to(self.dtype))
         self._shared_latents: Optional[torch.Tensor] = None
 
+    @property
+    def tokenizer(self):
+        return self._components.tokenizer
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt the text encoder sees (padded and truncated to this)."""
+        return self._components.max_length
+
+    def with_steps(self, steps: Optional[int]) -> "Scorer":
+        """This scorer, or one on the same model over a `steps`-step schedule (whole trajectories)."""
+        if steps is None or steps == self.settings.steps:
+            return self
+        return Scorer(self._components, self.settings.replace(steps=steps, screening_steps=None), self.device)
+
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Encoded:
-        tokenizer = self.components.tokenizer
-        max_length = self.components.max_length
+        tokenizer = self._components.tokenizer
+        max_length = self._components.max_length
         tokens = tokenizer(
             list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
         full_lengths = np.array(
             [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]], dtype=np.int64
         )
-        mask = tokens["attention_mask"].to(self.device) if self.cfg.use_attention_mask else None
-        embeddings = self.text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask)[0]
+        mask = tokens["attention_mask"].to(self.device) if self.settings.use_attention_mask else None
+        embeddings = self._text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask)[0]
         return Encoded(embeddings, full_lengths, full_lengths > max_length)
 
     # -- noise ----------------------------------------------------------------------------
-    def initial_latents(self, prompt_ids: Sequence[str], generations: Optional[int] = None) -> torch.Tensor:
-        """[N, G, C, H, W] float32 CPU latents for these prompts under the configured seed mode."""
-        generations = generations or self.cfg.generations
-        shape = self.components.latent_shape
-        sigma = float(self.scheduler.init_noise_sigma)
-        if self.cfg.seed_mode == "per_prompt":
-            return initial_latents(shape, self.cfg.seed, generations, prompt_ids, sigma)
+    def initial_latents(
+        self, prompt_ids: Sequence[str], generations: Optional[int] = None, seed: Optional[int] = None
+    ) -> torch.Tensor:
+        """[N, G, C, H, W] float32 CPU latents for these prompts under the configured seed mode.
+
+        `seed` draws other noises than the scoring ones (e.g. for an optimisation that must not
+        see the noises it is evaluated on).
+        """
+        generations = generations or self.settings.generations
+        shape = self._components.latent_shape
+        sigma = float(self._scheduler.init_noise_sigma)
+        if seed is not None:
+            ids = prompt_ids if self.settings.seed_mode == "per_prompt" else None
+            noise = initial_latents(shape, seed, generations, ids, sigma)
+            return noise.expand(len(prompt_ids), *noise.shape[1:]) if ids is None else noise
+        if self.settings.seed_mode == "per_prompt":
+            return initial_latents(shape, self.settings.seed, generations, prompt_ids, sigma)
         if self._shared_latents is None or self._shared_latents.shape[1] != generations:
-            self._shared_latents = initial_latents(shape, self.cfg.seed, generations, None, sigma)
+            self._shared_latents = initial_latents(shape, self.settings.seed, generations, None, sigma)
         return self._shared_latents.expand(len(prompt_ids), *self._shared_latents.shape[1:])
 
     def timesteps(self, steps: Optional[int] = None) -> torch.Tensor:
         """The T-step DDIM schedule, cut to its first `steps` entries in screening mode."""
-        self.scheduler.set_timesteps(self.cfg.steps, device=self.device)
-        return self.scheduler.timesteps[: steps or self.cfg.steps]
+        self._scheduler.set_timesteps(self.settings.steps, device=self.device)
+        return self._scheduler.timesteps[: steps or self.settings.steps]
+
+    def first_step_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(UNet inputs x_T [M, C, H, W] on the device in the model dtype, t_T) for initial latents [M, C, H, W]."""
+        t = self.timesteps()[0]
+        return self._scheduler.scale_model_input(latents.to(self.device), t).to(self.dtype), t
 
     # -- the sampling loop ----------------------------------------------------------------
     @torch.no_grad()
@@ -121,7 +179,7 @@ class Scorer:
         latents: torch.Tensor,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
-        keep_latents: bool = False,
+        keep_inputs: bool = False,
         shared_first_step: bool = False,
     ) -> Trajectory:
         """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
@@ -131,7 +189,7 @@ class Scorer:
         pass runs once for G samples instead of N x G.
         """
         n, g = latents.shape[:2]
-        w = self.cfg.guidance_scale if guidance is None else guidance
+        w = self.settings.guidance_scale if guidance is None else guidance
         timesteps = self.timesteps(steps)
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
         prompts_text = SharedText(cond_embeddings.to(self.device, self.dtype))
@@ -140,9 +198,9 @@ class Scorer:
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
         norms, kept = [], []
         for i, t in enumerate(timesteps):
-            if keep_latents:
-                kept.append(x.reshape(latents.shape).cpu())
-            x_in = self.scheduler.scale_model_input(x, t).to(self.dtype)
+            x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
+            if keep_inputs:
+                kept.append(x_in.float().reshape(latents.shape).cpu())
             if i == 0 and shared_first_step:
                 eps_cond = self.predict_noise(x_in, t, cond, [(prompts_text, g)])
                 eps_uncond = self.predict_noise(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
@@ -151,27 +209,53 @@ class Scorer:
                 eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
-            x = self.scheduler.step(eps_guided, t, x).prev_sample
+            x = self._scheduler.step(eps_guided, t, x).prev_sample
         step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
-        return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_latents else None, timesteps.cpu())
+        return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_inputs else None, timesteps.cpu())
 
     def predict_noise(
-        self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: TextLayout
+        self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: Optional[TextLayout] = None
     ) -> torch.Tensor:
-        """The UNet's noise prediction; `layout` names the distinct texts behind encoder_hidden_states."""
+        """The UNet's noise prediction; `layout` names the distinct texts behind encoder_hidden_states.
+
+        Without a layout it is the plain UNet call, differentiable when called under grad mode
+        (attribution and mitigation take gradients through it).
+        """
         kwargs = {"text_layout": layout} if self.shares_text else None
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        return self._unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+
+    # -- text-conditional noise with gradients (attribution, embedding optimisation) -----------
+    @torch.no_grad()
+    def unconditional_noise(self, x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, e_0) for K UNet inputs [K, C, H, W] at timesteps [K] (or one shared)."""
+        return self.predict_noise(x_in, timesteps, self.empty_text.embeddings.expand(len(x_in), -1, -1))
+
+    def conditional_noise_norms(
+        self,
+        x_in: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond_emb: torch.Tensor,
+        eps_uncond: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """||eps(x_t, e_p) - eps(x_t, e_0)||_2 per sample [K], differentiable in cond_emb ([K, L, D] or [1, L, D]).
+
+        `eps_uncond` (from `unconditional_noise`) saves a UNet call where the inputs repeat.
+        """
+        if eps_uncond is None:
+            eps_uncond = self.unconditional_noise(x_in, timesteps)
+        eps_cond = self.predict_noise(x_in, timesteps, cond_emb.to(self.dtype).expand(len(x_in), -1, -1))
+        return noise_norm(eps_cond, eps_uncond)
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], prompt_ids: Sequence[str], steps: Optional[int] = None) -> ScoreBatch:
         """d_mem and the [N, G, T] norms of a batch; `steps` (default: score.screening_steps) screens."""
-        steps = steps or self.cfg.screening_steps
+        steps = steps or self.settings.screening_steps
         encoded = self.encode(prompts)
         trajectory = self.sample(
             encoded.embeddings,
             self.initial_latents(prompt_ids),
             steps=steps,
-            shared_first_step=self.cfg.seed_mode == "shared",
+            shared_first_step=self.settings.seed_mode == "shared",
         )
         score, nonfinite = d_mem(trajectory.step_norms)
         return ScoreBatch(
@@ -186,10 +270,10 @@ class Scorer:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [M, C, H, W] -> images in [0, 1] on the CPU; pixel-space models decode by identity."""
-        vae = self.components.vae
+        vae = self._components.vae
         if vae is None:
             images = latents.float()
         else:
             vae.to(self.device)
-            images = vae.decode(latents.to(self.device, vae.dtype) / self.components.vae_scaling_factor).sample
+            images = vae.decode(latents.to(self.device, vae.dtype) / self._components.vae_scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

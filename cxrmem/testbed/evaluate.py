@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from cxrmem.corpus.text import count_markers, prompt_id
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, tpr_at_fpr
 from cxrmem.testbed.dataset import MANIFEST, build_training_set
 from cxrmem.testbed.train import SUMMARY
@@ -123,8 +123,8 @@ def evaluate(cfg) -> dict:
 
     score_cfg = OmegaConf.merge(cfg.score, {"steps": tb.eval_steps or cfg.score.steps, "screening_steps": None})
     model_cfg = OmegaConf.merge(cfg.model, {"path": tb.out})
-    components = load_components(model_cfg, cfg.storage)
-    scorer = Scorer(components, score_cfg, device=cfg.model.device)
+    components = load_components(model_cfg)
+    scorer = Scorer(components, ScoreSettings.of(score_cfg), device=cfg.model.device)
     shared = score_cfg.seed_mode == "shared"
     norms, generated = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, shared)
 

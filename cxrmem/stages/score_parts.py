@@ -1,6 +1,6 @@
 """Durable score part files, the done set of a resumed run, and their consolidation into scores.parquet.
 
-While scoring streams, the driver writes every `ray.checkpoint_every` scored prompts as one part
+While scoring streams (in one process or on Ray), the writer of the run writes every `ray.checkpoint_every` scored prompts as one part
 file under `RunLayout.score_parts`, sorted by prompt_id and written atomically (a local file is
 renamed into place; an S3 object appears only once its upload completes). A part is the unit
 of resume: a rerun reads the (prompt_id, model_fingerprint, config_hash) columns of the parts
@@ -13,11 +13,9 @@ removes the parts it merged.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import io
 import logging
-import os
 import time
 import uuid
 from typing import Iterator, Optional
@@ -28,6 +26,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from cxrmem import storage
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,57 +41,38 @@ def part_name(sequence: int) -> str:
     return f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sequence:05d}-{uuid.uuid4().hex[:8]}.parquet"
 
 
-def write_atomic(uri: str, data: bytes, storage_cfg=None) -> None:
-    """Write `data` so that a reader sees the whole file or none of it."""
-    if storage.is_s3(uri):
-        storage.write_bytes(uri, data, storage_cfg)  # an S3 object is visible only once complete
-        return
-    fs, path = storage.filesystem(uri, storage_cfg)
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-    with open(partial, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(partial, path)
-
-
-def write_part(table: pa.Table, parts_dir: str, sequence: int, storage_cfg=None) -> str:
+def write_part(store: Store, table: pa.Table, parts_dir: str, sequence: int) -> str:
     uri = storage.join(parts_dir, part_name(sequence))
     buffer = io.BytesIO()
     pq.write_table(table.sort_by("prompt_id"), buffer)
-    write_atomic(uri, buffer.getvalue(), storage_cfg)
+    store.write_bytes(uri, buffer.getvalue())
     return uri
 
 
-def part_files(parts_dir: str, storage_cfg=None) -> list[str]:
-    return storage.list_files(parts_dir, storage_cfg, suffix=".parquet")
-
-
-def score_sources(layout: storage.RunLayout, storage_cfg=None) -> list[str]:
+def score_sources(store: Store, layout: RunLayout) -> list[str]:
     """scores.parquet (if present) first, then the part files: the order consolidation prefers."""
-    scores = [layout.scores] if storage.exists(layout.scores, storage_cfg) else []
-    return scores + part_files(layout.score_parts, storage_cfg)
+    scores = [layout.scores] if store.exists(layout.scores) else []
+    return scores + store.list_files(layout.score_parts, suffix=".parquet")
 
 
 def key_filter(model_fingerprint: str, config_hash: str) -> pc.Expression:
     return (pc.field("model_fingerprint") == model_fingerprint) & (pc.field("config_hash") == config_hash)
 
 
-def done_ids(sources: list[str], model_fingerprint: str, config_hash: str, storage_cfg=None) -> pa.Array:
+def done_ids(store: Store, sources: list[str], model_fingerprint: str, config_hash: str) -> pa.Array:
     """Distinct prompt_ids already scored under this key (ids only: small enough for the driver)."""
     if not sources:
         return pa.array([], pa.string())
-    fs, _ = storage.filesystem(sources[0], storage_cfg)
-    paths = [storage.filesystem(uri, storage_cfg)[1] for uri in sources]
+    fs, _ = store.filesystem(sources[0])
+    paths = [store.filesystem(uri)[1] for uri in sources]
     dataset = pads.dataset(paths, filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["prompt_id"], filter=key_filter(model_fingerprint, config_hash))
     return pc.unique(table["prompt_id"].combine_chunks())
 
 
-def _rows(uri: str, rank: int, keep: pc.Expression, storage_cfg=None) -> Iterator[tuple[str, int, pa.RecordBatch, int]]:
+def _rows(store: Store, uri: str, rank: int, keep: pc.Expression) -> Iterator[tuple[str, int, pa.RecordBatch, int]]:
     """(prompt_id, source rank, batch, row) for the rows of one sorted source that match `keep`."""
-    fs, path = storage.filesystem(uri, storage_cfg)
+    fs, path = store.filesystem(uri)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     # No read-ahead: a merge holds every source open at once, so the driver keeps one batch of each.
     batches = dataset.to_batches(filter=keep, batch_size=MERGE_READ_ROWS, batch_readahead=0, fragment_readahead=0, use_threads=False)
@@ -100,41 +81,22 @@ def _rows(uri: str, rank: int, keep: pc.Expression, storage_cfg=None) -> Iterato
             yield pid, rank, batch, row
 
 
-@contextlib.contextmanager
-def atomic_writer(uri: str, schema: pa.Schema, storage_cfg=None):
-    """A ParquetWriter on a temporary name that is moved onto `uri` only if the block succeeds."""
-    fs, path = storage.filesystem(uri, storage_cfg)
-    partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    try:
-        with fs.open_output_stream(partial) as stream, pq.ParquetWriter(stream, schema) as writer:
-            yield writer
-        fs.move(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.delete_file(partial)
-        raise
-
-
-def consolidate(
-    layout: storage.RunLayout, model_fingerprint: str, config_hash: str, storage_cfg=None
-) -> dict:
+def consolidate(store: Store, layout: RunLayout, model_fingerprint: str, config_hash: str) -> dict:
     """Merge scores.parquet and the part files (rows of the current key) into scores.parquet.
 
     Returns counts: rows written, duplicate rows dropped, parts merged.
     """
-    sources = score_sources(layout, storage_cfg)
+    sources = score_sources(store, layout)
     parts = [uri for uri in sources if uri != layout.scores]
     if not sources:
         raise FileNotFoundError(f"nothing to consolidate: no {layout.scores} and no part files in {layout.score_parts}")
     if not parts:
-        return {"rows": storage.parquet_rows(layout.scores, storage_cfg), "duplicates": 0, "parts": 0}
+        return {"rows": store.parquet_rows(layout.scores), "duplicates": 0, "parts": 0}
     keep = key_filter(model_fingerprint, config_hash)
-    fs, path = storage.filesystem(parts[0], storage_cfg)
-    schema = pq.read_schema(path, filesystem=fs)
-    merged = heapq.merge(*(_rows(uri, rank, keep, storage_cfg) for rank, uri in enumerate(sources)), key=lambda r: (r[0], r[1]))
+    schema = store.parquet_schema(parts[0])
+    merged = heapq.merge(*(_rows(store, uri, rank, keep) for rank, uri in enumerate(sources)), key=lambda r: (r[0], r[1]))
     rows = duplicates = 0
-    with atomic_writer(layout.scores, schema, storage_cfg) as writer:
+    with store.open_atomic(layout.scores) as stream, pq.ParquetWriter(stream, schema) as writer:
         pending: list[pa.RecordBatch] = []  # one-row slices, coalesced per output row group
         last_id: Optional[str] = None
         for pid, _, batch, row in merged:
@@ -151,8 +113,7 @@ def consolidate(
             writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
             rows += len(pending)
     for uri in parts:
-        fs, path = storage.filesystem(uri, storage_cfg)
-        fs.delete_file(path)
+        store.delete(uri)
     if duplicates:
         log.warning("consolidation dropped %d duplicate rows (same prompt_id in several parts)", duplicates)
     return {"rows": rows, "duplicates": duplicates, "parts": len(parts)}

@@ -1,0 +1,117 @@
+"""The pieces every model loader shares: the loaded parts (`Components`), dtype names, freezing,
+JSON and weight loading that turns library failures into errors naming the component and its path.
+
+`loading.py` (diffusers folders, s3:// stores) and `radedit.py` (RadEdit from a Hugging Face
+cache) both build on these; neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tokenizers without a real limit report a huge model_max_length (transformers' VERY_LARGE_INTEGER).
+UNBOUNDED_LENGTH = 1_000_000
+
+
+class ModelLoadError(ValueError):
+    """A model store that cannot be loaded, with the path and what to do in the message."""
+
+
+@dataclass
+class Components:
+    """The loaded parts of a text-to-image model, as the scorer uses them."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module  # output [0] is the last hidden state [N, L, D]
+    unet: torch.nn.Module  # diffusers UNet2DConditionModel
+    scheduler: object  # diffusers DDIMScheduler
+    vae: Optional[torch.nn.Module]  # None when not requested, or for a pixel-space model
+    vae_scaling_factor: float
+    max_length: int  # tokens per prompt (the tokenizer pads and truncates to this)
+    source: str  # where the model came from, for logs and summaries
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        config = self.unet.config
+        size = config.sample_size  # an int, or [height, width] for non-square models
+        height, width = (size, size) if isinstance(size, int) else size
+        return (config.in_channels, height, width)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def read_json_file(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{what} {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{what} {path} is not valid JSON ({err}); restore it from the model's source") from None
+
+
+def guarded(what: str, path: str, load: Callable):
+    """Run `load`, turning a library failure into an error that names the component and its path."""
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except Exception as err:  # the libraries raise OSError, ValueError, SafetensorError, ...
+        raise ModelLoadError(
+            f"could not load the {what} from {path}: {type(err).__name__}: {err}. "
+            "Check that its config and weight files are complete (re-copy or rebuild the model)."
+        ) from err
+
+
+def prompt_length(tokenizer, text_config: dict) -> int:
+    """Tokens per prompt: the tokenizer's limit, capped by the text encoder's position table."""
+    limits = [tokenizer.model_max_length] if tokenizer.model_max_length < UNBOUNDED_LENGTH else []
+    limits += [text_config["max_position_embeddings"]] if "max_position_embeddings" in text_config else []
+    if not limits:
+        raise ModelLoadError("neither the tokenizer nor the text encoder config states a maximum prompt length")
+    return int(min(limits))
+
+
+def load_checked(what: str, path: str, load: Callable) -> torch.nn.Module:
+    """A frozen model from `load() -> (model, loading_info)`; tensors missing from the files are an
+    error (both libraries would otherwise initialise them at random, with only a log warning)."""
+
+    def run():
+        model, info = load()
+        missing = sorted(info["missing_keys"])
+        if missing:
+            raise ModelLoadError(f"the {what} weights in {path} lack {len(missing)} tensors, e.g. {missing[:5]}")
+        return model
+
+    return freeze(guarded(what, path, run))
+
+
+def load_diffusers_model(model_class, root: str, subfolder: Optional[str], dtype: torch.dtype, what: str) -> torch.nn.Module:
+    path = os.path.join(root, subfolder) if subfolder else root
+    return load_checked(
+        what,
+        path,
+        lambda: model_class.from_pretrained(
+            root, subfolder=subfolder, local_files_only=True, dtype=dtype, output_loading_info=True
+        ),
+    )
+
+
+def ddim_scheduler(scheduler_config: dict):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler_config)

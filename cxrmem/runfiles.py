@@ -1,0 +1,102 @@
+"""The files of one run: where each lives (`RunLayout`), the summary.json merge, the memorized set's I/O.
+
+Every stage finds its inputs and outputs here, so a file name is written in one place. Prompt
+ids read back from a run are checked against their 16-hex form before anything is built from
+them (a figure name, a filter), and every file name built from data is checked to stay inside
+the run's prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import pandas as pd
+
+from cxrmem.storage import Store, join, join_inside
+
+PROMPT_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def check_prompt_ids(ids: Iterable, where: str) -> None:
+    """Raise naming the first row whose prompt_id is not 16 lower-case hex characters."""
+    for row, value in enumerate(ids):
+        if not isinstance(value, str) or not PROMPT_ID.fullmatch(value):
+            raise ValueError(
+                f"{where}: row {row} has prompt_id {value!r}, not 16 hex characters; the file is corrupt or "
+                "was not written by cxrmem: rerun the stage that writes it"
+            )
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each output of one run lives under its output prefix (docs/design.md, Outputs)."""
+
+    prefix: str
+
+    def path(self, name: str) -> str:
+        return join(self.prefix, name)
+
+    def figure(self, name: str) -> str:
+        """figures/<name>, refusing a name (built from data) that would leave the run's folder."""
+        return join_inside(self.figures, name, "figure file name")
+
+    prompts = property(lambda self: self.path("prompts.parquet"))
+    prepare_summary = property(lambda self: self.path("prepare_summary.json"))
+    scores = property(lambda self: self.path("scores.parquet"))
+    # Durable part files written while scoring streams; the unit of resume.
+    score_parts = property(lambda self: self.path("_parts/scores"))
+    summary = property(lambda self: self.path("summary.json"))
+    memorized = property(lambda self: self.path("memorized_prompts.csv"))
+    tokens = property(lambda self: self.path("tokens.parquet"))
+    mitigation = property(lambda self: self.path("mitigation.parquet"))
+    figures = property(lambda self: self.path("figures"))
+    report = property(lambda self: self.path("report.html"))
+    manifest = property(lambda self: self.path("manifest.json"))
+
+
+def read_summary(store: Store, layout: RunLayout) -> dict:
+    return store.read_json(layout.summary) if store.exists(layout.summary) else {}
+
+
+def merge_summary(store: Store, layout: RunLayout, **sections: dict) -> dict:
+    """Replace the named top-level sections of summary.json (each stage owns its sections); the new summary."""
+    summary = read_summary(store, layout)
+    summary.update(sections)
+    store.write_json(layout.summary, summary)
+    return summary
+
+
+def write_memorized(store: Store, layout: RunLayout, memorized: pd.DataFrame) -> None:
+    """memorized_prompts.csv: the paper's released list, column `prompt` first, most memorized first."""
+    store.write_text(layout.memorized, memorized.to_csv(index=False))
+
+
+def read_memorized(store: Store, layout: RunLayout, limit: Optional[int] = None) -> pd.DataFrame:
+    """The memorized set, most memorized first, cut to `limit` rows; ids checked."""
+    if not store.exists(layout.memorized):
+        raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
+    memorized = pd.read_csv(
+        io.BytesIO(store.read_bytes(layout.memorized)),
+        dtype={"prompt": str, "prompt_id": str},  # an all-digit id keeps its leading zeros
+        keep_default_na=False,  # a prompt that reads "NA" stays a prompt
+    )
+    missing = [c for c in ("prompt", "prompt_id") if c not in memorized.columns]
+    if missing:
+        raise ValueError(f"{layout.memorized} lacks the columns {missing} (has {list(memorized.columns)}); rerun `cxrmem analyze`")
+    check_prompt_ids(memorized["prompt_id"], layout.memorized)
+    return memorized.head(limit) if limit is not None else memorized
+
+
+def read_known_memorized(store: Store, uri: str) -> set[str]:
+    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
+    from cxrmem.analysis import known_memorized_ids
+
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
+    table = pd.read_csv(io.StringIO(store.read_text(uri)), keep_default_na=False)
+    if "prompt" not in table:
+        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
+    return known_memorized_ids(table)

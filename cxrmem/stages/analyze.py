@@ -1,0 +1,73 @@
+"""`cxrmem analyze`: the score distribution, the memorized set and marker enrichment of one run.
+
+Reads scores.parquet and prompts.parquet and writes memorized_prompts.csv (the paper's released
+list: column `prompt` first) and the "analysis" section of summary.json. Only small columns of
+the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the memorized rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import pandas as pd
+
+from cxrmem.analysis import PROMPT_COLUMNS, RUN_ID_COLUMNS, SCORE_COLUMNS, analyze_tables
+from cxrmem.config import public_config
+from cxrmem.publish import stage_writes
+from cxrmem.runfiles import RunLayout, check_prompt_ids, merge_summary, read_known_memorized, write_memorized
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) -> pd.DataFrame:
+    """The named columns of a run's Parquet file; a missing file or column says which stage to rerun."""
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{uri} does not exist: {missing_hint}")
+    missing = [c for c in columns if c not in store.parquet_schema(uri).names]
+    if missing:
+        raise ValueError(f"{uri} lacks the columns {missing}; rerun the stage that writes it")
+    frame = store.read_table(uri, columns=columns).to_pandas()
+    check_prompt_ids(frame["prompt_id"], uri)
+    return frame
+
+
+def run(cfg, store: Store, top_percent: Optional[float] = None) -> dict:
+    """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
+    (the cascade's scores hold only the screened share of the corpus)."""
+    layout = RunLayout(cfg.run.output)
+    top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
+    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "analyze"):
+        scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS, "run `cxrmem score` (or `cxrmem audit`) first")
+        prompts = read_columns(store, layout.prompts, PROMPT_COLUMNS, "run `cxrmem prepare` first")
+        known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
+        memorized, analysis = analyze_tables(
+            scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known
+        )
+        # A filtered scan: the corpus text is never held whole. ([""] keeps the filter valid for an empty set.)
+        ids = memorized["prompt_id"].tolist() or [""]
+        texts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=[("prompt_id", "in", ids)])
+        memorized = memorized.merge(texts.to_pandas(), on="prompt_id", how="left")
+        memorized = memorized[["prompt", *[c for c in memorized.columns if c != "prompt"]]]
+        analysis["model_fingerprints"] = sorted(scores["model_fingerprint"].dropna().unique().tolist())
+        analysis["config_hashes"] = sorted(scores["config_hash"].dropna().unique().tolist())
+        analysis["config"] = public_config(cfg)  # credentials never reach outputs
+        analysis["outputs"] = {"memorized": layout.memorized, "summary": layout.summary}
+        write_memorized(store, layout, memorized)
+        merge_summary(store, layout, analysis=analysis)
+    log.info(
+        "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s",
+        analysis["counts"]["finite"],
+        analysis["counts"]["nonfinite"],
+        analysis["threshold"] if analysis["threshold"] is not None else float("nan"),
+        analysis["memorized_count"],
+        analysis["marker_enrichment"]["odds_ratio"],
+    )
+    return {
+        "memorized": layout.memorized,
+        "summary": layout.summary,
+        "memorized_count": analysis["memorized_count"],
+        "threshold": analysis["threshold"],
+        "marker_odds_ratio": analysis["marker_enrichment"]["odds_ratio"],
+    }

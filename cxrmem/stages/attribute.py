@@ -1,0 +1,40 @@
+"""`cxrmem attribute`: which words drive each memorized prompt's d_mem: tokens.parquet and summary["attribution"]."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import pandas as pd
+import pyarrow as pa
+
+from cxrmem.attribution import TOKEN_COLUMNS, attribution_summary
+from cxrmem.progress import Progress
+from cxrmem.publish import stage_writes
+from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
+from cxrmem.stages.worker import LocalModel
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, store: Store, models: Optional[LocalModel] = None) -> dict:
+    """Attribute the memorized set with `models` (default: a model loaded in this process)."""
+    if not cfg.attribution.enabled:
+        return {"attribution": "disabled (attribution.enabled=false)"}
+    layout = RunLayout(cfg.run.output)
+    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "attribute"):
+        memorized = read_memorized(store, layout, cfg.attribution.max_prompts)
+        models = models or LocalModel(cfg, store)
+        progress = Progress(len(memorized), "attributed", cfg.ray.progress_every_s)
+        frames = []
+        for done, frame in models.map("attribute", memorized):
+            frames.append(frame)
+            progress.update(done)
+        tokens = pd.concat(frames, ignore_index=True)
+        store.write_table(pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False), layout.tokens)
+        summary = {**attribution_summary(tokens), "seconds": round(progress.elapsed_s, 2), "tokens": layout.tokens}
+        merge_summary(store, layout, attribution=summary)
+    log.info("attribution: %s", summary)
+    return summary

@@ -1,0 +1,61 @@
+"""`cxrmem mitigate`: mitigation experiments on the memorized set: mitigation.parquet, image grids, summary["mitigation"]."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
+from cxrmem.progress import Progress
+from cxrmem.publish import stage_writes
+from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
+from cxrmem.stages.worker import LocalModel
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def save_generation_grid(store: Store, layout: RunLayout, prompt_id: str, grids: dict[str, np.ndarray]) -> str:
+    """figures/generations_<prompt_id>.npz: one float32 [k, H, W] array in [0, 1] per strategy."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **grids)
+    uri = layout.figure(f"generations_{prompt_id}.npz")
+    store.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def run(cfg, store: Store, models: Optional[LocalModel] = None) -> dict:
+    """Mitigate the memorized set with `models` (default: a model with its VAE loaded in this process)."""
+    if not cfg.mitigation.enabled:
+        return {"mitigation": "disabled (mitigation.enabled=false)"}
+    layout = RunLayout(cfg.run.output)
+    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "mitigate"):
+        memorized = read_memorized(store, layout, cfg.mitigation.max_prompts)
+        models = models or LocalModel(cfg, store, need_vae=True)
+        # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
+        grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
+        progress = Progress(len(memorized), "mitigated", cfg.ray.progress_every_s)
+        frames, grids = [], {}
+        for done, (frame, chunk_grids) in models.map("mitigate", memorized, grid_ids):
+            frames.append(frame)
+            grids.update(chunk_grids)
+            progress.update(done)
+        frame = pd.concat(frames, ignore_index=True)
+        store.write_table(pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation)
+        figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
+        summary = {
+            "strategies": mitigation_summary(frame),
+            "prompts": int(frame["prompt_id"].nunique()),
+            "n_generations": cfg.mitigation.n_generations,
+            "seconds": round(progress.elapsed_s, 2),
+            "mitigation": layout.mitigation,
+            "figures": figures,
+        }
+        merge_summary(store, layout, mitigation=summary)
+    log.info("mitigation: %s", summary["strategies"])
+    return summary

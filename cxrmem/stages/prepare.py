@@ -1,0 +1,128 @@
+"""`cxrmem prepare`: read the corpus, extract prompts, deduplicate them globally.
+
+Writes `prompts.parquet` and `prepare_summary.json` under run.output. Nothing is dropped
+silently: every report that gives no prompt (unreadable file, invalid UTF-8, no section, empty
+text, bad row) is counted by reason in the summary, with its first messages, and logged.
+Prompts longer than the tokenizer allows are kept and flagged `truncated`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from itertools import islice
+from typing import Iterator
+
+from omegaconf import OmegaConf
+
+from cxrmem.config import ConfigError
+from cxrmem.corpus.prompts import build_prompts_table
+from cxrmem.corpus.text import SourceText
+from cxrmem.publish import stage_writes
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def _synthetic_records(cfg, order) -> Iterator[SourceText]:
+    from cxrmem.corpus.mimic import report_to_source
+    from cxrmem.corpus.synthetic import iter_reports
+
+    synthetic = cfg.corpus.synthetic
+    n = synthetic.n_reports if cfg.corpus.max_reports is None else min(synthetic.n_reports, cfg.corpus.max_reports)
+    for report in iter_reports(n, synthetic.seed, synthetic.marker_rate, synthetic.normal_share):
+        ids = {"subject_id": report["subject_id"], "study": report["study"]}
+        yield report_to_source(report["report_id"], report["text"], order, ids, f"synthetic report {report['report_id']}")
+
+
+def iter_records(cfg, store: Store) -> Iterator[SourceText]:
+    """The records of the corpus that corpus.source names (at most corpus.max_reports)."""
+    corpus, order, limit = cfg.corpus, list(cfg.corpus.sections), cfg.corpus.max_reports
+    if corpus.source == "synthetic":
+        return _synthetic_records(cfg, order)
+    if corpus.source == "mimic_reports":
+        from cxrmem.corpus.mimic import iter_mimic_reports
+
+        return iter_mimic_reports(corpus.path, order, store, workers=corpus.read_workers, limit=limit)
+    if corpus.source == "iuxray":
+        from cxrmem.corpus.iuxray import iter_iuxray_reports
+
+        return iter_iuxray_reports(corpus.path, order, store, limit=limit)
+    from cxrmem.corpus.tables import iter_tables
+
+    return islice(iter_tables(corpus.path, corpus.text_column, list(corpus.id_columns), store), limit)
+
+
+def corpus_settings(cfg) -> dict:
+    """The corpus keys that decide which prompts a run holds (a resumed run must not mix two corpora)."""
+    settings = OmegaConf.to_container(cfg.corpus, resolve=True)
+    for key in ("progress_every", "read_workers"):  # how it is read, not what
+        settings.pop(key)
+    return settings
+
+
+def check_same_corpus(cfg, store: Store) -> None:
+    """Raise if run.output already holds prompts prepared from other corpus settings."""
+    summary_uri = RunLayout(cfg.run.output).prepare_summary
+    if not store.exists(summary_uri):
+        return  # prompts.parquet given by hand: nothing recorded to compare with
+    recorded = store.read_json(summary_uri).get("corpus")
+    if recorded is None:
+        return  # prepared before the settings were recorded
+    current = corpus_settings(cfg)
+    changed = sorted(k for k in current if recorded.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"{cfg.run.output} holds an unfinished run prepared with other corpus settings "
+            + ", ".join(f"corpus.{k}: {recorded.get(k)!r} then, {current[k]!r} now" for k in changed)
+            + "; resume it with the same settings, or delete that folder (or choose another run.output) to start over"
+        )
+
+
+def run(cfg, store: Store, tokenizer=None) -> dict:
+    """Write prompts.parquet and prepare_summary.json under run.output; returns the summary.
+
+    `tokenizer` defaults to the model's (`load_tokenizer(cfg.model)`); its `model_max_length`
+    is the length beyond which a prompt counts as truncated.
+    """
+    try:
+        re.compile(cfg.corpus.marker_regex)
+    except re.error as err:
+        raise ConfigError(f"config key 'corpus.marker_regex': {cfg.corpus.marker_regex!r} is not a valid regular expression ({err})") from None
+    layout = RunLayout(cfg.run.output)
+    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "prepare"):
+        if tokenizer is None:
+            from cxrmem.models.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model, store)
+        where = cfg.corpus.path or ("built-in" if cfg.corpus.source != "iuxray" else "torchxrayvision package")
+        log.info("preparing prompts from %s corpus at %s into %s", cfg.corpus.source, where, layout.prompts)
+        start = time.perf_counter()
+        table, counts = build_prompts_table(
+            iter_records(cfg, store), cfg.corpus.marker_regex, tokenizer, int(tokenizer.model_max_length), cfg.corpus.progress_every
+        )
+        if table.num_rows == 0:
+            raise ValueError(
+                f"no prompts in the {cfg.corpus.source} corpus at {where}: {counts['reports_read']} reports read, "
+                f"skipped {counts['skipped']}; first problems: {counts['skipped_examples']}"
+            )
+        store.write_table(table, layout.prompts)
+        seconds = time.perf_counter() - start
+        summary = {
+            "source": cfg.corpus.source,
+            "path": where,
+            "corpus": corpus_settings(cfg),
+            "prompts_file": layout.prompts,
+            **counts,
+            "seconds": {**counts["seconds"], "total": round(seconds, 3)},
+            "reports_per_s": round(counts["reports_read"] / seconds, 1),
+        }
+        store.write_json(layout.prepare_summary, summary)
+    log.info(
+        "%d reports -> %d unique prompts (%.1f%% with markers, %d truncated, %d skipped) in %.1f s",
+        summary["reports_read"], summary["prompts_unique"], 100 * summary["marker_share_unique"],
+        summary["truncated_unique"], summary["skipped_total"], seconds,
+    )  # fmt: skip
+    return summary

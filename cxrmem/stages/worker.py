@@ -1,0 +1,148 @@
+"""The model worker: one model replica, loaded once, that every model stage maps its prompts over.
+
+`ModelWorker` is a callable class in the manner of Ray's batch-inference examples: `__init__`
+loads the model, `__call__` maps a batch of (prompt_id, prompt) rows to scores.parquet rows,
+and `attribute` / `mitigate` map the small memorized set. The stages run it in this process
+(`LocalModel`); cxrmem/distributed runs the same class on a Ray actor pool. Settings reach the
+domain as small frozen objects cut from the config here.
+
+Tokenization stays in the worker (inside `Scorer.score`): it costs well under 1% of the
+2 x G x T UNet passes per prompt, and a separate CPU stage would only ship padded id tensors
+through the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, Optional
+
+import pandas as pd
+import pyarrow as pa
+
+from cxrmem.attribution import AttributionSettings, attribute_prompts
+from cxrmem.config import config_hash
+from cxrmem.mitigation import MitigationSettings, mitigate_prompts
+from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the tests: a worker that finds this file deletes it and exits at once,
+# so exactly one worker dies, mid-run, the way a lost GPU node does.
+FAULT_ONCE_ENV = "CXRMEM_FAULT_ONCE_FILE"
+
+
+def inject_fault_once() -> None:
+    flag = os.environ.get(FAULT_ONCE_ENV)
+    if not flag:
+        return
+    try:
+        os.remove(flag)
+    except FileNotFoundError:
+        return
+    log.error("fault injection: scoring worker pid %d exits", os.getpid())
+    os._exit(1)
+
+
+def attribution_settings(cfg) -> AttributionSettings:
+    section = cfg.attribution
+    return AttributionSettings(
+        generations=section.generations,
+        steps=section.steps,
+        leave_one_out=section.leave_one_out,
+        marker_regex=cfg.corpus.marker_regex,
+        batch_size=cfg.score.batch_size,
+    )
+
+
+def mitigation_settings(cfg) -> MitigationSettings:
+    section = cfg.mitigation
+    return MitigationSettings(
+        strategies=tuple(section.strategies),
+        n_generations=section.n_generations,
+        steps=section.steps,
+        insertion_words=section.insertion_words,
+        noise_std=section.noise_std,
+        optimisation_iters=section.optimisation_iters,
+        optimisation_lr=section.optimisation_lr,
+        optimisation_target=section.optimisation_target,
+        seed=section.seed,
+        marker_regex=cfg.corpus.marker_regex,
+        samples_per_call=cfg.score.batch_size * cfg.score.generations,
+        grid_generations=cfg.report.grid_generations,
+    )
+
+
+def scores_table(prompt_ids, prompts, batch: ScoreBatch, model_fingerprint: str, cfg_hash: str) -> pa.Table:
+    """One scores.parquet row per prompt (docs/design.md, Outputs)."""
+    n = len(prompt_ids)
+    return pa.table(
+        {
+            "prompt_id": pa.array(list(prompt_ids), pa.string()),
+            "prompt": pa.array(list(prompts), pa.string()),
+            "d_mem": pa.array(batch.d_mem, pa.float32()),
+            "step_norms": pa.array(batch.step_norms.tolist(), pa.list_(pa.list_(pa.float32()))),
+            "nonfinite": pa.array(batch.nonfinite, pa.bool_()),
+            "n_tokens": pa.array(batch.n_tokens, pa.int32()),
+            "truncated": pa.array(batch.truncated, pa.bool_()),
+            "model_fingerprint": pa.array([model_fingerprint] * n, pa.string()),
+            "config_hash": pa.array([cfg_hash] * n, pa.string()),
+        }
+    )
+
+
+class ModelWorker:
+    """One model replica: tokenizer, text encoder and UNet (and the VAE if asked), loaded once."""
+
+    def __init__(self, cfg, store: Store, fingerprint: str = "", need_vae: bool = False, torch_threads: Optional[int] = None):
+        import torch
+
+        from cxrmem.models.loading import load_components
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # the actor's CPU share, not the whole node
+        components = load_components(cfg.model, store, need_vae=need_vae)
+        self.scorer = Scorer(components, ScoreSettings.of(cfg.score), device=cfg.model.device)
+        self.batch_size = cfg.score.batch_size
+        self.fingerprint, self.config_hash = fingerprint, config_hash(cfg)
+        self.attribution, self.mitigation = attribution_settings(cfg), mitigation_settings(cfg)
+        log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score a batch of (prompt_id, prompt) rows into scores.parquet rows."""
+        inject_fault_once()
+        ids, prompts = batch.column("prompt_id").to_pylist(), batch.column("prompt").to_pylist()
+        tables = []
+        for lo in range(0, len(ids), self.batch_size):
+            chunk_ids, chunk = ids[lo : lo + self.batch_size], prompts[lo : lo + self.batch_size]
+            scored = self.scorer.score(chunk, chunk_ids)
+            tables.append(scores_table(chunk_ids, chunk, scored, self.fingerprint, self.config_hash))
+        return pa.concat_tables(tables) if tables else scores_table([], [], ScoreBatch.empty(), "", "")
+
+    def attribute(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
+        """tokens.parquet rows of these memorized prompts."""
+        return attribute_prompts(self.scorer, prompts, prompt_ids, self.attribution)
+
+    def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
+        """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
+        return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids)
+
+
+class LocalModel:
+    """The stages' executor in this process: one ModelWorker, one prompt per step (progress per prompt).
+
+    cxrmem/distributed/actors.py has the same `map` on a Ray actor pool.
+    """
+
+    def __init__(self, cfg, store: Store, need_vae: bool = False):
+        self.worker = ModelWorker(cfg, store, need_vae=need_vae)
+
+    def map(self, method: str, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
+        """(prompts done, result) per chunk, in input order; one empty chunk when there are no prompts."""
+        chunks = [prompts.iloc[i : i + 1] for i in range(len(prompts))] or [prompts]
+        for chunk in chunks:
+            yield len(chunk), getattr(self.worker, method)(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
+
+    def close(self) -> None:
+        self.worker = None
