@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.s3server
 
 from cxrmem import publish, storage  # noqa: E402
+from cxrmem.storage import Store
 from tests.s3server import S3Server, find_weed  # noqa: E402
 
 FILE_BYTES = 128 << 20  # several multipart parts per file
@@ -76,18 +77,18 @@ def main() -> None:
                 cfg = server.storage_cfg(access_key_id=server.access_key, secret_access_key=server.secret_key,
                                          max_attempts=3, transfer_threads=threads)
                 start = time.perf_counter()
-                manifest = publish.publish_manifest(str(run), cfg, "bench", {}, extra=None)
+                manifest = publish.publish_manifest(Store.from_config(cfg), str(run), "bench", {}, extra=None)
                 seconds = time.perf_counter() - start
                 rows.append((threads, "publish (sha256) local", manifest["total_bytes"], seconds))
                 for verify in (False, True):
                     remote = f"s3://bench/t{threads}-v{int(verify)}"
-                    result = publish.export_run(str(run), remote, cfg, verify=verify)
+                    result = publish.export_run(Store.from_config(cfg), str(run), remote, verify=verify)
                     rows.append((threads, f"export local -> s3{' + verify' if verify else ''}", result["bytes"], result["seconds"]))
                 back = tmp / f"back-t{threads}"
-                result = publish.export_run(f"s3://bench/t{threads}-v1", str(back), cfg)
+                result = publish.export_run(Store.from_config(cfg), f"s3://bench/t{threads}-v1", str(back))
                 rows.append((threads, "export s3 -> local + verify", result["bytes"], result["seconds"]))
-                storage.delete_tree(str(back))
-                assert publish.verify_run(f"s3://bench/t{threads}-v1", cfg)["ok"]
+                Store().delete_tree(str(back))
+                assert publish.verify_run(Store.from_config(cfg), f"s3://bench/t{threads}-v1")["ok"]
         finally:
             server.stop()
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxrmem import storage
+from cxrmem.runfiles import RunLayout
 from cxrmem.config import config_hash, load_config
 
 log = logging.getLogger("ray_bench")
@@ -124,7 +125,7 @@ def prefill_parts(cfg, fingerprint: str, n_done: int) -> None:
     """Part files for the first n_done prompts, as an interrupted run would have left them."""
     from cxrmem.distributed import resume
 
-    layout = storage.RunLayout(cfg.run.output)
+    layout = RunLayout(cfg.run.output)
     prompts = pq.read_table(layout.prompts, columns=["prompt_id", "prompt"]).slice(0, n_done)
     rng = np.random.default_rng(0)
     g, t = cfg.score.generations, cfg.score.steps

@@ -44,7 +44,12 @@ def joined_scores(scores_df: pd.DataFrame, prompts_df: pd.DataFrame) -> pd.DataF
 def distribution(d_mem: np.ndarray) -> dict:
     """Mean, std, min and percentiles of the finite scores."""
     return {
-        **distribution(d_mem),
+        "d_mem": {
+            "mean": float(d_mem.mean()) if d_mem.size else None,
+            "std": float(d_mem.std(ddof=1)) if d_mem.size > 1 else None,
+            "min": float(d_mem.min()) if d_mem.size else None,
+        },
+        "percentiles": stats.percentiles(d_mem),
     }
 
 

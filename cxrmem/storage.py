@@ -233,7 +233,7 @@ _BUCKETS_SEEN: set = set()  # (settings, bucket) pairs known to exist and be acc
 class Store:
     """Where a run's files are read and written: local disk, or S3 with settings resolved once."""
 
-    s3: S3Settings = field(default_factory=S3Settings)
+    s3: S3Settings = field(default_factory=lambda: s3_settings(None))  # default: the AWS environment
     transfer_threads: int = 8  # files checksummed or copied in parallel by publish and export
 
     @classmethod

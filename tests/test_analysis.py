@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem.analysis import analyze, analyze_tables, known_memorized_check
+from cxrmem.analysis import analyze_tables, known_memorized_check
 from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
-from cxrmem.storage import RunLayout
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import analyze
 
 N = 300  # 1% of 300 is 3 memorized prompts
 
@@ -73,7 +74,7 @@ def run(tmp_path):
 
 def test_analyze_writes_the_memorized_list_and_merges_the_summary(run):
     cfg, layout, has_marker, _ = run
-    result = analyze(cfg)
+    result = analyze.run(cfg)
     assert result["memorized_count"] == 3
 
     csv_text = open(layout.memorized).read()
@@ -108,7 +109,7 @@ def test_analyze_writes_the_memorized_list_and_merges_the_summary(run):
 def test_analyze_names_the_missing_input(tmp_path):
     cfg = load_config(None, [f"run.output={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="scores.parquet.*cxrmem score"):
-        analyze(cfg)
+        analyze.run(cfg)
 
 
 def test_analyze_tables_keeps_ties_and_rejects_foreign_scores():
@@ -157,7 +158,7 @@ def test_analyze_checks_detection_against_a_known_list(run, tmp_path):
             "planted": [True, True, False, True],
         }
     ).to_csv(known_csv, index=False)  # whitespace differs in row 0: prompts are normalised before matching
-    analyze(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"]))
+    analyze.run(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"]))
     known = json.loads(open(layout.summary).read())["analysis"]["known_memorized"]
     assert known["listed"] == 3  # the planted=false row is not a known memorized prompt
     assert known["known_scored"] == 2 and known["known_in_memorized"] == 2
@@ -168,7 +169,7 @@ def test_analyze_checks_detection_against_a_known_list(run, tmp_path):
 
 def test_known_memorized_file_errors_name_the_key(run, tmp_path):  # noqa: ARG001 (run writes the inputs)
     def analyze_with(known):
-        analyze(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known}"]))
+        analyze.run(load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known}"]))
 
     with pytest.raises(FileNotFoundError, match="analyze.known_memorized"):
         analyze_with(tmp_path / "absent.csv")

@@ -6,20 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrmem import storage
-from cxrmem.attribution import (
-    TOKEN_COLUMNS,
-    attribute_prompts,
-    attribute_run,
-    attribution_summary,
-    delete_span,
-    token_gradient_norms,
-    word_units,
-)
+from cxrmem.attribution import TOKEN_COLUMNS, attribute_prompts, attribution_summary, token_gradient_norms, word_units
 from cxrmem.config import load_config
-from cxrmem.corpus.text import MARKER_REGEX
+from cxrmem.corpus.text import MARKER_REGEX, delete_span
 from cxrmem.models.loading import load_components
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.runfiles import RunLayout
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.stages import attribute
+from cxrmem.stages.worker import attribution_settings
+from cxrmem.storage import Store
 
 PATTERN = re.compile(MARKER_REGEX)
 PROMPT = "Compared to ___, the heart is enlarged."
@@ -33,37 +28,35 @@ def tiny_config(model_dir, *overrides):
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir):
     cfg = tiny_config(tiny_model_dir)
-    return Scorer(load_components(cfg.model), cfg.score, device="cpu")
+    return Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
 
 
 def step_inputs(scorer, k):
-    latents = torch.randn((k, *scorer.components.latent_shape), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn((k, *scorer.latent_shape), generator=torch.Generator().manual_seed(0))
     return latents, scorer.timesteps()[:k]
 
 
 def test_gradient_flows_only_into_the_conditional_embedding(scorer):
     latents, timesteps = step_inputs(scorer, 2)
     e_p = scorer.encode([PROMPT]).embeddings.clone().requires_grad_(True)
-    e_0 = scorer.empty_embedding.clone().requires_grad_(True)
-    norms = token_gradient_norms(scorer.unet, latents, timesteps, e_p, e_0)
-    assert e_0.grad is None
+    norms = token_gradient_norms(scorer.conditional_noise_norms, latents, timesteps, e_p)
     assert e_p.grad is not None and e_p.grad.abs().sum() > 0
-    assert norms.shape == (scorer.components.max_length,)
+    assert norms.shape == (scorer.max_length,)
     assert torch.isfinite(norms).all() and (norms > 0).all()
 
 
 def test_gradient_norms_are_per_sample_then_averaged(scorer):
     """The mean over samples of per-sample token norms, not the norm of a summed gradient."""
     latents, timesteps = step_inputs(scorer, 2)
-    e_p, e_0 = scorer.encode([PROMPT]).embeddings, scorer.empty_embedding
-    both = token_gradient_norms(scorer.unet, latents, timesteps, e_p, e_0)
-    each = [token_gradient_norms(scorer.unet, latents[i : i + 1], timesteps[i : i + 1], e_p, e_0) for i in range(2)]
+    e_p, noise_norms = scorer.encode([PROMPT]).embeddings, scorer.conditional_noise_norms
+    both = token_gradient_norms(noise_norms, latents, timesteps, e_p)
+    each = [token_gradient_norms(noise_norms, latents[i : i + 1], timesteps[i : i + 1], e_p) for i in range(2)]
     torch.testing.assert_close(both, (each[0] + each[1]) / 2, rtol=1e-4, atol=1e-7)
 
 
 def test_word_units_join_pieces_and_marker_runs(scorer):
-    tokenizer = scorer.components.tokenizer
-    units = word_units(tokenizer, PROMPT, PATTERN, scorer.components.max_length)
+    tokenizer = scorer.tokenizer
+    units = word_units(tokenizer, PROMPT, PATTERN, scorer.max_length)
     assert [u.text for u in units] == ["Compared", "to", "___", ",", "the", "heart", "is", "enlarged", "."]
     assert [u.is_marker for u in units] == [False, False, True, False, False, False, False, False, False]
     marker = units[2]
@@ -77,7 +70,7 @@ def test_word_units_join_pieces_and_marker_runs(scorer):
 
 
 def test_word_units_one_unit_per_marker_run(scorer):
-    units = word_units(scorer.components.tokenizer, "XXXX XXXX ___ seen", PATTERN, scorer.components.max_length)
+    units = word_units(scorer.tokenizer, "XXXX XXXX ___ seen", PATTERN, scorer.max_length)
     assert [(u.text, u.is_marker) for u in units] == [("XXXX", True), ("XXXX", True), ("___", True), ("seen", False)]
 
 
@@ -102,7 +95,7 @@ def test_delete_span_tidies_only_the_cut(text, span, expected):
 def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
     cfg = tiny_config(tiny_model_dir)
     prompts, ids = [PROMPT, "Normal."], ["0" * 16, "1" * 16]
-    tokens = attribute_prompts(scorer, prompts, ids, cfg)
+    tokens = attribute_prompts(scorer, prompts, ids, attribution_settings(cfg))
     assert list(tokens.columns) == list(TOKEN_COLUMNS) == [
         "prompt_id", "prompt", "unit", "unit_index", "is_marker", "n_pieces",
         "grad_score", "grad_rank", "loo_delta", "loo_rank",
@@ -127,17 +120,17 @@ def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path
     cfg = tiny_config(
         tiny_model_dir, f"run.output={tmp_path}", "attribution.leave_one_out=false", "attribution.max_prompts=2"
     )
-    layout = storage.RunLayout(str(tmp_path))
+    layout = RunLayout(str(tmp_path))
     memorized = pd.DataFrame(
         {"prompt": [PROMPT, "Dr. ___ notified.", "Not attributed."], "prompt_id": ["a" * 16, "b" * 16, "c" * 16]}
     )
-    storage.write_text(layout.memorized, memorized.to_csv(index=False))
-    storage.write_json(layout.summary, {"analysis": {"memorized_count": 3}})
-    summary = attribute_run(cfg)
-    tokens = storage.read_table(layout.tokens).to_pandas()
+    Store().write_text(layout.memorized, memorized.to_csv(index=False))
+    Store().write_json(layout.summary, {"analysis": {"memorized_count": 3}})
+    summary = attribute.run(cfg)
+    tokens = Store().read_table(layout.tokens).to_pandas()
     assert set(tokens["prompt_id"]) == {"a" * 16, "b" * 16}
     assert tokens["loo_delta"].isna().all() and tokens["loo_rank"].isna().all()
-    merged = storage.read_json(layout.summary)
+    merged = Store().read_json(layout.summary)
     assert merged["analysis"] == {"memorized_count": 3}
     assert merged["attribution"]["prompts"] == summary["prompts"] == 2
     assert merged["attribution"]["leave_one_out"]["marker_top1"] is None
@@ -145,4 +138,4 @@ def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path
 
 def test_attribute_run_without_memorized_set_says_what_to_run(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="cxrmem analyze"):
-        attribute_run(tiny_config(tiny_model_dir, f"run.output={tmp_path}"))
+        attribute.run(tiny_config(tiny_model_dir, f"run.output={tmp_path}"))

@@ -9,7 +9,7 @@ import pytest
 
 from cxrmem.config import load_config
 from cxrmem.corpus.iuxray import find_reports_file, iter_iuxray_reports
-from cxrmem.corpus.prepare import prepare
+from cxrmem.stages import prepare
 from cxrmem.corpus.text import count_markers, normalise_whitespace
 
 ORDER = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
@@ -46,7 +46,7 @@ def test_empty_reports_are_counted_with_their_file(iu_records):
 
 def test_prepare_on_iuxray(tiny_model_dir, tmp_path, iu_records):
     cfg = load_config(None, ["corpus.source=iuxray", f"model.path={tiny_model_dir}", f"run.output={tmp_path}"])
-    summary = prepare(cfg)
+    summary = prepare.run(cfg)
     table = pq.read_table(tmp_path / "prompts.parquet")
     assert summary["reports_read"] == len(iu_records)
     assert summary["prompts_unique"] == table.num_rows

@@ -7,8 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.config import ConfigError, load_config
-from cxrmem.corpus.prepare import SUMMARY_FILE, build_prompts_table, check_same_corpus, prepare
+from cxrmem.corpus.prompts import build_prompts_table
+from cxrmem.stages import prepare
+from cxrmem.stages.prepare import check_same_corpus
+
+SUMMARY_FILE = "prepare_summary.json"
 from cxrmem.corpus.text import SourceText, prompt_id, skipped
 from cxrmem.models.loading import load_tokenizer
 
@@ -68,7 +73,7 @@ def test_id_columns_seen_late_are_filled_with_nulls(tokenizer):
 
 def test_prepare_synthetic_writes_prompts_and_summary(tiny_model_dir, tmp_path):
     cfg = config(tiny_model_dir, tmp_path, "corpus.synthetic.n_reports=3000", "corpus.progress_every=1000")
-    summary = prepare(cfg)
+    summary = prepare.run(cfg)
     table = pq.read_table(tmp_path / "prompts.parquet")
     assert table.column_names == [*COLUMNS, "subject_id", "study"]
     assert table.schema.field("source_ids").type == pa.list_(pa.string())
@@ -79,7 +84,7 @@ def test_prepare_synthetic_writes_prompts_and_summary(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["prompts_unique"] == table.num_rows
 
     again = tmp_path / "again"
-    prepare(config(tiny_model_dir, again, "corpus.synthetic.n_reports=3000"))
+    prepare.run(config(tiny_model_dir, again, "corpus.synthetic.n_reports=3000"))
     assert pq.read_table(again / "prompts.parquet").equals(table)  # same seed, same file
 
 
@@ -89,7 +94,7 @@ def test_prepare_deduplicates_across_shards_and_counts_bad_rows(tiny_model_dir, 
     (corpus / "a.csv").write_bytes(b'text,path\nNo acute process.,x/1.jpg\n"Caf\xe9",x/2.jpg\n  ,x/3.jpg\n')
     (corpus / "b.jsonl").write_text('{"text": "No  acute process.", "path": "y/1.jpg"}\n{"text": "Tiny XXXX nodule."}\n')
     out = tmp_path / "run"
-    summary = prepare(config(tiny_model_dir, out, "corpus.source=table", f"corpus.path={corpus}"))
+    summary = prepare.run(config(tiny_model_dir, out, "corpus.source=table", f"corpus.path={corpus}"))
     rows = {row["prompt"]: row for row in pq.read_table(out / "prompts.parquet").to_pylist()}
     assert rows["No acute process."]["source_ids"] == ["x/1.jpg", "y/1.jpg"]
     assert rows["Tiny XXXX nodule."]["source_ids"] == ["b.jsonl:2"] and rows["Tiny XXXX nodule."]["has_marker"]
@@ -100,9 +105,9 @@ def test_prepare_deduplicates_across_shards_and_counts_bad_rows(tiny_model_dir, 
 def test_prepare_errors_are_actionable(tiny_model_dir, tmp_path):
     (tmp_path / "blank.csv").write_text("text\n \n\n")
     with pytest.raises(ValueError, match="no prompts in the table corpus .* skipped {'empty': 1}"):
-        prepare(config(tiny_model_dir, tmp_path / "run", "corpus.source=table", f"corpus.path={tmp_path / 'blank.csv'}"))
+        prepare.run(config(tiny_model_dir, tmp_path / "run", "corpus.source=table", f"corpus.path={tmp_path / 'blank.csv'}"))
     with pytest.raises(ConfigError, match="corpus.marker_regex"):
-        prepare(config(tiny_model_dir, tmp_path / "run", "corpus.marker_regex=(unclosed"))
+        prepare.run(config(tiny_model_dir, tmp_path / "run", "corpus.marker_regex=(unclosed"))
 
 
 @pytest.mark.s3
@@ -112,24 +117,24 @@ def test_prepare_mimic_reports_from_s3(tiny_model_dir, s3_bucket, s3_server):
     root, out = f"s3://{s3_bucket}/mimic", f"s3://{s3_bucket}/run"
     reports = generate_reports(40, seed=5)
     for report in reports:
-        storage.write_text(f"{root}/files/{report['report_id']}.txt", report["text"])
-    storage.write_bytes(f"{root}/files/p19/p19000000/s59000000.txt", b"IMPRESSION: \xff")
+        Store().write_text(f"{root}/files/{report['report_id']}.txt", report["text"])
+    Store().write_bytes(f"{root}/files/p19/p19000000/s59000000.txt", b"IMPRESSION: \xff")
     cfg = config(
         tiny_model_dir, out, "corpus.source=mimic_reports", f"corpus.path={root}", "corpus.read_workers=4",
         f"storage.endpoint_url={s3_server.endpoint_url}", f"storage.region={s3_server.region}",
     )  # fmt: skip
-    summary = prepare(cfg)
-    table = storage.read_table(f"{out}/prompts.parquet", cfg.storage)
+    summary = prepare.run(cfg)
+    table = Store.from_config(cfg.storage).read_table(f"{out}/prompts.parquet")
     assert summary["reports_read"] == 41 and summary["skipped"] == {"invalid_utf8": 1}
     assert "s3://" in summary["skipped_examples"]["invalid_utf8"][0]
     assert sum(table.column("n_reports").to_pylist()) == 40
     assert {i for ids in table.column("source_ids").to_pylist() for i in ids} == {r["report_id"] for r in reports}
-    assert storage.read_json(f"{out}/{SUMMARY_FILE}", cfg.storage)["reports_read"] == 41
+    assert Store.from_config(cfg.storage).read_json(f"{out}/{SUMMARY_FILE}")["reports_read"] == 41
 
 
 def test_a_resumed_run_must_keep_its_corpus(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    prepare(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40"))
-    check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2"))
+    prepare.run(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40"))
+    check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2"), Store())
     with pytest.raises(ValueError, match=r"corpus.max_reports: 40 then, 30 now.*delete that folder"):
-        check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30"))
+        check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30"), Store())

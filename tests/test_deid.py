@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.cli import main
 from cxrmem.config import load_config
 from cxrmem.corpus.deid import rewrite_corpus
@@ -123,7 +124,7 @@ def test_rewrite_on_s3(s3_bucket, tmp_path):
     local = tmp_path / "in.parquet"
     write_rows(local, "parquet")
     source, target = f"s3://{s3_bucket}/corpus/in.parquet", f"s3://{s3_bucket}/corpus/out.parquet"
-    storage.write_bytes(source, local.read_bytes())
+    Store().write_bytes(source, local.read_bytes())
     report = rewrite_corpus(source, target)
     assert report["by_type"] == EXPECTED
-    assert storage.read_table(target).num_rows == 5
+    assert Store().read_table(target).num_rows == 5

@@ -7,15 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrmem import storage
-from cxrmem.attribution import conditional_noise_norms, unconditional_noise
 from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX
 from cxrmem.mitigation import (
     MITIGATION_COLUMNS,
     generate_images,
     mitigate_prompt,
-    mitigate_run,
     mitigated_prompt,
     optimise_embedding,
     pairwise_rms_distance,
@@ -27,7 +24,11 @@ from cxrmem.mitigation import (
     vocabulary_words,
 )
 from cxrmem.models.loading import load_components
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.runfiles import RunLayout
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.stages import mitigate
+from cxrmem.stages.worker import mitigation_settings
+from cxrmem.storage import Store
 
 PATTERN = re.compile(MARKER_REGEX)
 PROMPT = "Compared to ___, the heart is enlarged. Dr. ___ was notified at ___ a.m. XXXX noted."
@@ -115,10 +116,10 @@ def test_random_insertion_only_inserts_vocabulary_words(vocab):
 
 def test_rewrites_are_seeded_per_prompt_and_strategy(tiny_model_dir, vocab):
     cfg = tiny_config(tiny_model_dir)
-    first = mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, cfg)
-    assert mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, cfg) == first
-    assert len({mitigated_prompt("random_word", PROMPT, f"{i:016x}", vocab, cfg) for i in range(5)}) > 1
-    assert mitigated_prompt("embedding_noise", PROMPT, "0" * 16, vocab, cfg) == PROMPT
+    first = mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, mitigation_settings(cfg))
+    assert mitigated_prompt("random_word", PROMPT, "0" * 16, vocab, mitigation_settings(cfg)) == first
+    assert len({mitigated_prompt("random_word", PROMPT, f"{i:016x}", vocab, mitigation_settings(cfg)) for i in range(5)}) > 1
+    assert mitigated_prompt("embedding_noise", PROMPT, "0" * 16, vocab, mitigation_settings(cfg)) == PROMPT
 
 
 def test_pairwise_rms_distance_by_hand():
@@ -134,17 +135,14 @@ def test_pairwise_rms_distance_by_hand():
 
 def test_embedding_optimisation_lowers_the_first_step_norm(tiny_model_dir, components):
     cfg = tiny_config(tiny_model_dir)
-    scorer = Scorer(components, cfg.score, device="cpu")
-    timestep = scorer.timesteps()[0]
-    latents = scorer.initial_latents(["0" * 16])[0]
+    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
+    latents, timestep = scorer.first_step_inputs(scorer.initial_latents(["0" * 16])[0])
     cond = scorer.encode([PROMPT]).embeddings
 
     def first_step_norm(embedding):
-        t = timestep.expand(len(latents))
-        eps_uncond = unconditional_noise(scorer.unet, latents, t, scorer.empty_embedding)
-        return float(conditional_noise_norms(scorer.unet, latents, t, embedding, eps_uncond).mean())
+        return float(scorer.conditional_noise_norms(latents, timestep.expand(len(latents)), embedding).mean())
 
-    optimised = optimise_embedding(scorer.unet, latents, timestep, cond, scorer.empty_embedding, iters=3, lr=0.01)
+    optimised = optimise_embedding(scorer, latents, timestep, cond, iters=3, lr=0.01)
     assert optimised.shape == cond.shape and not optimised.requires_grad
     assert first_step_norm(optimised) < first_step_norm(cond)
 
@@ -154,19 +152,21 @@ def test_strategies_share_seeds(tiny_model_dir, components, vocab):
     cfg = tiny_config(
         tiny_model_dir, "mitigation.strategies=[original,remove_marker,embedding_noise]", "mitigation.noise_std=0.0"
     )
-    scorer = Scorer(components, cfg.score, device="cpu")
-    rows, grids = mitigate_prompt(scorer, "No acute process.", "0" * 16, cfg, vocab, keep=2)
+    scorer, settings = Scorer(components, ScoreSettings.of(cfg.score), device="cpu"), mitigation_settings(cfg)
+    rows, grids = mitigate_prompt(scorer, scorer.with_steps(settings.steps), "No acute process.", "0" * 16, settings, vocab, keep=2)
     frame = pd.DataFrame(rows)
     assert frame["strategy"].tolist() == ["original", "remove_marker", "embedding_noise"]
-    assert frame["d_mem"].nunique() == 1 and frame["pairwise_distance"].nunique() == 1
+    # One batch holds all three rows: the same numbers up to float noise from their batch positions.
+    np.testing.assert_allclose(frame["d_mem"], frame["d_mem"].iloc[0], rtol=1e-5)
+    np.testing.assert_allclose(frame["pairwise_distance"], frame["pairwise_distance"].iloc[0], rtol=1e-5)
     assert np.isfinite(frame["d_mem"]).all() and (frame["pairwise_distance"] > 0).all()
-    np.testing.assert_array_equal(grids["original"], grids["embedding_noise"])
+    np.testing.assert_allclose(grids["original"], grids["embedding_noise"], rtol=1e-5, atol=1e-6)
     assert grids["original"].shape[0] == 2 and grids["original"].ndim == 3
 
 
 def test_generations_batched_over_strategies_match_one_strategy_at_a_time(tiny_model_dir, components):
     cfg = tiny_config(tiny_model_dir)
-    scorer = Scorer(components, cfg.score, device="cpu")
+    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
     embeddings = scorer.encode(["No acute process.", "Small left effusion.", "Heart size is enlarged."]).embeddings
     latents = scorer.initial_latents(["0" * 16], 5)[:1]
     together = generate_images(scorer, embeddings, latents, chunk=6)  # 2 generations x 3 strategies per call
@@ -182,23 +182,23 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     cfg = tiny_config(
         tiny_model_dir, f"run.output={tmp_path}", strategies, "report.top_prompts=1", "report.grid_generations=2"
     )
-    layout = storage.RunLayout(str(tmp_path))
+    layout = RunLayout(str(tmp_path))
     memorized = pd.DataFrame(
         {"prompt": ["Compared to ___, stable.", "Dr. ___ notified."], "prompt_id": ["a" * 16, "b" * 16]}
     )
-    storage.write_text(layout.memorized, memorized.to_csv(index=False))
-    summary = mitigate_run(cfg)
-    table = storage.read_table(layout.mitigation).to_pandas()
+    Store().write_text(layout.memorized, memorized.to_csv(index=False))
+    summary = mitigate.run(cfg)
+    table = Store().read_table(layout.mitigation).to_pandas()
     assert list(table.columns) == list(MITIGATION_COLUMNS) == [
         "prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations",
     ]  # fmt: skip
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
     assert removed["mitigated_prompt"].item() == "Compared to, stable."
-    assert summary["figures"] == [storage.join(layout.figures, f"generations_{'a' * 16}.npz")]
+    assert summary["figures"] == [layout.figure(f"generations_{'a' * 16}.npz")]
     with np.load(summary["figures"][0]) as grids:
         assert sorted(grids.files) == ["embedding_optimisation", "original", "remove_marker"]
         assert grids["original"].shape[0] == 2 and 0 <= grids["original"].min() <= grids["original"].max() <= 1
-    merged = storage.read_json(layout.summary)["mitigation"]["strategies"]
+    merged = Store().read_json(layout.summary)["mitigation"]["strategies"]
     assert sorted(merged) == ["embedding_optimisation", "original", "remove_marker"]
     assert merged["original"]["mean_d_mem"] == pytest.approx(table[table["strategy"] == "original"]["d_mem"].mean())

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cxrmem import storage
+from cxrmem.storage import Store
 from cxrmem.config import ModelConfig
 from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, load_components, load_tokenizer
 
@@ -145,7 +146,7 @@ def upload(local_root, uri, storage_cfg):
     for folder, _, names in os.walk(local_root, followlinks=True):
         for name in names:
             path = os.path.join(folder, name)
-            storage.copy_file(path, storage.join(uri, os.path.relpath(path, local_root)), dst_cfg=storage_cfg)
+            Store.from_config(storage_cfg).copy_file(path, storage.join(uri, os.path.relpath(path, local_root)))
 
 
 @pytest.mark.s3
@@ -160,8 +161,8 @@ def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg
     assert components.source == f"diffusers:{local}"
 
     # A complete copy is used as it is, without asking S3 again.
-    storage.delete_tree(uri, s3_storage_cfg)
-    assert not storage.exists(storage.join(uri, "model_index.json"), s3_storage_cfg)
+    Store.from_config(s3_storage_cfg).delete_tree(uri)
+    assert not Store.from_config(s3_storage_cfg).exists(storage.join(uri, "model_index.json"))
     assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
     # A copy without its marker (interrupted) is redone.
     upload(tiny_model_dir, uri, s3_storage_cfg)

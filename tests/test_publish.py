@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from cxrmem import publish, storage
+from cxrmem.storage import Store
 from cxrmem.config import load_config
 
 FINGERPRINT = "fp-tiny-0001"
@@ -25,15 +26,15 @@ def write_run(prefix: str, storage_cfg=None, tag: str = "v1", n_rows: int = 5, a
     for i, (name, content) in enumerate(files.items()):
         uri = storage.join(prefix, name)
         if isinstance(content, pa.Table):
-            storage.write_table(content, uri, storage_cfg)
+            Store.from_config(storage_cfg).write_table(content, uri)
         elif isinstance(content, str):
-            storage.write_text(uri, content, storage_cfg)
+            Store.from_config(storage_cfg).write_text(uri, content)
         else:
-            storage.write_bytes(uri, content, storage_cfg)
-        written[name] = storage.read_bytes(uri, storage_cfg)
+            Store.from_config(storage_cfg).write_bytes(uri, content)
+        written[name] = Store.from_config(storage_cfg).read_bytes(uri)
         if after_each is not None:
             after_each(i)
-    storage.write_text(storage.join(prefix, "_parts/scores/part-00000.parquet"), "resume checkpoint", storage_cfg)
+    Store.from_config(storage_cfg).write_text(storage.join(prefix, "_parts/scores/part-00000.parquet"), "resume checkpoint")
     return written
 
 
@@ -41,9 +42,9 @@ def test_manifest_lists_outputs_with_checksums_rows_and_public_config(tmp_path):
     prefix = str(tmp_path / "run")
     written = write_run(prefix)
     cfg = load_config(overrides=["storage.secret_access_key=hunter2", "storage.access_key_id=AKIAEXAMPLE"])
-    assert publish.read_manifest(prefix) is None and not publish.is_published(prefix)
+    assert publish.read_manifest(Store(), prefix) is None and not publish.is_published(Store(), prefix)
 
-    manifest = publish.publish_manifest(prefix, None, FINGERPRINT, cfg, extra={"timings": {"score_s": 1.5}})
+    manifest = publish.publish_manifest(Store(), prefix, FINGERPRINT, cfg, extra={"timings": {"score_s": 1.5}})
 
     assert set(manifest["files"]) == set(written)  # resume parts are internal, never published
     for name, data in written.items():
@@ -54,61 +55,61 @@ def test_manifest_lists_outputs_with_checksums_rows_and_public_config(tmp_path):
     assert manifest["model_fingerprint"] == FINGERPRINT and manifest["cxrmem_version"]
     assert manifest["config"]["score"]["steps"] == cfg.score.steps
     assert manifest["extra"] == {"timings": {"score_s": 1.5}}
-    on_disk = storage.read_text(publish.manifest_uri(prefix))
+    on_disk = Store().read_text(publish.manifest_uri(prefix))
     assert "hunter2" not in on_disk and "AKIAEXAMPLE" not in on_disk
-    assert publish.read_manifest(prefix) == manifest and publish.is_published(prefix)
+    assert publish.read_manifest(Store(), prefix) == manifest and publish.is_published(Store(), prefix)
 
 
 def test_publishing_an_empty_prefix_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to publish"):
-        publish.publish_manifest(str(tmp_path / "empty"), None, FINGERPRINT, {})
+        publish.publish_manifest(Store(), str(tmp_path / "empty"), FINGERPRINT, {})
 
 
 def test_readers_trust_only_published_runs(tmp_path):
     prefix = str(tmp_path / "run")
     write_run(prefix)
     with pytest.raises(publish.RunNotPublishedError, match="no published run"):
-        publish.require_published(prefix)
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
-    assert publish.require_published(prefix)["model_fingerprint"] == FINGERPRINT
+        publish.require_published(Store(), prefix)
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
+    assert publish.require_published(Store(), prefix)["model_fingerprint"] == FINGERPRINT
 
 
 def test_a_corrupt_parquet_output_is_named(tmp_path):
     prefix = str(tmp_path / "run")
-    storage.write_text(storage.join(prefix, "scores.parquet"), "not parquet")
+    Store().write_text(storage.join(prefix, "scores.parquet"), "not parquet")
     with pytest.raises(ValueError, match="scores.parquet is not a readable Parquet file"):
-        publish.publish_manifest(prefix, None, FINGERPRINT, {})
-    assert not publish.is_published(prefix)
+        publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
+    assert not publish.is_published(Store(), prefix)
 
 
 def test_verify_run_finds_changed_and_missing_files(tmp_path):
     prefix = str(tmp_path / "run")
     write_run(prefix)
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
-    assert publish.verify_run(prefix)["ok"]
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
+    assert publish.verify_run(Store(), prefix)["ok"]
 
-    storage.write_text(storage.join(prefix, "summary.json"), '{"tampered": true}')
-    storage.delete(storage.join(prefix, "figures/dmem_hist.png"))
-    report = publish.verify_run(prefix)
+    Store().write_text(storage.join(prefix, "summary.json"), '{"tampered": true}')
+    Store().delete(storage.join(prefix, "figures/dmem_hist.png"))
+    report = publish.verify_run(Store(), prefix)
     assert not report["ok"]
     assert report["changed"] == ["summary.json"] and report["missing"] == ["figures/dmem_hist.png"]
 
 
 def test_a_published_run_is_not_replaced_without_overwrite(tmp_path):
     prefix = str(tmp_path / "run")
-    assert publish.prepare_output(prefix) == prefix  # nothing published yet: write in place
+    assert publish.prepare_output(Store(), prefix) == prefix  # nothing published yet: write in place
     write_run(prefix)
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
     with pytest.raises(publish.RunExistsError, match="run.overwrite=true"):
-        publish.prepare_output(prefix, overwrite=False)
+        publish.prepare_output(Store(), prefix, overwrite=False)
 
 
 def test_a_failed_overwrite_leaves_the_published_run_intact(tmp_path):
     prefix = str(tmp_path / "run")
     old = write_run(prefix, tag="old")
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
 
-    work = publish.prepare_output(prefix, overwrite=True)
+    work = publish.prepare_output(Store(), prefix, overwrite=True)
     assert work == publish.staging_prefix(prefix)
 
     def crash(i):
@@ -118,83 +119,83 @@ def test_a_failed_overwrite_leaves_the_published_run_intact(tmp_path):
     with pytest.raises(RuntimeError, match="worker lost"):
         write_run(work, tag="new", after_each=crash)
 
-    assert publish.verify_run(prefix)["ok"]
-    assert storage.read_bytes(storage.join(prefix, "summary.json")) == old["summary.json"]
-    assert not publish.is_published(work)
+    assert publish.verify_run(Store(), prefix)["ok"]
+    assert Store().read_bytes(storage.join(prefix, "summary.json")) == old["summary.json"]
+    assert not publish.is_published(Store(), work)
 
 
 def test_overwrite_publishes_the_new_run_and_removes_staging(tmp_path):
     prefix = str(tmp_path / "run")
     write_run(prefix, tag="old")
-    storage.write_table(pa.table({"unit": ["___"]}), storage.join(prefix, "tokens.parquet"))  # only in the old run
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
+    Store().write_table(pa.table({"unit": ["___"]}), storage.join(prefix, "tokens.parquet"))  # only in the old run
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
 
-    work = publish.prepare_output(prefix, overwrite=True)
+    work = publish.prepare_output(Store(), prefix, overwrite=True)
     new = write_run(work, tag="new", n_rows=7)
-    manifest = publish.publish_run(prefix, work, None, "fp-new", load_config(overrides=[f"run.output={work}"]))
+    manifest = publish.publish_run(Store(), prefix, work, "fp-new", load_config(overrides=[f"run.output={work}"]))
 
-    assert publish.read_manifest(prefix) == manifest and manifest["model_fingerprint"] == "fp-new"
+    assert publish.read_manifest(Store(), prefix) == manifest and manifest["model_fingerprint"] == "fp-new"
     assert manifest["files"]["scores.parquet"]["rows"] == 7
     assert manifest["config"]["run"]["output"] == prefix  # not the staging prefix it was written at
-    assert set(publish.run_files(prefix)) == set(new)  # the old run's tokens.parquet is gone
-    assert publish.verify_run(prefix)["ok"]
-    assert storage.list_files(work) == []
+    assert set(publish.run_files(Store(), prefix)) == set(new)  # the old run's tokens.parquet is gone
+    assert publish.verify_run(Store(), prefix)["ok"]
+    assert Store().list_files(work) == []
 
 
 def test_an_interrupted_promotion_is_finished_by_the_next_run(tmp_path):
     prefix = str(tmp_path / "run")
     write_run(prefix, tag="old")
-    publish.publish_manifest(prefix, None, FINGERPRINT, {})
-    work = publish.prepare_output(prefix, overwrite=True)
+    publish.publish_manifest(Store(), prefix, FINGERPRINT, {})
+    work = publish.prepare_output(Store(), prefix, overwrite=True)
     new = write_run(work, tag="new")
-    publish.publish_manifest(work, None, "fp-new", {})
+    publish.publish_manifest(Store(), work, "fp-new", {})
     # The promotion stopped after step 1: the old manifest is gone, the staged run is complete.
-    storage.delete(publish.manifest_uri(prefix))
-    assert not publish.is_published(prefix)
+    Store().delete(publish.manifest_uri(prefix))
+    assert not publish.is_published(Store(), prefix)
 
-    assert publish.prepare_output(prefix, overwrite=True) == publish.staging_prefix(prefix)
-    assert publish.require_published(prefix)["model_fingerprint"] == "fp-new"
-    assert storage.read_bytes(storage.join(prefix, "summary.json")) == new["summary.json"]
+    assert publish.prepare_output(Store(), prefix, overwrite=True) == publish.staging_prefix(prefix)
+    assert publish.require_published(Store(), prefix)["model_fingerprint"] == "fp-new"
+    assert Store().read_bytes(storage.join(prefix, "summary.json")) == new["summary.json"]
 
 
 def test_export_copies_a_published_run_with_manifest_last(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "exported")
     write_run(src)
-    manifest = publish.publish_manifest(src, None, FINGERPRINT, {})
+    manifest = publish.publish_manifest(Store(), src, FINGERPRINT, {})
 
-    result = publish.export_run(src, dst, None)
+    result = publish.export_run(Store(), src, dst)
 
     assert result["files"] == len(manifest["files"]) and result["bytes"] == manifest["total_bytes"]
     assert result["seconds"] > 0 and result["mb_per_s"] >= 0 and result["verified"]
-    assert publish.read_manifest(dst) == manifest
-    assert publish.verify_run(dst)["ok"]
-    assert set(publish.run_files(dst)) == set(manifest["files"])  # internal parts are not exported
+    assert publish.read_manifest(Store(), dst) == manifest
+    assert publish.verify_run(Store(), dst)["ok"]
+    assert set(publish.run_files(Store(), dst)) == set(manifest["files"])  # internal parts are not exported
 
 
 def test_export_refuses_unpublished_source_and_published_destination(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     write_run(src)
     with pytest.raises(publish.RunNotPublishedError):
-        publish.export_run(src, dst, None)
-    publish.publish_manifest(src, None, FINGERPRINT, {})
+        publish.export_run(Store(), src, dst)
+    publish.publish_manifest(Store(), src, FINGERPRINT, {})
     write_run(dst, tag="precious")
-    publish.publish_manifest(dst, None, "fp-precious", {})
+    publish.publish_manifest(Store(), dst, "fp-precious", {})
 
     with pytest.raises(publish.RunExistsError):
-        publish.export_run(src, dst, None)
-    assert publish.read_manifest(dst)["model_fingerprint"] == "fp-precious"
+        publish.export_run(Store(), src, dst)
+    assert publish.read_manifest(Store(), dst)["model_fingerprint"] == "fp-precious"
 
-    publish.export_run(src, dst, None, overwrite=True)
-    assert publish.read_manifest(dst)["model_fingerprint"] == FINGERPRINT
-    assert publish.verify_run(dst)["ok"]
+    publish.export_run(Store(), src, dst, overwrite=True)
+    assert publish.read_manifest(Store(), dst)["model_fingerprint"] == FINGERPRINT
+    assert publish.verify_run(Store(), dst)["ok"]
 
 
 def test_export_of_a_tampered_source_publishes_nothing(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     write_run(src)
-    publish.publish_manifest(src, None, FINGERPRINT, {})
-    storage.write_text(storage.join(src, "summary.json"), '{"edited": "after publishing"}')
+    publish.publish_manifest(Store(), src, FINGERPRINT, {})
+    Store().write_text(storage.join(src, "summary.json"), '{"edited": "after publishing"}')
 
     with pytest.raises(publish.ChecksumMismatchError, match="summary.json"):
-        publish.export_run(src, dst, None)
-    assert not publish.is_published(dst)
+        publish.export_run(Store(), src, dst)
+    assert not publish.is_published(Store(), dst)

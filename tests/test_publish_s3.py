@@ -3,6 +3,7 @@
 import pytest
 
 from cxrmem import publish, storage
+from cxrmem.storage import Store
 from tests.test_publish import FINGERPRINT, write_run
 
 pytestmark = pytest.mark.s3
@@ -11,41 +12,41 @@ pytestmark = pytest.mark.s3
 def test_publish_and_verify_a_run_in_s3(s3_bucket, s3_storage_cfg):
     prefix = f"s3://{s3_bucket}/runs/a"
     written = write_run(prefix, s3_storage_cfg)
-    manifest = publish.publish_run(prefix, publish.prepare_output(prefix, s3_storage_cfg), s3_storage_cfg, FINGERPRINT, {})
+    manifest = publish.publish_run(Store.from_config(s3_storage_cfg), prefix, publish.prepare_output(Store.from_config(s3_storage_cfg), prefix), FINGERPRINT, {})
     assert set(manifest["files"]) == set(written)
-    assert publish.read_manifest(prefix, s3_storage_cfg) == manifest
-    assert publish.verify_run(prefix, s3_storage_cfg)["ok"]
+    assert publish.read_manifest(Store.from_config(s3_storage_cfg), prefix) == manifest
+    assert publish.verify_run(Store.from_config(s3_storage_cfg), prefix)["ok"]
 
 
 def test_export_local_to_s3_and_back(tmp_path, s3_bucket, s3_storage_cfg):
     local = str(tmp_path / "run")
     written = write_run(local)
-    manifest = publish.publish_manifest(local, None, FINGERPRINT, {})
+    manifest = publish.publish_manifest(Store(), local, FINGERPRINT, {})
     remote = f"s3://{s3_bucket}/exports/run"
 
-    up = publish.export_run(local, remote, s3_storage_cfg)
+    up = publish.export_run(Store.from_config(s3_storage_cfg), local, remote)
     assert (up["files"], up["bytes"]) == (len(written), manifest["total_bytes"])
-    assert publish.read_manifest(remote, s3_storage_cfg) == manifest
-    assert publish.verify_run(remote, s3_storage_cfg)["ok"]
+    assert publish.read_manifest(Store.from_config(s3_storage_cfg), remote) == manifest
+    assert publish.verify_run(Store.from_config(s3_storage_cfg), remote)["ok"]
 
     back = str(tmp_path / "back")
-    down = publish.export_run(remote, back, s3_storage_cfg)
+    down = publish.export_run(Store.from_config(s3_storage_cfg), remote, back)
     assert down["bytes"] == manifest["total_bytes"]
-    assert publish.verify_run(back)["ok"]
-    assert {name: storage.read_bytes(storage.join(back, name)) for name in written} == written
+    assert publish.verify_run(Store(), back)["ok"]
+    assert {name: Store().read_bytes(storage.join(back, name)) for name in written} == written
 
 
 def test_export_to_a_missing_bucket_fails_clearly(tmp_path, s3_env, s3_storage_cfg):
     local = str(tmp_path / "run")
     write_run(local)
-    publish.publish_manifest(local, None, FINGERPRINT, {})
+    publish.publish_manifest(Store(), local, FINGERPRINT, {})
     with pytest.raises(storage.StorageError, match="NoSuchBucket"):
-        publish.export_run(local, "s3://no-such-bucket-cxrmem/run", s3_storage_cfg)
+        publish.export_run(Store.from_config(s3_storage_cfg), local, "s3://no-such-bucket-cxrmem/run")
 
 
 def test_server_stopped_mid_write_fails_clearly_and_publishes_nothing(s3_server, s3_bucket, s3_storage_cfg):
     prefix = f"s3://{s3_bucket}/runs/interrupted"
-    work = publish.prepare_output(prefix, s3_storage_cfg)
+    work = publish.prepare_output(Store.from_config(s3_storage_cfg), prefix)
 
     def stop_after_second_file(i):
         if i == 1:
@@ -54,12 +55,12 @@ def test_server_stopped_mid_write_fails_clearly_and_publishes_nothing(s3_server,
     try:
         with pytest.raises(storage.StorageError, match="after 2 attempts") as caught:
             write_run(work, s3_storage_cfg, after_each=stop_after_second_file)
-            publish.publish_run(prefix, work, s3_storage_cfg, FINGERPRINT, {})
+            publish.publish_run(Store.from_config(s3_storage_cfg), prefix, work, FINGERPRINT, {})
         assert s3_server.endpoint_url in str(caught.value) and prefix in str(caught.value)
     finally:
         s3_server.start()
-    assert not publish.is_published(prefix, s3_storage_cfg)
-    assert len(publish.run_files(prefix, s3_storage_cfg)) == 2  # the files written before the stop, untrusted
+    assert not publish.is_published(Store.from_config(s3_storage_cfg), prefix)
+    assert len(publish.run_files(Store.from_config(s3_storage_cfg), prefix)) == 2  # the files written before the stop, untrusted
 
 
 def test_server_stopped_before_the_manifest_publishes_nothing(s3_server, s3_bucket, s3_storage_cfg):
@@ -67,20 +68,20 @@ def test_server_stopped_before_the_manifest_publishes_nothing(s3_server, s3_buck
     write_run(prefix, s3_storage_cfg)
     with s3_server.stopped():
         with pytest.raises(storage.StorageError, match="reachable"):
-            publish.publish_run(prefix, prefix, s3_storage_cfg, FINGERPRINT, {})
-    assert not publish.is_published(prefix, s3_storage_cfg)
+            publish.publish_run(Store.from_config(s3_storage_cfg), prefix, prefix, FINGERPRINT, {})
+    assert not publish.is_published(Store.from_config(s3_storage_cfg), prefix)
     with pytest.raises(publish.RunNotPublishedError):
-        publish.export_run(prefix, f"s3://{s3_bucket}/copy", s3_storage_cfg)
+        publish.export_run(Store.from_config(s3_storage_cfg), prefix, f"s3://{s3_bucket}/copy")
 
 
 def test_a_failing_overwrite_never_touches_the_published_run(s3_server, s3_bucket, s3_storage_cfg):
     prefix = f"s3://{s3_bucket}/runs/precious"
     old = write_run(prefix, s3_storage_cfg, tag="old")
-    old_manifest = publish.publish_run(prefix, prefix, s3_storage_cfg, FINGERPRINT, {})
+    old_manifest = publish.publish_run(Store.from_config(s3_storage_cfg), prefix, prefix, FINGERPRINT, {})
 
     with pytest.raises(publish.RunExistsError):
-        publish.prepare_output(prefix, s3_storage_cfg, overwrite=False)
-    work = publish.prepare_output(prefix, s3_storage_cfg, overwrite=True)
+        publish.prepare_output(Store.from_config(s3_storage_cfg), prefix, overwrite=False)
+    work = publish.prepare_output(Store.from_config(s3_storage_cfg), prefix, overwrite=True)
 
     def stop_after_third_file(i):
         if i == 2:
@@ -89,19 +90,19 @@ def test_a_failing_overwrite_never_touches_the_published_run(s3_server, s3_bucke
     try:
         with pytest.raises(storage.StorageError):
             write_run(work, s3_storage_cfg, tag="new", after_each=stop_after_third_file)
-            publish.publish_run(prefix, work, s3_storage_cfg, "fp-new", {})
+            publish.publish_run(Store.from_config(s3_storage_cfg), prefix, work, "fp-new", {})
     finally:
         s3_server.start()
 
-    assert publish.read_manifest(prefix, s3_storage_cfg) == old_manifest
-    assert publish.verify_run(prefix, s3_storage_cfg)["ok"]
-    assert storage.read_bytes(storage.join(prefix, "summary.json"), s3_storage_cfg) == old["summary.json"]
+    assert publish.read_manifest(Store.from_config(s3_storage_cfg), prefix) == old_manifest
+    assert publish.verify_run(Store.from_config(s3_storage_cfg), prefix)["ok"]
+    assert Store.from_config(s3_storage_cfg).read_bytes(storage.join(prefix, "summary.json")) == old["summary.json"]
 
     # The rerun writes to the same staging prefix and replaces the old run only once complete.
-    assert publish.prepare_output(prefix, s3_storage_cfg, overwrite=True) == work
+    assert publish.prepare_output(Store.from_config(s3_storage_cfg), prefix, overwrite=True) == work
     new = write_run(work, s3_storage_cfg, tag="new")
-    publish.publish_run(prefix, work, s3_storage_cfg, "fp-new", {})
-    assert publish.read_manifest(prefix, s3_storage_cfg)["model_fingerprint"] == "fp-new"
-    assert storage.read_bytes(storage.join(prefix, "summary.json"), s3_storage_cfg) == new["summary.json"]
-    assert publish.verify_run(prefix, s3_storage_cfg)["ok"]
-    assert storage.list_files(work, s3_storage_cfg) == []
+    publish.publish_run(Store.from_config(s3_storage_cfg), prefix, work, "fp-new", {})
+    assert publish.read_manifest(Store.from_config(s3_storage_cfg), prefix)["model_fingerprint"] == "fp-new"
+    assert Store.from_config(s3_storage_cfg).read_bytes(storage.join(prefix, "summary.json")) == new["summary.json"]
+    assert publish.verify_run(Store.from_config(s3_storage_cfg), prefix)["ok"]
+    assert Store.from_config(s3_storage_cfg).list_files(work) == []

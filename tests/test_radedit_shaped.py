@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from cxrmem.cli import main
 from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.models.loading import load_components
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
 
 
 @pytest.mark.slow
@@ -18,6 +18,6 @@ def test_radedit_shaped_model_scores_a_small_batch(tmp_path):
     assert components.unet.config.cross_attention_dim == 768
     assert components.text_encoder.config.hidden_size == 768
     cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": 1, "steps": 2})
-    batch = Scorer(components, cfg, device="cpu").score(["Compared to ___, no change."], ["0" * 16])
+    batch = Scorer(components, ScoreSettings.of(cfg), device="cpu").score(["Compared to ___, no change."], ["0" * 16])
     assert batch.step_norms.shape == (1, 1, 2)
     assert not batch.nonfinite[0] and batch.d_mem[0] > 0

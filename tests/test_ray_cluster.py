@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrmem import storage
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
 from cxrmem.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -143,7 +145,7 @@ def scored_reference(tiny_model_dir, tmp_path_factory):
     cfg = load_config(None, [f"run.output={out}", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=120", *SMALL])
     prepare(cfg)
     score_prompts_file(cfg)
-    return storage.RunLayout(out)
+    return RunLayout(out)
 
 
 def small_config(output, model_dir, *extra):
@@ -173,8 +175,8 @@ def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
         time.sleep(2)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
 
-    layout = storage.RunLayout(str(output))
-    manifest = storage.read_json(layout.manifest)
+    layout = RunLayout(str(output))
+    manifest = Store().read_json(layout.manifest)
     for name in ["prompts.parquet", "scores.parquet", "summary.json", "memorized_prompts.csv", "tokens.parquet", "mitigation.parquet", "report.html"]:
         assert name in manifest["files"], name
     prompts = pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist()
@@ -182,7 +184,7 @@ def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
     assert scores["prompt_id"].to_pylist() == sorted(prompts)
     assert np.isfinite(scores["d_mem"].to_numpy()).all()
     assert set(scores["model_fingerprint"].to_pylist()) == {manifest["model_fingerprint"]}
-    summary = storage.read_json(layout.summary)
+    summary = Store().read_json(layout.summary)
     assert summary["audit"]["scoring"]["computed"] == len(prompts)
     assert {"score", "analyze", "attribute", "mitigate", "report"} <= set(summary["audit"]["timings_s"])
     assert summary["analysis"]["memorized_count"] >= 1
@@ -200,8 +202,8 @@ def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head,
     from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
 
     kill_flag = driver_on_head
-    layout = storage.RunLayout(str(tmp_path / "run"))
-    storage.makedirs(layout.prefix)
+    layout = RunLayout(str(tmp_path / "run"))
+    Store().makedirs(layout.prefix)
     shutil.copy(scored_reference.prompts, layout.prompts)
     cfg = small_config(layout.prefix, tiny_model_dir)
 
@@ -246,8 +248,8 @@ DRIVER_KILLED_AFTER_TWO_PARTS = textwrap.dedent(
 def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head, scored_reference, tiny_model_dir, tmp_path):
     from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
 
-    layout = storage.RunLayout(str(tmp_path / "run"))
-    storage.makedirs(layout.prefix)
+    layout = RunLayout(str(tmp_path / "run"))
+    Store().makedirs(layout.prefix)
     shutil.copy(scored_reference.prompts, layout.prompts)
     overrides = [f"run.output={layout.prefix}", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=120", *SMALL]
     killed = subprocess.run(
@@ -259,7 +261,7 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     parts = resume_parts(layout)
-    assert len(parts) == 2 and not storage.exists(layout.scores)
+    assert len(parts) == 2 and not Store().exists(layout.scores)
     rows_in_parts = sum(pq.read_metadata(part).num_rows for part in parts)
 
     cfg = small_config(layout.prefix, tiny_model_dir)
@@ -289,11 +291,11 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
     assert second["status"] == "rescored" and second["previous"] == first["run"]
     assert second["previous_model_fingerprint"] == first["model_fingerprint"] != second["model_fingerprint"]
     diff = pq.read_table(second["diff"]).to_pandas()
-    assert len(diff) == pq.read_metadata(storage.RunLayout(first["run"]).prompts).num_rows
+    assert len(diff) == pq.read_metadata(RunLayout(first["run"]).prompts).num_rows
     assert diff["d_mem_change"].notna().all() and (diff["d_mem_change"] != 0).any()
     assert second["entered"] + second["stayed"] == second["memorized_count"]
     assert (diff["change"] == "left").sum() == second["left"]
-    assert storage.read_json(latest_uri(output))["run"] == second["run"]
-    manifest = storage.read_json(storage.RunLayout(second["run"]).manifest)
+    assert Store().read_json(latest_uri(output))["run"] == second["run"]
+    manifest = Store().read_json(RunLayout(second["run"]).manifest)
     assert DIFF_FILE in manifest["files"] and manifest["model_fingerprint"] == second["model_fingerprint"]
-    assert storage.read_json(storage.RunLayout(second["run"]).summary)["rescore"]["entered"] == second["entered"]
+    assert Store().read_json(RunLayout(second["run"]).summary)["rescore"]["entered"] == second["entered"]

@@ -7,9 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrmem import storage
-from cxrmem.distributed import resume
-from cxrmem.distributed.progress import Progress
-from cxrmem.distributed.rescore import score_diff
+from cxrmem.storage import Store
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import score_parts as resume
+from cxrmem.progress import Progress
+from cxrmem.analysis import score_diff
 
 
 def rows(ids, fingerprint="fp1", key="cfg1", d_mem=None):
@@ -35,34 +37,34 @@ def hex_ids(n, seed=0):
 def test_parts_are_sorted_and_atomic(tmp_path):
     parts_dir = str(tmp_path / "_parts" / "scores")
     ids = hex_ids(20)
-    uri = resume.write_part(rows(ids), parts_dir, 0)
-    assert resume.part_files(parts_dir) == [uri]
+    uri = resume.write_part(Store(), rows(ids), parts_dir, 0)
+    assert Store().list_files(parts_dir, suffix=".parquet") == [uri]
     assert pq.read_table(uri)["prompt_id"].to_pylist() == sorted(ids)
     # Nothing half-written is left behind under a part name.
     assert [p.name for p in (tmp_path / "_parts" / "scores").iterdir()] == [uri.rsplit("/", 1)[1]]
 
 
 def test_done_ids_only_count_the_current_key(tmp_path):
-    layout = storage.RunLayout(str(tmp_path))
+    layout = RunLayout(str(tmp_path))
     ids = hex_ids(30)
-    resume.write_part(rows(ids[:10]), layout.score_parts, 0)
-    resume.write_part(rows(ids[10:20], fingerprint="old-model"), layout.score_parts, 1)
-    resume.write_part(rows(ids[20:], key="other-settings"), layout.score_parts, 2)
-    done = resume.done_ids(resume.score_sources(layout), "fp1", "cfg1")
+    resume.write_part(Store(), rows(ids[:10]), layout.score_parts, 0)
+    resume.write_part(Store(), rows(ids[10:20], fingerprint="old-model"), layout.score_parts, 1)
+    resume.write_part(Store(), rows(ids[20:], key="other-settings"), layout.score_parts, 2)
+    done = resume.done_ids(Store(), resume.score_sources(Store(), layout), "fp1", "cfg1")
     assert sorted(done.to_pylist()) == sorted(ids[:10])
 
 
 def test_consolidate_merges_sorted_without_duplicates_and_removes_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(resume, "MERGE_READ_ROWS", 7)  # many small read batches per source
     monkeypatch.setattr(resume, "MERGE_WRITE_ROWS", 11)  # several row groups in the output
-    layout = storage.RunLayout(str(tmp_path))
+    layout = RunLayout(str(tmp_path))
     ids = hex_ids(100, seed=1)
-    storage.write_table(rows(sorted(ids[:30])), layout.scores)  # an earlier consolidation
-    resume.write_part(rows(ids[30:60]), layout.score_parts, 0)
-    resume.write_part(rows(ids[60:] + ids[40:45]), layout.score_parts, 1)  # 5 rows scored twice
-    resume.write_part(rows(hex_ids(5, seed=2), fingerprint="old-model"), layout.score_parts, 2)
+    Store().write_table(rows(sorted(ids[:30])), layout.scores)  # an earlier consolidation
+    resume.write_part(Store(), rows(ids[30:60]), layout.score_parts, 0)
+    resume.write_part(Store(), rows(ids[60:] + ids[40:45]), layout.score_parts, 1)  # 5 rows scored twice
+    resume.write_part(Store(), rows(hex_ids(5, seed=2), fingerprint="old-model"), layout.score_parts, 2)
 
-    counts = resume.consolidate(layout, "fp1", "cfg1")
+    counts = resume.consolidate(Store(), layout, "fp1", "cfg1")
 
     merged = pq.read_table(layout.scores)
     assert counts == {"rows": 100, "duplicates": 5, "parts": 3}
@@ -71,14 +73,14 @@ def test_consolidate_merges_sorted_without_duplicates_and_removes_parts(tmp_path
     expected = rows(sorted(ids))
     np.testing.assert_array_equal(merged["d_mem"].to_numpy(), expected["d_mem"].to_numpy())
     assert merged["step_norms"].to_pylist() == expected["step_norms"].to_pylist()
-    assert resume.part_files(layout.score_parts) == []
+    assert Store().list_files(layout.score_parts, suffix=".parquet") == []
     # Consolidating again is a no-op.
-    assert resume.consolidate(layout, "fp1", "cfg1") == {"rows": 100, "duplicates": 0, "parts": 0}
+    assert resume.consolidate(Store(), layout, "fp1", "cfg1") == {"rows": 100, "duplicates": 0, "parts": 0}
 
 
 def test_consolidate_without_anything_names_the_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="scores.parquet"):
-        resume.consolidate(storage.RunLayout(str(tmp_path)), "fp1", "cfg1")
+        resume.consolidate(Store(), RunLayout(str(tmp_path)), "fp1", "cfg1")
 
 
 def test_score_diff_counts_prompts_entering_and_leaving():

@@ -12,10 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem.analysis import analyze
+from cxrmem.stages import analyze, report
 from cxrmem.config import load_config
-from cxrmem.report import build_report
-from cxrmem.storage import RunLayout
+from cxrmem.runfiles import RunLayout
 from tests.test_analysis import N, _ids_from_text, _pid, _write_run
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -49,7 +48,7 @@ def _analyzed_run(tmp_path, overrides=()):
     d_mem[[0, 1, 2]] = [3.0, 2.5, 2.0]
     _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
     cfg = load_config(None, [f"run.output={tmp_path}", "report.top_prompts=2", *overrides])
-    analyze(cfg)
+    analyze.run(cfg)
     return cfg, RunLayout(str(tmp_path))
 
 
@@ -83,7 +82,7 @@ def _write_attribution_and_mitigation(layout: RunLayout):
 def test_full_report_embeds_every_figure(tmp_path):
     cfg, layout = _analyzed_run(tmp_path)
     _write_attribution_and_mitigation(layout)
-    result = build_report(cfg)
+    result = report.run(cfg)
     assert result["sections"] == {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "attribution", "mitigation")}
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
@@ -105,7 +104,7 @@ def test_full_report_embeds_every_figure(tmp_path):
 
 def test_report_says_which_inputs_are_absent(tmp_path):
     cfg, layout = _analyzed_run(tmp_path, ["report.figures=false"])
-    result = build_report(cfg)
+    result = report.run(cfg)
     assert result["sections"]["attribution"] == "absent: tokens.parquet"
     assert result["sections"]["mitigation"] == "absent: mitigation.parquet"
     assert result["figures"] == []
@@ -117,7 +116,7 @@ def test_report_says_which_inputs_are_absent(tmp_path):
 
 def test_report_of_an_empty_run_still_renders(tmp_path):
     cfg = load_config(None, [f"run.output={tmp_path}"])
-    result = build_report(cfg)
+    result = report.run(cfg)
     text = open(RunLayout(str(tmp_path)).report, encoding="utf-8").read()
     _check_html(text)
     assert result["sections"]["distribution"] == "absent: analysis"
@@ -141,8 +140,8 @@ def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
     layout, _, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
     _ids_from_text(layout)
     cfg = load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"])
-    analyze(cfg)
-    result = build_report(cfg)
+    analyze.run(cfg)
+    result = report.run(cfg)
     assert "known_memorized.png" in [p.rsplit("/", 1)[-1] for p in result["figures"]]
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from cxrmem import storage
-from cxrmem.analysis import analyze
+from cxrmem.storage import Store
+from cxrmem.stages import analyze, report
 from cxrmem.config import load_config
-from cxrmem.report import build_report
-from cxrmem.storage import RunLayout
+from cxrmem.runfiles import RunLayout
 from tests.test_analysis import N, _pid, _write_run
 
 pytestmark = pytest.mark.s3
@@ -24,18 +24,18 @@ def test_analyze_and_report_read_and_write_s3(tmp_path, s3_bucket, s3_server):
     prefix = f"s3://{s3_bucket}/runs/one"
     remote = RunLayout(prefix)
     for name in ("prompts.parquet", "scores.parquet"):
-        storage.write_bytes(remote.path(name), open(local.path(name), "rb").read())
+        Store().write_bytes(remote.path(name), open(local.path(name), "rb").read())
     cfg = load_config(None, [f"run.output={prefix}", f"storage.endpoint_url={s3_server.endpoint_url}",
                              f"storage.region={s3_server.region}"])
 
-    assert analyze(cfg)["memorized_count"] == 3
-    memorized = pd.read_csv(io.BytesIO(storage.read_bytes(remote.memorized)), dtype={"prompt_id": str})
+    assert analyze.run(cfg)["memorized_count"] == 3
+    memorized = pd.read_csv(io.BytesIO(Store().read_bytes(remote.memorized)), dtype={"prompt_id": str})
     assert memorized.columns[0] == "prompt"
     assert memorized["prompt_id"].tolist() == [_pid(0), _pid(1), _pid(2)]
-    assert storage.read_json(remote.summary)["analysis"]["memorized_count"] == 3
+    assert Store().read_json(remote.summary)["analysis"]["memorized_count"] == 3
 
-    result = build_report(cfg)
+    result = report.run(cfg)
     assert all(path.startswith(prefix + "/figures/") for path in result["figures"]) and len(result["figures"]) == 3
-    text = storage.read_text(remote.report)
+    text = Store().read_text(remote.report)
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 3
     assert "Finding 0, compared to <mark>___</mark>." in text

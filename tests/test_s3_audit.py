@@ -7,9 +7,11 @@ import pyarrow.compute as pc
 import pytest
 
 from cxrmem import publish, storage
+from cxrmem.storage import Store
 from cxrmem.config import load_config
 from cxrmem.corpus.synthetic import generate_reports
-from cxrmem.distributed import resume
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import score_parts
 from cxrmem.distributed.audit import run_audit
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -22,7 +24,7 @@ def upload_folder(local_root: str, uri: str, storage_cfg) -> None:
     for folder, _, names in os.walk(local_root, followlinks=True):
         for name in names:
             path = os.path.join(folder, name)
-            storage.copy_file(path, storage.join(uri, os.path.relpath(path, local_root)), dst_cfg=storage_cfg)
+            Store.from_config(storage_cfg).copy_file(path, storage.join(uri, os.path.relpath(path, local_root)))
 
 
 def test_audit_in_s3_publishes_and_resumes_from_s3_parts(tiny_model_dir, s3_server, s3_bucket, tmp_path, monkeypatch):
@@ -32,7 +34,7 @@ def test_audit_in_s3_publishes_and_resumes_from_s3_parts(tiny_model_dir, s3_serv
     storage_cfg = s3_server.storage_cfg(access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key)
     bucket = f"s3://{s3_bucket}"
     reports = generate_reports(40, seed=3)
-    storage.write_table(pa.Table.from_pylist(reports), f"{bucket}/corpus/reports.parquet", storage_cfg)
+    Store.from_config(storage_cfg).write_table(pa.Table.from_pylist(reports), f"{bucket}/corpus/reports.parquet")
     upload_folder(tiny_model_dir, f"{bucket}/models/tiny", storage_cfg)
     output = f"{bucket}/runs/audit"
     overrides = [
@@ -52,28 +54,28 @@ def test_audit_in_s3_publishes_and_resumes_from_s3_parts(tiny_model_dir, s3_serv
 
     first = run_audit(cfg)
 
-    manifest = publish.require_published(output, cfg.storage)
+    manifest = publish.require_published(Store.from_config(cfg.storage), output)
     assert {"prompts.parquet", "scores.parquet", "summary.json", "report.html"} <= set(manifest["files"])
-    assert publish.verify_run(output, cfg.storage)["ok"]
-    layout = storage.RunLayout(output)
-    scores = storage.read_table(layout.scores, cfg.storage).sort_by("prompt_id")
+    assert publish.verify_run(Store.from_config(cfg.storage), output)["ok"]
+    layout = RunLayout(output)
+    scores = Store.from_config(cfg.storage).read_table(layout.scores).sort_by("prompt_id")
     n = manifest["files"]["prompts.parquet"]["rows"]
     assert scores.num_rows == n == first["scoring"]["computed"]
     for name in ["manifest.json", "summary.json"]:
-        text = storage.read_text(layout.path(name), cfg.storage)
+        text = Store.from_config(cfg.storage).read_text(layout.path(name))
         assert s3_server.secret_key not in text and s3_server.access_key not in text, name
 
     # A run that died mid-scoring: half of the prompts in a durable part, no scores.parquet, no manifest.
     half = scores.slice(0, n // 2)
-    resume.write_part(half, layout.score_parts, 0, cfg.storage)
-    storage.delete(layout.scores, cfg.storage)
-    storage.delete(layout.manifest, cfg.storage)
+    score_parts.write_part(Store.from_config(cfg.storage), half, layout.score_parts, 0)
+    Store.from_config(cfg.storage).delete(layout.scores)
+    Store.from_config(cfg.storage).delete(layout.manifest)
 
     second = run_audit(cfg)
 
     assert second["scoring"]["resumed"] == n // 2 and second["scoring"]["computed"] == n - n // 2
-    assert publish.verify_run(output, cfg.storage)["ok"]
-    rescored = storage.read_table(layout.scores, cfg.storage).sort_by("prompt_id")
+    assert publish.verify_run(Store.from_config(cfg.storage), output)["ok"]
+    rescored = Store.from_config(cfg.storage).read_table(layout.scores).sort_by("prompt_id")
     assert rescored.column("prompt_id").equals(scores.column("prompt_id"))
     assert pc.max(pc.abs(pc.subtract(rescored["d_mem"], scores["d_mem"]))).as_py() < 1e-4
 

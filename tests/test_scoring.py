@@ -1,4 +1,4 @@
-"""The scorer against an independent reference, and its invariances (DESIGN.md, The score)."""
+"""The scorer against an independent reference, and its invariances (docs/design.md, The score)."""
 
 import hashlib
 from pathlib import Path
@@ -14,7 +14,7 @@ from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.attention import SharedText
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.scoring.seeds import initial_latents, noise_seed
 
 PROMPTS = [
@@ -27,7 +27,7 @@ IDS = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in PROMPTS]
 
 
 def score_cfg(**overrides):
-    return OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": 2, "steps": 4, **overrides})
+    return ScoreSettings.of(OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": 2, "steps": 4, **overrides}))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_shared_text_attention_equals_diffusers_attention(request, model):
     n, g = len(PROMPTS), 3
     cond = prompts.embeddings.repeat_interleave(g, dim=0)
     uncond = scorer.empty_embedding.expand_as(cond)
-    x = torch.randn(2 * n * g, *scorer.components.latent_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2 * n * g, *scorer.latent_shape, generator=torch.Generator().manual_seed(0))
     t = scorer.timesteps()[1]
     cases = [  # the layouts the sampling loop uses: both halves of guidance, then each half alone
         (x, torch.cat([uncond, cond]), [(scorer.empty_text, n * g), (prompts, g)]),

@@ -8,74 +8,75 @@ import pytest
 from omegaconf import OmegaConf
 
 from cxrmem import storage
-from cxrmem.config import StorageConfig, load_config
+from cxrmem.storage import Store
+from cxrmem.config import StorageConfig, load_config, public_config, redact
 
 
 def test_round_trips_bytes_text_json_and_tables(tmp_path):
     prefix = str(tmp_path / "run")
-    storage.write_bytes(storage.join(prefix, "raw.bin"), b"\x00\x01", None)
-    storage.write_text(storage.join(prefix, "note.txt"), "IMPRESSION: ___ no change", None)
-    storage.write_json(storage.join(prefix, "summary.json"), {"n": 3}, None)
+    Store().write_bytes(storage.join(prefix, "raw.bin"), b"\x00\x01")
+    Store().write_text(storage.join(prefix, "note.txt"), "IMPRESSION: ___ no change")
+    Store().write_json(storage.join(prefix, "summary.json"), {"n": 3})
     table = pa.table({"prompt_id": ["a", "b"], "d_mem": [0.5, 1.5]})
-    storage.write_table(table, storage.join(prefix, "nested/scores.parquet"))
+    Store().write_table(table, storage.join(prefix, "nested/scores.parquet"))
 
-    assert storage.read_bytes(storage.join(prefix, "raw.bin")) == b"\x00\x01"
-    assert storage.read_text(storage.join(prefix, "note.txt")) == "IMPRESSION: ___ no change"
-    assert storage.read_json(storage.join(prefix, "summary.json")) == {"n": 3}
-    assert storage.read_table(storage.join(prefix, "nested/scores.parquet")).equals(table)
-    assert storage.parquet_rows(storage.join(prefix, "nested/scores.parquet")) == 2
-    assert [storage.relative(uri, prefix) for uri in storage.list_files(prefix)] == [
+    assert Store().read_bytes(storage.join(prefix, "raw.bin")) == b"\x00\x01"
+    assert Store().read_text(storage.join(prefix, "note.txt")) == "IMPRESSION: ___ no change"
+    assert Store().read_json(storage.join(prefix, "summary.json")) == {"n": 3}
+    assert Store().read_table(storage.join(prefix, "nested/scores.parquet")).equals(table)
+    assert Store().parquet_rows(storage.join(prefix, "nested/scores.parquet")) == 2
+    assert [storage.relative(uri, prefix) for uri in Store().list_files(prefix)] == [
         "nested/scores.parquet",
         "note.txt",
         "raw.bin",
         "summary.json",
     ]
-    assert storage.list_files(prefix, suffix=".parquet") == [storage.join(prefix, "nested/scores.parquet")]
-    assert storage.list_files(str(tmp_path / "absent")) == []
+    assert Store().list_files(prefix, suffix=".parquet") == [storage.join(prefix, "nested/scores.parquet")]
+    assert Store().list_files(str(tmp_path / "absent")) == []
 
 
 def test_local_write_replaces_whole_file_and_leaves_no_partial(tmp_path):
     uri = str(tmp_path / "out" / "summary.json")
-    storage.write_text(uri, "old")
-    storage.write_text(uri, "new")
-    assert storage.read_text(uri) == "new"
+    Store().write_text(uri, "old")
+    Store().write_text(uri, "new")
+    assert Store().read_text(uri) == "new"
     assert os.listdir(tmp_path / "out") == ["summary.json"]
 
 
 def test_missing_local_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
-        storage.read_bytes(str(tmp_path / "nope.txt"))
+        Store().read_bytes(str(tmp_path / "nope.txt"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        storage.file_size(str(tmp_path / "nope.txt"))
-    assert not storage.exists(str(tmp_path / "nope.txt"))
+        Store().file_size(str(tmp_path / "nope.txt"))
+    assert not Store().exists(str(tmp_path / "nope.txt"))
 
 
 def test_copy_file_streams_and_hashes(tmp_path):
     data = os.urandom(storage.CHUNK_BYTES + 12345)  # more than one chunk
     src, dst = str(tmp_path / "a.bin"), str(tmp_path / "copy" / "b.bin")
-    storage.write_bytes(src, data)
-    size, digest = storage.copy_file(src, dst)
+    Store().write_bytes(src, data)
+    size, digest = Store().copy_file(src, dst)
     assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
-    assert storage.sha256(dst) == (size, digest)
-    assert storage.read_bytes(dst) == data
+    assert Store().sha256(dst) == (size, digest)
+    assert Store().read_bytes(dst) == data
     assert os.listdir(tmp_path / "copy") == ["b.bin"]
 
 
 def test_failed_copy_leaves_nothing_at_destination(tmp_path):
     with pytest.raises(FileNotFoundError):
-        storage.copy_file(str(tmp_path / "missing.bin"), str(tmp_path / "copy" / "b.bin"))
-    assert os.listdir(tmp_path / "copy") == []
+        Store().copy_file(str(tmp_path / "missing.bin"), str(tmp_path / "copy" / "b.bin"))
+    assert not (tmp_path / "copy" / "b.bin").exists() and not list(tmp_path.rglob("*partial*"))
 
 
 def test_delete_and_delete_tree(tmp_path):
     prefix = str(tmp_path / "run")
     for name in ["a.txt", "sub/b.txt", "sub/deeper/c.txt"]:
-        storage.write_text(storage.join(prefix, name), name)
-    storage.delete(storage.join(prefix, "a.txt"))
-    storage.delete(storage.join(prefix, "a.txt"))  # a missing file is not an error
-    storage.delete_tree(storage.join(prefix, "sub"))
-    storage.delete_tree(storage.join(prefix, "sub"))
-    assert storage.list_files(prefix) == []
+        Store().write_text(storage.join(prefix, name), name)
+    Store().delete(storage.join(prefix, "a.txt"))
+    Store().delete(storage.join(prefix, "a.txt"))  # a missing file is not an error
+    Store().delete_tree(storage.join(prefix, "sub"))
+    Store().delete_tree(storage.join(prefix, "sub"))
+    assert Store().list_files(prefix) == []
 
 
 def test_settings_prefer_config_then_environment(monkeypatch):
@@ -104,18 +105,18 @@ def test_filesystem_for_s3_uses_endpoint_and_bucket_path(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     cfg = OmegaConf.structured(StorageConfig(endpoint_url="http://127.0.0.1:8333", region="us-east-1"))
-    fs, path = storage.filesystem("s3://bucket/run/scores.parquet", cfg)
+    fs, path = Store.from_config(cfg).filesystem("s3://bucket/run/scores.parquet")
     assert fs.type_name == "s3" and path == "bucket/run/scores.parquet"
     assert fs.region == "us-east-1"
 
 
 def test_public_config_drops_credentials():
     cfg = load_config(overrides=["storage.access_key_id=AKIAEXAMPLE", "storage.secret_access_key=verysecret"])
-    public = storage.public_config(cfg)
+    public = public_config(cfg)
     assert "access_key_id" not in public["storage"] and "secret_access_key" not in public["storage"]
     assert public["storage"]["max_attempts"] == cfg.storage.max_attempts
     assert "verysecret" not in str(public) and "AKIAEXAMPLE" not in str(public)
-    assert storage.redact({"a": [{"session_token": "t", "b": 1}]}) == {"a": [{"b": 1}]}
+    assert redact({"a": [{"session_token": "t", "b": 1}]}) == {"a": [{"b": 1}]}
 
 
 def test_storage_config_rejects_bad_values():

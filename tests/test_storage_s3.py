@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from cxrmem import storage
+from cxrmem.storage import Store
 
 pytestmark = pytest.mark.s3
 
@@ -19,56 +20,56 @@ def retry_warnings(caplog) -> list[str]:
 def test_tables_text_and_listing_round_trip(s3_bucket, s3_storage_cfg):
     prefix = f"s3://{s3_bucket}/runs/demo"
     table = pa.table({"prompt_id": ["a", "b", "c"], "d_mem": [0.1, 2.5, 0.3]})
-    storage.write_table(table, storage.join(prefix, "scores.parquet"), s3_storage_cfg)
-    storage.write_text(storage.join(prefix, "memorized_prompts.csv"), "prompt\nno change ___\n", s3_storage_cfg)
-    storage.write_json(storage.join(prefix, "figures/meta.json"), {"dpi": 100}, s3_storage_cfg)
+    Store.from_config(s3_storage_cfg).write_table(table, storage.join(prefix, "scores.parquet"))
+    Store.from_config(s3_storage_cfg).write_text(storage.join(prefix, "memorized_prompts.csv"), "prompt\nno change ___\n")
+    Store.from_config(s3_storage_cfg).write_json(storage.join(prefix, "figures/meta.json"), {"dpi": 100})
 
-    assert storage.read_table(storage.join(prefix, "scores.parquet"), s3_storage_cfg).equals(table)
-    assert storage.read_table(storage.join(prefix, "scores.parquet"), s3_storage_cfg, columns=["d_mem"]).num_columns == 1
-    assert storage.read_text(storage.join(prefix, "memorized_prompts.csv"), s3_storage_cfg) == "prompt\nno change ___\n"
-    assert storage.read_json(storage.join(prefix, "figures/meta.json"), s3_storage_cfg) == {"dpi": 100}
-    assert storage.parquet_rows(storage.join(prefix, "scores.parquet"), s3_storage_cfg) == 3
-    assert [storage.relative(u, prefix) for u in storage.list_files(prefix, s3_storage_cfg)] == [
+    assert Store.from_config(s3_storage_cfg).read_table(storage.join(prefix, "scores.parquet")).equals(table)
+    assert Store().read_table(storage.join(prefix, "scores.parquet"), s3_storage_cfg, columns=["d_mem"]).num_columns == 1
+    assert Store.from_config(s3_storage_cfg).read_text(storage.join(prefix, "memorized_prompts.csv")) == "prompt\nno change ___\n"
+    assert Store.from_config(s3_storage_cfg).read_json(storage.join(prefix, "figures/meta.json")) == {"dpi": 100}
+    assert Store.from_config(s3_storage_cfg).parquet_rows(storage.join(prefix, "scores.parquet")) == 3
+    assert [storage.relative(u, prefix) for u in Store.from_config(s3_storage_cfg).list_files(prefix)] == [
         "figures/meta.json",
         "memorized_prompts.csv",
         "scores.parquet",
     ]
-    assert storage.exists(storage.join(prefix, "scores.parquet"), s3_storage_cfg)
-    assert not storage.exists(storage.join(prefix, "tokens.parquet"), s3_storage_cfg)
+    assert Store.from_config(s3_storage_cfg).exists(storage.join(prefix, "scores.parquet"))
+    assert not Store.from_config(s3_storage_cfg).exists(storage.join(prefix, "tokens.parquet"))
     with pytest.raises(FileNotFoundError, match="tokens.parquet"):
-        storage.read_bytes(storage.join(prefix, "tokens.parquet"), s3_storage_cfg)
+        Store.from_config(s3_storage_cfg).read_bytes(storage.join(prefix, "tokens.parquet"))
 
-    storage.delete_tree(storage.join(prefix, "figures"), s3_storage_cfg)
-    storage.delete(storage.join(prefix, "memorized_prompts.csv"), s3_storage_cfg)
-    assert storage.list_files(prefix, s3_storage_cfg) == [storage.join(prefix, "scores.parquet")]
+    Store.from_config(s3_storage_cfg).delete_tree(storage.join(prefix, "figures"))
+    Store.from_config(s3_storage_cfg).delete(storage.join(prefix, "memorized_prompts.csv"))
+    assert Store.from_config(s3_storage_cfg).list_files(prefix) == [storage.join(prefix, "scores.parquet")]
 
 
 def test_settings_from_aws_environment_alone(s3_bucket):
     """No storage config at all: endpoint, region and keys come from AWS_* (set by the s3_env fixture)."""
     uri = f"s3://{s3_bucket}/env-only.txt"
-    storage.write_text(uri, "from the environment")
-    assert storage.read_text(uri) == "from the environment"
+    Store().write_text(uri, "from the environment")
+    assert Store().read_text(uri) == "from the environment"
 
 
 def test_multipart_upload_of_a_large_file(s3_bucket, s3_storage_cfg, tmp_path):
     """24 MiB goes up in several multipart parts (pyarrow's part size is 10 MB) and reads back identical."""
     data = os.urandom(24 << 20)
     local = str(tmp_path / "big.bin")
-    storage.write_bytes(local, data)
+    Store().write_bytes(local, data)
     uri = f"s3://{s3_bucket}/big/big.bin"
-    size, digest = storage.copy_file(local, uri, None, s3_storage_cfg)
+    size, digest = Store.from_config(s3_storage_cfg).copy_file(local, uri)
     assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
-    assert storage.file_size(uri, s3_storage_cfg) == len(data)
-    assert storage.sha256(uri, s3_storage_cfg) == (size, digest)
+    assert Store.from_config(s3_storage_cfg).file_size(uri) == len(data)
+    assert Store.from_config(s3_storage_cfg).sha256(uri) == (size, digest)
     back = storage.join(str(tmp_path), "back.bin")
-    assert storage.copy_file(uri, back, s3_storage_cfg, None) == (size, digest)
+    assert Store().copy_file(uri, back) == (size, digest)
 
 
 def test_server_side_copy(s3_bucket, s3_storage_cfg):
     src, dst = f"s3://{s3_bucket}/a/x.txt", f"s3://{s3_bucket}/b/x.txt"
-    storage.write_text(src, "copy me", s3_storage_cfg)
-    storage.copy_within(src, dst, s3_storage_cfg)
-    assert storage.read_text(dst, s3_storage_cfg) == "copy me"
+    Store.from_config(s3_storage_cfg).write_text(src, "copy me")
+    Store.from_config(s3_storage_cfg).copy_within(src, dst)
+    assert Store.from_config(s3_storage_cfg).read_text(dst) == "copy me"
 
 
 @pytest.mark.parametrize(
@@ -80,15 +81,15 @@ def test_server_side_copy(s3_bucket, s3_storage_cfg):
 )
 def test_wrong_credentials_fail_fast_with_the_cause(s3_server, s3_bucket, caplog, override, code):
     good = s3_server.storage_cfg()
-    storage.write_text(f"s3://{s3_bucket}/run/summary.json", "{}", good)
+    Store().write_text(f"s3://{s3_bucket}/run/summary.json", "{}", good)
     override = {"access_key_id": s3_server.access_key, **override}
     bad = s3_server.storage_cfg(max_attempts=3, **override)
     caplog.set_level(logging.WARNING)
     operations = {
-        "read": lambda: storage.read_text(f"s3://{s3_bucket}/run/summary.json", bad),
-        "write": lambda: storage.write_text(f"s3://{s3_bucket}/run/other.json", "{}", bad),
-        "inspect": lambda: storage.exists(f"s3://{s3_bucket}/run/summary.json", bad),
-        "list": lambda: storage.list_files(f"s3://{s3_bucket}/run", bad),
+        "read": lambda: Store().read_text(f"s3://{s3_bucket}/run/summary.json", bad),
+        "write": lambda: Store().write_text(f"s3://{s3_bucket}/run/other.json", "{}", bad),
+        "inspect": lambda: Store().exists(f"s3://{s3_bucket}/run/summary.json", bad),
+        "list": lambda: Store().list_files(f"s3://{s3_bucket}/run", bad),
     }
     for action, operation in operations.items():
         with pytest.raises(storage.StorageError) as caught:
@@ -103,17 +104,17 @@ def test_wrong_credentials_fail_fast_with_the_cause(s3_server, s3_bucket, caplog
 def test_wrong_secret_in_environment(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-wrong-secret")
     with pytest.raises(storage.StorageError, match="SignatureDoesNotMatch.*AWS_SECRET_ACCESS_KEY"):
-        storage.read_text(f"s3://{s3_bucket}/anything.txt")
+        Store().read_text(f"s3://{s3_bucket}/anything.txt")
 
 
 def test_missing_bucket_is_a_clear_error_not_an_empty_run(s3_env, s3_storage_cfg, caplog):
     caplog.set_level(logging.WARNING)
     uri = "s3://no-such-bucket-cxrmem/run/scores.parquet"
     operations = [
-        lambda: storage.read_bytes(uri, s3_storage_cfg),
-        lambda: storage.write_text(uri, "x", s3_storage_cfg),
-        lambda: storage.exists(uri, s3_storage_cfg),
-        lambda: storage.list_files("s3://no-such-bucket-cxrmem/run", s3_storage_cfg),
+        lambda: Store.from_config(s3_storage_cfg).read_bytes(uri),
+        lambda: Store.from_config(s3_storage_cfg).write_text(uri, "x"),
+        lambda: Store.from_config(s3_storage_cfg).exists(uri),
+        lambda: Store.from_config(s3_storage_cfg).list_files("s3://no-such-bucket-cxrmem/run"),
     ]
     for operation in operations:
         with pytest.raises(storage.StorageError, match="NoSuchBucket: bucket 'no-such-bucket-cxrmem' does not exist"):
@@ -124,13 +125,13 @@ def test_missing_bucket_is_a_clear_error_not_an_empty_run(s3_env, s3_storage_cfg
 def test_unreachable_server_is_retried_a_bounded_number_of_times(s3_server, s3_bucket, caplog):
     cfg = s3_server.storage_cfg(max_attempts=2, backoff_s=0.01)
     uri = f"s3://{s3_bucket}/run/summary.json"
-    storage.write_text(uri, "{}", cfg)
+    Store.from_config(cfg).write_text(uri, "{}")
     caplog.set_level(logging.WARNING)
     with s3_server.stopped():
-        for operation in [lambda: storage.read_text(uri, cfg), lambda: storage.write_text(uri, "{}", cfg)]:
+        for operation in [lambda: Store.from_config(cfg).read_text(uri), lambda: Store.from_config(cfg).write_text(uri, "{}")]:
             caplog.clear()
             with pytest.raises(storage.StorageError, match="after 2 attempts") as caught:
                 operation()
             assert s3_server.endpoint_url in str(caught.value) and "reachable" in str(caught.value)
             assert len(retry_warnings(caplog)) == 1
-    assert storage.read_text(uri, cfg) == "{}"  # back after the restart, data intact
+    assert Store.from_config(cfg).read_text(uri) == "{}"  # back after the restart, data intact

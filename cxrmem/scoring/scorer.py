@@ -114,6 +114,11 @@ class Scorer:
         return self._components.tokenizer
 
     @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one initial latent."""
+        return self._components.latent_shape
+
+    @property
     def max_length(self) -> int:
         """Tokens per prompt the text encoder sees (padded and truncated to this)."""
         return self._components.max_length
@@ -149,7 +154,7 @@ class Scorer:
         see the noises it is evaluated on).
         """
         generations = generations or self.settings.generations
-        shape = self._components.latent_shape
+        shape = self.latent_shape
         sigma = float(self._scheduler.init_noise_sigma)
         if seed is not None:
             ids = prompt_ids if self.settings.seed_mode == "per_prompt" else None

@@ -33,9 +33,10 @@ def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) 
     return frame
 
 
-def run(cfg, store: Store, top_percent: Optional[float] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> dict:
     """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
     (the cascade's scores hold only the screened share of the corpus)."""
+    store = store or Store.from_config(cfg.storage)
     layout = RunLayout(cfg.run.output)
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
     with stage_writes(store, cfg.run.output, cfg.run.overwrite, "analyze"):

@@ -19,8 +19,9 @@ from cxrmem.storage import Store
 log = logging.getLogger(__name__)
 
 
-def run(cfg, store: Store, models: Optional[LocalModel] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> dict:
     """Attribute the memorized set with `models` (default: a model loaded in this process)."""
+    store = store or Store.from_config(cfg.storage)
     if not cfg.attribution.enabled:
         return {"attribution": "disabled (attribution.enabled=false)"}
     layout = RunLayout(cfg.run.output)

@@ -29,8 +29,9 @@ def save_generation_grid(store: Store, layout: RunLayout, prompt_id: str, grids:
     return uri
 
 
-def run(cfg, store: Store, models: Optional[LocalModel] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> dict:
     """Mitigate the memorized set with `models` (default: a model with its VAE loaded in this process)."""
+    store = store or Store.from_config(cfg.storage)
     if not cfg.mitigation.enabled:
         return {"mitigation": "disabled (mitigation.enabled=false)"}
     layout = RunLayout(cfg.run.output)

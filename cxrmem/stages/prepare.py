@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from itertools import islice
-from typing import Iterator
+from typing import Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -81,12 +81,13 @@ def check_same_corpus(cfg, store: Store) -> None:
         )
 
 
-def run(cfg, store: Store, tokenizer=None) -> dict:
+def run(cfg, store: Optional[Store] = None, tokenizer=None) -> dict:
     """Write prompts.parquet and prepare_summary.json under run.output; returns the summary.
 
     `tokenizer` defaults to the model's (`load_tokenizer(cfg.model)`); its `model_max_length`
     is the length beyond which a prompt counts as truncated.
     """
+    store = store or Store.from_config(cfg.storage)
     try:
         re.compile(cfg.corpus.marker_regex)
     except re.error as err:

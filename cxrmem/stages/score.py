@@ -60,13 +60,14 @@ def stream_to_parts(store: Store, batches: Iterator[pa.Table], layout: RunLayout
 
 def run(
     cfg,
-    store: Store,
+    store: Optional[Store] = None,
     fingerprint: Optional[str] = None,
     scored_batches: ScoredBatches = local_batches,
     prompts_uri: Optional[str] = None,
     what: str = "scored",
 ) -> dict:
     """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet."""
+    store = store or Store.from_config(cfg.storage)
     from cxrmem.models.loading import fingerprint_model
 
     layout = RunLayout(cfg.run.output)
