@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.stage == "deid-rewrite":
         from cxrmem.corpus.deid import rewrite_corpus
 
-        return rewrite_corpus(store, args.input, args.output, args.text_column, cfg.corpus.marker_regex, cfg.mitigation.seed)
+        return rewrite_corpus(args.input, args.output, args.text_column, cfg.corpus.marker_regex, cfg.mitigation.seed, store)
     raise AssertionError(f"unhandled stage {args.stage}")
 
 

@@ -15,6 +15,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cxrmem.storage import Store
+
 
 RED = "#c62828"
 BLUE = "#4a6f8a"
@@ -32,7 +34,7 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwarg
 def _save(fig: Figure, path: str, store=None) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    store.write_bytes(path, buffer.getvalue())
+    (store or Store()).write_bytes(path, buffer.getvalue())
     return path
 
 

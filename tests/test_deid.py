@@ -10,7 +10,6 @@ import pytest
 from cxrmem import storage
 from cxrmem.storage import Store
 from cxrmem.cli import main
-from cxrmem.config import load_config
 from cxrmem.corpus.deid import rewrite_corpus
 from cxrmem.corpus.surrogates import marker_type, replace_with_surrogates
 from cxrmem.corpus.text import MARKER_REGEX
@@ -92,7 +91,7 @@ def test_rewrite_counts_by_type_and_keeps_everything_else(tmp_path, suffix):
     rewrite_corpus(str(source), str(again))
     assert again.read_bytes() == target.read_bytes()
     other = tmp_path / f"other.{suffix}"
-    rewrite_corpus(str(source), str(other), cfg=load_config(None, ["mitigation.seed=7"]))
+    rewrite_corpus(str(source), str(other), seed=7)
     assert other.read_bytes() != target.read_bytes()
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from cxrmem import storage
 from cxrmem.storage import Store
 from cxrmem.config import ModelConfig
-from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, load_components, load_tokenizer
+from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, fingerprint_model, load_components, load_tokenizer
 
 
 def model_cfg(path, **settings):
@@ -57,8 +57,8 @@ def test_vae_and_dtype(tiny_model_dir):
     assert type(components.vae).__name__ == "AutoencoderKL"
     assert components.unet.dtype == components.text_encoder.dtype == torch.bfloat16
     assert components.vae.dtype == torch.float32
-    # The fingerprint is of the files: the same with or without the VAE loaded.
-    assert components.fingerprint == load_components(model_cfg(tiny_model_dir)).fingerprint
+    # The fingerprint is of the files: it needs no model loaded.
+    assert fingerprint_model(model_cfg(tiny_model_dir, dtype="bfloat16")) == fingerprint_model(model_cfg(tiny_model_dir))
 
 
 def test_any_scheduler_config_becomes_ddim_with_its_noise_schedule(model_copy):
@@ -73,16 +73,16 @@ def test_any_scheduler_config_becomes_ddim_with_its_noise_schedule(model_copy):
 
 
 def test_fingerprint_follows_content_not_location(tiny_model_dir, model_copy):
-    original = load_components(model_cfg(tiny_model_dir)).fingerprint
-    assert load_components(model_cfg(model_copy)).fingerprint == original
+    original = fingerprint_model(model_cfg(tiny_model_dir))
+    assert fingerprint_model(model_cfg(model_copy)) == original
     edit_json(model_copy / "scheduler" / "scheduler_config.json", steps_offset=0)
-    changed_config = load_components(model_cfg(model_copy)).fingerprint
+    changed_config = fingerprint_model(model_cfg(model_copy))
     assert changed_config != original
     weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # one byte of tensor data
     weights.write_bytes(bytes(data))
-    assert load_components(model_cfg(model_copy)).fingerprint not in (original, changed_config)
+    assert fingerprint_model(model_cfg(model_copy)) not in (original, changed_config)
 
 
 def test_missing_folder_or_model_index(tmp_path, model_copy):
@@ -152,10 +152,12 @@ def upload(local_root, uri, storage_cfg):
 @pytest.mark.s3
 def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg, tmp_path):
     uri = f"s3://{s3_bucket}/models/tiny"
-    upload(tiny_model_dir, uri, s3_storage_cfg)
+    upload(tiny_model_dir, uri, Store.from_config(s3_storage_cfg))
     cfg = model_cfg(uri, cache_dir=str(tmp_path / "cache"))
-    components = load_components(cfg, s3_storage_cfg)
-    assert components.fingerprint == load_components(model_cfg(tiny_model_dir)).fingerprint
+    store = Store.from_config(s3_storage_cfg)
+    components = load_components(cfg, store)
+    expected = fingerprint_model(model_cfg(tiny_model_dir))
+    assert fingerprint_model(cfg, store) == expected
     (local,) = (tmp_path / "cache").iterdir()
     assert (local / COMPLETE_MARKER).is_file()
     assert components.source == f"diffusers:{local}"
@@ -163,12 +165,12 @@ def test_s3_model_store_is_copied_once(tiny_model_dir, s3_bucket, s3_storage_cfg
     # A complete copy is used as it is, without asking S3 again.
     Store.from_config(s3_storage_cfg).delete_tree(uri)
     assert not Store.from_config(s3_storage_cfg).exists(storage.join(uri, "model_index.json"))
-    assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
+    assert fingerprint_model(cfg, store) == expected
     # A copy without its marker (interrupted) is redone.
-    upload(tiny_model_dir, uri, s3_storage_cfg)
+    upload(tiny_model_dir, uri, Store.from_config(s3_storage_cfg))
     (local / COMPLETE_MARKER).unlink()
     (local / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
-    assert load_components(cfg, s3_storage_cfg).fingerprint == components.fingerprint
+    assert fingerprint_model(cfg, store) == expected
 
 
 @pytest.mark.s3
@@ -178,10 +180,11 @@ def test_s3_radedit_cache_copies_snapshots_only(s3_bucket, s3_storage_cfg, tmp_p
     hub = tmp_path / "hub"
     build_radedit_replica(str(hub))
     uri = f"s3://{s3_bucket}/hf-hub"
-    upload(hub, uri, s3_storage_cfg)
-    components = load_components(model_cfg(uri, kind="radedit", cache_dir=str(tmp_path / "cache")), s3_storage_cfg, need_vae=True)
+    upload(hub, uri, Store.from_config(s3_storage_cfg))
+    cfg = model_cfg(uri, kind="radedit", cache_dir=str(tmp_path / "cache"))
+    components = load_components(cfg, Store.from_config(s3_storage_cfg), need_vae=True)
     assert components.vae is not None
-    assert components.fingerprint == load_components(model_cfg(hub, kind="radedit")).fingerprint
+    assert fingerprint_model(cfg, Store.from_config(s3_storage_cfg)) == fingerprint_model(model_cfg(hub, kind="radedit"))
     (local,) = (tmp_path / "cache").iterdir()
     copied = {p.relative_to(local).parts[1] for p in local.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER}
     assert copied == {"refs", "snapshots"}

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem.config import ConfigError, ModelConfig, RadEditConfig, load_config
-from cxrmem.models.loading import ModelLoadError, load_components, load_tokenizer
+from cxrmem.models.loading import ModelLoadError, fingerprint_model, load_components, load_tokenizer
 from tests.radedit_replica import TEXT_REPO, UNET_REPO, VAE_REPO, build_radedit_replica, repo_dir, set_ref
 
 PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion since ___ , stable ___ ."]
@@ -89,12 +89,11 @@ def test_noise_schedule_comes_from_a_shipped_scheduler_config(tmp_path):
     assert (config.beta_schedule, config.timestep_spacing) == ("linear", "trailing")
 
 
-def test_vae_loads_only_when_needed_and_fingerprint_ignores_that(replica):
+def test_vae_loads_only_when_needed(replica):
     root, _ = replica
     with_vae = load_components(radedit_cfg(root), need_vae=True)
     without = load_components(radedit_cfg(root), need_vae=False)
     assert type(with_vae.vae).__name__ == "AutoencoderKL" and without.vae is None
-    assert with_vae.fingerprint == without.fingerprint
 
 
 def flip_byte(path, offset):
@@ -124,10 +123,10 @@ def perturb_checkpoint(path):
 )
 def test_fingerprint_changes_with_any_weight_byte(replica, replica_copy, repo, name, change):
     root, commits = replica_copy
-    before = load_components(radedit_cfg(root)).fingerprint
-    assert before == load_components(radedit_cfg(replica[0])).fingerprint  # location does not matter
+    before = fingerprint_model(radedit_cfg(root))
+    assert before == fingerprint_model(radedit_cfg(replica[0]))  # location does not matter
     change(os.path.join(snapshot(root, repo, commits[repo]), name))
-    after = load_components(radedit_cfg(root)).fingerprint
+    after = fingerprint_model(radedit_cfg(root))
     assert after != before
 
 
@@ -219,4 +218,5 @@ def test_opt_in_remote_code_gives_the_same_encoder_output(replica, tmp_path, mon
     tokens = ours.tokenizer(PROMPTS, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(remote.text_encoder(tokens.input_ids)[0], ours.text_encoder(tokens.input_ids)[0], rtol=0, atol=0)
-    assert remote.fingerprint != ours.fingerprint  # a different loader is a different model record
+    remote_cfg = radedit_cfg(root, trust_remote_code=True, text_revision=commits[TEXT_REPO])
+    assert fingerprint_model(remote_cfg) != fingerprint_model(radedit_cfg(root))  # a different loader, a different record

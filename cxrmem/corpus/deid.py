@@ -15,13 +15,14 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from cxrmem.storage import Store
 from cxrmem.corpus.surrogates import SURROGATE_TYPES, replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex
+from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex
+from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def table_format(path: str) -> str:
     raise ValueError(f"{path}: unknown table format; name it with one of {sorted(FORMATS)}")
 
 
-def read_table(path: str, store: Store) -> pd.DataFrame:
+def read_table(path: str, store: Optional[Store] = None) -> pd.DataFrame:
+    store = store or Store()
     fmt = table_format(path)
     data = io.BytesIO(store.read_bytes(path))
     if fmt == "csv":
@@ -46,7 +48,8 @@ def read_table(path: str, store: Store) -> pd.DataFrame:
     return pd.read_json(data, lines=True, dtype=False)
 
 
-def write_table(frame: pd.DataFrame, path: str, store: Store) -> None:
+def write_table(frame: pd.DataFrame, path: str, store: Optional[Store] = None) -> None:
+    store = store or Store()
     fmt = table_format(path)
     buffer = io.BytesIO()
     if fmt == "csv":
@@ -59,13 +62,19 @@ def write_table(frame: pd.DataFrame, path: str, store: Store) -> None:
 
 
 def rewrite_corpus(
-    store: Store, input_path: str, output_path: str, text_column: str, marker_regex: str, seed: int
+    input_path: str,
+    output_path: str,
+    text_column: str = "text",
+    marker_regex: str = MARKER_REGEX,
+    seed: int = 1234,
+    store: Optional[Store] = None,
 ) -> dict:
     """Rewrite `text_column` of the table at `input_path` into `output_path`; counts by surrogate type.
 
     Row r's surrogates are drawn from seed [seed, r]: the same input gives the same output.
     """
     table_format(output_path)  # fail before reading a large input
+    store = store or Store()
     frame = read_table(input_path, store)
     if text_column not in frame.columns:
         raise ValueError(

@@ -57,8 +57,9 @@ def parse_report(xml: bytes, where: str) -> tuple[str, dict[str, str], str]:
     return report_id, sections, last
 
 
-def iter_iuxray_reports(path: Optional[str], order, store: Store, limit: Optional[int] = None) -> Iterator[SourceText]:
+def iter_iuxray_reports(path: Optional[str], order, store: Optional[Store] = None, limit: Optional[int] = None) -> Iterator[SourceText]:
     """Every report in the archive (member name order); `path` None: the installed package's file."""
+    store = store or Store()
     path = path or find_reports_file()
     data = store.read_bytes(path)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:

@@ -190,16 +190,18 @@ def _read(uri: str, store) -> bytes | OSError:
         return err
 
 
-def read_files(uris: list[str], store: Store, workers: int = 16, chunk: int = 1024) -> Iterator[tuple[str, bytes | OSError]]:
+def read_files(uris: list[str], store: Optional[Store] = None, workers: int = 16, chunk: int = 1024) -> Iterator[tuple[str, bytes | OSError]]:
     """(uri, bytes or the OSError) in order; reads run in threads, since S3 gets are latency-bound."""
+    store = store or Store()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i in range(0, len(uris), chunk):
             batch = uris[i : i + chunk]
             yield from zip(batch, pool.map(lambda u: _read(u, store), batch))
 
 
-def iter_mimic_reports(root: str, order, store: Store, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
+def iter_mimic_reports(root: str, order, store: Optional[Store] = None, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
     """Every `*.txt` report under `root` (local folder or s3:// prefix), in path order."""
+    store = store or Store()
     uris = store.list_files(root, suffix=".txt")
     if not uris:
         raise FileNotFoundError(

@@ -96,8 +96,9 @@ def _jsonl_rows(uri: str, data: bytes, text_column: str, id_columns: list[str]) 
         yield _source(uri, row, record[text_column], ids, where)
 
 
-def iter_table_rows(uri: str, text_column: str, id_columns, store: Store) -> Iterator[SourceText]:
+def iter_table_rows(uri: str, text_column: str, id_columns, store: Optional[Store] = None) -> Iterator[SourceText]:
     """Rows of one CSV / Parquet / JSONL file as SourceText records (data rows and lines count from 1)."""
+    store = store or Store()
     try:
         data = store.read_bytes(uri)
     except OSError as err:
@@ -122,8 +123,9 @@ def iter_table_rows(uri: str, text_column: str, id_columns, store: Store) -> Ite
             yield _source(uri, row, text, {c: values[row - 1] for c, values in id_values.items()}, where)
 
 
-def table_files(path: str, store: Store) -> list[str]:
+def table_files(path: str, store: Optional[Store] = None) -> list[str]:
     """The table file at `path`, or every CSV / Parquet / JSONL file under the folder `path`."""
+    store = store or Store()
     if path.endswith(SUFFIXES):
         if not store.exists(path):
             raise FileNotFoundError(f"corpus.path {path} does not exist")
@@ -134,7 +136,8 @@ def table_files(path: str, store: Store) -> list[str]:
     return files
 
 
-def iter_tables(path: str, text_column: str, id_columns, store: Store) -> Iterator[SourceText]:
+def iter_tables(path: str, text_column: str, id_columns, store: Optional[Store] = None) -> Iterator[SourceText]:
+    store = store or Store()
     for uri in table_files(path, store):
         logger.info("reading table %s", uri)
         yield from iter_table_rows(uri, text_column, id_columns, store)
