@@ -53,7 +53,7 @@ def test_server_stopped_mid_write_fails_clearly_and_publishes_nothing(s3_server,
             s3_server.stop()
 
     try:
-        with pytest.raises(storage.StorageError, match="after 2 attempts") as caught:
+        with pytest.raises(storage.StorageError, match="tried 2 times") as caught:
             write_run(work, s3_storage_cfg, after_each=stop_after_second_file)
             publish.publish_run(Store.from_config(s3_storage_cfg), prefix, work, FINGERPRINT, {})
         assert s3_server.endpoint_url in str(caught.value) and prefix in str(caught.value)

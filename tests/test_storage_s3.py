@@ -25,7 +25,7 @@ def test_tables_text_and_listing_round_trip(s3_bucket, s3_storage_cfg):
     Store.from_config(s3_storage_cfg).write_json(storage.join(prefix, "figures/meta.json"), {"dpi": 100})
 
     assert Store.from_config(s3_storage_cfg).read_table(storage.join(prefix, "scores.parquet")).equals(table)
-    assert Store().read_table(storage.join(prefix, "scores.parquet"), s3_storage_cfg, columns=["d_mem"]).num_columns == 1
+    assert Store.from_config(s3_storage_cfg).read_table(storage.join(prefix, "scores.parquet"), columns=["d_mem"]).num_columns == 1
     assert Store.from_config(s3_storage_cfg).read_text(storage.join(prefix, "memorized_prompts.csv")) == "prompt\nno change ___\n"
     assert Store.from_config(s3_storage_cfg).read_json(storage.join(prefix, "figures/meta.json")) == {"dpi": 100}
     assert Store.from_config(s3_storage_cfg).parquet_rows(storage.join(prefix, "scores.parquet")) == 3
@@ -81,15 +81,15 @@ def test_server_side_copy(s3_bucket, s3_storage_cfg):
 )
 def test_wrong_credentials_fail_fast_with_the_cause(s3_server, s3_bucket, caplog, override, code):
     good = s3_server.storage_cfg()
-    Store().write_text(f"s3://{s3_bucket}/run/summary.json", "{}", good)
+    Store.from_config(good).write_text(f"s3://{s3_bucket}/run/summary.json", "{}")
     override = {"access_key_id": s3_server.access_key, **override}
     bad = s3_server.storage_cfg(max_attempts=3, **override)
     caplog.set_level(logging.WARNING)
     operations = {
-        "read": lambda: Store().read_text(f"s3://{s3_bucket}/run/summary.json", bad),
-        "write": lambda: Store().write_text(f"s3://{s3_bucket}/run/other.json", "{}", bad),
-        "inspect": lambda: Store().exists(f"s3://{s3_bucket}/run/summary.json", bad),
-        "list": lambda: Store().list_files(f"s3://{s3_bucket}/run", bad),
+        "read": lambda: Store.from_config(bad).read_text(f"s3://{s3_bucket}/run/summary.json"),
+        "write": lambda: Store.from_config(bad).write_text(f"s3://{s3_bucket}/run/other.json", "{}"),
+        "inspect": lambda: Store.from_config(bad).exists(f"s3://{s3_bucket}/run/summary.json"),
+        "list": lambda: Store.from_config(bad).list_files(f"s3://{s3_bucket}/run"),
     }
     for action, operation in operations.items():
         with pytest.raises(storage.StorageError) as caught:
@@ -130,7 +130,7 @@ def test_unreachable_server_is_retried_a_bounded_number_of_times(s3_server, s3_b
     with s3_server.stopped():
         for operation in [lambda: Store.from_config(cfg).read_text(uri), lambda: Store.from_config(cfg).write_text(uri, "{}")]:
             caplog.clear()
-            with pytest.raises(storage.StorageError, match="after 2 attempts") as caught:
+            with pytest.raises(storage.StorageError, match="tried 2 times") as caught:
                 operation()
             assert s3_server.endpoint_url in str(caught.value) and "reachable" in str(caught.value)
             assert len(retry_warnings(caplog)) == 1

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem.corpus.text import count_markers, prompt_id
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, tpr_at_fpr
@@ -140,7 +140,7 @@ def evaluate(cfg) -> dict:
 
     result = {
         "model": tb.out,
-        "fingerprint": components.fingerprint,
+        "fingerprint": fingerprint_model(model_cfg),
         "score": {"generations": score_cfg.generations, "steps": score_cfg.steps, "guidance": score_cfg.guidance_scale},
         "n_planted": int(planted.sum()),
         "n_unique": int((~planted).sum()),
