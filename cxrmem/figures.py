@@ -1,7 +1,7 @@
 """The report's figures as PNG files (matplotlib, Agg; no pyplot state, so safe in any process).
 
-Each function takes data and an output path (local or s3://), writes one PNG and returns the
-path. Markers and the memorized tail are red throughout, everything else grey-blue.
+Each function takes data and an output path (local or s3://) or a binary file object, writes
+one PNG there and returns the path. Markers and the memorized tail are red throughout, everything else grey-blue.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwarg
     return fig, axes
 
 
-def _save(fig: Figure, path: str, storage_cfg=None) -> str:
+def _save(fig: Figure, path, storage_cfg=None):
+    """Write the PNG to `path` (local or s3://), or into `path` itself when it is a binary file object."""
+    if hasattr(path, "write"):
+        fig.savefig(path, format="png", dpi=DPI)
+        return path
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     storage.write_bytes(path, buffer.getvalue(), storage_cfg)
@@ -142,7 +146,7 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _as_images(array: np.ndarray) -> np.ndarray:
+def as_images(array: np.ndarray) -> np.ndarray:
     """[N, H, W], [N, C, H, W] or [N, H, W, C] -> [N, H, W] (grey) or [N, H, W, 3], clipped to [0, 1]."""
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
@@ -163,7 +167,7 @@ def generation_grid(
     storage_cfg=None,
 ) -> str:
     """Paper Fig. 4: rows = strategies, columns = generations from the same seeds, images in [0, 1]."""
-    rows = {name: _as_images(array)[:n_per_strategy] for name, array in images.items()}
+    rows = {name: as_images(array)[:n_per_strategy] for name, array in images.items()}
     n_cols = max(len(a) for a in rows.values())
     fig, axes = _figure(1.6 * n_cols + 1.4, 1.6 * len(rows) + (0.6 if title else 0.2), ncols=n_cols, nrows=len(rows))
     for r, (name, array) in enumerate(rows.items()):
