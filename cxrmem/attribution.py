@@ -1,4 +1,4 @@
-"""Token attribution of the memorized set: which words drive a prompt's d_mem (DESIGN.md).
+"""Token attribution of the memorized set: which words drive a prompt's d_mem (docs/design.md).
 
 Two methods, both reported per word-level unit of each memorized prompt:
 

@@ -1,6 +1,6 @@
 """`cxrmem <stage> --config FILE [key=value ...]`: the command line of the service.
 
-Each stage reads and writes under `run.output` (DESIGN.md, Outputs). `audit` runs them all in
+Each stage reads and writes under `run.output` (docs/design.md, Outputs). `audit` runs them all in
 order on Ray (in-process on the CPU unless `ray.address` names a cluster).
 """
 

@@ -528,7 +528,7 @@ def public_config(cfg) -> dict:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where each output of one run lives under its output prefix (DESIGN.md, Outputs)."""
+    """Where each output of one run lives under its output prefix (docs/design.md, Outputs)."""
 
     prefix: str
 

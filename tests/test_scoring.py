@@ -1,4 +1,4 @@
-"""The scorer against an independent reference, and its invariances (DESIGN.md, The score)."""
+"""The scorer against an independent reference, and its invariances (docs/design.md, The score)."""
 
 import hashlib
 from pathlib import Path

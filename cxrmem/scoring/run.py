@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def scores_table(
     prompt_ids, prompts, batch: ScoreBatch, model_fingerprint: str, cfg_hash: str
 ) -> pa.Table:
-    """One scores.parquet row per prompt (DESIGN.md, Outputs)."""
+    """One scores.parquet row per prompt (docs/design.md, Outputs)."""
     n = len(prompt_ids)
     return pa.table(
         {
