@@ -198,3 +198,22 @@ def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
     assert "Check against known memorized prompts" in text
     assert "1 of the 3 prompts in the memorized set are known" in text and "1 of the 2 known prompts" in text
     assert '<th class="sortable">known</th>' in text
+
+
+def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
+    cfg, layout = _analyzed_run(tmp_path)
+    build_report(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    assert "copy evidence" not in text and "detector agreement" not in text
+    summary = json.loads(open(layout.summary).read())
+    summary["copies"] = {"prompts_checked": 3, "nearest_ssim_max": 0.91}
+    summary["detectors"] = {"spearman": 0.8}
+    # The same duration under two stages is one row of the Run table.
+    summary["audit"] = {"timings_s": {"score": 12.5}}
+    summary["score"] = {"timings_s": {"score": 12.5}}
+    open(layout.summary, "w").write(json.dumps(summary))
+    build_report(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    card = text[text.index('id="summary"'):text.index("</section>")]
+    assert "copy evidence" in card and "nearest_ssim_max 0.91" in card and "spearman 0.8" in card
+    assert text.count("timings_s.score</td>") == 1
