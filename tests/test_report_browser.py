@@ -145,8 +145,6 @@ def test_report_reads_at_desktop_and_phone_width(browser, report, width):
         assert box["right"] <= page_width and box["clipped"] <= page_width, box
     widths = browser.js("[...document.images].map(i => i.getBoundingClientRect().right)")
     assert widths and max(widths) <= page_width
-    if os.environ.get("CXRMEM_SHOTS"):
-        browser.screenshot(os.path.join(os.environ["CXRMEM_SHOTS"], f"after_{width}.png"))
 
 
 def test_memorized_table_sorts_and_filters(browser, report):
