@@ -252,13 +252,16 @@ def overguidance(generations: dict, w) -> Optional[dict]:
 
 
 # -- the page context -----------------------------------------------------------------------------
+Draw = Callable[[io.BytesIO], object]  # a cxrmem.figures function bound to its data, drawing into a buffer
+
+
 class Figures:
     """Draws figures/<name>.png through `write(name, draw)` and keeps what to embed; off: nothing drawn."""
 
-    def __init__(self, enabled: bool, write: Callable[[str, Callable[[str], str]], bytes]):
+    def __init__(self, enabled: bool, write: Callable[[str, Draw], bytes]):
         self.enabled, self.write, self.drawn = enabled, write, []
 
-    def __call__(self, name: str, draw: Callable[[str], str], caption: str) -> Optional[dict]:
+    def __call__(self, name: str, draw: Draw, caption: str) -> Optional[dict]:
         if not self.enabled:
             return None
         data = self.write(name, draw)
@@ -419,7 +422,7 @@ def build_report(cfg: DictConfig) -> dict:
     """Write report.html, metrics.json, summary.md and figures/*.png for the run at cfg.run.output."""
     layout = RunLayout(cfg.run.output)
 
-    def write(name: str, draw: Callable[[str], str]) -> bytes:
+    def write(name: str, draw: Draw) -> bytes:
         buffer = io.BytesIO()
         draw(buffer)
         storage.write_bytes(storage.join(layout.figures, name), buffer.getvalue(), cfg.storage)

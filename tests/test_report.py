@@ -217,3 +217,19 @@ def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
     card = text[text.index('id="summary"'):text.index("</section>")]
     assert "copy evidence" in card and "nearest_ssim_max 0.91" in card and "spearman 0.8" in card
     assert text.count("timings_s.score</td>") == 1
+
+
+def test_overguidance_and_paired_interval_statistics():
+    from scipy import stats as sps
+
+    from cxrmem.stats import high_frequency_share, paired_difference_ci
+
+    rng = np.random.default_rng(0)
+    noise = high_frequency_share(rng.random((8, 32, 32)))
+    smooth = high_frequency_share(np.outer(np.hanning(32), np.hanning(32))[None] * rng.uniform(0.5, 1, (8, 1, 1)))
+    assert np.all(np.abs(noise - 0.75) < 0.05) and np.all(smooth < 0.01)
+    a, b = rng.normal(1.0, 0.3, 12), rng.normal(1.2, 0.3, 12)
+    result = paired_difference_ci(a, b)
+    low, high = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert result["n"] == 12 and result["ci_low"] == pytest.approx(low) and result["ci_high"] == pytest.approx(high)
+    assert paired_difference_ci([1.0], [0.5]) == {"n": 1, "mean": 0.5, "ci_low": None, "ci_high": None}
