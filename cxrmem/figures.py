@@ -1,22 +1,18 @@
 """The report's figures as PNG files (matplotlib, Agg; no pyplot state, so safe in any process).
 
-Each function takes data and an output path (local or s3://), writes one PNG and returns the
-path. Markers and the memorized tail are red throughout, everything else grey-blue.
+Each function takes data and a binary file object and writes one PNG into it; where the bytes go
+is the report stage's business. Markers and the memorized tail are red throughout, everything else grey-blue.
 """
 
 from __future__ import annotations
 
-import io
 import textwrap
-from typing import Mapping, Optional, Sequence
+from typing import BinaryIO, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
-from cxrmem.storage import Store
-
 
 RED = "#c62828"
 BLUE = "#4a6f8a"
@@ -31,14 +27,11 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwarg
     return fig, axes
 
 
-def _save(fig: Figure, path: str, store=None) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    (store or Store()).write_bytes(path, buffer.getvalue())
-    return path
+def _save(fig: Figure, out: BinaryIO) -> None:
+    fig.savefig(out, format="png", dpi=DPI)
 
 
-def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: float, store=None) -> str:
+def dmem_curve(d_mem: np.ndarray, threshold: float, out: BinaryIO, top_percent: float) -> None:
     """Paper Fig. 2: d_mem of every prompt, largest to smallest, the memorized top percentile in red."""
     ordered = np.sort(np.asarray(d_mem, dtype=np.float64))[::-1]
     n_top = int(np.sum(ordered >= threshold))
@@ -67,10 +60,10 @@ def dmem_curve(d_mem: np.ndarray, threshold: float, path: str, top_percent: floa
         inset.set_title(f"zoom: ranks 1-{zoom:,}", fontsize=8)
         inset.tick_params(labelsize=7)
         inset.grid(alpha=0.3)
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
-def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: str, store=None) -> str:
+def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, out: BinaryIO) -> None:
     """The sorted d_mem curve with every prompt known to be memorized marked at its rank."""
     d_mem = np.asarray(d_mem, dtype=np.float64)
     order = np.argsort(-d_mem, kind="stable")
@@ -88,10 +81,10 @@ def known_ranks(d_mem: np.ndarray, known: np.ndarray, threshold: float, path: st
     ax.set_title("Where the known memorized prompts rank")
     ax.legend(loc="upper right", frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
-def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, store=None) -> str:
+def dmem_histogram(d_mem: np.ndarray, threshold: float, out: BinaryIO) -> None:
     """Histogram of d_mem (log counts), the memorized threshold marked."""
     d_mem = np.asarray(d_mem, dtype=np.float64)
     fig, axes = _figure(7.5, 3.6)
@@ -106,12 +99,12 @@ def dmem_histogram(d_mem: np.ndarray, threshold: float, path: str, store=None) -
     ax.set_title("Distribution of d_mem")
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
 def token_bars(
-    tokens: pd.DataFrame, path: str, top_units: int = 25, prompt: Optional[str] = None, store=None
-) -> str:
+    tokens: pd.DataFrame, out: BinaryIO, top_units: int = 25, prompt: Optional[str] = None
+) -> None:
     """Paper Fig. 3: the top units of one prompt by attribution score, markers in red.
 
     `tokens`: the rows of one prompt and one method (columns unit, score, is_marker, method).
@@ -135,7 +128,7 @@ def token_bars(
     if prompt:
         heading += "\n" + "\n".join(textwrap.wrap(_clip(prompt, 300), 90))
     ax.set_title(heading, fontsize=9, loc="left")
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
 def _clip(text: str, n: int) -> str:
@@ -143,7 +136,7 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _as_images(array: np.ndarray) -> np.ndarray:
+def as_images(array: np.ndarray) -> np.ndarray:
     """[N, H, W], [N, C, H, W] or [N, H, W, C] -> [N, H, W] (grey) or [N, H, W, 3], clipped to [0, 1]."""
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3):
@@ -157,14 +150,13 @@ def _as_images(array: np.ndarray) -> np.ndarray:
 
 def generation_grid(
     images: Mapping[str, np.ndarray],
-    path: str,
+    out: BinaryIO,
     n_per_strategy: int = 4,
     title: Optional[str] = None,
     row_notes: Optional[Mapping[str, str]] = None,
-    store=None,
-) -> str:
+) -> None:
     """Paper Fig. 4: rows = strategies, columns = generations from the same seeds, images in [0, 1]."""
-    rows = {name: _as_images(array)[:n_per_strategy] for name, array in images.items()}
+    rows = {name: as_images(array)[:n_per_strategy] for name, array in images.items()}
     n_cols = max(len(a) for a in rows.values())
     fig, axes = _figure(1.6 * n_cols + 1.4, 1.6 * len(rows) + (0.6 if title else 0.2), ncols=n_cols, nrows=len(rows))
     for r, (name, array) in enumerate(rows.items()):
@@ -182,10 +174,10 @@ def generation_grid(
         axes[0, c].set_title(f"generation {c + 1}", fontsize=8)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(_clip(title, 240), 100)), fontsize=8)
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
-def enrichment_chart(overall: dict, by_bucket: dict, path: str, store=None) -> str:
+def enrichment_chart(overall: dict, by_bucket: dict, out: BinaryIO) -> None:
     """Marker share of memorized prompts against the base rate, overall and per n_reports bucket,
     next to the odds ratios with 95% intervals (log scale)."""
     groups = [("all", overall)] + [(b["bucket"], b) for b in by_bucket["buckets"]]
@@ -224,7 +216,7 @@ def enrichment_chart(overall: dict, by_bucket: dict, path: str, store=None) -> s
     ax.set_xlabel("odds ratio, marker | memorized (95% CI, log)")
     ax.set_title("Odds ratio by duplication bucket", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path, store)
+    _save(fig, out)
 
 
 def no_odds_ratio_reason(group: dict) -> str:
@@ -242,7 +234,7 @@ def _nan(value) -> float:
     return np.nan if value is None else float(value)
 
 
-def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[Sequence[str]] = None, store=None) -> str:
+def mitigation_chart(mitigation: pd.DataFrame, out: BinaryIO, strategies: Optional[Sequence[str]] = None) -> None:
     """d_mem and mean pairwise distance of the generations per strategy: boxes, prompts as dots, means as
     diamonds; the dashed line is the unmitigated (`original`) mean. Memorization shows as high d_mem and
     low pairwise distance."""
@@ -271,4 +263,4 @@ def mitigation_chart(mitigation: pd.DataFrame, path: str, strategies: Optional[S
         ax.grid(axis="y", alpha=0.3)
     axes[1, 0].set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
     axes[0, 0].set_title("Mitigation strategies on the memorized prompts (same seeds per strategy)", fontsize=10)
-    return _save(fig, path, store)
+    _save(fig, out)

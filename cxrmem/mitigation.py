@@ -65,11 +65,19 @@ class MitigationSettings:
 
 # -- prompt rewrites (pure, seeded) -----------------------------------------------------------
 def vocabulary_words(tokenizer) -> list[str]:
-    """Whole words of the tokenizer's vocabulary: alphabetic, no `##` pieces, no special tokens, 3+ letters."""
+    """Whole words of the tokenizer's vocabulary: alphabetic entries of 3+ letters that are English words.
+
+    A WordPiece vocabulary also holds word-start fragments ("conso" of "conso ##lidation"), which
+    look like words but are not; the dictionary (Webster's 2nd, from english-words) tells them apart.
+    """
+    from english_words import get_english_words_set
+
+    english = get_english_words_set(["web2"], lower=True, alpha=True)
     special = set(tokenizer.all_special_tokens)
-    words = sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special)
+    words = sorted(w for w in tokenizer.get_vocab()
+                   if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special and w.lower() in english)
     if not words:
-        raise ValueError("the tokenizer's vocabulary has no whole alphabetic words of 3+ letters to draw from")
+        raise ValueError("the tokenizer's vocabulary has no whole English words of 3+ letters to draw from")
     return words
 
 

@@ -54,6 +54,8 @@ class RunLayout:
     mitigation = property(lambda self: self.path("mitigation.parquet"))
     figures = property(lambda self: self.path("figures"))
     report = property(lambda self: self.path("report.html"))
+    metrics = property(lambda self: self.path("metrics.json"))
+    summary_md = property(lambda self: self.path("summary.md"))
     manifest = property(lambda self: self.path("manifest.json"))
 
 

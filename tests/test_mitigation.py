@@ -202,3 +202,12 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     merged = Store().read_json(layout.summary)["mitigation"]["strategies"]
     assert sorted(merged) == ["embedding_optimisation", "original", "remove_marker"]
     assert merged["original"]["mean_d_mem"] == pytest.approx(table[table["strategy"] == "original"]["d_mem"].mean())
+
+
+def test_vocabulary_words_leave_out_wordpiece_fragments(tmp_path):
+    """A word-start fragment in the vocabulary ("conso" of "conso ##lidation") is not a word to draw."""
+    from transformers import BertTokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "conso", "##lidation",
+                                                   "consolidation", "effusion", "left", "ab"]) + "\n")
+    assert vocabulary_words(BertTokenizer(str(tmp_path / "vocab.txt"))) == ["consolidation", "effusion", "left"]

@@ -171,6 +171,17 @@ def test_missing_parts_are_listed_in_one_error(replica_copy):
     assert "sdxl-vae" not in str(err.value) and "vocab.txt" in str(err.value)
 
 
+def test_hf_cache_means_huggingface_hubs_own_cache(replica, monkeypatch):
+    """model.path=hf-cache reads HF_HUB_CACHE (huggingface_hub sets it from $HF_HUB_CACHE or $HF_HOME at import)."""
+    import huggingface_hub.constants
+
+    root, commits = replica
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", root)
+    components = load_components(radedit_cfg("hf-cache"))
+    assert f"radedit:{root} " in components.source and f"unet@{commits[UNET_REPO]}" in components.source
+    assert load_tokenizer(radedit_cfg("hf-cache"))("No acute process.")["input_ids"]
+
+
 def test_missing_cache_root_names_the_knob(tmp_path):
     with pytest.raises(ModelLoadError, match="set model.path"):
         load_components(radedit_cfg(str(tmp_path / "nowhere")))

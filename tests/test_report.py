@@ -1,6 +1,7 @@
 """report.html from real run files: figures embedded, text escaped, absent inputs reported, never a crash."""
 
 import base64
+import io
 import json
 import os
 import re
@@ -12,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem.stages import analyze, report
 from cxrmem.config import load_config
 from cxrmem.runfiles import RunLayout
+from cxrmem.stages import analyze, report
 from tests.test_analysis import N, _ids_from_text, _pid, _write_run
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -39,7 +40,10 @@ def _check_html(text: str) -> None:
     parser = TagBalance()
     parser.feed(text)
     assert parser.errors == [] and parser.stack == []
-    assert "<script" not in text  # prompt text is escaped, nothing executable is embedded
+    # Prompt text is escaped: the only script is the table's own, inline, and nothing is fetched.
+    assert text.count("<script") == text.count("<script>\n// Sort the memorized table") <= 1
+    assert not re.search(r'(src|href)="(https?:)?//', text)
+    assert '<meta name="viewport"' in text
 
 
 def _analyzed_run(tmp_path, overrides=()):
@@ -53,24 +57,34 @@ def _analyzed_run(tmp_path, overrides=()):
 
 
 def _write_attribution_and_mitigation(layout: RunLayout):
+    """tokens.parquet, mitigation.parquet and one generations grid for the run's top three prompts.
+
+    The `original` generations are white noise (over-guided) and the rewrites smooth images;
+    remove_marker leaves the third prompt unchanged, as it does a prompt without a marker.
+    """
+    ids = pd.read_csv(layout.memorized, dtype={"prompt_id": str})["prompt_id"].head(3).tolist()
     units = ["Finding", "compared", "to", "___", "finding"]
     rows = [
-        {"prompt_id": _pid(i), "prompt": f"Finding {i}, compared to ___.", "unit": u, "unit_index": j,
+        {"prompt_id": pid, "prompt": f"Finding {i}, compared to ___.", "unit": u, "unit_index": j,
          "is_marker": u == "___", "n_pieces": 3 if u == "___" else 1, "grad_score": float(5 - j),
          "grad_rank": float(j + 1), "loo_delta": float(j), "loo_rank": float(5 - j)}
-        for i in range(3) for j, u in enumerate(units)
+        for i, pid in enumerate(ids) for j, u in enumerate(units)
     ]
     pq.write_table(pa.Table.from_pylist(rows), layout.tokens)
     strategies = ["original", "random_word", "remove_marker"]
-    mitigation = [
-        {"prompt_id": _pid(i), "strategy": s, "mitigated_prompt": f"Finding {i} <script>x</script> & ___ {s}.",
-         "d_mem": 3.0 - i - 0.5 * k, "pairwise_distance": 0.3 + 0.05 * k}
-        for i in range(3) for k, s in enumerate(strategies)
-    ]
+    mitigation = []
+    for i, pid in enumerate(ids):
+        prompt = f"Finding {i} <script>x</script> & ___ original."
+        for k, s in enumerate(strategies):
+            text = prompt if s == "original" or (s == "remove_marker" and i == 2) else prompt.replace("original", s)
+            mitigation.append({"prompt_id": pid, "prompt": prompt, "strategy": s, "mitigated_prompt": text,
+                               "d_mem": 3.0 - i - 0.5 * k + 0.01 * i * k, "pairwise_distance": 0.3 + 0.05 * k + 0.01 * i})
     pq.write_table(pa.Table.from_pylist(mitigation), layout.mitigation)
     rng = np.random.default_rng(0)
     os.makedirs(layout.figures, exist_ok=True)
-    np.savez(f"{layout.figures}/generations_{_pid(0)}.npz", **{s: rng.random((4, 1, 16, 16)) for s in strategies})
+    smooth = np.outer(np.hanning(16), np.hanning(16))[None] * rng.uniform(0.5, 1.0, (4, 1, 1))
+    grids = {"original": rng.random((4, 16, 16)), "random_word": smooth, "remove_marker": smooth[::-1]}
+    np.savez(f"{layout.figures}/generations_{ids[0]}.npz", **grids)
     summary = json.loads(open(layout.summary).read())
     summary["attribution"] = {"prompts": 3, "prompts_with_marker": 3,
                               "gradient": {"marker_top1": 0.0, "marker_mean_rank": 4.0, "chance_top1": 0.2},
@@ -100,6 +114,35 @@ def test_full_report_embeds_every_figure(tmp_path):
     assert "<mark>___</mark>" in text  # markers highlighted in the memorized list
     assert "fp-test" in text and "time (s): attribution.seconds" in text
     assert "random_word" in text and "remove_marker" in text
+    assert text.index('id="summary"') < text.index('id="distribution"') < text.index('id="run"')
+    # The third prompt's remove_marker rewrite changed nothing: marked, and out of the statistics.
+    assert "(unchanged: left out)" not in text  # the grid shows the first prompt only
+    assert "over-guided" in text and "The unmitigated generations are over-guided" in text
+    metrics = json.loads(open(layout.path("metrics.json")).read())
+    assert metrics["memorized_count"] == 3 and all(isinstance(v, float) for v in metrics.values())
+    assert metrics["mitigation.random_word.d_mem_change_mean"] < 0
+    assert "Memorization audit" in open(layout.path("summary.md")).read()
+
+
+def test_mitigation_leaves_unchanged_rewrites_out_and_pairs_with_original(tmp_path):
+    from cxrmem.report import strategy_rows
+
+    cfg, layout = _analyzed_run(tmp_path)
+    _write_attribution_and_mitigation(layout)
+    rows = {r["strategy"]: r for r in strategy_rows(pq.read_table(layout.mitigation).to_pandas(), ["original", "random_word", "remove_marker"])}
+    assert rows["remove_marker"]["unchanged"] == 1 and rows["remove_marker"]["prompts"] == 2
+    assert rows["random_word"]["unchanged"] == 0 and rows["random_word"]["prompts"] == 3
+    change = rows["remove_marker"]["d_mem_change"]  # -1.0 and -0.98 over the two changed prompts
+    assert change["n"] == 2 and change["mean"] == pytest.approx(-0.99)
+    assert change["ci_low"] < change["mean"] < change["ci_high"]
+
+
+def test_detection_check_says_when_recall_is_capped_by_the_set_size(tmp_path):
+    cfg, layout = _known_run(tmp_path, known=(0, 1, 2, 3, 4, 5))
+    report.run(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    assert "recall 50.0% of 6 known memorized prompts, best possible 50.0% at this set size" in text
+    assert "holds 3 prompts, so at most 3 of the 6 known prompts fit: recall cannot exceed 50.0%" in text
 
 
 def test_report_says_which_inputs_are_absent(tmp_path):
@@ -127,24 +170,67 @@ def test_report_of_an_empty_run_still_renders(tmp_path):
 def test_generation_grid_accepts_grey_and_rgb(tmp_path, shape):
     from cxrmem.figures import generation_grid
 
-    path = generation_grid({"original": np.random.default_rng(0).random(shape)}, str(tmp_path / "g.png"), 3)
-    assert open(path, "rb").read()[:4] == b"\x89PNG"
+    out = io.BytesIO()
+    generation_grid({"original": np.random.default_rng(0).random(shape)}, out, 3)
+    assert out.getvalue()[:4] == b"\x89PNG"
 
 
-def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
-    known_csv = tmp_path / "known.csv"
-    pd.DataFrame({"prompt": ["Finding 0, compared to ___.", "Finding 7, no change."], "planted": [True, True]}).to_csv(known_csv, index=False)
+def _known_run(tmp_path, known=(0, 7), overrides=()):
+    """An analyzed run whose prompts `known` are listed as known memorized (analyze.known_memorized)."""
     rng = np.random.default_rng(1)
     d_mem = rng.normal(1.0, 0.05, N)
     d_mem[[0, 1, 2]] = [3.0, 2.5, 2.0]
-    layout, _, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
+    layout, has_marker, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
+    known_csv = tmp_path / "known.csv"
+    texts = [f"Finding {i}, compared to ___." if has_marker[i] else f"Finding {i}, no change." for i in known]
+    pd.DataFrame({"prompt": texts, "planted": True}).to_csv(known_csv, index=False)
     _ids_from_text(layout)
-    cfg = load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}"])
+    cfg = load_config(None, [f"run.output={tmp_path}", f"analyze.known_memorized={known_csv}", "report.top_prompts=2", *overrides])
     analyze.run(cfg)
+    return cfg, layout
+
+
+def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
+    cfg, layout = _known_run(tmp_path)
     result = report.run(cfg)
     assert "known_memorized.png" in [p.rsplit("/", 1)[-1] for p in result["figures"]]
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     assert "Check against known memorized prompts" in text
     assert "1 of the 3 prompts in the memorized set are known" in text and "1 of the 2 known prompts" in text
-    assert "<th>known memorized</th>" in text
+    assert '<th class="sortable">known</th>' in text
+
+
+def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
+    cfg, layout = _analyzed_run(tmp_path)
+    report.run(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    assert "copy evidence" not in text and "detector agreement" not in text
+    summary = json.loads(open(layout.summary).read())
+    summary["copies"] = {"prompts_checked": 3, "nearest_ssim_max": 0.91}
+    summary["detectors"] = {"spearman": 0.8}
+    # The same duration under two stages is one row of the Run table.
+    summary["audit"] = {"timings_s": {"score": 12.5}}
+    summary["score"] = {"timings_s": {"score": 12.5}}
+    open(layout.summary, "w").write(json.dumps(summary))
+    report.run(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    card = text[text.index('id="summary"'):text.index("</section>")]
+    assert "copy evidence" in card and "nearest_ssim_max 0.91" in card and "spearman 0.8" in card
+    assert text.count("timings_s.score</td>") == 1
+
+
+def test_overguidance_and_paired_interval_statistics():
+    from scipy import stats as sps
+
+    from cxrmem.stats import high_frequency_share, paired_difference_ci
+
+    rng = np.random.default_rng(0)
+    noise = high_frequency_share(rng.random((8, 32, 32)))
+    smooth = high_frequency_share(np.outer(np.hanning(32), np.hanning(32))[None] * rng.uniform(0.5, 1, (8, 1, 1)))
+    assert np.all((noise > 0.6) & (noise < 0.85)) and np.all(smooth < 0.01)  # white noise: about 0.72 at 32 px
+    a, b = rng.normal(1.0, 0.3, 12), rng.normal(1.2, 0.3, 12)
+    result = paired_difference_ci(a, b)
+    low, high = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert result["n"] == 12 and result["ci_low"] == pytest.approx(low) and result["ci_high"] == pytest.approx(high)
+    assert paired_difference_ci([1.0], [0.5]) == {"n": 1, "mean": 0.5, "ci_low": None, "ci_high": None}

@@ -1,6 +1,6 @@
 """MIMIC-CXR free-text reports as distributed (`files/pNN/pNNNNNNNN/sNNNNNNNN.txt`).
 
-The prompt is a report section (DESIGN.md, Prompts): IMPRESSION, falling back to FINDINGS, then
+The prompt is a report section (docs/design.md, Prompts): IMPRESSION, falling back to FINDINGS, then
 the last paragraph (order: corpus.sections). Headers are found with some tolerance, because the
 reports are typed by people: any case, spaces before the colon, plural forms, CONCLUSION for
 IMPRESSION, and one- or two-letter typos ("IMPRESSlON", "FINIDNGS") of a known header name.

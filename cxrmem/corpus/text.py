@@ -1,6 +1,6 @@
 """Prompt text primitives: whitespace normalisation, stable prompt ids, de-identification markers.
 
-These fix the semantics in DESIGN.md (Prompts): every stage that names a prompt by id or
+These fix the semantics in docs/design.md (Prompts): every stage that names a prompt by id or
 counts its markers goes through these three functions.
 """
 

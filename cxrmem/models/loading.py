@@ -1,6 +1,6 @@
 """Load a text-to-image diffusion model's parts for scoring, offline, from local files or S3.
 
-Two kinds of model store (DESIGN.md, Model):
+Two kinds of model store (docs/design.md, Model):
 
 - `diffusers`: any folder with a `model_index.json` (tokenizer, text_encoder, unet, scheduler,
   optional vae), which is how the tests and the testbed run;

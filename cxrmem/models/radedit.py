@@ -6,9 +6,12 @@
     models--stabilityai--sdxl-vae/snapshots/<rev>/{config.json, diffusion_pytorch_model.safetensors}
     models--microsoft--BiomedVLP-BioViL-T/snapshots/<rev>/{config.json, pytorch_model.bin, vocab.txt, ...}
 
-Each snapshot is the configured revision (a commit hash, or a ref name under `refs/`), else the
-one `refs/main` names, else the only one there. Whatever is missing is reported in one error
-that lists every missing part and where it was looked for.
+`model.path: hf-cache` (or empty) means huggingface_hub's own cache: $HF_HUB_CACHE, else
+$HF_HOME/hub, else ~/.cache/huggingface/hub. huggingface_hub resolves each snapshot offline
+(`snapshot_download(..., local_files_only=True)`): the configured revision (a commit hash, or a
+ref name under `refs/`), else the one `refs/main` names; a repo with no usable ref and exactly
+one snapshot uses that one. Whatever is missing is reported in one error that lists every
+missing part and where it was looked for.
 
 Text encoder. BioViL-T publishes CXR-BERT (`architectures: ["CXRBertModel"]`, with an `auto_map`
 to code in the snapshot). That class is transformers' `BertForMaskedLM` (a `bert` BertModel
@@ -26,7 +29,7 @@ instead loads the snapshot's own class through `AutoModel`; its output [0] is th
 Tokenizer: BioViL-T's WordPiece vocabulary and tokenizer_config.json, with
 `model_max_length = model.radedit.tokenizer_max_length` (128, as RadEdit sets it).
 
-Scheduler: exactly DESIGN.md's constructor call, DDIMScheduler(beta_schedule="linear",
+Scheduler: exactly docs/design.md's constructor call, DDIMScheduler(beta_schedule="linear",
 clip_sample=False, prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1), which
 is also the one in RadEdit's published usage. Every argument it leaves out keeps DDIMScheduler's
 default, so the noise schedule is the DDPM linear one, beta_start=0.0001, beta_end=0.02,
@@ -34,7 +37,7 @@ num_train_timesteps=1000 (and set_alpha_to_one=True); not Stable Diffusion 1.x's
 0.00085/0.012, which belong with its "scaled_linear" schedule. These values are written out
 below, so that a change of diffusers' defaults cannot shift them. If the RadEdit snapshot ships
 `scheduler/scheduler_config.json`, its beta_start, beta_end and num_train_timesteps are used
-instead (the model's own record of its training schedule); the DESIGN.md settings still apply.
+instead (the model's own record of its training schedule); the docs/design.md settings still apply.
 
 VAE (only when `need_vae`): the SDXL VAE, latents scaled by `model.radedit.vae_scaling_factor`
 (0.13025). The fingerprint covers the VAE's files whenever the snapshot exists, so that it does
@@ -80,36 +83,51 @@ WEIGHT_NAMES = {
 # CXR-BERT checkpoint prefixes: the BERT encoder we load, and the heads RadEdit never uses.
 BERT_PREFIX = "bert."
 UNUSED_PREFIXES = ("cls.", "cls_projection_head.")
+# model.path value (or an empty one) that means huggingface_hub's default cache.
+HF_CACHE = "hf-cache"
 
 
-def repo_folder(cache_root: str, repo_id: str) -> str:
-    return os.path.join(cache_root, "models--" + repo_id.replace("/", "--"))
+def hub_cache_root(model_cfg, cache_root: str) -> str:
+    """huggingface_hub's own cache when model.path is unset or "hf-cache" ($HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub); otherwise the cache root model.path names."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE if model_cfg.path in (None, "", HF_CACHE) else cache_root
+
+
+def cached_revisions(cache_root: str, repo_id: str) -> dict[str, str]:
+    """Commit hash -> snapshot folder of every cached snapshot of a model repo, in huggingface_hub's
+    layout. Listed directly: scan_cache_dir drops a whole repo when one of its refs is stale."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = os.path.join(cache_root, repo_folder_name(repo_id=repo_id, repo_type="model"), "snapshots")
+    names = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+    return {name: os.path.join(snapshots, name) for name in names if os.path.isdir(os.path.join(snapshots, name))}
 
 
 def resolve_snapshot(cache_root: str, repo_id: str, revision: Optional[str], knob: str) -> tuple[Optional[str], Optional[str]]:
-    """(snapshot folder, None), or (None, what is wrong) for one repo of the hub cache."""
-    repo = repo_folder(cache_root, repo_id)
-    snapshots = os.path.join(repo, "snapshots")
-    if not os.path.isdir(snapshots):
-        return None, f"{repo_id}: no snapshot folder {snapshots} (download the repo into this cache)"
-    available = sorted(d for d in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, d)))
-    if revision:
-        ref = os.path.join(repo, "refs", revision)
-        commit = open(ref, encoding="utf-8").read().strip() if os.path.isfile(ref) else revision
-        if commit in available:
-            return os.path.join(snapshots, commit), None
-        return None, f"{repo_id}: revision {revision!r} ({knob}) is not in {snapshots} (available: {available})"
-    main_ref = os.path.join(repo, "refs", "main")
-    if os.path.isfile(main_ref):
-        commit = open(main_ref, encoding="utf-8").read().strip()
-        if commit in available:
-            return os.path.join(snapshots, commit), None
-        return None, f"{repo_id}: {main_ref} names {commit!r}, which is not in {snapshots} (available: {available}); set {knob}"
-    if len(available) == 1:
-        return os.path.join(snapshots, available[0]), None
+    """(snapshot folder, None), or (None, what is wrong) for one repo of the hub cache.
+
+    huggingface_hub resolves the revision (a commit hash or a ref name; None: refs/main) offline.
+    When it cannot, a cache holding exactly one snapshot of the repo and no refs/main (a copied
+    snapshot) still resolves; otherwise the error lists what the cache holds.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_root, local_files_only=True), None
+    except LocalEntryNotFoundError:
+        pass
+    available = cached_revisions(cache_root, repo_id)
+    hint = f"download it into this cache: hf download {repo_id} --revision <commit> --cache-dir {cache_root}"
     if not available:
-        return None, f"{repo_id}: {snapshots} is empty"
-    return None, f"{repo_id}: several snapshots in {snapshots} and no refs/main: {available}; set {knob} to one of them"
+        return None, f"{repo_id}: no snapshot folder in {cache_root} ({hint})"
+    if revision:
+        return None, f"{repo_id}: revision {revision!r} ({knob}) is not in {cache_root} (available: {sorted(available)})"
+    if len(available) == 1:
+        return next(iter(available.values())), None
+    return None, f"{repo_id}: several snapshots in {cache_root} and no usable refs/main: {sorted(available)}; set {knob} to one of them"
 
 
 def first_existing(folder: str, names: tuple[str, ...]) -> Optional[str]:
@@ -133,8 +151,10 @@ def locate_snapshots(model_cfg, cache_root: str, need_vae: bool, text_only: bool
     needed (for the fingerprint), but its absence is an error only with `need_vae`.
     """
     radedit = model_cfg.radedit
+    cache_root = hub_cache_root(model_cfg, cache_root)
     if not os.path.isdir(cache_root):
-        raise ModelLoadError(f"Hugging Face cache {cache_root} does not exist; set model.path to the hub cache root")
+        raise ModelLoadError(f"Hugging Face cache {cache_root} does not exist; set model.path to the hub cache root "
+                             f"(or to {HF_CACHE!r} for $HF_HUB_CACHE / $HF_HOME/hub)")
     found, problems = {}, []
     found["text"], problem = resolve_snapshot(cache_root, radedit.text_repo, radedit.text_revision, "model.radedit.text_revision")
     if problem:
@@ -236,7 +256,7 @@ def load_remote_text_encoder(text_snapshot: str, dtype: torch.dtype) -> torch.nn
 
 
 def radedit_scheduler_config(radedit_snapshot: str) -> dict:
-    """DESIGN.md's DDIM settings on the snapshot's noise schedule, else on DDIMScheduler's default one."""
+    """docs/design.md's DDIM settings on the snapshot's noise schedule, else on DDIMScheduler's default one."""
     path = os.path.join(radedit_snapshot, "scheduler", "scheduler_config.json")
     schedule = dict(DEFAULT_NOISE_SCHEDULE)
     if os.path.isfile(path):
@@ -252,6 +272,7 @@ def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Componen
     if radedit.trust_remote_code and not radedit.text_revision:
         raise ModelLoadError("model.radedit.trust_remote_code needs model.radedit.text_revision pinned to a snapshot hash")
     dtype = torch_dtype(model_cfg.dtype)
+    cache_root = hub_cache_root(model_cfg, cache_root)
     found = locate_snapshots(model_cfg, cache_root, need_vae=need_vae)
 
     tokenizer = load_radedit_tokenizer(model_cfg, cache_root, found["text"])

@@ -23,7 +23,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def radedit_scheduler(**overrides) -> DDIMScheduler:
-    """The DDIM scheduler DESIGN.md fixes for RadEdit, with the noise schedule the RadEdit loader uses."""
+    """The DDIM scheduler docs/design.md fixes for RadEdit, with the noise schedule the RadEdit loader uses."""
     return DDIMScheduler(**{**RADEDIT_SCHEDULER, **DEFAULT_NOISE_SCHEDULE, **overrides})
 
 

@@ -1,4 +1,4 @@
-"""Initial latents, seeded exactly as DESIGN.md fixes them.
+"""Initial latents, seeded exactly as docs/design.md fixes them.
 
 A generation's noise depends only on (seed, g) in `shared` mode, or on (seed, prompt_id, g) in
 `per_prompt` mode, never on batch size, worker or shard, so scores are reproducible anywhere.

@@ -1,15 +1,76 @@
-"""`cxrmem report`: figures/*.png and one self-contained report.html from the run's own files."""
+"""`cxrmem report`: report.html, metrics.json, summary.md and figures/*.png from the run's own files.
+
+`read_run_inputs` is the only code that reads the run for the report; cxrmem/report.py turns
+that data into the page and cxrmem/figures.py draws the figures, neither touching storage.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import io
+import json
+import logging
+import re
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
 
 from cxrmem.publish import stage_writes
-from cxrmem.report import build_report
+from cxrmem.report import Draw, Figures, render_html, render_summary_md, report_context, sections
+from cxrmem.runfiles import RunLayout, check_prompt_ids, read_known_memorized, read_memorized, read_summary
 from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def read_run_inputs(cfg, store: Store) -> dict:
+    """Everything the report shows, read from the run at cfg.run.output; absent inputs are None."""
+    layout = RunLayout(cfg.run.output)
+
+    def optional(uri: str, read: Callable[[str], object]):
+        return read(uri) if store.exists(uri) else None
+
+    def scores(uri: str) -> pd.DataFrame:
+        table = store.read_table(uri, columns=["prompt_id", "d_mem", "nonfinite"]).to_pandas()
+        finite = np.isfinite(table["d_mem"].to_numpy(dtype=np.float64)) & ~table["nonfinite"].to_numpy(dtype=bool)
+        return table.loc[finite, ["prompt_id", "d_mem"]]
+
+    def npz(uri: str) -> dict:
+        with np.load(io.BytesIO(store.read_bytes(uri))) as data:
+            return {name: data[name] for name in data.files}
+
+    known = cfg.analyze.known_memorized
+    grids = {re.sub(r"^generations_|\.npz$", "", g.rsplit("/", 1)[-1]): g for g in store.list_files(layout.figures, suffix=".npz") if "/generations_" in g}
+    check_prompt_ids(grids, layout.figures)  # a grid's id names a figure file below
+    return {
+        "prefix": layout.prefix,
+        "summary": read_summary(store, layout),
+        "memorized": optional(layout.memorized, lambda _: read_memorized(store, layout)),
+        "scores": optional(layout.scores, scores),
+        "known_ids": read_known_memorized(store, known) if known and store.exists(known) else None,
+        "tokens": optional(layout.tokens, lambda u: store.read_table(u).to_pandas()),
+        "mitigation": optional(layout.mitigation, lambda u: store.read_table(u).to_pandas()),
+        "generations": {pid: npz(uri) for pid, uri in grids.items()},
+    }
 
 
 def run(cfg, store: Optional[Store] = None) -> dict:
+    """Write report.html, metrics.json, summary.md and figures/*.png for the run at cfg.run.output."""
     store = store or Store.from_config(cfg.storage)
+    layout = RunLayout(cfg.run.output)
+
+    def write(name: str, draw: Draw) -> bytes:
+        buffer = io.BytesIO()
+        draw(buffer)
+        store.write_bytes(layout.figure(name), buffer.getvalue())
+        return buffer.getvalue()
+
     with stage_writes(store, cfg.run.output, cfg.run.overwrite, "report"):
-        return build_report(cfg, store)
+        figure = Figures(bool(cfg.report.figures), write)
+        page = report_context(read_run_inputs(cfg, store), cfg, figure)
+        store.write_text(layout.report, render_html(page))
+        store.write_text(layout.metrics, json.dumps(page["metrics"], indent=2, sort_keys=True) + "\n")
+        store.write_text(layout.summary_md, render_summary_md(page))
+    drawn = [layout.figure(name) for name in figure.drawn]
+    log.info("report: %s (%d figures)", layout.report, len(drawn))
+    return {"report": layout.report, "metrics": layout.metrics, "summary_md": layout.summary_md, "figures": drawn, "sections": sections(page)}

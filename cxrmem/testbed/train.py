@@ -18,7 +18,7 @@ Choices, and why:
 - The BERT text encoder is trained jointly from random initialisation (no pretrained
   weights may be downloaded). A random frozen encoder maps all prompts to nearly the same
   embedding; training it lets the model tell prompts apart, which memorization needs.
-- Noise schedule and sampler: the DDIM scheduler DESIGN.md fixes for RadEdit (linear betas,
+- Noise schedule and sampler: the DDIM scheduler docs/design.md fixes for RadEdit (linear betas,
   trailing spacing, epsilon prediction), so the audit scores the testbed with the schedule it
   uses for RadEdit, except one pixel-space setting: `clip_sample=True`, the predicted clean
   image is clipped to the pixel range [-1, 1] as pixel-space DDPM/DDIM samplers do. Without it,
