@@ -70,8 +70,7 @@ def analyze_tables(
     table = joined_scores(scores_df, prompts_df)
     d_mem = table["d_mem"].to_numpy(dtype=np.float64)
     finite = np.isfinite(d_mem) & ~table["nonfinite"].fillna(False).to_numpy(dtype=bool)
-    table = table[finite].reset_index(drop=True)
-    d_mem = d_mem[finite]
+    table, d_mem = table[finite].reset_index(drop=True), d_mem[finite]
 
     memorized, threshold = stats.top_percent_mask(d_mem, top_percent)
     z = stats.zscores(d_mem)
@@ -85,14 +84,9 @@ def analyze_tables(
     columns = [c for c in MEMORIZED_COLUMNS if c in table]
     memorized_df = table.loc[memorized, columns].sort_values("d_mem", ascending=False, kind="stable")
 
+    n_prompts, n_scored, n_finite = len(prompts_df), len(scores_df), int(finite.sum())
     analysis = {
-        "counts": {
-            "prompts": int(len(prompts_df)),
-            "scored": int(len(scores_df)),
-            "unscored": int(len(prompts_df) - len(scores_df)),
-            "finite": int(finite.sum()),
-            "nonfinite": int((~finite).sum()),
-        },
+        "counts": {"prompts": n_prompts, "scored": n_scored, "unscored": n_prompts - n_scored, "finite": n_finite, "nonfinite": n_scored - n_finite},
         **distribution(d_mem),
         "top_percent": float(top_percent),
         "threshold": threshold,
@@ -109,10 +103,7 @@ def analyze_tables(
     }
     if known_ids is not None:
         known = table["known_memorized"].to_numpy(dtype=bool)
-        analysis["known_memorized"] = {
-            "listed": len(known_ids),
-            **known_memorized_check(d_mem, memorized, known),
-        }
+        analysis["known_memorized"] = {"listed": len(known_ids), **known_memorized_check(d_mem, memorized, known)}
     return memorized_df.reset_index(drop=True), analysis
 
 

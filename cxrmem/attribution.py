@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 
 from cxrmem.corpus.text import compile_marker_regex, delete_span
+from cxrmem.settings import Settings
 
 
 TOKEN_COLUMNS = {
@@ -54,7 +55,7 @@ TOKEN_COLUMNS = {
 
 
 @dataclass(frozen=True)
-class AttributionSettings:
+class AttributionSettings(Settings):
     generations: int = 2  # noises per prompt for the gradient
     steps: int = 10  # DDIM steps at which the gradient is taken (first steps of the trajectory)
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem

@@ -35,6 +35,7 @@ import torch
 from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.text import compile_marker_regex, delete_span
 from cxrmem.scoring.dmem import d_mem
+from cxrmem.settings import Settings
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -48,7 +49,7 @@ MITIGATION_COLUMNS = {
 
 
 @dataclass(frozen=True)
-class MitigationSettings:
+class MitigationSettings(Settings):
     strategies: tuple[str, ...]  # strategies to compare; `original` is the unmitigated baseline
     n_generations: int = 50  # decoded generations per prompt and strategy for the pairwise distance
     steps: int | None = None  # sampling steps of the generations (None: the scorer's)

@@ -28,9 +28,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxrmem import storage
-from cxrmem.runfiles import RunLayout
-from cxrmem.storage import Store
 from cxrmem.config import load_config
+from cxrmem.distributed.pipeline import scored_batches
+from cxrmem.models.loading import fingerprint_model
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import prepare, score
+from cxrmem.storage import Store
 
 pytestmark = pytest.mark.slow
 
@@ -138,13 +141,10 @@ def driver_on_head(ray_head, tmp_path):
 @pytest.fixture(scope="module")
 def scored_reference(tiny_model_dir, tmp_path_factory):
     """prompts.parquet and the scores of an uninterrupted single-process run, for the same settings."""
-    from cxrmem.corpus.prepare import prepare
-    from cxrmem.scoring.run import score_prompts_file
-
     out = str(tmp_path_factory.mktemp("reference"))
     cfg = load_config(None, [f"run.output={out}", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=120", *SMALL])
-    prepare(cfg)
-    score_prompts_file(cfg)
+    prepare.run(cfg)
+    score.run(cfg)
     return RunLayout(out)
 
 
@@ -193,14 +193,10 @@ def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
 
 
 def resume_parts(layout):
-    from cxrmem.distributed.resume import part_files
-
-    return part_files(layout.score_parts)
+    return Store().list_files(layout.score_parts, suffix=".parquet")
 
 
 def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head, scored_reference, tiny_model_dir, tmp_path):
-    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
-
     kill_flag = driver_on_head
     layout = RunLayout(str(tmp_path / "run"))
     Store().makedirs(layout.prefix)
@@ -213,7 +209,7 @@ def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head,
         kill_flag.touch()  # the next batch's worker deletes it and exits
 
     threading.Thread(target=kill_a_worker_once_parts_exist, daemon=True).start()
-    result = score_corpus(cfg, model_fingerprint(cfg))
+    result = score.run(cfg, Store(), fingerprint_model(cfg.model), scored_batches)
 
     assert not kill_flag.exists(), "no worker died: the run finished before the fault was armed"
     total = pq.read_metadata(layout.prompts).num_rows
@@ -227,27 +223,25 @@ DRIVER_KILLED_AFTER_TWO_PARTS = textwrap.dedent(
     import os, signal, sys
     import ray
     from cxrmem.config import load_config
-    from cxrmem.distributed import resume
-    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+    from cxrmem.distributed.pipeline import scored_batches
+    from cxrmem.stages import score, score_parts
 
-    write_part = resume.write_part
-    def write_part_then_die(table, parts_dir, sequence, storage_cfg=None):
-        uri = write_part(table, parts_dir, sequence, storage_cfg)
+    write_part = score_parts.write_part
+    def write_part_then_die(store, table, parts_dir, sequence):
+        uri = write_part(store, table, parts_dir, sequence)
         if sequence == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # the driver dies hard right after its second part
         return uri
-    resume.write_part = write_part_then_die
+    score_parts.write_part = write_part_then_die
 
     cfg = load_config(None, sys.argv[2:])
     ray.init(address=sys.argv[1], runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, logging_level="WARNING")
-    score_corpus(cfg, model_fingerprint(cfg))
+    score.run(cfg, scored_batches=scored_batches)
     """
 )
 
 
 def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head, scored_reference, tiny_model_dir, tmp_path):
-    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
-
     layout = RunLayout(str(tmp_path / "run"))
     Store().makedirs(layout.prefix)
     shutil.copy(scored_reference.prompts, layout.prompts)
@@ -265,7 +259,7 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
     rows_in_parts = sum(pq.read_metadata(part).num_rows for part in parts)
 
     cfg = small_config(layout.prefix, tiny_model_dir)
-    result = score_corpus(cfg, model_fingerprint(cfg))
+    result = score.run(cfg, scored_batches=scored_batches)
 
     total = pq.read_metadata(layout.prompts).num_rows
     assert result["resumed"] == rows_in_parts >= 2 * cfg.ray.checkpoint_every
@@ -275,8 +269,8 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
 
 
 def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir, tmp_path):
-    from cxrmem.distributed.rescore import DIFF_FILE, latest_uri, rescore
     from cxrmem.corpus.synthetic import tokenizer_texts
+    from cxrmem.distributed.rescore import DIFF_FILE, latest_uri, rescore
     from cxrmem.models.tiny import build_tiny_model
 
     output = str(tmp_path / "service")

@@ -59,17 +59,14 @@ def tiny_unet(cross_attention_dim: int, sample_size: int = 8, in_channels: int =
     )
 
 
+# SD-1.x UNet architecture (RadEdit's): 4x64x64 latents, cross-attention 768; diffusers' defaults for the rest.
+RADEDIT_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": (320, 640, 1280, 1280),
+                "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8}  # fmt: skip
+
+
 def radedit_shaped_unet() -> UNet2DConditionModel:
-    """SD-1.x UNet architecture (RadEdit's), random weights: 4x64x64 latents, cross-attention 768."""
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
+    """RadEdit's UNet architecture with random weights."""
+    return UNet2DConditionModel(**RADEDIT_UNET)
 
 
 def tiny_vae() -> AutoencoderKL:

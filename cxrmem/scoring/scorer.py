@@ -8,7 +8,6 @@ driven by the guided noise. Everything else (encoding, seeding, decoding) stays 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -19,12 +18,13 @@ import torch
 from cxrmem.scoring.attention import SharedText, TextLayout, share_text_projections
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
+from cxrmem.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ScoreSettings:
+class ScoreSettings(Settings):
     """What a d_mem score depends on (docs/design.md, Score); cut from the `score` config section."""
 
     generations: int = 4  # G: initial noises per prompt
@@ -34,15 +34,6 @@ class ScoreSettings:
     seed_mode: str = "shared"  # shared | per_prompt
     screening_steps: Optional[int] = None  # score only the first k steps (None: all T)
     use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder
-
-    @classmethod
-    def of(cls, section) -> "ScoreSettings":
-        """The settings from any object or mapping with these names (e.g. the `score` config section)."""
-        get = section.get if isinstance(section, dict) else lambda name: getattr(section, name)
-        return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls)})
-
-    def replace(self, **changes) -> "ScoreSettings":
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass

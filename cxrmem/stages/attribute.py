@@ -10,10 +10,9 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.attribution import TOKEN_COLUMNS, attribution_summary
-from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
-from cxrmem.stages.worker import LocalModel
+from cxrmem.stages.worker import LocalModel, map_with_progress
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -28,14 +27,10 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     with stage_writes(store, cfg.run.output, cfg.run.overwrite, "attribute"):
         memorized = read_memorized(store, layout, cfg.attribution.max_prompts)
         models = models or LocalModel(cfg, store)
-        progress = Progress(len(memorized), "attributed", cfg.ray.progress_every_s)
-        frames = []
-        for done, frame in models.map("attribute", memorized):
-            frames.append(frame)
-            progress.update(done)
+        frames, seconds = map_with_progress(models, "attribute", memorized, "attributed", cfg.ray.progress_every_s)
         tokens = pd.concat(frames, ignore_index=True)
         store.write_table(pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False), layout.tokens)
-        summary = {**attribution_summary(tokens), "seconds": round(progress.elapsed_s, 2), "tokens": layout.tokens}
+        summary = {**attribution_summary(tokens), "seconds": round(seconds, 2), "tokens": layout.tokens}
         merge_summary(store, layout, attribution=summary)
     log.info("attribution: %s", summary)
     return summary

@@ -11,10 +11,9 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
-from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
-from cxrmem.stages.worker import LocalModel
+from cxrmem.stages.worker import LocalModel, map_with_progress
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -40,20 +39,16 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
         models = models or LocalModel(cfg, store, need_vae=True)
         # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
-        progress = Progress(len(memorized), "mitigated", cfg.ray.progress_every_s)
-        frames, grids = [], {}
-        for done, (frame, chunk_grids) in models.map("mitigate", memorized, grid_ids):
-            frames.append(frame)
-            grids.update(chunk_grids)
-            progress.update(done)
-        frame = pd.concat(frames, ignore_index=True)
+        results, seconds = map_with_progress(models, "mitigate", memorized, "mitigated", cfg.ray.progress_every_s, grid_ids)
+        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
         store.write_table(pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation)
         figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
         summary = {
             "strategies": mitigation_summary(frame),
             "prompts": int(frame["prompt_id"].nunique()),
             "n_generations": cfg.mitigation.n_generations,
-            "seconds": round(progress.elapsed_s, 2),
+            "seconds": round(seconds, 2),
             "mitigation": layout.mitigation,
             "figures": figures,
         }

@@ -23,6 +23,7 @@ import pyarrow as pa
 from cxrmem.attribution import AttributionSettings, attribute_prompts
 from cxrmem.config import config_hash
 from cxrmem.mitigation import MitigationSettings, mitigate_prompts
+from cxrmem.progress import Progress
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
 from cxrmem.storage import Store
 
@@ -46,30 +47,15 @@ def inject_fault_once() -> None:
 
 
 def attribution_settings(cfg) -> AttributionSettings:
-    section = cfg.attribution
-    return AttributionSettings(
-        generations=section.generations,
-        steps=section.steps,
-        leave_one_out=section.leave_one_out,
-        marker_regex=cfg.corpus.marker_regex,
-        batch_size=cfg.score.batch_size,
-    )
+    return AttributionSettings.of(cfg.attribution, marker_regex=cfg.corpus.marker_regex, batch_size=cfg.score.batch_size)
 
 
 def mitigation_settings(cfg) -> MitigationSettings:
-    section = cfg.mitigation
-    return MitigationSettings(
-        strategies=tuple(section.strategies),
-        n_generations=section.n_generations,
-        steps=section.steps,
-        insertion_words=section.insertion_words,
-        noise_std=section.noise_std,
-        optimisation_iters=section.optimisation_iters,
-        optimisation_lr=section.optimisation_lr,
-        optimisation_target=section.optimisation_target,
-        seed=section.seed,
+    return MitigationSettings.of(
+        cfg.mitigation,
+        strategies=tuple(cfg.mitigation.strategies),
         marker_regex=cfg.corpus.marker_regex,
-        samples_per_call=cfg.score.batch_size * cfg.score.generations,
+        samples_per_call=cfg.score.batch_size * cfg.score.generations,  # as many samples as a scoring call
         grid_generations=cfg.report.grid_generations,
     )
 
@@ -127,6 +113,16 @@ class ModelWorker:
     def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
         return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids)
+
+
+def map_with_progress(models, method: str, prompts: pd.DataFrame, what: str, every_s: float, *args) -> tuple[list, float]:
+    """`models.map(method, prompts, *args)` with progress lines (done/total, rate, ETA); the results and seconds."""
+    progress = Progress(len(prompts), what, every_s)
+    results = []
+    for done, result in models.map(method, prompts, *args):
+        results.append(result)
+        progress.update(done)
+    return results, progress.elapsed_s
 
 
 class LocalModel:

@@ -187,18 +187,24 @@ def _line(x, y, points: Sequence[tuple[float, float]], width: float) -> np.ndarr
 ZONE_Y = {"upper": -0.45, "middle": -0.05, "lower": 0.3}
 
 
-def render(anatomy: Anatomy, findings: Findings, size: int = 64) -> np.ndarray:
-    """One phantom, [size, size] float32 in [0, 1]."""
-    a = anatomy
+@dataclass
+class Chest:
+    """The geometry every layer of a phantom is drawn on: pixel grid, body outline, lungs, diaphragm."""
+
+    x: np.ndarray
+    y: np.ndarray
+    pixel: float
+    body: np.ndarray
+    side_sign: dict  # side -> image column sign (patient right is drawn on the left)
+    lung_cx: dict
+    dome: dict
+    lung: dict
+
+
+def chest(a: Anatomy, size: int) -> Chest:
     x, y = _grid(size)
     x, y = x - a.center_x, y - a.center_y
-    pixel = 2.0 / size
-    rng = np.random.default_rng(a.finding_seed)
-
     body = _ellipse(x, y, 0, 0.1, a.thorax_width, a.thorax_height + 0.3, softness=0.08)
-    image = 0.05 + 0.40 * body
-
-    # Lungs: side -> image column sign (patient right is drawn on the left).
     side_sign = {"right": -1.0, "left": 1.0}
     lung_cx = {side: sign * (a.lung_width + 0.06) for side, sign in side_sign.items()}
     dome = {
@@ -208,73 +214,93 @@ def render(anatomy: Anatomy, findings: Findings, size: int = 64) -> np.ndarray:
     lung = {}
     for side in SIDES:
         shape = _ellipse(x, y, lung_cx[side], -0.08, a.lung_width, a.lung_height)
-        below_dome = np.clip((dome[side] - y) / 0.05, 0, 1)
-        lung[side] = shape * below_dome
+        lung[side] = shape * np.clip((dome[side] - y) / 0.05, 0, 1)
+    return Chest(x, y, 2.0 / size, body, side_sign, lung_cx, dome, lung)
+
+
+def lung_lucency(c: Chest, a: Anatomy, findings: Findings, size: int) -> np.ndarray:
+    """How much darker the lungs are than soft tissue, lung markings and any pneumothorax included."""
+    x, y = c.x, c.y
     markings = 0.06 * _upsample(a.texture, size)
     edge_bonus = 0.05 * (np.abs(x) < 0.25)  # vessels are denser near the hila
-
     lucency = np.zeros_like(x)
     for side in SIDES:
         lung_texture = markings + edge_bonus
         if side in findings.pneumothorax:
             # Lucent rim along the apex and lateral wall: no lung markings, darker, a pleural line.
             rim = 0.08 + 0.10 * findings.pneumothorax[side]
-            outer = np.sqrt(((x - lung_cx[side]) / a.lung_width) ** 2 + ((y + 0.08) / a.lung_height) ** 2)
-            lateral = side_sign[side] * (x - lung_cx[side]) > -0.05
+            outer = np.sqrt(((x - c.lung_cx[side]) / a.lung_width) ** 2 + ((y + 0.08) / a.lung_height) ** 2)
+            lateral = c.side_sign[side] * (x - c.lung_cx[side]) > -0.05
             collapsed = (outer > 1 - rim / a.lung_width) & (lateral | (y < -0.3))
-            pleural_line = np.abs(outer - (1 - rim / a.lung_width)) < pixel / a.lung_width
-            lung_texture = np.where(collapsed, -0.06, lung_texture) + 0.12 * pleural_line * lung[side]
-        lucency += lung[side] * (0.27 - lung_texture)
-    image = image - lucency * body
+            pleural_line = np.abs(outer - (1 - rim / a.lung_width)) < c.pixel / a.lung_width
+            lung_texture = np.where(collapsed, -0.06, lung_texture) + 0.12 * pleural_line * c.lung[side]
+        lucency += c.lung[side] * (0.27 - lung_texture)
+    return lucency
 
-    # Ribs: curved bright bands over the lungs.
-    lungs = np.maximum(lung["right"], lung["left"])
+
+def add_anatomy(image: np.ndarray, c: Chest, a: Anatomy, findings: Findings) -> np.ndarray:
+    """Ribs, mediastinum and spine, the heart (enlarged with cardiomegaly) and the abdomen."""
+    x, y = c.x, c.y
+    lungs = np.maximum(c.lung["right"], c.lung["left"])
     rib_wave = np.sin(2 * np.pi * a.rib_frequency * (y + 0.35 * x**2) / 2 + a.rib_phase)
     image += 0.09 * np.clip(rib_wave - 0.55, 0, None) / 0.45 * lungs
-
-    # Mediastinum and spine, then the heart.
     image += 0.12 * _ellipse(x, y, 0, -0.2, 0.12, 0.7, softness=0.2) * (1 - lungs)
     heart_scale = 1 + 0.35 * findings.cardiomegaly
     heart = _ellipse(x, y, a.heart_x, a.diaphragm_y - 0.2, a.heart_width * heart_scale, a.heart_height * (1 + 0.15 * findings.cardiomegaly))
     image = np.maximum(image, (0.55 * heart + image * (1 - heart)))
+    abdomen = np.clip((y - np.minimum(c.dome["right"], c.dome["left"])) / 0.04, 0, 1) * c.body
+    return np.maximum(image, 0.5 * abdomen)
 
-    # Below the diaphragm: abdominal soft tissue.
-    abdomen = np.clip((y - np.minimum(dome["right"], dome["left"])) / 0.04, 0, 1) * body
-    image = np.maximum(image, 0.5 * abdomen)
 
+def add_findings(image: np.ndarray, c: Chest, a: Anatomy, findings: Findings, rng: np.random.Generator) -> np.ndarray:
+    """Effusions, consolidations, atelectasis, nodules and edema, each where the report puts it."""
+    x, y, lung_cx = c.x, c.y, c.lung_cx
     for side, severity in findings.effusion.items():
         # Basal opacity with a meniscus: higher laterally.
-        level = dome[side] - 0.15 - 0.25 * severity - 0.3 * np.clip(side_sign[side] * (x - lung_cx[side]), 0, None)
+        level = c.dome[side] - 0.15 - 0.25 * severity - 0.3 * np.clip(c.side_sign[side] * (x - lung_cx[side]), 0, None)
         fluid = np.clip((y - level) / 0.06, 0, 1) * _ellipse(x, y, lung_cx[side], 0, a.lung_width + 0.05, 0.9)
-        image = np.maximum(image, 0.5 * fluid * body)
+        image = np.maximum(image, 0.5 * fluid * c.body)
     for side, zone in findings.consolidation.items():
         for _ in range(4):
             cx = lung_cx[side] + rng.uniform(-0.5, 0.5) * a.lung_width
             cy = ZONE_Y[zone] + rng.uniform(-0.12, 0.12)
             blob = _ellipse(x, y, cx, cy, rng.uniform(0.08, 0.16), rng.uniform(0.06, 0.12), softness=0.6)
-            image += 0.22 * blob * lung[side]
+            image += 0.22 * blob * c.lung[side]
     for side, severity in findings.atelectasis.items():
-        band = _line(x, y, [(lung_cx[side] - 0.2, dome[side].min() - 0.1), (lung_cx[side] + 0.2, dome[side].min() - 0.06)], 0.04 + 0.02 * severity)
-        image += 0.18 * band * lung[side]
+        ends = [(lung_cx[side] - 0.2, c.dome[side].min() - 0.1), (lung_cx[side] + 0.2, c.dome[side].min() - 0.06)]
+        image += 0.18 * _line(x, y, ends, 0.04 + 0.02 * severity) * c.lung[side]
     for side, zone in findings.nodules:
         cx = lung_cx[side] + rng.uniform(-0.4, 0.4) * a.lung_width
         cy = ZONE_Y[zone] + rng.uniform(-0.1, 0.1)
         image += 0.3 * _ellipse(x, y, cx, cy, 0.05, 0.05, softness=0.3)
     if findings.edema:
         hila = _ellipse(x, y, 0, -0.1, 0.75, 0.55, softness=1.0)
-        image += 0.12 * findings.edema * hila * lungs
+        image += 0.12 * findings.edema * hila * np.maximum(c.lung["right"], c.lung["left"])
+    return image
 
-    # Lines and tubes: thin, near-radiopaque.
-    tubes = np.zeros_like(x)
+
+def tubes(c: Chest, findings: Findings) -> np.ndarray:
+    """Lines and tubes: thin, near-radiopaque."""
+    x, y, width = c.x, c.y, 1.2 * c.pixel
+    drawn = np.zeros_like(x)
     if findings.et_tube:
-        tubes = np.maximum(tubes, _line(x, y, [(0.0, -1.0), (0.0, -0.45)], 1.2 * pixel))
+        drawn = np.maximum(drawn, _line(x, y, [(0.0, -1.0), (0.0, -0.45)], width))
     if findings.central_line:
-        tubes = np.maximum(tubes, _line(x, y, [(-0.75, -0.65), (-0.3, -0.55), (-0.08, -0.4), (-0.06, -0.1)], 1.2 * pixel))
+        drawn = np.maximum(drawn, _line(x, y, [(-0.75, -0.65), (-0.3, -0.55), (-0.08, -0.4), (-0.06, -0.1)], width))
     if findings.enteric_tube:
-        tubes = np.maximum(tubes, _line(x, y, [(0.03, -1.0), (0.03, 0.4), (0.25, 0.75)], 1.2 * pixel))
-    image = np.maximum(image, 0.95 * tubes)
+        drawn = np.maximum(drawn, _line(x, y, [(0.03, -1.0), (0.03, 0.4), (0.25, 0.75)], width))
+    return drawn
 
-    return np.clip(image * a.exposure, 0, 1).astype(np.float32)
+
+def render(anatomy: Anatomy, findings: Findings, size: int = 64) -> np.ndarray:
+    """One phantom, [size, size] float32 in [0, 1]: soft tissue, lungs, anatomy, findings, tubes."""
+    c = chest(anatomy, size)
+    image = 0.05 + 0.40 * c.body
+    image = image - lung_lucency(c, anatomy, findings, size) * c.body
+    image = add_anatomy(image, c, anatomy, findings)
+    image = add_findings(image, c, anatomy, findings, np.random.default_rng(anatomy.finding_seed))
+    image = np.maximum(image, 0.95 * tubes(c, findings))
+    return np.clip(image * anatomy.exposure, 0, 1).astype(np.float32)
 
 
 def phantom(text: str, patient_seed: int, size: int = 64) -> np.ndarray:
