@@ -165,11 +165,7 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
             vae = load_diffusers_model(AutoencoderKL, root, "vae", torch.float32, "VAE")
 
     return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler=scheduler,
-        vae=vae,
+        tokenizer, text_encoder, unet, scheduler, vae,
         vae_scaling_factor=scaling_factor,
         max_length=tokenizer.model_max_length,
         source=f"diffusers:{root}",

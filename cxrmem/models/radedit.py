@@ -297,11 +297,7 @@ def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Componen
 
     revisions = " ".join(f"{name}@{os.path.basename(path)}" for name, path in found.items() if path)
     return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=unet,
-        scheduler=scheduler,
-        vae=vae,
+        tokenizer, text_encoder, unet, scheduler, vae,
         vae_scaling_factor=radedit.vae_scaling_factor,
         max_length=radedit.tokenizer_max_length,
         source=f"radedit:{cache_root} {revisions}",

@@ -10,9 +10,8 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.attribution import TOKEN_COLUMNS, attribution_summary
-from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
-from cxrmem.stages.worker import LocalModel, map_with_progress
+from cxrmem.runfiles import merge_summary
+from cxrmem.stages.worker import LocalModel, map_with_progress, memorized_stage
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -23,10 +22,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     store = store or Store.from_config(cfg.storage)
     if not cfg.attribution.enabled:
         return {"attribution": "disabled (attribution.enabled=false)"}
-    layout = RunLayout(cfg.run.output)
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "attribute"):
-        memorized = read_memorized(store, layout, cfg.attribution.max_prompts)
-        models = models or LocalModel(cfg, store)
+    with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models):
         frames, seconds = map_with_progress(models, "attribute", memorized, "attributed", cfg.ray.progress_every_s)
         tokens = pd.concat(frames, ignore_index=True)
         store.write_table(pa.Table.from_pandas(tokens, schema=pa.schema(TOKEN_COLUMNS), preserve_index=False), layout.tokens)

@@ -11,9 +11,8 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
-from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, merge_summary, read_memorized
-from cxrmem.stages.worker import LocalModel, map_with_progress
+from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.stages.worker import LocalModel, map_with_progress, memorized_stage
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     store = store or Store.from_config(cfg.storage)
     if not cfg.mitigation.enabled:
         return {"mitigation": "disabled (mitigation.enabled=false)"}
-    layout = RunLayout(cfg.run.output)
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "mitigate"):
-        memorized = read_memorized(store, layout, cfg.mitigation.max_prompts)
-        models = models or LocalModel(cfg, store, need_vae=True)
+    with memorized_stage(cfg, store, "mitigate", cfg.mitigation.max_prompts, models, need_vae=True) as (layout, memorized, models):
         # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
         results, seconds = map_with_progress(models, "mitigate", memorized, "mitigated", cfg.ray.progress_every_s, grid_ids)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import pandas as pd
@@ -24,6 +25,8 @@ from cxrmem.attribution import AttributionSettings, attribute_prompts
 from cxrmem.config import config_hash
 from cxrmem.mitigation import MitigationSettings, mitigate_prompts
 from cxrmem.progress import Progress
+from cxrmem.publish import stage_writes
+from cxrmem.runfiles import RunLayout, read_memorized
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
 from cxrmem.storage import Store
 
@@ -113,6 +116,15 @@ class ModelWorker:
     def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
         return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids)
+
+
+@contextmanager
+def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=None, need_vae: bool = False):
+    """Inside a stage that maps the memorized set over a model: (layout, memorized set, models), with the
+    published-run guard around it. `models` defaults to a model loaded in this process."""
+    layout = RunLayout(cfg.run.output)
+    with stage_writes(store, cfg.run.output, cfg.run.overwrite, stage):
+        yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae)
 
 
 def map_with_progress(models, method: str, prompts: pd.DataFrame, what: str, every_s: float, *args) -> tuple[list, float]:

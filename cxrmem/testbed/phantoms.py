@@ -93,6 +93,15 @@ def _zone(sentence: str) -> str:
     return "lower"
 
 
+# Findings recorded per side: the Findings field, what names it in a sentence, the value kept.
+SIDED_FINDINGS = (
+    ("effusion", r"effusion", _severity),
+    ("pneumothorax", r"pneumothorax", _severity),
+    ("consolidation", r"consolidation|pneumonia|opacit", _zone),
+    ("atelectasis", r"atelectasis", _severity),
+)
+
+
 def parse_findings(text: str) -> Findings:
     """Keyword rules, one sentence at a time; a sentence with a negation word adds nothing."""
     findings = Findings()
@@ -102,18 +111,10 @@ def parse_findings(text: str) -> Findings:
         lowered = sentence.lower()
         if re.search(r"cardiomegaly|heart (size )?is enlarged|enlarged (cardiac|heart)", lowered):
             findings.cardiomegaly = max(findings.cardiomegaly, _severity(sentence))
-        if "effusion" in lowered:
-            for side in _sides(sentence):
-                findings.effusion[side] = _severity(sentence)
-        if "pneumothorax" in lowered:
-            for side in _sides(sentence):
-                findings.pneumothorax[side] = _severity(sentence)
-        if re.search(r"consolidation|pneumonia|opacit", lowered):
-            for side in _sides(sentence):
-                findings.consolidation[side] = _zone(sentence)
-        if "atelectasis" in lowered:
-            for side in _sides(sentence):
-                findings.atelectasis[side] = _severity(sentence)
+        for name, pattern, value in SIDED_FINDINGS:
+            if re.search(pattern, lowered):
+                for side in _sides(sentence):
+                    getattr(findings, name)[side] = value(sentence)
         if re.search(r"nodule|mass\b", lowered):
             findings.nodules.append((_sides(sentence)[0], _zone(sentence)))
         if "edema" in lowered:
