@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem import storage
 from cxrmem.config import load_config
 from cxrmem.distributed.pipeline import scored_batches
 from cxrmem.models.loading import fingerprint_model
@@ -186,7 +185,8 @@ def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
     assert set(scores["model_fingerprint"].to_pylist()) == {manifest["model_fingerprint"]}
     summary = Store().read_json(layout.summary)
     assert summary["audit"]["scoring"]["computed"] == len(prompts)
-    assert {"score", "analyze", "attribute", "mitigate", "report"} <= set(summary["audit"]["timings_s"])
+    # The audit section is written once, before the report (which shows it) and the manifest (which checksums it).
+    assert {"score", "analyze", "attribute", "mitigate"} <= set(summary["audit"]["timings_s"])
     assert summary["analysis"]["memorized_count"] >= 1
     assert pq.read_table(layout.tokens).num_rows > 0 and pq.read_table(layout.mitigation).num_rows == 3
     assert resume_parts(layout) == []
