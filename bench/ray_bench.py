@@ -28,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrmem import storage
-from cxrmem.runfiles import RunLayout
 from cxrmem.config import config_hash, load_config
+from cxrmem.models.loading import fingerprint_model
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
 
 log = logging.getLogger("ray_bench")
 
@@ -79,32 +80,29 @@ def bench_config(output: str, model: str, args, *extra: str):
 def throughput(args, model: str, work: str) -> dict:
     import torch
 
-    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
-    from cxrmem.models.loading import load_components
-    from cxrmem.scoring.run import score_prompts
-    from cxrmem.scoring.scorer import Scorer, ScoreSettings
+    from cxrmem.distributed.pipeline import scored_batches
+    from cxrmem.distributed.session import ray_session
+    from cxrmem.stages import score
+    from cxrmem.stages.worker import ModelWorker
 
     run = os.path.join(work, "throughput")
     write_prompts(os.path.join(run, "prompts.parquet"), args.prompts)
     cfg = bench_config(run, model, args)
     table = pq.read_table(os.path.join(run, "prompts.parquet"), columns=["prompt_id", "prompt"])
-    ids, prompts = table["prompt_id"].to_pylist(), table["prompt"].to_pylist()
 
     # Both sides are timed from "nothing loaded": the single process loads its model, the pipeline
     # starts its actor (a process, imports, the model) before the first batch.
     torch.set_num_threads(args.cpus)
     start = time.perf_counter()
-    components = load_components(cfg.model)
-    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
+    worker = ModelWorker(cfg, Store(), fingerprint_model(cfg.model))
     load_s = time.perf_counter() - start
-    for _ in score_prompts(scorer, ids, prompts, cfg.score.batch_size, components.fingerprint, config_hash(cfg)):
-        pass
+    worker(table)
     single = args.prompts / (time.perf_counter() - start)
     single_scoring = args.prompts / (time.perf_counter() - start - load_s)
-    del scorer, components
+    del worker
 
     with ray_session(cfg.ray):
-        result = score_corpus(cfg, model_fingerprint(cfg))
+        result = score.run(cfg, scored_batches=scored_batches)
     return {
         "prompts": args.prompts,
         "single_process_prompts_per_s": round(single, 3),
@@ -123,7 +121,7 @@ def throughput(args, model: str, work: str) -> dict:
 
 def prefill_parts(cfg, fingerprint: str, n_done: int) -> None:
     """Part files for the first n_done prompts, as an interrupted run would have left them."""
-    from cxrmem.distributed import resume
+    from cxrmem.stages import score_parts
 
     layout = RunLayout(cfg.run.output)
     prompts = pq.read_table(layout.prompts, columns=["prompt_id", "prompt"]).slice(0, n_done)
@@ -145,13 +143,11 @@ def prefill_parts(cfg, fingerprint: str, n_done: int) -> None:
                 "config_hash": pa.array([config_hash(cfg)] * chunk.num_rows),
             }
         )
-        resume.write_part(part, layout.score_parts, sequence)
+        score_parts.write_part(Store(), part, layout.score_parts, sequence)
 
 
 def driver_memory(args, model: str, work: str, n: int) -> dict:
     """Prepare a corpus of n prompts and measure a fresh driver process on it."""
-    from cxrmem.models.loading import load_components
-
     run = os.path.join(work, f"memory-{n}")
     write_prompts(os.path.join(run, "prompts.parquet"), n)
     cfg = bench_config(run, model, args)
@@ -175,15 +171,16 @@ def reset_peak_rss() -> None:
 
 def measure_driver(args, run: str, model: str) -> None:
     """In a fresh process: score what is left, consolidate, analyse; print peak RSS as JSON."""
-    from cxrmem.analysis import analyze
-    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
+    from cxrmem.distributed.pipeline import scored_batches
+    from cxrmem.distributed.session import ray_session
+    from cxrmem.stages import analyze, score
 
     cfg = bench_config(run, model, args, "analyze.top_percent=1")
     with ray_session(cfg.ray):
         baseline_kb = status_kb("VmRSS")
         reset_peak_rss()  # the peak from here on: what the run itself adds to a connected driver
-        result = score_corpus(cfg, model_fingerprint(cfg))
-        analyze(cfg)
+        result = score.run(cfg, scored_batches=scored_batches)
+        analyze.run(cfg)
         peak_kb = status_kb("VmHWM")
     print(
         json.dumps(
