@@ -43,11 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--config", help="YAML file from conf/ (default: built-in defaults)")
+        if name == "verify":
+            stage.add_argument("run", help="the published run's prefix (local folder or s3://)")
         stage.add_argument("overrides", nargs="*", help="key=value overrides merged on top of the config")
         if name == "export":
             stage.add_argument("--to", required=True, help="destination prefix (local folder or s3://)")
-        if name == "verify":
-            stage.add_argument("run", nargs="?", help="the run's prefix (default: run.output)")
         if name == "rescore":
             stage.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
         if name == "deid-rewrite":
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.stage == "verify":
         from cxrmem.publish import verify_run
 
-        return verify_run(store, args.run or cfg.run.output)
+        return verify_run(store, args.run)
     if args.stage == "compare":
         from cxrmem.stages.compare import run as compare
 
