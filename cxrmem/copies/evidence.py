@@ -109,8 +109,13 @@ def reidentify(nearest_keys: Sequence[Optional[str]], own_keys: Sequence[Sequenc
     if len(nearest_keys) != len(own_keys):
         raise ValueError(f"{len(nearest_keys)} nearest images for {len(own_keys)} prompts")
     # A list column read from parquet gives numpy arrays (or None for a null list).
-    owned = [set() if own is None else {k for k in list(own) if k is not None} for own in own_keys]
-    return np.array([key is not None and key in keys for key, keys in zip(nearest_keys, owned)], dtype=bool)
+    owned = [set() if own is None else {k for k in map(_key, own) if k is not None} for own in own_keys]
+    return np.array([_key(key) is not None and _key(key) in keys for key, keys in zip(nearest_keys, owned)], dtype=bool)
+
+
+def _key(value) -> Optional[str]:
+    """An id as text; None for a missing one (pandas turns None in a text column into NaN)."""
+    return value if isinstance(value, str) else None
 
 
 def copies_table(
@@ -144,12 +149,9 @@ def copies_table(
         **{name: stats[name] for name in ("max_similarity", "mean_similarity", "copy_share", "is_copy")},
         "threshold": [threshold.value] * len(prompts),
         "best_generation": best,
-        "nearest_image_id": nearest["image_id"].tolist(),
-        "nearest_path": nearest["path"].tolist(),
-        "nearest_source_id": nearest["source_id"].tolist(),
-        "nearest_subject_id": nearest["subject_id"].tolist(),
-        "same_study": reidentify(nearest["source_id"].tolist(), list(prompts["source_ids"])),
-        "same_patient": reidentify(nearest["subject_id"].tolist(), list(own_subjects)),
+        **{f"nearest_{name}": [_key(v) for v in nearest[name]] for name in ("image_id", "path", "source_id", "subject_id")},
+        "same_study": reidentify(list(nearest["source_id"]), list(prompts["source_ids"])),
+        "same_patient": reidentify(list(nearest["subject_id"]), list(own_subjects)),
         "neighbour_image_ids": [images["image_id"].iloc[r].tolist() for r in picked],
         "neighbour_similarities": [np.asarray(sims)[p, best[p]].astype(np.float32).tolist() for p in range(len(best))],
         "embedder": [embedder] * len(prompts),
