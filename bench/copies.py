@@ -67,16 +67,14 @@ def testbed_prompts(manifest, n_controls: int, seed: int):
 
 def testbed_guidance(scorer, frame, index, table, embedder, guidance: float, args) -> dict:
     from cxrmem.copies.evidence import calibrate_threshold, copies_table
+    from cxrmem.copies.find import CopiesSettings, nearest_images
     from cxrmem.copies.generation import generate
-    from cxrmem.copies.search import top_k
     from cxrmem.stats import roc_auc
 
     started = time.perf_counter()
+    settings = CopiesSettings(generations=args.generations, batch_size=args.batch_size)
     images = generate(scorer, frame.prompt.tolist(), frame.prompt_id.tolist(), args.generations, guidance, args.batch_size)
-    queries = embedder(images.flatten(0, 1))
-    sims, rows = top_k(queries, index, k=5)
-    sims = sims.reshape(len(frame), args.generations, -1).numpy()
-    rows = rows.reshape(len(frame), args.generations, -1).numpy()
+    sims, rows = nearest_images(embedder, images, index, settings)
     planted, calibration = frame.planted.to_numpy(), frame.calibration.to_numpy()
     best = sims[:, :, 0].max(axis=1)
     threshold = calibrate_threshold(best[~planted & calibration])

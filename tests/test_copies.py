@@ -264,7 +264,7 @@ def test_a_planted_prompt_finds_its_own_training_image_on_the_testbed(tmp_path):
     from omegaconf import OmegaConf
 
     from cxrmem.config import load_config
-    from cxrmem.copies.generation import generate
+    from cxrmem.copies.find import CopiesSettings, find_copies
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer
     from cxrmem.testbed.export import export_training_images
@@ -275,13 +275,16 @@ def test_a_planted_prompt_finds_its_own_training_image_on_the_testbed(tmp_path):
     assert len(table) == 1024 and table.path.map(os.path.exists).all()
     embed = make_embedder(EmbedderSettings(name="pixel", size=cfg.testbed.image_size))
     index = embed([read_image(Path(p).read_bytes(), p) for p in table.path])
-    planted = table[table.planted & (table.n_copies == 128)].iloc[0]
-    control = table[~table.planted].iloc[0]
+    planted = table[table.planted & (table.n_copies == 128)].iloc[:1]
+    controls = table[~table.planted].iloc[:2]
+    prompts = pd.concat([planted, controls]).assign(
+        group=["memorized", "control", "control"], source_ids=lambda f: [[pid] for pid in f.prompt_id]
+    )
     scorer = Scorer(load_components(cfg.model, cfg.storage), OmegaConf.merge(cfg.score, {"steps": 10, "screening_steps": None}), device="cpu")
-    images = generate(scorer, [planted.prompt, control.prompt], [planted.prompt_id, control.prompt_id], 2, 1.0, batch_size=2)
-    assert images.shape == (2, 2, 1, cfg.testbed.image_size, cfg.testbed.image_size)
-    sims, rows = top_k(embed(images.flatten(0, 1)), index, k=3)
-    own = table.index[table.prompt_id == planted.prompt_id][0]
-    assert (rows[:2, 0] == own).all()  # both generations of the planted prompt: its own phantom first
-    assert sims[:2, 0].min() > 0.95
-    assert sims[2:, 0].max() < sims[:2, 0].min()  # the control's generations come less close to anything
+    found = find_copies(scorer, embed, prompts, index, table, CopiesSettings(generations=2, top_k=3), guidance=1.0)
+    out = found.table.to_pandas()
+    assert found.best_images.shape == (3, 1, cfg.testbed.image_size, cfg.testbed.image_size)
+    assert out.nearest_image_id[0] == planted.prompt_id.iloc[0] and out.same_study[0]  # its own phantom
+    assert out.max_similarity[0] > 0.95 and out.is_copy[0] and out.copy_share[0] == 1.0
+    assert not out.is_copy[1:].any()  # the threshold is the controls' own max: none exceeds it
+    assert found.threshold.n_controls == 2 and found.threshold.value == out.max_similarity[1:].max()
