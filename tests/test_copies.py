@@ -185,6 +185,27 @@ def test_missing_embedder_in_cache_is_a_clear_error(tmp_path):
         make_embedder(EmbedderSettings(name="clip"))
 
 
+def test_index_parts_embed_in_batches_skip_unreadable_files_and_stack(tmp_path):
+    from cxrmem.copies.index import embed_files, embedding_part, stack_parts
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (tmp_path / f"img{i}.png").write_bytes(encoded((rng.random((20, 20)) * 255).astype(np.uint8), "PNG"))
+    (tmp_path / "img5.png").write_bytes(b"truncated")
+    table = folder_table([str(p) for p in tmp_path.iterdir()])
+    embed = make_embedder(EmbedderSettings(name="pixel", size=8))
+    read = lambda path: Path(path).read_bytes()  # noqa: E731
+    whole, ok, errors = embed_files(embed, list(table.path), read)
+    assert ok.tolist() == [True] * 5 + [False] and len(errors) == 1 and "img5.png" in errors[0]
+    parts = []  # two batches, as a job that stopped after the first and resumed would write them
+    for rows in (slice(0, 3), slice(3, 6)):
+        vectors, ok, _ = embed_files(embed, list(table.path[rows]), read)
+        parts.append(embedding_part(table.image_id[rows][ok].tolist(), vectors))
+    ids, index = stack_parts(parts)
+    assert ids == [f"img{i}" for i in range(5)]
+    assert torch.allclose(index, whole, atol=1e-6)
+
+
 # -- search -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("query_chunk,index_chunk,k", [(7, 13, 5), (64, 1000, 10), (3, 4, 9)])
 def test_chunked_top_k_equals_brute_force(query_chunk, index_chunk, k):
