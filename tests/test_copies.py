@@ -12,7 +12,7 @@ from PIL import Image
 
 from cxrmem.copies.embedders import EmbedderSettings, make_embedder
 from cxrmem.copies.evidence import COPIES_SCHEMA, calibrate_threshold, copies_table, pick_controls, reidentify
-from cxrmem.copies.images import ImageReadError, folder_table, read_image, table_images
+from cxrmem.copies.images import ImageReadError, folder_table, read_image, read_table_file, table_images
 from cxrmem.copies.search import top_k
 from cxrmem.corpus.mimic import report_ids
 from cxrmem.models.loading import ModelLoadError
@@ -142,6 +142,14 @@ def test_table_source_with_mimic_integer_ids():
     assert list(as_is.source_id) == ["50414267", "53189527"] and as_is.subject_id.isna().all()
     with pytest.raises(ImageReadError, match="meta.csv: no column 'path'"):
         table_images(frame, "meta.csv")
+
+
+def test_image_table_files_keep_ids_as_text(tmp_path):
+    path = tmp_path / "images.csv"
+    path.write_text("path,study_id\nx.png,007\n", encoding="utf-8")
+    assert read_table_file(str(path)).study_id.tolist() == ["007"]
+    with pytest.raises(ImageReadError, match="images.txt: an image table must be"):
+        read_table_file(str(tmp_path / "images.txt"))
 
 
 # -- embedders --------------------------------------------------------------------------------
