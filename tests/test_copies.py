@@ -215,7 +215,7 @@ def test_index_parts_embed_in_batches_skip_unreadable_files_and_stack(tmp_path):
 
 
 # -- search -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("query_chunk,index_chunk,k", [(7, 13, 5), (64, 1000, 10), (3, 4, 9)])
+@pytest.mark.parametrize("query_chunk,index_chunk,k", [(7, 13, 5), (64, 1000, 10), (20, 4, 9)])
 def test_chunked_top_k_equals_brute_force(query_chunk, index_chunk, k):
     generator = torch.Generator().manual_seed(0)
     index = torch.nn.functional.normalize(torch.randn(301, 24, generator=generator), dim=1)
