@@ -75,7 +75,7 @@ class TransformersEmbedder:
         from transformers import AutoImageProcessor, AutoModel
 
         repo = RAD_DINO_REPO if settings.name == "rad_dino" else settings.repo
-        snapshot, problem = resolve_snapshot(settings.cache_dir, repo, settings.revision, "copies.embedder.revision")
+        snapshot, problem = resolve_snapshot(settings.cache_dir, repo, settings.revision, "copies.embedder_revision")
         if problem:
             raise ModelLoadError(f"image embedder {settings.name}: {problem}")
         self.device = torch.device(device)
@@ -112,6 +112,6 @@ def make_embedder(settings: EmbedderSettings, device: torch.device | str = "cpu"
         return PixelEmbedder(settings)
     if settings.name in ("rad_dino", "hf"):
         if not settings.cache_dir:
-            raise ModelLoadError(f"image embedder {settings.name} needs the Hugging Face cache folder (copies.embedder.cache_dir)")
+            raise ModelLoadError(f"image embedder {settings.name} needs the Hugging Face cache folder (copies.embedder_cache)")
         return TransformersEmbedder(settings, device)
     raise ValueError(f"image embedder {settings.name!r}: use one of {', '.join(EMBEDDERS)}")
