@@ -65,7 +65,7 @@ class ScoreBatch:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+    if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

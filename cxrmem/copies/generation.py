@@ -1,0 +1,32 @@
+"""N decoded generations per prompt at a given guidance, through the Scorer's own methods.
+
+Each prompt's initial latents come from `Scorer.initial_latents` (the run's seed mode), so the
+generations of a prompt are the same whichever batch it is decoded in, and a memorized prompt's
+generations here start from the noises its d_mem was scored on.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def generate(
+    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], n_generations: int, guidance: float, batch_size: int
+) -> torch.Tensor:
+    """Decoded generations [P, N, C, H, W] in [0, 1] on the CPU, at guidance `guidance`.
+
+    `batch_size` prompts (each with its N generations) go through one sampling run.
+    """
+    if len(prompts) != len(prompt_ids) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts and {len(prompt_ids)} prompt ids: need the same, non-zero number")
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        ids = list(prompt_ids[start : start + batch_size])
+        encoded = scorer.encode(list(prompts[start : start + batch_size]))
+        latents = scorer.initial_latents(ids, n_generations)
+        final = scorer.sample(encoded.embeddings, latents, guidance=guidance).final_latents
+        decoded = scorer.decode(final.flatten(0, 1))
+        images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
+    return torch.cat(images)

@@ -1,0 +1,50 @@
+"""The training-image index: embeddings of image files, as parts a resumable job writes and stacks.
+
+A part is a table of `image_id` and `embedding` (fixed-size list of float32): one per batch of
+the image table, so that a job that stops keeps its finished parts, and one that resumes embeds
+only the missing ones. Unreadable files do not stop the job: they are left out of the part and
+reported, each message naming the file.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cxrmem.copies.images import ImageReadError, read_image
+
+
+def embed_files(embedder, paths: Sequence[str], read: Callable[[str], bytes]) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(embeddings [n_read, D], mask [len(paths)] of the files read, a message per unreadable file).
+
+    `read(path) -> bytes` is the caller's storage (a local open, or an s3:// get).
+    """
+    images, errors = [], []
+    read_ok = np.zeros(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
+        try:
+            images.append(read_image(read(path), path))
+            read_ok[i] = True
+        except (ImageReadError, OSError) as err:
+            errors.append(str(err) if isinstance(err, ImageReadError) else f"{path}: cannot read ({err})")
+    return embedder(images), read_ok, errors
+
+
+def embedding_part(image_ids: Sequence[str], embeddings: torch.Tensor) -> pa.Table:
+    """One stored part: image_id and its embedding (float32, fixed size)."""
+    flat = pa.array(embeddings.float().numpy().reshape(-1), pa.float32())
+    vectors = pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])
+    return pa.table({"image_id": pa.array(list(image_ids), pa.string()), "embedding": vectors})
+
+
+def stack_parts(parts: Sequence[pa.Table]) -> tuple[list[str], torch.Tensor]:
+    """Image ids and the index [M, D] of stored parts, in the parts' order."""
+    if not parts:
+        raise ValueError("no embedding parts: the image index is empty; build it first")
+    table = pa.concat_tables(parts)
+    dim = table.schema.field("embedding").type.list_size
+    values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return table.column("image_id").to_pylist(), torch.from_numpy(values.reshape(-1, dim).copy())
