@@ -126,7 +126,10 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def job_main(description: str, stage, force_flag: bool = False) -> None:
-    """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg)."""
+    """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg).
+
+    Errors end the job with the CLI's one-line messages and exit codes (2: configuration, 1: data or storage).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file from conf/")
@@ -134,8 +137,15 @@ def job_main(description: str, stage, force_flag: bool = False) -> None:
         parser.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    result = stage(cfg, force=args.force) if force_flag else stage(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = stage(cfg, force=args.force) if force_flag else stage(cfg)
+    except ConfigError as err:
+        print(f"cxrmem: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, ValueError) as err:
+        print(f"cxrmem {parser.prog.removesuffix('.py')}: {err}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps(result, indent=2, default=str))
 
 
