@@ -150,7 +150,10 @@ def test_embedding_optimisation_lowers_the_first_step_norm(tiny_model_dir, compo
 
 
 def test_strategies_share_seeds(tiny_model_dir, components, vocab):
-    """Strategies that leave this prompt's embedding unchanged must give identical numbers: paired noises."""
+    """Strategies that leave this prompt's embedding unchanged give the same numbers: paired noises.
+
+    The strategies share UNet batches at different batch positions, so equal means equal up to
+    float reduction order (a tolerance), not bit for bit."""
     cfg = tiny_config(
         tiny_model_dir, "mitigation.strategies=[original,remove_marker,embedding_noise]", "mitigation.noise_std=0.0"
     )
@@ -158,9 +161,10 @@ def test_strategies_share_seeds(tiny_model_dir, components, vocab):
     rows, grids = mitigate_prompt(scorer, "No acute process.", "0" * 16, cfg, vocab, keep=2)
     frame = pd.DataFrame(rows)
     assert frame["strategy"].tolist() == ["original", "remove_marker", "embedding_noise"]
-    assert frame["d_mem"].nunique() == 1 and frame["pairwise_distance"].nunique() == 1
+    for column in ["d_mem", "pairwise_distance"]:
+        np.testing.assert_allclose(frame[column], frame[column].iloc[0], rtol=1e-4, atol=1e-6, err_msg=column)
     assert np.isfinite(frame["d_mem"]).all() and (frame["pairwise_distance"] > 0).all()
-    np.testing.assert_array_equal(grids["original"], grids["embedding_noise"])
+    np.testing.assert_allclose(grids["original"], grids["embedding_noise"], rtol=1e-4, atol=1e-5)
     assert grids["original"].shape[0] == 2 and grids["original"].ndim == 3
 
 
