@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Iterable, Iterator, Optional
 
 from cxrmem import storage
-from cxrmem.corpus.text import SourceText, decode_utf8, pick_section, skipped
+from cxrmem.corpus.text import SourceText, corpus_files, decode_utf8, pick_section, skipped
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +200,13 @@ def read_files(uris: list[str], storage_cfg=None, workers: int = 16, chunk: int 
 
 def iter_mimic_reports(root: str, order, storage_cfg=None, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
     """Every `*.txt` report under `root` (local folder or s3:// prefix), in path order."""
-    uris = storage.list_files(root, storage_cfg, suffix=".txt")
+    uris, outside = corpus_files(root, (".txt",), storage_cfg)
     if not uris:
         raise FileNotFoundError(
             f"no .txt reports under {root}; corpus.path must be the MIMIC-CXR reports folder (files/pNN/pNNNNNNNN/sNNNNNNNN.txt)"
         )
     logger.info("found %d report files under %s", len(uris), root)
+    yield from outside
     for uri, data in read_files(uris[:limit], storage_cfg, workers):
         source_id, ids = report_ids(uri)
         if isinstance(data, OSError):

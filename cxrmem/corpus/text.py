@@ -1,12 +1,14 @@
 """Prompt text primitives: whitespace normalisation, stable prompt ids, de-identification markers.
 
 These fix the semantics in DESIGN.md (Prompts): every stage that names a prompt by id or
-counts its markers goes through these three functions.
+counts its markers goes through these three functions. Also here: the corpus file listing that
+the folder readers share (`corpus_files`), which never leaves the corpus root.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,10 +20,18 @@ from cxrmem.config import CorpusConfig
 MARKER_REGEX = CorpusConfig.marker_regex
 
 _WHITESPACE = re.compile(r"\s+")
+# Characters that print nothing: whitespace, C0/C1 controls (NUL included), soft hyphen,
+# zero-width and directional marks, word joiners, the BOM. A text made only of them is empty.
+_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]*")
 
 
 def normalise_whitespace(text: str) -> str:
-    """Collapse every run of whitespace (newlines and tabs included) to one space and strip; case and punctuation stay."""
+    """Collapse every run of whitespace (newlines and tabs included) to one space and strip; case and punctuation stay.
+
+    A text with no visible character (only NUL, controls or zero-width marks) normalises to "".
+    """
+    if _INVISIBLE.fullmatch(text):
+        return ""
     return _WHITESPACE.sub(" ", text).strip()
 
 
@@ -79,3 +89,36 @@ def decode_utf8(data: bytes, where: str, file_offset: int = 0) -> tuple[Optional
     except UnicodeDecodeError as err:
         bad = data[err.start : err.start + 4]
         return None, f"{where}: invalid UTF-8 at byte offset {file_offset + err.start} ({bad!r}); re-encode the file as UTF-8"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def corpus_files(root: str, suffixes: tuple[str, ...], storage_cfg=None) -> tuple[list[str], list[SourceText]]:
+    """(files under `root` ending in `suffixes`, sorted; skip records of links leading outside it).
+
+    Local folders are walked without following folder links (a link to a parent would list the
+    tree again and again), and a file reached through several links is listed once. A link that
+    resolves outside `root` is skipped and counted (`outside_root`): a corpus folder must not
+    read files its owner did not put there. S3 prefixes have no links.
+    """
+    from cxrmem import storage
+
+    if storage.is_s3(root):
+        return [u for u in storage.list_files(root, storage_cfg) if u.endswith(suffixes)], []
+    real_root = os.path.realpath(root)
+    files: dict[str, str] = {}  # real path -> first path seen (sorted walk: the same every run)
+    outside: list[SourceText] = []
+    for folder, dirs, names in os.walk(root):  # followlinks=False: folder links are not entered
+        dirs.sort()
+        linked_dirs = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        for name in [n for n in names if n.endswith(suffixes)] + linked_dirs:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if not _inside(real, real_root):
+                message = f"{path}: a link to {real}, outside corpus.path {root}; skipped"
+                outside.append(skipped(path, "outside_root", message))
+            elif name not in linked_dirs and os.path.isfile(real):
+                files.setdefault(real, path)
+    return sorted(files.values()), outside
