@@ -78,7 +78,8 @@ def bench_config(output: str, model: str, args, *extra: str):
 def throughput(args, model: str, work: str) -> dict:
     import torch
 
-    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
+    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+    from cxrmem.distributed.session import ray_session
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.run import score_prompts
     from cxrmem.scoring.scorer import Scorer
@@ -175,7 +176,8 @@ def reset_peak_rss() -> None:
 def measure_driver(args, run: str, model: str) -> None:
     """In a fresh process: score what is left, consolidate, analyse; print peak RSS as JSON."""
     from cxrmem.analysis import analyze
-    from cxrmem.distributed.pipeline import model_fingerprint, ray_session, score_corpus
+    from cxrmem.distributed.pipeline import model_fingerprint, score_corpus
+    from cxrmem.distributed.session import ray_session
 
     cfg = bench_config(run, model, args, "analyze.top_percent=1")
     with ray_session(cfg.ray):

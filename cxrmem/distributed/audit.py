@@ -19,7 +19,8 @@ import pandas as pd
 from cxrmem import storage
 from cxrmem.attribution import merge_summary
 from cxrmem.config import config_hash
-from cxrmem.distributed.pipeline import model_fingerprint, pool_size, ray_session, score_corpus, with_overrides
+from cxrmem.distributed.pipeline import model_fingerprint, score_corpus, with_overrides
+from cxrmem.distributed.session import pool_size, ray_session
 from cxrmem.distributed.workers import ModelWorker
 
 log = logging.getLogger(__name__)

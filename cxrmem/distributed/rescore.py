@@ -29,7 +29,8 @@ from cxrmem import storage
 from cxrmem.attribution import merge_summary
 from cxrmem.config import config_hash
 from cxrmem.distributed.audit import run_audit
-from cxrmem.distributed.pipeline import model_fingerprint, ray_session, with_overrides
+from cxrmem.distributed.pipeline import model_fingerprint, with_overrides
+from cxrmem.distributed.session import ray_session
 
 log = logging.getLogger(__name__)
 
