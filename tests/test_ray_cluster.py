@@ -122,15 +122,20 @@ def stop_process_group(head: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def token_in_this_process():
-    """AUTH_ENV in this process while the block runs (Ray reads it at connect time; its cache is reset)."""
-    from ray._raylet import AuthenticationTokenLoader
+    """AUTH_ENV in this process while the block runs. Ray caches the mode and the token per process;
+    both caches are refreshed from the environment, as Ray does when it turns authentication on."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    def refresh():
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in AUTH_ENV.items():
             patch.setenv(key, value)
-        AuthenticationTokenLoader.instance().reset_cache()
+        refresh()
         yield
-    AuthenticationTokenLoader.instance().reset_cache()
+    refresh()
 
 
 @pytest.fixture(scope="module")
