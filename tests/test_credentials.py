@@ -1,6 +1,8 @@
 """Credentials never reach outputs or logs; settings whose names merely contain "token" do."""
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ def test_a_secret_reaches_no_output_or_log_of_an_audit(tiny_model_dir, tmp_path,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", f"AKIA{MARKER}")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", MARKER)
     monkeypatch.setenv("AWS_SESSION_TOKEN", MARKER)
-    output, ray_dir = tmp_path / "run", tmp_path / "ray"
+    output = tmp_path / "run"
+    ray_dir = Path(tempfile.mkdtemp(prefix="cxrcred", dir="/tmp"))  # short: Ray's socket paths live under it
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "conf" / "test.yaml",
         [
@@ -45,11 +48,13 @@ def test_a_secret_reaches_no_output_or_log_of_an_audit(tiny_model_dir, tmp_path,
         run_audit(cfg)
     finally:
         ray.shutdown()
+    leaked_logs = files_containing(ray_dir, MARKER)  # worker logs, job configs, session files
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
     captured = capfd.readouterr()
     assert MARKER not in captured.out + captured.err + caplog.text
     assert files_containing(output, MARKER) == []
-    assert files_containing(ray_dir, MARKER) == []  # worker logs, job configs, session files
+    assert leaked_logs == []
     manifest = storage.read_json(storage.RunLayout(str(output)).manifest)
     assert "access_key_id" not in json.dumps(manifest) and "secret_access_key" not in json.dumps(manifest)
 
