@@ -51,15 +51,25 @@ def scoring_node(workers):
 
 
 def kill_a_scoring_node_mid_run(cluster, workers, layout, record: dict) -> None:
-    while not part_files(layout.score_parts):
-        time.sleep(0.05)
-    node, actors = scoring_node(workers)
-    record["scores_existed"] = storage.exists(layout.scores)
-    record["rows_before"] = sum(pq.read_metadata(p).num_rows for p in part_files(layout.score_parts))
-    for process in actors:
-        process.send_signal(signal.SIGKILL)
-    cluster.remove_node(node, allow_graceful=False)  # raylet, object store and agents, SIGKILL
-    record["killed"] = node.node_id
+    """Once the first part file exists, SIGKILL a node with a scoring actor; `record` says what happened."""
+    import ray
+
+    try:
+        node = None
+        while node is None:  # the first part file, and an actor process that shows its class name
+            node, actors = scoring_node(workers) if part_files(layout.score_parts) else (None, [])
+            time.sleep(0.05)
+        record["scores_existed"] = storage.exists(layout.scores)
+        record["rows_before"] = sum(pq.read_metadata(p).num_rows for p in part_files(layout.score_parts))
+        for process in actors:
+            process.send_signal(signal.SIGKILL)
+        cluster.remove_node(node, allow_graceful=False)  # raylet, object store and agents, SIGKILL
+        record["killed"], killed = node.node_id, time.monotonic()
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            time.sleep(0.2)
+        record["seen_dead_after_s"] = time.monotonic() - killed
+    except Exception as err:  # reported by the test's assertions, not lost in the thread
+        record.setdefault("error", repr(err))
 
 
 def test_losing_a_node_mid_scoring_scores_every_prompt_once(gpu_cluster, tiny_model_dir, tmp_path):
@@ -87,7 +97,8 @@ def test_losing_a_node_mid_scoring_scores_every_prompt_once(gpu_cluster, tiny_mo
     finally:
         ray.shutdown()
 
-    assert "killed" in record and not record["scores_existed"], "the run finished before the node was lost"
+    assert "killed" in record and not record["scores_existed"], f"the run finished before the node was lost: {record}"
+    print(f"node lost after {record['rows_before']} rows; seen dead after {record.get('seen_dead_after_s', '?')} s")
     total = pq.read_metadata(layout.prompts).num_rows
     assert record["rows_before"] < total
     scoring = summary["scoring"] if "scoring" in summary else storage.read_json(layout.summary)["audit"]["scoring"]
