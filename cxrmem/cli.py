@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from typing import Callable, Optional
 
 from cxrmem.config import ConfigError, load_config, public_config
 
@@ -161,8 +163,35 @@ def last_line(stage: str, result: dict) -> str:
     return f"cxrmem {stage}: done" + (f"; output: {output}" if output else "")
 
 
+def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, Optional[dict]]:
+    """(exit code, result) of a command; a known error becomes one line on stderr, printed last.
+
+    Storage, missing-file, published-run, model-store, Ray-resource and bad-input errors say what
+    to do (1); configuration errors name the key or override (2).
+    """
+    try:
+        return 0, command()
+    except ConfigError as err:
+        line, code = f"cxrmem: configuration error: {err}", 2
+    except (OSError, ValueError) as err:
+        line, code = f"cxrmem {name}: {err}", 1
+    # Log lines and whatever Ray printed while shutting down go out first: the user's last line is ours.
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    return code, None
+
+
+def finish(name: str, result: dict) -> int:
+    print(json.dumps(result, indent=2, default=str), flush=True)
+    print(last_line(name, result), file=sys.stderr, flush=True)
+    return 0 if result.get("ok", True) else 1
+
+
 def job_main(description: str, stage, force_flag: bool = False) -> None:
-    """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg)."""
+    """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg),
+    ending like the CLI: one line naming the main output, or one error line and its exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file from conf/")
@@ -170,31 +199,28 @@ def job_main(description: str, stage, force_flag: bool = False) -> None:
         parser.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    result = stage(cfg, force=args.force) if force_flag else stage(cfg)
-    print(json.dumps(result, indent=2, default=str))
+    name = os.path.basename(parser.prog).removesuffix(".py")
+
+    def command() -> dict:
+        cfg = load_config(args.config, args.overrides)
+        return stage(cfg, force=args.force) if force_flag else stage(cfg)
+
+    code, result = run_reporting_errors(name, command)
+    sys.exit(code if result is None else finish(name, result))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    try:
-        result = _run(args)
-    except ConfigError as err:
-        print(f"cxrmem: configuration error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:
-        # Storage, missing-file, published-run, model-store and bad-input errors say what to do.
-        print(f"cxrmem {args.stage}: {err}", file=sys.stderr)
-        return 1
+    code, result = run_reporting_errors(args.stage, lambda: _run(args))
+    if result is None:
+        return code
     if args.stage == "config":
         from omegaconf import OmegaConf
 
         print(OmegaConf.to_yaml(OmegaConf.create(result)), end="")
         return 0
-    print(json.dumps(result, indent=2, default=str))
-    print(last_line(args.stage, result), file=sys.stderr)
-    return 0 if result.get("ok", True) else 1
+    return finish(args.stage, result)
 
 
 if __name__ == "__main__":

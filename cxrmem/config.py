@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -147,6 +148,7 @@ class RayConfig:
     checkpoint_every: int = 512  # prompts per durable scores part file (the unit of resume)
     progress_every_s: float = 30.0  # seconds between the driver's progress lines (done/total, prompts/s, ETA)
     local_num_cpus: Optional[int] = None  # CPUs of the in-process Ray (None: the workers' share plus one, at least 2)
+    resource_wait_s: float = 120.0  # fail if the scoring pool's CPUs/GPUs are not in the cluster within this time (autoscalers need minutes)
 
 
 @dataclass
@@ -225,48 +227,98 @@ def _positive(value: Any) -> bool:
     return value is not None and value > 0
 
 
+def _non_negative(value: Any) -> bool:
+    return value is not None and value >= 0
+
+
 def _percent(value: Any) -> bool:
     return 0 < value <= 100
 
 
-# key -> (predicate, what the value must be)
+def _optional_positive(value: Any) -> bool:
+    return value is None or value > 0
+
+
+def _positive_list(value: Any) -> bool:
+    return len(value) > 0 and all(v > 0 for v in value)
+
+
+POSITIVE = (_positive, "positive")
+NON_NEGATIVE = (_non_negative, "non-negative")
+OPTIONAL_POSITIVE = (_optional_positive, "null or positive")
+
+# key -> (predicate, what the value must be). Every int and float key of the schema has a rule
+# (tests/test_config.py checks it): a count of 0 or -1 otherwise fails late, or silently.
 RULES = {
-    "score.generations": (_positive, "a positive integer"),
-    "score.steps": (_positive, "a positive integer"),
-    "score.batch_size": (_positive, "a positive integer"),
-    "score.guidance_scale": (lambda v: v >= 0, "non-negative"),
-    "score.screening_steps": (lambda v: v is None or v > 0, "null or a positive integer"),
-    "cascade.screening_steps": (_positive, "a positive integer"),
-    "cascade.top_percent": (_percent, "in (0, 100]"),
-    "analyze.top_percent": (_percent, "in (0, 100]"),
-    "analyze.zscore": (_positive, "positive"),
-    "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
-    "report.memorized_rows": (lambda v: v >= 0, "non-negative"),
-    "attribution.generations": (_positive, "a positive integer"),
-    "attribution.steps": (_positive, "a positive integer"),
-    "mitigation.n_generations": (lambda v: v >= 2, "at least 2 (distances need pairs)"),
-    "mitigation.noise_std": (lambda v: v >= 0, "non-negative"),
-    "ray.num_workers": (lambda v: v is None or v > 0, "null or a positive integer"),
-    "ray.num_gpus_per_worker": (lambda v: v >= 0, "non-negative"),
-    "ray.batch_size": (_positive, "a positive integer"),
-    "ray.checkpoint_every": (_positive, "a positive integer"),
-    "ray.progress_every_s": (_positive, "positive"),
-    "ray.local_num_cpus": (lambda v: v is None or v > 0, "null or a positive integer"),
-    "storage.max_attempts": (_positive, "a positive integer"),
-    "storage.backoff_s": (lambda v: v >= 0, "non-negative"),
-    "storage.connect_timeout_s": (_positive, "positive"),
-    "storage.request_timeout_s": (_positive, "positive"),
-    "storage.transfer_threads": (_positive, "a positive integer"),
-    "corpus.synthetic.n_reports": (_positive, "a positive integer"),
-    "corpus.progress_every": (_positive, "a positive integer"),
-    "corpus.read_workers": (_positive, "a positive integer"),
-    "corpus.max_reports": (lambda v: v is None or v > 0, "null or a positive integer"),
+    "corpus.synthetic.n_reports": POSITIVE,
+    "corpus.synthetic.seed": NON_NEGATIVE,
     "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "corpus.synthetic.normal_share": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "corpus.max_reports": OPTIONAL_POSITIVE,
+    "corpus.progress_every": POSITIVE,
+    "corpus.read_workers": POSITIVE,
+    "model.radedit.vae_scaling_factor": POSITIVE,
+    "model.radedit.tokenizer_max_length": POSITIVE,
+    "score.generations": POSITIVE,
+    "score.steps": POSITIVE,
+    "score.guidance_scale": NON_NEGATIVE,
+    "score.seed": NON_NEGATIVE,
+    "score.screening_steps": OPTIONAL_POSITIVE,
+    "score.batch_size": POSITIVE,
+    "cascade.screening_steps": POSITIVE,
+    "cascade.top_percent": (_percent, "in (0, 100]"),
+    "analyze.top_percent": (_percent, "in (0, 100]"),
+    "analyze.zscore": POSITIVE,
+    "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
+    "attribution.generations": POSITIVE,
+    "attribution.steps": POSITIVE,
+    "attribution.max_prompts": (_optional_positive, "null or positive (attribution.enabled=false attributes none)"),
+    "attribution.top_units": POSITIVE,
+    "mitigation.n_generations": (lambda v: v >= 2, "at least 2 (distances need pairs)"),
+    "mitigation.steps": OPTIONAL_POSITIVE,
+    "mitigation.insertion_words": POSITIVE,
+    "mitigation.noise_std": NON_NEGATIVE,
+    "mitigation.optimisation_iters": POSITIVE,
+    "mitigation.optimisation_lr": POSITIVE,
+    "mitigation.optimisation_target": NON_NEGATIVE,
+    "mitigation.max_prompts": (_optional_positive, "null or positive (mitigation.enabled=false mitigates none)"),
+    "mitigation.seed": NON_NEGATIVE,
+    "ray.num_workers": OPTIONAL_POSITIVE,
+    "ray.num_gpus_per_worker": NON_NEGATIVE,
+    "ray.num_cpus_per_worker": POSITIVE,
+    "ray.batch_size": POSITIVE,
+    "ray.max_restarts": (lambda v: v >= -1, "-1 (no limit) or a count"),
+    "ray.checkpoint_every": POSITIVE,
+    "ray.progress_every_s": POSITIVE,
+    "ray.local_num_cpus": OPTIONAL_POSITIVE,
+    "ray.resource_wait_s": POSITIVE,
+    "storage.max_attempts": POSITIVE,
+    "storage.backoff_s": NON_NEGATIVE,
+    "storage.connect_timeout_s": POSITIVE,
+    "storage.request_timeout_s": POSITIVE,
+    "storage.transfer_threads": POSITIVE,
+    "report.grid_generations": NON_NEGATIVE,
+    "report.top_prompts": NON_NEGATIVE,
+    "report.memorized_rows": NON_NEGATIVE,
     "testbed.image_size": (lambda v: v >= 16 and v % 8 == 0, "a multiple of 8, at least 16"),
+    "testbed.n_unique": POSITIVE,
+    "testbed.planted_per_level": POSITIVE,
+    "testbed.duplication_levels": (_positive_list, "a non-empty list of positive counts"),
+    "testbed.train_steps": POSITIVE,
+    "testbed.train_batch_size": POSITIVE,
+    "testbed.learning_rate": POSITIVE,
+    "testbed.seed": NON_NEGATIVE,
+    "testbed.max_minutes": POSITIVE,
+    "testbed.block_out_channels": (_positive_list, "a non-empty list of positive widths"),
+    "testbed.text_hidden_size": POSITIVE,
+    "testbed.text_layers": POSITIVE,
+    "testbed.vocab_size": POSITIVE,
+    "testbed.max_tokens": POSITIVE,
     "testbed.cond_drop": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "testbed.eval_unique": (_positive, "a positive integer"),
-    "testbed.eval_steps": (lambda v: v is None or v > 0, "null or a positive integer"),
+    "testbed.warmup_steps": NON_NEGATIVE,
+    "testbed.num_threads": POSITIVE,
+    "testbed.eval_unique": POSITIVE,
+    "testbed.eval_steps": OPTIONAL_POSITIVE,
 }
 
 
@@ -274,23 +326,49 @@ def default_config() -> DictConfig:
     return OmegaConf.structured(CxrmemConfig)
 
 
+def _key_error(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]  # OmegaConf appends its own key dump
+    return ConfigError(f"config key {key!r} {origin}: {message}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The YAML file as a config; a syntax error names the file and the line it is on."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the shipped ones are in conf/")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context_mark", None)
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f", {getattr(err, 'context', None) or 'opened'} at line {context.line + 1}"
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the file must be a mapping of sections (run:, score:, ...), not a {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> DictConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, then validation."""
     cfg = default_config()
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist; the shipped ones are in conf/")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not key=value (example: score.steps=10)")
+    if path is not None:
+        path = Path(path)
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(path))
+        except OmegaConfBaseException as err:
+            raise _key_error(err, f"in {path}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (example: score.steps=10)")
+        try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        origin = f" in {path}" if path is not None else ""
-        raise ConfigError(f"config key {key!r}{origin}: {err.msg if hasattr(err, 'msg') else err}") from None
+        except OmegaConfBaseException as err:
+            raise _key_error(err, f"in override {item!r}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -336,15 +414,19 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-# --- configuration that may be written out ----------------------------------------------------
-SECRET_KEY_PATTERN = re.compile(r"secret|password|token|access_key|credential", re.IGNORECASE)
+# Credential keys, matched on the whole key name: `model.radedit.tokenizer_max_length` and
+# `testbed.max_tokens` are settings, not secrets, and must reach manifests and summaries.
+CREDENTIAL_KEY = re.compile(
+    r"(aws_)?(access_key_id|secret_access_key|secret_key|session_token|security_token|auth_token|api_key|token|password|secret)",
+    re.IGNORECASE,
+)
 
 
 def redact(obj):
-    """A copy of a nested dict/list with every credential key removed."""
+    """A copy of a nested dict/list without its credential keys (CREDENTIAL_KEY, whole names only)."""
     if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items() if not SECRET_KEY_PATTERN.search(str(k))}
-    if isinstance(obj, list):
+        return {k: redact(v) for k, v in obj.items() if not CREDENTIAL_KEY.fullmatch(str(k))}
+    if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     return obj
 

@@ -1,5 +1,8 @@
 """Configuration fails fast and names the key; every shipped config loads."""
 
+import dataclasses
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cxrmem.cli import STAGES, main
-from cxrmem.config import ConfigError, config_hash, load_config
+from cxrmem.config import RULES, ConfigError, CxrmemConfig, config_hash, load_config, public_config, redact
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -67,3 +70,90 @@ def test_cli_help_documents_every_stage():
     out = subprocess.run([sys.executable, "-m", "cxrmem.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for stage in [*STAGES, "model", "testbed"]:
         assert stage in out
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("run:\n  output: runs/x\nscore:\n  steps: 5\n   generations: 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml line 5: not valid YAML"):
+        load_config(bad)
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_a_config_error(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: the file must be a mapping"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override", ["score.steps=many", "score.stepz=1", "score.steps=[1"])
+def test_override_errors_name_the_override_not_the_file(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONF / "test.yaml", [override])
+    message = str(err.value)
+    assert f"override {override!r}" in message and "test.yaml" not in message
+    assert "\n" not in message  # one line
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "mitigation.steps=0",  # crashed later with ZeroDivisionError
+        "attribution.max_prompts=-1",  # silently dropped a prompt
+        "attribution.max_prompts=0",
+        "mitigation.max_prompts=-1",
+        "mitigation.optimisation_iters=0",
+        "ray.num_cpus_per_worker=0",
+        "ray.resource_wait_s=0",
+        "ray.max_restarts=-2",
+        "report.top_prompts=-1",
+        "model.radedit.tokenizer_max_length=0",
+        "testbed.duplication_levels=[32,0]",
+        "testbed.train_steps=0",
+        "score.seed=-1",
+    ],
+)
+def test_count_like_keys_have_range_rules(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def _numeric_keys(node, prefix=""):
+    """Dot-keys of every int / float / list-of-int field of the schema."""
+    for field_ in dataclasses.fields(node):
+        key = f"{prefix}{field_.name}"
+        default = getattr(node, field_.name)
+        if dataclasses.is_dataclass(default):
+            yield from _numeric_keys(default, key + ".")
+        elif field_.type in ("int", "float", "Optional[int]", "Optional[float]", "List[int]"):
+            yield key
+
+
+def test_every_numeric_key_of_the_schema_has_a_range_rule():
+    keys = list(_numeric_keys(CxrmemConfig()))
+    assert len(keys) > 60
+    assert [k for k in keys if k not in RULES] == []
+
+
+def test_job_entry_points_print_the_cli_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("score: [1\n")
+    for script, args in [("audit.py", ["score.stepz=1"]), ("rescore.py", ["--config", str(bad)])]:
+        done = subprocess.run(
+            [sys.executable, str(CONF.parent / "ray_jobs" / script), *args],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(CONF.parent)},
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("cxrmem: configuration error: ")
+        assert "Traceback" not in done.stderr
+
+
+def test_public_config_drops_only_credentials():
+    cfg = load_config(None, ["storage.access_key_id=AKIAMARKER", "storage.secret_access_key=MARKER-SECRET"])
+    public = public_config(cfg)
+    assert "access_key_id" not in public["storage"] and "secret_access_key" not in public["storage"]
+    assert public["model"]["radedit"]["tokenizer_max_length"] == 128
+    assert public["testbed"]["max_tokens"] == 96
+    assert "MARKER" not in json.dumps(public)
+    nested = {"auth": {"token": "t", "password": "p", "session_token": "s", "max_tokens": 3}, "list": [{"api_key": "k"}]}
+    assert redact(nested) == {"auth": {"max_tokens": 3}, "list": [{}]}

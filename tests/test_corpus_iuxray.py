@@ -54,3 +54,12 @@ def test_prepare_on_iuxray(tiny_model_dir, tmp_path, iu_records):
     assert summary["top_duplicated"][0]["prompt"] == "No acute cardiopulmonary abnormality."
     assert summary["top_duplicated"][0]["n_reports"] > 100
     assert 0.1 < summary["marker_share_unique"] < 0.9
+
+
+def test_a_corrupt_archive_is_an_error_naming_the_file(tmp_path):
+    data = bytearray(open(find_reports_file(), "rb").read())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # tarfile alone reads half the reports, silently
+    broken = tmp_path / "NLMCXR_reports.tgz"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"NLMCXR_reports\.tgz: not a readable \.tgz archive"):
+        list(iter_iuxray_reports(str(broken), ORDER))

@@ -140,3 +140,29 @@ def test_unreadable_files_come_back_as_errors(tmp_path):
 def test_missing_folder_is_an_actionable_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .txt reports under .*corpus.path"):
         list(iter_mimic_reports(str(tmp_path / "nowhere"), ORDER))
+
+
+def test_folder_links_are_not_followed_and_links_outside_the_root_are_skipped(tmp_path):
+    """The tree that counted 448 reports instead of 8: a folder link to its parent, and a file
+    link to a report outside corpus.path."""
+    root = tmp_path / "files"
+    study = root / "p10" / "p10000032"
+    study.mkdir(parents=True)
+    for i in range(8):
+        (study / f"s5000000{i}.txt").write_text(f"IMPRESSION: Finding {i}.")
+    (study / "loop").symlink_to("..", target_is_directory=True)  # a cycle
+    (root / "p10" / "again").symlink_to(study, target_is_directory=True)  # the same files twice
+    (study / "s59999999.txt").symlink_to(study / "s50000000.txt")  # a file link inside: read once
+    secret = tmp_path / "elsewhere" / "s60000000.txt"
+    secret.parent.mkdir()
+    secret.write_text("IMPRESSION: Not part of the corpus.")
+    (study / "s50000009.txt").symlink_to(secret)
+    (root / "outside_dir").symlink_to(secret.parent, target_is_directory=True)
+
+    records = list(iter_mimic_reports(str(root), ORDER))
+    read = [r for r in records if r.skip is None]
+    assert sorted(r.text for r in read) == [f" Finding {i}." for i in range(8)]  # each file once
+    outside = [r for r in records if r.skip == "outside_root"]
+    assert len(outside) == 2 and len(records) == 10
+    assert all(str(secret.parent) in r.message and str(root) in r.message for r in outside)
+    assert not any("Not part" in (r.text or "") for r in records)

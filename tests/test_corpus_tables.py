@@ -97,9 +97,48 @@ def test_folder_of_shards_and_missing_paths(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS[:2]), shards / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist(ROWS[2:]), shards / "part-1.parquet")
     (shards / "README.md").write_text("not a table")
-    assert [p.rsplit("/", 1)[-1] for p in table_files(str(shards))] == ["part-0.parquet", "part-1.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in table_files(str(shards))[0]] == ["part-0.parquet", "part-1.parquet"]
     assert len(list(iter_tables(str(shards), "text", ID_COLUMNS))) == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):
         table_files(str(tmp_path / "missing.csv"))
     with pytest.raises(FileNotFoundError, match="no .csv"):
         table_files(str(tmp_path / "empty_folder"))
+
+
+def corrupt_data_page(path):
+    """Flip bytes in the middle of the first column's data page: the footer stays valid, a page does not."""
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    data = bytearray(path.read_bytes())
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    for i in range(middle, middle + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_parquet_with_a_corrupt_page_is_skipped_and_named(tmp_path):
+    rows = [{"text": f"Report number {i}, with a few more words."} for i in range(2000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a_bad.parquet", use_dictionary=False, compression="snappy")
+    corrupt_data_page(tmp_path / "a_bad.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "b_good.parquet")
+    records = list(iter_tables(str(tmp_path), "text", ID_COLUMNS))
+    assert [r.skip for r in records] == ["unreadable", None, None, None]
+    assert str(tmp_path / "a_bad.parquet") in records[0].message and "replace or remove it" in records[0].message
+
+
+def test_a_non_text_column_is_an_error_naming_column_and_type(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2], "label": ["a", "b"]}), tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=r"ints\.parquet: text column 'text' holds int64, not text; set corpus.text_column"):
+        list(iter_table_rows(str(tmp_path / "ints.parquet"), "text", ID_COLUMNS))
+
+
+def test_a_link_outside_the_corpus_folder_is_skipped_and_counted(tmp_path):
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir(), elsewhere.mkdir()
+    write_all_formats(elsewhere)
+    pq.write_table(pa.Table.from_pylist(ROWS), corpus / "split.parquet")
+    (corpus / "other.csv").symlink_to(elsewhere / "split.csv")
+    (corpus / "self").symlink_to(corpus, target_is_directory=True)
+    files, outside = table_files(str(corpus))
+    assert files == [str(corpus / "split.parquet")]
+    assert [r.skip for r in outside] == ["outside_root"] and "other.csv" in outside[0].message
+    assert [r.skip for r in iter_tables(str(corpus), "text", ID_COLUMNS)] == ["outside_root", None, None, None]

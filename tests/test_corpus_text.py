@@ -88,3 +88,26 @@ def test_synthetic_rates_are_honoured_and_checked():
     assert not any(r["impression"] in synthetic.NORMAL_IMPRESSIONS for r in plain)
     with pytest.raises(ValueError, match="marker_rate"):
         synthetic.generate_reports(10, marker_rate=1.5)
+
+
+@pytest.mark.parametrize("text", ["\x00\x00\x00", "\u200b\u200c\u200d", "\ufeff \x01\x7f\t", "\u2060\u00ad\x00 \u200e"])
+def test_text_of_only_nul_control_or_zero_width_characters_is_empty(text):
+    assert normalise_whitespace(text) == ""
+
+
+def test_visible_text_keeps_its_invisible_characters_and_its_id():
+    text = "No acute\u200b process.\x00"
+    assert normalise_whitespace(text) == text  # ids of existing prompts do not move
+
+
+def test_invisible_only_rows_are_counted_as_empty_by_prepare(tiny_model_dir):
+    from cxrmem.config import load_config
+    from cxrmem.corpus.prepare import build_prompts_table
+    from cxrmem.corpus.text import SourceText
+    from cxrmem.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(load_config(None, [f"model.path={tiny_model_dir}"]).model)
+    records = [SourceText("a", "\x00\x00"), SourceText("b", "\u200b\u200b"), SourceText("c", "Small effusion.")]
+    table, counts = build_prompts_table(records, MARKER_REGEX, tokenizer, 128)
+    assert table["prompt"].to_pylist() == ["Small effusion."]
+    assert counts["skipped"] == {"empty": 2}

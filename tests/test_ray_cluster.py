@@ -3,7 +3,8 @@
 - a full audit submitted through the Ray Jobs API completes and publishes every output;
 - a scoring actor killed mid-run is restarted, and every prompt is scored exactly once;
 - a driver killed after two part files resumes: the rerun scores only the rest, and the result
-  equals an uninterrupted single-process run.
+  equals an uninterrupted single-process run;
+- token authentication is on: a client without the token is refused.
 
 The head runs in its own session with its own ports and temp dir, and only its own process
 group is stopped at the end.
@@ -38,9 +39,13 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-# The head listens on loopback only and lives for one test module: no token authentication, so
-# that every client (this process, job drivers, subprocesses) connects whatever its token state.
-HEAD_ENV = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+# Token authentication on, as Ray 2.60's `ray start --head` does when a token exists. The token is
+# passed the documented way (README, Authentication): RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, in
+# the head's environment (job drivers and workers inherit it) and in this process's (the Jobs API
+# client and the in-process driver). A fixed test-only token: Ray caches the token per process.
+AUTH_TOKEN = "cxrmem-test-token-0123456789abcdef0123456789abcdef"
+AUTH_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": AUTH_TOKEN}
+HEAD_ENV = {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 # A cheap but complete configuration: every stage runs, on a few dozen prompts.
 SMALL = [
     "corpus.synthetic.n_reports=60",
@@ -66,6 +71,7 @@ SMALL = [
 class Head:
     address: str  # GCS address for ray.init
     dashboard: str  # Jobs API
+    temp_dir: str  # its sessions and logs
 
 
 def free_ports(n: int) -> list[int]:
@@ -78,12 +84,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    from ray.job_submission import JobSubmissionClient
-
+def start_head(temp_dir: str, env: dict, *extra: str) -> tuple[subprocess.Popen, Head]:
+    """`ray start --head --block` on free loopback ports, in its own session and temp dir; returns once it runs."""
     gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
-    temp_dir = tempfile.mkdtemp(prefix="cxrray", dir="/tmp")  # short: Ray's socket paths live under it
     log_path = Path(temp_dir) / "head.log"
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",
@@ -91,32 +94,27 @@ def ray_head():
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}", *extra,
     ]  # fmt: skip
     with open(log_path, "w") as log:
-        head = subprocess.Popen(command, env={**os.environ, **HEAD_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        if head.poll() is not None:
-            stop_process_group(head)
-            pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            JobSubmissionClient(url).list_jobs()
-            break
-        except Exception as err:
-            if time.monotonic() > deadline:
-                stop_process_group(head)
-                pytest.fail(f"the Ray head's Jobs API did not come up ({err}):\n{log_path.read_text()[-3000:]}")
-            time.sleep(2)
-    yield Head(address=f"127.0.0.1:{gcs}", dashboard=url)
-    stop_process_group(head)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        head = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_log(head, log_path, "Ray runtime started")
+    return head, Head(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", temp_dir=temp_dir)
+
+
+def wait_for_log(process: subprocess.Popen, log_path: Path, line: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while line not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process)
+            pytest.fail(f"ray start did not come up (exit {process.returncode}):\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def stop_process_group(head: subprocess.Popen) -> None:
     """Stop the head and everything it started (its own process group), never other Ray instances."""
-    os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -124,6 +122,46 @@ def stop_process_group(head: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
     head.wait()
+
+
+@contextlib.contextmanager
+def token_in_this_process():
+    """AUTH_ENV in this process while the block runs. Ray caches the mode and the token per process;
+    both caches are refreshed from the environment, as Ray does when it turns authentication on."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    def refresh():
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in AUTH_ENV.items():
+            patch.setenv(key, value)
+        refresh()
+        yield
+    refresh()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = tempfile.mkdtemp(prefix="cxrray", dir="/tmp")  # short: Ray's socket paths live under it
+    head, info = start_head(temp_dir, {**HEAD_ENV, **AUTH_ENV}, "--num-cpus=2")
+    with token_in_this_process():
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(info.dashboard).list_jobs()
+                break
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    stop_process_group(head)
+                    pytest.fail(f"the Ray head's Jobs API did not come up ({err})")
+                time.sleep(2)
+        yield info
+    stop_process_group(head)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -190,6 +228,16 @@ def test_audit_job_through_the_jobs_api(ray_head, tiny_model_dir, tmp_path):
     assert summary["analysis"]["memorized_count"] >= 1
     assert pq.read_table(layout.tokens).num_rows > 0 and pq.read_table(layout.mitigation).num_rows == 3
     assert resume_parts(layout) == []
+
+
+def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
+    """Authentication is really on: the Jobs API client needs RAY_AUTH_MODE=token and the token."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV} | {"HOME": str(tmp_path)}  # no ~/.ray/auth_token
+    command = [RAY, "job", "list", "--address", ray_head.dashboard]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
+    allowed = subprocess.run(command, env=env | AUTH_ENV, capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
 
 
 def resume_parts(layout):

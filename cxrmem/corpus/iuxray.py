@@ -9,12 +9,14 @@ non-empty labelled section.
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import importlib.util
 import io
 import os
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from typing import Iterator, Optional
 
 from cxrmem.storage import Store
@@ -62,8 +64,15 @@ def iter_iuxray_reports(path: Optional[str], order, store: Optional[Store] = Non
     store = store or Store()
     path = path or find_reports_file()
     data = store.read_bytes(path)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+    try:
+        # Decompressed in full first: gzip's checksum then catches a corrupt stream, which tarfile
+        # would read as an early end of the archive, silently dropping the reports after it.
+        archive = tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:")
+        # Links and devices in the archive are never reports: regular files only.
         members = sorted((m for m in archive.getmembers() if m.isfile() and m.name.endswith(".xml")), key=lambda m: m.name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable .tgz archive ({err}); download NLMCXR_reports.tgz again") from None
+    with archive:
         if not members:
             raise FileNotFoundError(f"{path}: no .xml reports in the archive; is it NLMCXR_reports.tgz?")
         for member in members[:limit]:

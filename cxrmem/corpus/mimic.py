@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Iterable, Iterator, Optional
 
-from cxrmem.storage import Store
+from cxrmem.corpus.files import corpus_files
 from cxrmem.corpus.text import SourceText, decode_utf8, pick_section, skipped
+from cxrmem.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +203,13 @@ def read_files(uris: list[str], store: Optional[Store] = None, workers: int = 16
 def iter_mimic_reports(root: str, order, store: Optional[Store] = None, workers: int = 16, limit: Optional[int] = None) -> Iterable[SourceText]:
     """Every `*.txt` report under `root` (local folder or s3:// prefix), in path order."""
     store = store or Store()
-    uris = store.list_files(root, suffix=".txt")
+    uris, outside = corpus_files(root, (".txt",), store)
     if not uris:
         raise FileNotFoundError(
             f"no .txt reports under {root}; corpus.path must be the MIMIC-CXR reports folder (files/pNN/pNNNNNNNN/sNNNNNNNN.txt)"
         )
     logger.info("found %d report files under %s", len(uris), root)
+    yield from outside
     for uri, data in read_files(uris[:limit], store, workers):
         source_id, ids = report_ids(uri)
         if isinstance(data, OSError):

@@ -18,12 +18,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cxrmem.storage import Store
+from cxrmem.corpus.files import corpus_files
 from cxrmem.corpus.text import SourceText, decode_utf8, skipped
+from cxrmem.storage import Store
 
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.null())  # null: an all-empty column
 
 
 def _missing_column(uri: str, column: str, present: list[str]) -> ValueError:
@@ -53,6 +55,11 @@ def _columnar_rows(uri: str, data: bytes, text_column: str, id_columns: list[str
     if text_column not in names:
         raise _missing_column(uri, text_column, names)
     text = table.column(text_column)
+    if text.type not in TEXT_TYPES:
+        raise ValueError(
+            f"{uri}: text column {text_column!r} holds {text.type}, not text; "
+            "set corpus.text_column to the column holding the report text"
+        )
     if not pa.types.is_binary(text.type):
         text = text.cast(pa.binary())
     return text.to_pylist(), {c: _strings(table.column(c)) for c in id_columns if c in names}
@@ -110,8 +117,9 @@ def iter_table_rows(uri: str, text_column: str, id_columns, store: Optional[Stor
         return
     try:
         texts, id_values = _columnar_rows(uri, data, text_column, id_columns)
-    except pa.ArrowInvalid as err:
-        yield skipped(uri, "unreadable", f"{uri}: not a valid {uri.rsplit('.', 1)[-1]} file ({err})")
+    except (pa.ArrowInvalid, OSError) as err:
+        # Truncation is ArrowInvalid; a corrupt page (bad compression, bad page header) is an OSError.
+        yield skipped(uri, "unreadable", f"{uri}: not a valid {uri.rsplit('.', 1)[-1]} file ({err}); replace or remove it")
         return
     for row, raw in enumerate(texts, 1):
         where = f"{uri} row {row}"
@@ -123,21 +131,24 @@ def iter_table_rows(uri: str, text_column: str, id_columns, store: Optional[Stor
             yield _source(uri, row, text, {c: values[row - 1] for c, values in id_values.items()}, where)
 
 
-def table_files(path: str, store: Optional[Store] = None) -> list[str]:
-    """The table file at `path`, or every CSV / Parquet / JSONL file under the folder `path`."""
+def table_files(path: str, store: Optional[Store] = None) -> tuple[list[str], list[SourceText]]:
+    """(the table file at `path`, or every CSV / Parquet / JSONL file under the folder `path`;
+    skip records of links leading outside the folder)."""
     store = store or Store()
     if path.endswith(SUFFIXES):
         if not store.exists(path):
             raise FileNotFoundError(f"corpus.path {path} does not exist")
-        return [path]
-    files = [f for f in store.list_files(path) if f.endswith(SUFFIXES)]
+        return [path], []
+    files, outside = corpus_files(path, SUFFIXES, store)
     if not files:
         raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files at corpus.path {path}")
-    return files
+    return files, outside
 
 
 def iter_tables(path: str, text_column: str, id_columns, store: Optional[Store] = None) -> Iterator[SourceText]:
     store = store or Store()
-    for uri in table_files(path, store):
+    files, outside = table_files(path, store)
+    yield from outside
+    for uri in files:
         logger.info("reading table %s", uri)
         yield from iter_table_rows(uri, text_column, id_columns, store)

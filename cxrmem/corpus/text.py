@@ -18,10 +18,18 @@ from cxrmem.config import CorpusConfig
 MARKER_REGEX = CorpusConfig.marker_regex
 
 _WHITESPACE = re.compile(r"\s+")
+# Characters that print nothing: whitespace, C0/C1 controls (NUL included), soft hyphen,
+# zero-width and directional marks, word joiners, the BOM. A text made only of them is empty.
+_INVISIBLE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]*")
 
 
 def normalise_whitespace(text: str) -> str:
-    """Collapse every run of whitespace (newlines and tabs included) to one space and strip; case and punctuation stay."""
+    """Collapse every run of whitespace (newlines and tabs included) to one space and strip; case and punctuation stay.
+
+    A text with no visible character (only NUL, controls or zero-width marks) normalises to "".
+    """
+    if _INVISIBLE.fullmatch(text):
+        return ""
     return _WHITESPACE.sub(" ", text).strip()
 
 
