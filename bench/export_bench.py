@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.s3server
 
-from cxrmem import publish, storage  # noqa: E402
+from cxrmem import publish  # noqa: E402
 from cxrmem.storage import Store
 from tests.s3server import S3Server, find_weed  # noqa: E402
 

@@ -23,8 +23,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_case(case: str, model: str, output: str, n_reports: int) -> dict:
-    from cxrmem.config import load_config
     from cxrmem.corpus.prepare import prepare
+
+    from cxrmem.config import load_config
 
     overrides = [f"model.path={model}", f"run.output={output}", f"corpus.source={case}"]
     if case == "synthetic":

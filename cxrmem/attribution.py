@@ -39,7 +39,6 @@ import torch
 from cxrmem.corpus.text import compile_marker_regex, delete_span
 from cxrmem.settings import Settings
 
-
 TOKEN_COLUMNS = {
     "prompt_id": pa.string(),
     "prompt": pa.string(),

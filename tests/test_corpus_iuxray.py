@@ -9,8 +9,8 @@ import pytest
 
 from cxrmem.config import load_config
 from cxrmem.corpus.iuxray import find_reports_file, iter_iuxray_reports
-from cxrmem.stages import prepare
 from cxrmem.corpus.text import count_markers, normalise_whitespace
+from cxrmem.stages import prepare
 
 ORDER = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
 

@@ -6,12 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem import storage
-from cxrmem.storage import Store
 from cxrmem.config import ConfigError, load_config
 from cxrmem.corpus.prompts import build_prompts_table
 from cxrmem.stages import prepare
 from cxrmem.stages.prepare import check_same_corpus
+from cxrmem.storage import Store
 
 SUMMARY_FILE = "prepare_summary.json"
 from cxrmem.corpus.text import SourceText, prompt_id, skipped

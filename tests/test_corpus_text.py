@@ -102,7 +102,7 @@ def test_visible_text_keeps_its_invisible_characters_and_its_id():
 
 def test_invisible_only_rows_are_counted_as_empty_by_prepare(tiny_model_dir):
     from cxrmem.config import load_config
-    from cxrmem.corpus.prepare import build_prompts_table
+    from cxrmem.corpus.prompts import build_prompts_table
     from cxrmem.corpus.text import SourceText
     from cxrmem.models.loading import load_tokenizer
 

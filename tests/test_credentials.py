@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrmem import storage
 from cxrmem.config import load_config, public_config
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
 
 MARKER = "MARKERc0ffee5ecret"
 
@@ -55,7 +56,7 @@ def test_a_secret_reaches_no_output_or_log_of_an_audit(tiny_model_dir, tmp_path,
     assert MARKER not in captured.out + captured.err + caplog.text
     assert files_containing(output, MARKER) == []
     assert leaked_logs == []
-    manifest = storage.read_json(storage.RunLayout(str(output)).manifest)
+    manifest = Store().read_json(RunLayout(str(output)).manifest)
     assert "access_key_id" not in json.dumps(manifest) and "secret_access_key" not in json.dumps(manifest)
 
 

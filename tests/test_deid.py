@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrmem import storage
-from cxrmem.storage import Store
 from cxrmem.cli import main
 from cxrmem.corpus.deid import rewrite_corpus
 from cxrmem.corpus.surrogates import marker_type, replace_with_surrogates
 from cxrmem.corpus.text import MARKER_REGEX
+from cxrmem.storage import Store
 
 PATTERN = re.compile(MARKER_REGEX)
 

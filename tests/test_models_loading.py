@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cxrmem import storage
-from cxrmem.storage import Store
 from cxrmem.config import ModelConfig
 from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, fingerprint_model, load_components, load_tokenizer
+from cxrmem.storage import Store
 
 
 def model_cfg(path, **settings):

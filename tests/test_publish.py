@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from cxrmem import publish, storage
-from cxrmem.storage import Store
 from cxrmem.config import load_config
+from cxrmem.storage import Store
 
 FINGERPRINT = "fp-tiny-0001"
 

@@ -17,10 +17,10 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from cxrmem.distributed.resume import part_files
 
 from cxrmem import storage
 from cxrmem.config import load_config
-from cxrmem.distributed.resume import part_files
 from tests.test_ray_cluster import SMALL
 
 pytestmark = pytest.mark.slow
@@ -74,10 +74,10 @@ def kill_a_scoring_node_mid_run(cluster, workers, layout, record: dict) -> None:
 
 def test_losing_a_node_mid_scoring_scores_every_prompt_once(gpu_cluster, tiny_model_dir, tmp_path):
     import ray
-
     from cxrmem.corpus.prepare import prepare
-    from cxrmem.distributed.audit import run_audit
     from cxrmem.scoring.run import score_prompts_file
+
+    from cxrmem.distributed.audit import run_audit
 
     cluster, workers = gpu_cluster
     reference = load_config(None, [f"run.output={tmp_path / 'reference'}", f"model.path={tiny_model_dir}", *SETTINGS])

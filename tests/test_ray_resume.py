@@ -6,12 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem import storage
-from cxrmem.storage import Store
+from cxrmem.analysis import score_diff
+from cxrmem.progress import Progress
 from cxrmem.runfiles import RunLayout
 from cxrmem.stages import score_parts as resume
-from cxrmem.progress import Progress
-from cxrmem.analysis import score_diff
+from cxrmem.storage import Store
 
 
 def rows(ids, fingerprint="fp1", key="cfg1", d_mem=None):

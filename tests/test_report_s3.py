@@ -7,11 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrmem import storage
-from cxrmem.storage import Store
-from cxrmem.stages import analyze, report
 from cxrmem.config import load_config
 from cxrmem.runfiles import RunLayout
+from cxrmem.stages import analyze, report
+from cxrmem.storage import Store
 from tests.test_analysis import N, _pid, _write_run
 
 pytestmark = pytest.mark.s3

@@ -7,12 +7,12 @@ import pyarrow.compute as pc
 import pytest
 
 from cxrmem import publish, storage
-from cxrmem.storage import Store
 from cxrmem.config import load_config
 from cxrmem.corpus.synthetic import generate_reports
+from cxrmem.distributed.audit import run_audit
 from cxrmem.runfiles import RunLayout
 from cxrmem.stages import score_parts
-from cxrmem.distributed.audit import run_audit
+from cxrmem.storage import Store
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

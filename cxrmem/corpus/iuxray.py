@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ET
 import zlib
 from typing import Iterator, Optional
 
-from cxrmem.storage import Store
 from cxrmem.corpus.text import SourceText, pick_section, skipped
+from cxrmem.storage import Store
 
 REPORTS_FILE = "NLMCXR_reports.tgz"
 

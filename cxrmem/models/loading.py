@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
 import os
 from typing import Callable, Optional
 
@@ -24,7 +23,6 @@ import torch
 
 from cxrmem import storage
 from cxrmem.models.components import (
-    UNBOUNDED_LENGTH,
     Components,
     ModelLoadError,
     ddim_scheduler,

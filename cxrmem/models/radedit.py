@@ -51,7 +51,6 @@ from typing import Optional
 
 import torch
 
-from cxrmem.models.fingerprint import model_fingerprint
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
@@ -63,6 +62,7 @@ from cxrmem.models.components import (
     read_json_file,
     torch_dtype,
 )
+from cxrmem.models.fingerprint import model_fingerprint
 
 # DDIMScheduler's defaults, which RadEdit's scheduler call keeps (see the module docstring);
 # replaced by the snapshot's scheduler config when it has one.

@@ -38,10 +38,10 @@ import math
 import os
 import time
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-import diffusers
 from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
