@@ -17,10 +17,11 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from cxrmem.distributed.resume import part_files
 
-from cxrmem import storage
 from cxrmem.config import load_config
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import prepare, score
+from cxrmem.storage import Store
 from tests.test_ray_cluster import SMALL
 
 pytestmark = pytest.mark.slow
@@ -57,10 +58,10 @@ def kill_a_scoring_node_mid_run(cluster, workers, layout, record: dict) -> None:
     try:
         node = None
         while node is None:  # the first part file, and an actor process that shows its class name
-            node, actors = scoring_node(workers) if part_files(layout.score_parts) else (None, [])
+            node, actors = scoring_node(workers) if Store().list_files(layout.score_parts, suffix=".parquet") else (None, [])
             time.sleep(0.05)
-        record["scores_existed"] = storage.exists(layout.scores)
-        record["rows_before"] = sum(pq.read_metadata(p).num_rows for p in part_files(layout.score_parts))
+        record["scores_existed"] = Store().exists(layout.scores)
+        record["rows_before"] = sum(pq.read_metadata(p).num_rows for p in Store().list_files(layout.score_parts, suffix=".parquet"))
         for process in actors:
             process.send_signal(signal.SIGKILL)
         cluster.remove_node(node, allow_graceful=False)  # raylet, object store and agents, SIGKILL
@@ -74,17 +75,15 @@ def kill_a_scoring_node_mid_run(cluster, workers, layout, record: dict) -> None:
 
 def test_losing_a_node_mid_scoring_scores_every_prompt_once(gpu_cluster, tiny_model_dir, tmp_path):
     import ray
-    from cxrmem.corpus.prepare import prepare
-    from cxrmem.scoring.run import score_prompts_file
 
     from cxrmem.distributed.audit import run_audit
 
     cluster, workers = gpu_cluster
     reference = load_config(None, [f"run.output={tmp_path / 'reference'}", f"model.path={tiny_model_dir}", *SETTINGS])
-    prepare(reference)
-    score_prompts_file(reference)  # one process, uninterrupted
+    prepare.run(reference)
+    score.run(reference)  # one process, uninterrupted
 
-    layout = storage.RunLayout(str(tmp_path / "run"))
+    layout = RunLayout(str(tmp_path / "run"))
     cfg = load_config(
         None,
         [f"run.output={layout.prefix}", f"model.path={tiny_model_dir}", *SETTINGS,
@@ -101,9 +100,9 @@ def test_losing_a_node_mid_scoring_scores_every_prompt_once(gpu_cluster, tiny_mo
     print(f"node lost after {record['rows_before']} rows; seen dead after {record.get('seen_dead_after_s', '?')} s")
     total = pq.read_metadata(layout.prompts).num_rows
     assert record["rows_before"] < total
-    scoring = summary["scoring"] if "scoring" in summary else storage.read_json(layout.summary)["audit"]["scoring"]
+    scoring = summary["scoring"] if "scoring" in summary else Store().read_json(layout.summary)["audit"]["scoring"]
     assert scoring["computed"] == total and scoring["duplicates_dropped"] == 0  # every prompt once
     scores = pq.read_table(layout.scores)
-    expected = pq.read_table(storage.RunLayout(str(tmp_path / "reference")).scores).sort_by("prompt_id")
+    expected = pq.read_table(RunLayout(str(tmp_path / "reference")).scores).sort_by("prompt_id")
     assert scores["prompt_id"].to_pylist() == expected["prompt_id"].to_pylist()
     assert np.allclose(scores["d_mem"].to_numpy(), expected["d_mem"].to_numpy(), rtol=1e-4, atol=1e-6)
