@@ -19,8 +19,10 @@ Definitions, and what was chosen where a paper leaves a detail open:
 - `anisotropy` (Asthana et al., ICLR 2026): norm + weight * alignment, both on the pure-noise
   latent x_T without denoising. norm = ||eps_c - eps_u|| at the first timestep (the first-step
   d_mem); alignment = cos(eps_u, eps_c - eps_u) with x_T fed at a LOW-noise timestep (the
-  paper's anisotropic regime), the `low_step`-th timestep of the T-step schedule (default -3,
-  the third-last, as the authors' setting for 50 steps). Choices: the cosine is taken over the
+  paper's anisotropic regime): training timestep `low_timestep` = 41, the one the authors'
+  setting reaches (the third-last of a 50-step schedule of 1000 training steps). It is fixed as a
+  training timestep, not a schedule index, so the detector does not change with T (index -3 of a
+  4-step schedule would be t = 501, not low noise). Choices: the cosine is taken over the
   whole flattened latent (the authors' code takes it per pixel across channels, which is +-1 for
   a one-channel model such as the testbed); weight = 1 (the authors tune it per model, 2 for
   SD 1.4 and 0.1 for SD 2; tuning it here on the ground truth would fit the test set). The
@@ -60,7 +62,7 @@ class DetectorSettings:
     generations: int = 1  # G: initial noises per prompt
     steps: int = 1  # k: DDIM steps of `dmem` (1 = the first-step d_mem)
     anisotropy_weight: float = 1.0  # weight of the alignment term added to the norm
-    low_step: int = -3  # index into the T-step schedule of anisotropy's low-noise timestep
+    low_timestep: int = 41  # anisotropy's low-noise training timestep (of 1000), where x_T is fed for the alignment
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,8 @@ class Scorer:
     def _first_inputs(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor):
         """x_T as the UNet takes it [N G, C, H, W], the prompts' SharedText, and their per-sample embeddings."""
         g = latents.shape[1]
-        x = latents.reshape(-1, *latents.shape[2:]).to(self.device, torch.float32)
+        # contiguous: shared latents are an expanded view, which forward-mode AD refuses as a primal.
+        x = latents.reshape(-1, *latents.shape[2:]).to(self.device, torch.float32).contiguous()
         text = SharedText(cond_embeddings.to(self.device, self.dtype))
         return self.scheduler.scale_model_input(x, t).to(self.dtype), text, text.embeddings.repeat_interleave(g, dim=0)
 
@@ -275,7 +276,8 @@ class Scorer:
         if "sharpness" in names:
             out["sharpness"] = detectors.sharpness_score(self.noise_difference_jvp(embeddings, latents, schedule[0], delta).cpu())
         if "anisotropy" in names:
-            low_uncond, low_cond = self.noise_pair(embeddings, latents, schedule[settings.low_step], shared)
+            low = torch.tensor(settings.low_timestep, device=self.device)
+            low_uncond, low_cond = self.noise_pair(embeddings, latents, low, shared)
             align = detectors.alignment(low_uncond, low_cond).cpu()
             out.update(detectors.anisotropy_scores(detectors.mean_norm(delta).cpu(), align, settings.anisotropy_weight))
         if "attention_entropy" in names:
