@@ -50,6 +50,7 @@ def runs(steps: int, generations: int) -> list[tuple[str, str, DetectorSettings]
     """(label, detector, settings): the screens, then the full d_mem every screen is measured against."""
     return [
         ("d_mem k=1 G=1", "dmem", DetectorSettings(generations=1, steps=1)),
+        ("d_mem k=1 G=2", "dmem", DetectorSettings(generations=2, steps=1)),
         ("d_mem k=1 G=4", "dmem", DetectorSettings(generations=4, steps=1)),
         ("d_mem k=2 G=1", "dmem", DetectorSettings(generations=1, steps=2)),
         ("sharpness G=1", "sharpness", DetectorSettings(generations=1)),

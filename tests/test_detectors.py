@@ -147,13 +147,16 @@ def test_token_attention_sums_to_one_and_restores_processors(scorer):
 
 
 # -- on the committed testbed ----------------------------------------------------------------
+@pytest.mark.slow  # ~15 s alone, over a minute on a loaded 2-core machine
 @pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
 def test_best_screen_holds_every_planted_prompt():
-    """The first-step d_mem with 4 generations (4.3 UNet evaluations per prompt) puts all 24 planted
-    prompts of the testbed inside its top 20% of 24 planted + 100 never-duplicated prompts."""
+    """The bench's best screen, the first-step d_mem with 4 generations (4.3 UNet evaluations per
+    prompt, TPR@1%FPR 1.00 in bench/RESULTS.md), puts all 24 planted prompts of the testbed inside
+    its top 15% of 24 planted + 200 never-duplicated prompts (the bench's evaluation set, T = 20)."""
     torch.set_num_threads(1)
     manifest = pd.read_csv(os.path.join(TESTBED, "manifest.csv"))
-    frame = pd.concat([manifest[manifest.planted], manifest[manifest.n_copies == 1].sample(n=100, random_state=0)])
+    unique = manifest[~manifest.planted & (manifest.n_copies == 1)].sample(n=200, random_state=0)
+    frame = pd.concat([manifest[manifest.planted], unique])
     scorer = make_scorer(TESTBED, steps=20)
     ids = np.array([hashlib.sha256(p.encode()).hexdigest()[:16] for p in frame.prompt])
     scores = np.concatenate(
@@ -162,5 +165,5 @@ def test_best_screen_holds_every_planted_prompt():
             for i in range(0, len(frame), 32)
         ]
     )
-    kept = set(detectors.screen_top(ids, scores, 20.0, screen="dmem").tolist())
+    kept = set(detectors.screen_top(ids, scores, 15.0, screen="dmem").tolist())
     assert set(ids[frame.planted.to_numpy()].tolist()) <= kept
