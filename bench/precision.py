@@ -35,8 +35,7 @@ from cxrmem.models.loading import load_components
 from cxrmem.models.tiny import build_tiny_model
 from cxrmem.scoring.scorer import Scorer
 from cxrmem.stats import top_percent_mask
-from cxrmem.testbed.evaluate import write_results
-from detectors import cpu_name  # bench/detectors.py, beside this script
+from detectors import cpu_name, write_section  # bench/detectors.py, beside this script
 
 SECTION = "## Precision: bfloat16 against float32 (CPU)"
 
@@ -116,7 +115,7 @@ def main() -> None:
         results.append(compare("RadEdit-shaped (random weights)", folder, reports, args.radedit_steps, 1, 4))
     text = markdown(results, cpu_name())
     print(text)
-    write_results(args.results, text.rstrip("\n"))
+    write_section(args.results, text)
 
 
 if __name__ == "__main__":
