@@ -184,7 +184,9 @@ def screen_top(ids: np.ndarray, screen_scores: np.ndarray, top_percent: float, s
     return np.asarray(ids)[finite][mask]
 
 
-def screen_recall(full_scores: np.ndarray, screen_scores: np.ndarray, screen: str, top_percent: float, screen_percent: float) -> float:
+def screen_recall(
+    full_scores: np.ndarray, screen_scores: np.ndarray, screen: str, top_percent: float, screen_percent: float
+) -> float:
     """Share of the full d_mem's top `top_percent` inside the screen's top `screen_percent`."""
     ids = np.arange(len(full_scores))
     target = set(screen_top(ids, full_scores, top_percent).tolist())

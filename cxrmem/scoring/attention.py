@@ -141,7 +141,8 @@ class TokenAttentionCapture:
 
 def token_distribution(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
     """[S, Q, C] queries against [S, L, D] text -> [S, L] float32: attention per token, mean over heads and queries."""
-    if hidden_states.ndim != 3 or attn.norm_cross is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+    normed = attn.norm_cross is not None or attn.spatial_norm is not None or attn.group_norm is not None
+    if hidden_states.ndim != 3 or normed:
         raise ValueError(f"cross-attention capture supports plain attention layers only, not {type(attn).__name__} here")
     query, key = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states)
     heads = attn.heads

@@ -224,7 +224,9 @@ class Scorer:
         return eps_uncond.float().reshape(latents.shape), eps_cond.float().reshape(latents.shape)
 
     @torch.no_grad()
-    def noise_difference_jvp(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor):
+    def noise_difference_jvp(
+        self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor
+    ) -> torch.Tensor:
         """J_x(eps_c - eps_u)(x) . tangent [N, G, C, H, W] float32: one forward-mode JVP of both guidance halves."""
         n, g = latents.shape[:2]
         x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
@@ -256,7 +258,11 @@ class Scorer:
         return torch.stack(records, dim=1).reshape(n, g, len(records), -1).cpu()
 
     def detect(
-        self, prompts: Sequence[str], prompt_ids: Sequence[str], names: Sequence[str], settings: detectors.DetectorSettings = detectors.DetectorSettings()
+        self,
+        prompts: Sequence[str],
+        prompt_ids: Sequence[str],
+        names: Sequence[str],
+        settings: detectors.DetectorSettings = detectors.DetectorSettings(),
     ) -> dict[str, np.ndarray]:
         """The columns of the named detectors (cxrmem/detectors.py REGISTRY) for one batch, each [N] float32."""
         unknown = [name for name in names if name not in detectors.REGISTRY]
@@ -274,7 +280,8 @@ class Scorer:
             eps_uncond, eps_cond = self.noise_pair(embeddings, latents, schedule[0], shared)
             delta = eps_cond - eps_uncond
         if "sharpness" in names:
-            out["sharpness"] = detectors.sharpness_score(self.noise_difference_jvp(embeddings, latents, schedule[0], delta).cpu())
+            product = self.noise_difference_jvp(embeddings, latents, schedule[0], delta)
+            out["sharpness"] = detectors.sharpness_score(product.cpu())
         if "anisotropy" in names:
             low = torch.tensor(settings.low_timestep, device=self.device)
             low_uncond, low_cond = self.noise_pair(embeddings, latents, low, shared)
