@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--radedit-prompts", type=int, default=8)
-    parser.add_argument("--radedit-steps", type=int, default=2)
+    parser.add_argument("--radedit-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
