@@ -26,6 +26,7 @@ import argparse
 import os
 import platform
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -162,7 +163,7 @@ def markdown(results: list[dict], args, minutes: float) -> str:
     lines = [
         SECTION,
         "",
-        f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/detectors.py --testbed {' '.join(args.testbed)}`"
+        f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/detectors.py {' '.join(sys.argv[1:])}`"
         f" ({cpu_name()}, {args.threads} thread, {minutes:.1f} min). Full d_mem: G={args.generations}, T={args.steps}, w=7.5,"
         " shared seeds; the screens run on the first timestep of that T-step schedule. Costs: UNet sample evaluations per"
         f" prompt as declared in cxrmem/detectors.py (shared unconditional passes spread over batches of {args.batch_size});"

@@ -151,8 +151,8 @@ def test_token_attention_sums_to_one_and_restores_processors(scorer):
 @pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
 def test_best_screen_holds_every_planted_prompt():
     """The bench's best screen, the first-step d_mem with 4 generations (4.3 UNet evaluations per
-    prompt, TPR@1%FPR 1.00 in bench/RESULTS.md), puts all 24 planted prompts of the testbed inside
-    its top 15% of 24 planted + 200 never-duplicated prompts (the bench's evaluation set, T = 20)."""
+    prompt, AUC 0.998 in bench/RESULTS.md "Detectors"), puts all 24 planted prompts of the testbed
+    inside its top 15% of 24 planted + 200 never-duplicated prompts (T = 20)."""
     torch.set_num_threads(1)
     manifest = pd.read_csv(os.path.join(TESTBED, "manifest.csv"))
     unique = manifest[~manifest.planted & (manifest.n_copies == 1)].sample(n=200, random_state=0)
