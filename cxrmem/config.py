@@ -84,6 +84,7 @@ class ScoreConfig:
     screening_steps: Optional[int] = None  # score only the first k steps (None: all T)
     batch_size: int = 8  # prompts per UNet call (each call runs batch_size x G x 2 samples)
     use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder (RadEdit does not)
+    cpu_half: bool = False  # keep a bfloat16/float16 model in that precision on the CPU (precision checks; else float32)
 
 
 @dataclass

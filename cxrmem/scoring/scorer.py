@@ -14,8 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cxrmem.scoring.attention import SharedText, TextLayout, share_text_projections
+from cxrmem import detectors
+from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.settings import Settings
@@ -34,6 +36,7 @@ class ScoreSettings(Settings):
     seed_mode: str = "shared"  # shared | per_prompt
     screening_steps: Optional[int] = None  # score only the first k steps (None: all T)
     use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder
+    cpu_half: bool = False  # keep a bfloat16/float16 model in that precision on the CPU (precision checks)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Scorer:
         self._components = components
         self.settings = settings
         self.device = resolve_device(device) if isinstance(device, str) or device is None else device
-        if self.device.type == "cpu" and components.unet.dtype != torch.float32:
+        if self.device.type == "cpu" and components.unet.dtype != torch.float32 and not settings.cpu_half:
             # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
             log.warning("model dtype %s on the CPU: using float32", components.unet.dtype)
             components.unet.float()
@@ -273,3 +276,96 @@ class Scorer:
             vae.to(self.device)
             images = vae.decode(latents.to(self.device, vae.dtype) / self._components.vae_scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    # == detectors (issue 15): the UNet work behind cxrmem/detectors.py =======================
+    def _first_inputs(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor):
+        """x_T as the UNet takes it [N G, C, H, W], the prompts' SharedText, and their per-sample embeddings."""
+        g = latents.shape[1]
+        # contiguous: shared latents are an expanded view, which forward-mode AD refuses as a primal.
+        x = latents.reshape(-1, *latents.shape[2:]).to(self.device, torch.float32).contiguous()
+        text = SharedText(cond_embeddings.to(self.device, self.dtype))
+        return self._scheduler.scale_model_input(x, t).to(self.dtype), text, text.embeddings.repeat_interleave(g, dim=0)
+
+    @torch.no_grad()
+    def noise_pair(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, shared: bool):
+        """(eps_u, eps_c), each [N, G, C, H, W] float32 on the device, at timestep t on `latents` unchanged.
+
+        `shared`: every prompt starts from the same G latents, so the unconditional pass runs on G samples.
+        """
+        n, g = latents.shape[:2]
+        x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
+        eps_cond = self.predict_noise(x_in, t, cond, [(text, g)])
+        rows = g if shared else n * g
+        uncond = self.empty_text.embeddings.expand(rows, *cond.shape[1:])
+        eps_uncond = self.predict_noise(x_in[:rows], t, uncond, [(self.empty_text, rows)])
+        if shared:
+            eps_uncond = eps_uncond.repeat(n, 1, 1, 1)
+        return eps_uncond.float().reshape(latents.shape), eps_cond.float().reshape(latents.shape)
+
+    @torch.no_grad()
+    def noise_difference_jvp(
+        self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor
+    ) -> torch.Tensor:
+        """J_x(eps_c - eps_u)(x) . tangent [N, G, C, H, W] float32: one forward-mode JVP of both guidance halves."""
+        n, g = latents.shape[:2]
+        x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
+        context = torch.cat([self.empty_text.embeddings.expand_as(cond), cond])
+        layout = [(self.empty_text, n * g), (text, g)]
+
+        def difference(z):
+            eps_uncond, eps_cond = self.predict_noise(torch.cat([z, z]), t, context, layout).chunk(2)
+            return eps_cond - eps_uncond
+
+        direction = tangent.reshape(x_in.shape).to(self.device, x_in.dtype)
+        # Fused attention kernels have no forward-mode derivative: the JVP runs the math kernel.
+        with sdpa_kernel(SDPBackend.MATH):
+            _, product = torch.func.jvp(difference, (x_in,), (direction,))
+        return product.float().reshape(latents.shape)
+
+    @torch.no_grad()
+    def token_attention(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[N, G, layers, L] float32 on the CPU: each cross-attention layer's attention per text token
+        (mean over heads and query positions) in the conditional pass at timestep t."""
+        n, g = latents.shape[:2]
+        x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
+        records: list[torch.Tensor] = []
+        processors = capture_token_attention(self._unet, records)
+        try:
+            self.predict_noise(x_in, t, cond, [(text, g)])
+        finally:
+            self._unet.set_attn_processor(processors)
+        return torch.stack(records, dim=1).reshape(n, g, len(records), -1).cpu()
+
+    def detect(
+        self,
+        prompts: Sequence[str],
+        prompt_ids: Sequence[str],
+        names: Sequence[str],
+        settings: detectors.DetectorSettings = detectors.DetectorSettings(),
+    ) -> dict[str, np.ndarray]:
+        """The columns of the named detectors (cxrmem/detectors.py REGISTRY) for one batch, each [N] float32."""
+        unknown = [name for name in names if name not in detectors.REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
+        embeddings = self.encode(prompts).embeddings
+        latents = self.initial_latents(prompt_ids, settings.generations)
+        shared = self.settings.seed_mode == "shared"
+        schedule = self.timesteps()
+        out: dict[str, np.ndarray] = {}
+        if "dmem" in names:
+            trajectory = self.sample(embeddings, latents, steps=settings.steps, shared_first_step=shared)
+            out["dmem"] = detectors.dmem_score(trajectory.step_norms)
+        if "sharpness" in names or "anisotropy" in names:
+            eps_uncond, eps_cond = self.noise_pair(embeddings, latents, schedule[0], shared)
+            delta = eps_cond - eps_uncond
+        if "sharpness" in names:
+            product = self.noise_difference_jvp(embeddings, latents, schedule[0], delta)
+            out["sharpness"] = detectors.sharpness_score(product.cpu())
+        if "anisotropy" in names:
+            low = torch.tensor(settings.low_timestep, device=self.device)
+            low_uncond, low_cond = self.noise_pair(embeddings, latents, low, shared)
+            align = detectors.alignment(low_uncond, low_cond).cpu()
+            out.update(detectors.anisotropy_scores(detectors.mean_norm(delta).cpu(), align, settings.anisotropy_weight))
+        if "attention_entropy" in names:
+            out["attention_entropy"] = detectors.attention_entropy(self.token_attention(embeddings, latents, schedule[0]))
+        return out

@@ -1,0 +1,194 @@
+"""Memorization detectors side by side: pure functions of what the UNet computes -> one score per prompt.
+
+Every detector here reads tensors the Scorer produced (noise predictions, a Jacobian-vector
+product, cross-attention probabilities; `Scorer.detect` runs them) and returns a float32 [N]
+array. `REGISTRY` names each one with its direction and its cost, as data.
+
+Definitions, and what was chosen where a paper leaves a detail open:
+
+- `dmem` (Wen et al., ICLR 2024): the mean over G generations and the first k DDIM steps of
+  ||eps_c - eps_u||, i.e. `cxrmem.scoring.dmem.d_mem` over the first k steps. k = 1 is the
+  paper's "first step" detector; k = T is the full score.
+- `sharpness` (Jeon et al., ICML 2025): ||H_delta(x_T) s_delta(x_T)||, the Hessian of the
+  log-density difference (conditional minus unconditional) applied to the score difference at
+  the initial latent x_T and the first timestep, averaged over G. With s = -eps / sigma_t,
+  H_delta s_delta = J(eps_c - eps_u) (eps_c - eps_u) / sigma_t^2; the factor 1 / sigma_t^2 is the
+  same for every prompt (one timestep), so it is dropped: the score is
+  ||J_x(eps_c - eps_u)(x_T) . (eps_c - eps_u)(x_T)||, one forward-mode JVP (torch.func.jvp) of
+  both guidance halves, exact rather than the paper's finite-difference proxy.
+- `anisotropy` (Asthana et al., ICLR 2026): norm + weight * alignment, both on the pure-noise
+  latent x_T without denoising. norm = ||eps_c - eps_u|| at the first timestep (the first-step
+  d_mem); alignment = cos(eps_u, eps_c - eps_u) with x_T fed at a LOW-noise timestep (the
+  paper's anisotropic regime): training timestep `low_timestep` = 41, the one the authors'
+  setting reaches (the third-last of a 50-step schedule of 1000 training steps). It is fixed as a
+  training timestep, not a schedule index, so the detector does not change with T (index -3 of a
+  4-step schedule would be t = 501, not low noise). Choices: the cosine is taken over the
+  whole flattened latent (the authors' code takes it per pixel across channels, which is +-1 for
+  a one-channel model such as the testbed); weight = 1 (the authors tune it per model, 2 for
+  SD 1.4 and 0.1 for SD 2; tuning it here on the ground truth would fit the test set). The
+  columns `anisotropy_norm` and `anisotropy_alignment` come with it.
+- `attention_entropy` (Ren et al., ECCV 2024, their detector "E"): at the first step, for the
+  conditional pass, each cross-attention layer's probabilities averaged over heads and query
+  positions give a distribution over the L text tokens (padding included, as the paper's 77);
+  the score is its Shannon entropy (nats), averaged over layers and generations. Memorized
+  prompts spread attention over their trigger tokens instead of the first token: higher entropy
+  means memorized. The paper picks one layer of Stable Diffusion's 16; a layer index means
+  nothing across architectures, so all layers are averaged.
+- End-token attention at the last step (Chen et al., ICLR 2025) is not implemented.
+
+Cost is counted in UNet sample evaluations (one latent through the UNet = 1), as the cascade
+does. With `shared` initial latents (score.seed_mode = shared) every prompt starts from the same
+G noises, so an unconditional pass on x_T serves a whole batch: `Cost.per_batch`. A JVP sample
+(forward-mode, primal and tangent together) is counted apart, in `jvps_per_prompt`; it costs
+about two to three evaluations of compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cxrmem import stats
+from cxrmem.scoring.dmem import d_mem
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """What a detector run varies (config section `detect`, keys named alike)."""
+
+    generations: int = 1  # G: initial noises per prompt
+    steps: int = 1  # k: DDIM steps of `dmem` (1 = the first-step d_mem)
+    anisotropy_weight: float = 1.0  # weight of the alignment term added to the norm
+    low_timestep: int = 41  # anisotropy's low-noise training timestep (of 1000), where x_T is fed for the alignment
+
+
+@dataclass(frozen=True)
+class Cost:
+    """UNet work of one batch: n * per_prompt + per_batch sample evaluations, n * jvps_per_prompt JVPs."""
+
+    per_prompt: int
+    per_batch: int = 0
+    jvps_per_prompt: int = 0
+
+    def evaluations(self, n_prompts: int) -> int:
+        return n_prompts * self.per_prompt + self.per_batch
+
+    def jvps(self, n_prompts: int) -> int:
+        return n_prompts * self.jvps_per_prompt
+
+
+def _pair_cost(g: int, shared: bool) -> Cost:
+    """One guidance pair on x_T: G conditional per prompt; the G unconditional ones shared or not."""
+    return Cost(g, g) if shared else Cost(2 * g)
+
+
+def _dmem_cost(g: int, k: int, shared: bool) -> Cost:
+    first = _pair_cost(g, shared)
+    return Cost(first.per_prompt + 2 * g * (k - 1), first.per_batch)
+
+
+def _anisotropy_cost(g: int, k: int, shared: bool) -> Cost:
+    pair = _pair_cost(g, shared)  # two pairs: the first timestep and the low-noise one
+    return Cost(2 * pair.per_prompt, 2 * pair.per_batch)
+
+
+def _sharpness_cost(g: int, k: int, shared: bool) -> Cost:
+    pair = _pair_cost(g, shared)
+    return Cost(pair.per_prompt, pair.per_batch, jvps_per_prompt=2 * g)  # the JVP runs both halves per prompt
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    columns: tuple[str, ...]  # what it writes; the first is the score
+    higher_is_memorized: bool
+    cost: Callable[[int, int, bool], Cost]  # (generations, steps k, shared initial latents) -> Cost
+    paper: str
+
+
+REGISTRY: dict[str, Detector] = {
+    d.name: d
+    for d in (
+        Detector("dmem", ("dmem",), True, _dmem_cost, "Wen et al., ICLR 2024"),
+        Detector("sharpness", ("sharpness",), True, _sharpness_cost, "Jeon et al., ICML 2025"),
+        Detector(
+            "anisotropy",
+            ("anisotropy", "anisotropy_norm", "anisotropy_alignment"),
+            True,
+            _anisotropy_cost,
+            "Asthana et al., ICLR 2026",
+        ),
+        Detector("attention_entropy", ("attention_entropy",), True, lambda g, k, shared: Cost(g), "Ren et al., ECCV 2024"),
+    )
+}
+
+
+def detector(name: str) -> Detector:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown detector {name!r}: choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+# -- the scores -------------------------------------------------------------------------------
+def mean_norm(x: torch.Tensor) -> torch.Tensor:
+    """[N, G, ...] -> [N]: the L2 norm of each sample over its latent, averaged over generations."""
+    return x.float().flatten(2).norm(dim=2).mean(dim=1)
+
+
+def dmem_score(step_norms: torch.Tensor) -> np.ndarray:
+    """d_mem of [N, G, k] step norms (NaN where any norm is non-finite)."""
+    return d_mem(step_norms)[0].numpy().astype(np.float32)
+
+
+def sharpness_score(jvp_delta: torch.Tensor) -> np.ndarray:
+    """||J(eps_c - eps_u) (eps_c - eps_u)|| of [N, G, ...], averaged over generations."""
+    return mean_norm(jvp_delta).numpy().astype(np.float32)
+
+
+def alignment(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+    """cos(eps_u, eps_c - eps_u) over the flattened latent of [N, G, ...], averaged over G -> [N]."""
+    u = eps_uncond.float().flatten(2)
+    return torch.nn.functional.cosine_similarity(u, eps_cond.float().flatten(2) - u, dim=2).mean(dim=1)
+
+
+def anisotropy_scores(norm: torch.Tensor, align: torch.Tensor, weight: float) -> dict[str, np.ndarray]:
+    """The combined score and its two parts, each [N] float32."""
+    as_np = lambda t: t.numpy().astype(np.float32)  # noqa: E731
+    return {"anisotropy": as_np(norm + weight * align), "anisotropy_norm": as_np(norm), "anisotropy_alignment": as_np(align)}
+
+
+def attention_entropy(token_probs: torch.Tensor) -> np.ndarray:
+    """Token distributions [N, G, layers, L] (each sums to 1 over L) -> mean Shannon entropy [N], nats."""
+    p = token_probs.double().clamp_min(1e-30)
+    return (-(p * p.log()).sum(dim=-1)).flatten(1).mean(dim=1).numpy().astype(np.float32)
+
+
+# -- screening (the cascade with any detector) ----------------------------------------------
+def oriented(scores: np.ndarray, name: str) -> np.ndarray:
+    """Scores turned so that larger means more likely memorized, whatever the detector."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores if detector(name).higher_is_memorized else -scores
+
+
+def screen_top(ids: np.ndarray, screen_scores: np.ndarray, top_percent: float, screen: str = "dmem") -> np.ndarray:
+    """Ids of the top `top_percent` by the `screen` detector's scores (non-finite never selected).
+
+    The memorized-set rule of `cxrmem.stats.top_percent_mask` (k = ceil(q n / 100), ties kept).
+    """
+    scores = oriented(screen_scores, screen)
+    finite = np.isfinite(scores)
+    mask, _ = stats.top_percent_mask(scores[finite], top_percent)
+    return np.asarray(ids)[finite][mask]
+
+
+def screen_recall(
+    full_scores: np.ndarray, screen_scores: np.ndarray, screen: str, top_percent: float, screen_percent: float
+) -> float:
+    """Share of the full d_mem's top `top_percent` inside the screen's top `screen_percent`."""
+    ids = np.arange(len(full_scores))
+    target = set(screen_top(ids, full_scores, top_percent).tolist())
+    kept = set(screen_top(ids, screen_scores, screen_percent, screen).tolist())
+    return len(target & kept) / len(target) if target else float("nan")

@@ -1,0 +1,169 @@
+"""The detectors of cxrmem/detectors.py on tiny real models: values, batch invariance, declared costs."""
+
+import hashlib
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cxrmem import detectors
+from cxrmem.config import ModelConfig, ScoreConfig
+from cxrmem.detectors import REGISTRY, Cost, DetectorSettings
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
+
+PROMPTS = [
+    "No acute cardiopulmonary process.",
+    "Compared to ___, moderate right pleural effusion has increased.",
+    "Endotracheal tube terminates 4 cm above the carina.",
+    "Mild cardiomegaly without pulmonary edema.",
+]
+IDS = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in PROMPTS]
+SETTINGS = DetectorSettings(generations=2, steps=2)
+TESTBED = os.path.join(os.path.dirname(__file__), os.pardir, "testbed", "model")
+
+
+def make_scorer(model_dir: str, **score) -> Scorer:
+    components = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": model_dir}))
+    return Scorer(components, ScoreSettings.of(OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"steps": 4, **score})), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    return make_scorer(tiny_model_dir)
+
+
+# -- pure functions ---------------------------------------------------------------------------
+def test_entropy_of_uniform_and_peaked_token_distributions():
+    uniform = torch.full((1, 2, 3, 8), 1 / 8)
+    peaked = torch.zeros(1, 1, 1, 8)
+    peaked[..., 0] = 1.0
+    assert detectors.attention_entropy(uniform)[0] == pytest.approx(math.log(8), rel=1e-6)
+    assert detectors.attention_entropy(peaked)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alignment_is_the_cosine_of_uncond_and_guidance_direction():
+    u = torch.tensor([[[1.0, 0.0]]])  # [N=1, G=1, 2]
+    assert detectors.alignment(u, torch.tensor([[[3.0, 0.0]]]))[0] == pytest.approx(1.0)
+    assert detectors.alignment(u, torch.tensor([[[1.0, 5.0]]]))[0] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_screen_top_orients_scores_and_skips_nonfinite(monkeypatch):
+    ids = np.array(["a", "b", "c", "d"])
+    scores = np.array([3.0, np.nan, 1.0, 2.0])
+    assert detectors.screen_top(ids, scores, 50.0).tolist() == ["a", "d"]
+    lower = detectors.Detector("lower", ("lower",), False, lambda g, k, s: Cost(g), "test")
+    monkeypatch.setitem(REGISTRY, "lower", lower)
+    assert detectors.screen_top(ids, scores, 50.0, screen="lower").tolist() == ["c", "d"]
+
+
+def test_declared_costs():
+    assert REGISTRY["dmem"].cost(4, 1, True) == Cost(4, 4)
+    assert REGISTRY["dmem"].cost(4, 50, True).evaluations(10) == 10 * 4 * 99 + 4  # the cascade's 2 G T, less shared uncond
+    assert REGISTRY["dmem"].cost(4, 50, False).evaluations(10) == 2 * 4 * 50 * 10
+    assert REGISTRY["sharpness"].cost(1, 1, True) == Cost(1, 1, jvps_per_prompt=2)
+    assert REGISTRY["anisotropy"].cost(1, 1, False) == Cost(4)
+    assert REGISTRY["attention_entropy"].cost(3, 1, True) == Cost(3)
+
+
+# -- on the tiny model ----------------------------------------------------------------------
+def test_every_detector_gives_one_finite_value_per_prompt(scorer):
+    out = scorer.detect(PROMPTS, IDS, list(REGISTRY), SETTINGS)
+    expected = {column for d in REGISTRY.values() for column in d.columns}
+    assert set(out) == expected
+    for column, values in out.items():
+        assert values.shape == (len(PROMPTS),) and values.dtype == np.float32, column
+        assert np.isfinite(values).all(), column
+    assert (out["attention_entropy"] > 0).all() and (np.abs(out["anisotropy_alignment"]) <= 1 + 1e-6).all()
+
+
+def test_dmem_detector_is_the_screening_score(scorer):
+    out = scorer.detect(PROMPTS, IDS, ["dmem"], DetectorSettings(generations=4, steps=2))
+    np.testing.assert_allclose(out["dmem"], scorer.score(PROMPTS, IDS, steps=2).d_mem, rtol=1e-6)
+
+
+# The alignment is a cosine of eps_c - eps_u at low noise, where a random tiny model's text moves
+# eps by ~1e-3 of its norm: float32 rounding that depends on the batch shows up at ~1e-5 of the
+# cosine's range [-1, 1], so the two columns holding it get an absolute tolerance of 1e-4.
+ATOL = {"anisotropy": 1e-4, "anisotropy_alignment": 1e-4}
+
+
+@pytest.mark.parametrize("seed_mode", ["shared", "per_prompt"])
+def test_batch_invariance(tiny_model_dir, seed_mode):
+    scorer = make_scorer(tiny_model_dir, seed_mode=seed_mode)
+    whole = scorer.detect(PROMPTS, IDS, list(REGISTRY), SETTINGS)
+    parts = [scorer.detect(PROMPTS[i : i + 1], IDS[i : i + 1], list(REGISTRY), SETTINGS) for i in (3, 0)]
+    for column, values in whole.items():
+        atol = ATOL.get(column, 1e-6)
+        np.testing.assert_allclose(parts[0][column][0], values[3], rtol=1e-4, atol=atol, err_msg=column)
+        np.testing.assert_allclose(parts[1][column][0], values[0], rtol=1e-4, atol=atol, err_msg=column)
+
+
+@pytest.mark.parametrize("seed_mode", ["shared", "per_prompt"])
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_unet_work_matches_declared_cost(tiny_model_dir, name, seed_mode):
+    scorer = make_scorer(tiny_model_dir, seed_mode=seed_mode)
+    samples = []
+    hook = scorer._unet.register_forward_hook(lambda module, args, kwargs, out: samples.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        scorer.detect(PROMPTS[:3], IDS[:3], [name], SETTINGS)
+    finally:
+        hook.remove()
+    cost = REGISTRY[name].cost(SETTINGS.generations, SETTINGS.steps, seed_mode == "shared")
+    assert sum(samples) == cost.evaluations(3) + cost.jvps(3)  # a JVP call runs each of its samples once
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
+def test_sharpness_jvp_matches_central_difference():
+    """On the trained testbed (a random model's text barely moves eps, so a difference quotient of
+    eps_c - eps_u would be float32 rounding), along the guidance direction scaled to RMS 1:
+    the JVP agrees with (f(x + h v) - f(x - h v)) / 2h to 2% at h = 1e-2 (1e-1: curvature, 1e-3: rounding)."""
+    scorer = make_scorer(TESTBED, steps=20)
+    embeddings = scorer.encode(PROMPTS[:2]).embeddings
+    latents = scorer.initial_latents(IDS[:2], 1)
+    t = scorer.timesteps()[0]
+    u, c = scorer.noise_pair(embeddings, latents, t, shared=False)
+    v = (c - u) / (c - u).flatten(2).norm(dim=2)[..., None, None, None] * (c[0, 0].numel() ** 0.5)
+    product = scorer.noise_difference_jvp(embeddings, latents, t, v)
+    h = 1e-2
+    plus_u, plus_c = scorer.noise_pair(embeddings, latents + h * v, t, shared=False)
+    minus_u, minus_c = scorer.noise_pair(embeddings, latents - h * v, t, shared=False)
+    quotient = ((plus_c - plus_u) - (minus_c - minus_u)) / (2 * h)
+    error = (product - quotient).flatten(1).norm(dim=1) / product.flatten(1).norm(dim=1)
+    assert (error < 2e-2).all(), error
+
+
+def test_token_attention_sums_to_one_and_restores_processors(scorer):
+    before = {name: type(p) for name, p in scorer._unet.attn_processors.items()}
+    probs = scorer.token_attention(scorer.encode(PROMPTS[:2]).embeddings, scorer.initial_latents(IDS[:2], 2), scorer.timesteps()[0])
+    n_cross = sum(1 for m in scorer._unet.modules() if getattr(m, "is_cross_attention", False))
+    assert probs.shape == (2, 2, n_cross, scorer.empty_embedding.shape[1])
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, n_cross))
+    assert {name: type(p) for name, p in scorer._unet.attn_processors.items()} == before
+
+
+# -- on the committed testbed ----------------------------------------------------------------
+@pytest.mark.slow  # ~15 s alone, over a minute on a loaded 2-core machine
+@pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
+def test_best_screen_holds_every_planted_prompt():
+    """The bench's best screen, the first-step d_mem with 4 generations (4.3 UNet evaluations per
+    prompt, AUC 0.998 in bench/RESULTS.md "Detectors"), puts all 24 planted prompts of the testbed
+    inside its top 15% of 24 planted + 200 never-duplicated prompts (T = 20)."""
+    torch.set_num_threads(1)
+    manifest = pd.read_csv(os.path.join(TESTBED, "manifest.csv"))
+    unique = manifest[~manifest.planted & (manifest.n_copies == 1)].sample(n=200, random_state=0)
+    frame = pd.concat([manifest[manifest.planted], unique])
+    scorer = make_scorer(TESTBED, steps=20)
+    ids = np.array([hashlib.sha256(p.encode()).hexdigest()[:16] for p in frame.prompt])
+    scores = np.concatenate(
+        [
+            scorer.detect(frame.prompt.tolist()[i : i + 32], ids[i : i + 32].tolist(), ["dmem"], DetectorSettings(4, 1))["dmem"]
+            for i in range(0, len(frame), 32)
+        ]
+    )
+    kept = set(detectors.screen_top(ids, scores, 15.0, screen="dmem").tolist())
+    assert set(ids[frame.planted.to_numpy()].tolist()) <= kept
