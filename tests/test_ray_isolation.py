@@ -15,8 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cxrmem import storage
 from cxrmem.config import load_config
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
 from tests.test_ray_cluster import HEAD_ENV, SMALL, start_head, stop_process_group
 
 LIGHT = ["attribution.enabled=false", "mitigation.enabled=false", "corpus.synthetic.n_reports=40"]
@@ -47,10 +48,10 @@ def test_in_process_audit_ignores_a_cluster_on_the_machine(foreign_cluster, tiny
 
     run_audit(cfg)
 
-    layout = storage.RunLayout(str(tmp_path / "run"))
+    layout = RunLayout(str(tmp_path / "run"))
     prompts = pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist()
     assert pq.read_table(layout.scores)["prompt_id"].to_pylist() == sorted(prompts)
-    assert "scores.parquet" in storage.read_json(layout.manifest)["files"]
+    assert "scores.parquet" in Store().read_json(layout.manifest)["files"]
     assert drivers_of(foreign_cluster) == before  # never joined it
 
 
