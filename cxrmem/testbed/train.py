@@ -105,7 +105,7 @@ def learning_rate_factor(step: int, total: int, warmup: int) -> float:
 
 
 def batches(training_set: TrainingSet, batch_size: int, rng: np.random.Generator):
-    """Endless shuffled epochs, cut into index batches."""
+    """Endless shuffled epochs, cut into batches of image indices."""
     while True:
         epoch = training_set.epoch_indices(rng)
         for start in range(0, len(epoch) - batch_size + 1, batch_size):
@@ -149,7 +149,7 @@ def train(cfg) -> dict:
     torch.manual_seed(tb.seed)
     started = time.time()
 
-    training_set = build_training_set(tb, cfg.corpus.marker_regex)
+    training_set = build_training_set(tb, cfg.corpus)
     tokenizer = train_wordpiece_tokenizer(training_set.prompts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
     token_ids = tokenizer(
         training_set.prompts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
@@ -167,9 +167,10 @@ def train(cfg) -> dict:
     generator = torch.Generator().manual_seed(tb.seed)
     rng = np.random.default_rng(tb.seed)
     log.info(
-        "testbed: %d prompts (%d planted), %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
+        "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
         len(training_set.prompts),
         int(training_set.planted.sum()),
+        len(training_set.images),
         int(training_set.n_copies.sum()),
         sum(p.numel() for p in unet.parameters()) / 1e6,
         sum(p.numel() for p in text_encoder.parameters()) / 1e6,
@@ -186,7 +187,7 @@ def train(cfg) -> dict:
         if time.time() - train_started > 60 * tb.max_minutes:
             stopped_by = "max_minutes"
             break
-        ids = token_ids[index].clone()
+        ids = token_ids[training_set.image_prompt[index]]  # fancy indexing copies
         ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
         loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -207,6 +208,7 @@ def train(cfg) -> dict:
         "total_minutes": round((time.time() - started) / 60, 2),
         "n_prompts": len(training_set.prompts),
         "n_planted": int(training_set.planted.sum()),
+        "n_images": len(training_set.images),
         "pairs_per_epoch": int(training_set.n_copies.sum()),
         "epochs": round(len(losses) * tb.train_batch_size / int(training_set.n_copies.sum()), 2),
         "threads": tb.num_threads,
