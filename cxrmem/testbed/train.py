@@ -96,11 +96,15 @@ def diffusion_loss(unet, text_encoder, scheduler, x0, token_ids, generator: torc
     return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise)
 
 
-def learning_rate_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
+def learning_rate_factor(step: int, total: int, warmup: int, time_share: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak.
+
+    Progress is the larger of the steps' and the wall-time budget's share (`time_share`), so a
+    run that `max_minutes` stops early on a busy machine still ends its decay, not mid-schedule.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_share)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -161,9 +165,6 @@ def train(cfg) -> dict:
     scheduler = radedit_scheduler(clip_sample=True)  # pixel space: clip the predicted image (see above)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, tb.train_steps, tb.warmup_steps)
-    )
     generator = torch.Generator().manual_seed(tb.seed)
     rng = np.random.default_rng(tb.seed)
     log.info(
@@ -180,6 +181,12 @@ def train(cfg) -> dict:
     text_encoder.train()
     losses: list[float] = []
     train_started = time.time()
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(
+            step, tb.train_steps, tb.warmup_steps, (time.time() - train_started) / (60 * tb.max_minutes)
+        ),
+    )
     stopped_by = "steps"
     for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
         if step >= tb.train_steps:
