@@ -179,6 +179,29 @@ def test_evaluate_writes_the_results_section(trained_tiny_testbed, tmp_path):
     assert "## Other\n\nkept" in text and text.count(SECTIONS["synthetic"].heading) == 1
 
 
+def test_iuxray_evaluation_ranks_templates_in_its_own_section(tmp_path):
+    from cxrmem.testbed.evaluate import evaluate
+    from cxrmem.testbed.train import train
+
+    results = tmp_path / "RESULTS.md"
+    synthetic, iuxray = SECTIONS["synthetic"].heading, SECTIONS["iuxray"].heading
+    results.write_text(f"{synthetic}\n\nfirst testbed\n")
+    extra = {"testbed.source": "iuxray", "testbed.n_unique": 5000, "corpus.max_reports": 120}
+    extra.update({"testbed.eval_unique": 6, "testbed.eval_steps": 2, "testbed.results": str(results)})
+    cfg = tiny_testbed_config(str(tmp_path / "model"), **extra)
+    train(cfg)
+    manifest = pd.read_csv(tmp_path / "model" / "manifest.csv")
+    result = evaluate(cfg)
+    assert result["n_planted"] == 8 and result["n_unique"] == 6
+    for key in ("full", "first_step"):
+        ranking = result["templates"][key]
+        assert ranking["n"] == (manifest.n_images > 1).sum() > 0
+        assert ranking["most_copied"][0]["n_copies"] == manifest.n_copies[~manifest.planted].max()
+    text = results.read_text()
+    assert text.startswith(f"{synthetic}\n\nfirst testbed\n\n{iuxray}\n") and "`XXXX` markers" in text
+    assert "templates flagged" in text
+
+
 # -- metrics ------------------------------------------------------------------------------------
 def test_rms_distance():
     a = torch.zeros(2, 1, 4, 4)
