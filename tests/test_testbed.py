@@ -202,6 +202,17 @@ def test_iuxray_evaluation_ranks_templates_in_its_own_section(tmp_path):
     assert "templates flagged" in text
 
 
+def test_learning_rate_decays_by_steps_or_by_the_time_budget():
+    from cxrmem.testbed.train import learning_rate_factor
+
+    assert learning_rate_factor(0, 100, 10) == pytest.approx(0.1)  # warmup
+    assert learning_rate_factor(10, 100, 10) == pytest.approx(1.0)
+    assert learning_rate_factor(100, 100, 10) == pytest.approx(0.1)
+    # A run stopped by max_minutes at step 20 of 100 has still decayed fully.
+    assert learning_rate_factor(20, 100, 10, time_share=1.0) == pytest.approx(0.1)
+    assert learning_rate_factor(20, 100, 10, time_share=0.5) == pytest.approx(0.55)
+
+
 # -- metrics ------------------------------------------------------------------------------------
 def test_rms_distance():
     a = torch.zeros(2, 1, 4, 4)

@@ -50,7 +50,6 @@ from cxrmem.testbed.train import SUMMARY
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Section:
     heading: str  # the RESULTS.md section this testbed owns
@@ -113,9 +112,8 @@ def marker_means(full: np.ndarray, frame: pd.DataFrame, levels) -> list[dict]:
     rows = []
     for level in levels:
         at_level = planted & (frame.n_copies == level).to_numpy()
-        rows.append(
-            {"level": level, "d_mem_marker": float(full[at_level & marked].mean()), "d_mem_no_marker": float(full[at_level & ~marked].mean())}
-        )
+        marked_mean, unmarked_mean = float(full[at_level & marked].mean()), float(full[at_level & ~marked].mean())
+        rows.append({"level": level, "d_mem_marker": marked_mean, "d_mem_no_marker": unmarked_mean})
     return rows
 
 
