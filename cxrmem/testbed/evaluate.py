@@ -245,7 +245,7 @@ def results_markdown(result: dict, cfg, section: Section) -> str:
         f"vs {result['n_unique']} never-duplicated prompts (a seeded sample). Scorer with G={score['generations']}, "
         f"w={score['guidance']}, T={score['steps']} DDIM steps"
         + (" (fewer than the default 50, for CPU time)" if score["steps"] < 50 else "")
-        + f"; {result['minutes']} min on {cfg.testbed.num_threads} thread(s) of a {cpu_name()}.",
+        + f"; {result['minutes']} min on {cfg.testbed.num_threads} CPU thread(s), CPU: {cpu_name()}.",
         "",
         "| score | copies | planted | negatives | AUC | TPR at 1% FPR |",
         "|---|---|---|---|---|---|",
