@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast testbed bench image lint clean
+.PHONY: install demo test test-fast testbed testbed-iuxray bench image lint clean
 
 # torch is pinned to the CPU build that lies on disk on development machines;
 # the cluster image (docker/Dockerfile) brings its own CUDA build.
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 
 testbed: $(STAMP)
 	$(BIN)/cxrmem testbed train --config conf/testbed.yaml
+
+testbed-iuxray: $(STAMP)
+	$(BIN)/cxrmem testbed train --config conf/testbed_iuxray.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/score_bench.py

@@ -118,7 +118,7 @@ def run_testbed(args) -> dict:
     tb = cfg.testbed
     embedder = make_embedder(EmbedderSettings(name="pixel", size=tb.image_size))
     with tempfile.TemporaryDirectory() as folder:
-        table = export_training_images(tb.out, folder, cfg.corpus.marker_regex)
+        table = export_training_images(tb.out, folder, cfg.corpus)
         index = embedder([read_image(Path(p).read_bytes(), p) for p in table.path])
     manifest = pd.read_csv(os.path.join(tb.out, MANIFEST))
     frame = testbed_prompts(manifest, args.controls, tb.seed).assign(prompt_id=lambda f: [prompt_id(p) for p in f.prompt])

@@ -176,8 +176,9 @@ class ReportConfig:
 @dataclass
 class TestbedConfig:
     out: str = "testbed/model"  # where `cxrmem testbed train` writes the model and manifest.csv
+    source: str = "synthetic"  # synthetic (MIMIC-style, deduplicated) | iuxray (IU X-ray reports, natural duplicates kept)
     image_size: int = 32  # phantom size in pixels (32: see cxrmem/testbed/train.py for why)
-    n_unique: int = 1000  # prompts seen once per epoch, each with its own image
+    n_unique: int = 1000  # unplanted distinct prompts (synthetic: exactly, each seen once; iuxray: at most, each with all its reports)
     planted_per_level: int = 4  # planted prompts per duplication level and marker condition
     duplication_levels: List[int] = field(default_factory=lambda: [32, 64, 128])  # copies of each planted prompt per epoch
     train_steps: int = 3000  # optimiser steps
@@ -219,6 +220,7 @@ CHOICES = {
     "model.kind": ["diffusers", "radedit"],
     "model.dtype": ["float32", "bfloat16", "float16"],
     "score.seed_mode": ["shared", "per_prompt"],
+    "testbed.source": ["synthetic", "iuxray"],
 }
 SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
 STRATEGIES = MitigationConfig().strategies

@@ -300,7 +300,7 @@ def test_a_planted_prompt_finds_its_own_training_image_on_the_testbed(tmp_path):
 
     model = str(ROOT / "testbed" / "model")
     cfg = load_config(ROOT / "conf" / "testbed.yaml", [f"testbed.out={model}", f"model.path={model}"])
-    table = export_training_images(model, str(tmp_path), cfg.corpus.marker_regex)
+    table = export_training_images(model, str(tmp_path), cfg.corpus)
     assert len(table) == 1024 and table.path.map(os.path.exists).all()
     embed = make_embedder(EmbedderSettings(name="pixel", size=cfg.testbed.image_size))
     index = embed([read_image(Path(p).read_bytes(), p) for p in table.path])

@@ -1,16 +1,23 @@
 """Training pairs of the testbed, with planted memorized prompts.
 
-Prompts are the impressions of synthetic MIMIC-style reports (`cxrmem.corpus.synthetic`),
-whitespace-normalised and deduplicated. Two kinds of prompt:
+Prompts are report impressions, whitespace-normalised, from one of two sources (`testbed.source`):
 
-- unique: `n_unique` prompts, each seen once per epoch with its own patient's phantom;
-- planted: for every duplication level n in `duplication_levels` and for each marker
-  condition (with `___` de-identification markers, without), `planted_per_level` prompts
-  repeated n times with ONE fixed patient image, which is how a duplicated study gets
-  memorized. Planted prompts are drawn from impressions that occur once in the generated
-  reports and so are strings that appear nowhere else in the training set.
+- synthetic: synthetic MIMIC-style reports (`cxrmem.corpus.synthetic`), deduplicated, so every
+  unplanted prompt is seen once per epoch with its own patient's phantom (`n_unique` of them);
+- iuxray: the IU X-ray reports torchxrayvision ships (`cxrmem.corpus.iuxray`), with their
+  natural duplication kept: every report is one pair of its impression and its own patient's
+  phantom, so "No acute cardiopulmonary abnormality." (302 reports) is trained with 302
+  different images. Such a template is a shared phrase, not a memorized copy.
 
-`manifest.csv` lists every training prompt with `prompt,n_copies,planted`.
+Planted prompts are the same for both sources: for every duplication level n in
+`duplication_levels` and each marker condition (with de-identification markers, MIMIC `___` or
+IU `XXXX`, and without), `planted_per_level` prompts repeated n times with ONE fixed patient
+image, which is how a duplicated study gets memorized. They are drawn from impressions that
+occur once in the source and so appear nowhere else in the training set.
+
+`manifest.csv` lists every distinct training prompt with `prompt,n_copies,planted,n_images`:
+n_copies pairs per epoch, n_images distinct images among them (planted: 1; a natural template:
+n_images == n_copies > 1).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cxrmem.corpus.iuxray import iter_iuxray_reports
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.text import count_markers, normalise_whitespace
 from cxrmem.testbed.phantoms import phantoms
@@ -30,65 +38,106 @@ MANIFEST = "manifest.csv"
 
 @dataclass
 class TrainingSet:
+    """Distinct prompts and the distinct (prompt, image) pairs they are trained with.
+
+    Image i < len(prompts) is the first (for planted and never-duplicated prompts: the only)
+    image of prompt i; the further images of naturally duplicated prompts follow.
+    """
+
     prompts: list[str]  # one entry per distinct training prompt
-    images: np.ndarray  # [P, 1, H, W] float32 in [0, 1]: the one image each prompt is trained with
-    n_copies: np.ndarray  # [P] int: times the (prompt, image) pair appears per epoch
+    images: np.ndarray  # [I, 1, H, W] float32 in [0, 1], I >= P
+    image_prompt: np.ndarray  # [I] int: the prompt each image is trained with
+    image_copies: np.ndarray  # [I] int: times the (prompt, image) pair appears per epoch
     planted: np.ndarray  # [P] bool
 
+    @property
+    def n_copies(self) -> np.ndarray:
+        """[P] pairs per epoch of each prompt."""
+        return np.bincount(self.image_prompt, weights=self.image_copies, minlength=len(self.prompts)).astype(np.int64)
+
+    @property
+    def n_images(self) -> np.ndarray:
+        """[P] distinct images each prompt is trained with."""
+        return np.bincount(self.image_prompt, minlength=len(self.prompts))
+
     def epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
-        """One shuffled epoch: prompt i appears n_copies[i] times."""
-        return rng.permutation(np.repeat(np.arange(len(self.prompts)), self.n_copies))
+        """One shuffled epoch of image indices: image i appears image_copies[i] times."""
+        return rng.permutation(np.repeat(np.arange(len(self.image_prompt)), self.image_copies))
 
     def manifest(self) -> pd.DataFrame:
-        return pd.DataFrame({"prompt": self.prompts, "n_copies": self.n_copies, "planted": self.planted})
+        return pd.DataFrame(
+            {"prompt": self.prompts, "n_copies": self.n_copies, "planted": self.planted, "n_images": self.n_images}
+        )
 
 
 def patient_seed(seed: int, index: int) -> int:
-    """A distinct, reproducible patient per training prompt."""
+    """A distinct, reproducible patient per training image."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def candidate_impressions(n_reports: int, seed: int) -> tuple[list[str], set[str]]:
-    """Distinct normalised impressions in first-seen order, and those seen exactly once."""
-    counts = Counter(normalise_whitespace(r["impression"]) for r in generate_reports(n_reports, seed=seed))
-    counts.pop("", None)
-    return list(counts), {text for text, n in counts.items() if n == 1}
+def source_impressions(tb_cfg, corpus_cfg) -> list[str]:
+    """Normalised non-empty impressions of the source's reports, one per report, duplicates kept."""
+    if tb_cfg.source == "synthetic":
+        needed = tb_cfg.n_unique + 2 * tb_cfg.planted_per_level * len(tb_cfg.duplication_levels)
+        texts = (r["impression"] for r in generate_reports(4 * needed, seed=tb_cfg.seed))
+    else:
+        records = iter_iuxray_reports(corpus_cfg.path, list(corpus_cfg.sections), limit=corpus_cfg.max_reports)
+        texts = (r.text for r in records if r.text is not None)
+    return [t for t in map(normalise_whitespace, texts) if t]
 
 
-def choose_prompts(tb_cfg, marker_regex: str) -> tuple[list[str], list[int], list[bool]]:
-    """Planted prompts (marker condition x level x planted_per_level) first, then the unique ones.
-
-    Returns the prompts, their copies per epoch and whether each is planted.
-    """
+def pick_planted(specific: list[str], tb_cfg, marker_regex: str) -> tuple[list[str], list[int]]:
+    """Planted prompts, marked condition first, each level's `planted_per_level` in turn, and their copies."""
     per_condition = tb_cfg.planted_per_level * len(tb_cfg.duplication_levels)
-    needed = tb_cfg.n_unique + 2 * per_condition
-    distinct, singletons = candidate_impressions(4 * needed, tb_cfg.seed)
-    rng = np.random.default_rng(tb_cfg.seed)
-    order = [distinct[i] for i in rng.permutation(len(distinct))]
-    specific = [p for p in order if p in singletons]
     with_marker = [p for p in specific if count_markers(p, marker_regex) > 0][:per_condition]
     without_marker = [p for p in specific if count_markers(p, marker_regex) == 0][:per_condition]
     if len(with_marker) < per_condition or len(without_marker) < per_condition:
         raise ValueError(
-            f"the synthetic corpus gave {len(with_marker)} marked and {len(without_marker)} unmarked specific "
+            f"the {tb_cfg.source} corpus gave {len(with_marker)} marked and {len(without_marker)} unmarked specific "
             f"impressions, fewer than the {per_condition} per condition that testbed.planted_per_level x "
             "testbed.duplication_levels ask for; lower testbed.planted_per_level"
         )
-    planted = set(with_marker) | set(without_marker)
-    unique = [p for p in order if p not in planted][: tb_cfg.n_unique]
-    if len(unique) < tb_cfg.n_unique:
-        raise ValueError(f"only {len(unique)} distinct impressions for testbed.n_unique={tb_cfg.n_unique}; lower it")
     prompts, copies = [], []
     for condition in (with_marker, without_marker):
         for level_index, level in enumerate(tb_cfg.duplication_levels):
             chunk = condition[level_index * tb_cfg.planted_per_level : (level_index + 1) * tb_cfg.planted_per_level]
             prompts += chunk
             copies += [level] * len(chunk)
-    return prompts + unique, copies + [1] * len(unique), [True] * len(prompts) + [False] * len(unique)
+    return prompts, copies
 
 
-def build_training_set(tb_cfg, marker_regex: str) -> TrainingSet:
-    prompts, copies, planted = choose_prompts(tb_cfg, marker_regex)
-    seeds = [patient_seed(tb_cfg.seed, i) for i in range(len(prompts))]
-    images = phantoms(prompts, seeds, tb_cfg.image_size)
-    return TrainingSet(prompts, images, np.asarray(copies, dtype=np.int64), np.asarray(planted, dtype=bool))
+def choose_prompts(tb_cfg, corpus_cfg) -> tuple[list[str], list[int], list[bool], list[int]]:
+    """Planted prompts first, then the unplanted ones (a seeded shuffle of the distinct impressions).
+
+    Returns the prompts, their copies per epoch, whether each is planted, and their distinct
+    images (1, except naturally duplicated iuxray impressions: one image per report).
+    """
+    counts = Counter(source_impressions(tb_cfg, corpus_cfg))
+    rng = np.random.default_rng(tb_cfg.seed)
+    distinct = list(counts)
+    order = [distinct[i] for i in rng.permutation(len(distinct))]
+    planted, planted_copies = pick_planted([p for p in order if counts[p] == 1], tb_cfg, corpus_cfg.marker_regex)
+    chosen = set(planted)
+    natural = [p for p in order if p not in chosen][: tb_cfg.n_unique]
+    if tb_cfg.source == "synthetic" and len(natural) < tb_cfg.n_unique:
+        raise ValueError(f"only {len(natural)} distinct impressions for testbed.n_unique={tb_cfg.n_unique}; lower it")
+    natural_images = [counts[p] if tb_cfg.source == "iuxray" else 1 for p in natural]
+    return (
+        planted + natural,
+        planted_copies + natural_images,
+        [True] * len(planted) + [False] * len(natural),
+        [1] * len(planted) + natural_images,
+    )
+
+
+def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
+    """The seeded training set: `corpus_cfg` gives marker_regex and, for iuxray, path, sections, max_reports."""
+    prompts, copies, planted, n_images = choose_prompts(tb_cfg, corpus_cfg)
+    # First image of every prompt, then the extra images of natural duplicates (see TrainingSet).
+    extra = np.repeat(np.arange(len(prompts)), np.asarray(n_images) - 1)
+    image_prompt = np.concatenate([np.arange(len(prompts)), extra])
+    image_copies = np.where(np.asarray(n_images) == 1, copies, 1)
+    image_copies = np.concatenate([image_copies, np.ones(len(extra), dtype=np.int64)])
+    seeds = [patient_seed(tb_cfg.seed, i) for i in range(len(image_prompt))]
+    images = phantoms([prompts[p] for p in image_prompt], seeds, tb_cfg.image_size)
+    return TrainingSet(prompts, images, image_prompt, image_copies.astype(np.int64), np.asarray(planted, dtype=bool))

@@ -1,13 +1,17 @@
 """Does d_mem find the planted prompts? Detection numbers on the trained testbed.
 
-Scores every planted prompt and `testbed.eval_unique` never-duplicated prompts (a seeded sample)
-with the project's `Scorer`, then reports:
+Scores every planted prompt, `testbed.eval_unique` never-duplicated prompts (a seeded sample)
+and every naturally duplicated prompt (a template: trained with several images, one per report;
+the IU X-ray testbed has them) with the project's `Scorer`, then reports:
 
 - ROC AUC and TPR at 1% FPR, planted (positives) vs never-duplicated (negatives), overall and
   per duplication level, for the full score (mean over all steps) and for the first-step score
   (the norm at the first DDIM step only; with shared initial latents it equals the score of a
   `score.screening_steps=1` run, since the first step does not depend on how many follow);
-- mean d_mem of planted prompts with and without `___` markers at each duplication level;
+- how the templates rank against the never-duplicated prompts (AUC, share flagged at the 1% FPR
+  threshold, the most-copied ones' percentiles) and against the planted ones: a template shared
+  by many different images is a phrase the model learned, not a copy, and should not be flagged;
+- mean d_mem of planted prompts with and without de-identification markers at each level;
 - how close the generations come to the training image: per prompt, the smallest RMS
   distance over its G generations to the image it was trained with (planted: the one fixed
   image; never-duplicated: its own image), for the guided generations the score is taken on
@@ -15,7 +19,8 @@ with the project's `Scorer`, then reports:
   pixel-space model overshoots on memorized prompts (the very text-conditional noise d_mem
   measures, amplified 7.5x and clipped), so the copies show best at w = 1.
 
-The section "Testbed detection" of `testbed.results` (bench/RESULTS.md) is replaced by the numbers.
+Each testbed (`testbed.source`) has its own section of `testbed.results` (bench/RESULTS.md),
+replaced by the numbers.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from cxrmem.config import TestbedConfig
 from cxrmem.corpus.text import count_markers, prompt_id
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.scoring.dmem import d_mem
@@ -40,7 +49,18 @@ from cxrmem.testbed.train import SUMMARY
 
 log = logging.getLogger(__name__)
 
-SECTION = "## Testbed detection"
+
+@dataclass(frozen=True)
+class Section:
+    heading: str  # the RESULTS.md section this testbed owns
+    config: str  # the config the command names
+    marker: str  # de-identification marker as the source writes it
+
+
+SECTIONS = {
+    "synthetic": Section("## Testbed detection", "conf/testbed.yaml", "___"),
+    "iuxray": Section("## Testbed detection: IU X-ray reports", "conf/testbed_iuxray.yaml", "XXXX"),
+}
 
 
 # -- detection metrics (pure) -----------------------------------------------------------------
@@ -50,8 +70,8 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def detection_rows(scores: np.ndarray, frame: pd.DataFrame, levels) -> list[dict]:
-    """AUC and TPR@1%FPR overall and per level; frame has columns planted, n_copies."""
-    negatives = scores[~frame.planted.to_numpy()]
+    """AUC and TPR@1%FPR overall and per level; frame has columns planted, n_copies, kind."""
+    negatives = scores[(frame.kind == "unique").to_numpy()]
     rows = []
     for level in ["all", *levels]:
         chosen = frame.planted.to_numpy() & ((frame.n_copies == level).to_numpy() if level != "all" else True)
@@ -67,24 +87,62 @@ def detection_rows(scores: np.ndarray, frame: pd.DataFrame, levels) -> list[dict
     return rows
 
 
+def template_ranking(scores: np.ndarray, frame: pd.DataFrame, top: int = 5) -> dict | None:
+    """Templates against never-duplicated prompts (AUC, share flagged at 1% FPR) and planted ones; None if none."""
+    kind = frame.kind.to_numpy()
+    templates, negatives = scores[kind == "template"], scores[kind == "unique"]
+    if templates.size == 0:
+        return None
+    most = frame.assign(score=scores)[kind == "template"].nlargest(top, "n_copies")
+    return {
+        "n": int(templates.size),
+        "auc_vs_unique": roc_auc(templates, negatives),
+        "flagged_at_1pct_fpr": tpr_at_fpr(templates, negatives),
+        "auc_planted_vs_templates": roc_auc(scores[kind == "planted"], templates),
+        "most_copied": [
+            {"prompt": p, "n_copies": int(n), "d_mem": float(v), "percentile": float((negatives < v).mean())}
+            for p, n, v in zip(most.prompt, most.n_copies, most.score)
+        ],
+    }
+
+
+def marker_means(full: np.ndarray, frame: pd.DataFrame, levels) -> list[dict]:
+    """Mean d_mem of planted prompts with and without markers, per level."""
+    planted, marked = frame.planted.to_numpy(), frame.has_marker.to_numpy()
+    rows = []
+    for level in levels:
+        at_level = planted & (frame.n_copies == level).to_numpy()
+        marked_mean, unmarked_mean = float(full[at_level & marked].mean()), float(full[at_level & ~marked].mean())
+        rows.append({"level": level, "d_mem_marker": marked_mean, "d_mem_no_marker": unmarked_mean})
+    return rows
+
+
 # -- the run ----------------------------------------------------------------------------------
+def prompt_kinds(manifest: pd.DataFrame) -> np.ndarray:
+    """planted | template (unplanted, trained with several images) | unique (unplanted, one image, seen once)."""
+    planted, several = manifest.planted.to_numpy(), (manifest.n_images > 1).to_numpy()
+    return np.select([planted, several], ["planted", "template"], "unique")
+
+
 def evaluation_prompts(manifest: pd.DataFrame, n_unique: int, seed: int) -> pd.DataFrame:
-    """Every planted prompt and a seeded sample of never-duplicated ones."""
-    unique = manifest[~manifest.planted]
+    """Every planted prompt, a seeded sample of never-duplicated ones and every template, with a `kind` column."""
+    manifest = manifest.assign(kind=prompt_kinds(manifest))
+    unique = manifest[manifest.kind == "unique"]
     sample = unique.sample(n=min(n_unique, len(unique)), random_state=seed)
-    return pd.concat([manifest[manifest.planted], sample])
+    return pd.concat([manifest[manifest.kind == "planted"], sample, manifest[manifest.kind == "template"]])
 
 
-def training_images(model_dir: str, manifest: pd.DataFrame, marker_regex: str) -> np.ndarray:
-    """Rebuild the training images from the config the model was trained with (they are seeded)."""
+def training_images(model_dir: str, manifest: pd.DataFrame, corpus_cfg) -> np.ndarray:
+    """Each prompt's first training image, rebuilt from the config the model was trained with (they are seeded)."""
     with open(os.path.join(model_dir, SUMMARY), encoding="utf-8") as stream:
-        tb_cfg = OmegaConf.create(json.load(stream)["testbed"])
-    training_set = build_training_set(tb_cfg, marker_regex)
+        tb_cfg = OmegaConf.merge(OmegaConf.structured(TestbedConfig), json.load(stream)["testbed"])
+    training_set = build_training_set(tb_cfg, corpus_cfg)
     if training_set.prompts != manifest.prompt.tolist():
         raise ValueError(
-            f"{model_dir}/{MANIFEST} does not match the training set rebuilt from {SUMMARY}; retrain the testbed"
+            f"{model_dir}/{MANIFEST} does not match the training set rebuilt from {SUMMARY} and the config's corpus "
+            "settings (corpus.path, corpus.sections, corpus.max_reports); retrain the testbed or use its training config"
         )
-    return training_set.images
+    return training_set.images[: len(training_set.prompts)]
 
 
 def nearest_distances(images: torch.Tensor, own: torch.Tensor, frame: pd.DataFrame, levels) -> dict:
@@ -117,7 +175,7 @@ def evaluate(cfg) -> dict:
     torch.set_num_threads(tb.num_threads)
     started = time.time()
     manifest = pd.read_csv(os.path.join(tb.out, MANIFEST))
-    train_images = torch.from_numpy(training_images(tb.out, manifest, cfg.corpus.marker_regex))
+    train_images = torch.from_numpy(training_images(tb.out, manifest, cfg.corpus))
     frame = evaluation_prompts(manifest, tb.eval_unique, tb.seed)
     frame = frame.assign(has_marker=[count_markers(p, cfg.corpus.marker_regex) > 0 for p in frame.prompt])
 
@@ -134,50 +192,60 @@ def evaluate(cfg) -> dict:
     if nonfinite.any():
         raise ValueError(f"{int(nonfinite.sum())} prompts gave non-finite noise norms; the testbed model is broken")
     levels = list(tb.duplication_levels)
-    _, conditional = score_and_generate(scorer, frame.prompt.tolist(), cfg.score.batch_size, shared, guidance=1.0)
-    own = train_images[list(frame.index)][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
-    planted = frame.planted.to_numpy()
+    # Distances to "the" training image only for prompts that have one (not templates).
+    single = (frame.kind != "template").to_numpy()
+    _, conditional = score_and_generate(scorer, frame.prompt[single].tolist(), cfg.score.batch_size, shared, guidance=1.0)
+    own = train_images[list(frame.index[single])][:, None]  # [N, 1, 1, H, W] against [N, G, 1, H, W]
+    kind = frame.kind.to_numpy()
 
     result = {
         "model": tb.out,
+        "source": tb.source,
         "fingerprint": fingerprint_model(model_cfg),
         "score": {"generations": score_cfg.generations, "steps": score_cfg.steps, "guidance": score_cfg.guidance_scale},
-        "n_planted": int(planted.sum()),
-        "n_unique": int((~planted).sum()),
+        "n_planted": int((kind == "planted").sum()),
+        "n_unique": int((kind == "unique").sum()),
         "full": detection_rows(full, frame, levels),
         "first_step": detection_rows(first, frame, levels),
-        "marker": [
-            {
-                "level": level,
-                "d_mem_marker": float(full[planted & (frame.n_copies == level).to_numpy() & frame.has_marker.to_numpy()].mean()),
-                "d_mem_no_marker": float(full[planted & (frame.n_copies == level).to_numpy() & ~frame.has_marker.to_numpy()].mean()),
-            }
-            for level in levels
-        ],
-        "d_mem_unique_mean": float(full[~planted].mean()),
+        "templates": {"full": template_ranking(full, frame), "first_step": template_ranking(first, frame)},
+        "marker": marker_means(full, frame, levels),
+        "d_mem_unique_mean": float(full[kind == "unique"].mean()),
         "distance": {
-            name: nearest_distances(images, own, frame, levels)
-            for name, images in (("guided", generated), ("conditional", conditional))
+            name: nearest_distances(images, own, frame[single], levels)
+            for name, images in (("guided", generated[torch.tensor(single)]), ("conditional", conditional))
         },
         "minutes": round((time.time() - started) / 60, 2),
     }
-    write_results(tb.results, results_markdown(result, cfg))
+    section = SECTIONS[tb.source]
+    write_results(tb.results, section.heading, results_markdown(result, cfg, section))
     return result
 
 
 # -- bench/RESULTS.md -------------------------------------------------------------------------
-def results_markdown(result: dict, cfg) -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (what `lscpu` prints), else platform's word for it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def results_markdown(result: dict, cfg, section: Section) -> str:
     score = result["score"]
     lines = [
-        SECTION,
+        section.heading,
         "",
-        "Command: `cxrmem testbed evaluate --config conf/testbed.yaml`",
+        f"Command: `cxrmem testbed evaluate --config {section.config}`",
         "",
         f"Model `{result['model']}` (fingerprint `{result['fingerprint'][:16]}`): {result['n_planted']} planted prompts "
         f"vs {result['n_unique']} never-duplicated prompts (a seeded sample). Scorer with G={score['generations']}, "
         f"w={score['guidance']}, T={score['steps']} DDIM steps"
         + (" (fewer than the default 50, for CPU time)" if score["steps"] < 50 else "")
-        + f"; {result['minutes']} min on {cfg.testbed.num_threads} CPU thread(s).",
+        + f"; {result['minutes']} min on {cfg.testbed.num_threads} CPU thread(s), CPU: {cpu_name()}.",
         "",
         "| score | copies | planted | negatives | AUC | TPR at 1% FPR |",
         "|---|---|---|---|---|---|",
@@ -189,7 +257,7 @@ def results_markdown(result: dict, cfg) -> str:
             )
     lines += [
         "",
-        f"Mean d_mem of planted prompts, with vs without `___` markers (never-duplicated prompts: {result['d_mem_unique_mean']:.3f}):",
+        f"Mean d_mem of planted prompts, with vs without `{section.marker}` markers (never-duplicated prompts: {result['d_mem_unique_mean']:.3f}):",
         "",
         "| copies | with markers | without markers |",
         "|---|---|---|",
@@ -209,24 +277,58 @@ def results_markdown(result: dict, cfg) -> str:
         f"| {value:.3f} | {conditional[key]:.3f} |"
         for key, value in guided.items()
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + template_markdown(result["templates"])) + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """Swap the markdown section that starts with SECTION for `section`, or append it."""
-    start = document.find(SECTION)
-    if start < 0:
+def template_markdown(templates: dict) -> list[str]:
+    """Lines on how the naturally duplicated prompts rank; none when the testbed has no templates."""
+    if templates["full"] is None:
+        return []
+    lines = [
+        "",
+        f"Naturally duplicated prompts ({templates['full']['n']} templates, each trained with one different image per",
+        "report) against the never-duplicated prompts and the planted ones; flagged: above the 1% FPR threshold",
+        "of the never-duplicated prompts (the same threshold as TPR at 1% FPR):",
+        "",
+        "| score | AUC templates vs never-duplicated | templates flagged | AUC planted vs templates |",
+        "|---|---|---|---|",
+    ]
+    for name, key in (("full (all steps)", "full"), ("first step only", "first_step")):
+        row = templates[key]
+        lines.append(
+            f"| {name} | {row['auc_vs_unique']:.3f} | {row['flagged_at_1pct_fpr']:.2f} | {row['auc_planted_vs_templates']:.3f} |"
+        )
+    lines += [
+        "",
+        "The most-copied templates: d_mem and its percentile among the never-duplicated prompts:",
+        "",
+        "| template | copies | full d_mem | percentile | first-step d_mem | percentile |",
+        "|---|---|---|---|---|---|",
+    ]
+    for full, first in zip(templates["full"]["most_copied"], templates["first_step"]["most_copied"]):
+        lines.append(
+            f"| {full['prompt']} | {full['n_copies']} | {full['d_mem']:.3f} | {full['percentile']:.2f} "
+            f"| {first['d_mem']:.3f} | {first['percentile']:.2f} |"
+        )
+    return lines
+
+
+def replace_section(document: str, heading: str, section: str) -> str:
+    """Swap the markdown section under the line `heading` for `section`, or append it."""
+    found = re.search(rf"^{re.escape(heading)}$", document, re.MULTILINE)  # the whole line: headings share prefixes
+    if found is None:
         return document.rstrip("\n") + ("\n\n" if document.strip() else "") + section
-    end = document.find("\n## ", start + len(SECTION))
+    start = found.start()
+    end = document.find("\n## ", start + len(heading))
     rest = document[end + 1 :] if end >= 0 else ""
     return document[:start] + section + ("\n" + rest if rest else "")
 
 
-def write_results(path: str, section: str) -> None:
+def write_results(path: str, heading: str, section: str) -> None:
     document = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as stream:
             document = stream.read()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as stream:
-        stream.write(replace_section(document, section))
+        stream.write(replace_section(document, heading, section))

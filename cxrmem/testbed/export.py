@@ -24,10 +24,10 @@ from cxrmem.testbed.evaluate import training_images
 INDEX = "images.csv"
 
 
-def export_training_images(model_dir: str, out_dir: str, marker_regex: str) -> pd.DataFrame:
+def export_training_images(model_dir: str, out_dir: str, corpus_cfg) -> pd.DataFrame:
     """Write every training image of the testbed in `model_dir` to `out_dir`; returns the index table."""
     manifest = pd.read_csv(os.path.join(model_dir, MANIFEST))
-    images = training_images(model_dir, manifest, marker_regex)  # [P, 1, H, W] in [0, 1]
+    images = training_images(model_dir, manifest, corpus_cfg)  # [P, 1, H, W] in [0, 1]
     os.makedirs(out_dir, exist_ok=True)
     ids = [prompt_id(p) for p in manifest.prompt]
     paths = []

@@ -96,16 +96,20 @@ def diffusion_loss(unet, text_encoder, scheduler, x0, token_ids, generator: torc
     return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise)
 
 
-def learning_rate_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
+def learning_rate_factor(step: int, total: int, warmup: int, time_share: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak.
+
+    Progress is the larger of the steps' and the wall-time budget's share (`time_share`), so a
+    run that `max_minutes` stops early on a busy machine still ends its decay, not mid-schedule.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_share)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def batches(training_set: TrainingSet, batch_size: int, rng: np.random.Generator):
-    """Endless shuffled epochs, cut into index batches."""
+    """Endless shuffled epochs, cut into batches of image indices."""
     while True:
         epoch = training_set.epoch_indices(rng)
         for start in range(0, len(epoch) - batch_size + 1, batch_size):
@@ -149,7 +153,7 @@ def train(cfg) -> dict:
     torch.manual_seed(tb.seed)
     started = time.time()
 
-    training_set = build_training_set(tb, cfg.corpus.marker_regex)
+    training_set = build_training_set(tb, cfg.corpus)
     tokenizer = train_wordpiece_tokenizer(training_set.prompts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
     token_ids = tokenizer(
         training_set.prompts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
@@ -161,15 +165,13 @@ def train(cfg) -> dict:
     scheduler = radedit_scheduler(clip_sample=True)  # pixel space: clip the predicted image (see above)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, tb.train_steps, tb.warmup_steps)
-    )
     generator = torch.Generator().manual_seed(tb.seed)
     rng = np.random.default_rng(tb.seed)
     log.info(
-        "testbed: %d prompts (%d planted), %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
+        "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
         len(training_set.prompts),
         int(training_set.planted.sum()),
+        len(training_set.images),
         int(training_set.n_copies.sum()),
         sum(p.numel() for p in unet.parameters()) / 1e6,
         sum(p.numel() for p in text_encoder.parameters()) / 1e6,
@@ -179,6 +181,12 @@ def train(cfg) -> dict:
     text_encoder.train()
     losses: list[float] = []
     train_started = time.time()
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(
+            step, tb.train_steps, tb.warmup_steps, (time.time() - train_started) / (60 * tb.max_minutes)
+        ),
+    )
     stopped_by = "steps"
     for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
         if step >= tb.train_steps:
@@ -186,7 +194,7 @@ def train(cfg) -> dict:
         if time.time() - train_started > 60 * tb.max_minutes:
             stopped_by = "max_minutes"
             break
-        ids = token_ids[index].clone()
+        ids = token_ids[training_set.image_prompt[index]]  # fancy indexing copies
         ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
         loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -207,6 +215,7 @@ def train(cfg) -> dict:
         "total_minutes": round((time.time() - started) / 60, 2),
         "n_prompts": len(training_set.prompts),
         "n_planted": int(training_set.planted.sum()),
+        "n_images": len(training_set.images),
         "pairs_per_epoch": int(training_set.n_copies.sum()),
         "epochs": round(len(losses) * tb.train_batch_size / int(training_set.n_copies.sum()), 2),
         "threads": tb.num_threads,
