@@ -151,6 +151,3 @@ class LocalModel:
         chunks = [prompts.iloc[i : i + 1] for i in range(len(prompts))] or [prompts]
         for chunk in chunks:
             yield len(chunk), getattr(self.worker, method)(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
-
-    def close(self) -> None:
-        self.worker = None
