@@ -21,6 +21,7 @@ STAGES = {
     "analyze": "percentiles, memorized set, marker enrichment: summary.json, memorized_prompts.csv",
     "attribute": "token attribution of the memorized set: tokens.parquet",
     "mitigate": "mitigation experiments on the memorized set: mitigation.parquet",
+    "copies": "generations of the memorized set against the training images (images.source): copies.parquet",
     "report": "figures/*.png and a self-contained report.html",
     "audit": "all stages in order on Ray, then publish the run's manifest",
     "rescore": "rescore when the model fingerprint changed since the last run, and write a diff",
@@ -141,10 +142,10 @@ def _run(args: argparse.Namespace) -> dict:
     raise AssertionError(f"unhandled stage {args.stage}")
 
 
-STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "report")}
+STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "copies", "report")}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
-    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation",
+    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
     "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out",
     "model": "model", "verify": "prefix",
 }  # fmt: skip
