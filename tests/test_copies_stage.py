@@ -62,7 +62,8 @@ def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]
     table = pa.table({"prompt_id": ids, "prompt": texts, "source_ids": [[s] for s in sources],
                       "subject_id": [["p" + s[1:]] for s in sources]})  # fmt: skip
     Store().write_table(table, layout.prompts)
-    write_memorized(Store(), layout, pd.DataFrame({"prompt": texts[:memorized], "prompt_id": ids[:memorized]}))
+    frame = pd.DataFrame({"prompt": texts[:memorized], "prompt_id": ids[:memorized], "d_mem": 1.0, "n_reports": 1})
+    write_memorized(Store(), layout, frame)
     return ids
 
 
@@ -111,6 +112,13 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
         assert {"generation_0", "nearest_0", "similarity_0", "generation_1"} <= set(data.files)
     assert Store().read_json(layout.summary)["copies"]["headline"].keys() == {"w=7.5", "w=1"}
 
+    from cxrmem.stages import report
+
+    written = report.run(stage_config(tiny_model_dir, tmp_path, own_images))
+    html = Path(written["report"]).read_text()
+    assert written["sections"]["copies"] == "rendered" and layout.figure(f"copies_{ids[0]}.png") in written["figures"]
+    assert "Copies of training images" in html and "copy evidence" in html and "memorized prompts copy a training image" in html
+
 
 def test_copies_stage_is_off_without_images_and_refuses_a_published_run(tiny_model_dir, own_images, tmp_path):
     assert "disabled" in copies.run(load_config(None, [f"run.output={tmp_path}"]))["copies"]
@@ -122,8 +130,7 @@ def test_copies_stage_is_off_without_images_and_refuses_a_published_run(tiny_mod
     assert not os.path.exists(RunLayout(str(tmp_path)).copies)
 
 
-# -- the testbed, through the stage -----------------------------------------------------------
-@pytest.mark.slow
+# -- the testbed, through the stage (about 15 s: 1,024 phantoms exported and indexed) -----------
 def test_testbed_planted_prompts_copy_their_phantoms_through_the_stage(tmp_path):
     from cxrmem.testbed.export import export_training_images
 
