@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from cxrmem.config import ConfigError, load_config, public_config
@@ -75,9 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in {
         "train": "train the testbed model with planted memorized prompts (CPU, <= 30 min)",
         "evaluate": "detection AUC and TPR at 1% FPR on the planted prompts; writes bench/RESULTS.md",
+        "export": "write the testbed's training images (its phantoms) as PNG and images.csv, for images.source",
     }.items():
         cmd = testbed_sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", help="YAML file from conf/")
+        if name == "export":
+            cmd.add_argument("--out", required=True, help="output folder (local)")
         cmd.add_argument("overrides", nargs="*", help="key=value overrides")
     return parser
 
@@ -105,6 +109,11 @@ def _run(args: argparse.Namespace) -> dict:
             from cxrmem.testbed.train import train
 
             return train(cfg)
+        if args.testbed_cmd == "export":
+            from cxrmem.testbed.export import INDEX, export_training_images
+
+            table = export_training_images(cfg.testbed.out, args.out, cfg.corpus.marker_regex)
+            return {"images": len(table), "planted": int(table["planted"].sum()), "index": os.path.join(args.out, INDEX)}
         from cxrmem.testbed.evaluate import evaluate
 
         return evaluate(cfg)
@@ -147,7 +156,7 @@ STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribu
 MAIN_OUTPUT = {
     "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
     "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out",
-    "model": "model", "verify": "prefix",
+    "model": "model", "verify": "prefix", "testbed": "index",
 }  # fmt: skip
 
 

@@ -151,3 +151,12 @@ def test_testbed_planted_prompts_copy_their_phantoms_through_the_stage(tmp_path)
     memorized = out[out.group == "memorized"]
     assert memorized.is_copy.all() and memorized.same_study.all() and (memorized.max_similarity > 0.95).all()
     assert summary["guidances"]["w=1"]["auc"] == 1.0
+
+
+def test_cli_testbed_export_writes_the_phantoms_and_their_table(tmp_path, capsys):
+    from cxrmem.cli import main
+
+    assert main(["testbed", "export", "--config", str(ROOT / "conf" / "testbed.yaml"), "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "images.csv")
+    assert len(table) == 1024 and int(table.planted.sum()) == 24 and os.path.exists(table.path[0])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"output: {tmp_path / 'images.csv'}")

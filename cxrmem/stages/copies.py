@@ -124,14 +124,24 @@ def save_figures(store: Store, layout: RunLayout, chosen: dict[float, dict]) -> 
     return uris
 
 
+def embedder_fingerprint(cfg) -> str:
+    from cxrmem.copies.embedders import make_embedder
+
+    return make_embedder(embedder_settings(cfg)).fingerprint
+
+
+def build_image_index(cfg, store: Store, embed_rows: image_index.EmbedRows) -> dict:
+    """The index job alone: the audit runs it on a Ray actor pool before the model actors hold the devices."""
+    return image_index.build_index(cfg, store, embedder_fingerprint(cfg), embed_rows)[2]
+
+
 def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> dict:
-    """Check the memorized set for copies of training images with `models` (default: a model with its VAE in this process)."""
+    """Check the memorized set for copies of training images with `models` (default: a model with its VAE in
+    this process); the images not yet in the index are embedded by `embed_rows` first."""
     store = store or Store.from_config(cfg.storage)
     if not cfg.images.source:
         return {"copies": "disabled (images.source is empty)"}
-    from cxrmem.copies.embedders import make_embedder
-
-    fingerprint = make_embedder(embedder_settings(cfg)).fingerprint
+    fingerprint = embedder_fingerprint(cfg)
     with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
         frame = checked_prompts(cfg, store, layout, memorized)
@@ -143,13 +153,13 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
             tables += rows
             per_guidance[f"w={guidance:g}"] = guidance_summary(pa.concat_tables(rows).to_pandas(), threshold, known)
         store.write_table(pa.concat_tables(tables).cast(COPIES_SCHEMA), layout.copies)
-        summary = copies_summary(cfg, per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
+        summary = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
         merge_summary(store, layout, copies=summary)
     log.info("copies: %s", summary["headline"])
     return summary
 
 
-def copies_summary(cfg, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> dict:
+def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> dict:
     checked, left_out = text_strategies(cfg)
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
@@ -157,7 +167,7 @@ def copies_summary(cfg, per_guidance: dict, threshold: Threshold, built: dict, l
         for name, g in per_guidance.items()
     }
     return {
-        "headline": headline, "guidances": per_guidance, "rule": threshold.rule, "threshold_quantile": threshold.quantile,
+        "headline": headline, "prompts": n_prompts, "guidances": per_guidance, "rule": threshold.rule, "threshold_quantile": threshold.quantile,
         "generations": cfg.copies.generations, "top_k": cfg.copies.top_k, "embedder": cfg.copies.embedder,
         "strategies_checked": checked, "strategies_not_run": left_out, "index": built, "copies": layout.copies, "figures": figures,
     }  # fmt: skip
