@@ -94,6 +94,7 @@ def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[s
         "threshold": threshold.value, "auc": roc_auc(memorized["max_similarity"], controls["max_similarity"]),
         "memorized": len(memorized), "memorized_copies": int(memorized["is_copy"].sum()),
         "controls": len(controls), "control_copies": int(controls["is_copy"].sum()),
+        "nearest_own_study": int(memorized["same_study"].sum()), "nearest_own_patient": int(memorized["same_patient"].sum()),
         "copies_same_study": int((memorized["is_copy"] & memorized["same_study"]).sum()),
         "copies_same_patient": int((memorized["is_copy"] & memorized["same_patient"]).sum()),
         "strategies": {s: {"copies": int(g["is_copy"].sum()), "copy_share_mean": float(g["copy_share"].mean())}
