@@ -54,6 +54,21 @@ def test_index_builds_once_resumes_adds_new_images_and_counts_unreadable_files(t
     np.testing.assert_allclose(index.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
+def test_ray_index_worker_embeds_a_part_as_the_local_executor_does(tmp_path):
+    """The Ray Data callable class, called as its actor pool calls it (Ray itself: the demo-copies audit)."""
+    from cxrmem.distributed.image_index import IndexWorker
+
+    rng = np.random.default_rng(1)
+    paths = [save_png(tmp_path / f"img{i}.png", rng.random((16, 16))) for i in range(2)] + [str(tmp_path / "missing.png")]
+    chunk = pd.DataFrame({"part": "part-00000", "image_id": ["img0", "img1", "missing"], "path": paths})
+    cfg = load_config(None, ["copies.pixel_size=8", "model.device=cpu"])
+    remote = IndexWorker(cfg, Store(), torch_threads=1)(pa.Table.from_pandas(chunk, preserve_index=False))
+    local = next(image_index.local_rows(cfg, Store(), [chunk]))
+    assert remote.column_names == local.column_names == ["part", "image_id", "path", "embedding", "error"]
+    assert remote.column("embedding").to_pylist() == local.column("embedding").to_pylist()
+    assert remote.column("error").to_pylist()[:2] == [None, None] and "missing.png" in remote.column("error")[2].as_py()
+
+
 # -- the stage on a tiny model ----------------------------------------------------------------
 def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]) -> list[str]:
     """prompts.parquet (source and patient ids s<i> / p<i>) and a memorized set of the first `memorized` prompts."""
