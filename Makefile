@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast testbed testbed-iuxray bench image lint clean
+.PHONY: install demo demo-copies test test-fast testbed testbed-iuxray bench image lint clean
 
 # torch is pinned to the CPU build that lies on disk on development machines;
 # the cluster image (docker/Dockerfile) brings its own CUDA build.
@@ -21,6 +21,15 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cxrmem audit --config conf/demo.yaml run.overwrite=true
+
+# The demo with the copies stage: the testbed's phantoms exported as the training images, and the corpus
+# read from the same table so that each prompt's source id is its image's study id (re-identification).
+demo-copies: $(STAMP)
+	$(BIN)/cxrmem testbed export --config conf/testbed.yaml --out testbed/images
+	$(BIN)/cxrmem audit --config conf/demo.yaml run.output=runs/demo-copies run.overwrite=true \
+		corpus.path=testbed/images/images.csv 'corpus.id_columns=[source_id]' \
+		images.source=testbed/images/images.csv images.study_column=source_id \
+		analyze.top_percent=5 copies.generations=4 copies.n_controls=100 copies.pixel_size=32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -23,6 +23,7 @@ STAGES = {
     "analyze": "percentiles, memorized set, marker enrichment: summary.json, memorized_prompts.csv",
     "attribute": "token attribution of the memorized set: tokens.parquet",
     "mitigate": "mitigation experiments on the memorized set: mitigation.parquet",
+    "copies": "generations of the memorized set against the training images (images.source): copies.parquet",
     "report": "figures/*.png and a self-contained report.html",
     "audit": "all stages in order on Ray, then publish the run's manifest",
     "rescore": "rescore when the model fingerprint changed since the last run, and write a diff",
@@ -76,9 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in {
         "train": "train the testbed model with planted memorized prompts (CPU, <= 30 min)",
         "evaluate": "detection AUC and TPR at 1% FPR on the planted prompts; writes bench/RESULTS.md",
+        "export": "write the testbed's training images (its phantoms) as PNG and images.csv, for images.source",
     }.items():
         cmd = testbed_sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", help="YAML file from conf/")
+        if name == "export":
+            cmd.add_argument("--out", required=True, help="output folder (local)")
         cmd.add_argument("overrides", nargs="*", help="key=value overrides")
     return parser
 
@@ -106,6 +110,11 @@ def _run(args: argparse.Namespace) -> dict:
             from cxrmem.testbed.train import train
 
             return train(cfg)
+        if args.testbed_cmd == "export":
+            from cxrmem.testbed.export import INDEX, export_training_images
+
+            table = export_training_images(cfg.testbed.out, args.out, cfg.corpus)
+            return {"images": len(table), "planted": int(table["planted"].sum()), "index": os.path.join(args.out, INDEX)}
         from cxrmem.testbed.evaluate import evaluate
 
         return evaluate(cfg)
@@ -143,12 +152,12 @@ def _run(args: argparse.Namespace) -> dict:
     raise AssertionError(f"unhandled stage {args.stage}")
 
 
-STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "report")}
+STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "copies", "report")}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
-    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation",
+    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
     "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out",
-    "model": "model", "verify": "prefix",
+    "model": "model", "verify": "prefix", "testbed": "index",
 }  # fmt: skip
 
 

@@ -200,6 +200,40 @@ class TestbedConfig:
 
 
 @dataclass
+class ImagesConfig:
+    source: Optional[str] = ""  # training images: a folder or s3:// prefix of PNG/JPG/DICOM, or a .csv/.parquet table of them; empty or null: no copies stage
+    layout: str = "auto"  # folder source: mimic (files/pNN/pNNNNNNNN/sNNNNNNNN/*.jpg) | plain (no ids) | auto (mimic when every file is)
+    path_column: str = "path"  # table source: the column of image paths
+    study_column: str = "study_id"  # table source: the column of the report (study) id each image belongs to
+    subject_column: Optional[str] = None  # table source: the column of patient ids (None: none)
+    id_format: str = "as_is"  # table source: as_is (ids as the corpus spells them) | mimic (integer MIMIC ids -> pNN/pNNNNNNNN/sNNNNNNNN)
+    root: str = ""  # table source: folder or prefix that relative paths are joined to
+    index: Optional[str] = ""  # reusable index prefix; embeddings under <index>/<embedder fingerprint>/ (empty or null: the run's _parts/image_index)
+    part_size: int = 1024  # images per stored embedding part (the unit of resume)
+
+
+@dataclass
+class CopiesConfig:
+    embedder: str = "pixel"  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
+    pixel_size: int = 64  # pixel embedder: side of the resized image
+    embedder_repo: str = "microsoft/rad-dino"  # hf embedder: the model's repo id in the cache
+    embedder_cache: str = ""  # rad_dino / hf: the Hugging Face hub cache root (loaded offline)
+    embedder_revision: Optional[str] = None  # rad_dino / hf: snapshot commit or ref (None: refs/main)
+    generations: int = 8  # decoded generations per prompt and guidance
+    guidance: Optional[float] = None  # first guidance (None: score.guidance_scale)
+    second_guidance: Optional[float] = 1.0  # second guidance, where a model may reproduce its images (None: skip)
+    top_k: int = 5  # nearest training images kept per generation
+    n_controls: int = 200  # random non-memorized prompts that calibrate the copy threshold
+    seed: int = 0  # seed of the control sample
+    threshold_quantile: float = 0.99  # copy threshold: this quantile of the controls' max similarity
+    batch_size: int = 16  # prompts per sampling run (each with its generations), and images per embedder pass
+    query_chunk: int = 1024  # search: generation embeddings per matrix product
+    index_chunk: int = 65536  # search: stored embeddings per matrix product (bounds memory)
+    search_dtype: str = "float32"  # float32 | float16 (GPU) | bfloat16 (CPUs with AVX512-BF16)
+    strategies: bool = True  # also check the memorized prompts rewritten by each text strategy of mitigation.strategies
+
+
+@dataclass
 class CxrmemConfig:
     run: RunConfig = field(default_factory=RunConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -213,6 +247,8 @@ class CxrmemConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    copies: CopiesConfig = field(default_factory=CopiesConfig)
 
 
 CHOICES = {
@@ -221,6 +257,10 @@ CHOICES = {
     "model.dtype": ["float32", "bfloat16", "float16"],
     "score.seed_mode": ["shared", "per_prompt"],
     "testbed.source": ["synthetic", "iuxray"],
+    "images.layout": ["auto", "mimic", "plain"],
+    "images.id_format": ["as_is", "mimic"],
+    "copies.embedder": ["pixel", "rad_dino", "hf"],
+    "copies.search_dtype": ["float32", "float16", "bfloat16"],
 }
 SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
 STRATEGIES = MitigationConfig().strategies
@@ -322,6 +362,18 @@ RULES = {
     "testbed.num_threads": POSITIVE,
     "testbed.eval_unique": POSITIVE,
     "testbed.eval_steps": OPTIONAL_POSITIVE,
+    "images.part_size": POSITIVE,
+    "copies.pixel_size": (lambda v: v >= 4, "an integer of at least 4"),
+    "copies.generations": POSITIVE,
+    "copies.guidance": (lambda v: v is None or v >= 0, "null or non-negative"),
+    "copies.second_guidance": (lambda v: v is None or v >= 0, "null or non-negative"),
+    "copies.top_k": POSITIVE,
+    "copies.seed": NON_NEGATIVE,
+    "copies.n_controls": (lambda v: v >= 2, "at least 2 (the copy threshold is calibrated on them)"),
+    "copies.threshold_quantile": (lambda v: 0.5 <= v < 1, "in [0.5, 1)"),
+    "copies.batch_size": POSITIVE,
+    "copies.query_chunk": POSITIVE,
+    "copies.index_chunk": POSITIVE,
 }
 
 

@@ -177,6 +177,28 @@ def generation_grid(
     _save(fig, out)
 
 
+def copy_pairs(rows: Sequence[Mapping], out: BinaryIO, title: Optional[str] = None) -> None:
+    """Paper Fig. 1: one row per guidance, the closest generation beside its nearest training image.
+
+    Each row: {"label": str, "generation": [H, W], "nearest": [h, w], "similarity": float, "copy": bool}.
+    """
+    fig, axes = _figure(4.2, 2.0 * len(rows) + (0.6 if title else 0.2), ncols=2, nrows=len(rows))
+    for r, row in enumerate(rows):
+        for c, key in enumerate(("generation", "nearest")):
+            ax = axes[r, c]
+            ax.imshow(np.clip(np.asarray(row[key], dtype=np.float32), 0, 1), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        verdict = "copy" if row["copy"] else "no copy"
+        axes[r, 0].set_ylabel(row["label"], fontsize=8)
+        axes[r, 1].set_title(f"nearest training image\ncosine {row['similarity']:.3f} ({verdict})", fontsize=8,
+                             color=RED if row["copy"] else "black")  # fmt: skip
+        axes[r, 0].set_title("closest generation", fontsize=8)
+    if title:
+        fig.suptitle("\n".join(textwrap.wrap(_clip(title, 240), 60)), fontsize=8)
+    _save(fig, out)
+
+
 def enrichment_chart(overall: dict, by_bucket: dict, out: BinaryIO) -> None:
     """Marker share of memorized prompts against the base rate, overall and per n_reports bucket,
     next to the odds ratios with 95% intervals (log scale)."""

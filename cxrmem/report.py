@@ -321,6 +321,36 @@ def mitigation_context(data: dict, cfg: DictConfig, w, figure: Figures) -> dict:
     }
 
 
+def summary_line(summary: dict, name: str) -> dict:
+    """What the summary card shows of a section: the copies stage's headline, else the whole section."""
+    section = summary[name]
+    return section.get("headline", section) if name == "copies" and isinstance(section, dict) else section
+
+
+def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
+    """Per guidance: AUC, copies per group, re-identification, known-set check; per strategy: copies of the
+    rewritten memorized prompts; and generation | nearest training image figures of the top prompts."""
+    section, table = data["summary"].get("copies", {}), data["copies"]
+    guidance_rows = [{"name": name, **g, "known": g.get("known") or {}} for name, g in section.get("guidances", {}).items()]
+    strategies = sorted({s for g in guidance_rows for s in g.get("strategies", {})})
+    shown = []
+    for pid, arrays in data["copy_figures"].items():
+        n = len([k for k in arrays if k.startswith("generation_")])
+        rows = [{"label": f"w = {float(arrays[f'guidance_{i}']):g}", "generation": arrays[f"generation_{i}"],
+                 "nearest": arrays[f"nearest_{i}"], "similarity": float(arrays[f"similarity_{i}"]),
+                 "copy": float(arrays[f"similarity_{i}"]) > _threshold_at(table, float(arrays[f"guidance_{i}"]))} for i in range(n)]  # fmt: skip
+        prompt = table.loc[table["prompt_id"] == pid, "prompt"].iloc[0] if (table["prompt_id"] == pid).any() else pid
+        shown.append(figure(f"copies_{pid}.png", lambda p, r=rows, t=prompt: figures.copy_pairs(r, p, t),
+                            f"Prompt {pid}: its generation closest to a training image, and that image, per guidance (cf. paper Fig. 1)."))
+    return {"section": section, "rows": guidance_rows, "strategies": strategies, "figures": shown,
+            "not_run": section.get("strategies_not_run", [])}  # fmt: skip
+
+
+def _threshold_at(table: pd.DataFrame, guidance: float) -> float:
+    values = table.loc[np.isclose(table["guidance"], guidance), "threshold"]
+    return float(values.iloc[0]) if len(values) else float("inf")
+
+
 def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     """The page as plain data: summary card, sections, metrics. Reads nothing; draws through `figure`."""
     summary = data["summary"]
@@ -332,7 +362,7 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
         "prefix": data["prefix"], "facts": facts, "analysis": analysis, "detection": detection,
         "enrichment": analysis.get("marker_enrichment"), "cfg": cfg,
         "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "config_hash": config_hash(cfg),
-        "extra": {name: {k: fmt(v) for k, v in _flatten(summary[name]).items()} for name in ("copies", "detectors") if name in summary},
+        "extra": {name: {k: fmt(v) for k, v in _flatten(summary_line(summary, name)).items()} for name in ("copies", "detectors") if name in summary},
         "run_rows": run_rows(summary),
         "config_yaml": OmegaConf.to_yaml(OmegaConf.create(analysis.get("config") or public_config(cfg))),
     }
@@ -351,6 +381,8 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
         page["attribution"] = attribution_context(data, cfg, figure)
     if data["mitigation"] is not None:
         page["mitigation"] = mitigation_context(data, cfg, facts["w"], figure)
+    if data.get("copies") is not None:
+        page["copies"] = copies_context(data, cfg, figure)
     page["metrics"] = metrics(facts, analysis, detection, page.get("mitigation", {}).get("rows", []), summary)
     return page
 
@@ -373,7 +405,7 @@ def sections(page: dict) -> dict:
     """Each section's status: rendered, or which input is absent."""
     absent = {"distribution": ("analysis", "analysis"), "memorized": ("memorized", "memorized_prompts.csv"),
               "enrichment": ("analysis", "analysis"), "attribution": ("attribution", "tokens.parquet"),
-              "mitigation": ("mitigation", "mitigation.parquet")}
+              "mitigation": ("mitigation", "mitigation.parquet"), "copies": ("copies", "copies.parquet")}
     out = {"run": "rendered"}
     for name, (key, label) in absent.items():
         out[name] = "rendered" if page.get(key) else f"absent: {label}"

@@ -52,6 +52,9 @@ class RunLayout:
     memorized = property(lambda self: self.path("memorized_prompts.csv"))
     tokens = property(lambda self: self.path("tokens.parquet"))
     mitigation = property(lambda self: self.path("mitigation.parquet"))
+    copies = property(lambda self: self.path("copies.parquet"))
+    # The training-image index when images.index is empty (a resume checkpoint: not published).
+    image_index = property(lambda self: self.path("_parts/image_index"))
     figures = property(lambda self: self.path("figures"))
     report = property(lambda self: self.path("report.html"))
     metrics = property(lambda self: self.path("metrics.json"))

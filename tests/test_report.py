@@ -97,7 +97,8 @@ def test_full_report_embeds_every_figure(tmp_path):
     cfg, layout = _analyzed_run(tmp_path)
     _write_attribution_and_mitigation(layout)
     result = report.run(cfg)
-    assert result["sections"] == {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "attribution", "mitigation")}
+    rendered = {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "attribution", "mitigation")}
+    assert result["sections"] == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     names = sorted(p.rsplit("/", 1)[-1] for p in result["figures"])

@@ -17,6 +17,7 @@ import torch
 from cxrmem.copies.evidence import Threshold, calibrate_threshold, copies_table
 from cxrmem.copies.generation import generate
 from cxrmem.copies.search import top_k
+from cxrmem.settings import Settings
 
 SEARCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,7 +30,7 @@ class Copies:
 
 
 @dataclass(frozen=True)
-class CopiesSettings:
+class CopiesSettings(Settings):
     generations: int = 8  # decoded generations per prompt and guidance
     top_k: int = 5  # nearest training images kept per generation
     threshold_quantile: float = 0.99  # copy threshold: this quantile of the controls' max similarity
@@ -39,14 +40,11 @@ class CopiesSettings:
     search_dtype: str = "float32"  # float32 | float16 (GPU) | bfloat16 (CPUs with AVX512-BF16)
 
 
-def nearest_images(
-    embedder, generations: torch.Tensor, index: torch.Tensor, settings: CopiesSettings, device="cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, index rows), both [P, N, k], of generations [P, N, C, H, W] against the index [M, D]."""
-    n_prompts, n_generations = generations.shape[:2]
-    queries = embedder(generations.flatten(0, 1))
+def search(queries: torch.Tensor, index: torch.Tensor, settings: CopiesSettings, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, index rows), both [P, N, k], of generation embeddings [P, N, D] against the index [M, D]."""
+    n_prompts, n_generations = queries.shape[:2]
     sims, rows = top_k(
-        queries,
+        queries.flatten(0, 1),
         index,
         settings.top_k,
         device=device,
@@ -55,6 +53,41 @@ def nearest_images(
         dtype=SEARCH_DTYPES[settings.search_dtype],
     )
     return sims.reshape(n_prompts, n_generations, -1).numpy(), rows.reshape(n_prompts, n_generations, -1).numpy()
+
+
+def embedded_generations(
+    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [P, N, D], decoded generations [P, N, C, H, W]) of N generations per prompt at `guidance`."""
+    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size)
+    return embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1), generations
+
+
+def nearest_images(
+    embedder, generations: torch.Tensor, index: torch.Tensor, settings: CopiesSettings, device="cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, index rows), both [P, N, k], of generations [P, N, C, H, W] against the index [M, D]."""
+    queries = embedder(generations.flatten(0, 1))
+    return search(queries.reshape(*generations.shape[:2], -1), index, settings, device)
+
+
+def evidence(
+    prompts: pd.DataFrame,
+    sims: np.ndarray,
+    rows: np.ndarray,
+    images: pd.DataFrame,
+    settings: CopiesSettings,
+    guidance: float,
+    embedder: str,
+    threshold: Optional[Threshold] = None,
+    strategy: str = "none",
+) -> tuple[pa.Table, Threshold]:
+    """copies.parquet rows of searched prompts, and the threshold used (calibrated on the control rows
+    of `prompts` when not given)."""
+    if threshold is None:
+        controls = (prompts.group == "control").to_numpy()
+        threshold = calibrate_threshold(sims[controls, :, 0].max(axis=1), settings.threshold_quantile)
+    return copies_table(prompts, sims, rows, images, threshold, guidance, embedder, strategy), threshold
 
 
 def find_copies(
@@ -75,13 +108,8 @@ def find_copies(
     embeddings [M, D] of the image table `images`, in its row order. Without `threshold` it is
     calibrated on this call's control rows.
     """
-    generations = generate(
-        scorer, prompts.prompt.tolist(), prompts.prompt_id.tolist(), settings.generations, guidance, settings.batch_size
-    )
-    sims, rows = nearest_images(embedder, generations, index, settings, device=getattr(scorer, "device", "cpu"))
-    if threshold is None:
-        controls = (prompts.group == "control").to_numpy()
-        threshold = calibrate_threshold(sims[controls, :, 0].max(axis=1), settings.threshold_quantile)
-    table = copies_table(prompts, sims, rows, images, threshold, guidance, embedder.fingerprint, strategy)
+    queries, generations = embedded_generations(scorer, embedder, prompts.prompt.tolist(), prompts.prompt_id.tolist(), settings, guidance)
+    sims, rows = search(queries, index, settings, device=getattr(scorer, "device", "cpu"))
+    table, threshold = evidence(prompts, sims, rows, images, settings, guidance, embedder.fingerprint, threshold, strategy)
     best = table.column("best_generation").to_numpy()
     return Copies(table, threshold, generations[torch.arange(len(best)), torch.from_numpy(best.astype(np.int64))])

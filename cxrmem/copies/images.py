@@ -129,13 +129,14 @@ def folder_table(paths: Sequence[str], layout: str = "auto") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
-def read_table_file(path: str) -> pd.DataFrame:
-    """A CSV or Parquet table, ids read as strings (a leading zero must survive)."""
+def read_table_file(path: str, data: Optional[bytes] = None) -> pd.DataFrame:
+    """A CSV or Parquet table (from `data` when given, e.g. read from S3), ids read as strings (a leading zero must survive)."""
     lower = path.lower()
+    source = io.BytesIO(data) if data is not None else path
     if lower.endswith(".parquet"):
-        return pd.read_parquet(path)
+        return pd.read_parquet(source)
     if lower.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(source, dtype=str, keep_default_na=False, compression="gzip" if lower.endswith(".gz") else None)
     raise ImageReadError(f"{path}: an image table must be .csv, .csv.gz or .parquet")
 
 

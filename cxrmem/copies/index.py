@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import torch
 
@@ -48,3 +49,23 @@ def stack_parts(parts: Sequence[pa.Table]) -> tuple[list[str], torch.Tensor]:
     dim = table.schema.field("embedding").type.list_size
     values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return table.column("image_id").to_pylist(), torch.from_numpy(values.reshape(-1, dim).copy())
+
+
+def embedded_rows(embedder, chunk: pd.DataFrame, read: Callable[[str], bytes]) -> pa.Table:
+    """part, image_id, path, embedding and error (null when read) of each image of `chunk` (columns part,
+    image_id, path): what an index job's executor returns; an unreadable file's embedding is zeros."""
+    paths = chunk["path"].tolist()
+    vectors, read_ok, errors = embed_files(embedder, paths, read)
+    dim = int(vectors.shape[1]) if len(vectors) else int(getattr(embedder, "dim", 0))
+    full = np.zeros((len(paths), dim), dtype=np.float32)
+    full[read_ok] = vectors.float().numpy()
+    messages = iter(errors)
+    return pa.table(
+        {
+            "part": pa.array(chunk["part"].tolist(), pa.string()),
+            "image_id": pa.array(chunk["image_id"].tolist(), pa.string()),
+            "path": pa.array(paths, pa.string()),
+            "embedding": pa.array(list(full), pa.list_(pa.float32())),
+            "error": pa.array([None if ok else next(messages) for ok in read_ok], pa.string()),
+        }
+    )

@@ -1,4 +1,4 @@
-"""`cxrmem audit` on Ray: prepare, score, analyze, attribute, mitigate, report, publish.
+"""`cxrmem audit` on Ray: prepare, score, analyze, attribute, mitigate, copies (with images.source), report, publish.
 
 The same stage functions as the single-stage commands, with the model work mapped over Ray:
 scoring streams the corpus through a Ray Data actor pool (pipeline.py), and the small memorized
@@ -16,12 +16,13 @@ from typing import Optional
 
 from cxrmem.config import config_hash
 from cxrmem.distributed.actors import ActorModels
+from cxrmem.distributed.image_index import ray_rows
 from cxrmem.distributed.pipeline import scored_batches, with_overrides
 from cxrmem.distributed.session import ray_session
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, merge_summary
-from cxrmem.stages import analyze, attribute, mitigate, prepare, report, score
+from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, report, score
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,18 @@ class StageTimer:
 
 
 def explain_memorized(cfg, store: Store, n_memorized: int, timer: StageTimer) -> dict:
-    """tokens.parquet and mitigation.parquet for the memorized set, on one set of actors."""
+    """tokens.parquet, mitigation.parquet and (with images.source) copies.parquet for the memorized set, on one
+    set of actors; the copies stage's image index is built first, on its own actor pool."""
     results: dict = {}
-    if not (cfg.attribution.enabled or cfg.mitigation.enabled):
+    check_copies = bool(cfg.images.source)
+    if not (cfg.attribution.enabled or cfg.mitigation.enabled or check_copies):
         return results
-    models = ActorModels(cfg, store, n_memorized, need_vae=cfg.mitigation.enabled)
+    if check_copies:
+        with timer("image_index"):
+            log.info("image index: %s", copies.build_image_index(cfg, store, ray_rows))
+    # The controls of the copies check are mapped too: actors for them as well.
+    n_prompts = n_memorized + (cfg.copies.n_controls if check_copies else 0)
+    models = ActorModels(cfg, store, n_prompts, need_vae=cfg.mitigation.enabled or check_copies)
     try:
         if cfg.attribution.enabled:
             with timer("attribute"):
@@ -55,6 +63,9 @@ def explain_memorized(cfg, store: Store, n_memorized: int, timer: StageTimer) ->
         if cfg.mitigation.enabled:
             with timer("mitigate"):
                 results["mitigation"] = mitigate.run(cfg, store, models)
+        if check_copies:
+            with timer("copies"):
+                results["copies"] = copies.run(cfg, store, models)  # the index is built: only unreadable files are retried
     finally:
         models.close()
     return results

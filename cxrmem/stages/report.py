@@ -42,6 +42,8 @@ def read_run_inputs(cfg, store: Store) -> dict:
     known = cfg.analyze.known_memorized
     grids = {re.sub(r"^generations_|\.npz$", "", g.rsplit("/", 1)[-1]): g for g in store.list_files(layout.figures, suffix=".npz") if "/generations_" in g}
     check_prompt_ids(grids, layout.figures)  # a grid's id names a figure file below
+    pairs = {re.sub(r"^copies_|\.npz$", "", g.rsplit("/", 1)[-1]): g for g in store.list_files(layout.figures, suffix=".npz") if "/copies_" in g}
+    check_prompt_ids(pairs, layout.figures)
     return {
         "prefix": layout.prefix,
         "summary": read_summary(store, layout),
@@ -51,6 +53,8 @@ def read_run_inputs(cfg, store: Store) -> dict:
         "tokens": optional(layout.tokens, lambda u: store.read_table(u).to_pandas()),
         "mitigation": optional(layout.mitigation, lambda u: store.read_table(u).to_pandas()),
         "generations": {pid: npz(uri) for pid, uri in grids.items()},
+        "copies": optional(layout.copies, lambda u: store.read_table(u).to_pandas()),
+        "copy_figures": {pid: npz(uri) for pid, uri in pairs.items()},
     }
 
 

@@ -23,7 +23,9 @@ import pyarrow as pa
 
 from cxrmem.attribution import AttributionSettings, attribute_prompts
 from cxrmem.config import config_hash
-from cxrmem.mitigation import MitigationSettings, mitigate_prompts
+from cxrmem.copies.embedders import EmbedderSettings
+from cxrmem.copies.find import CopiesSettings
+from cxrmem.mitigation import MitigationSettings, mitigate_prompts, mitigated_prompt, vocabulary_words
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, read_memorized
@@ -63,6 +65,14 @@ def mitigation_settings(cfg) -> MitigationSettings:
     )
 
 
+def embedder_settings(cfg) -> EmbedderSettings:
+    c = cfg.copies
+    return EmbedderSettings(
+        name=c.embedder, size=c.pixel_size, repo=c.embedder_repo, cache_dir=c.embedder_cache or "",
+        revision=c.embedder_revision, batch_size=c.batch_size,
+    )  # fmt: skip
+
+
 def scores_table(prompt_ids, prompts, batch: ScoreBatch, model_fingerprint: str, cfg_hash: str) -> pa.Table:
     """One scores.parquet row per prompt (docs/design.md, Outputs)."""
     n = len(prompt_ids)
@@ -96,6 +106,8 @@ class ModelWorker:
         self.batch_size = cfg.score.batch_size
         self.fingerprint, self.config_hash = fingerprint, config_hash(cfg)
         self.attribution, self.mitigation = attribution_settings(cfg), mitigation_settings(cfg)
+        self.copy_settings, self.embedder_settings = CopiesSettings.of(cfg.copies), embedder_settings(cfg)
+        self.embedder = None  # the image embedder, loaded by the first `copies` call
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -116,6 +128,21 @@ class ModelWorker:
     def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
         return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids)
+
+    def copies(self, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none", keep_ids=frozenset()):
+        """Embeddings [P, N, D] of N generations per prompt (its text rewritten by a mitigation `strategy`
+        unless "none"), the texts generated from, and the grey generations [N, H, W] of those in `keep_ids`."""
+        from cxrmem.copies.embedders import make_embedder
+        from cxrmem.copies.find import embedded_generations
+
+        if self.embedder is None:
+            self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
+        if strategy != "none":
+            vocab = vocabulary_words(self.scorer.tokenizer)
+            prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
+        queries, generations = embedded_generations(self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance)
+        kept = {pid: generations[i].mean(dim=1).numpy() for i, pid in enumerate(prompt_ids) if pid in keep_ids}
+        return queries.numpy(), prompts, kept
 
 
 @contextmanager

@@ -1,0 +1,174 @@
+"""`cxrmem copies`: do the memorized prompts' generations copy training images? copies.parquet, summary["copies"].
+
+    images.source -> the image index (stages/image_index.py, built once, resumable)
+    memorized set + a seeded random sample of other prompts (controls)
+      -> per guidance (the scoring one, and copies.second_guidance): N generations per prompt,
+         embedded on the model workers (ModelWorker.copies) -> exact top-k search here
+      -> copy threshold calibrated on the controls -> per-prompt evidence rows
+      -> the memorized prompts rewritten by each text mitigation strategy, against that threshold
+    -> copies.parquet, figures/copies_<prompt_id>.npz (generation, nearest image), summary["copies"]
+
+Off when images.source is empty. The workers return embeddings, not images (except the few the
+figures need), so the search and the index stay in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
+from cxrmem.copies.find import CopiesSettings, evidence, search
+from cxrmem.copies.images import read_image
+from cxrmem.report import EMBEDDING_STRATEGIES
+from cxrmem.runfiles import RunLayout, merge_summary, read_known_memorized
+from cxrmem.scoring.scorer import resolve_device
+from cxrmem.stages import image_index
+from cxrmem.stages.worker import LocalModel, embedder_settings, map_with_progress, memorized_stage
+from cxrmem.stats import roc_auc
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def guidances(cfg) -> list[float]:
+    first = cfg.copies.guidance if cfg.copies.guidance is not None else cfg.score.guidance_scale
+    second = cfg.copies.second_guidance
+    return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])
+
+
+def text_strategies(cfg) -> tuple[list[str], list[str]]:
+    """(text strategies checked, strategies left out): generation takes texts, so embedding-level ones are left out."""
+    if not cfg.copies.strategies:
+        return [], []
+    chosen = [s for s in cfg.mitigation.strategies if s != "original"]
+    return [s for s in chosen if s not in EMBEDDING_STRATEGIES], [s for s in chosen if s in EMBEDDING_STRATEGIES]
+
+
+def checked_prompts(cfg, store: Store, layout: RunLayout, memorized: pd.DataFrame) -> pd.DataFrame:
+    """The memorized prompts and the controls, with their source ids (and patients where the corpus has them)."""
+    names = store.parquet_schema(layout.prompts).names
+    columns = ["prompt_id", "prompt", "source_ids"] + (["subject_id"] if "subject_id" in names else [])
+    prompts = store.read_table(layout.prompts, columns=columns).to_pandas().set_index("prompt_id")
+    ids = [p for p in memorized["prompt_id"] if p in prompts.index]
+    controls = pick_controls(prompts.index.tolist(), set(ids), cfg.copies.n_controls, cfg.copies.seed)
+    groups = ["memorized"] * len(ids) + ["control"] * len(controls)
+    return prompts.loc[ids + controls].reset_index().assign(group=groups)
+
+
+def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.Tensor, *args) -> tuple:
+    """(sims, rows [P, N, k], the texts generated from, kept generations) of `frame` through `models.copies`."""
+    results, _ = map_with_progress(models, "copies", frame[["prompt_id", "prompt"]], what, cfg.ray.progress_every_s, *args)
+    queries = torch.from_numpy(np.concatenate([r[0] for r in results]))
+    sims, rows = search(queries, index, CopiesSettings.of(cfg.copies), resolve_device("auto"))
+    return sims, rows, [t for r in results for t in r[1]], {pid: g for r in results for pid, g in r[2].items()}
+
+
+def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids) -> tuple[list[pa.Table], Threshold, dict]:
+    """copies.parquet rows at one guidance (the prompts, then each text strategy), its threshold, the kept generations."""
+    settings = CopiesSettings.of(cfg.copies)
+    sims, rows, _, kept = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
+    table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint)
+    tables = [table]
+    memorized = frame[frame["group"] == "memorized"]
+    for strategy in text_strategies(cfg)[0] if len(memorized) else []:
+        s_sims, s_rows, texts, _ = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
+        rewritten = memorized.assign(prompt=texts)
+        tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy)[0])
+    best = table.to_pandas().set_index("prompt_id")
+    chosen = {pid: (g[int(best.loc[pid, "best_generation"])], best.loc[pid]) for pid, g in kept.items()}
+    return tables, threshold, chosen
+
+
+def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[set]) -> dict:
+    """AUC of memorized vs controls, copies per group, re-identification, and precision/recall against known ids."""
+    own = rows[rows["strategy"] == "none"]
+    memorized, controls = own[own["group"] == "memorized"], own[own["group"] == "control"]
+    out = {
+        "threshold": threshold.value, "auc": roc_auc(memorized["max_similarity"], controls["max_similarity"]),
+        "memorized": len(memorized), "memorized_copies": int(memorized["is_copy"].sum()),
+        "controls": len(controls), "control_copies": int(controls["is_copy"].sum()),
+        "nearest_own_study": int(memorized["same_study"].sum()), "nearest_own_patient": int(memorized["same_patient"].sum()),
+        "copies_same_study": int((memorized["is_copy"] & memorized["same_study"]).sum()),
+        "copies_same_patient": int((memorized["is_copy"] & memorized["same_patient"]).sum()),
+        "strategies": {s: {"copies": int(g["is_copy"].sum()), "copy_share_mean": float(g["copy_share"].mean())}
+                       for s, g in rows[rows["strategy"] != "none"].groupby("strategy")},
+    }  # fmt: skip
+    if known is not None:
+        truth, flagged = own["prompt_id"].isin(known).to_numpy(), own["is_copy"].to_numpy()
+        hits = int((truth & flagged).sum())
+        out["known"] = {"checked_known": int(truth.sum()), "precision": hits / flagged.sum() if flagged.any() else None,
+                        "recall": hits / truth.sum() if truth.any() else None}  # fmt: skip
+    return out
+
+
+def save_figures(store: Store, layout: RunLayout, chosen: dict[float, dict]) -> list[str]:
+    """figures/copies_<prompt_id>.npz: per guidance i the best generation, its nearest training image and their similarity."""
+    arrays: dict[str, dict] = {}
+    for i, (guidance, by_prompt) in enumerate(chosen.items()):
+        for pid, (generation, row) in by_prompt.items():
+            nearest = read_image(store.read_bytes(row["nearest_path"]), row["nearest_path"])
+            arrays.setdefault(pid, {}).update({f"generation_{i}": generation, f"nearest_{i}": nearest,
+                                               f"similarity_{i}": np.float32(row["max_similarity"]), f"guidance_{i}": np.float32(guidance)})  # fmt: skip
+    uris = []
+    for pid, named in arrays.items():
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **named)
+        uris.append(layout.figure(f"copies_{pid}.npz"))
+        store.write_bytes(uris[-1], buffer.getvalue())
+    return uris
+
+
+def embedder_fingerprint(cfg) -> str:
+    from cxrmem.copies.embedders import make_embedder
+
+    return make_embedder(embedder_settings(cfg)).fingerprint
+
+
+def build_image_index(cfg, store: Store, embed_rows: image_index.EmbedRows) -> dict:
+    """The index job alone: the audit runs it on a Ray actor pool before the model actors hold the devices."""
+    return image_index.build_index(cfg, store, embedder_fingerprint(cfg), embed_rows)[2]
+
+
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> dict:
+    """Check the memorized set for copies of training images with `models` (default: a model with its VAE in
+    this process); the images not yet in the index are embedded by `embed_rows` first."""
+    store = store or Store.from_config(cfg.storage)
+    if not cfg.images.source:
+        return {"copies": "disabled (images.source is empty)"}
+    fingerprint = embedder_fingerprint(cfg)
+    with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models):
+        images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
+        frame = checked_prompts(cfg, store, layout, memorized)
+        keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
+        known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
+        tables, per_guidance, chosen = [], {}, {}
+        for guidance in guidances(cfg):
+            rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids)
+            tables += rows
+            per_guidance[f"w={guidance:g}"] = guidance_summary(pa.concat_tables(rows).to_pandas(), threshold, known)
+        store.write_table(pa.concat_tables(tables).cast(COPIES_SCHEMA), layout.copies)
+        summary = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
+        merge_summary(store, layout, copies=summary)
+    log.info("copies: %s", summary["headline"])
+    return summary
+
+
+def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> dict:
+    checked, left_out = text_strategies(cfg)
+    headline = {
+        name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
+        f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
+        for name, g in per_guidance.items()
+    }
+    return {
+        "headline": headline, "prompts": n_prompts, "guidances": per_guidance, "rule": threshold.rule, "threshold_quantile": threshold.quantile,
+        "generations": cfg.copies.generations, "top_k": cfg.copies.top_k, "embedder": cfg.copies.embedder,
+        "strategies_checked": checked, "strategies_not_run": left_out, "index": built, "copies": layout.copies, "figures": figures,
+    }  # fmt: skip

@@ -1,0 +1,177 @@
+"""The copies stage and its image index, on a tiny real model and project-built images."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from cxrmem.config import load_config
+from cxrmem.corpus.text import prompt_id
+from cxrmem.publish import RunExistsError, publish_manifest
+from cxrmem.runfiles import RunLayout, write_memorized
+from cxrmem.stages import copies, image_index
+from cxrmem.storage import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["score.steps=2", "score.generations=1", "score.seed_mode=per_prompt", "model.device=cpu", "copies.generations=2",
+        "copies.pixel_size=8", "copies.n_controls=3", "copies.top_k=2"]  # fmt: skip
+TEXTS = ["Compared to ___, stable.", "Dr. ___ notified.", "No acute process.", "Small left effusion.", "Heart size is enlarged."]
+
+
+def save_png(path: Path, image: np.ndarray) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)).save(path)
+    return str(path)
+
+
+# -- the index job ----------------------------------------------------------------------------
+def test_index_builds_once_resumes_adds_new_images_and_counts_unreadable_files(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for i in range(3):
+        save_png(folder / f"img{i}.png", rng.random((16, 16)))
+    cfg = load_config(None, [f"run.output={tmp_path / 'run'}", f"images.source={folder}", "images.part_size=2", "copies.pixel_size=8"])
+    fingerprint = image_index.make_embedder(copies.embedder_settings(cfg)).fingerprint
+    images, index, first = image_index.build_index(cfg, Store(), fingerprint)
+    assert (first["embedded"], first["already_stored"], first["unreadable"]) == (3, 0, 0)
+    assert list(images.image_id) == ["img0", "img1", "img2"] and tuple(index.shape) == (3, 64)
+    parts = Store().list_files(first["prefix"], suffix=".parquet")
+    assert first["prefix"] == f"{tmp_path / 'run'}/_parts/image_index/{fingerprint}" and len(parts) == 2  # 2 + 1 images
+
+    _, again, second = image_index.build_index(cfg, Store(), fingerprint)
+    assert (second["embedded"], second["already_stored"]) == (0, 3) and np.array_equal(again.numpy(), index.numpy())
+
+    save_png(folder / "img3.png", rng.random((16, 16)))
+    (folder / "broken.png").write_bytes(b"not an image")
+    images, index, third = image_index.build_index(cfg, Store(), fingerprint)
+    assert (third["embedded"], third["already_stored"], third["unreadable"]) == (1, 3, 1)
+    assert "broken.png" in third["unreadable_files"][0]
+    assert sorted(images.image_id) == ["img0", "img1", "img2", "img3"] and index.shape[0] == 4
+    np.testing.assert_allclose(index.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_ray_index_worker_embeds_a_part_as_the_local_executor_does(tmp_path):
+    """The Ray Data callable class, called as its actor pool calls it (Ray itself: the demo-copies audit)."""
+    from cxrmem.distributed.image_index import IndexWorker
+
+    rng = np.random.default_rng(1)
+    paths = [save_png(tmp_path / f"img{i}.png", rng.random((16, 16))) for i in range(2)] + [str(tmp_path / "missing.png")]
+    chunk = pd.DataFrame({"part": "part-00000", "image_id": ["img0", "img1", "missing"], "path": paths})
+    cfg = load_config(None, ["copies.pixel_size=8", "model.device=cpu"])
+    remote = IndexWorker(cfg, Store(), torch_threads=1)(pa.Table.from_pandas(chunk, preserve_index=False))
+    local = next(image_index.local_rows(cfg, Store(), [chunk]))
+    assert remote.column_names == local.column_names == ["part", "image_id", "path", "embedding", "error"]
+    assert remote.column("embedding").to_pylist() == local.column("embedding").to_pylist()
+    assert remote.column("error").to_pylist()[:2] == [None, None] and "missing.png" in remote.column("error")[2].as_py()
+
+
+# -- the stage on a tiny model ----------------------------------------------------------------
+def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]) -> list[str]:
+    """prompts.parquet (source and patient ids s<i> / p<i>) and a memorized set of the first `memorized` prompts."""
+    ids = [prompt_id(t) for t in texts]
+    layout = RunLayout(str(output))
+    table = pa.table({"prompt_id": ids, "prompt": texts, "source_ids": [[s] for s in sources],
+                      "subject_id": [["p" + s[1:]] for s in sources]})  # fmt: skip
+    Store().write_table(table, layout.prompts)
+    frame = pd.DataFrame({"prompt": texts[:memorized], "prompt_id": ids[:memorized], "d_mem": 1.0, "n_reports": 1})
+    write_memorized(Store(), layout, frame)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def own_images(tiny_model_dir, tmp_path_factory):
+    """An image table whose image of study s<i> / patient p<i> is the first generation of prompt i at w=7.5."""
+    from cxrmem.stages.worker import ModelWorker
+
+    folder = tmp_path_factory.mktemp("own_images")
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", *TINY])
+    ids = [prompt_id(t) for t in TEXTS]
+    _, _, kept = ModelWorker(cfg, Store(), need_vae=True).copies(ids, TEXTS, 7.5, "none", frozenset(ids))
+    paths = [save_png(folder / f"{pid}.png", kept[pid][0]) for pid in ids]
+    table = pd.DataFrame({"path": paths, "study_id": [f"s{i}" for i in range(len(ids))], "subject_id": [f"p{i}" for i in range(len(ids))]})
+    table.to_csv(folder / "images.csv", index=False)
+    return str(folder / "images.csv")
+
+
+def stage_config(tiny_model_dir, output, images_csv, *overrides):
+    return load_config(None, [
+        f"model.path={tiny_model_dir}", *TINY, f"run.output={output}", f"images.source={images_csv}",
+        "images.subject_column=subject_id", "mitigation.strategies=[original,remove_marker,embedding_noise]", *overrides,
+    ])  # fmt: skip
+
+
+def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_model_dir, own_images, tmp_path):
+    ids = write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    summary = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, "report.top_prompts=1"))
+    layout = RunLayout(str(tmp_path))
+    table = Store().read_table(layout.copies).to_pandas()
+    # 2 memorized + 3 controls, and the 2 memorized rewritten by remove_marker, at w=7.5 and w=1.
+    assert len(table) == 2 * (5 + 2) and set(table.guidance) == {7.5, 1.0}
+    assert set(table.strategy) == {"none", "remove_marker"} and summary["strategies_not_run"] == ["embedding_noise"]
+    rewritten = table[(table.strategy == "remove_marker") & (table.prompt_id == ids[0])].prompt.iloc[0]
+    assert rewritten == "Compared to, stable."
+    own = table[(table.guidance == 7.5) & (table.strategy == "none")].set_index("prompt_id").loc[ids]
+    # Re-identification through the stage: each prompt's nearest image is the one of its own study and patient.
+    assert list(own.nearest_source_id) == [f"s{i}" for i in range(5)] and own.same_study.all() and own.same_patient.all()
+    assert (own.max_similarity > 0.99).all()
+    controls = own[own.group == "control"]
+    assert not controls.is_copy.any() and own.threshold.iloc[0] == pytest.approx(controls.max_similarity.max())
+    w75 = summary["guidances"]["w=7.5"]
+    assert (w75["memorized"], w75["controls"], w75["control_copies"]) == (2, 3, 0) and "quantile" in summary["rule"]
+    assert summary["figures"] == [layout.figure(f"copies_{ids[0]}.npz")]
+    with np.load(summary["figures"][0]) as data:
+        assert {"generation_0", "nearest_0", "similarity_0", "generation_1"} <= set(data.files)
+    assert Store().read_json(layout.summary)["copies"]["headline"].keys() == {"w=7.5", "w=1"}
+
+    from cxrmem.stages import report
+
+    written = report.run(stage_config(tiny_model_dir, tmp_path, own_images))
+    html = Path(written["report"]).read_text()
+    assert written["sections"]["copies"] == "rendered" and layout.figure(f"copies_{ids[0]}.png") in written["figures"]
+    assert "Copies of training images" in html and "copy evidence" in html and "memorized prompts copy a training image" in html
+
+
+def test_copies_stage_is_off_without_images_and_refuses_a_published_run(tiny_model_dir, own_images, tmp_path):
+    assert "disabled" in copies.run(load_config(None, [f"run.output={tmp_path}"]))["copies"]
+    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    cfg = stage_config(tiny_model_dir, tmp_path, own_images)
+    publish_manifest(Store(), str(tmp_path), "f" * 16, cfg)
+    with pytest.raises(RunExistsError, match="run.overwrite"):
+        copies.run(cfg)
+    assert not os.path.exists(RunLayout(str(tmp_path)).copies)
+
+
+# -- the testbed, through the stage (about 15 s: 1,024 phantoms exported and indexed) -----------
+def test_testbed_planted_prompts_copy_their_phantoms_through_the_stage(tmp_path):
+    from cxrmem.testbed.export import export_training_images
+
+    model = str(ROOT / "testbed" / "model")
+    cfg0 = load_config(ROOT / "conf" / "testbed.yaml")
+    table = export_training_images(model, str(tmp_path / "images"), cfg0.corpus)
+    planted = table[table.planted & (table.n_copies == 128)].head(2)
+    others = table[~table.planted].head(6)
+    texts = planted.prompt.tolist() + others.prompt.tolist()
+    write_run(tmp_path / "run", texts, memorized=2, sources=planted.source_id.tolist() + others.source_id.tolist())
+    cfg = load_config(ROOT / "conf" / "testbed.yaml", [
+        f"model.path={model}", f"run.output={tmp_path / 'run'}", f"images.source={tmp_path / 'images' / 'images.csv'}",
+        "images.study_column=source_id", "score.steps=10", "copies.generations=2", "copies.n_controls=6",
+        "copies.pixel_size=32", "copies.strategies=false", "copies.guidance=1.0", "copies.second_guidance=null",
+    ])  # fmt: skip
+    summary = copies.run(cfg)
+    out = Store().read_table(RunLayout(str(tmp_path / "run")).copies).to_pandas()
+    memorized = out[out.group == "memorized"]
+    assert memorized.is_copy.all() and memorized.same_study.all() and (memorized.max_similarity > 0.95).all()
+    assert summary["guidances"]["w=1"]["auc"] == 1.0
+
+
+def test_cli_testbed_export_writes_the_phantoms_and_their_table(tmp_path, capsys):
+    from cxrmem.cli import main
+
+    assert main(["testbed", "export", "--config", str(ROOT / "conf" / "testbed.yaml"), "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "images.csv")
+    assert len(table) == 1024 and int(table.planted.sum()) == 24 and os.path.exists(table.path[0])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"output: {tmp_path / 'images.csv'}")
