@@ -201,6 +201,7 @@ def finish(name: str, result: dict) -> int:
 def job_main(description: str, stage, force_flag: bool = False) -> None:
     """The body of a `ray_jobs/` entry point: `--config FILE [--force] [key=value ...]` -> stage(cfg),
     ending like the CLI: one line naming the main output, or one error line and its exit code."""
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file from conf/")
@@ -218,7 +219,15 @@ def job_main(description: str, stage, force_flag: bool = False) -> None:
     sys.exit(code if result is None else finish(name, result))
 
 
+def quiet_libraries() -> None:
+    """Model loading reports and optional-backend notices from transformers/diffusers are noise here
+    (the workers get the same through cxrmem/distributed/session.py); a user's own setting wins."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     code, result = run_reporting_errors(args.stage, lambda: _run(args))

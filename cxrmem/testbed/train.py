@@ -146,6 +146,44 @@ def save_model(out: str, tokenizer, text_encoder, unet, scheduler, training_set:
         json.dump(summary, stream, indent=2)
 
 
+def optimise(unet, text_encoder, scheduler, training_set: TrainingSet, images, token_ids, empty_ids, tb) -> tuple[list[float], str, float]:
+    """The training loop: AdamW, warmup then decay, until testbed.train_steps or testbed.max_minutes.
+
+    Returns the losses, what stopped it ("steps" or "max_minutes") and its minutes.
+    """
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(tb.seed)
+    rng = np.random.default_rng(tb.seed)
+    unet.train()
+    text_encoder.train()
+    losses: list[float] = []
+    started = time.time()
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_factor(step, tb.train_steps, tb.warmup_steps, (time.time() - started) / (60 * tb.max_minutes)),
+    )
+    stopped_by = "steps"
+    for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
+        if step >= tb.train_steps:
+            break
+        if time.time() - started > 60 * tb.max_minutes:
+            stopped_by = "max_minutes"
+            break
+        ids = token_ids[training_set.image_prompt[index]]  # fancy indexing copies
+        ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
+        loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log.info("step %d loss %.4f (%.1f min)", step, np.mean(losses[-50:]), (time.time() - started) / 60)
+    return losses, stopped_by, (time.time() - started) / 60
+
+
 def train(cfg) -> dict:
     """Build the training set, train UNet and text encoder, save to `testbed.out`; returns the summary."""
     tb = cfg.testbed
@@ -163,61 +201,25 @@ def train(cfg) -> dict:
 
     unet, text_encoder = build_unet(tb), build_text_encoder(tb, len(tokenizer))
     scheduler = radedit_scheduler(clip_sample=True)  # pixel space: clip the predicted image (see above)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(tb.seed)
-    rng = np.random.default_rng(tb.seed)
+    n_pairs = int(training_set.n_copies.sum())
     log.info(
         "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
-        len(training_set.prompts),
-        int(training_set.planted.sum()),
-        len(training_set.images),
-        int(training_set.n_copies.sum()),
-        sum(p.numel() for p in unet.parameters()) / 1e6,
-        sum(p.numel() for p in text_encoder.parameters()) / 1e6,
-    )
-
-    unet.train()
-    text_encoder.train()
-    losses: list[float] = []
-    train_started = time.time()
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_factor(
-            step, tb.train_steps, tb.warmup_steps, (time.time() - train_started) / (60 * tb.max_minutes)
-        ),
-    )
-    stopped_by = "steps"
-    for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
-        if step >= tb.train_steps:
-            break
-        if time.time() - train_started > 60 * tb.max_minutes:
-            stopped_by = "max_minutes"
-            break
-        ids = token_ids[training_set.image_prompt[index]]  # fancy indexing copies
-        ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
-        loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            log.info("step %d loss %.4f (%.1f min)", step, np.mean(losses[-50:]), (time.time() - train_started) / 60)
-
+        len(training_set.prompts), int(training_set.planted.sum()), len(training_set.images), n_pairs,
+        sum(p.numel() for p in unet.parameters()) / 1e6, sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+    )  # fmt: skip
+    losses, stopped_by, minutes = optimise(unet, text_encoder, scheduler, training_set, images, token_ids, empty_ids, tb)
     summary = {
         "steps": len(losses),
         "stopped_by": stopped_by,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "loss_curve": loss_curve_summary(losses) if losses else [],
-        "train_minutes": round((time.time() - train_started) / 60, 2),
+        "train_minutes": round(minutes, 2),
         "total_minutes": round((time.time() - started) / 60, 2),
         "n_prompts": len(training_set.prompts),
         "n_planted": int(training_set.planted.sum()),
         "n_images": len(training_set.images),
-        "pairs_per_epoch": int(training_set.n_copies.sum()),
-        "epochs": round(len(losses) * tb.train_batch_size / int(training_set.n_copies.sum()), 2),
+        "pairs_per_epoch": n_pairs,
+        "epochs": round(len(losses) * tb.train_batch_size / n_pairs, 2),
         "threads": tb.num_threads,
         "testbed": OmegaConf.to_container(tb, resolve=True),
     }
