@@ -135,3 +135,56 @@ def test_unreachable_server_is_retried_a_bounded_number_of_times(s3_server, s3_b
             assert s3_server.endpoint_url in str(caught.value) and "reachable" in str(caught.value)
             assert len(retry_warnings(caplog)) == 1
     assert Store.from_config(cfg).read_text(uri) == "{}"  # back after the restart, data intact
+
+
+class CountingBusyServer:
+    """An S3 endpoint on loopback that answers every request 503 SlowDown (retryable) and counts them."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        counts = self.requests = []
+
+        class Busy(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                counts.append(self.command)
+                body = b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_one_retry_layer_tries_a_request_at_most_max_attempts_times(attempts):
+    """pyarrow's and boto3's own retries are off: a failing read is sent `storage.max_attempts` times in all."""
+    from omegaconf import OmegaConf
+
+    from cxrmem.config import StorageConfig
+
+    busy = CountingBusyServer()
+    try:
+        cfg = OmegaConf.structured(StorageConfig(endpoint_url=busy.endpoint, max_attempts=attempts, backoff_s=0.0,
+                                                 access_key_id="test", secret_access_key="test"))  # fmt: skip
+        with pytest.raises(storage.StorageError, match=f"tried {attempts} times"):
+            Store.from_config(cfg).read_bytes("s3://bucket/run/summary.json")
+        # One request per attempt (the HEAD that fails): not attempts x pyarrow's own retries (5 x 5 before).
+        assert busy.requests == ["HEAD"] * attempts
+    finally:
+        busy.close()
