@@ -30,6 +30,7 @@ STAGES = {
     "export": "copy a published run to another prefix (--to URI)",
     "verify": "check a published run's files against its manifest (exit 1 on a mismatch)",
     "config": "print the resolved configuration (defaults <- FILE <- overrides), credentials removed",
+    "compare": "the rescore diff of any two published runs: what entered or left the memorized set",
     "deid-rewrite": "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
 }
 
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", help="YAML file from conf/ (default: built-in defaults)")
         if name == "verify":
             stage.add_argument("run", help="the published run's prefix (local folder or s3://)")
+        if name == "compare":
+            stage.add_argument("run_a", help="the earlier run's prefix")
+            stage.add_argument("run_b", help="the later run's prefix")
+            stage.add_argument("--out", help="write diff.parquet and compare.json under this prefix")
         stage.add_argument("overrides", nargs="*", help="key=value overrides merged on top of the config")
         if name == "export":
             stage.add_argument("--to", required=True, help="destination prefix (local folder or s3://)")
@@ -57,13 +62,6 @@ def _parser() -> argparse.ArgumentParser:
             stage.add_argument("--input", required=True, help="table (CSV, Parquet, JSONL) with a text column")
             stage.add_argument("--output", required=True, help="rewritten table, same format as the input")
             stage.add_argument("--text-column", default="text", help="column holding the report text")
-
-    compare = sub.add_parser("compare", help="the rescore diff of any two published runs: what entered or left the memorized set")
-    compare.add_argument("run_a", help="the earlier run's prefix")
-    compare.add_argument("run_b", help="the later run's prefix")
-    compare.add_argument("--out", help="write diff.parquet and compare.json under this prefix")
-    compare.add_argument("--config", help="YAML file from conf/ (for storage settings)")
-    compare.add_argument("overrides", nargs="*", help="key=value overrides")
 
     model = sub.add_parser("model", help="build models: `cxrmem model tiny --out DIR`")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)

@@ -29,7 +29,7 @@ RAYJOB = ROOT / "docker" / "rayjob.yaml"
 CRONJOB = ROOT / "docker" / "rescore-cronjob.yaml"
 README = ROOT / "README.md"
 # `cxrmem` subcommands that are not stages of a run, with their sub-subcommands.
-TOOL_COMMANDS = {"model": ["tiny"], "testbed": ["train", "evaluate"]}
+TOOL_COMMANDS = {"model": ["tiny"], "testbed": ["train", "evaluate", "export"]}
 CLUSTER_JOBS = ["audit.py", "rescore.py"]  # the ray_jobs/ scripts the manifests run
 FILE_SUFFIXES = {"html", "json", "csv", "parquet", "png", "yaml", "py", "txt"}
 
