@@ -53,10 +53,11 @@ import torch
 
 from cxrmem import stats
 from cxrmem.scoring.dmem import d_mem
+from cxrmem.settings import Settings
 
 
 @dataclass(frozen=True)
-class DetectorSettings:
+class DetectorSettings(Settings):
     """What a detector run varies (config section `detect`, keys named alike)."""
 
     generations: int = 1  # G: initial noises per prompt
@@ -78,6 +79,9 @@ class Cost:
 
     def jvps(self, n_prompts: int) -> int:
         return n_prompts * self.jvps_per_prompt
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.per_prompt + other.per_prompt, self.per_batch + other.per_batch, self.jvps_per_prompt + other.jvps_per_prompt)
 
 
 def _pair_cost(g: int, shared: bool) -> Cost:
