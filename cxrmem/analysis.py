@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-
 from scipy.stats import spearmanr
 
 from cxrmem import stats

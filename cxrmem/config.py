@@ -419,7 +419,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_detectors(cfg: DictConfig) -> None:
-    from cxrmem.detectors import REGISTRY  # imported here: the registry lives beside the detectors' tensor code
+    if cfg.detect.steps > cfg.score.steps:
+        raise ConfigError("config key 'detect.steps' must not exceed score.steps (the detectors share its schedule)")
+    # The names live with the detectors; imported here so that a config load pulls in scipy only now.
+    from cxrmem.detectors import REGISTRY
 
     names = list(cfg.score.detectors)
     for name in names:
@@ -429,8 +432,6 @@ def _validate_detectors(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'score.detectors': {names} names a detector twice")
     if cfg.cascade.screen not in REGISTRY:
         raise ConfigError(f"config key 'cascade.screen': {cfg.cascade.screen!r} is not one of {list(REGISTRY)}")
-    if cfg.detect.steps > cfg.score.steps:
-        raise ConfigError("config key 'detect.steps' must not exceed score.steps (the detectors share its schedule)")
 
 
 def score_config(cfg: DictConfig) -> dict:

@@ -46,14 +46,15 @@ about two to three evaluations of compute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from cxrmem import stats
-from cxrmem.scoring.dmem import d_mem
 from cxrmem.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
+    import torch  # and the config and analyze stage read them without loading torch
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def mean_norm(x: torch.Tensor) -> torch.Tensor:
 
 def dmem_score(step_norms: torch.Tensor) -> np.ndarray:
     """d_mem of [N, G, k] step norms (NaN where any norm is non-finite)."""
+    from cxrmem.scoring.dmem import d_mem
+
     return d_mem(step_norms)[0].numpy().astype(np.float32)
 
 
@@ -154,6 +157,8 @@ def sharpness_score(jvp_delta: torch.Tensor) -> np.ndarray:
 
 def alignment(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
     """cos(eps_u, eps_c - eps_u) over the flattened latent of [N, G, ...], averaged over G -> [N]."""
+    import torch
+
     u = eps_uncond.float().flatten(2)
     return torch.nn.functional.cosine_similarity(u, eps_cond.float().flatten(2) - u, dim=2).mean(dim=1)
 

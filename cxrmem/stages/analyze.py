@@ -12,11 +12,23 @@ from typing import Optional
 
 import pandas as pd
 
-from cxrmem.analysis import PROMPT_COLUMNS, RUN_ID_COLUMNS, SCORE_COLUMNS, analyze_tables, detector_agreement
+from cxrmem.analysis import (
+    PROMPT_COLUMNS,
+    RUN_ID_COLUMNS,
+    SCORE_COLUMNS,
+    analyze_tables,
+    detector_agreement,
+)
 from cxrmem.config import public_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, check_prompt_ids, merge_summary, read_known_memorized, write_memorized
+from cxrmem.runfiles import (
+    RunLayout,
+    check_prompt_ids,
+    merge_summary,
+    read_known_memorized,
+    write_memorized,
+)
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
