@@ -99,7 +99,7 @@ class DetectConfig:
 @dataclass
 class CascadeConfig:
     enabled: bool = False  # screen every prompt with the first k steps, then fully score only the top share
-    screening_steps: int = 5  # k: steps of the screening pass
+    screening_steps: int = 5  # k: steps of the screening pass when cascade.screen = dmem
     top_percent: float = 10.0  # q: share of prompts (by screening score) that get the full score
     screen: str = "dmem"  # screening detector (REGISTRY name): dmem screens with the first screening_steps of d_mem, others with their own column
 
