@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, DetectorSettings, oriented, screen_recall
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, top_percent_mask, tpr_at_fpr
 
@@ -98,7 +98,8 @@ def detection_row(scores: np.ndarray, frame: pd.DataFrame, name: str) -> dict:
 def bench_testbed(path: str, args) -> dict:
     manifest = pd.read_csv(os.path.join(path, "manifest.csv"))
     frame = evaluation_set(manifest, args.n_unique, args.n_natural, args.seed)
-    components = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": path, "device": "cpu"}))
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": path, "device": "cpu"})
+    components = load_components(model_cfg)
     score_cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"steps": args.steps, "seed": args.seed})
     scorer = Scorer(components, ScoreSettings.of(score_cfg), device="cpu")
     rows, scores = [], {}
@@ -118,7 +119,11 @@ def bench_testbed(path: str, args) -> dict:
         row["recall"] = {q: screen_recall(scores[FULL][1], values, name, 1.0, q) for q in SCREEN_PERCENTS}
         row["cascade"] = {q: row["evaluations"] + q / 100 * full_evaluations for q in SCREEN_PERCENTS}
     counts = frame.kind.value_counts().to_dict()
-    return {"path": path, "fingerprint": components.fingerprint, "counts": counts, "rows": rows}
+    if args.scores_dir:  # per prompt: kind, n_copies and every score, to rank the natural templates one by one
+        frame.assign(**{label: values for label, (_, values) in scores.items()}).to_csv(
+            os.path.join(args.scores_dir, f"{os.path.basename(os.path.normpath(path))}_scores.csv"), index=False
+        )
+    return {"path": path, "fingerprint": fingerprint_model(model_cfg), "counts": counts, "rows": rows}
 
 
 def table(result: dict) -> list[str]:
@@ -190,6 +195,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--scores-dir", default=None, help="also write <testbed>_scores.csv (every prompt's scores) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()

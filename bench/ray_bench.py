@@ -204,7 +204,8 @@ def cascade(args, model: str) -> dict:
     """One full trajectory per prompt gives both scores: the screen is the mean of its first k steps."""
     import torch
 
-    from cxrmem.distributed.cascade import cascade_cost, cascade_recall
+    from cxrmem.detectors import screen_recall
+    from cxrmem.distributed.cascade import cascade_cost, dmem_cost
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer, ScoreSettings
 
@@ -235,12 +236,13 @@ def cascade(args, model: str) -> dict:
     for k in args.cascade_k:
         screen = norms[:, :, :k].mean(axis=(1, 2))
         for q in args.cascade_q:
-            cost = cascade_cost(len(prompts), int(np.ceil(q / 100 * len(prompts))), k, cfg.score.steps, cfg.score.generations)
+            selected = int(np.ceil(q / 100 * len(prompts)))
+            cost = cascade_cost(len(prompts), selected, dmem_cost(cfg.score, k), dmem_cost(cfg.score, cfg.score.steps), 16)
             rows.append(
                 {
                     "k": k,
                     "q_percent": q,
-                    "top1_recovered": round(cascade_recall(full, screen, 1.0, q), 3),
+                    "top1_recovered": round(screen_recall(full, screen, "dmem", 1.0, q), 3),
                     "compute_saved": round(cost["compute_saved"], 3),
                 }
             )

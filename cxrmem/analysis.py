@@ -11,9 +11,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from cxrmem import stats
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
+from cxrmem.detectors import REGISTRY, oriented, screen_recall
 
 SCORE_COLUMNS = ["prompt_id", "d_mem", "nonfinite"]
 RUN_ID_COLUMNS = ["model_fingerprint", "config_hash"]
@@ -124,6 +126,40 @@ def known_memorized_check(d_mem: np.ndarray, memorized: np.ndarray, known: np.nd
         "tpr_at_fpr": stats.tpr_at_fpr(d_mem[known], d_mem[~known], fpr),
         "fpr": fpr,
     }
+
+
+def detector_agreement(
+    scores_df: pd.DataFrame, names: Sequence[str], top_percent: float, known_ids: Optional[set[str]] = None, fpr: float = 0.01
+) -> dict:
+    """Each detector of `names` as a second opinion on d_mem, over the prompts with a finite d_mem.
+
+    scores_df: prompt_id, d_mem, nonfinite and each detector's score column (its first REGISTRY
+    column). Per detector: the Spearman correlation with d_mem (scores turned so that larger means
+    memorized), the share of d_mem's top `top_percent` inside the detector's top `top_percent`
+    (`detectors.screen_recall`), and, given known memorized prompt_ids, AUC and TPR at `fpr`.
+    """
+    d_mem = scores_df["d_mem"].to_numpy(dtype=np.float64)
+    keep = np.isfinite(d_mem) & ~scores_df["nonfinite"].fillna(False).to_numpy(dtype=bool)
+    d_mem = d_mem[keep]
+    known = scores_df["prompt_id"][keep].isin(known_ids).to_numpy() if known_ids is not None else None
+    rows = {}
+    for name in names:
+        column = REGISTRY[name].columns[0]
+        scores = oriented(scores_df[column].to_numpy(dtype=np.float64)[keep], name)
+        finite = np.isfinite(scores)
+        rho = spearmanr(d_mem[finite], scores[finite]).statistic if finite.sum() > 2 else float("nan")
+        row = {
+            "column": column,
+            "paper": REGISTRY[name].paper,
+            "finite": int(finite.sum()),
+            "spearman": float(rho) if np.isfinite(rho) else None,
+            "top_overlap": screen_recall(d_mem, scores, name, top_percent, top_percent),
+        }
+        if known is not None:
+            positives, negatives = scores[finite & known], scores[finite & ~known]
+            row |= {"auc": stats.roc_auc(positives, negatives), "tpr_at_fpr": stats.tpr_at_fpr(positives, negatives, fpr)}
+        rows[name] = row
+    return {"reference": "d_mem", "top_percent": float(top_percent), "fpr": fpr if known is not None else None, "detectors": rows}
 
 
 def known_memorized_ids(table: pd.DataFrame) -> set[str]:

@@ -85,13 +85,23 @@ class ScoreConfig:
     batch_size: int = 8  # prompts per UNet call (each call runs batch_size x G x 2 samples)
     use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder (RadEdit does not)
     cpu_half: bool = False  # keep a bfloat16/float16 model in that precision on the CPU (precision checks; else float32)
+    detectors: List[str] = field(default_factory=list)  # extra detectors (cxrmem/detectors.py REGISTRY) whose columns scores.parquet gets beside d_mem
+
+
+@dataclass
+class DetectConfig:
+    generations: int = 1  # G of the extra detectors: initial noises per prompt
+    steps: int = 1  # k: DDIM steps of the `dmem` detector (1 = the first-step d_mem)
+    anisotropy_weight: float = 1.0  # weight of anisotropy's alignment term added to its norm
+    low_timestep: int = 41  # anisotropy's low-noise training timestep where x_T is fed for the alignment
 
 
 @dataclass
 class CascadeConfig:
     enabled: bool = False  # screen every prompt with the first k steps, then fully score only the top share
-    screening_steps: int = 5  # k: steps of the screening pass
+    screening_steps: int = 5  # k: steps of the screening pass when cascade.screen = dmem
     top_percent: float = 10.0  # q: share of prompts (by screening score) that get the full score
+    screen: str = "dmem"  # screening detector (REGISTRY name): dmem screens with the first screening_steps of d_mem, others with their own column
 
 
 @dataclass
@@ -239,6 +249,7 @@ class CxrmemConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
@@ -308,6 +319,10 @@ RULES = {
     "score.seed": NON_NEGATIVE,
     "score.screening_steps": OPTIONAL_POSITIVE,
     "score.batch_size": POSITIVE,
+    "detect.generations": POSITIVE,
+    "detect.steps": POSITIVE,
+    "detect.anisotropy_weight": NON_NEGATIVE,
+    "detect.low_timestep": NON_NEGATIVE,
     "cascade.screening_steps": POSITIVE,
     "cascade.top_percent": (_percent, "in (0, 100]"),
     "analyze.top_percent": (_percent, "in (0, 100]"),
@@ -444,6 +459,7 @@ def validate(cfg: DictConfig) -> None:
     for strategy in cfg.mitigation.strategies:
         if strategy not in STRATEGIES:
             raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {STRATEGIES}")
+    _validate_detectors(cfg)
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
     if cfg.cascade.enabled and cfg.cascade.screening_steps >= cfg.score.steps:
@@ -456,11 +472,33 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+def _validate_detectors(cfg: DictConfig) -> None:
+    if cfg.detect.steps > cfg.score.steps:
+        raise ConfigError("config key 'detect.steps' must not exceed score.steps (the detectors share its schedule)")
+    # The names live with the detectors; imported here so that a config load pulls in scipy only now.
+    from cxrmem.detectors import REGISTRY
+
+    names = list(cfg.score.detectors)
+    for name in names:
+        if name not in REGISTRY:
+            raise ConfigError(f"config key 'score.detectors': {name!r} is not one of {list(REGISTRY)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config key 'score.detectors': {names} names a detector twice")
+    if cfg.cascade.screen not in REGISTRY:
+        raise ConfigError(f"config key 'cascade.screen': {cfg.cascade.screen!r} is not one of {list(REGISTRY)}")
+
+
 def score_config(cfg: DictConfig) -> dict:
     """The settings a score depends on (batch size and placement excluded: they must not change it)."""
     score = OmegaConf.to_container(cfg.score, resolve=True)
     score.pop("batch_size")
-    return {"score": score, "dtype": cfg.model.dtype}
+    # score.detectors and the detect section add columns, not a different d_mem, but they enter the key
+    # when set: rows of one key then always have the same columns, so a resumed run never mixes parts with
+    # and without them (rows of another key are rescored), and consolidation keeps one schema. Left out
+    # when empty, so that the key of a d_mem-only run is what it was before detectors existed.
+    detectors = score.pop("detectors")
+    extra = {"detectors": detectors, "detect": OmegaConf.to_container(cfg.detect, resolve=True)} if detectors else {}
+    return {"score": score, "dtype": cfg.model.dtype, **extra}
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -46,17 +46,19 @@ about two to three evaluations of compute.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from cxrmem import stats
-from cxrmem.scoring.dmem import d_mem
+from cxrmem.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
+    import torch  # and the config and analyze stage read them without loading torch
 
 
 @dataclass(frozen=True)
-class DetectorSettings:
+class DetectorSettings(Settings):
     """What a detector run varies (config section `detect`, keys named alike)."""
 
     generations: int = 1  # G: initial noises per prompt
@@ -78,6 +80,9 @@ class Cost:
 
     def jvps(self, n_prompts: int) -> int:
         return n_prompts * self.jvps_per_prompt
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.per_prompt + other.per_prompt, self.per_batch + other.per_batch, self.jvps_per_prompt + other.jvps_per_prompt)
 
 
 def _pair_cost(g: int, shared: bool) -> Cost:
@@ -140,6 +145,8 @@ def mean_norm(x: torch.Tensor) -> torch.Tensor:
 
 def dmem_score(step_norms: torch.Tensor) -> np.ndarray:
     """d_mem of [N, G, k] step norms (NaN where any norm is non-finite)."""
+    from cxrmem.scoring.dmem import d_mem
+
     return d_mem(step_norms)[0].numpy().astype(np.float32)
 
 
@@ -150,6 +157,8 @@ def sharpness_score(jvp_delta: torch.Tensor) -> np.ndarray:
 
 def alignment(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
     """cos(eps_u, eps_c - eps_u) over the flattened latent of [N, G, ...], averaged over G -> [N]."""
+    import torch
+
     u = eps_uncond.float().flatten(2)
     return torch.nn.functional.cosine_similarity(u, eps_cond.float().flatten(2) - u, dim=2).mean(dim=1)
 

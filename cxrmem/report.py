@@ -137,11 +137,22 @@ def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: 
             for part in ("mean", "ci_low", "ci_high"):
                 flat[f"mitigation.{row['strategy']}.{key}_{part}"] = row.get(key, {}).get(part)
     flat |= {f"time_s.{k}": v for k, v in _flatten(summary.get("audit", {}).get("timings_s", {})).items()}
+    flat |= {f"detector.{k}": v for k, v in _flatten((summary.get("detectors") or {}).get("detectors", {})).items()}
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
             and np.isfinite(v)}
 
 
 # -- sections -------------------------------------------------------------------------------------
+def detectors_context(section: Optional[dict]) -> Optional[dict]:
+    """The Detectors table and the summary card's agreement line, from the analyze stage's summary["detectors"]."""
+    if not section or not section.get("detectors"):
+        return None
+    top = fmt(section["top_percent"])
+    rows = [{"name": name, **row} for name, row in section["detectors"].items()]
+    card = {row["name"]: f"Spearman {fmt(row['spearman'])}, top {top}% overlap {percent(row['top_overlap'])}" for row in rows}
+    return {"rows": rows, "card": card, "top_percent": top, "fpr": section.get("fpr")}
+
+
 def run_rows(summary: dict) -> list[dict]:
     """Durations and rates recorded by the stages, each value once (stages repeat the audit's timings)."""
     flat = _flatten({k: v for k, v in summary.items() if k != "analysis"})
@@ -322,9 +333,9 @@ def mitigation_context(data: dict, cfg: DictConfig, w, figure: Figures) -> dict:
 
 
 def summary_line(summary: dict, name: str) -> dict:
-    """What the summary card shows of a section: the copies stage's headline, else the whole section."""
+    """What the summary card shows of a section: its headline when it has one, else the whole section."""
     section = summary[name]
-    return section.get("headline", section) if name == "copies" and isinstance(section, dict) else section
+    return section.get("headline", section) if isinstance(section, dict) else section
 
 
 def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
@@ -362,10 +373,13 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
         "prefix": data["prefix"], "facts": facts, "analysis": analysis, "detection": detection,
         "enrichment": analysis.get("marker_enrichment"), "cfg": cfg,
         "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "config_hash": config_hash(cfg),
-        "extra": {name: {k: fmt(v) for k, v in _flatten(summary_line(summary, name)).items()} for name in ("copies", "detectors") if name in summary},
+        "extra": {"copies": {k: fmt(v) for k, v in _flatten(summary_line(summary, "copies")).items()}} if summary.get("copies") else {},
         "run_rows": run_rows(summary),
         "config_yaml": OmegaConf.to_yaml(OmegaConf.create(analysis.get("config") or public_config(cfg))),
     }
+    detectors = detectors_context(summary.get("detectors"))
+    if detectors:
+        page["detectors"], page["extra"]["detectors"] = detectors, detectors["card"]
     if analysis:
         page["distribution"] = distribution_context(analysis, d_mem, figure)
         page["enrichment_rows"] = enrichment_rows(analysis)

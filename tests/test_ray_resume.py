@@ -104,17 +104,15 @@ def test_progress_rate_and_eta():
     assert "4/10 prompts (+5 resumed)" in progress.line()
 
 
-def test_cascade_selection_recall_and_cost():
-    from cxrmem.distributed.cascade import cascade_cost, cascade_recall, screened_ids
+def test_cascade_selection_and_recall():
+    """The cascade selects with detectors.screen_top and measures with screen_recall (tests/test_detector_columns.py: costs)."""
+    from cxrmem.detectors import screen_recall, screen_top
 
     full = np.arange(100, dtype=float)  # prompt i has full score i: the top 1% is prompt 99
     screen = full.copy()
     screen[99] = 50.0  # the screen underrates it: out of the top 10%, inside the top 60%
     screen[3] = np.nan  # never selected
-    assert cascade_recall(full, screen, top_percent=1, screen_percent=10) == 0.0
-    assert cascade_recall(full, screen, top_percent=1, screen_percent=60) == 1.0
-    assert cascade_recall(full, full, top_percent=5, screen_percent=10) == 1.0
-    assert set(screened_ids(np.arange(100), screen, 10)) == set(range(89, 99))  # 99 finite scores: top 10
-    cost = cascade_cost(n_prompts=1000, n_selected=100, screening_steps=5, steps=50, generations=4)
-    assert cost["unet_evaluations_full"] == 2 * 4 * 50 * 1000
-    assert cost["compute_saved"] == pytest.approx(1 - (1000 * 5 + 100 * 50) / (1000 * 50))
+    assert screen_recall(full, screen, "dmem", top_percent=1, screen_percent=10) == 0.0
+    assert screen_recall(full, screen, "dmem", top_percent=1, screen_percent=60) == 1.0
+    assert screen_recall(full, full, "dmem", top_percent=5, screen_percent=10) == 1.0
+    assert set(screen_top(np.arange(100), screen, 10)) == set(range(89, 99))  # 99 finite scores: top 10

@@ -209,7 +209,8 @@ def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
     assert "copy evidence" not in text and "detector agreement" not in text
     summary = json.loads(open(layout.summary).read())
     summary["copies"] = {"prompts_checked": 3, "nearest_ssim_max": 0.91}
-    summary["detectors"] = {"spearman": 0.8}
+    summary["detectors"] = {"top_percent": 1.0, "fpr": None, "detectors": {"anisotropy": {
+        "column": "anisotropy", "paper": "Asthana et al., ICLR 2026", "finite": 300, "spearman": 0.8, "top_overlap": 2 / 3}}}
     # The same duration under two stages is one row of the Run table.
     summary["audit"] = {"timings_s": {"score": 12.5}}
     summary["score"] = {"timings_s": {"score": 12.5}}
@@ -217,7 +218,9 @@ def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
     report.run(cfg)
     text = open(layout.report, encoding="utf-8").read()
     card = text[text.index('id="summary"'):text.index("</section>")]
-    assert "copy evidence" in card and "nearest_ssim_max 0.91" in card and "spearman 0.8" in card
+    assert "copy evidence" in card and "nearest_ssim_max 0.91" in card
+    assert "detector agreement" in card and "anisotropy Spearman 0.8, top 1% overlap 66.7%" in card
+    assert '<h2 id="detectors">' in text and "<th>AUC (known)</th>" not in text
     assert text.count("timings_s.score</td>") == 1
 
 

@@ -12,10 +12,23 @@ from typing import Optional
 
 import pandas as pd
 
-from cxrmem.analysis import PROMPT_COLUMNS, RUN_ID_COLUMNS, SCORE_COLUMNS, analyze_tables
+from cxrmem.analysis import (
+    PROMPT_COLUMNS,
+    RUN_ID_COLUMNS,
+    SCORE_COLUMNS,
+    analyze_tables,
+    detector_agreement,
+)
 from cxrmem.config import public_config
+from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, check_prompt_ids, merge_summary, read_known_memorized, write_memorized
+from cxrmem.runfiles import (
+    RunLayout,
+    check_prompt_ids,
+    merge_summary,
+    read_known_memorized,
+    write_memorized,
+)
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +46,14 @@ def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) 
     return frame
 
 
+def detector_names(store: Store, scores_uri: str) -> list[str]:
+    """The REGISTRY detectors whose score column scores.parquet holds (score.detectors when it was scored)."""
+    if not store.exists(scores_uri):
+        return []
+    columns = set(store.parquet_schema(scores_uri).names)
+    return [name for name, spec in REGISTRY.items() if spec.columns[0] in columns]
+
+
 def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> dict:
     """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
     (the cascade's scores hold only the screened share of the corpus)."""
@@ -40,7 +61,9 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
     layout = RunLayout(cfg.run.output)
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
     with stage_writes(store, cfg.run.output, cfg.run.overwrite, "analyze"):
-        scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS, "run `cxrmem score` (or `cxrmem audit`) first")
+        names = detector_names(store, layout.scores)
+        extra = [REGISTRY[name].columns[0] for name in names]
+        scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS + extra, "run `cxrmem score` (or `cxrmem audit`) first")
         prompts = read_columns(store, layout.prompts, PROMPT_COLUMNS, "run `cxrmem prepare` first")
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         memorized, analysis = analyze_tables(
@@ -56,7 +79,9 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         analysis["config"] = public_config(cfg)  # credentials never reach outputs
         analysis["outputs"] = {"memorized": layout.memorized, "summary": layout.summary}
         write_memorized(store, layout, memorized)
-        merge_summary(store, layout, analysis=analysis)
+        # None (no detector columns) replaces a section an earlier analysis of other scores left.
+        agreement = detector_agreement(scores, names, top_percent, known) if names else None
+        merge_summary(store, layout, analysis=analysis, detectors=agreement)
     log.info(
         "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s",
         analysis["counts"]["finite"],

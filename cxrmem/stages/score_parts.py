@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import io
+import itertools
 import logging
 import time
 import uuid
@@ -81,6 +82,14 @@ def _rows(store: Store, uri: str, rank: int, keep: pc.Expression) -> Iterator[tu
             yield pid, rank, batch, row
 
 
+def mixed_columns(uri: str, columns: list[str], expected: list[str], layout: RunLayout) -> str:
+    return (
+        f"{uri} holds rows of this run's model and config hash with the columns {columns}, other sources "
+        f"{expected}: parts written by another cxrmem version; remove {layout.score_parts} and {layout.scores} "
+        "(or use a new run.output) and score again"
+    )
+
+
 def consolidate(store: Store, layout: RunLayout, model_fingerprint: str, config_hash: str) -> dict:
     """Merge scores.parquet and the part files (rows of the current key) into scores.parquet.
 
@@ -93,18 +102,22 @@ def consolidate(store: Store, layout: RunLayout, model_fingerprint: str, config_
     if not parts:
         return {"rows": store.parquet_rows(layout.scores), "duplicates": 0, "parts": 0}
     keep = key_filter(model_fingerprint, config_hash)
-    schema = store.parquet_schema(parts[0])
     merged = heapq.merge(*(_rows(store, uri, rank, keep) for rank, uri in enumerate(sources)), key=lambda r: (r[0], r[1]))
+    first = next(merged, None)
+    # The columns of the key's rows (score.detectors add some); a source of the same key with others is an error.
+    schema = first[2].schema if first else store.parquet_schema(parts[0])
     rows = duplicates = 0
     with store.open_atomic(layout.scores) as stream, pq.ParquetWriter(stream, schema) as writer:
         pending: list[pa.RecordBatch] = []  # one-row slices, coalesced per output row group
         last_id: Optional[str] = None
-        for pid, _, batch, row in merged:
+        for pid, rank, batch, row in itertools.chain([first] if first else [], merged):
+            if batch.schema.names != schema.names:
+                raise ValueError(mixed_columns(sources[rank], batch.schema.names, schema.names, layout))
             if pid == last_id:
                 duplicates += 1
                 continue
             last_id = pid
-            pending.append(batch.slice(row, 1).select(schema.names))
+            pending.append(batch.slice(row, 1))
             if len(pending) >= MERGE_WRITE_ROWS:
                 writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
                 rows += len(pending)

@@ -25,6 +25,7 @@ from cxrmem.attribution import AttributionSettings, attribute_prompts
 from cxrmem.config import config_hash
 from cxrmem.copies.embedders import EmbedderSettings
 from cxrmem.copies.find import CopiesSettings
+from cxrmem.detectors import REGISTRY, DetectorSettings
 from cxrmem.mitigation import MitigationSettings, mitigate_prompts, mitigated_prompt, vocabulary_words
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
@@ -73,14 +74,19 @@ def embedder_settings(cfg) -> EmbedderSettings:
     )  # fmt: skip
 
 
-def scores_table(prompt_ids, prompts, batch: ScoreBatch, model_fingerprint: str, cfg_hash: str) -> pa.Table:
-    """One scores.parquet row per prompt (docs/design.md, Outputs)."""
+def scores_table(
+    prompt_ids, prompts, batch: ScoreBatch, model_fingerprint: str, cfg_hash: str, detected: Optional[dict] = None
+) -> pa.Table:
+    """One scores.parquet row per prompt (docs/design.md, Outputs); `detected`: the extra detectors' columns,
+    after d_mem's, in the order given."""
     n = len(prompt_ids)
+    detected = {name: pa.array(values, pa.float32()) for name, values in (detected or {}).items()}
     return pa.table(
         {
             "prompt_id": pa.array(list(prompt_ids), pa.string()),
             "prompt": pa.array(list(prompts), pa.string()),
             "d_mem": pa.array(batch.d_mem, pa.float32()),
+            **detected,
             "step_norms": pa.array(batch.step_norms.tolist(), pa.list_(pa.list_(pa.float32()))),
             "nonfinite": pa.array(batch.nonfinite, pa.bool_()),
             "n_tokens": pa.array(batch.n_tokens, pa.int32()),
@@ -108,6 +114,7 @@ class ModelWorker:
         self.attribution, self.mitigation = attribution_settings(cfg), mitigation_settings(cfg)
         self.copy_settings, self.embedder_settings = CopiesSettings.of(cfg.copies), embedder_settings(cfg)
         self.embedder = None  # the image embedder, loaded by the first `copies` call
+        self.detectors, self.detect = tuple(cfg.score.detectors), DetectorSettings.of(cfg.detect)
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -118,8 +125,16 @@ class ModelWorker:
         for lo in range(0, len(ids), self.batch_size):
             chunk_ids, chunk = ids[lo : lo + self.batch_size], prompts[lo : lo + self.batch_size]
             scored = self.scorer.score(chunk, chunk_ids)
-            tables.append(scores_table(chunk_ids, chunk, scored, self.fingerprint, self.config_hash))
-        return pa.concat_tables(tables) if tables else scores_table([], [], ScoreBatch.empty(), "", "")
+            detected = self.detected(chunk, chunk_ids)
+            tables.append(scores_table(chunk_ids, chunk, scored, self.fingerprint, self.config_hash, detected))
+        if not tables:
+            return scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))
+        return pa.concat_tables(tables)
+
+    def detected(self, prompts: list[str], prompt_ids: list[str]) -> dict:
+        """The columns of score.detectors, in the order they are named (empty ones for no prompts)."""
+        out = self.scorer.detect(prompts, prompt_ids, self.detectors, self.detect) if self.detectors and prompts else {}
+        return {column: out.get(column, []) for name in self.detectors for column in REGISTRY[name].columns}
 
     def attribute(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
         """tokens.parquet rows of these memorized prompts."""
