@@ -285,7 +285,11 @@ def test_readme_cxrmem_commands_name_real_stages_flags_and_keys(help_texts):
 
 
 def test_readme_inline_cxrmem_commands_name_real_stages():
+    top_help = subprocess.run([sys.executable, "-m", "cxrmem.cli", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for span in re.findall(r"`cxrmem ([a-z-]+)", README.read_text()):
+        if span.startswith("--"):
+            assert span in top_help, f"README mentions `cxrmem {span}`, which `cxrmem --help` does not list"
+            continue
         assert span in STAGES or span in TOOL_COMMANDS, f"README mentions `cxrmem {span}`"
 
 
