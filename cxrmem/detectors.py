@@ -143,13 +143,6 @@ def mean_norm(x: torch.Tensor) -> torch.Tensor:
     return x.float().flatten(2).norm(dim=2).mean(dim=1)
 
 
-def dmem_score(step_norms: torch.Tensor) -> np.ndarray:
-    """d_mem of [N, G, k] step norms (NaN where any norm is non-finite)."""
-    from cxrmem.scoring.dmem import d_mem
-
-    return d_mem(step_norms)[0].numpy().astype(np.float32)
-
-
 def sharpness_score(jvp_delta: torch.Tensor) -> np.ndarray:
     """||J(eps_c - eps_u) (eps_c - eps_u)|| of [N, G, ...], averaged over generations."""
     return mean_norm(jvp_delta).numpy().astype(np.float32)

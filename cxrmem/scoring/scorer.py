@@ -354,7 +354,7 @@ class Scorer:
         out: dict[str, np.ndarray] = {}
         if "dmem" in names:
             trajectory = self.sample(embeddings, latents, steps=settings.steps, shared_first_step=shared)
-            out["dmem"] = detectors.dmem_score(trajectory.step_norms)
+            out["dmem"] = d_mem(trajectory.step_norms)[0].numpy().astype(np.float32)
         if "sharpness" in names or "anisotropy" in names:
             eps_uncond, eps_cond = self.noise_pair(embeddings, latents, schedule[0], shared)
             delta = eps_cond - eps_uncond
