@@ -37,6 +37,9 @@ from cxrmem.corpus.text import compile_marker_regex, delete_span
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.settings import Settings
 
+# Strategies that keep the prompt's text and change its embedding (the rest rewrite the text).
+EMBEDDING_STRATEGIES = ("embedding_noise", "embedding_optimisation")
+
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
     "prompt": pa.string(),

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, stats
 from cxrmem.config import config_hash, public_config
+from cxrmem.mitigation import EMBEDDING_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ SUMMARY_ATTRIBUTION_KEYS = {
     "gradient_per_piece_mean": "gradient (mean per piece)",
     "leave_one_out": "leave-one-out",
 }
-# Strategies that keep the text on purpose and change the embedding (cxrmem/mitigation.py).
-EMBEDDING_STRATEGIES = ("embedding_noise", "embedding_optimisation")
 # Over-guidance rule: generations whose median high-frequency share (stats.high_frequency_share)
 # exceeds this are closer to white noise (0.75) than to an image (a radiograph: below 0.05).
 OVERGUIDED_SHARE = 0.5
@@ -353,8 +352,7 @@ def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
         prompt = table.loc[table["prompt_id"] == pid, "prompt"].iloc[0] if (table["prompt_id"] == pid).any() else pid
         shown.append(figure(f"copies_{pid}.png", lambda p, r=rows, t=prompt: figures.copy_pairs(r, p, t),
                             f"Prompt {pid}: its generation closest to a training image, and that image, per guidance (cf. paper Fig. 1)."))
-    return {"section": section, "rows": guidance_rows, "strategies": strategies, "figures": shown,
-            "not_run": section.get("strategies_not_run", [])}  # fmt: skip
+    return {"section": section, "rows": guidance_rows, "strategies": strategies, "figures": shown}
 
 
 def _threshold_at(table: pd.DataFrame, guidance: float) -> float:

@@ -109,9 +109,14 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
     summary = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, "report.top_prompts=1"))
     layout = RunLayout(str(tmp_path))
     table = Store().read_table(layout.copies).to_pandas()
-    # 2 memorized + 3 controls, and the 2 memorized rewritten by remove_marker, at w=7.5 and w=1.
-    assert len(table) == 2 * (5 + 2) and set(table.guidance) == {7.5, 1.0}
-    assert set(table.strategy) == {"none", "remove_marker"} and summary["strategies_not_run"] == ["embedding_noise"]
+    # 2 memorized + 3 controls, and the 2 memorized under remove_marker and embedding_noise, at w=7.5 and w=1.
+    assert len(table) == 2 * (5 + 2 + 2) and set(table.guidance) == {7.5, 1.0}
+    assert set(table.strategy) == {"none", "remove_marker", "embedding_noise"}
+    assert summary["strategies_checked"] == ["remove_marker", "embedding_noise"]
+    # embedding_noise keeps the text and generates from a changed embedding: not the unmitigated generations.
+    noisy = table[(table.strategy == "embedding_noise") & (table.prompt_id == ids[0])]
+    plain = table[(table.strategy == "none") & (table.prompt_id == ids[0]) & (table.guidance == noisy.guidance.iloc[0])]
+    assert noisy.prompt.iloc[0] == plain.prompt.iloc[0] and noisy.max_similarity.iloc[0] != plain.max_similarity.iloc[0]
     rewritten = table[(table.strategy == "remove_marker") & (table.prompt_id == ids[0])].prompt.iloc[0]
     assert rewritten == "Compared to, stable."
     own = table[(table.guidance == 7.5) & (table.strategy == "none")].set_index("prompt_id").loc[ids]

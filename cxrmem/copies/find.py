@@ -56,10 +56,11 @@ def search(queries: torch.Tensor, index: torch.Tensor, settings: CopiesSettings,
 
 
 def embedded_generations(
-    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float
+    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float, transform=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings [P, N, D], decoded generations [P, N, C, H, W]) of N generations per prompt at `guidance`."""
-    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size)
+    """(embeddings [P, N, D], decoded generations [P, N, C, H, W]) of N generations per prompt at `guidance`
+    (`transform`: see generation.generate)."""
+    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size, transform)
     return embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1), generations
 
 

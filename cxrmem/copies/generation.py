@@ -7,26 +7,38 @@ generations here start from the noises its d_mem was scored on.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+# (prompt embeddings [B, L, D], their prompt ids) -> the embeddings to generate with
+EmbeddingTransform = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
 
 def generate(
-    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], n_generations: int, guidance: float, batch_size: int
+    scorer,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[str],
+    n_generations: int,
+    guidance: float,
+    batch_size: int,
+    transform: Optional[EmbeddingTransform] = None,
 ) -> torch.Tensor:
     """Decoded generations [P, N, C, H, W] in [0, 1] on the CPU, at guidance `guidance`.
 
-    `batch_size` prompts (each with its N generations) go through one sampling run.
+    `batch_size` prompts (each with its N generations) go through one sampling run. `transform`
+    changes the prompt embeddings first (an embedding-level mitigation strategy).
     """
     if len(prompts) != len(prompt_ids) or not prompts:
         raise ValueError(f"{len(prompts)} prompts and {len(prompt_ids)} prompt ids: need the same, non-zero number")
     images = []
     for start in range(0, len(prompts), batch_size):
         ids = list(prompt_ids[start : start + batch_size])
-        encoded = scorer.encode(list(prompts[start : start + batch_size]))
+        embeddings = scorer.encode(list(prompts[start : start + batch_size])).embeddings
+        if transform is not None:
+            embeddings = transform(embeddings, ids)
         latents = scorer.initial_latents(ids, n_generations)
-        final = scorer.sample(encoded.embeddings, latents, guidance=guidance).final_latents
+        final = scorer.sample(embeddings, latents, guidance=guidance).final_latents
         decoded = scorer.decode(final.flatten(0, 1))
         images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
     return torch.cat(images)

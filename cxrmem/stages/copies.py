@@ -26,7 +26,6 @@ import torch
 from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
-from cxrmem.report import EMBEDDING_STRATEGIES
 from cxrmem.runfiles import RunLayout, merge_summary, read_known_memorized
 from cxrmem.scoring.scorer import resolve_device
 from cxrmem.stages import image_index
@@ -43,12 +42,10 @@ def guidances(cfg) -> list[float]:
     return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])
 
 
-def text_strategies(cfg) -> tuple[list[str], list[str]]:
-    """(text strategies checked, strategies left out): generation takes texts, so embedding-level ones are left out."""
-    if not cfg.copies.strategies:
-        return [], []
-    chosen = [s for s in cfg.mitigation.strategies if s != "original"]
-    return [s for s in chosen if s not in EMBEDDING_STRATEGIES], [s for s in chosen if s in EMBEDDING_STRATEGIES]
+def checked_strategies(cfg) -> list[str]:
+    """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside:
+    text rewrites generate from the rewritten text, embedding-level ones from the changed embedding."""
+    return [s for s in cfg.mitigation.strategies if s != "original"] if cfg.copies.strategies else []
 
 
 def checked_prompts(cfg, store: Store, layout: RunLayout, memorized: pd.DataFrame) -> pd.DataFrame:
@@ -71,13 +68,13 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids) -> tuple[list[pa.Table], Threshold, dict]:
-    """copies.parquet rows at one guidance (the prompts, then each text strategy), its threshold, the kept generations."""
+    """copies.parquet rows at one guidance (the prompts, then each mitigation strategy), its threshold, the kept generations."""
     settings = CopiesSettings.of(cfg.copies)
     sims, rows, _, kept = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
     table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint)
     tables = [table]
     memorized = frame[frame["group"] == "memorized"]
-    for strategy in text_strategies(cfg)[0] if len(memorized) else []:
+    for strategy in checked_strategies(cfg) if len(memorized) else []:
         s_sims, s_rows, texts, _ = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
         rewritten = memorized.assign(prompt=texts)
         tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy)[0])
@@ -161,7 +158,6 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
 
 
 def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> dict:
-    checked, left_out = text_strategies(cfg)
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
         f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
@@ -170,5 +166,5 @@ def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold
     return {
         "headline": headline, "prompts": n_prompts, "guidances": per_guidance, "rule": threshold.rule, "threshold_quantile": threshold.quantile,
         "generations": cfg.copies.generations, "top_k": cfg.copies.top_k, "embedder": cfg.copies.embedder,
-        "strategies_checked": checked, "strategies_not_run": left_out, "index": built, "copies": layout.copies, "figures": figures,
+        "strategies_checked": checked_strategies(cfg), "index": built, "copies": layout.copies, "figures": figures,
     }  # fmt: skip

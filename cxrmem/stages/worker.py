@@ -26,7 +26,14 @@ from cxrmem.config import config_hash
 from cxrmem.copies.embedders import EmbedderSettings
 from cxrmem.copies.find import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
-from cxrmem.mitigation import MitigationSettings, mitigate_prompts, mitigated_prompt, vocabulary_words
+from cxrmem.mitigation import (
+    EMBEDDING_STRATEGIES,
+    MitigationSettings,
+    mitigate_prompts,
+    mitigated_prompt,
+    strategy_embedding,
+    vocabulary_words,
+)
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, read_memorized
@@ -147,15 +154,24 @@ class ModelWorker:
     def copies(self, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none", keep_ids=frozenset()):
         """Embeddings [P, N, D] of N generations per prompt (its text rewritten by a mitigation `strategy`
         unless "none"), the texts generated from, and the grey generations [N, H, W] of those in `keep_ids`."""
+        import torch
+
         from cxrmem.copies.embedders import make_embedder
         from cxrmem.copies.find import embedded_generations
 
         if self.embedder is None:
             self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
-        if strategy != "none":
+        transform = None
+        if strategy in EMBEDDING_STRATEGIES:  # the same text, a changed embedding (as the mitigate stage makes it)
+            def transform(embeddings, ids):
+                rows = [strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)]
+                return torch.cat(rows)
+        elif strategy != "none":
             vocab = vocabulary_words(self.scorer.tokenizer)
             prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
-        queries, generations = embedded_generations(self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance)
+        queries, generations = embedded_generations(
+            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, transform
+        )
         kept = {pid: generations[i].mean(dim=1).numpy() for i, pid in enumerate(prompt_ids) if pid in keep_ids}
         return queries.numpy(), prompts, kept
 
