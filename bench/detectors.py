@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -40,6 +38,7 @@ from cxrmem.detectors import REGISTRY, DetectorSettings, oriented, screen_recall
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, top_percent_mask, tpr_at_fpr
+from cxrmem.testbed.evaluate import cpu_name, write_results
 
 SECTION = "## Detectors"
 SCREEN_PERCENTS = (2.0, 5.0, 10.0)
@@ -141,29 +140,6 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace the markdown section of `path` headed like `section`'s first line, or append it.
-
-    (cxrmem.testbed.evaluate.replace_section does this for its own heading only.)
-    """
-    heading = section.split("\n", 1)[0]
-    document = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    start = document.find(heading + "\n")
-    if start < 0:
-        document = document.rstrip("\n") + ("\n\n" if document.strip() else "") + section
-    else:
-        end = document.find("\n## ", start + len(heading))
-        document = document[:start] + section + (document[end:] if end >= 0 else "")
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(document)
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else platform.processor()
-
-
 def markdown(results: list[dict], args, minutes: float) -> str:
     lines = [
         SECTION,
@@ -202,7 +178,7 @@ def main() -> None:
     results = [bench_testbed(path, args) for path in args.testbed if os.path.exists(os.path.join(path, "manifest.csv"))]
     text = markdown(results, args, (time.time() - started) / 60)
     print(text)
-    write_section(args.results, text)
+    write_results(args.results, text.split("\n", 1)[0], text)
 
 
 if __name__ == "__main__":

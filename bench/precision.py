@@ -25,17 +25,17 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from detectors import cpu_name, write_section  # bench/detectors.py, beside this script
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from cxrmem.config import ModelConfig, ScoreConfig
-from cxrmem.corpus.synthetic import generate_reports
+from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import prompt_id
 from cxrmem.models.loading import load_components
 from cxrmem.models.tiny import build_tiny_model
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import top_percent_mask
+from cxrmem.testbed.evaluate import cpu_name, write_results
 
 SECTION = "## Precision: bfloat16 against float32 (CPU)"
 
@@ -110,12 +110,12 @@ def main() -> None:
     prompts = manifest[manifest.planted].prompt.tolist() + unique.prompt.tolist()
     results = [compare(args.testbed, args.testbed, prompts, args.steps, args.generations, 16)]
     with tempfile.TemporaryDirectory() as folder:
-        build_tiny_model(folder, radedit_shaped=True)
+        build_tiny_model(folder, tokenizer_texts(), radedit_shaped=True)
         reports = [r["impression"] for r in generate_reports(args.radedit_prompts, seed=1)]
         results.append(compare("RadEdit-shaped (random weights)", folder, reports, args.radedit_steps, 1, 4))
     text = markdown(results, cpu_name())
     print(text)
-    write_section(args.results, text)
+    write_results(args.results, text.split("\n", 1)[0], text)
 
 
 if __name__ == "__main__":
