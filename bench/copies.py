@@ -43,6 +43,8 @@ import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from cxrmem.testbed.evaluate import cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
