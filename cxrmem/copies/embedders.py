@@ -50,12 +50,30 @@ def grey_list(images) -> list[torch.Tensor]:
     return [torch.as_tensor(np.asarray(image, dtype=np.float32)) for image in images]
 
 
+def embedder_snapshot(settings: EmbedderSettings) -> str:
+    """The hub-cache snapshot folder of a transformers embedder (rad_dino, hf); a clear error when it is missing."""
+    if not settings.cache_dir:
+        raise ModelLoadError(f"image embedder {settings.name} needs the Hugging Face cache folder (copies.embedder_cache)")
+    repo = RAD_DINO_REPO if settings.name == "rad_dino" else settings.repo
+    snapshot, problem = resolve_snapshot(settings.cache_dir, repo, settings.revision, "copies.embedder_revision")
+    if problem:
+        raise ModelLoadError(f"image embedder {settings.name}: {problem}")
+    return snapshot
+
+
+def embedder_fingerprint(settings: EmbedderSettings) -> str:
+    """What keys a stored index: a hash of the settings for `pixel`, of the snapshot's files otherwise. Loads nothing."""
+    if settings.name == "pixel":
+        payload = json.dumps({"embedder": "pixel", "size": settings.size, "rule": "area-resize,centre,unit-norm"})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return model_fingerprint({"model": embedder_snapshot(settings)}, {"embedder": "transformers", "pooling": "cls"})
+
+
 class PixelEmbedder:
     def __init__(self, settings: EmbedderSettings):
         self.size = settings.size
         self.dim = settings.size * settings.size
-        payload = json.dumps({"embedder": "pixel", "size": settings.size, "rule": "area-resize,centre,unit-norm"})
-        self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        self.fingerprint = embedder_fingerprint(settings)
 
     def __call__(self, images) -> torch.Tensor:
         rows = [
@@ -74,10 +92,7 @@ class TransformersEmbedder:
     def __init__(self, settings: EmbedderSettings, device: torch.device | str = "cpu"):
         from transformers import AutoImageProcessor, AutoModel
 
-        repo = RAD_DINO_REPO if settings.name == "rad_dino" else settings.repo
-        snapshot, problem = resolve_snapshot(settings.cache_dir, repo, settings.revision, "copies.embedder_revision")
-        if problem:
-            raise ModelLoadError(f"image embedder {settings.name}: {problem}")
+        snapshot = embedder_snapshot(settings)
         self.device = torch.device(device)
         self.batch_size = settings.batch_size
         self.processor = guarded(
@@ -89,7 +104,7 @@ class TransformersEmbedder:
             lambda: AutoModel.from_pretrained(snapshot, local_files_only=True, output_loading_info=True),
         ).to(self.device)
         self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.hidden_sizes[-1])
-        self.fingerprint = model_fingerprint({"model": snapshot}, {"embedder": "transformers", "pooling": "cls"})
+        self.fingerprint = embedder_fingerprint(settings)
 
     @torch.no_grad()
     def __call__(self, images) -> torch.Tensor:
@@ -111,7 +126,5 @@ def make_embedder(settings: EmbedderSettings, device: torch.device | str = "cpu"
     if settings.name == "pixel":
         return PixelEmbedder(settings)
     if settings.name in ("rad_dino", "hf"):
-        if not settings.cache_dir:
-            raise ModelLoadError(f"image embedder {settings.name} needs the Hugging Face cache folder (copies.embedder_cache)")
         return TransformersEmbedder(settings, device)
     raise ValueError(f"image embedder {settings.name!r}: use one of {', '.join(EMBEDDERS)}")

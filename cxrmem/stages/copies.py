@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from cxrmem.copies.embedders import embedder_fingerprint
 from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
@@ -122,15 +123,9 @@ def save_figures(store: Store, layout: RunLayout, chosen: dict[float, dict]) -> 
     return uris
 
 
-def embedder_fingerprint(cfg) -> str:
-    from cxrmem.copies.embedders import make_embedder
-
-    return make_embedder(embedder_settings(cfg)).fingerprint
-
-
 def build_image_index(cfg, store: Store, embed_rows: image_index.EmbedRows) -> dict:
     """The index job alone: the audit runs it on a Ray actor pool before the model actors hold the devices."""
-    return image_index.build_index(cfg, store, embedder_fingerprint(cfg), embed_rows)[2]
+    return image_index.build_index(cfg, store, embedder_fingerprint(embedder_settings(cfg)), embed_rows)[2]
 
 
 def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> dict:
@@ -139,7 +134,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
     store = store or Store.from_config(cfg.storage)
     if not cfg.images.source:
         return {"copies": "disabled (images.source is empty)"}
-    fingerprint = embedder_fingerprint(cfg)
+    fingerprint = embedder_fingerprint(embedder_settings(cfg))  # from the files: the embedder loads on the workers
     with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
         frame = checked_prompts(cfg, store, layout, memorized)
