@@ -99,10 +99,21 @@ def _run(args: argparse.Namespace) -> dict:
         texts = tokenizer_texts(seed=args.seed)
         return {"model": build_tiny_model(args.out, texts, radedit_shaped=args.radedit_shaped, seed=args.seed)}
 
+    from cxrmem.lease import LeaseSettings, hold
     from cxrmem.storage import Store
 
     cfg = load_config(args.config, args.overrides)
     store = Store.from_config(cfg.storage)
+    written = args.to if args.stage == "export" else cfg.run.output
+    if args.stage not in WRITERS:
+        return _stage(args, cfg, store)
+    # The run's lease before the stage's own imports (Ray, torch: seconds): a second writer is refused
+    # at once. The stages take it too (for library callers); held here, theirs is this one.
+    with hold(store, written, LeaseSettings.of(cfg.run)):
+        return _stage(args, cfg, store)
+
+
+def _stage(args: argparse.Namespace, cfg, store) -> dict:
     if args.stage == "testbed":
         if args.testbed_cmd == "train":
             from cxrmem.testbed.train import train
@@ -151,6 +162,8 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "copies", "report")}
+# Commands that write under a run's prefix (run.output; export: --to): they hold its lease (cxrmem/lease.py).
+WRITERS = {*STAGE_MODULES, "audit", "rescore", "export"}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
     "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
@@ -162,7 +175,11 @@ MAIN_OUTPUT = {
 def last_line(stage: str, result: dict) -> str:
     """One line naming the command's main output (or why there is none)."""
     if stage == "verify":
-        state = "matches its manifest" if result["ok"] else f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}"
+        state = (
+            "matches its manifest"
+            if result["ok"]
+            else f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}, unlisted {result['unlisted']}"
+        )
         return f"cxrmem verify: {result['prefix']} {state} ({result['files']} files)"
     if stage == "rescore" and result.get("status") == "unchanged":
         return f"cxrmem rescore: nothing to do, {result['previous']} is current"
@@ -174,14 +191,20 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
     """(exit code, result) of a command; a known error becomes one line on stderr, printed last.
 
     Storage, missing-file, published-run, model-store, Ray-resource and bad-input errors say what
-    to do (1); configuration errors name the key or override (2).
+    to do (1); configuration errors name the key or override (2); SIGTERM / SIGINT stop it cleanly
+    (cxrmem/interrupts.py: 143 / 130, and how to resume).
     """
+    from cxrmem.interrupts import Interrupted, interrupted_line, stop_on_signals
+
     try:
-        return 0, command()
+        with stop_on_signals():
+            return 0, command()
     except ConfigError as err:
         line, code = f"cxrmem: configuration error: {err}", 2
     except (OSError, ValueError) as err:
         line, code = f"cxrmem {name}: {err}", 1
+    except Interrupted as err:  # SIGTERM / SIGINT: every finally has run (parts kept, Ray down, lease released)
+        line, code = interrupted_line(name, err), err.exit_code
     # Log lines and whatever Ray printed while shutting down go out first: the user's last line is ours.
     for handler in logging.getLogger().handlers:
         handler.flush()

@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 class RunConfig:
     output: str = "runs/demo"  # output prefix of this run: a local folder or s3://bucket/prefix
     overwrite: bool = False  # allow replacing an already published run at the same prefix
+    force_lease: bool = False  # take over the one-writer lease on run.output even while its holder's heartbeat is fresh
+    lease_timeout_s: float = 600.0  # a lease whose heartbeat is older than this is stale and taken over (its holder beats 5 times per period)
 
 
 @dataclass
@@ -304,6 +306,7 @@ OPTIONAL_POSITIVE = (_optional_positive, "null or positive")
 # key -> (predicate, what the value must be). Every int and float key of the schema has a rule
 # (tests/test_config.py checks it): a count of 0 or -1 otherwise fails late, or silently.
 RULES = {
+    "run.lease_timeout_s": (lambda v: v is not None and v >= 1, "at least 1 (seconds)"),
     "corpus.synthetic.n_reports": POSITIVE,
     "corpus.synthetic.seed": NON_NEGATIVE,
     "corpus.synthetic.marker_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),

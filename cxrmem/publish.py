@@ -8,8 +8,10 @@ The scheme (local folders and S3 alike; S3 has no rename, so nothing here relies
   version. A run is *published* exactly when its manifest exists. Readers and `rescore` trust
   only published runs and only the files their manifest lists (`require_published`), so a
   reader never sees a half-written run.
-* Internal paths are never listed: anything whose first path component starts with `_`
-  (`_parts/` resume checkpoints, `_staging/`) and local `*.partial-*` files still being written.
+* Working files are never listed, by the rule of `RunLayout.is_working`: anything whose first path
+  component starts with `_` (the `_lease.json` of the writer, `_parts/` resume checkpoints,
+  `_staging/`), local `*.partial-*` files still being written, and rescoring's `latest.json` and
+  `runs/`. `verify_run` reports every other file the manifest does not list (`unlisted`).
 * Starting a run (`prepare_output`) at an unpublished P writes in place: a failed run leaves no
   manifest, so nothing of it is trusted, and a rerun resumes from its parts. At a published P
   it refuses (`RunExistsError`) unless `run.overwrite` is set; then the run writes to
@@ -39,11 +41,12 @@ import pyarrow as pa
 
 from cxrmem import storage
 from cxrmem.config import public_config, redact
+from cxrmem.lease import LeaseSettings, hold
+from cxrmem.runfiles import MANIFEST_NAME, RunLayout
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cxrmem-run-manifest/1"
 STAGING_NAME = "_staging"
 
@@ -75,15 +78,10 @@ def staging_prefix(prefix: str) -> str:
     return storage.join(prefix, STAGING_NAME)
 
 
-def is_internal(relative_path: str) -> bool:
-    """Files that belong to no published run: resume checkpoints, staging, and files being written."""
-    return relative_path.startswith("_") or storage.PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
-
-
 def run_files(store: Store, prefix: str) -> list[str]:
-    """Relative paths of the output files under `prefix` that a manifest lists."""
+    """Relative paths of the output files under `prefix` that a manifest lists (all but the working files)."""
     relative = (storage.relative(uri, prefix) for uri in store.list_files(prefix))
-    return [path for path in relative if not is_internal(path)]
+    return [path for path in relative if not RunLayout.is_working(path)]
 
 
 def _describe(store: Store, prefix: str, path: str) -> dict:
@@ -153,7 +151,8 @@ def require_published(store: Store, prefix: str) -> dict:
 
 
 def verify_run(store: Store, prefix: str) -> dict:
-    """Re-read every file a published run lists and compare sizes and sha256 with its manifest."""
+    """Re-read every file a published run lists and compare sizes and sha256 with its manifest; list the
+    files present that it does not list (`unlisted`: for an audit artefact an added file is a finding)."""
     manifest = require_published(store, prefix)
 
     def check(item: tuple[str, dict]) -> Optional[str]:
@@ -168,13 +167,15 @@ def verify_run(store: Store, prefix: str) -> dict:
     by_path = dict(zip(manifest["files"], problems))
     missing = sorted(path for path, problem in by_path.items() if problem == "missing")
     changed = sorted(path for path, problem in by_path.items() if problem == "changed")
+    unlisted = sorted(set(run_files(store, prefix)) - set(manifest["files"]))
     return {
         "prefix": prefix,
-        "ok": not missing and not changed,
+        "ok": not missing and not changed and not unlisted,
         "files": len(by_path),
         "bytes": manifest["total_bytes"],
         "missing": missing,
         "changed": changed,
+        "unlisted": unlisted,
     }
 
 
@@ -312,12 +313,20 @@ def export_run(
 
 
 @contextmanager
-def stage_writes(store: Store, output: str, overwrite: bool, stage: str) -> Iterator[None]:
-    """Guard a stage that writes under `output`: a published run is immutable unless `overwrite`.
+def stage_writes(store: Store, run_cfg, stage: str) -> Iterator[None]:
+    """Guard a stage that writes under `run_cfg.output`: one writer (the run's lease, cxrmem/lease.py), and a
+    published run is immutable unless `run_cfg.overwrite`.
 
     With `overwrite` the run's manifest is removed first (the run reads as unpublished while it
     changes) and written again over the new files when the stage succeeds: it is republished.
     """
+    with hold(store, run_cfg.output, LeaseSettings.of(run_cfg)):
+        with _published_guard(store, run_cfg.output, bool(run_cfg.overwrite), stage):
+            yield
+
+
+@contextmanager
+def _published_guard(store: Store, output: str, overwrite: bool, stage: str) -> Iterator[None]:
     manifest = read_manifest(store, output)
     if manifest is not None and not overwrite:
         raise RunExistsError(

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
-from cxrmem.storage import Store, join, join_inside
+from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
 
 PROMPT_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -30,11 +30,26 @@ def check_prompt_ids(ids: Iterable, where: str) -> None:
             )
 
 
+# Working files: under a run's prefix but never part of the published run, by rule. A first path
+# component starting with `_` is the writer's (`_lease.json`, `_parts/` resume checkpoints,
+# `_staging/` of an overwrite); `*.partial-*` files are being written; `latest.json` and `runs/`
+# are rescoring's layout when its runs live under a prefix that also holds a run.
+WORKING_PREFIX = "_"
+RESCORE_NAMES = ("latest.json", "runs")
+MANIFEST_NAME = "manifest.json"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Where each output of one run lives under its output prefix (docs/design.md, Outputs)."""
 
     prefix: str
+
+    @staticmethod
+    def is_working(relative_path: str) -> bool:
+        """True for the files under a prefix that no manifest lists and `verify` does not report (see WORKING_PREFIX)."""
+        first = str(relative_path).split("/", 1)[0]
+        return first.startswith(WORKING_PREFIX) or first in RESCORE_NAMES or PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
 
     def path(self, name: str) -> str:
         return join(self.prefix, name)
@@ -59,7 +74,11 @@ class RunLayout:
     report = property(lambda self: self.path("report.html"))
     metrics = property(lambda self: self.path("metrics.json"))
     summary_md = property(lambda self: self.path("summary.md"))
-    manifest = property(lambda self: self.path("manifest.json"))
+    manifest = property(lambda self: self.path(MANIFEST_NAME))
+    # The one-writer lease (cxrmem/lease.py): a working file, never published.
+    lease = property(lambda self: self.path("_lease.json"))
+    # The folder of the resume checkpoints (score parts, image index): removed once nothing is left in it.
+    parts = property(lambda self: self.path("_parts"))
 
 
 def read_summary(store: Store, layout: RunLayout) -> dict:

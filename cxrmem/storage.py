@@ -104,6 +104,11 @@ def bucket_of(uri: str) -> str:
     return str(uri)[len("s3://") :].split("/", 1)[0]
 
 
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = str(uri)[len("s3://") :].partition("/")
+    return bucket, key
+
+
 # --- settings and clients -------------------------------------------------------------------
 
 
@@ -463,6 +468,110 @@ class Store:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.write_bytes(uri, buffer.getvalue())
+
+    # -- conditional writes: the lease's primitives (cxrmem/lease.py) ---------------------------
+    def read_versioned(self, uri: str) -> Optional[tuple[bytes, str]]:
+        """(bytes, version) of a small file, None when it does not exist. The version is what
+        `replace_if` compares: the S3 ETag, the sha256 of the bytes on local disk."""
+        if not is_s3(uri):
+            try:
+                with open(self.filesystem(uri)[1], "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+
+        def read() -> Optional[tuple[bytes, str]]:
+            try:
+                answer = _s3_client(self.s3).get_object(Bucket=bucket, Key=key)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return answer["Body"].read(), answer["ETag"]
+
+        return self.with_retries("read", uri, read)
+
+    def create_new(self, uri: str, data: bytes) -> Optional[str]:
+        """Write `uri` only if it does not exist; its version, or None when it already existed.
+
+        Local: the bytes go to a temporary file that is hard-linked into place, an exclusive
+        create (like O_EXCL) that never shows a half-written file. S3: a conditional PUT
+        (`If-None-Match: *`), which AWS and SeaweedFS refuse with 412 when the key exists.
+        """
+        if not is_s3(uri):
+            path = self.filesystem(uri)[1]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+            try:
+                with open(partial, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.link(partial, path)
+            except FileExistsError:
+                return None
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(partial)
+            _fsync_folder(os.path.dirname(path))
+            return hashlib.sha256(data).hexdigest()
+        return self._put_conditional(uri, data, IfNoneMatch="*")
+
+    def replace_if(self, uri: str, data: bytes, version: str) -> Optional[str]:
+        """Replace `uri` only if it still holds `version` (from read_versioned); the new version, or None.
+
+        S3: a conditional PUT (`If-Match: <ETag>`). Local: the file is renamed aside (one renamer
+        wins), its bytes compared, and the new bytes created in its place; a file that changed in
+        between is put back.
+        """
+        if is_s3(uri):
+            return self._put_conditional(uri, data, IfMatch=version)
+        path = self.filesystem(uri)[1]
+        aside = f"{path}{PARTIAL_MARK}aside-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        try:
+            with open(aside, "rb") as handle:
+                if hashlib.sha256(handle.read()).hexdigest() != version:
+                    with contextlib.suppress(FileExistsError):
+                        os.link(aside, path)  # someone else's file: put it back
+                    return None
+            return self.create_new(uri, data)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(aside)
+
+    def _put_conditional(self, uri: str, data: bytes, **condition: str) -> Optional[str]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+
+        def put() -> Optional[str]:
+            try:
+                return _s3_client(self.s3).put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            except ClientError as err:
+                # 412: the condition failed; 409: a concurrent conditional write to the same key won.
+                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    return None
+                raise
+
+        return self.with_retries("write", uri, put)
+
+    def delete_if(self, uri: str, version: str) -> bool:
+        """Delete `uri` if it still holds `version`; True when it was deleted (or was already gone)."""
+        current = self.read_versioned(uri)
+        if current is None:
+            return True
+        if current[1] != version:
+            return False
+        self.delete(uri)
+        return True
 
     def makedirs(self, uri: str) -> None:
         """Create a local folder; a no-op on S3, which has no folders (pyarrow would write marker objects)."""

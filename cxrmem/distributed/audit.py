@@ -19,6 +19,7 @@ from cxrmem.distributed.actors import ActorModels
 from cxrmem.distributed.image_index import ray_rows
 from cxrmem.distributed.pipeline import scored_batches, with_overrides
 from cxrmem.distributed.session import ray_session
+from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, merge_summary
@@ -87,8 +88,17 @@ def score_and_analyze(cfg, store: Store, fingerprint: str, timer: StageTimer) ->
 
 
 def run_audit(cfg, store: Optional[Store] = None) -> dict:
-    """Every stage of one run at `run.output`, published at the end; returns the run's summary."""
+    """Every stage of one run at `run.output`, published at the end; returns the run's summary.
+
+    The run's lease (cxrmem/lease.py) is held from before the first write to after publishing:
+    a second audit or stage on the same run.output is refused at start.
+    """
     store = store or Store.from_config(cfg.storage)
+    with hold(store, cfg.run.output, LeaseSettings.of(cfg.run)) as lease:
+        return _audit(cfg, store, lease)
+
+
+def _audit(cfg, store: Store, lease) -> dict:
     output = cfg.run.output
     work = prepare_output(store, output, overwrite=cfg.run.overwrite)
     cfg = with_overrides(cfg, run__output=work)
@@ -116,6 +126,7 @@ def run_audit(cfg, store: Optional[Store] = None) -> dict:
     with timer("report"):
         written = report.run(cfg, store)
     with timer("publish"):
+        lease.check()  # never publish a run another writer took over
         manifest = publish_run(store, output, work, fingerprint, cfg, extra={"config_hash": config_hash(cfg)})
     return {
         **audit,

@@ -27,6 +27,7 @@ from cxrmem.analysis import score_diff
 from cxrmem.config import config_hash
 from cxrmem.distributed.audit import run_audit
 from cxrmem.distributed.pipeline import with_overrides
+from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, publish_manifest
 from cxrmem.runfiles import RunLayout, merge_summary
@@ -42,11 +43,27 @@ def latest_uri(output: str) -> str:
     return storage.join(output, "latest.json")
 
 
-def previous_run(store: Store, output: str) -> Optional[str]:
-    """The prefix of the last published run under `output`, or None before the first one."""
-    if store.exists(latest_uri(output)):
-        return store.read_json(latest_uri(output))["run"]
-    return output if is_published(store, output) else None
+def previous_run(store: Store, output: str, force: bool = False) -> Optional[str]:
+    """The prefix of the last published run under `output`, or None before the first one.
+
+    A latest.json that names a run which is gone (deleted, or never published) is an error that
+    says so; with `force` the rescoring starts afresh (no diff) and latest.json moves to the new run.
+    """
+    latest = latest_uri(output)
+    if not store.exists(latest):
+        return output if is_published(store, output) else None
+    run = store.read_json(latest)["run"]
+    if is_published(store, run):
+        return run
+    gone = "is gone" if not store.list_files(run) else "is not published (no manifest.json)"
+    if force:
+        log.warning("rescore: %s names %s, which %s; --force: scoring afresh, without a diff", latest, run, gone)
+        return None
+    raise FileNotFoundError(
+        f"{latest} names the run {run}, which {gone}. Rerun with --force to score afresh (latest.json then "
+        f"names the new run), or point latest.json at a published run under {storage.join(output, 'runs')} "
+        "(or delete it to start from the run published at run.output, if any)"
+    )
 
 
 def run_key(store: Store, prefix: str) -> tuple[str, str]:
@@ -59,10 +76,18 @@ def run_key(store: Store, prefix: str) -> tuple[str, str]:
 
 
 def rescore(cfg, force: bool = False, store: Optional[Store] = None) -> dict:
-    """Rescore when the model (or score settings) changed since the last run under run.output, or when forced."""
+    """Rescore when the model (or score settings) changed since the last run under run.output, or when forced.
+
+    Holds the lease on run.output throughout (a CronJob tick that overlaps a running one is refused).
+    """
     store = store or Store.from_config(cfg.storage)
+    with hold(store, cfg.run.output, LeaseSettings.of(cfg.run)):
+        return _rescore(cfg, force, store)
+
+
+def _rescore(cfg, force: bool, store: Store) -> dict:
     output = cfg.run.output
-    previous = previous_run(store, output)
+    previous = previous_run(store, output, force)
     fingerprint = fingerprint_model(cfg.model, store)
     key = (fingerprint, config_hash(cfg))
     old_key = run_key(store, previous) if previous else None

@@ -25,6 +25,8 @@ import os
 import socket
 import time
 
+from cxrmem.interrupts import keep_handlers
+
 log = logging.getLogger(__name__)
 
 # Workers stay quiet: no load reports, progress bars or colour codes from every model replica in
@@ -97,6 +99,19 @@ def ray_session(ray_cfg):
     if ray.is_initialized():
         yield
         return
+    try:
+        with keep_handlers():  # ray.init's SIGTERM handler would bypass the clean stop (cxrmem/interrupts.py)
+            start_or_join(ray_cfg)
+        DataContext.get_current().print_on_execution_start = False
+        yield
+    finally:
+        ray.shutdown()
+
+
+def start_or_join(ray_cfg) -> None:
+    import ray
+    from ray.data import DataContext
+
     if ray_cfg.address is not None:
         join_cluster(ray_cfg.address)
     elif in_submitted_job():
@@ -110,11 +125,6 @@ def ray_session(ray_cfg):
             runtime_env=worker_env(),
         )
         DataContext.get_current().enable_progress_bars = False  # the driver logs its own progress
-    DataContext.get_current().print_on_execution_start = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def pool_size(ray_cfg) -> tuple[int, float]:

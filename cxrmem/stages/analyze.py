@@ -60,7 +60,7 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
     store = store or Store.from_config(cfg.storage)
     layout = RunLayout(cfg.run.output)
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "analyze"):
+    with stage_writes(store, cfg.run, "analyze"):
         names = detector_names(store, layout.scores)
         extra = [REGISTRY[name].columns[0] for name in names]
         scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS + extra, "run `cxrmem score` (or `cxrmem audit`) first")

@@ -93,7 +93,7 @@ def run(cfg, store: Optional[Store] = None, tokenizer=None) -> dict:
     except re.error as err:
         raise ConfigError(f"config key 'corpus.marker_regex': {cfg.corpus.marker_regex!r} is not a valid regular expression ({err})") from None
     layout = RunLayout(cfg.run.output)
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "prepare"):
+    with stage_writes(store, cfg.run, "prepare"):
         if tokenizer is None:
             from cxrmem.models.loading import load_tokenizer
 

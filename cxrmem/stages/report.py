@@ -69,7 +69,7 @@ def run(cfg, store: Optional[Store] = None) -> dict:
         store.write_bytes(layout.figure(name), buffer.getvalue())
         return buffer.getvalue()
 
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "report"):
+    with stage_writes(store, cfg.run, "report"):
         figure = Figures(bool(cfg.report.figures), write)
         page = report_context(read_run_inputs(cfg, store), cfg, figure)
         store.write_text(layout.report, render_html(page))

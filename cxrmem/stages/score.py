@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.config import config_hash
+from cxrmem.interrupts import Interrupted, note_scored
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
@@ -42,16 +43,27 @@ def local_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_id
 
 
 def stream_to_parts(store: Store, batches: Iterator[pa.Table], layout: RunLayout, every: int, progress: Progress) -> int:
-    """Write the scored batches as a part file per `every` rows; the number of parts written."""
+    """Write the scored batches as a part file per `every` rows; the number of parts written.
+
+    Interrupted (SIGTERM / SIGINT), the batches already received are written as one more part
+    before the stop goes on: a resumed run does not score them again.
+    """
     pending: list[pa.Table] = []
     rows = parts = 0
-    for batch in batches:
-        pending.append(batch)
-        rows += batch.num_rows
-        progress.update(batch.num_rows)
-        if rows >= every:
+    try:
+        for batch in batches:
+            pending.append(batch)
+            rows += batch.num_rows
+            progress.update(batch.num_rows)
+            note_scored(progress.already_done + progress.done, progress.already_done + progress.total)
+            if rows >= every:
+                score_parts.write_part(store, pa.concat_tables(pending), layout.score_parts, parts)
+                pending, rows, parts = [], 0, parts + 1
+    except Interrupted:
+        if pending:
             score_parts.write_part(store, pa.concat_tables(pending), layout.score_parts, parts)
-            pending, rows, parts = [], 0, parts + 1
+            log.warning("interrupted: the %d prompts scored since the last part are kept in one more part", rows)
+        raise
     if pending:
         score_parts.write_part(store, pa.concat_tables(pending), layout.score_parts, parts)
         parts += 1
@@ -76,12 +88,13 @@ def run(
         raise FileNotFoundError(f"{prompts_uri} does not exist; run `cxrmem prepare` for this run first")
     fingerprint = fingerprint or fingerprint_model(cfg.model, store)
     key = config_hash(cfg)
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, "score"):
+    with stage_writes(store, cfg.run, "score"):
         prompt_ids = store.read_table(prompts_uri, columns=["prompt_id"])["prompt_id"]
         done = score_parts.done_ids(store, score_parts.score_sources(store, layout), fingerprint, key)
         resumed = int(pc.sum(pc.is_in(prompt_ids, value_set=done)).as_py() or 0)
         progress = Progress(len(prompt_ids) - resumed, what, cfg.ray.progress_every_s, already_done=resumed)
         log.info("%s: %d prompts, %d already done", what, len(prompt_ids), resumed)
+        note_scored(resumed, len(prompt_ids))
         parts_written = 0
         if progress.total > 0:
             batches = scored_batches(cfg, store, fingerprint, prompts_uri, done)

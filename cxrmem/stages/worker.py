@@ -181,7 +181,7 @@ def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=
     """Inside a stage that maps the memorized set over a model: (layout, memorized set, models), with the
     published-run guard around it. `models` defaults to a model loaded in this process."""
     layout = RunLayout(cfg.run.output)
-    with stage_writes(store, cfg.run.output, cfg.run.overwrite, stage):
+    with stage_writes(store, cfg.run, stage):
         yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae)
 
 
