@@ -162,6 +162,7 @@ class RayConfig:
     progress_every_s: float = 30.0  # seconds between the driver's progress lines (done/total, prompts/s, ETA)
     local_num_cpus: Optional[int] = None  # CPUs of the in-process Ray (None: the workers' share plus one, at least 2)
     resource_wait_s: float = 120.0  # fail if the scoring pool's CPUs/GPUs are not in the cluster within this time (autoscalers need minutes)
+    stall_timeout_s: float = 1800.0  # fail, logging pending work and free resources, when no scored batch reaches the driver for this long
 
 
 @dataclass
@@ -353,6 +354,7 @@ RULES = {
     "ray.progress_every_s": POSITIVE,
     "ray.local_num_cpus": OPTIONAL_POSITIVE,
     "ray.resource_wait_s": POSITIVE,
+    "ray.stall_timeout_s": POSITIVE,
     "storage.max_attempts": POSITIVE,
     "storage.backoff_s": NON_NEGATIVE,
     "storage.connect_timeout_s": POSITIVE,

@@ -21,6 +21,7 @@ exponential backoff (`storage.backoff_s`, doubled each time). Problems that a re
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -28,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -219,6 +221,22 @@ def _error_code(err: BaseException) -> Optional[str]:
 
 def _short(err: BaseException) -> str:
     return " ".join(str(err).split())[:300]
+
+
+def _no_space(err: OSError, uri: str, written: int, folder: str, elsewhere: str, spool: bool = False) -> Optional[StorageError]:
+    """A StorageError naming the file, the bytes written, the free space and the fix, when `err` is a full disk."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f"its local spool in {folder}" if spool else folder
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    quota = "quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    return StorageError(
+        f"cannot write {uri}: {quota} of {where} ({free}) after {written / 1e6:.1f} MB of this file were written. "
+        f"Free space there (finished runs, their _parts/ folders, other files), or point {elsewhere} at a larger disk"
+    )
 
 
 def _fsync_folder(path: str) -> None:
@@ -428,7 +446,10 @@ class Store:
         """
         if is_s3(uri):
             with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
-                yield spool
+                try:
+                    yield spool
+                except OSError as err:
+                    raise _no_space(err, uri, spool.tell(), tempfile.gettempdir(), "TMPDIR", spool=True) or err
                 self.with_retries("write", uri, lambda: self._upload(spool, uri))
             return
         _, path = self.filesystem(uri)
@@ -441,9 +462,12 @@ class Store:
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(partial, path)
-        except BaseException:
+        except BaseException as err:
+            written = os.path.getsize(partial) if os.path.exists(partial) else 0
             with contextlib.suppress(OSError):
                 os.remove(partial)
+            if isinstance(err, OSError):
+                raise _no_space(err, uri, written, folder, "run.output") or err
             raise
         _fsync_folder(folder)
 

@@ -10,7 +10,7 @@ import pytest
 from cxrmem.cli import main
 from cxrmem.publish import publish_manifest
 from cxrmem.runfiles import RunLayout, read_memorized
-from cxrmem.storage import Store, join_inside
+from cxrmem.storage import PARTIAL_MARK, Store, join_inside
 from tests.test_analysis import N, _write_run
 
 
@@ -56,6 +56,19 @@ def test_verify_passes_a_published_run_and_fails_a_changed_one(tmp_path, capsys)
     assert "memorized_prompts.csv" in capsys.readouterr().err.splitlines()[-1]
     assert main(["verify", str(tmp_path / "nothing")]) == 1
     assert "no published run" in capsys.readouterr().err
+
+
+def test_verify_reports_added_files_but_not_the_working_files(tmp_path, capsys):
+    layout = published_run(tmp_path / "run")
+    store = Store()
+    for working in ["_lease.json", "_parts/scores/part-x.parquet", "_staging/summary.json", f"summary.json{PARTIAL_MARK}ab12cd34", "latest.json", "runs/r1/scores.parquet"]:
+        store.write_text(layout.path(working), "{}")  # the writer's, resume checkpoints, being written, rescoring's
+    assert main(["verify", layout.prefix]) == 0
+    capsys.readouterr()
+    store.write_text(layout.path("extra.txt"), "added")
+    store.write_bytes(layout.figure("evil.png"), b"\x89PNG")
+    assert main(["verify", layout.prefix]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("unlisted ['extra.txt', 'figures/evil.png'] (4 files)")
 
 
 def test_a_stage_refuses_a_published_run_unless_overwrite_then_republishes(tmp_path, capsys):

@@ -231,3 +231,26 @@ def test_opt_in_remote_code_gives_the_same_encoder_output(replica, tmp_path, mon
         torch.testing.assert_close(remote.text_encoder(tokens.input_ids)[0], ours.text_encoder(tokens.input_ids)[0], rtol=0, atol=0)
     remote_cfg = radedit_cfg(root, trust_remote_code=True, text_revision=commits[TEXT_REPO])
     assert fingerprint_model(remote_cfg) != fingerprint_model(radedit_cfg(root))  # a different loader, a different record
+
+
+class Payload:
+    """Unpickling this would run code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused_in_one_line(replica_copy, tmp_path):
+    root, commits = replica_copy
+    weights = os.path.join(snapshot(root, TEXT_REPO, commits[TEXT_REPO]), "pytorch_model.bin")
+    marker = tmp_path / "payload-ran"
+    os.remove(weights)
+    torch.save({"bert.embeddings.word_embeddings.weight": Payload(str(marker))}, weights)
+    with pytest.raises(ModelLoadError) as refused:
+        load_components(radedit_cfg(root))
+    message = str(refused.value)
+    assert "\n" not in message and weights in message and "not a weights-only checkpoint" in message, message
+    assert not marker.exists()

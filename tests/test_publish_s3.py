@@ -16,6 +16,11 @@ def test_publish_and_verify_a_run_in_s3(s3_bucket, s3_storage_cfg):
     assert set(manifest["files"]) == set(written)
     assert publish.read_manifest(Store.from_config(s3_storage_cfg), prefix) == manifest
     assert publish.verify_run(Store.from_config(s3_storage_cfg), prefix)["ok"]
+    store = Store.from_config(s3_storage_cfg)
+    store.write_text(f"{prefix}/_lease.json", "{}")  # a working file: not reported
+    store.write_text(f"{prefix}/figures/evil.png", "added")
+    result = publish.verify_run(store, prefix)
+    assert not result["ok"] and result["unlisted"] == ["figures/evil.png"]
 
 
 def test_export_local_to_s3_and_back(tmp_path, s3_bucket, s3_storage_cfg):

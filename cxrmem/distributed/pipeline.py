@@ -1,7 +1,8 @@
 """Ray Data scoring: prompts.parquet streams through an actor pool of model workers to the driver.
 
-    read_parquet(prompts) -> filter(prompt_id not in done set) -> map_batches(ModelWorker, actor pool)
-        -> iter_batches on the driver -> the score stage's part files -> scores.parquet
+    prompts.parquet (ids and texts not yet scored, read on the driver, one block per batch)
+        -> from_arrow -> map_batches(ModelWorker, actor pool) -> iter_batches on the driver
+        -> the score stage's part files -> scores.parquet
 
 `scored_batches` is the score stage's executor on Ray (cxrmem/stages/score.py has the one in
 this process). The driver holds at most one part's rows at a time. Ray Data restarts a lost
@@ -11,11 +12,15 @@ prompt land in exactly one part.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from omegaconf import OmegaConf
 
 from cxrmem.distributed.session import pool_size
@@ -37,15 +42,19 @@ def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_i
     """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session."""
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.data.expressions import col
 
-    fs, path = store.filesystem(prompts_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["prompt_id", "prompt"])
+    # The blocks are cut here, on the driver, and handed to Ray Data ready to map: no read, filter or
+    # repartition tasks run before the pool. Each of those asks for a whole CPU (Ray Data's ListFiles
+    # and StreamingRepartition take no resource arguments), and when the scoring pools of jobs sharing
+    # a cluster hold every CPU, no job could read and all of them would hang. Only the ids and texts
+    # of the prompts left to score are read (tens of MB for MIMIC-CXR's 100,000 prompts), and every
+    # block is one batch: results then reach the driver and the part files batch by batch, and a lost
+    # actor costs one batch, not a whole file.
+    prompts = store.read_table(prompts_uri, columns=["prompt_id", "prompt"])
     if len(skip_ids):
-        ds = ds.filter(expr=col("prompt_id").not_in(skip_ids.to_pylist()))
-    # Blocks of one batch (streamed, no shuffle): results then reach the driver and the part files
-    # batch by batch, and a lost actor costs one batch, not a whole file.
-    ds = ds.repartition(target_num_rows_per_block=cfg.ray.batch_size)
+        prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
+    size = cfg.ray.batch_size
+    ds = ray.data.from_arrow([prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)] or [prompts])
     actors, gpus = pool_size(cfg.ray)
     log.info("scoring on %d workers x %.2f GPU", actors, gpus)
     with warnings.catch_warnings():
@@ -67,4 +76,77 @@ def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_i
             udf_modifying_row_count=False,
             max_restarts=cfg.ray.max_restarts,
         )
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    pool = f"{actors} workers x ({cfg.ray.num_cpus_per_worker:g} CPU, {gpus:g} GPU)"
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    return watched(batches, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, pool))
+
+
+class StallError(TimeoutError):
+    """No scored batch reached the driver for ray.stall_timeout_s; the message names what the cluster holds."""
+
+
+def watched(items: Iterator, stall_timeout_s: float, explain: Callable[[float], str]) -> Iterator:
+    """`items`, failing with StallError(explain(seconds)) when none arrives for `stall_timeout_s`.
+
+    The items are pulled on a helper thread, so the driver's main thread only waits on a queue,
+    with a timeout, and stays responsive to SIGTERM / SIGINT (cxrmem/interrupts.py).
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        handoff.put(("item", item), timeout=0.5)
+                        break
+                if stop.is_set():
+                    return
+            handoff.put(("done", None))
+        except BaseException as err:  # handed to the driver's thread, raised there
+            handoff.put(("error", err))
+
+    threading.Thread(target=pump, name="cxrmem-batches", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = handoff.get(timeout=stall_timeout_s)
+            except queue.Empty:
+                raise StallError(explain(stall_timeout_s)) from None
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+def stall_message(waited: float, pool: str) -> str:
+    """Log what is pending and what the cluster holds; one line naming the cause, for the error."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    shown = ", ".join(f"{free.get(name, 0):g} of {total[name]:g} {name}" for name in ("CPU", "GPU") if name in total)
+    pending = pending_tasks()
+    log.error("stalled: no scored batch for %.0f s; pool %s; cluster free %s; pending %s; all resources: %s free of %s",
+              waited, pool, shown, pending, free, total)  # fmt: skip
+    return (
+        f"no scored batch reached the driver for {waited:.0f} s (ray.stall_timeout_s): the scoring pool holds {pool}, "
+        f"the cluster has {shown} free, pending: {pending}. Other jobs may hold what the pool waits for (`ray status`, "
+        "`ray job list`): stop them or add nodes; if one batch really takes this long, raise ray.stall_timeout_s"
+    )
+
+
+def pending_tasks() -> str:
+    """Tasks and actors of this cluster waiting for resources, from Ray's state API (needs the dashboard)."""
+    try:
+        from ray.util.state import list_actors, list_tasks
+
+        tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], timeout=5, raise_on_missing_output=False)
+        actors = list_actors(filters=[("state", "=", "PENDING_CREATION")], timeout=5, raise_on_missing_output=False)
+    except Exception as err:  # no dashboard (the in-process Ray) or an old cluster: say so, the rest still helps
+        return f"unknown ({type(err).__name__}: the Ray state API is unavailable)"
+    names = sorted({getattr(t, "name", "?") for t in tasks} | {getattr(a, "class_name", "?") for a in actors})
+    return f"{len(tasks)} tasks and {len(actors)} actors waiting for resources ({', '.join(names) or 'none'})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -70,11 +71,22 @@ def guarded(what: str, path: str, load: Callable):
         return load()
     except ModelLoadError:
         raise
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused it, over several lines of its own
+        kind = "is not" if os.path.isfile(path) else "holds a pickle that is not"
+        raise ModelLoadError(
+            f"the {what} at {path} {kind} a weights-only checkpoint: unpickling it would run code or build objects "
+            f"other than tensors ({first_line(err)[:160]}); refused. Use safetensors files, or a checkpoint of tensors only"
+        ) from None
     except Exception as err:  # the libraries raise OSError, ValueError, SafetensorError, ...
         raise ModelLoadError(
-            f"could not load the {what} from {path}: {type(err).__name__}: {err}. "
+            f"could not load the {what} from {path}: {type(err).__name__}: {first_line(err)}. "
             "Check that its config and weight files are complete (re-copy or rebuild the model)."
         ) from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error: the CLI prints one line."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def prompt_length(tokenizer, text_config: dict) -> int:
