@@ -194,11 +194,14 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
     to do (1); configuration errors name the key or override (2); SIGTERM / SIGINT stop it cleanly
     (cxrmem/interrupts.py: 143 / 130, and how to resume).
     """
-    from cxrmem.interrupts import Interrupted, interrupted_line, stop_on_signals
+    from cxrmem.interrupts import Interrupted, as_interrupted, interrupted_line, stop_on_signals
 
     try:
         with stop_on_signals():
-            return 0, command()
+            try:
+                return 0, command()
+            except BaseException as err:
+                raise as_interrupted(err) from None  # a signal arrived: whatever ended the command, it was the stop
     except ConfigError as err:
         line, code = f"cxrmem: configuration error: {err}", 2
     except (OSError, ValueError) as err:

@@ -8,6 +8,11 @@ as one more part, Ray is shut down by its session, the run's lease is released),
 command ends with `interrupted_line` and exit code 128 + the signal number (143, 130). Further
 signals while stopping are logged and ignored; SIGKILL stays the hard stop.
 
+A handler runs wherever the main thread is, also inside a callback that Ray's C++ core calls
+(deserialising a result), which turns the exception into another one (a SystemError). So what
+counts is that a signal arrived: `as_interrupted` makes any error that ends a signalled command
+the interruption it is.
+
 Parts already written are durable, so rerunning the same command resumes.
 """
 
@@ -34,12 +39,25 @@ class Interrupted(BaseException):
 
 
 _scored: Optional[tuple[int, int]] = None  # (prompts scored, of total) as the score stage last reported
+_received: list[int] = []  # the signal that started the stop, while stop_on_signals is active
 
 
 def note_scored(done: int, total: int) -> None:
     """The score stage's progress, for the interrupted line (resumed prompts count as scored)."""
     global _scored
     _scored = (done, total)
+
+
+def stop_requested() -> bool:
+    """True once SIGTERM / SIGINT arrived in this command (whatever exception it then became)."""
+    return bool(_received)
+
+
+def as_interrupted(err: BaseException) -> BaseException:
+    """`err`, or the Interrupted it stands for when a signal arrived before it was raised."""
+    if isinstance(err, Interrupted) or not _received:
+        return err
+    return Interrupted(_received[0])
 
 
 def interrupted_line(command: str, err: Interrupted) -> str:
@@ -55,13 +73,13 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     _scored = None
-    stopping = []
+    _received.clear()
 
     def handler(signum, frame):
-        if stopping:
+        if _received:
             log.warning("%s received while stopping; finishing the clean stop (SIGKILL stops at once)", signal.Signals(signum).name)
             return
-        stopping.append(signum)
+        _received.append(signum)
         log.warning("%s received: stopping at the next safe point, keeping completed parts", signal.Signals(signum).name)
         raise Interrupted(signum)
 

@@ -229,12 +229,12 @@ def _no_space(err: OSError, uri: str, written: int, folder: str, elsewhere: str,
         return None
     where = f"its local spool in {folder}" if spool else folder
     try:
-        free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+        free = f"{shutil.disk_usage(folder).free:,} bytes free"
     except OSError:
         free = "free space unknown"
     quota = "quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
     return StorageError(
-        f"cannot write {uri}: {quota} of {where} ({free}) after {written / 1e6:.1f} MB of this file were written. "
+        f"cannot write {uri} ({written:,} bytes): {quota} of {where} ({free}). "
         f"Free space there (finished runs, their _parts/ folders, other files), or point {elsewhere} at a larger disk"
     )
 
@@ -405,7 +405,8 @@ class Store:
         def listing() -> list[pafs.FileInfo]:
             if fs.get_file_info(path).type == pafs.FileType.NotFound:
                 return []
-            return fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            # allow_not_found: a folder emptied between the two calls (its last file just deleted) lists as empty.
+            return fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
 
         infos = self.with_retries("list", uri, listing)
         if not infos and is_s3(uri):
@@ -438,18 +439,19 @@ class Store:
 
     # -- writing: the one atomic writer --------------------------------------------------------
     @contextlib.contextmanager
-    def open_atomic(self, uri: str) -> Iterator[BinaryIO]:
+    def open_atomic(self, uri: str, size: Optional[int] = None) -> Iterator[BinaryIO]:
         """A stream whose bytes appear at `uri` only if the block succeeds, durably on local disk.
 
         Local: temporary file, fsync, rename, fsync of the folder. S3: the bytes are spooled here
-        and sent in one upload at the end, so a failed block uploads nothing.
+        and sent in one upload at the end, so a failed block uploads nothing. A full disk is a
+        StorageError naming the file, the bytes (`size`, when the caller knows it), the free space and the fix.
         """
         if is_s3(uri):
             with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
                 try:
                     yield spool
                 except OSError as err:
-                    raise _no_space(err, uri, spool.tell(), tempfile.gettempdir(), "TMPDIR", spool=True) or err
+                    raise _no_space(err, uri, size or spool.tell(), tempfile.gettempdir(), "TMPDIR", spool=True) or err
                 self.with_retries("write", uri, lambda: self._upload(spool, uri))
             return
         _, path = self.filesystem(uri)
@@ -463,7 +465,7 @@ class Store:
                 os.fsync(stream.fileno())
             os.replace(partial, path)
         except BaseException as err:
-            written = os.path.getsize(partial) if os.path.exists(partial) else 0
+            written = size or (os.path.getsize(partial) if os.path.exists(partial) else 0)
             with contextlib.suppress(OSError):
                 os.remove(partial)
             if isinstance(err, OSError):
@@ -479,7 +481,7 @@ class Store:
                 stream.write(chunk)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        with self.open_atomic(uri) as stream:
+        with self.open_atomic(uri, size=len(data)) as stream:
             stream.write(data)
 
     def write_text(self, uri: str, text: str) -> None:
@@ -613,7 +615,14 @@ class Store:
         self.with_retries("delete", uri, remove)
 
     def delete_tree(self, uri: str) -> None:
-        """Delete a folder (a key prefix on S3) and everything under it; a missing folder is not an error."""
+        """Delete a folder (a key prefix on S3) and everything under it; a missing folder is not an error.
+
+        On S3 the keys are listed and deleted here: pyarrow's delete_dir would leave a marker object
+        for the parent folder behind (a `_parts/` key in a finished run).
+        """
+        if is_s3(uri):
+            self.with_retries("delete", uri, lambda: self._delete_keys(uri))
+            return
         fs, path = self.filesystem(uri)
 
         def remove() -> None:
@@ -621,6 +630,14 @@ class Store:
                 fs.delete_dir(path)
 
         self.with_retries("delete", uri, remove)
+
+    def _delete_keys(self, uri: str) -> None:
+        bucket, key = _bucket_key(uri)
+        client = _s3_client(self.s3)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/"):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
 
     # -- copies --------------------------------------------------------------------------------
     def copy_file(self, src: str, dst: str, dst_store: Optional["Store"] = None) -> tuple[int, str]:

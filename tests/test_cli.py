@@ -113,3 +113,17 @@ def test_crafted_store_key_never_leaves_the_cache(tmp_path, key):
     with pytest.raises(ValueError, match="outside"):
         join_inside(str(tmp_path), key, "model store key")
     assert join_inside(str(tmp_path), "models--a/snapshots/b/config.json", "key").startswith(str(tmp_path))
+
+
+def test_rescore_with_latest_naming_a_deleted_run_says_what_to_do(tmp_path, capsys):
+    from cxrmem.distributed.rescore import latest_uri, previous_run
+
+    output = str(tmp_path / "service")
+    gone = f"{output}/runs/20261101T000000Z-aaaa"
+    Store().write_json(latest_uri(output), {"run": gone, "model_fingerprint": "aaaa", "config_hash": "x", "created": "20261101T000000Z"})
+    assert main(["rescore", f"run.output={output}"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"cxrmem rescore: {latest_uri(output)} names the run {gone}, which is gone"), last
+    assert "--force" in last and "point latest.json at a published run" in last and "delete it" in last
+    assert previous_run(Store(), output, force=True) is None  # --force: scored afresh, no diff
+    assert not Store().exists(f"{output}/_lease.json")

@@ -73,8 +73,17 @@ def test_consolidate_merges_sorted_without_duplicates_and_removes_parts(tmp_path
     np.testing.assert_array_equal(merged["d_mem"].to_numpy(), expected["d_mem"].to_numpy())
     assert merged["step_norms"].to_pylist() == expected["step_norms"].to_pylist()
     assert Store().list_files(layout.score_parts, suffix=".parquet") == []
+    assert not (tmp_path / "_parts").exists()  # nothing of the parts stays once merged
     # Consolidating again is a no-op.
     assert resume.consolidate(Store(), layout, "fp1", "cfg1") == {"rows": 100, "duplicates": 0, "parts": 0}
+
+
+def test_consolidate_keeps_the_image_index_beside_the_parts(tmp_path):
+    layout = RunLayout(str(tmp_path))
+    Store().write_text(f"{layout.image_index}/part-0.parquet", "embeddings")  # a reusable checkpoint, not a score part
+    resume.write_part(Store(), rows(hex_ids(5)), layout.score_parts, 0)
+    resume.consolidate(Store(), layout, "fp1", "cfg1")
+    assert not (tmp_path / "_parts" / "scores").exists() and (tmp_path / "_parts" / "image_index" / "part-0.parquet").exists()
 
 
 def test_consolidate_without_anything_names_the_paths(tmp_path):

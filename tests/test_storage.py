@@ -133,3 +133,39 @@ def test_relative_accepts_a_relative_local_prefix(tmp_path, monkeypatch):
     listed = os.path.join(str(tmp_path), "runs", "demo", "figures", "a.png")
     assert storage.relative(listed, "runs/demo") == "figures/a.png"
     assert storage.relative("s3://b/runs/demo/x.json", "s3://b/runs/demo") == "x.json"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 32 KiB tmpfs (a full disk in miniature); skipped where mounting is not allowed."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if not shutil.which("mount"):
+        pytest.skip("no mount command to make a small tmpfs")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not permitted'}); needs root or CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_names_the_file_the_bytes_and_the_fix(small_tmpfs, tiny_model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    output = small_tmpfs / "run"
+    command = [str(Path(sys.executable).with_name("cxrmem")), "prepare", "--config", str(repo / "conf/test.yaml"),
+               f"model.path={tiny_model_dir}", f"run.output={output}", "corpus.synthetic.n_reports=2000"]  # fmt: skip
+    failed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert last.startswith(f"cxrmem prepare: cannot write {output}/prompts.parquet (") and "bytes): no space left on the device" in last, last
+    assert "bytes free" in last and "point run.output at a larger disk" in last
+    assert os.listdir(output) == []  # no partial file and no lease left behind

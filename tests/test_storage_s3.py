@@ -188,3 +188,18 @@ def test_one_retry_layer_tries_a_request_at_most_max_attempts_times(attempts):
         assert busy.requests == ["HEAD"] * attempts
     finally:
         busy.close()
+
+
+def test_merged_score_parts_leave_no_key_behind(s3_server, s3_bucket, s3_storage_cfg):
+    """Consolidation removes the parts and their folder: no `_parts/scores/` marker key stays in the run."""
+    from cxrmem.runfiles import RunLayout
+    from cxrmem.stages import score_parts
+    from tests.test_ray_resume import hex_ids, rows
+
+    store, layout = Store.from_config(s3_storage_cfg), RunLayout(f"s3://{s3_bucket}/run")
+    ids = hex_ids(20)
+    score_parts.write_part(store, rows(ids[:10]), layout.score_parts, 0)
+    score_parts.write_part(store, rows(ids[10:]), layout.score_parts, 1)
+    assert score_parts.consolidate(store, layout, "fp1", "cfg1")["parts"] == 2
+    keys = [item["Key"] for item in s3_server.client().list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["run/scores.parquet"]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.config import config_hash
-from cxrmem.interrupts import Interrupted, note_scored
+from cxrmem.interrupts import note_scored, stop_requested
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
@@ -59,8 +59,8 @@ def stream_to_parts(store: Store, batches: Iterator[pa.Table], layout: RunLayout
             if rows >= every:
                 score_parts.write_part(store, pa.concat_tables(pending), layout.score_parts, parts)
                 pending, rows, parts = [], 0, parts + 1
-    except Interrupted:
-        if pending:
+    except BaseException:
+        if stop_requested() and pending:  # SIGTERM / SIGINT (as whatever exception it reached us)
             score_parts.write_part(store, pa.concat_tables(pending), layout.score_parts, parts)
             log.warning("interrupted: the %d prompts scored since the last part are kept in one more part", rows)
         raise

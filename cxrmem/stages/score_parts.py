@@ -8,7 +8,7 @@ and of an existing scores.parquet, and scores only prompts missing for the curre
 
 Consolidation merges the sorted sources (k-way, a few rows of each in memory at a time) into
 one scores.parquet sorted by prompt_id, keeping the first row of each prompt_id, and then
-removes the parts it merged.
+removes the parts it merged and their folder (`_parts/` too when nothing else is in it).
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def consolidate(store: Store, layout: RunLayout, model_fingerprint: str, config_
     if not sources:
         raise FileNotFoundError(f"nothing to consolidate: no {layout.scores} and no part files in {layout.score_parts}")
     if not parts:
+        remove_parts_folder(store, layout)
         return {"rows": store.parquet_rows(layout.scores), "duplicates": 0, "parts": 0}
     keep = key_filter(model_fingerprint, config_hash)
     merged = heapq.merge(*(_rows(store, uri, rank, keep) for rank, uri in enumerate(sources)), key=lambda r: (r[0], r[1]))
@@ -127,6 +128,15 @@ def consolidate(store: Store, layout: RunLayout, model_fingerprint: str, config_
             rows += len(pending)
     for uri in parts:
         store.delete(uri)
+    remove_parts_folder(store, layout)
     if duplicates:
         log.warning("consolidation dropped %d duplicate rows (same prompt_id in several parts)", duplicates)
     return {"rows": rows, "duplicates": duplicates, "parts": len(parts)}
+
+
+def remove_parts_folder(store: Store, layout: RunLayout) -> None:
+    """Once merged, nothing of the score parts stays: their folder (on S3 the folder marker that deleting
+    the last part leaves), and `_parts/` itself unless the image index still lives there."""
+    store.delete_tree(layout.score_parts)
+    if not store.list_files(layout.parts):
+        store.delete_tree(layout.parts)
