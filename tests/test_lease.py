@@ -74,13 +74,17 @@ def test_two_audits_on_one_output_one_is_refused_and_the_run_verifies(tiny_model
     assert not os.path.exists(RunLayout(str(output)).lease)  # released by the winner
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_racing_writers_exactly_one_wins(where, tmp_path, request):
-    if where == "s3":
+@pytest.fixture(params=["local", "s3"])
+def run_prefix(request, tmp_path):
+    """(store, prefix, where) of a run on local disk or on the real S3 server."""
+    if request.param == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        store, prefix = Store.from_config(request.getfixturevalue("s3_storage_cfg")), f"s3://{bucket}/run"
-    else:
-        store, prefix = Store(), str(tmp_path / "run")
+        return Store.from_config(request.getfixturevalue("s3_storage_cfg")), f"s3://{bucket}/run", "s3"
+    return Store(), str(tmp_path / "run"), "local"
+
+
+def test_racing_writers_exactly_one_wins(run_prefix):
+    store, prefix, _ = run_prefix
     leases = [Lease(store, prefix, LeaseSettings(timeout_s=60), f"writer {i}") for i in range(6)]
 
     def take(lease):
@@ -100,13 +104,8 @@ def test_racing_writers_exactly_one_wins(where, tmp_path, request):
     assert not store.exists(RunLayout(prefix).lease)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_stale_leases_are_taken_over_fresh_ones_only_by_force(where, tmp_path, request):
-    if where == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        store, prefix = Store.from_config(request.getfixturevalue("s3_storage_cfg")), f"s3://{bucket}/run"
-    else:
-        store, prefix = Store(), str(tmp_path / "run")
+def test_stale_leases_are_taken_over_fresh_ones_only_by_force(run_prefix):
+    store, prefix, where = run_prefix
     uri = RunLayout(prefix).lease
     store.write_bytes(uri, stale_record())  # alive: this test's own pid, fresh heartbeat
     with pytest.raises(LeaseHeldError, match=r"bob@.* pid .*run\.force_lease=true"):

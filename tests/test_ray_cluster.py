@@ -142,23 +142,28 @@ def token_in_this_process():
     refresh()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
+def wait_for_jobs_api(dashboard: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Return once the head's Jobs API answers (with the token); stop the head and fail after `timeout_s`."""
     from ray.job_submission import JobSubmissionClient
 
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            JobSubmissionClient(dashboard).list_jobs()
+            return
+        except Exception as err:
+            if time.monotonic() > deadline:
+                stop_process_group(head)
+                pytest.fail(f"the Ray head's Jobs API did not come up ({err})")
+            time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="cxrray", dir="/tmp")  # short: Ray's socket paths live under it
     head, info = start_head(temp_dir, {**HEAD_ENV, **AUTH_ENV}, "--num-cpus=2")
     with token_in_this_process():
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                JobSubmissionClient(info.dashboard).list_jobs()
-                break
-            except Exception as err:
-                if time.monotonic() > deadline:
-                    stop_process_group(head)
-                    pytest.fail(f"the Ray head's Jobs API did not come up ({err})")
-                time.sleep(2)
+        wait_for_jobs_api(info.dashboard, head)
         yield info
     stop_process_group(head)
     shutil.rmtree(temp_dir, ignore_errors=True)

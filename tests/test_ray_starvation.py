@@ -56,7 +56,7 @@ def test_a_pool_holding_every_cpu_still_gets_its_prompts(tiny_model_dir, tmp_pat
 def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from tests.test_ray_cluster import AUTH_ENV, HEAD_ENV, RAY, SMALL, start_head, stop_process_group, token_in_this_process
+    from tests.test_ray_cluster import AUTH_ENV, HEAD_ENV, RAY, SMALL, start_head, stop_process_group, token_in_this_process, wait_for_jobs_api
 
     temp_dir = os.path.join("/tmp", f"cxrst{os.getpid()}")  # short: Ray's socket paths live under it
     os.makedirs(temp_dir, exist_ok=True)
@@ -97,23 +97,6 @@ def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tm
     finally:
         stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_jobs_api(dashboard, head, timeout_s=120):
-    from ray.job_submission import JobSubmissionClient
-
-    from tests.test_ray_cluster import stop_process_group
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            JobSubmissionClient(dashboard).list_jobs()
-            return
-        except Exception as err:
-            if time.monotonic() > deadline:
-                stop_process_group(head)
-                pytest.fail(f"the Ray head's Jobs API did not come up ({err})")
-            time.sleep(2)
 
 
 def wait_for_running_job(client, output, timeout_s=300):

@@ -26,6 +26,7 @@ import socket
 import time
 
 from cxrmem.interrupts import keep_handlers
+from cxrmem.lease import SUBMITTED_JOB_ENV  # set by Ray's job supervisor for the entrypoint only
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ QUIET_WORKERS = {
     "NO_COLOR": "1",
     "HF_HUB_OFFLINE": "1",  # weights come from the local cache or the model store, never downloaded
 }
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint only
 
 
 def local_num_cpus(ray_cfg) -> int:
