@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from cxrmem import stats
 from cxrmem.settings import Settings
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
@@ -180,6 +179,8 @@ def screen_top(ids: np.ndarray, screen_scores: np.ndarray, top_percent: float, s
 
     The memorized-set rule of `cxrmem.stats.top_percent_mask` (k = ceil(q n / 100), ties kept).
     """
+    from cxrmem import stats  # scipy, imported when ranking: validating a config (REGISTRY's names) stays light
+
     scores = oriented(screen_scores, screen)
     finite = np.isfinite(scores)
     mask, _ = stats.top_percent_mask(scores[finite], top_percent)

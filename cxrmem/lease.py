@@ -181,7 +181,8 @@ class Lease:
             if version is None:
                 found = self.store.read_versioned(self.uri)
                 self.lost_to = json.loads(found[0]) if found else {}
-                log.error("the lease on %s was taken over by %s; this run no longer owns it", self.prefix, describe(self.lost_to, time.time()) if self.lost_to else "nobody (it was deleted)")
+                taker = describe(self.lost_to, time.time()) if self.lost_to else "nobody (it was deleted)"
+                log.error("the lease on %s was taken over by %s; this run no longer owns it", self.prefix, taker)
                 return
             self.version = version
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: the lease (cxrmem/lease.py) needs this module at start
+    import pandas as pd
 
 PROMPT_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -100,6 +101,8 @@ def write_memorized(store: Store, layout: RunLayout, memorized: pd.DataFrame) ->
 
 def read_memorized(store: Store, layout: RunLayout, limit: Optional[int] = None) -> pd.DataFrame:
     """The memorized set, most memorized first, cut to `limit` rows; ids checked."""
+    import pandas as pd
+
     if not store.exists(layout.memorized):
         raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
     memorized = pd.read_csv(
@@ -116,6 +119,8 @@ def read_memorized(store: Store, layout: RunLayout, limit: Optional[int] = None)
 
 def read_known_memorized(store: Store, uri: str) -> set[str]:
     """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
+    import pandas as pd
+
     from cxrmem.analysis import known_memorized_ids
 
     if not store.exists(uri):

@@ -46,6 +46,7 @@ def stale_record(**fields):
     return json.dumps(record).encode()
 
 
+@pytest.mark.slow
 def test_two_audits_on_one_output_one_is_refused_and_the_run_verifies(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
     command = [CXRMEM, "audit", "--config", str(REPO / "conf/test.yaml"), f"model.path={tiny_model_dir}", f"run.output={output}", *LIGHT]

@@ -12,9 +12,8 @@ prompt land in exactly one part.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
+import signal
 import threading
 import warnings
 from typing import Callable, Iterator
@@ -88,39 +87,44 @@ class StallError(TimeoutError):
 def watched(items: Iterator, stall_timeout_s: float, explain: Callable[[float], str]) -> Iterator:
     """`items`, failing with StallError(explain(seconds)) when none arrives for `stall_timeout_s`.
 
-    The items are pulled on a helper thread, so the driver's main thread only waits on a queue,
-    with a timeout, and stays responsive to SIGTERM / SIGINT (cxrmem/interrupts.py).
+    The driver keeps iterating in its main thread (so that closing the iterator shuts Ray Data's
+    execution down there, before Ray itself); a watchdog thread only times the gaps, and on a
+    stall logs the diagnosis and raises the error in the main thread through SIGALRM's handler.
+    Off the main thread there is no watchdog.
     """
-    handoff: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield from items
+        return
+    arrived, finished, stalled = threading.Event(), threading.Event(), []
+    main = threading.main_thread().ident
 
-    def pump() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        handoff.put(("item", item), timeout=0.5)
-                        break
-                if stop.is_set():
-                    return
-            handoff.put(("done", None))
-        except BaseException as err:  # handed to the driver's thread, raised there
-            handoff.put(("error", err))
+    def watch() -> None:
+        while not finished.is_set():
+            if arrived.wait(stall_timeout_s):
+                arrived.clear()
+                continue
+            if not finished.is_set():
+                stalled.append(explain(stall_timeout_s))
+                signal.pthread_kill(main, signal.SIGALRM)  # a real signal: it also wakes a blocking wait
+            return
 
-    threading.Thread(target=pump, name="cxrmem-batches", daemon=True).start()
+    def on_stall(signum, frame):
+        raise StallError(stalled[0])
+
+    previous = signal.signal(signal.SIGALRM, on_stall)
+    threading.Thread(target=watch, name="cxrmem-stall-watchdog", daemon=True).start()
     try:
-        while True:
-            try:
-                kind, value = handoff.get(timeout=stall_timeout_s)
-            except queue.Empty:
-                raise StallError(explain(stall_timeout_s)) from None
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
+        for item in items:
+            arrived.set()
+            yield item
+    except BaseException as err:
+        if stalled and not isinstance(err, StallError):  # raised inside a Ray callback, it became another error
+            raise StallError(stalled[0]) from None
+        raise
     finally:
-        stop.set()
+        finished.set()
+        arrived.set()
+        signal.signal(signal.SIGALRM, previous)
 
 
 def stall_message(waited: float, pool: str) -> str:
@@ -149,4 +153,5 @@ def pending_tasks() -> str:
     except Exception as err:  # no dashboard (the in-process Ray) or an old cluster: say so, the rest still helps
         return f"unknown ({type(err).__name__}: the Ray state API is unavailable)"
     names = sorted({getattr(t, "name", "?") for t in tasks} | {getattr(a, "class_name", "?") for a in actors})
-    return f"{len(tasks)} tasks and {len(actors)} actors waiting for resources ({', '.join(names) or 'none'})"
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"{len(tasks)} tasks and {len(actors)} actors waiting for resources ({shown or 'none'})"
