@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -75,13 +76,19 @@ def guarded(what: str, path: str, load: Callable):
         kind = "is not" if os.path.isfile(path) else "holds a pickle that is not"
         raise ModelLoadError(
             f"the {what} at {path} {kind} a weights-only checkpoint: unpickling it would run code or build objects "
-            f"other than tensors ({first_line(err)[:160]}); refused. Use safetensors files, or a checkpoint of tensors only"
+            f"other than tensors ({refused_global(err)}); refused. Use safetensors files, or a checkpoint of tensors only"
         ) from None
     except Exception as err:  # the libraries raise OSError, ValueError, SafetensorError, ...
         raise ModelLoadError(
             f"could not load the {what} from {path}: {type(err).__name__}: {first_line(err)}. "
             "Check that its config and weight files are complete (re-copy or rebuild the model)."
         ) from err
+
+
+def refused_global(err: BaseException) -> str:
+    """What torch's weights-only unpickler refused (`Unsupported global: GLOBAL io.open`), without its advice to load anyway."""
+    match = re.search(r"Unsupported (?:global|operand)[^.]*?(?:GLOBAL \S+|\d+)", str(err))
+    return match.group(0) if match else "an object torch does not allow"
 
 
 def first_line(err: BaseException) -> str:
