@@ -69,7 +69,7 @@ def test_two_audits_on_one_output_one_is_refused_and_the_run_verifies(tiny_model
     loser = next(value for value in finished.values() if value[0] == 1)
     winner = next(value for value in finished.values() if value[0] == 0)
     assert "is being written by" in loser[1] and "pid" in loser[1] and "run.force_lease=true" in loser[1], loser
-    assert loser[2] < winner[2]  # refused at start, not after a run of its own
+    assert loser[2] < min(winner[2], 15)  # refused at start (1.6 s on an idle machine), not after a run of its own
     verify = subprocess.run([CXRMEM, "verify", str(output)], env=env(), capture_output=True, text=True, cwd=REPO)
     assert verify.returncode == 0, verify.stderr[-2000:]
     assert not os.path.exists(RunLayout(str(output)).lease)  # released by the winner
