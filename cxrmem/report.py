@@ -187,7 +187,11 @@ def enrichment_rows(analysis: dict) -> list[dict]:
 
 
 def unchanged_rows(mitigation: pd.DataFrame) -> pd.Series:
-    """Rows of a text strategy that left the prompt as it was (e.g. remove_marker without a marker)."""
+    """Rows of a strategy that left the prompt as it was (e.g. remove_marker or attention_rescaling without a marker).
+
+    mitigation.parquet says so in `changed`; files written before it had that column judge text rewrites by their text."""
+    if "changed" in mitigation.columns:
+        return (mitigation["strategy"] != "original") & ~mitigation["changed"].astype(bool)
     text_strategy = (mitigation["strategy"] != "original") & ~mitigation["strategy"].isin(EMBEDDING_STRATEGIES)
     return text_strategy & (mitigation["mitigated_prompt"] == mitigation["prompt"])
 

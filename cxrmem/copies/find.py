@@ -56,11 +56,11 @@ def search(queries: torch.Tensor, index: torch.Tensor, settings: CopiesSettings,
 
 
 def embedded_generations(
-    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float, transform=None
+    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float, plan=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings [P, N, D], decoded generations [P, N, C, H, W]) of N generations per prompt at `guidance`
-    (`transform`: see generation.generate)."""
-    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size, transform)
+    (`plan`: see generation.generate)."""
+    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size, plan)
     return embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1), generations
 
 

@@ -28,10 +28,12 @@ from cxrmem.copies.find import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
 from cxrmem.mitigation import (
     EMBEDDING_STRATEGIES,
+    SAMPLING_STRATEGIES,
     MitigationSettings,
     mitigate_prompts,
     mitigated_prompt,
     strategy_embedding,
+    strategy_sampling,
     vocabulary_words,
 )
 from cxrmem.progress import Progress
@@ -161,16 +163,17 @@ class ModelWorker:
 
         if self.embedder is None:
             self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
-        transform = None
-        if strategy in EMBEDDING_STRATEGIES:  # the same text, a changed embedding (as the mitigate stage makes it)
-            def transform(embeddings, ids):
-                rows = [strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)]
-                return torch.cat(rows)
+        plan = None
+        if strategy in EMBEDDING_STRATEGIES or strategy in SAMPLING_STRATEGIES:
+            # The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it.
+            def plan(texts, ids, embeddings, latents, w):
+                changed = torch.cat([strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)])
+                return strategy_sampling(self.scorer, strategy, texts, changed, latents, w, self.mitigation)
         elif strategy != "none":
             vocab = vocabulary_words(self.scorer.tokenizer)
             prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
         queries, generations = embedded_generations(
-            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, transform
+            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, plan
         )
         kept = {pid: generations[i].mean(dim=1).numpy() for i, pid in enumerate(prompt_ids) if pid in keep_ids}
         return queries.numpy(), prompts, kept
