@@ -254,6 +254,12 @@ class CopiesConfig:
 
 
 @dataclass
+class FidelityConfig:
+    measure: str = "none"  # what a generation is read with for its prompt's findings (cxrmem/fidelity.py): none | phantom_reader (the testbed's)
+    reader: str = "testbed/reader"  # phantom_reader: folder of reader.safetensors + reader.json (`cxrmem testbed reader` trains one)
+
+
+@dataclass
 class CxrmemConfig:
     run: RunConfig = field(default_factory=RunConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -270,6 +276,7 @@ class CxrmemConfig:
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     copies: CopiesConfig = field(default_factory=CopiesConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
 CHOICES = {
@@ -282,6 +289,7 @@ CHOICES = {
     "images.id_format": ["as_is", "mimic"],
     "copies.embedder": ["pixel", "rad_dino", "hf"],
     "copies.search_dtype": ["float32", "float16", "bfloat16"],
+    "fidelity.measure": ["none", "phantom_reader"],
 }
 SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
 

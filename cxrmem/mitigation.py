@@ -76,6 +76,7 @@ MITIGATION_COLUMNS = {
     "n_generations": pa.int32(),
     "changed": pa.bool_(),  # the strategy changed something for this prompt (a rewrite without a marker may not)
     "evaluations": pa.int64(),  # UNet evaluations per generation (cxrmem/strategies.py)
+    "fidelity": pa.float64(),  # share of the generations showing the original prompt's findings (NaN: no measure set)
 }
 
 
@@ -344,12 +345,13 @@ def sampling_for(scorer, strategies: Sequence[str], texts: Sequence[str], embedd
 
 
 def mitigate_prompt(
-    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0
+    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0, fidelity=None
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W].
 
     `scorer` scores (d_mem, every strategy from the same G noises: paired by construction);
-    `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations.
+    `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations; `fidelity`
+    (cxrmem/fidelity.py, None: not measured) reads them for the original prompt's findings.
     """
     strategies = list(settings.strategies)
     texts = [mitigated_prompt(s, prompt, prompt_id, vocab, settings) for s in strategies]
@@ -361,6 +363,7 @@ def mitigate_prompt(
     scores, _ = d_mem(scorer.sample(**scoring, steps=scorer.settings.screening_steps).step_norms)
     latents = sampler.initial_latents([prompt_id], settings.n_generations)
     generations = generate_images(sampler, sampling_for(sampler, strategies, texts, embeddings, latents, settings), settings.samples_per_call)
+    faithful = fidelity(generations, [prompt] * len(strategies)) if fidelity is not None else np.full(len(strategies), np.nan)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
         images = generations[i]
@@ -375,6 +378,7 @@ def mitigate_prompt(
                 "n_generations": settings.n_generations,
                 "changed": changed(strategy, prompt, texts[i], scorer.tokenizer, scorer.max_length, settings),
                 "evaluations": registry.REGISTRY[strategy].evaluations(settings, sampler.settings.steps),
+                "fidelity": float(faithful[i]),
             }
         )
         if keep:
@@ -383,7 +387,7 @@ def mitigate_prompt(
 
 
 def mitigate_prompts(
-    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset()
+    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset(), fidelity=None
 ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
     """mitigation.parquet rows of these prompts, and the image grids ({prompt_id: {strategy: [k, H, W]}})
     of those in `grid_ids`."""
@@ -392,7 +396,7 @@ def mitigate_prompts(
     rows, grids = [], {}
     for prompt, pid in zip(prompts, prompt_ids):
         keep = settings.grid_generations if pid in grid_ids else 0
-        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep)
+        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep, fidelity)
         rows += prompt_rows
         if prompt_grids:
             grids[pid] = prompt_grids

@@ -82,13 +82,14 @@ def evidence(
     embedder: str,
     threshold: Optional[Threshold] = None,
     strategy: str = "none",
+    fidelity=None,
 ) -> tuple[pa.Table, Threshold]:
     """copies.parquet rows of searched prompts, and the threshold used (calibrated on the control rows
-    of `prompts` when not given)."""
+    of `prompts` when not given); `fidelity`: per prompt, of its generations (NaN when not given)."""
     if threshold is None:
         controls = (prompts.group == "control").to_numpy()
         threshold = calibrate_threshold(sims[controls, :, 0].max(axis=1), settings.threshold_quantile)
-    return copies_table(prompts, sims, rows, images, threshold, guidance, embedder, strategy), threshold
+    return copies_table(prompts, sims, rows, images, threshold, guidance, embedder, strategy, fidelity), threshold
 
 
 def find_copies(
