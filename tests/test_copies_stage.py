@@ -203,3 +203,12 @@ def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(t
         assert row["evaluations"] >= 2 * 2 and (row["d_mem_change"] is None) == (name == "original")
     # Both memorized prompts carry a marker, so the re-scaling changed both; d_mem moved.
     assert judged["attention_rescaling"]["d_mem_change"]["mean"] != 0
+
+    from cxrmem.stages import report
+
+    written = report.run(cfg)
+    html = Path(written["report"]).read_text()
+    assert "Judged by the harm" in html and "no fidelity measure set" in html
+    assert RunLayout(str(tmp_path)).figure("mitigation_frontier.png") in written["figures"]
+    metrics = Store().read_json(RunLayout(str(tmp_path)).path("metrics.json"))
+    assert metrics["mitigation.delayed_guidance.w=1.copy_rate"] == pytest.approx(judged["delayed_guidance"]["copy_rate"])

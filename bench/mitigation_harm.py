@@ -1,0 +1,87 @@
+"""Mitigations judged by the harm on the committed testbed: copy rate (paired against original), fidelity,
+d_mem change and cost per strategy, through the mitigate, copies and report stages.
+
+    python bench/mitigation_harm.py [--out runs/mitigation-harm] [--steps 10] [--generations 4] [--controls 50]
+
+The memorized set is the testbed's 24 planted prompts themselves (the ground truth: the d_mem
+top 5% of the demo is nearly the same set, bench/RESULTS.md), so that no scoring pass is needed;
+controls are drawn from the other training prompts. The training images are the testbed's
+phantoms (`cxrmem testbed export`), the fidelity measure the committed phantom reader. Prints the
+judgement per guidance (the copies summary's `judgement`) as JSON, with the CPU and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from cxrmem.config import load_config  # noqa: E402
+from cxrmem.runfiles import RunLayout, write_memorized  # noqa: E402
+from cxrmem.storage import Store  # noqa: E402
+from cxrmem.testbed.evaluate import cpu_name  # noqa: E402
+
+
+def config(args):
+    images = f"{args.images}/images.csv"
+    return load_config(ROOT / "conf" / "demo.yaml", [
+        f"run.output={args.out}", "run.overwrite=true", f"corpus.path={images}", "corpus.id_columns=[source_id]",
+        "corpus.max_reports=null", f"images.source={images}", "images.study_column=source_id",
+        f"score.steps={args.steps}", f"score.generations={args.g}", f"mitigation.steps={args.steps}",
+        f"mitigation.n_generations={args.generations}", f"copies.generations={args.generations}",
+        f"copies.n_controls={args.controls}", "copies.pixel_size=32", "fidelity.measure=phantom_reader",
+        "report.top_prompts=2", *args.overrides,
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/mitigation-harm")
+    parser.add_argument("--images", default="testbed/images")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--g", type=int, default=2, help="score.generations: noises of the d_mem change")
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--controls", type=int, default=50)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from cxrmem.stages import copies, mitigate, prepare, report
+    from cxrmem.testbed.export import export_training_images
+
+    start = time.time()
+    cfg = config(args)
+    export_training_images(str(ROOT / "testbed" / "model"), args.images, cfg.corpus)
+    store, layout = Store(), RunLayout(args.out)
+    prepare.run(cfg, store)
+    prompts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"]).to_pandas()
+    planted = set(pd.read_csv(ROOT / "testbed" / "model" / "manifest.csv").query("planted").prompt)
+    memorized = prompts[prompts.prompt.isin(planted)].assign(d_mem=float("nan"), n_reports=1)
+    write_memorized(store, layout, memorized)
+    timings = {}
+    for name, stage in (("mitigate", mitigate), ("copies", copies), ("report", report)):
+        t = time.time()
+        result = stage.run(cfg, store)
+        timings[name] = round(time.time() - t, 1)
+    judged = {w: g["judgement"] for w, g in result_copies(store, layout).items()}
+    print(json.dumps({"cpu": cpu_name(), "threads": int(os.environ["OMP_NUM_THREADS"]), "memorized": len(memorized),
+                      "wall_s": round(time.time() - start, 1), "stage_s": timings, "report": result.get("report"),
+                      "judgement": judged}, indent=1))  # fmt: skip
+
+
+def result_copies(store: Store, layout: RunLayout) -> dict:
+    return store.read_json(layout.summary)["copies"]["guidances"]
+
+
+if __name__ == "__main__":
+    main()
