@@ -217,6 +217,7 @@ class TestbedConfig:
     eval_unique: int = 200  # never-duplicated prompts scored by `testbed evaluate` (negatives)
     eval_steps: Optional[int] = 20  # DDIM steps of `testbed evaluate` (None: score.steps)
     results: str = "bench/RESULTS.md"  # where `testbed evaluate` writes its section
+    text_variant: str = "none"  # texts trained with: none | random_markers (fresh surrogates per training pair) | no_markers (markers deleted)
 
 
 @dataclass
@@ -285,6 +286,7 @@ CHOICES = {
     "model.dtype": ["float32", "bfloat16", "float16"],
     "score.seed_mode": ["shared", "per_prompt"],
     "testbed.source": ["synthetic", "iuxray"],
+    "testbed.text_variant": ["none", "random_markers", "no_markers"],
     "images.layout": ["auto", "mimic", "plain"],
     "images.id_format": ["as_is", "mimic"],
     "copies.embedder": ["pixel", "rad_dino", "hf"],
