@@ -57,7 +57,7 @@ import torch
 from cxrmem import strategies as registry
 from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex, delete_span
+from cxrmem.corpus.text import compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.settings import Settings
 
@@ -133,10 +133,8 @@ def random_number(prompt: str, rng: np.random.Generator, pattern: re.Pattern) ->
 
 
 def remove_marker(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
-    """Every marker deleted (right to left, so earlier spans stay valid); `rng` unused: nothing is drawn."""
-    for match in reversed(list(pattern.finditer(prompt))):
-        prompt = delete_span(prompt, match.start(), match.end())
-    return prompt
+    """Every marker deleted; `rng` unused: nothing is drawn."""
+    return delete_markers(prompt, pattern)
 
 
 def surrogate(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:

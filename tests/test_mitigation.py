@@ -192,12 +192,13 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     table = Store().read_table(layout.mitigation).to_pandas()
     assert list(table.columns) == list(MITIGATION_COLUMNS) == [
         "prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations",
-        "changed", "evaluations",
+        "changed", "evaluations", "fidelity",
     ]  # fmt: skip
     assert list(table[table["prompt_id"] == "a" * 16]["changed"]) == [False, True, True]
     # 2 steps: 2 x 2 sampling evaluations, plus Wen's 1 + 2 iterations x (forward + backward)
     assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [4, 4, 4 + 1 + 2 * 3]
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
+    assert table["fidelity"].isna().all()  # fidelity.measure = none
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
     assert removed["mitigated_prompt"].item() == "Compared to, stable."
     assert summary["figures"] == [layout.figure(f"generations_{'a' * 16}.npz")]

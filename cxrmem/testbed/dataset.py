@@ -32,7 +32,7 @@ import pandas as pd
 from cxrmem.corpus.iuxray import iter_iuxray_reports
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_span, normalise_whitespace
+from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, normalise_whitespace
 from cxrmem.testbed.phantoms import phantoms
 
 MANIFEST = "manifest.csv"
@@ -164,12 +164,6 @@ def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
 TEXT_VARIANTS = ("none", "random_markers", "no_markers")
 
 
-def strip_markers(text: str, pattern) -> str:
-    for match in reversed(list(pattern.finditer(text))):
-        text = delete_span(text, match.start(), match.end())
-    return text
-
-
 def with_text_variant(ts: TrainingSet, variant: str, seed: int, marker_regex: str) -> TrainingSet:
     """The training set trained on another text: `random_markers` gives every training pair of a prompt
     with markers its own fresh surrogates (the curator's advice: a pair repeated n times per epoch becomes
@@ -178,7 +172,7 @@ def with_text_variant(ts: TrainingSet, variant: str, seed: int, marker_regex: st
         return ts
     pattern = compile_marker_regex(marker_regex)
     if variant == "no_markers":
-        return replace(ts, texts=[strip_markers(p, pattern) for p in ts.prompts], image_text=ts.image_prompt.copy())
+        return replace(ts, texts=[delete_markers(p, pattern) for p in ts.prompts], image_text=ts.image_prompt.copy())
     if variant != "random_markers":
         raise ValueError(f"testbed.text_variant {variant!r}: choose from {', '.join(TEXT_VARIANTS)}")
     rng = np.random.default_rng([seed, 22])
