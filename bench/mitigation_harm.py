@@ -2,6 +2,7 @@
 d_mem change and cost per strategy, through the mitigate, copies and report stages.
 
     python bench/mitigation_harm.py [--out runs/mitigation-harm] [--steps 10] [--generations 4] [--controls 50]
+        [--per-group 4] [key=value ...]
 
 The memorized set is the testbed's 24 planted prompts themselves (the ground truth: the d_mem
 top 5% of the demo is nearly the same set, bench/RESULTS.md), so that no scoring pass is needed;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--g", type=int, default=2, help="score.generations: noises of the d_mem change")
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--controls", type=int, default=50)
+    parser.add_argument("--per-group", type=int, default=4, help="planted prompts per duplication level and marker condition (of 4)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     import torch
@@ -59,13 +62,16 @@ def main() -> None:
     from cxrmem.stages import copies, mitigate, prepare, report
     from cxrmem.testbed.export import export_training_images
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     start = time.time()
     cfg = config(args)
     export_training_images(str(ROOT / "testbed" / "model"), args.images, cfg.corpus)
     store, layout = Store(), RunLayout(args.out)
     prepare.run(cfg, store)
     prompts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"]).to_pandas()
-    planted = set(pd.read_csv(ROOT / "testbed" / "model" / "manifest.csv").query("planted").prompt)
+    manifest = pd.read_csv(ROOT / "testbed" / "model" / "manifest.csv").query("planted")
+    groups = manifest.assign(marked=manifest.prompt.str.contains("___")).groupby(["n_copies", "marked"], sort=False)
+    planted = set(groups.head(args.per_group).prompt)
     memorized = prompts[prompts.prompt.isin(planted)].assign(d_mem=float("nan"), n_reports=1)
     write_memorized(store, layout, memorized)
     timings = {}
