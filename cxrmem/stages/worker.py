@@ -156,6 +156,16 @@ class ModelWorker:
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
         return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids, self.fidelity())
 
+    def sampling_plan(self, strategy: str):
+        """The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it."""
+        import torch
+
+        def plan(texts, ids, embeddings, latents, w):
+            rows = [strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)]
+            return strategy_sampling(self.scorer, strategy, texts, torch.cat(rows), latents, w, self.mitigation)
+
+        return plan
+
     def fidelity(self):
         """The configured fidelity measure (cxrmem/fidelity.py), loaded once; None when none is set."""
         if self._fidelity is False:
@@ -166,8 +176,6 @@ class ModelWorker:
         """Embeddings [P, N, D] of N generations per prompt (generated under a mitigation `strategy` unless
         "none"), the texts generated from, the grey generations [N, H, W] of those in `keep_ids`, and per
         prompt the fidelity of its generations to the original prompt ([P], NaN without a measure)."""
-        import torch
-
         from cxrmem.copies.embedders import make_embedder
         from cxrmem.copies.find import embedded_generations
 
@@ -175,10 +183,7 @@ class ModelWorker:
             self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
         plan, originals = None, list(prompts)
         if strategy in EMBEDDING_STRATEGIES or strategy in SAMPLING_STRATEGIES:
-            # The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it.
-            def plan(texts, ids, embeddings, latents, w):
-                changed = torch.cat([strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)])
-                return strategy_sampling(self.scorer, strategy, texts, changed, latents, w, self.mitigation)
+            plan = self.sampling_plan(strategy)
         elif strategy != "none":
             vocab = vocabulary_words(self.scorer.tokenizer)
             prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
