@@ -86,7 +86,38 @@ def main() -> None:
 
 
 def result_copies(store: Store, layout: RunLayout) -> dict:
-    return store.read_json(layout.summary)["copies"]["guidances"]
+    """Per guidance the judgement, recomputed from the run's copies.parquet and mitigation.parquet."""
+    from cxrmem.judgement import halves_copying, judge_strategies
+
+    copies = store.read_table(layout.copies).to_pandas()
+    mitigation = store.read_table(layout.mitigation).to_pandas()
+    order = list(dict.fromkeys(mitigation["strategy"]))
+    out = {}
+    for guidance in sorted(set(copies["guidance"].astype(float))):
+        rows = judge_strategies(copies, mitigation, guidance, order)
+        out[f"w={guidance:g}"] = {"judgement": {"strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows)}}
+    return out
+
+
+def print_table(judged: dict) -> None:
+    """The judgement as a Markdown table per guidance (for bench/RESULTS.md)."""
+    def ci(d, digits=2):
+        return "baseline" if not d else f"{d['mean']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+
+    for name, j in judged.items():
+        print(f"\n{name}; halve the copy rate with fidelity within 10 points: {j['halve_copying'] or 'none'}\n")
+        print("| strategy | prompts | copies | copy rate | change vs original [95% CI] | similarity change | fidelity | "
+              "fidelity change | d_mem change (w = 7.5) | evaluations / generation |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in j["strategies"]:
+            print(f"| {r['strategy']} | {r['prompts']} | {r['copies']} | {r['copy_rate']:.2f} | {ci(r['copy_rate_change'])} | "
+                  f"{ci(r['similarity_change'], 4)} | {r['fidelity']:.2f} | {ci(r['fidelity_change'])} | "
+                  f"{ci(r['d_mem_change'])} | {r['evaluations']} |")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--table"]:
+    print_table({w: g["judgement"] for w, g in result_copies(Store(), RunLayout(sys.argv[2])).items()})
+    sys.exit(0)
 
 
 if __name__ == "__main__":

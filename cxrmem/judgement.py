@@ -8,6 +8,8 @@ the prompt as it is) and mitigation.parquet (d_mem, fidelity, cost per prompt an
   over the same prompts with a 95% Student t interval on the per-prompt 0/1 differences
   (stats.paired_difference_ci; a normal-theory interval on binary differences is rough for a
   few dozen prompts: read it as a guide, and the counts beside it);
+- similarity: the mean of each prompt's best generation's similarity to its nearest training image
+  (max_similarity), and its paired change: how close the strategy still comes, below the threshold too;
 - fidelity: the mean share of a prompt's generations (at that guidance, from copies.parquet)
   that show its findings (cxrmem/fidelity.py), and its paired change;
 - d_mem change: paired against `original` from mitigation.parquet (the scoring guidance);
@@ -35,6 +37,8 @@ class StrategyJudgement:
     copies: Optional[int]  # of those, how many still copy
     copy_rate: Optional[float]
     copy_rate_change: Optional[dict]  # paired against original: mean, ci_low, ci_high, n
+    similarity: Optional[float]  # mean over prompts of the best generation's similarity to its nearest training image
+    similarity_change: Optional[dict]  # paired against original: the continuous view of the copy rate
     fidelity: Optional[float]  # None: no fidelity measure set
     fidelity_change: Optional[dict]
     d_mem_change: Optional[dict]
@@ -97,6 +101,8 @@ def judge_one(strategy, own, base, own_mit, mit_base) -> StrategyJudgement:
         copies=int(copy.sum()) if copy is not None else None,
         copy_rate=float(copy.mean()) if copy is not None else None,
         copy_rate_change=_paired(copy, base["is_copy"].astype(float)) if compare and copy is not None and base is not None else None,
+        similarity=float(own["max_similarity"].mean()) if copy is not None else None,
+        similarity_change=_paired(own["max_similarity"], base["max_similarity"]) if compare and copy is not None and base is not None else None,
         fidelity=float(faithful.mean()) if has_fidelity else None,
         fidelity_change=_paired(faithful, base["fidelity"].astype(float)) if compare and has_fidelity and base is not None else None,
         d_mem_change=_paired(own_mit["d_mem"], mit_base["d_mem"]) if compare and own_mit is not None and mit_base is not None else None,

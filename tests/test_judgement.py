@@ -10,7 +10,8 @@ IDS = ["a", "b", "c", "d"]
 
 def copies_rows(strategy, is_copy, fidelity, guidance=1.0, ids=IDS):
     return pd.DataFrame({"prompt_id": ids, "group": "memorized", "strategy": strategy, "guidance": guidance,
-                         "is_copy": is_copy, "fidelity": fidelity})  # fmt: skip
+                         "is_copy": is_copy, "fidelity": fidelity,
+                         "max_similarity": [0.9 + 0.05 * c for c in is_copy]})  # fmt: skip
 
 
 def mitigation_rows(strategy, d_mem, changed, evaluations):
@@ -40,7 +41,7 @@ def test_rows_pair_each_strategy_with_original_on_its_own_prompts(frames):
     base, delayed, removed = rows["original"], rows["delayed_guidance"], rows["remove_marker"]
     assert (base.prompts, base.copies, base.copy_rate, base.fidelity) == (4, 3, 0.75, 0.75)
     assert base.copy_rate_change is None and base.d_mem_change is None
-    assert (delayed.copies, delayed.copy_rate) == (1, 0.25)
+    assert (delayed.copies, delayed.copy_rate) == (1, 0.25) and delayed.similarity_change["mean"] == pytest.approx(-0.025)
     assert delayed.copy_rate_change["mean"] == pytest.approx(-0.5) and delayed.copy_rate_change["n"] == 4
     assert delayed.fidelity == pytest.approx(0.625) and delayed.fidelity_change["mean"] == pytest.approx(-0.125)
     assert delayed.d_mem_change["mean"] == pytest.approx(-2.5) and delayed.evaluations == 40
