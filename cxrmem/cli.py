@@ -76,10 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         "train": "train the testbed model with planted memorized prompts (CPU, <= 30 min)",
         "evaluate": "detection AUC and TPR at 1% FPR on the planted prompts; writes bench/RESULTS.md",
         "export": "write the testbed's training images (its phantoms) as PNG and images.csv, for images.source",
+        "reader": "train the phantom findings reader (fidelity.measure=phantom_reader) and print its held-out accuracy",
     }.items():
         cmd = testbed_sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", help="YAML file from conf/")
-        if name == "export":
+        if name in ("export", "reader"):
             cmd.add_argument("--out", required=True, help="output folder (local)")
         cmd.add_argument("overrides", nargs="*", help="key=value overrides")
     return parser
@@ -124,6 +125,12 @@ def _stage(args: argparse.Namespace, cfg, store) -> dict:
 
             table = export_training_images(cfg.testbed.out, args.out, cfg.corpus)
             return {"images": len(table), "planted": int(table["planted"].sum()), "index": os.path.join(args.out, INDEX)}
+        if args.testbed_cmd == "reader":
+            from cxrmem.testbed.reader import META, save_reader, train_reader
+
+            trained = train_reader(seed=cfg.testbed.seed)
+            save_reader(trained, args.out)
+            return {"held_out_accuracy": trained.accuracy, "index": os.path.join(args.out, META)}
         from cxrmem.testbed.evaluate import evaluate
 
         return evaluate(cfg)

@@ -137,8 +137,12 @@ class MitigationConfig:
             "random_insertion",
             "embedding_noise",
             "embedding_optimisation",
+            "attention_rescaling",
+            "delayed_guidance",
+            "opposite_guidance",
+            "noise_adjustment",
         ]
-    )  # strategies to compare; `original` is the unmitigated baseline
+    )  # strategies to compare (cxrmem/strategies.py REGISTRY); `original` is the unmitigated baseline
     n_generations: int = 50  # decoded generations per prompt and strategy for the pairwise distance (paper: 50)
     steps: Optional[int] = None  # sampling steps for the generations (None: score.steps)
     insertion_words: int = 4  # words inserted by random_insertion
@@ -148,6 +152,12 @@ class MitigationConfig:
     optimisation_target: float = 0.0  # stop once the first-step noise norm falls below this (0: run all iters)
     max_prompts: Optional[int] = None  # mitigate at most this many memorized prompts (None: all)
     seed: int = 1234  # seed of the random rewrites (the same rewrite across runs)
+    attention_scale: float = 0.0  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
+    guidance_delay: float = 0.3  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)
+    opposite_scale: float = 2.0  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
+    noise_iters: int = 5  # noise_adjustment: sharpness-aware steps on each initial latent (Han et al.)
+    noise_lr: float = 0.05  # noise_adjustment: step length as a share of the latent's norm
+    noise_rho: float = 0.05  # noise_adjustment: sharpness-aware perturbation radius as a share of the norm
 
 
 @dataclass
@@ -210,6 +220,7 @@ class TestbedConfig:
     eval_unique: int = 200  # never-duplicated prompts scored by `testbed evaluate` (negatives)
     eval_steps: Optional[int] = 20  # DDIM steps of `testbed evaluate` (None: score.steps)
     results: str = "bench/RESULTS.md"  # where `testbed evaluate` writes its section
+    text_variant: str = "none"  # texts trained with: none | random_markers (fresh surrogates per training pair) | no_markers (markers deleted)
 
 
 @dataclass
@@ -247,6 +258,12 @@ class CopiesConfig:
 
 
 @dataclass
+class FidelityConfig:
+    measure: str = "none"  # what a generation is read with for its prompt's findings (cxrmem/fidelity.py): none | phantom_reader (the testbed's)
+    reader: str = "testbed/reader"  # phantom_reader: folder of reader.safetensors + reader.json (`cxrmem testbed reader` trains one)
+
+
+@dataclass
 class CxrmemConfig:
     run: RunConfig = field(default_factory=RunConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -263,6 +280,7 @@ class CxrmemConfig:
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     copies: CopiesConfig = field(default_factory=CopiesConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
 CHOICES = {
@@ -271,13 +289,14 @@ CHOICES = {
     "model.dtype": ["float32", "bfloat16", "float16"],
     "score.seed_mode": ["shared", "per_prompt"],
     "testbed.source": ["synthetic", "iuxray"],
+    "testbed.text_variant": ["none", "random_markers", "no_markers"],
     "images.layout": ["auto", "mimic", "plain"],
     "images.id_format": ["as_is", "mimic"],
     "copies.embedder": ["pixel", "rad_dino", "hf"],
     "copies.search_dtype": ["float32", "float16", "bfloat16"],
+    "fidelity.measure": ["none", "phantom_reader"],
 }
 SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
-STRATEGIES = MitigationConfig().strategies
 
 
 def _positive(value: Any) -> bool:
@@ -345,6 +364,12 @@ RULES = {
     "mitigation.optimisation_target": NON_NEGATIVE,
     "mitigation.max_prompts": (_optional_positive, "null or positive (mitigation.enabled=false mitigates none)"),
     "mitigation.seed": NON_NEGATIVE,
+    "mitigation.attention_scale": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mitigation.guidance_delay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "mitigation.opposite_scale": NON_NEGATIVE,
+    "mitigation.noise_iters": NON_NEGATIVE,
+    "mitigation.noise_lr": POSITIVE,
+    "mitigation.noise_rho": NON_NEGATIVE,
     "ray.num_workers": OPTIONAL_POSITIVE,
     "ray.num_gpus_per_worker": NON_NEGATIVE,
     "ray.num_cpus_per_worker": POSITIVE,
@@ -461,9 +486,11 @@ def validate(cfg: DictConfig) -> None:
     for section in cfg.corpus.sections:
         if section not in SECTIONS:
             raise ConfigError(f"config key 'corpus.sections': {section!r} is not one of {SECTIONS}")
+    from cxrmem.strategies import REGISTRY as STRATEGIES  # the names live with the strategies (no torch there)
+
     for strategy in cfg.mitigation.strategies:
         if strategy not in STRATEGIES:
-            raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {STRATEGIES}")
+            raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {list(STRATEGIES)}")
     _validate_detectors(cfg)
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")

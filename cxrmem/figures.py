@@ -286,3 +286,24 @@ def mitigation_chart(mitigation: pd.DataFrame, out: BinaryIO, strategies: Option
     axes[1, 0].set_xticks(np.arange(len(order)), order, rotation=30, ha="right")
     axes[0, 0].set_title("Mitigation strategies on the memorized prompts (same seeds per strategy)", fontsize=10)
     _save(fig, out)
+
+
+def copy_fidelity_chart(harm: Sequence[dict], out: BinaryIO) -> None:
+    """Copy rate (y) against fidelity (x) per strategy, one panel per guidance; `original` in red. A frontier:
+    down and right is better. Strategies without a fidelity value are drawn at 0 with a hollow marker."""
+    fig, axes = _figure(5.0 * max(1, len(harm)), 4.5, ncols=max(1, len(harm)))
+    for ax, h in zip(axes[0], harm):
+        for row in h["rows"]:
+            if row["copy_rate"] is None:
+                continue
+            x = row["fidelity"] if row["fidelity"] is not None else 0.0
+            color = RED if row["strategy"] == "original" else BLUE
+            ax.scatter(x, row["copy_rate"], s=30, edgecolors=color, facecolors=color if row["fidelity"] is not None else "none", zorder=3)
+            ax.annotate(row["strategy"], (x, row["copy_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("fidelity (share of generations with the prompt's findings)", fontsize=9)
+        ax.set_ylabel("copy rate of the memorized prompts", fontsize=9)
+        ax.set_title(h["name"], fontsize=10)
+        ax.grid(alpha=0.3)
+    _save(fig, out)

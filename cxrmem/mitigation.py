@@ -14,6 +14,28 @@ embedding's std; embedding_optimisation (Wen et al.) runs Adam on the prompt emb
 minimise the first-step text-conditional noise norm, on noises of its own seed (not the ones it
 is evaluated on), then generates with the optimised embedding.
 
+Sampling-level strategies keep the text and its embedding (cxrmem/strategies.py has their costs):
+
+- attention_rescaling (Ren et al., ECCV 2024): in every cross-attention layer of the conditional
+  pass, at every step, the attention to the marker's tokens is multiplied by `attention_scale`
+  and the mass taken goes to the first token (attention.rescale_attention says why). Ren et al.
+  find the trigger tokens from the attention itself; here the targets are the marker's tokens
+  (the paper's own suspect, found by the corpus regex, as attribution groups them). A prompt
+  without a marker is left unchanged (`changed` false), like remove_marker.
+- delayed_guidance / opposite_guidance (Jain et al., CVPR 2025): over the first
+  `guidance_delay` share of the T steps (a static transition point; the paper also offers a
+  dynamic one, not implemented) the guidance weight is 0 (no guidance: the unconditional
+  prediction; the paper says only "not applying classifier-free guidance", and 1, the
+  conditional prediction alone, is what copies on the testbed) or -`opposite_scale` (opposite
+  guidance, eps_u - s (eps_c - eps_u)); from the transition on, plain guidance at w. Both
+  halves are still computed before the transition (the norms d_mem needs), so the cost is 2T.
+- noise_adjustment (Han et al., NeurIPS 2025, the per-sample variant): each initial latent x_T
+  takes `noise_iters` sharpness-aware steps down the first-step guidance norm
+  ||eps(x_T, e_p) - eps(x_T, e_0)||: the gradient is taken at x_T + rho ||x_T|| g / ||g||, the
+  step is `noise_lr` ||x_T|| in the normalised gradient's direction, and x_T is scaled back to
+  its norm after every step (choices where the paper leaves the scale open: a norm-relative
+  step keeps x_T on the Gaussian shell of its dimension). Sampling from it is plain guidance.
+
 For every prompt x strategy: d_mem under the score config (every strategy sees the same G
 noises), and the mean pairwise RMS distance between N decoded generations, again from the same
 N noises for every strategy, so that the comparison is paired.
@@ -32,13 +54,17 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from cxrmem import strategies as registry
+from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex, delete_span
+from cxrmem.corpus.text import compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.settings import Settings
 
-# Strategies that keep the prompt's text and change its embedding (the rest rewrite the text).
-EMBEDDING_STRATEGIES = ("embedding_noise", "embedding_optimisation")
+# Strategies that keep the prompt's text and change its embedding.
+EMBEDDING_STRATEGIES = registry.names_of("embedding")
+# Strategies that keep the text and its embedding and change how it is sampled.
+SAMPLING_STRATEGIES = registry.names_of("attention") + registry.names_of("guidance") + registry.names_of("noise")
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -48,6 +74,9 @@ MITIGATION_COLUMNS = {
     "d_mem": pa.float64(),
     "pairwise_distance": pa.float64(),
     "n_generations": pa.int32(),
+    "changed": pa.bool_(),  # the strategy changed something for this prompt (a rewrite without a marker may not)
+    "evaluations": pa.int64(),  # UNet evaluations per generation (cxrmem/strategies.py)
+    "fidelity": pa.float64(),  # share of the generations showing the original prompt's findings (NaN: no measure set)
 }
 
 
@@ -65,6 +94,12 @@ class MitigationSettings(Settings):
     marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
     samples_per_call: int = 32  # UNet samples per generation call (all strategies share a call)
     grid_generations: int = 4  # generations kept per strategy for the report's image grid
+    attention_scale: float = 0.0  # attention_rescaling: factor on the marker tokens' attention (0: masked)
+    guidance_delay: float = 0.3  # delayed/opposite guidance: share of the T steps before the transition point
+    opposite_scale: float = 2.0  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
+    noise_iters: int = 5  # noise_adjustment: sharpness-aware steps on each initial latent
+    noise_lr: float = 0.05  # noise_adjustment: step length as a share of the latent's norm
+    noise_rho: float = 0.05  # noise_adjustment: radius of the sharpness-aware perturbation, as a share of the norm
 
 
 # -- prompt rewrites (pure, seeded) -----------------------------------------------------------
@@ -98,10 +133,8 @@ def random_number(prompt: str, rng: np.random.Generator, pattern: re.Pattern) ->
 
 
 def remove_marker(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
-    """Every marker deleted (right to left, so earlier spans stay valid); `rng` unused: nothing is drawn."""
-    for match in reversed(list(pattern.finditer(prompt))):
-        prompt = delete_span(prompt, match.start(), match.end())
-    return prompt
+    """Every marker deleted; `rng` unused: nothing is drawn."""
+    return delete_markers(prompt, pattern)
 
 
 def surrogate(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
@@ -180,6 +213,92 @@ def pairwise_rms_distance(images: torch.Tensor) -> float:
     return total / math.sqrt(numel) / (n * (n - 1) / 2)
 
 
+# -- sampling-level strategies (pure tensor math, through the scorer) --------------------------
+def guidance_schedule(strategy: str, w: float, steps: int, settings: MitigationSettings) -> torch.Tensor:
+    """The guidance weight at each of `steps` steps [steps] float32: w after the transition point, and
+    before it 0 (delayed_guidance) or -opposite_scale (opposite_guidance); w throughout for any other strategy."""
+    schedule = torch.full((steps,), float(w))
+    early = {"delayed_guidance": 0.0, "opposite_guidance": -settings.opposite_scale}
+    if strategy in early:
+        schedule[: int(round(settings.guidance_delay * steps))] = early[strategy]
+    return schedule
+
+
+def marker_token_scales(tokenizer, prompts: Sequence[str], max_length: int, settings: MitigationSettings):
+    """([N, L] float32 factors: attention_scale on each marker token, 1 elsewhere; [N] bool: the prompt has one)."""
+    pattern = compile_marker_regex(settings.marker_regex)
+    scales = torch.ones(len(prompts), max_length)
+    for i, prompt in enumerate(prompts):
+        for unit in word_units(tokenizer, prompt, pattern, max_length):
+            if unit.is_marker:
+                scales[i, unit.positions] = settings.attention_scale
+    return scales, (scales != 1).any(dim=1).numpy()
+
+
+def adjust_initial_noise(scorer, latents: torch.Tensor, cond_emb: torch.Tensor, settings: MitigationSettings) -> torch.Tensor:
+    """Han et al.'s per-sample adjustment (module docstring) of initial latents [M, C, H, W] for e_p [1, L, D]."""
+    x = latents.detach().float().clone()
+    radius = x.flatten(1).norm(dim=1).view(-1, *[1] * (x.ndim - 1))
+
+    def direction(point: torch.Tensor) -> torch.Tensor:
+        point = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(scorer.first_step_noise_norms(point, cond_emb).sum(), point)
+        grad = grad.float().cpu()
+        return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(radius)
+
+    for _ in range(settings.noise_iters):
+        sharp = direction(x + settings.noise_rho * radius * direction(x))
+        x = x - settings.noise_lr * radius * sharp
+        x = x * radius / x.flatten(1).norm(dim=1).view_as(radius)
+    return x
+
+
+def strategy_sampling(
+    scorer, strategy: str, texts: Sequence[str], embeddings: torch.Tensor, latents: torch.Tensor, guidance, settings: MitigationSettings
+) -> dict:
+    """Scorer.sample's keyword arguments for N prompts under a strategy (embeddings [N, L, D] already the
+    strategy's, latents [N, G, ...], guidance w: None for the scorer's)."""
+    kind = registry.kind_of(strategy)
+    w = scorer.settings.guidance_scale if guidance is None else float(guidance)
+    inputs = {"cond_embeddings": embeddings, "latents": latents, "guidance": w}
+    if kind == "guidance":
+        inputs["guidance"] = guidance_schedule(strategy, w, scorer.settings.steps, settings).expand(len(texts), -1)
+    elif kind == "attention":
+        inputs["token_scales"] = marker_token_scales(scorer.tokenizer, texts, scorer.max_length, settings)[0]
+    elif kind == "noise":
+        inputs["latents"] = torch.stack(
+            [adjust_initial_noise(scorer, latents[i], embeddings[i : i + 1], settings) for i in range(len(texts))]
+        )
+    return inputs
+
+
+def stack_sampling(inputs: list[dict], steps: int) -> dict:
+    """One Scorer.sample call's arguments for several strategies' (each for one prompt): rows in order."""
+    def schedule(w):
+        return w.reshape(1, -1) if torch.is_tensor(w) else torch.full((1, steps), float(w))
+
+    stacked = {
+        "cond_embeddings": torch.cat([i["cond_embeddings"] for i in inputs]),
+        "latents": torch.cat([i["latents"] for i in inputs]),
+        "guidance": torch.cat([schedule(i["guidance"]) for i in inputs]),
+    }
+    if any("token_scales" in i for i in inputs):
+        length = inputs[0]["cond_embeddings"].shape[1]
+        stacked["token_scales"] = torch.cat([i.get("token_scales", torch.ones(1, length)) for i in inputs])
+    return stacked
+
+
+def changed(strategy: str, prompt: str, text: str, tokenizer, max_length: int, settings: MitigationSettings) -> bool:
+    """Did the strategy change anything for this prompt (a rewrite without a marker may leave it as it was)?"""
+    kind = registry.kind_of(strategy)
+    if kind == "text":
+        return text != prompt
+    if kind == "attention":
+        return bool(marker_token_scales(tokenizer, [prompt], max_length, settings)[1][0])
+    return kind != "baseline"
+
+
 # -- one prompt -------------------------------------------------------------------------------
 def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, settings: MitigationSettings) -> torch.Tensor:
     """The conditional embedding [1, L, D] a strategy generates with."""
@@ -197,30 +316,40 @@ def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id
     return embedding
 
 
-def generate_images(scorer, embeddings: torch.Tensor, latents: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Decoded generations [S, M, C, H, W] in [0, 1] of S embeddings [S, L, D], each from the M latents [1, M, ...].
+def generate_images(scorer, inputs: dict, chunk: int) -> torch.Tensor:
+    """Decoded generations [S, M, C, H, W] in [0, 1] of S strategies' sampling `inputs` (stack_sampling), latents [S, M, ...].
 
     Every UNet call carries all S strategies for a slice of the generations (about `chunk`
     samples): few large calls instead of one small call per strategy.
     """
-    n_strategies, n_generations = embeddings.shape[0], latents.shape[1]
+    latents = inputs["latents"]
+    n_strategies, n_generations = latents.shape[:2]
     per_call = max(1, chunk // n_strategies)
     images = []
     for lo in range(0, n_generations, per_call):
-        part = latents[:, lo : lo + per_call]
-        final = scorer.sample(embeddings, part.expand(n_strategies, *part.shape[1:])).final_latents
+        part = {**inputs, "latents": latents[:, lo : lo + per_call]}
+        final = scorer.sample(**part).final_latents
         decoded = scorer.decode(final.flatten(0, 1))
         images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
     return torch.cat(images, dim=1)
 
 
+def sampling_for(scorer, strategies: Sequence[str], texts: Sequence[str], embeddings: torch.Tensor, latents: torch.Tensor, settings) -> dict:
+    """stack_sampling of every strategy for one prompt, each from the same latents [1, M, ...] at the scorer's w."""
+    inputs = [
+        strategy_sampling(scorer, s, [texts[i]], embeddings[i : i + 1], latents, None, settings) for i, s in enumerate(strategies)
+    ]
+    return stack_sampling(inputs, scorer.settings.steps)
+
+
 def mitigate_prompt(
-    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0
+    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0, fidelity=None
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W].
 
     `scorer` scores (d_mem, every strategy from the same G noises: paired by construction);
-    `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations.
+    `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations; `fidelity`
+    (cxrmem/fidelity.py, None: not measured) reads them for the original prompt's findings.
     """
     strategies = list(settings.strategies)
     texts = [mitigated_prompt(s, prompt, prompt_id, vocab, settings) for s in strategies]
@@ -228,11 +357,11 @@ def mitigate_prompt(
     embeddings = torch.cat(
         [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, settings) for i, s in enumerate(strategies)]
     )
-    same_noises = scorer.initial_latents([prompt_id] * len(strategies))
-    trajectory = scorer.sample(embeddings, same_noises, steps=scorer.settings.screening_steps)
-    scores, _ = d_mem(trajectory.step_norms)
+    scoring = sampling_for(scorer, strategies, texts, embeddings, scorer.initial_latents([prompt_id]), settings)
+    scores, _ = d_mem(scorer.sample(**scoring, steps=scorer.settings.screening_steps).step_norms)
     latents = sampler.initial_latents([prompt_id], settings.n_generations)
-    generations = generate_images(sampler, embeddings, latents, settings.samples_per_call)
+    generations = generate_images(sampler, sampling_for(sampler, strategies, texts, embeddings, latents, settings), settings.samples_per_call)
+    faithful = fidelity(generations, [prompt] * len(strategies)) if fidelity is not None else np.full(len(strategies), np.nan)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
         images = generations[i]
@@ -245,6 +374,9 @@ def mitigate_prompt(
                 "d_mem": float(scores[i]),
                 "pairwise_distance": pairwise_rms_distance(images),
                 "n_generations": settings.n_generations,
+                "changed": changed(strategy, prompt, texts[i], scorer.tokenizer, scorer.max_length, settings),
+                "evaluations": registry.REGISTRY[strategy].evaluations(settings, sampler.settings.steps),
+                "fidelity": float(faithful[i]),
             }
         )
         if keep:
@@ -253,7 +385,7 @@ def mitigate_prompt(
 
 
 def mitigate_prompts(
-    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset()
+    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset(), fidelity=None
 ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
     """mitigation.parquet rows of these prompts, and the image grids ({prompt_id: {strategy: [k, H, W]}})
     of those in `grid_ids`."""
@@ -262,7 +394,7 @@ def mitigate_prompts(
     rows, grids = [], {}
     for prompt, pid in zip(prompts, prompt_ids):
         keep = settings.grid_generations if pid in grid_ids else 0
-        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep)
+        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep, fidelity)
         rows += prompt_rows
         if prompt_grids:
             grids[pid] = prompt_grids

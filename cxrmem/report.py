@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, stats
 from cxrmem.config import config_hash, public_config
+from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation import EMBEDDING_STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,17 @@ def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: 
             and np.isfinite(v)}
 
 
+def harm_metrics(harm: list[dict]) -> dict:
+    """mitigation.<strategy>.w=<g>.copy_rate / copy_rate_change_* / fidelity for metrics.json."""
+    flat = {}
+    for h in harm:
+        for row in h["rows"]:
+            key = f"mitigation.{row['strategy']}.w={h['guidance']:g}"
+            flat |= {f"{key}.copy_rate": row["copy_rate"], f"{key}.fidelity": row["fidelity"]}
+            flat |= {f"{key}.copy_rate_change_{part}": (row["copy_rate_change"] or {}).get(part) for part in ("mean", "ci_low", "ci_high")}
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+
+
 # -- sections -------------------------------------------------------------------------------------
 def detectors_context(section: Optional[dict]) -> Optional[dict]:
     """The Detectors table and the summary card's agreement line, from the analyze stage's summary["detectors"]."""
@@ -187,7 +199,11 @@ def enrichment_rows(analysis: dict) -> list[dict]:
 
 
 def unchanged_rows(mitigation: pd.DataFrame) -> pd.Series:
-    """Rows of a text strategy that left the prompt as it was (e.g. remove_marker without a marker)."""
+    """Rows of a strategy that left the prompt as it was (e.g. remove_marker or attention_rescaling without a marker).
+
+    mitigation.parquet says so in `changed`; files written before it had that column judge text rewrites by their text."""
+    if "changed" in mitigation.columns:
+        return (mitigation["strategy"] != "original") & ~mitigation["changed"].astype(bool)
     text_strategy = (mitigation["strategy"] != "original") & ~mitigation["strategy"].isin(EMBEDDING_STRATEGIES)
     return text_strategy & (mitigation["mitigated_prompt"] == mitigation["prompt"])
 
@@ -316,13 +332,33 @@ def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures)
     return out
 
 
+def harm_context(data: dict, order: list[str], figure: Figures) -> tuple[list[dict], Optional[dict]]:
+    """Per copies guidance the StrategyJudgement rows (cxrmem/judgement.py) as dicts, and the copy-rate vs fidelity figure."""
+    table = data.get("copies")
+    if table is None or not (table["group"] == "memorized").any():
+        return [], None
+    checked = set(table["strategy"].replace({"none": "original"}))
+    order = [s for s in order if s in checked]
+    harm = []
+    for guidance in sorted(set(table["guidance"].astype(float)), reverse=True):
+        rows = judge_strategies(table, data["mitigation"], guidance, order)
+        harm.append({"name": f"w = {guidance:g}", "guidance": guidance, "rows": [r.as_dict() for r in rows],
+                     "halve": halves_copying(rows)})
+    frontier = figure("mitigation_frontier.png", lambda p: figures.copy_fidelity_chart(harm, p),
+                      "Copy rate against fidelity per strategy and guidance: down and right is better (fewer copies, "
+                      "the prompt's findings kept); strategies without a fidelity measure sit at fidelity 0.")
+    return harm, frontier
+
+
 def mitigation_context(data: dict, cfg: DictConfig, w, figure: Figures) -> dict:
     mitigation = data["mitigation"]
     order = [s for s in cfg.mitigation.strategies if s in set(mitigation["strategy"])]
     order += [s for s in dict.fromkeys(mitigation["strategy"]) if s not in order]
     rows = strategy_rows(mitigation, order)
     kept = mitigation[~unchanged_rows(mitigation)]
+    harm, frontier = harm_context(data, order, figure)
     return {
+        "harm": harm, "frontier": frontier, "fidelity_measure": cfg.fidelity.measure,
         "rows": rows, "best": mitigation_verdict(rows), "overguidance": overguidance(data["generations"], w),
         "figure": figure("mitigation.png", lambda p: figures.mitigation_chart(kept, p, order),
                          "d_mem and mean pairwise distance of the generations per strategy, prompts a rewrite left "
@@ -396,6 +432,7 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     if data.get("copies") is not None:
         page["copies"] = copies_context(data, cfg, figure)
     page["metrics"] = metrics(facts, analysis, detection, page.get("mitigation", {}).get("rows", []), summary)
+    page["metrics"] |= harm_metrics(page.get("mitigation", {}).get("harm", []))
     return page
 
 

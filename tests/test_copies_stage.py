@@ -90,7 +90,7 @@ def own_images(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("own_images")
     cfg = load_config(None, [f"model.path={tiny_model_dir}", *TINY])
     ids = [prompt_id(t) for t in TEXTS]
-    _, _, kept = ModelWorker(cfg, Store(), need_vae=True).copies(ids, TEXTS, 7.5, "none", frozenset(ids))
+    _, _, kept, _ = ModelWorker(cfg, Store(), need_vae=True).copies(ids, TEXTS, 7.5, "none", frozenset(ids))
     paths = [save_png(folder / f"{pid}.png", kept[pid][0]) for pid in ids]
     table = pd.DataFrame({"path": paths, "study_id": [f"s{i}" for i in range(len(ids))], "subject_id": [f"p{i}" for i in range(len(ids))]})
     table.to_csv(folder / "images.csv", index=False)
@@ -180,3 +180,35 @@ def test_cli_testbed_export_writes_the_phantoms_and_their_table(tmp_path, capsys
     table = pd.read_csv(tmp_path / "images.csv")
     assert len(table) == 1024 and int(table.planted.sum()) == 24 and os.path.exists(table.path[0])
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"output: {tmp_path / 'images.csv'}")
+
+
+def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(tiny_model_dir, own_images, tmp_path):
+    """The new strategies generate through the same workers; the judgement has a row per strategy, paired on its prompts."""
+    from cxrmem.stages import mitigate
+
+    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    strategies = "mitigation.strategies=[original,attention_rescaling,delayed_guidance,noise_adjustment]"
+    cfg = stage_config(tiny_model_dir, tmp_path, own_images, strategies, "mitigation.n_generations=2", "mitigation.noise_iters=1")
+    mitigate.run(cfg)
+    summary = copies.run(cfg)
+    table = Store().read_table(RunLayout(str(tmp_path)).copies).to_pandas()
+    assert set(table.strategy) == {"none", "attention_rescaling", "delayed_guidance", "noise_adjustment"}
+    assert table.fidelity.isna().all()  # fidelity.measure = none
+    judged = {r["strategy"]: r for r in summary["guidances"]["w=1"]["judgement"]["strategies"]}
+    assert list(judged) == ["original", "attention_rescaling", "delayed_guidance", "noise_adjustment"]
+    at1 = table[(table.guidance == 1.0) & (table.group == "memorized")]
+    for name, row in judged.items():
+        own = at1[at1.strategy == ("none" if name == "original" else name)]
+        assert row["prompts"] == 2 and row["copy_rate"] == pytest.approx(own.is_copy.mean()) and row["fidelity"] is None
+        assert row["evaluations"] >= 2 * 2 and (row["d_mem_change"] is None) == (name == "original")
+    # Both memorized prompts carry a marker, so the re-scaling changed both; d_mem moved.
+    assert judged["attention_rescaling"]["d_mem_change"]["mean"] != 0
+
+    from cxrmem.stages import report
+
+    written = report.run(cfg)
+    html = Path(written["report"]).read_text()
+    assert "Judged by the harm" in html and "no fidelity measure set" in html
+    assert RunLayout(str(tmp_path)).figure("mitigation_frontier.png") in written["figures"]
+    metrics = Store().read_json(RunLayout(str(tmp_path)).path("metrics.json"))
+    assert metrics["mitigation.delayed_guidance.w=1.copy_rate"] == pytest.approx(judged["delayed_guidance"]["copy_rate"])

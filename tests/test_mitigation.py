@@ -169,10 +169,11 @@ def test_generations_batched_over_strategies_match_one_strategy_at_a_time(tiny_m
     scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
     embeddings = scorer.encode(["No acute process.", "Small left effusion.", "Heart size is enlarged."]).embeddings
     latents = scorer.initial_latents(["0" * 16], 5)[:1]
-    together = generate_images(scorer, embeddings, latents, chunk=6)  # 2 generations x 3 strategies per call
+    inputs = {"cond_embeddings": embeddings, "latents": latents.expand(3, -1, -1, -1, -1), "guidance": 7.5}
+    together = generate_images(scorer, inputs, chunk=6)  # 2 generations x 3 strategies per call
     assert together.shape[:2] == (3, 5)
     for i in range(3):
-        alone = generate_images(scorer, embeddings[i : i + 1], latents, chunk=5)[0]
+        alone = generate_images(scorer, {**inputs, "cond_embeddings": embeddings[i : i + 1], "latents": latents}, chunk=5)[0]
         torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(together[0], together[1])
 
@@ -191,8 +192,13 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     table = Store().read_table(layout.mitigation).to_pandas()
     assert list(table.columns) == list(MITIGATION_COLUMNS) == [
         "prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations",
+        "changed", "evaluations", "fidelity",
     ]  # fmt: skip
+    assert list(table[table["prompt_id"] == "a" * 16]["changed"]) == [False, True, True]
+    # 2 steps: 2 x 2 sampling evaluations, plus Wen's 1 + 2 iterations x (forward + backward)
+    assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [4, 4, 4 + 1 + 2 * 3]
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
+    assert table["fidelity"].isna().all()  # fidelity.measure = none
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
     assert removed["mitigated_prompt"].item() == "Compared to, stable."
     assert summary["figures"] == [layout.figure(f"generations_{'a' * 16}.npz")]

@@ -47,6 +47,7 @@ COPIES_SCHEMA = pa.schema(
         ("neighbour_image_ids", pa.list_(pa.string())),  # top-k of the best generation, best first
         ("neighbour_similarities", pa.list_(pa.float32())),
         ("embedder", pa.string()),  # the embedder's fingerprint
+        ("fidelity", pa.float32()),  # share of the generations showing the original prompt's findings (cxrmem/fidelity.py; NaN: none set)
     ]
 )
 
@@ -127,6 +128,7 @@ def copies_table(
     guidance: float,
     embedder: str,
     strategy: str = "none",
+    fidelity: Optional[Sequence[float]] = None,
 ) -> pa.Table:
     """copies.parquet rows of P prompts.
 
@@ -155,5 +157,6 @@ def copies_table(
         "neighbour_image_ids": [images["image_id"].iloc[r].tolist() for r in picked],
         "neighbour_similarities": [np.asarray(sims)[p, best[p]].astype(np.float32).tolist() for p in range(len(best))],
         "embedder": [embedder] * len(prompts),
+        "fidelity": list(fidelity) if fidelity is not None else [float("nan")] * len(prompts),
     }
     return pa.table({name: pa.array(columns[name], COPIES_SCHEMA.field(name).type) for name in COPIES_SCHEMA.names}, schema=COPIES_SCHEMA)

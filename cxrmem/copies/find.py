@@ -56,11 +56,11 @@ def search(queries: torch.Tensor, index: torch.Tensor, settings: CopiesSettings,
 
 
 def embedded_generations(
-    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float, transform=None
+    scorer, embedder, prompts: list[str], prompt_ids: list[str], settings: CopiesSettings, guidance: float, plan=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings [P, N, D], decoded generations [P, N, C, H, W]) of N generations per prompt at `guidance`
-    (`transform`: see generation.generate)."""
-    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size, transform)
+    (`plan`: see generation.generate)."""
+    generations = generate(scorer, prompts, prompt_ids, settings.generations, guidance, settings.batch_size, plan)
     return embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1), generations
 
 
@@ -82,13 +82,14 @@ def evidence(
     embedder: str,
     threshold: Optional[Threshold] = None,
     strategy: str = "none",
+    fidelity=None,
 ) -> tuple[pa.Table, Threshold]:
     """copies.parquet rows of searched prompts, and the threshold used (calibrated on the control rows
-    of `prompts` when not given)."""
+    of `prompts` when not given); `fidelity`: per prompt, of its generations (NaN when not given)."""
     if threshold is None:
         controls = (prompts.group == "control").to_numpy()
         threshold = calibrate_threshold(sims[controls, :, 0].max(axis=1), settings.threshold_quantile)
-    return copies_table(prompts, sims, rows, images, threshold, guidance, embedder, strategy), threshold
+    return copies_table(prompts, sims, rows, images, threshold, guidance, embedder, strategy, fidelity), threshold
 
 
 def find_copies(

@@ -11,8 +11,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-# (prompt embeddings [B, L, D], their prompt ids) -> the embeddings to generate with
-EmbeddingTransform = Callable[[torch.Tensor, list[str]], torch.Tensor]
+# (prompt texts, their prompt ids, embeddings [B, L, D], initial latents [B, N, ...], guidance w) -> the keyword
+# arguments of Scorer.sample a mitigation strategy generates with (cxrmem.mitigation.strategy_sampling)
+SamplingPlan = Callable[[list[str], list[str], torch.Tensor, torch.Tensor, float], dict]
 
 
 def generate(
@@ -22,23 +23,25 @@ def generate(
     n_generations: int,
     guidance: float,
     batch_size: int,
-    transform: Optional[EmbeddingTransform] = None,
+    plan: Optional[SamplingPlan] = None,
 ) -> torch.Tensor:
     """Decoded generations [P, N, C, H, W] in [0, 1] on the CPU, at guidance `guidance`.
 
-    `batch_size` prompts (each with its N generations) go through one sampling run. `transform`
-    changes the prompt embeddings first (an embedding-level mitigation strategy).
+    `batch_size` prompts (each with its N generations) go through one sampling run. `plan`
+    changes what the sampling starts from (a mitigation strategy: the embedding, the initial
+    noise, the guidance schedule or the attention to some tokens).
     """
     if len(prompts) != len(prompt_ids) or not prompts:
         raise ValueError(f"{len(prompts)} prompts and {len(prompt_ids)} prompt ids: need the same, non-zero number")
     images = []
     for start in range(0, len(prompts), batch_size):
-        ids = list(prompt_ids[start : start + batch_size])
-        embeddings = scorer.encode(list(prompts[start : start + batch_size])).embeddings
-        if transform is not None:
-            embeddings = transform(embeddings, ids)
+        ids, texts = list(prompt_ids[start : start + batch_size]), list(prompts[start : start + batch_size])
+        embeddings = scorer.encode(texts).embeddings
         latents = scorer.initial_latents(ids, n_generations)
-        final = scorer.sample(embeddings, latents, guidance=guidance).final_latents
+        inputs = {"cond_embeddings": embeddings, "latents": latents, "guidance": guidance}
+        if plan is not None:
+            inputs = plan(texts, ids, embeddings, latents, guidance)
+        final = scorer.sample(**inputs).final_latents
         decoded = scorer.decode(final.flatten(0, 1))
         images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
     return torch.cat(images)

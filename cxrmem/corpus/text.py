@@ -111,3 +111,10 @@ def delete_span(text: str, start: int, end: int) -> str:
         right = right.lstrip(_JOINERS + _CLOSING + " ")
     glue = "" if not left or not right or right[0] in _CLOSING or left[-1] in "([" else " "
     return left + glue + right
+
+
+def delete_markers(text: str, pattern: re.Pattern) -> str:
+    """Every match of `pattern` deleted with delete_span (right to left, so earlier spans stay valid)."""
+    for match in reversed(list(pattern.finditer(text))):
+        text = delete_span(text, match.start(), match.end())
+    return text

@@ -15,6 +15,7 @@ them, and any layer the processor cannot serve falls back to diffusers' own atte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ class SharedText:
 
     embeddings: torch.Tensor
     projections: dict = field(default_factory=dict)  # Attention module -> (keys, values), each [K, L, inner]
+    token_scales: Optional[torch.Tensor] = None  # [K, L] float32: attention to each token re-scaled (rescale_attention)
 
     def keys_values(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
         if attn not in self.projections:
@@ -55,13 +57,31 @@ def attend_to_shared_text(attn: Attention, hidden_states: torch.Tensor, layout: 
         q = query[start : start + block].reshape(rows, repeats * n_queries, heads, head_dim).transpose(1, 2)
         k = keys.view(rows, -1, heads, head_dim).transpose(1, 2)
         v = values.view(rows, -1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if text.token_scales is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)
+            out = rescale_attention(probs, text.token_scales[:, None, None, :]).to(v.dtype) @ v
         outputs.append(out.transpose(1, 2).reshape(block, n_queries, inner))
         start += block
     if start != n_samples:
         raise ValueError(f"text layout covers {start} samples but the UNet batch has {n_samples}")
     hidden_states = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     return attn.to_out[1](attn.to_out[0](hidden_states))  # projection, then dropout
+
+
+def rescale_attention(probs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities [..., L] with token j's weight times scales[..., j], the mass taken moved to token 0.
+
+    Ren et al. (ECCV 2024) mitigate memorization by lowering the cross-attention to the trigger
+    tokens and raising it on the beginning token. Their paper re-weights logits; here the
+    probability mass that the scale takes from the target tokens goes to the first token ([CLS]
+    for BERT, BOS for CLIP), so that every other token keeps exactly the attention it had, and the
+    rows still sum to one. Scales of 1 leave the probabilities as they are; scale 0 masks a token.
+    """
+    taken = (probs * (1 - scales)).sum(dim=-1, keepdim=True)
+    out = probs * scales
+    return torch.cat([out[..., :1] + taken, out[..., 1:]], dim=-1)
 
 
 class SharedTextAttnProcessor:
@@ -75,6 +95,8 @@ class SharedTextAttnProcessor:
     ):
         shared = text_layout is not None and encoder_hidden_states is not None
         if not shared or attention_mask is not None or hidden_states.ndim != 3:
+            if shared and any(text.token_scales is not None for text, _ in text_layout):
+                raise ValueError("attention re-scaling is not supported with an attention mask or 4-D hidden states")
             extra = {} if temb is None else {"temb": temb}
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **extra

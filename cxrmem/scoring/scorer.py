@@ -180,18 +180,24 @@ class Scorer:
         guidance: Optional[float] = None,
         keep_inputs: bool = False,
         shared_first_step: bool = False,
+        token_scales: Optional[torch.Tensor] = None,
     ) -> Trajectory:
         """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
 
         cond_embeddings: [N, L, D]; latents: [N, G, C, H, W]. With `shared_first_step` the caller
         promises every prompt starts from the same G latents, so the first step's unconditional
-        pass runs once for G samples instead of N x G.
+        pass runs once for G samples instead of N x G. `guidance`: one w, or a weight per prompt
+        and step [N, >= steps] (a guidance schedule). `token_scales` [N, L]: the conditional pass's
+        cross-attention to each token re-scaled (cxrmem/scoring/attention.py, `rescale_attention`).
         """
         n, g = latents.shape[:2]
-        w = self.settings.guidance_scale if guidance is None else guidance
         timesteps = self.timesteps(steps)
+        w = self._guidance_weights(guidance, n, g, len(timesteps))
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
-        prompts_text = SharedText(cond_embeddings.to(self.device, self.dtype))
+        if token_scales is not None and not self.shares_text:
+            raise ValueError("attention re-scaling needs plain cross-attention layers; this UNet's are not")
+        scales = None if token_scales is None else token_scales.to(self.device, torch.float32)
+        prompts_text = SharedText(cond_embeddings.to(self.device, self.dtype), token_scales=scales)
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
@@ -207,10 +213,21 @@ class Scorer:
                 both = [(self.empty_text, n * g), (prompts_text, g)]
                 eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
-            eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w)
+            w_i = w[:, i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
+            eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w_i)
             x = self._scheduler.step(eps_guided, t, x).prev_sample
         step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
         return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_inputs else None, timesteps.cpu())
+
+    def _guidance_weights(self, guidance, n: int, g: int, steps: int):
+        """A float w, or [N G, steps] float32 on the device from a per-prompt schedule [N, >= steps]."""
+        if guidance is None:
+            return self.settings.guidance_scale
+        if not torch.is_tensor(guidance):
+            return guidance
+        if guidance.shape[0] != n or guidance.shape[1] < steps:
+            raise ValueError(f"guidance schedule {tuple(guidance.shape)} for {n} prompts and {steps} steps")
+        return guidance[:, :steps].to(self.device, torch.float32).repeat_interleave(g, dim=0)
 
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: Optional[TextLayout] = None
@@ -243,6 +260,16 @@ class Scorer:
         if eps_uncond is None:
             eps_uncond = self.unconditional_noise(x_in, timesteps)
         eps_cond = self.predict_noise(x_in, timesteps, cond_emb.to(self.dtype).expand(len(x_in), -1, -1))
+        return noise_norm(eps_cond, eps_uncond)
+
+    def first_step_noise_norms(self, latents: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+        """||eps(x_T, e_p) - eps(x_T, e_0)||_2 at the first timestep per initial latent [M, C, H, W] -> [M],
+        differentiable in the latents through both halves (the initial-noise adjustment)."""
+        t = self.timesteps()[0]
+        x_in = self._scheduler.scale_model_input(latents.to(self.device), t).to(self.dtype)
+        m = len(x_in)
+        context = torch.cat([self.empty_text.embeddings.expand(m, -1, -1), cond_emb.to(self.dtype).expand(m, -1, -1)])
+        eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, context).chunk(2)
         return noise_norm(eps_cond, eps_uncond)
 
     # -- scoring --------------------------------------------------------------------------

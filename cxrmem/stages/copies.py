@@ -27,6 +27,7 @@ from cxrmem.copies.embedders import embedder_fingerprint
 from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
+from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.runfiles import RunLayout, merge_summary, read_known_memorized
 from cxrmem.scoring.scorer import resolve_device
 from cxrmem.stages import image_index
@@ -61,24 +62,25 @@ def checked_prompts(cfg, store: Store, layout: RunLayout, memorized: pd.DataFram
 
 
 def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.Tensor, *args) -> tuple:
-    """(sims, rows [P, N, k], the texts generated from, kept generations) of `frame` through `models.copies`."""
+    """(sims, rows [P, N, k], the texts generated from, kept generations, fidelity [P]) of `frame` through `models.copies`."""
     results, _ = map_with_progress(models, "copies", frame[["prompt_id", "prompt"]], what, cfg.ray.progress_every_s, *args)
     queries = torch.from_numpy(np.concatenate([r[0] for r in results]))
     sims, rows = search(queries, index, CopiesSettings.of(cfg.copies), resolve_device("auto"))
-    return sims, rows, [t for r in results for t in r[1]], {pid: g for r in results for pid, g in r[2].items()}
+    kept = {pid: g for r in results for pid, g in r[2].items()}
+    return sims, rows, [t for r in results for t in r[1]], kept, [f for r in results for f in r[3]]
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids) -> tuple[list[pa.Table], Threshold, dict]:
     """copies.parquet rows at one guidance (the prompts, then each mitigation strategy), its threshold, the kept generations."""
     settings = CopiesSettings.of(cfg.copies)
-    sims, rows, _, kept = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
-    table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint)
+    sims, rows, _, kept, faithful = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
+    table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint, fidelity=faithful)
     tables = [table]
     memorized = frame[frame["group"] == "memorized"]
     for strategy in checked_strategies(cfg) if len(memorized) else []:
-        s_sims, s_rows, texts, _ = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
+        s_sims, s_rows, texts, _, s_faithful = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
         rewritten = memorized.assign(prompt=texts)
-        tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy)[0])
+        tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy, s_faithful)[0])
     best = table.to_pandas().set_index("prompt_id")
     chosen = {pid: (g[int(best.loc[pid, "best_generation"])], best.loc[pid]) for pid, g in kept.items()}
     return tables, threshold, chosen
@@ -104,6 +106,15 @@ def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[s
         out["known"] = {"checked_known": int(truth.sum()), "precision": hits / flagged.sum() if flagged.any() else None,
                         "recall": hits / truth.sum() if truth.any() else None}  # fmt: skip
     return out
+
+
+def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidance: float, cfg) -> dict:
+    """Per strategy: copy rate (paired against original), fidelity, d_mem change and cost (cxrmem/judgement.py),
+    and the strategies that halve the copy rate with fidelity within 10 points."""
+    order = ["original"] + checked_strategies(cfg)
+    rows = judge_strategies(checked, mitigation, guidance, order)
+    return {"strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows),
+            "fidelity_measure": cfg.fidelity.measure}
 
 
 def save_figures(store: Store, layout: RunLayout, chosen: dict[float, dict]) -> list[str]:
@@ -141,10 +152,13 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
         keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
+        mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
         for guidance in guidances(cfg):
             rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids)
             tables += rows
-            per_guidance[f"w={guidance:g}"] = guidance_summary(pa.concat_tables(rows).to_pandas(), threshold, known)
+            checked = pa.concat_tables(rows).to_pandas()
+            per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
+            per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
         store.write_table(pa.concat_tables(tables).cast(COPIES_SCHEMA), layout.copies)
         summary = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
         merge_summary(store, layout, copies=summary)

@@ -26,12 +26,15 @@ from cxrmem.config import config_hash
 from cxrmem.copies.embedders import EmbedderSettings
 from cxrmem.copies.find import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
+from cxrmem.fidelity import FidelitySettings, make_fidelity
 from cxrmem.mitigation import (
     EMBEDDING_STRATEGIES,
+    SAMPLING_STRATEGIES,
     MitigationSettings,
     mitigate_prompts,
     mitigated_prompt,
     strategy_embedding,
+    strategy_sampling,
     vocabulary_words,
 )
 from cxrmem.progress import Progress
@@ -121,6 +124,8 @@ class ModelWorker:
         self.attribution, self.mitigation = attribution_settings(cfg), mitigation_settings(cfg)
         self.copy_settings, self.embedder_settings = CopiesSettings.of(cfg.copies), embedder_settings(cfg)
         self.embedder = None  # the image embedder, loaded by the first `copies` call
+        self.fidelity_settings = FidelitySettings.of(cfg.fidelity)
+        self._fidelity: object = False  # the fidelity measure, loaded by the first call that needs it (None: none set)
         self.detectors, self.detect = tuple(cfg.score.detectors), DetectorSettings.of(cfg.detect)
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
 
@@ -149,31 +154,46 @@ class ModelWorker:
 
     def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
-        return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids)
+        return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids, self.fidelity())
 
-    def copies(self, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none", keep_ids=frozenset()):
-        """Embeddings [P, N, D] of N generations per prompt (its text rewritten by a mitigation `strategy`
-        unless "none"), the texts generated from, and the grey generations [N, H, W] of those in `keep_ids`."""
+    def sampling_plan(self, strategy: str):
+        """The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it."""
         import torch
 
+        def plan(texts, ids, embeddings, latents, w):
+            rows = [strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)]
+            return strategy_sampling(self.scorer, strategy, texts, torch.cat(rows), latents, w, self.mitigation)
+
+        return plan
+
+    def fidelity(self):
+        """The configured fidelity measure (cxrmem/fidelity.py), loaded once; None when none is set."""
+        if self._fidelity is False:
+            self._fidelity = make_fidelity(self.fidelity_settings, self.scorer.device)
+        return self._fidelity
+
+    def copies(self, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none", keep_ids=frozenset()):
+        """Embeddings [P, N, D] of N generations per prompt (generated under a mitigation `strategy` unless
+        "none"), the texts generated from, the grey generations [N, H, W] of those in `keep_ids`, and per
+        prompt the fidelity of its generations to the original prompt ([P], NaN without a measure)."""
         from cxrmem.copies.embedders import make_embedder
         from cxrmem.copies.find import embedded_generations
 
         if self.embedder is None:
             self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
-        transform = None
-        if strategy in EMBEDDING_STRATEGIES:  # the same text, a changed embedding (as the mitigate stage makes it)
-            def transform(embeddings, ids):
-                rows = [strategy_embedding(self.scorer, strategy, embeddings[i : i + 1], pid, self.mitigation) for i, pid in enumerate(ids)]
-                return torch.cat(rows)
+        plan, originals = None, list(prompts)
+        if strategy in EMBEDDING_STRATEGIES or strategy in SAMPLING_STRATEGIES:
+            plan = self.sampling_plan(strategy)
         elif strategy != "none":
             vocab = vocabulary_words(self.scorer.tokenizer)
             prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
         queries, generations = embedded_generations(
-            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, transform
+            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, plan
         )
         kept = {pid: generations[i].mean(dim=1).numpy() for i, pid in enumerate(prompt_ids) if pid in keep_ids}
-        return queries.numpy(), prompts, kept
+        measure = self.fidelity()
+        faithful = measure(generations, originals) if measure is not None else [float("nan")] * len(prompt_ids)
+        return queries.numpy(), prompts, kept, list(faithful)
 
 
 @contextmanager

@@ -23,14 +23,16 @@ n_images == n_copies > 1).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from cxrmem.corpus.iuxray import iter_iuxray_reports
 from cxrmem.corpus.synthetic import generate_reports
-from cxrmem.corpus.text import count_markers, normalise_whitespace
+from cxrmem.corpus.surrogates import replace_with_surrogates
+from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, normalise_whitespace
 from cxrmem.testbed.phantoms import phantoms
 
 MANIFEST = "manifest.csv"
@@ -49,6 +51,17 @@ class TrainingSet:
     image_prompt: np.ndarray  # [I] int: the prompt each image is trained with
     image_copies: np.ndarray  # [I] int: times the (prompt, image) pair appears per epoch
     planted: np.ndarray  # [P] bool
+    texts: Optional[list[str]] = None  # the texts trained with (None: the prompts; see with_text_variant)
+    image_text: Optional[np.ndarray] = None  # [I] int: the text each image is trained with (None: image_prompt)
+    image_origin: Optional[np.ndarray] = None  # [I] int: the distinct image an entry repeats (None: each is its own)
+
+    @property
+    def training_texts(self) -> list[str]:
+        return self.prompts if self.texts is None else self.texts
+
+    @property
+    def text_of_image(self) -> np.ndarray:
+        return self.image_prompt if self.image_text is None else self.image_text
 
     @property
     def n_copies(self) -> np.ndarray:
@@ -58,7 +71,10 @@ class TrainingSet:
     @property
     def n_images(self) -> np.ndarray:
         """[P] distinct images each prompt is trained with."""
-        return np.bincount(self.image_prompt, minlength=len(self.prompts))
+        if self.image_origin is None:
+            return np.bincount(self.image_prompt, minlength=len(self.prompts))
+        distinct = np.unique(np.stack([self.image_prompt, self.image_origin]), axis=1)[0]
+        return np.bincount(distinct, minlength=len(self.prompts))
 
     def epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """One shuffled epoch of image indices: image i appears image_copies[i] times."""
@@ -141,3 +157,33 @@ def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
     seeds = [patient_seed(tb_cfg.seed, i) for i in range(len(image_prompt))]
     images = phantoms([prompts[p] for p in image_prompt], seeds, tb_cfg.image_size)
     return TrainingSet(prompts, images, image_prompt, image_copies.astype(np.int64), np.asarray(planted, dtype=bool))
+
+
+# The paper's training-time advice, as variants of the training texts (testbed.text_variant): the
+# manifest keeps the prompts as the audit sees them (with markers), the model trains on the variant.
+TEXT_VARIANTS = ("none", "random_markers", "no_markers")
+
+
+def with_text_variant(ts: TrainingSet, variant: str, seed: int, marker_regex: str) -> TrainingSet:
+    """The training set trained on another text: `random_markers` gives every training pair of a prompt
+    with markers its own fresh surrogates (the curator's advice: a pair repeated n times per epoch becomes
+    n pairs of the same image, each with its own text, one copy each); `no_markers` deletes the markers."""
+    if variant == "none":
+        return ts
+    pattern = compile_marker_regex(marker_regex)
+    if variant == "no_markers":
+        return replace(ts, texts=[delete_markers(p, pattern) for p in ts.prompts], image_text=ts.image_prompt.copy())
+    if variant != "random_markers":
+        raise ValueError(f"testbed.text_variant {variant!r}: choose from {', '.join(TEXT_VARIANTS)}")
+    rng = np.random.default_rng([seed, 22])
+    texts, images, image_prompt, copies, image_text = [], [], [], [], []
+    for i, p in enumerate(ts.image_prompt):
+        prompt, marked = ts.prompts[p], pattern.search(ts.prompts[p]) is not None
+        for _ in range(int(ts.image_copies[i]) if marked else 1):
+            texts.append(replace_with_surrogates(prompt, pattern, rng)[0] if marked else prompt)
+            images.append(i)
+            image_prompt.append(p)
+            copies.append(1 if marked else int(ts.image_copies[i]))
+            image_text.append(len(texts) - 1)
+    return TrainingSet(ts.prompts, ts.images[images], np.asarray(image_prompt), np.asarray(copies, dtype=np.int64), ts.planted,
+                       texts, np.asarray(image_text), np.asarray(images))  # fmt: skip

@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
 from cxrmem.models.tiny import radedit_scheduler, train_wordpiece_tokenizer
-from cxrmem.testbed.dataset import MANIFEST, TrainingSet, build_training_set
+from cxrmem.testbed.dataset import MANIFEST, TrainingSet, build_training_set, with_text_variant
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def optimise(unet, text_encoder, scheduler, training_set: TrainingSet, images, t
         if time.time() - started > 60 * tb.max_minutes:
             stopped_by = "max_minutes"
             break
-        ids = token_ids[training_set.image_prompt[index]]  # fancy indexing copies
+        ids = token_ids[training_set.text_of_image[index]]  # fancy indexing copies
         ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
         loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -191,10 +191,13 @@ def train(cfg) -> dict:
     torch.manual_seed(tb.seed)
     started = time.time()
 
-    training_set = build_training_set(tb, cfg.corpus)
-    tokenizer = train_wordpiece_tokenizer(training_set.prompts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
+    training_set = with_text_variant(build_training_set(tb, cfg.corpus), tb.text_variant, tb.seed, cfg.corpus.marker_regex)
+    # The vocabulary also covers the manifest's prompts, so that the audited texts (with markers) tokenise
+    # under a variant that trained without them.
+    vocab_texts = training_set.training_texts + (training_set.prompts if training_set.texts is not None else [])
+    tokenizer = train_wordpiece_tokenizer(vocab_texts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
     token_ids = tokenizer(
-        training_set.prompts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
+        training_set.training_texts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
     )["input_ids"]
     empty_ids = tokenizer([""], padding="max_length", max_length=tb.max_tokens, return_tensors="pt")["input_ids"]
     images = torch.from_numpy(training_set.images) * 2 - 1

@@ -1,0 +1,141 @@
+"""The sampling-level strategies (attention re-scaling, delayed / opposite guidance, initial-noise adjustment):
+each changes what it claims and nothing else, on the real tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxrmem import strategies
+from cxrmem.config import load_config
+from cxrmem.mitigation import (
+    MitigationSettings,
+    adjust_initial_noise,
+    guidance_schedule,
+    marker_token_scales,
+    mitigate_prompt,
+    strategy_sampling,
+    vocabulary_words,
+)
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.attention import rescale_attention
+from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.stages.worker import mitigation_settings
+
+MARKED = "Compared to ___, the heart is enlarged."
+PLAIN = "Small left pleural effusion."
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dir):
+    return load_config(None, [f"model.path={tiny_model_dir}", "model.device=cpu", "score.steps=4", "score.generations=2",
+                              "mitigation.n_generations=2", "mitigation.noise_iters=2"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scorer(cfg):
+    return Scorer(load_components(cfg.model, need_vae=True), ScoreSettings.of(cfg.score), device="cpu")
+
+
+def settings(**changes) -> MitigationSettings:
+    return MitigationSettings(strategies=("original",), **changes)
+
+
+# -- attention re-scaling ------------------------------------------------------------------------
+def test_rescaling_moves_only_the_target_tokens_mass_to_the_first_token():
+    probs = torch.softmax(torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(0)), dim=-1)
+    scales = torch.ones(2, 1, 1, 6)
+    scales[0, ..., 2:4] = 0.25  # prompt 0: tokens 2 and 3 are targets; prompt 1: none
+    out = rescale_attention(probs, scales)
+    torch.testing.assert_close(out[0, ..., 2:4], 0.25 * probs[0, ..., 2:4])
+    torch.testing.assert_close(out[0, ..., [1, 4, 5]], probs[0, ..., [1, 4, 5]])  # non-targets exactly as they were
+    torch.testing.assert_close(out[0, ..., 0], probs[0, ..., 0] + 0.75 * probs[0, ..., 2:4].sum(-1))
+    torch.testing.assert_close(out[1], probs[1])  # scale 1 everywhere: unchanged
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 3, 4))
+
+
+def test_marker_token_scales_mark_exactly_the_marker_tokens(scorer):
+    scales, has_marker = marker_token_scales(scorer.tokenizer, [MARKED, PLAIN], scorer.max_length, settings(attention_scale=0.1))
+    assert list(has_marker) == [True, False] and (scales[1] == 1).all()
+    ids = scorer.tokenizer(MARKED, padding="max_length", max_length=scorer.max_length)["input_ids"]
+    targets = [scorer.tokenizer.convert_ids_to_tokens(ids[j]) for j in torch.nonzero(scales[0] != 1).flatten().tolist()]
+    assert targets and set(targets) == {"_"} and torch.allclose(scales[0][scales[0] != 1], torch.tensor(0.1))
+
+
+def test_rescaled_sampling_changes_the_marked_prompt_only(scorer):
+    embeddings = scorer.encode([MARKED, PLAIN]).embeddings
+    latents = scorer.initial_latents(["a" * 16, "b" * 16])
+    plain = scorer.sample(embeddings, latents, guidance=1.0)
+    scales, _ = marker_token_scales(scorer.tokenizer, [MARKED, PLAIN], scorer.max_length, settings())
+    # The re-scaled path computes attention explicitly, not with the fused kernel: equal to rounding.
+    ones = scorer.sample(embeddings, latents, guidance=1.0, token_scales=torch.ones_like(scales))
+    torch.testing.assert_close(ones.final_latents, plain.final_latents, rtol=1e-4, atol=1e-4)  # scale 1: identity
+    masked = scorer.sample(embeddings, latents, guidance=1.0, token_scales=scales)
+    assert (masked.final_latents[0] - plain.final_latents[0]).abs().max() > 1e-2
+    torch.testing.assert_close(masked.final_latents[1], plain.final_latents[1], rtol=1e-4, atol=1e-4)  # no marker
+
+
+# -- delayed and opposite guidance ---------------------------------------------------------------
+def test_guidance_schedule_is_plain_guidance_after_the_delay():
+    s = settings(guidance_delay=0.25, opposite_scale=3.0)
+    assert guidance_schedule("delayed_guidance", 7.5, 8, s).tolist() == [0.0, 0.0] + [7.5] * 6
+    assert guidance_schedule("opposite_guidance", 1.0, 8, s).tolist() == [-3.0, -3.0] + [1.0] * 6
+    assert guidance_schedule("original", 7.5, 8, s).tolist() == [7.5] * 8
+    assert guidance_schedule("delayed_guidance", 7.5, 8, settings(guidance_delay=0.0)).tolist() == [7.5] * 8
+
+
+def test_delayed_trajectory_follows_the_early_weight_then_leaves_it(scorer):
+    embeddings = scorer.encode([MARKED]).embeddings
+    latents = scorer.initial_latents(["a" * 16])
+    steps = scorer.settings.steps
+    flat = scorer.sample(embeddings, latents, guidance=torch.full((1, steps), 7.5))
+    torch.testing.assert_close(flat.final_latents, scorer.sample(embeddings, latents, guidance=7.5).final_latents)
+    schedule = guidance_schedule("delayed_guidance", 7.5, steps, settings(guidance_delay=0.5)).expand(1, -1)
+    delayed = scorer.sample(embeddings, latents, guidance=schedule, keep_inputs=True)
+    unguided = scorer.sample(embeddings, latents, guidance=0.0, keep_inputs=True)
+    guided = scorer.sample(embeddings, latents, guidance=7.5, keep_inputs=True)
+    # Steps 0 and 1 are unguided: the inputs of steps 0..2 are the unguided run's, then the runs part.
+    for i in range(3):
+        torch.testing.assert_close(delayed.model_inputs[i], unguided.model_inputs[i])
+    assert not torch.allclose(delayed.model_inputs[1], guided.model_inputs[1])
+    assert not torch.allclose(delayed.final_latents, unguided.final_latents, atol=1e-4)
+    # d_mem's norms need both halves at every step, whatever the weight: all steps recorded.
+    assert delayed.step_norms.shape == (1, 2, steps) and torch.isfinite(delayed.step_norms).all()
+
+
+# -- initial-noise adjustment --------------------------------------------------------------------
+def test_noise_adjustment_lowers_the_first_step_norm_and_keeps_the_latent_norm(scorer):
+    embedding = scorer.encode([MARKED]).embeddings
+    latents = scorer.initial_latents(["a" * 16], 3)[0]
+    adjusted = adjust_initial_noise(scorer, latents, embedding, settings(noise_iters=3, noise_lr=0.05))
+    torch.testing.assert_close(adjusted.flatten(1).norm(dim=1), latents.flatten(1).norm(dim=1))
+    with torch.no_grad():
+        before, after = scorer.first_step_noise_norms(latents, embedding), scorer.first_step_noise_norms(adjusted, embedding)
+    assert (after < before).all()
+    assert not torch.allclose(adjusted, latents)
+    torch.testing.assert_close(adjust_initial_noise(scorer, latents, embedding, settings(noise_iters=0)), latents)
+
+
+def test_noise_adjustment_changes_only_the_latents(scorer):
+    embeddings = scorer.encode([MARKED]).embeddings
+    latents = scorer.initial_latents(["a" * 16])
+    inputs = strategy_sampling(scorer, "noise_adjustment", [MARKED], embeddings, latents, 1.0, settings(noise_iters=1))
+    assert inputs["guidance"] == 1.0 and inputs["cond_embeddings"] is embeddings and "token_scales" not in inputs
+    assert inputs["latents"].shape == latents.shape and not torch.allclose(inputs["latents"], latents)
+
+
+# -- the strategies in the paired experiment -----------------------------------------------------
+def test_new_strategies_in_the_experiment_rows_costs_and_changed(cfg, scorer):
+    names = ["original", "attention_rescaling", "delayed_guidance", "opposite_guidance", "noise_adjustment"]
+    s = mitigation_settings(cfg).replace(strategies=tuple(names))
+    vocab = vocabulary_words(scorer.tokenizer)
+    rows = {p: mitigate_prompt(scorer, scorer, p, "c" * 16, s, vocab)[0] for p in (MARKED, PLAIN)}
+    marked, plain = ({r["strategy"]: r for r in rows[p]} for p in (MARKED, PLAIN))
+    assert [marked[n]["changed"] for n in names] == [False, True, True, True, True]
+    assert not plain["attention_rescaling"]["changed"]  # no marker to re-scale
+    assert plain["attention_rescaling"]["d_mem"] == pytest.approx(plain["original"]["d_mem"], rel=1e-5)
+    assert marked["attention_rescaling"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-5)
+    steps = scorer.settings.steps
+    assert marked["delayed_guidance"]["evaluations"] == 2 * steps == marked["attention_rescaling"]["evaluations"]
+    assert marked["noise_adjustment"]["evaluations"] == 2 * steps + 2 * 2 * 2 * 3
+    assert strategies.REGISTRY["noise_adjustment"].evaluations(s, 50) == 100 + 2 * 12
+    assert all(np.isfinite(r["d_mem"]) and r["pairwise_distance"] > 0 for r in rows[MARKED])
