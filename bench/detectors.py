@@ -13,7 +13,7 @@ prompts (n_copies > 1, not planted). Each detector of cxrmem/detectors.py runs o
 - natural duplicates, ranked apart: AUC of naturally duplicated against never-duplicated
   prompts (0.5: ranked like any prompt; 1: ranked like memorized ones);
 - UNet sample evaluations per prompt (declared costs, REGISTRY; the shared unconditional passes
-  spread over a batch) and JVPs per prompt; CPU seconds per prompt (process time);
+  spread over a batch) and derivative samples (JVPs and VJPs) per prompt; CPU seconds per prompt (process time);
 - cascade recall: share of the full d_mem's top 1% of the evaluation set that the screen's top q%
   holds, q in {2, 5, 10}, with the cascade's UNet evaluations per prompt (screen + q x full).
 
@@ -55,6 +55,10 @@ def runs(steps: int, generations: int) -> list[tuple[str, str, DetectorSettings]
         ("sharpness G=1", "sharpness", DetectorSettings(generations=1)),
         ("anisotropy G=1", "anisotropy", DetectorSettings(generations=1)),
         ("attention entropy G=1", "attention_entropy", DetectorSettings(generations=1)),
+        ("latent update k=1 G=1", "latent_update", DetectorSettings(generations=1, steps=1)),
+        ("latent update k=2 G=1", "latent_update", DetectorSettings(generations=1, steps=2)),
+        ("hessian difference G=1", "hessian_difference", DetectorSettings(generations=1)),
+        ("bright ending G=1", "bright_ending", DetectorSettings(generations=1)),
         (FULL, "dmem", DetectorSettings(generations=generations, steps=steps)),
     ]
 
@@ -104,12 +108,12 @@ def bench_testbed(path: str, args) -> dict:
     rows, scores = [], {}
     for label, name, settings in runs(args.steps, args.generations):
         columns, seconds = run_detector(scorer, frame, name, settings, args.batch_size)
-        cost = REGISTRY[name].cost(settings.generations, settings.steps, True)
+        cost = REGISTRY[name].cost_of(settings.generations, settings.steps, True, args.steps)
         evaluations = cost.per_prompt + cost.per_batch / args.batch_size
         for key, values in columns.items():
             row_label = label if key == name else f"{label}: {key.replace(name + '_', '')}"
             scores[row_label] = (name, values)
-            rows.append({"label": row_label, "evaluations": evaluations, "jvps": cost.jvps_per_prompt, "cpu_s": seconds,
+            rows.append({"label": row_label, "evaluations": evaluations, "jvps": cost.jvps_per_prompt + cost.vjps_per_prompt, "cpu_s": seconds,
                          **detection_row(values, frame, name)})
         print(f"{path}: {label} done ({seconds:.3f} CPU s/prompt)", flush=True)
     full_evaluations = next(r["evaluations"] for r in rows if r["label"] == FULL)
@@ -127,7 +131,7 @@ def bench_testbed(path: str, args) -> dict:
 
 def table(result: dict) -> list[str]:
     natural = result["counts"].get("natural", 0) > 0
-    head = "| detector | UNet evals / prompt | JVPs / prompt | CPU s / prompt | AUC | TPR@1%FPR |"
+    head = "| detector | UNet evals / prompt | JVPs+VJPs / prompt | CPU s / prompt | AUC | TPR@1%FPR |"
     head += " natural dup. AUC | natural dup. in top 1% |" if natural else ""
     head += "".join(f" recall q={q:g}% (evals/prompt) |" for q in SCREEN_PERCENTS)
     lines = [head, "|" + "---|" * head.count(" |")]

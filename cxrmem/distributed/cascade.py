@@ -65,7 +65,8 @@ def screening_cost(screen_cfg) -> Cost:
     shared = screen_cfg.score.seed_mode == "shared"
     cost = dmem_cost(screen_cfg.score, screen_cfg.score.screening_steps)
     for name in screen_cfg.score.detectors:
-        cost = cost + REGISTRY[name].cost(screen_cfg.detect.generations, screen_cfg.detect.steps, shared)
+        spec = REGISTRY[name]
+        cost = cost + spec.cost_of(screen_cfg.detect.generations, screen_cfg.detect.steps, shared, screen_cfg.score.steps)
     return cost
 
 
@@ -80,6 +81,7 @@ def cascade_cost(n_prompts: int, n_selected: int, screen: Cost, full: Cost, batc
         "unet_evaluations_full": everything,
         "unet_evaluations_cascade": cascade,
         "jvps_cascade": screen.jvps(n_prompts),
+        "vjps_cascade": screen.vjps(n_prompts),
         "compute_saved": 1.0 - cascade / everything if everything else 0.0,
     }
 
