@@ -16,21 +16,13 @@ import warnings
 from typing import Iterator
 
 import pyarrow as pa
-from omegaconf import OmegaConf
 
+from cxrmem.config import with_overrides  # noqa: F401  (re-exported: the distributed modules import it from here)
 from cxrmem.distributed.session import pool_size
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
-
-
-def with_overrides(cfg, **dotted):
-    """A read-only copy of `cfg` with dot-keys replaced (keyword `a__b` is the key `a.b`)."""
-    items = [f"{key.replace('__', '.')}={value}" for key, value in dotted.items()]
-    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
-    OmegaConf.set_readonly(merged, True)
-    return merged
 
 
 def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array) -> Iterator[pa.Table]:
