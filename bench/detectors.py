@@ -106,7 +106,8 @@ def bench_testbed(path: str, args) -> dict:
     score_cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"steps": args.steps, "seed": args.seed})
     scorer = Scorer(components, ScoreSettings.of(score_cfg), device="cpu")
     rows, scores = [], {}
-    for label, name, settings in runs(args.steps, args.generations):
+    chosen = [r for r in runs(args.steps, args.generations) if not args.detectors or r[1] in args.detectors or r[0] == FULL]
+    for label, name, settings in chosen:
         columns, seconds = run_detector(scorer, frame, name, settings, args.batch_size)
         cost = REGISTRY[name].cost_of(settings.generations, settings.steps, True, args.steps)
         evaluations = cost.per_prompt + cost.per_batch / args.batch_size
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--detectors", nargs="+", help="bench only these REGISTRY detectors (and the full d_mem)")
     parser.add_argument("--scores-dir", default=None, help="also write <testbed>_scores.csv (every prompt's scores) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

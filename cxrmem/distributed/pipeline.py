@@ -25,8 +25,12 @@ from cxrmem.storage import Store
 log = logging.getLogger(__name__)
 
 
-def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array) -> Iterator[pa.Table]:
-    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session."""
+def scored_batches(
+    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker
+) -> Iterator[pa.Table]:
+    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session.
+
+    `worker` is the actor class (bench/scale.py measures the pipeline's own ceiling with one that scores nothing)."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
@@ -44,7 +48,7 @@ def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_i
         # max_restarts has no named parameter yet; Ray 2.60 flags every extra remote arg as deprecated.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ds.map_batches(
-            ModelWorker,
+            worker,
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "store": store,
