@@ -13,7 +13,7 @@ prompts (n_copies > 1, not planted). Each detector of cxrmem/detectors.py runs o
 - natural duplicates, ranked apart: AUC of naturally duplicated against never-duplicated
   prompts (0.5: ranked like any prompt; 1: ranked like memorized ones);
 - UNet sample evaluations per prompt (declared costs, REGISTRY; the shared unconditional passes
-  spread over a batch) and JVPs per prompt; CPU seconds per prompt (process time);
+  spread over a batch) and derivative samples (JVPs and VJPs) per prompt; CPU seconds per prompt (process time);
 - cascade recall: share of the full d_mem's top 1% of the evaluation set that the screen's top q%
   holds, q in {2, 5, 10}, with the cascade's UNet evaluations per prompt (screen + q x full).
 
@@ -55,6 +55,10 @@ def runs(steps: int, generations: int) -> list[tuple[str, str, DetectorSettings]
         ("sharpness G=1", "sharpness", DetectorSettings(generations=1)),
         ("anisotropy G=1", "anisotropy", DetectorSettings(generations=1)),
         ("attention entropy G=1", "attention_entropy", DetectorSettings(generations=1)),
+        ("latent update k=1 G=1", "latent_update", DetectorSettings(generations=1, steps=1)),
+        ("latent update k=2 G=1", "latent_update", DetectorSettings(generations=1, steps=2)),
+        ("hessian difference G=1", "hessian_difference", DetectorSettings(generations=1)),
+        ("bright ending G=1", "bright_ending", DetectorSettings(generations=1)),
         (FULL, "dmem", DetectorSettings(generations=generations, steps=steps)),
     ]
 
@@ -102,14 +106,15 @@ def bench_testbed(path: str, args) -> dict:
     score_cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"steps": args.steps, "seed": args.seed})
     scorer = Scorer(components, ScoreSettings.of(score_cfg), device="cpu")
     rows, scores = [], {}
-    for label, name, settings in runs(args.steps, args.generations):
+    chosen = [r for r in runs(args.steps, args.generations) if not args.detectors or r[1] in args.detectors or r[0] == FULL]
+    for label, name, settings in chosen:
         columns, seconds = run_detector(scorer, frame, name, settings, args.batch_size)
-        cost = REGISTRY[name].cost(settings.generations, settings.steps, True)
+        cost = REGISTRY[name].cost_of(settings.generations, settings.steps, True, args.steps)
         evaluations = cost.per_prompt + cost.per_batch / args.batch_size
         for key, values in columns.items():
             row_label = label if key == name else f"{label}: {key.replace(name + '_', '')}"
             scores[row_label] = (name, values)
-            rows.append({"label": row_label, "evaluations": evaluations, "jvps": cost.jvps_per_prompt, "cpu_s": seconds,
+            rows.append({"label": row_label, "evaluations": evaluations, "jvps": cost.jvps_per_prompt + cost.vjps_per_prompt, "cpu_s": seconds,
                          **detection_row(values, frame, name)})
         print(f"{path}: {label} done ({seconds:.3f} CPU s/prompt)", flush=True)
     full_evaluations = next(r["evaluations"] for r in rows if r["label"] == FULL)
@@ -127,7 +132,7 @@ def bench_testbed(path: str, args) -> dict:
 
 def table(result: dict) -> list[str]:
     natural = result["counts"].get("natural", 0) > 0
-    head = "| detector | UNet evals / prompt | JVPs / prompt | CPU s / prompt | AUC | TPR@1%FPR |"
+    head = "| detector | UNet evals / prompt | JVPs+VJPs / prompt | CPU s / prompt | AUC | TPR@1%FPR |"
     head += " natural dup. AUC | natural dup. in top 1% |" if natural else ""
     head += "".join(f" recall q={q:g}% (evals/prompt) |" for q in SCREEN_PERCENTS)
     lines = [head, "|" + "---|" * head.count(" |")]
@@ -171,6 +176,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--detectors", nargs="+", help="bench only these REGISTRY detectors (and the full d_mem)")
     parser.add_argument("--scores-dir", default=None, help="also write <testbed>_scores.csv (every prompt's scores) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

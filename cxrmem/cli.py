@@ -137,7 +137,9 @@ def _stage(args: argparse.Namespace, cfg, store) -> dict:
     if args.stage in STAGE_MODULES:
         from importlib import import_module
 
-        # One module per stage (cxrmem/stages/), each `run(cfg, store)`.
+        # One module per stage (cxrmem/stages/), each `run(cfg, store)`; with cascade.enabled `score` is the cascade.
+        if args.stage == "score" and cfg.cascade.enabled:
+            return import_module("cxrmem.stages.cascade").run(cfg, store)
         return import_module(f"cxrmem.stages.{STAGE_MODULES[args.stage]}").run(cfg, store)
     if args.stage == "audit":
         from cxrmem.distributed.audit import run_audit

@@ -99,11 +99,24 @@ class DetectConfig:
 
 
 @dataclass
+class CascadeStage:
+    screen: str = "dmem"  # the stage's detector (REGISTRY name)
+    keep_percent: float = 10.0  # share of this stage's input (by its screen) that goes on to the next stage
+    steps: int = 1  # k: DDIM steps of a dmem / latent_update screen (below score.steps)
+    generations: Optional[int] = None  # G of the screen (None: score.generations, so the full score can share its noises)
+
+
+@dataclass
 class CascadeConfig:
     enabled: bool = False  # screen every prompt with the first k steps, then fully score only the top share
     screening_steps: int = 5  # k: steps of the screening pass when cascade.screen = dmem
     top_percent: float = 10.0  # q: share of prompts (by screening score) that get the full score
     screen: str = "dmem"  # screening detector (REGISTRY name): dmem screens with the first screening_steps of d_mem, others with their own column
+    stages: List[CascadeStage] = field(default_factory=list)  # screens in order, each scoring the previous one's survivors; empty: one stage from screen / screening_steps / top_percent
+    audit_sample: int = 0  # rejected prompts fully scored to check the cascade (seeded random sample; 0: no check)
+    audit_seed: int = 0  # seed of the audit sample
+    widen_factor: float = 2.0  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
+    max_rounds: int = 4  # screen-check-widen rounds at most (the last one's result stands, its misses reported)
 
 
 @dataclass
@@ -348,6 +361,10 @@ RULES = {
     "detect.low_timestep": NON_NEGATIVE,
     "cascade.screening_steps": POSITIVE,
     "cascade.top_percent": (_percent, "in (0, 100]"),
+    "cascade.audit_sample": NON_NEGATIVE,
+    "cascade.audit_seed": NON_NEGATIVE,
+    "cascade.widen_factor": (lambda v: v > 1, "above 1"),
+    "cascade.max_rounds": POSITIVE,
     "analyze.top_percent": (_percent, "in (0, 100]"),
     "analyze.zscore": POSITIVE,
     "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
@@ -474,6 +491,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     return cfg
 
 
+def with_overrides(cfg, **dotted):
+    """A read-only copy of `cfg` with dot-keys replaced (keyword `a__b` is the key `a.b`)."""
+    items = [f"{key.replace('__', '.')}={value}" for key, value in dotted.items()]
+    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
 def validate(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -494,7 +519,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_detectors(cfg)
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
-    if cfg.cascade.enabled and cfg.cascade.screening_steps >= cfg.score.steps:
+    if cfg.cascade.enabled and not cfg.cascade.stages and cfg.cascade.screening_steps >= cfg.score.steps:
         raise ConfigError("config key 'cascade.screening_steps' must be below score.steps (the full score)")
     if cfg.corpus.source in ("mimic_reports", "table") and not cfg.corpus.path:
         raise ConfigError(f"config key 'corpus.path' is required when corpus.source={cfg.corpus.source}")
@@ -518,6 +543,16 @@ def _validate_detectors(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'score.detectors': {names} names a detector twice")
     if cfg.cascade.screen not in REGISTRY:
         raise ConfigError(f"config key 'cascade.screen': {cfg.cascade.screen!r} is not one of {list(REGISTRY)}")
+    for i, stage in enumerate(cfg.cascade.stages):
+        key = f"cascade.stages[{i}]"
+        if stage.screen not in REGISTRY:
+            raise ConfigError(f"config key '{key}.screen': {stage.screen!r} is not one of {list(REGISTRY)}")
+        if not _percent(stage.keep_percent):
+            raise ConfigError(f"config key '{key}.keep_percent': {stage.keep_percent!r} must be in (0, 100]")
+        if not 0 < stage.steps < cfg.score.steps:
+            raise ConfigError(f"config key '{key}.steps': {stage.steps!r} must be positive and below score.steps ({cfg.score.steps})")
+        if not _optional_positive(stage.generations):
+            raise ConfigError(f"config key '{key}.generations': {stage.generations!r} must be null or positive")
 
 
 def score_config(cfg: DictConfig) -> dict:

@@ -164,6 +164,19 @@ def detectors_context(section: Optional[dict]) -> Optional[dict]:
     return {"rows": rows, "card": card, "top_percent": top, "fpr": section.get("fpr")}
 
 
+def cascade_context(section: Optional[dict]) -> Optional[dict]:
+    """The Cascade section (issue 21): the stages of every round, the compute and the self-check's verdict."""
+    if not section:
+        return None
+    rows = [
+        {"round": n, "stage": i + 1, **stage, "misses": r["missed_by_stage"].get(str(i), r["missed_by_stage"].get(i, 0))}
+        for n, r in enumerate(section["rounds"], 1) for i, stage in enumerate(r["stages"])
+    ]
+    audit, spent = section["audit"], section["evaluations"]
+    return {"rows": rows, "audit": audit, "evaluations": spent, "verdict": section["verdict"],
+            "ok": audit["sample"] > 0 and audit["misses"] == 0, "corpus": section["corpus"], "fully_scored": section["fully_scored"]}
+
+
 def run_rows(summary: dict) -> list[dict]:
     """Durations and rates recorded by the stages, each value once (stages repeat the audit's timings)."""
     flat = _flatten({k: v for k, v in summary.items() if k != "analysis"})
@@ -414,6 +427,9 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     detectors = detectors_context(summary.get("detectors"))
     if detectors:
         page["detectors"], page["extra"]["detectors"] = detectors, detectors["card"]
+    cascade = cascade_context(summary.get("cascade"))
+    if cascade:
+        page["cascade"] = cascade
     if analysis:
         page["distribution"] = distribution_context(analysis, d_mem, figure)
         page["enrichment_rows"] = enrichment_rows(analysis)

@@ -24,6 +24,9 @@ Choices that change numbers, written down once here:
   positives tied with that negative are not counted.
 - Paired difference (`paired_difference_ci`): the mean of a - b over pairs with Student's t 95%
   interval (n - 1 degrees of freedom); no interval below two pairs.
+- Miss rate of a screen (`miss_rate`): x misses in a simple random sample of n rejected prompts;
+  the estimate x / n with the one-sided 95% Clopper-Pearson upper bound Beta(0.95; x + 1, n - x)
+  (1 when x = n; no bound without a sample).
 - High-frequency share of an image (`high_frequency_share`): the share of its spectral power
   (mean removed) at frequencies above half the Nyquist limit in either axis. White noise puts
   0.75 of its power there; a radiograph, smooth at pixel scale, well under 0.1.
@@ -260,3 +263,13 @@ def high_frequency_share(images: np.ndarray) -> np.ndarray:
     high = np.maximum(np.abs(fy)[:, None], np.abs(fx)[None, :]) > 0.25
     total = power.sum(axis=(1, 2))
     return np.where(total > 0, power[:, high].sum(axis=1) / np.where(total > 0, total, 1.0), 0.0)
+
+
+def miss_rate(misses: int, sample: int, level: float = 0.95) -> dict:
+    """The share of misses in a random sample and its one-sided Clopper-Pearson upper bound at `level`."""
+    if sample == 0:
+        return {"misses": 0, "sample": 0, "estimate": None, "upper": None, "level": level}
+    from scipy.stats import beta
+
+    upper = 1.0 if misses >= sample else float(beta.ppf(level, misses + 1, sample - misses))
+    return {"misses": int(misses), "sample": int(sample), "estimate": misses / sample, "upper": upper, "level": level}

@@ -113,8 +113,9 @@ def test_unet_work_matches_declared_cost(tiny_model_dir, name, seed_mode):
         scorer.detect(PROMPTS[:3], IDS[:3], [name], SETTINGS)
     finally:
         hook.remove()
-    cost = REGISTRY[name].cost(SETTINGS.generations, SETTINGS.steps, seed_mode == "shared")
-    assert sum(samples) == cost.evaluations(3) + cost.jvps(3)  # a JVP call runs each of its samples once
+    cost = REGISTRY[name].cost_of(SETTINGS.generations, SETTINGS.steps, seed_mode == "shared", scorer.settings.steps)
+    # a JVP call runs each of its samples once, and so does the forward pass of a VJP
+    assert sum(samples) == cost.evaluations(3) + cost.jvps(3) + cost.vjps(3)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
@@ -167,3 +168,81 @@ def test_best_screen_holds_every_planted_prompt():
     )
     kept = set(detectors.screen_top(ids, scores, 15.0, screen="dmem").tolist())
     assert set(ids[frame.planted.to_numpy()].tolist()) <= kept
+
+
+# -- the issue-21 detectors: latent updates, Hessian difference, bright ending ----------------
+def test_latent_update_is_the_norm_of_the_ddim_step(scorer):
+    """k = 1: the mean over G of ||x_after_one_step - x_T||, from a trajectory run here."""
+    out = scorer.detect(PROMPTS[:2], IDS[:2], ["latent_update"], DetectorSettings(generations=2, steps=1))
+    latents = scorer.initial_latents(IDS[:2], 2)
+    trajectory = scorer.sample(scorer.encode(PROMPTS[:2]).embeddings, latents, steps=1)
+    expected = (trajectory.final_latents - latents).flatten(2).norm(dim=2).mean(dim=1).numpy()
+    np.testing.assert_allclose(out["latent_update"], expected, rtol=1e-5)
+    assert detectors.mean_over_steps(torch.tensor([[[1.0, float("nan")]], [[1.0, 3.0]]])).tolist()[1] == 2.0
+    assert np.isnan(detectors.mean_over_steps(torch.tensor([[[1.0, float("nan")]]]))[0])
+
+
+def test_bright_ending_is_d_mem_under_a_uniform_mask_and_follows_the_mask():
+    rng = torch.Generator().manual_seed(0)
+    differences = [torch.randn(2, 3, 1, 4, 4, generator=rng) for _ in range(5)]  # T = 5 steps, N = 2, G = 3
+    step_norms = torch.stack([d.flatten(2).norm(dim=2) for d in differences], dim=-1)
+    uniform = torch.full((2, 3, 4, 4), 0.25)
+    out = detectors.bright_ending_scores(uniform, differences)
+    np.testing.assert_allclose(out["bright_ending"], step_norms.flatten(1).mean(dim=1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(out["bright_ending_attention"], [0.25, 0.25])
+    # A mask on the pixels where eps_c - eps_u is large scores above one on the pixels where it is small.
+    big = torch.zeros(1, 1, 1, 4, 4)
+    big[..., :2, :] = 10.0
+    steps = [big + 0.1]
+    on, off = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    on[..., :2, :], off[..., 2:, :] = 1.0, 1.0
+    assert detectors.bright_ending_scores(on, steps)["bright_ending"][0] > 5 * detectors.bright_ending_scores(off, steps)["bright_ending"][0]
+
+
+def test_end_token_maps_pick_each_prompts_own_token(scorer):
+    """Maps of two prompts with their own end positions match each prompt's maps alone, and summed over
+    every token position they are 1 at every latent pixel (each query's attention sums to one)."""
+    embeddings = scorer.encode(PROMPTS[:2]).embeddings
+    x_in = scorer.initial_latents(IDS[:2], 2)
+    t = scorer.timesteps()[-1]
+    both = scorer.end_token_maps(embeddings, x_in, t, torch.tensor([3, 5]))
+    alone = scorer.end_token_maps(embeddings[1:], x_in[1:], t, torch.tensor([5]))
+    torch.testing.assert_close(both[1:], alone, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(both[0], scorer.end_token_maps(embeddings[:1], x_in[:1], t, torch.tensor([5]))[0])
+    total = sum(scorer.end_token_maps(embeddings[:1], x_in[:1], t, torch.tensor([i])) for i in range(scorer.max_length))
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
+def test_hessian_difference_gradient_matches_central_difference():
+    """On the trained testbed: <grad_x f, v> for f = 1/2 ||eps_c||^2 - 1/2 ||eps_u||^2 agrees with
+    (f(x + h v) - f(x - h v)) / 2h to 2% along the gradient scaled to RMS 1 (a random direction is
+    nearly orthogonal to it, and the quotient is then mostly rounding)."""
+    scorer = make_scorer(TESTBED, steps=20)
+    embeddings = scorer.encode(PROMPTS[:2]).embeddings
+    latents = scorer.initial_latents(IDS[:2], 1)
+    t = scorer.timesteps()[0]
+    gradient = scorer.noise_energy_gradient(embeddings, latents, t)
+    v = gradient / gradient.flatten(2).norm(dim=2)[..., None, None, None] * (gradient[0, 0].numel() ** 0.5)
+
+    def energy(x):
+        u, c = scorer.noise_pair(embeddings, x, t, shared=False)
+        return 0.5 * (c.double().flatten(1).pow(2).sum(1) - u.double().flatten(1).pow(2).sum(1))
+
+    h = 1e-2
+    quotient = (energy(latents + h * v) - energy(latents - h * v)) / (2 * h)
+    directional = (gradient.double() * v.double()).flatten(1).sum(1)
+    assert torch.allclose(directional, quotient, rtol=2e-2), (directional, quotient)
+    np.testing.assert_allclose(
+        scorer.detect(PROMPTS[:2], IDS[:2], ["hessian_difference"], DetectorSettings(1))["hessian_difference"],
+        gradient.double().flatten(1).pow(2).sum(1).numpy(), rtol=1e-4,
+    )
+
+
+def test_declared_costs_of_the_issue_21_detectors():
+    assert REGISTRY["latent_update"].cost(4, 2, True) == REGISTRY["dmem"].cost(4, 2, True)  # the same trajectory
+    assert REGISTRY["hessian_difference"].cost(3, 1, True) == Cost(0, vjps_per_prompt=6)
+    # bright_ending runs the whole schedule whatever detect.steps says, then the last step's conditional pass
+    assert REGISTRY["bright_ending"].cost_of(2, 1, True, 50) == REGISTRY["dmem"].cost(2, 50, True) + Cost(2)
+    assert REGISTRY["dmem"].cost_of(2, 1, True, 50) == REGISTRY["dmem"].cost(2, 1, True)
+    assert all(d.compute is not None for d in REGISTRY.values())

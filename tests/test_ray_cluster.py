@@ -346,3 +346,27 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
     manifest = Store().read_json(RunLayout(second["run"]).manifest)
     assert DIFF_FILE in manifest["files"] and manifest["model_fingerprint"] == second["model_fingerprint"]
     assert Store().read_json(RunLayout(second["run"]).summary)["rescore"]["entered"] == second["entered"]
+
+
+@pytest.mark.slow  # a Ray Data pipeline per stage, round and audit: about 2 minutes on a loaded 2-core machine
+def test_cascade_on_ray_scores_the_survivors_as_in_process(driver_on_head, scored_reference, tiny_model_dir, tmp_path):
+    """The multi-stage cascade with the actor pool as executor (cxrmem/distributed/cascade.py): each stage
+    screens the survivors of the one before, the audit sample is fully scored, and the fully scored
+    prompts carry the d_mem of an uninterrupted single-process run."""
+    import json
+
+    from cxrmem.distributed.cascade import run_cascade
+
+    output = tmp_path / "cascade"
+    output.mkdir()
+    shutil.copy(scored_reference.prompts, RunLayout(str(output)).prompts)
+    cfg = small_config(output, tiny_model_dir, "cascade.enabled=true", "cascade.audit_sample=6",
+                       "cascade.stages=[{screen: dmem, keep_percent: 40, steps: 1}, {screen: latent_update, keep_percent: 50, steps: 1}]")
+    result = run_cascade(cfg, Store(), fingerprint_model(cfg.model, Store()))
+    section = json.loads(open(RunLayout(str(output)).summary).read())["cascade"]
+    one, two = section["rounds"][-1]["stages"]
+    assert one["screened"] == section["corpus"] and two["screened"] == one["kept"]
+    assert section["audit"]["sample"] == 6 and result["selected"] == two["kept"]
+    scores = pq.read_table(RunLayout(str(output)).scores).to_pandas().set_index("prompt_id")
+    reference = pq.read_table(scored_reference.scores).to_pandas().set_index("prompt_id").loc[scores.index]
+    np.testing.assert_allclose(scores["d_mem"], reference["d_mem"], rtol=1e-4, atol=1e-6)

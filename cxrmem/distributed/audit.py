@@ -75,11 +75,11 @@ def explain_memorized(cfg, store: Store, n_memorized: int, timer: StageTimer) ->
 def score_and_analyze(cfg, store: Store, fingerprint: str, timer: StageTimer) -> tuple[dict, dict]:
     with timer("score"):
         if cfg.cascade.enabled:
-            from cxrmem.distributed.cascade import analysis_top_percent, run_cascade
+            from cxrmem.distributed.cascade import run_cascade
 
             scoring = run_cascade(cfg, store, fingerprint)
             # scores.parquet holds the screened share only: the same top share of the whole corpus.
-            top_percent: Optional[float] = analysis_top_percent(cfg)
+            top_percent: Optional[float] = scoring["analysis_top_percent"]
         else:
             scoring, top_percent = score.run(cfg, store, fingerprint, scored_batches), None
     with timer("analyze"):

@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from omegaconf import OmegaConf
 
+from cxrmem.config import with_overrides  # noqa: F401  (re-exported: the distributed modules import it from here)
 from cxrmem.distributed.session import pool_size
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
@@ -29,16 +29,12 @@ from cxrmem.storage import Store
 log = logging.getLogger(__name__)
 
 
-def with_overrides(cfg, **dotted):
-    """A read-only copy of `cfg` with dot-keys replaced (keyword `a__b` is the key `a.b`)."""
-    items = [f"{key.replace('__', '.')}={value}" for key, value in dotted.items()]
-    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(items))
-    OmegaConf.set_readonly(merged, True)
-    return merged
+def scored_batches(
+    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker
+) -> Iterator[pa.Table]:
+    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session.
 
-
-def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array) -> Iterator[pa.Table]:
-    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session."""
+    `worker` is the actor class (bench/scale.py measures the pipeline's own ceiling with one that scores nothing)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -60,7 +56,7 @@ def scored_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_i
         # max_restarts has no named parameter yet; Ray 2.60 flags every extra remote arg as deprecated.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ds.map_batches(
-            ModelWorker,
+            worker,
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "store": store,

@@ -140,29 +140,31 @@ def share_text_projections(unet) -> bool:
 class TokenAttentionCapture:
     """Wraps a layer's processor; on cross-attention calls, records each sample's distribution over tokens.
 
-    The record is softmax(q k^T * scale) averaged over heads and query positions: [S, L] per call,
-    appended to `records`. The layer's output still comes from the wrapped processor, unchanged.
-    Only plain cross-attention is read (no cross norm, no spatial or group norm, 3-D hidden states).
+    The record is `reduce` of softmax(q k^T * scale) [S, heads, Q, L], by default its mean over heads
+    and query positions ([S, L] per call), appended to `records`. The layer's output still comes from
+    the wrapped processor, unchanged. Only plain cross-attention is read (no cross norm, no spatial or
+    group norm, 3-D hidden states).
     """
 
-    def __init__(self, wrapped, records: list):
+    def __init__(self, wrapped, records: list, reduce=None):
         self.wrapped = wrapped
         self.records = records
+        self.reduce = reduce or (lambda probs: probs.mean(dim=(1, 2)))
 
     # Named parameters, not **kwargs: diffusers drops cross_attention_kwargs a processor does not name.
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, text_layout=None
     ):
         if attn.is_cross_attention and encoder_hidden_states is not None:
-            self.records.append(token_distribution(attn, hidden_states, encoder_hidden_states))
+            self.records.append(self.reduce(attention_probabilities(attn, hidden_states, encoder_hidden_states)))
         extra = {k: v for k, v in (("temb", temb), ("text_layout", text_layout)) if v is not None}
         return self.wrapped(
             attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **extra
         )
 
 
-def token_distribution(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """[S, Q, C] queries against [S, L, D] text -> [S, L] float32: attention per token, mean over heads and queries."""
+def attention_probabilities(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """[S, Q, C] queries against [S, L, D] text -> [S, heads, Q, L] float32 attention probabilities."""
     normed = attn.norm_cross is not None or attn.spatial_norm is not None or attn.group_norm is not None
     if hidden_states.ndim != 3 or normed:
         raise ValueError(f"cross-attention capture supports plain attention layers only, not {type(attn).__name__} here")
@@ -170,12 +172,11 @@ def token_distribution(attn: Attention, hidden_states: torch.Tensor, encoder_hid
     heads = attn.heads
     q = query.view(query.shape[0], query.shape[1], heads, -1).transpose(1, 2).float()
     k = key.view(key.shape[0], key.shape[1], heads, -1).transpose(1, 2).float()
-    probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # [S, heads, Q, L]
-    return probs.mean(dim=(1, 2))
+    return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
 
 
-def capture_token_attention(unet, records: list) -> dict:
+def capture_token_attention(unet, records: list, reduce=None) -> dict:
     """Wrap every attention processor of `unet` in a TokenAttentionCapture; returns the old ones to restore."""
     old = dict(unet.attn_processors)
-    unet.set_attn_processor({name: TokenAttentionCapture(p, records) for name, p in old.items()})
+    unet.set_attn_processor({name: TokenAttentionCapture(p, records, reduce) for name, p in old.items()})
     return old

@@ -52,6 +52,8 @@ class Trajectory:
     final_latents: torch.Tensor  # [N, G, C, H, W] float32 on the CPU
     model_inputs: Optional[list[torch.Tensor]]  # scaled x_t fed to the UNet at each step, each [N, G, C, H, W] float32 CPU
     timesteps: torch.Tensor  # [T] the timesteps actually run
+    update_norms: Optional[torch.Tensor] = None  # [N, G, T] ||x_{i+1} - x_i|| of each DDIM step, float32 CPU
+    differences: Optional[list[torch.Tensor]] = None  # eps_c - eps_u at each step, each [N, G, C, H, W] float32 CPU
 
 
 @dataclass
@@ -181,6 +183,7 @@ class Scorer:
         keep_inputs: bool = False,
         shared_first_step: bool = False,
         token_scales: Optional[torch.Tensor] = None,
+        keep_differences: bool = False,
     ) -> Trajectory:
         """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
 
@@ -189,6 +192,8 @@ class Scorer:
         pass runs once for G samples instead of N x G. `guidance`: one w, or a weight per prompt
         and step [N, >= steps] (a guidance schedule). `token_scales` [N, L]: the conditional pass's
         cross-attention to each token re-scaled (cxrmem/scoring/attention.py, `rescale_attention`).
+        The norm of each latent update is recorded too (the latent_update detector: free beside any
+        sampling).
         """
         n, g = latents.shape[:2]
         timesteps = self.timesteps(steps)
@@ -201,7 +206,7 @@ class Scorer:
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
-        norms, kept = [], []
+        norms, kept, updates, differences = [], [], [], []
         for i, t in enumerate(timesteps):
             x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
             if keep_inputs:
@@ -213,11 +218,18 @@ class Scorer:
                 both = [(self.empty_text, n * g), (prompts_text, g)]
                 eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
             norms.append(noise_norm(eps_cond, eps_uncond))
+            if keep_differences:
+                differences.append((eps_cond.float() - eps_uncond.float()).reshape(latents.shape).cpu())
             w_i = w[:, i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w_i)
-            x = self._scheduler.step(eps_guided, t, x).prev_sample
-        step_norms = torch.stack(norms, dim=1).reshape(n, g, len(timesteps)).cpu()
-        return Trajectory(step_norms, x.reshape(latents.shape).cpu(), kept if keep_inputs else None, timesteps.cpu())
+            x_next = self._scheduler.step(eps_guided, t, x).prev_sample
+            updates.append((x_next - x).flatten(1).norm(dim=1))
+            x = x_next
+        per_step = lambda values: torch.stack(values, dim=1).reshape(n, g, len(timesteps)).cpu()  # noqa: E731
+        return Trajectory(
+            per_step(norms), x.reshape(latents.shape).cpu(), kept if keep_inputs else None, timesteps.cpu(),
+            per_step(updates), differences if keep_differences else None,
+        )
 
     def _guidance_weights(self, guidance, n: int, g: int, steps: int):
         """A float w, or [N G, steps] float32 on the device from a per-prompt schedule [N, >= steps]."""
@@ -363,6 +375,47 @@ class Scorer:
             self._unet.set_attn_processor(processors)
         return torch.stack(records, dim=1).reshape(n, g, len(records), -1).cpu()
 
+    def noise_energy_gradient(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_x (1/2 ||eps_c(x)||^2 - 1/2 ||eps_u(x)||^2) at the UNet input x of `latents` [N, G, C, H, W],
+        float32: one forward of both guidance halves with one backward, with respect to x only."""
+        n, g = latents.shape[:2]
+        x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
+        context = torch.cat([self.empty_text.embeddings.expand_as(cond), cond])
+        layout = [(self.empty_text, n * g), (text, g)]
+        with torch.enable_grad():
+            x = x_in.detach().requires_grad_(True)
+            eps_uncond, eps_cond = self.predict_noise(torch.cat([x, x]), t, context, layout).float().chunk(2)
+            energy = 0.5 * (eps_cond.pow(2).sum() - eps_uncond.pow(2).sum())  # samples are independent: one sum
+            (gradient,) = torch.autograd.grad(energy, x)
+        text.projections.clear()  # keys and values built under grad mode hold the graph
+        return gradient.detach().float().reshape(latents.shape)
+
+    @torch.no_grad()
+    def end_token_maps(self, cond_embeddings: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor, end_index: torch.Tensor) -> torch.Tensor:
+        """[N, G, H, W] float32 CPU: the end token's cross-attention map in the conditional pass on UNet inputs
+        x_in [N, G, C, H, W] at timestep t (mean over heads; each layer upsampled to the latent grid; mean over layers).
+
+        end_index [N]: the position of each prompt's end token."""
+        n, g = x_in.shape[:2]
+        h, w = x_in.shape[-2:]
+        rows = end_index.to(self.device).repeat_interleave(g)
+        samples = torch.arange(n * g, device=self.device)
+        records: list[torch.Tensor] = []
+        end_token = lambda probs: probs.mean(dim=1)[samples, :, rows]  # noqa: E731 [S, heads, Q, L] -> [S, Q]
+        text = SharedText(cond_embeddings.to(self.device, self.dtype))
+        flat = x_in.reshape(n * g, *x_in.shape[2:]).to(self.device, self.dtype)
+        processors = capture_token_attention(self._unet, records, end_token)
+        try:
+            self.predict_noise(flat, t.to(self.device), text.embeddings.repeat_interleave(g, dim=0), [(text, g)])
+        finally:
+            self._unet.set_attn_processor(processors)
+        maps = []
+        for record in records:  # a layer's queries are its h' x w' grid, h' / w' = h / w
+            scale = (h * w / record.shape[1]) ** 0.5
+            grid = record.reshape(n * g, 1, round(h / scale), round(w / scale))
+            maps.append(torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False))
+        return torch.stack(maps).mean(dim=0).reshape(n, g, h, w).cpu()
+
     def detect(
         self,
         prompts: Sequence[str],
@@ -370,29 +423,70 @@ class Scorer:
         names: Sequence[str],
         settings: detectors.DetectorSettings = detectors.DetectorSettings(),
     ) -> dict[str, np.ndarray]:
-        """The columns of the named detectors (cxrmem/detectors.py REGISTRY) for one batch, each [N] float32."""
+        """The columns of the named detectors (cxrmem/detectors.py REGISTRY) for one batch, each [N] float32:
+        each registry entry's compute function runs on one Probe of the batch."""
         unknown = [name for name in names if name not in detectors.REGISTRY]
         if unknown:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
-        embeddings = self.encode(prompts).embeddings
-        latents = self.initial_latents(prompt_ids, settings.generations)
-        shared = self.settings.seed_mode == "shared"
-        schedule = self.timesteps()
+        probe = Probe(self, self.encode(prompts), self.initial_latents(prompt_ids, settings.generations))
         out: dict[str, np.ndarray] = {}
-        if "dmem" in names:
-            trajectory = self.sample(embeddings, latents, steps=settings.steps, shared_first_step=shared)
-            out["dmem"] = d_mem(trajectory.step_norms)[0].numpy().astype(np.float32)
-        if "sharpness" in names or "anisotropy" in names:
-            eps_uncond, eps_cond = self.noise_pair(embeddings, latents, schedule[0], shared)
-            delta = eps_cond - eps_uncond
-        if "sharpness" in names:
-            product = self.noise_difference_jvp(embeddings, latents, schedule[0], delta)
-            out["sharpness"] = detectors.sharpness_score(product.cpu())
-        if "anisotropy" in names:
-            low = torch.tensor(settings.low_timestep, device=self.device)
-            low_uncond, low_cond = self.noise_pair(embeddings, latents, low, shared)
-            align = detectors.alignment(low_uncond, low_cond).cpu()
-            out.update(detectors.anisotropy_scores(detectors.mean_norm(delta).cpu(), align, settings.anisotropy_weight))
-        if "attention_entropy" in names:
-            out["attention_entropy"] = detectors.attention_entropy(self.token_attention(embeddings, latents, schedule[0]))
+        for name in names:
+            out.update(detectors.REGISTRY[name].compute(probe, settings))
         return out
+
+
+class Probe:
+    """One batch as the detectors' compute functions see it: its prompts' encoding and initial latents,
+    and the Scorer's predictions on them, each made once however many detectors ask for it."""
+
+    def __init__(self, scorer: Scorer, encoded: Encoded, latents: torch.Tensor):
+        self.scorer, self.encoded, self.latents = scorer, encoded, latents
+        self.shared = scorer.settings.seed_mode == "shared"
+        self._made: dict = {}
+
+    def _once(self, key, make):
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.encoded.embeddings
+
+    @property
+    def first_timestep(self) -> torch.Tensor:
+        return self.scorer.timesteps()[0]
+
+    def _timestep(self, t) -> torch.Tensor:
+        return t if isinstance(t, torch.Tensor) else torch.tensor(t, device=self.scorer.device)
+
+    def trajectory(self, steps: Optional[int], keep: bool = False) -> Trajectory:
+        """The guided trajectories over the first `steps` steps (None: all T); `keep`: with the UNet inputs
+        and eps_c - eps_u of every step. A kept trajectory serves an unkept request of the same steps."""
+        if not keep and (steps, True) in self._made:
+            return self._made[(steps, True)]
+        return self._once((steps, keep), lambda: self.scorer.sample(
+            self.embeddings, self.latents, steps=steps, shared_first_step=self.shared, keep_inputs=keep, keep_differences=keep,
+        ))
+
+    def dmem(self, steps: Optional[int]) -> np.ndarray:
+        return d_mem(self.trajectory(steps).step_norms)[0].numpy().astype(np.float32)
+
+    def noise_pair(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self._timestep(t)
+        return self._once(("pair", int(t)), lambda: self.scorer.noise_pair(self.embeddings, self.latents, t, self.shared))
+
+    def noise_difference_jvp(self, t, tangent: torch.Tensor) -> torch.Tensor:
+        return self.scorer.noise_difference_jvp(self.embeddings, self.latents, self._timestep(t), tangent)
+
+    def noise_energy_gradient(self, t) -> torch.Tensor:
+        return self.scorer.noise_energy_gradient(self.embeddings, self.latents, self._timestep(t))
+
+    def token_attention(self, t) -> torch.Tensor:
+        return self.scorer.token_attention(self.embeddings, self.latents, self._timestep(t))
+
+    def end_token_maps(self, x_in: torch.Tensor, t) -> torch.Tensor:
+        """The end token's attention map [N, G, H, W] on UNet inputs x_in at t; the end token is the last one
+        the tokenizer kept (EOS / SEP)."""
+        kept = np.minimum(self.encoded.n_tokens, self.scorer.max_length)
+        return self.scorer.end_token_maps(self.embeddings, x_in, self._timestep(t), torch.as_tensor(kept - 1))

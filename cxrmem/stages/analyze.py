@@ -27,6 +27,7 @@ from cxrmem.runfiles import (
     check_prompt_ids,
     merge_summary,
     read_known_memorized,
+    read_summary,
     write_memorized,
 )
 from cxrmem.storage import Store
@@ -59,6 +60,8 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
     (the cascade's scores hold only the screened share of the corpus)."""
     store = store or Store.from_config(cfg.storage)
     layout = RunLayout(cfg.run.output)
+    if top_percent is None and cfg.cascade.enabled:  # a cascade's scores hold its fully scored share only
+        top_percent = (read_summary(store, layout).get("cascade") or {}).get("analysis_top_percent")
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
     with stage_writes(store, cfg.run, "analyze"):
         names = detector_names(store, layout.scores)

@@ -1,0 +1,306 @@
+"""The cascade: screens in stages, the full d_mem on the last survivors, and a check of what it rejected.
+
+    prompts.parquet -> stage 1 screen (all prompts) -> keep its top share -> stage 2 screen (those) -> ...
+        -> the full d_mem on the last stage's survivors: the run's scores.parquet
+        -> the audit: a seeded random sample of the rejected prompts, fully scored (`cascade.audit_sample`)
+        -> any sampled prompt at or above the memorized threshold is a miss: the stage that rejected it
+           keeps `cascade.widen_factor` times its share and the cascade runs again (`cascade.max_rounds`)
+
+`cascade.stages` lists the screens as (screen, keep_percent, steps, generations); empty, the one
+stage is `cascade.screen` over `cascade.screening_steps` steps keeping `cascade.top_percent`. Stage i
+writes `<output>/_cascade/screening` (i = 0) or `screening<i>`, the audit `_cascade/audit`; each is
+an ordinary resumable scoring, so a rescreen after widening scores only the prompts new to a stage.
+
+The memorized threshold the audit is judged by is the analyze stage's rule (`stats.top_k` of the
+whole corpus) applied to every prompt fully scored so far: the survivors and the audit sample.
+With fewer fully scored prompts than the memorized set's size, the smallest full score is the
+threshold (the cascade then kept too few: any sampled prompt above its weakest survivor is a miss).
+
+The miss rate is the share of misses in the last round's sample with its 95% Clopper-Pearson upper
+bound (`stats.miss_rate`); times the rejected count it bounds the memorized prompts the cascade could
+have lost. Compute is counted in UNet sample evaluations as cxrmem/detectors.py declares them, per
+prompt of the corpus, with the audit's share apart.
+
+A later stage does not yet continue an earlier stage's trajectory (issue 21 item 1): each stage
+samples from x_T again. The runs' files do not keep latents (a RadEdit latent of G = 4 is 256 KB per
+prompt); continuing needs them written beside the stage's scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxrmem import stats, storage
+from cxrmem.config import with_overrides
+from cxrmem.detectors import REGISTRY, Cost, screen_top
+from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.stages import score
+from cxrmem.storage import Store
+
+log = logging.getLogger(__name__)
+
+CASCADE_DIR = "_cascade"
+
+
+@dataclass
+class Stage:
+    screen: str
+    keep_percent: float
+    steps: int
+    generations: int
+
+
+@dataclass
+class StageRun:
+    """One stage of one round: what it screened, kept and cost."""
+
+    screen: str
+    keep_percent: float
+    screened: int
+    kept: int
+    evaluations: int  # UNet sample evaluations spent in this round (prompts resumed from a round before cost none)
+
+
+@dataclass
+class Round:
+    stages: list[StageRun]
+    fully_scored: int
+    rejected: int
+    sample: int
+    misses: int
+    missed_by_stage: dict = field(default_factory=dict)  # stage index -> misses it rejected
+
+
+def plan(cfg) -> list[Stage]:
+    """The configured screens, in order."""
+    if cfg.cascade.stages:
+        return [Stage(s.screen, s.keep_percent, s.steps, s.generations or cfg.score.generations) for s in cfg.cascade.stages]
+    c = cfg.cascade
+    if c.screen == "dmem":
+        return [Stage("dmem", c.top_percent, c.screening_steps, cfg.score.generations)]
+    return [Stage(c.screen, c.top_percent, cfg.detect.steps, cfg.detect.generations)]
+
+
+def stage_config(cfg, output: str, stage: Stage):
+    """A stage's scoring config: a dmem screen is d_mem's first `steps` steps; another detector is its
+    column beside a first-step d_mem (which the score stage always writes, counted in the cost)."""
+    if stage.screen == "dmem":
+        return with_overrides(
+            cfg, run__output=output, score__screening_steps=stage.steps, score__generations=stage.generations, score__detectors=[]
+        )
+    return with_overrides(
+        cfg, run__output=output, score__screening_steps=1, score__generations=stage.generations,
+        score__detectors=[stage.screen], detect__generations=stage.generations, detect__steps=stage.steps,
+    )
+
+
+def stage_column(screen: str) -> str:
+    return "d_mem" if screen == "dmem" else REGISTRY[screen].columns[0]
+
+
+def dmem_cost(score_cfg, steps: int) -> Cost:
+    return REGISTRY["dmem"].cost(score_cfg.generations, steps, score_cfg.seed_mode == "shared")
+
+
+def screening_cost(screen_cfg) -> Cost:
+    """UNet work of a stage per batch: its d_mem over score.screening_steps plus its detectors."""
+    shared = screen_cfg.score.seed_mode == "shared"
+    cost = dmem_cost(screen_cfg.score, screen_cfg.score.screening_steps)
+    for name in screen_cfg.score.detectors:
+        spec = REGISTRY[name]
+        cost = cost + spec.cost_of(screen_cfg.detect.generations, screen_cfg.detect.steps, shared, screen_cfg.score.steps)
+    return cost
+
+
+def evaluations(cost: Cost, n: int, batch_size: int) -> int:
+    """UNet sample evaluations of n prompts in batches of batch_size (the shared passes once per batch)."""
+    return n * cost.per_prompt + math.ceil(n / batch_size) * cost.per_batch
+
+
+def cascade_cost(n_prompts: int, n_selected: int, screen: Cost, full: Cost, batch_size: int) -> dict:
+    """UNet evaluations (and derivative samples) of a one-stage cascade against the full score of every prompt."""
+    everything = evaluations(full, n_prompts, batch_size)
+    cascade = evaluations(screen, n_prompts, batch_size) + evaluations(full, n_selected, batch_size)
+    return {
+        "unet_evaluations_full": everything,
+        "unet_evaluations_cascade": cascade,
+        "jvps_cascade": screen.jvps(n_prompts),
+        "vjps_cascade": screen.vjps(n_prompts),
+        "compute_saved": 1.0 - cascade / everything if everything else 0.0,
+    }
+
+
+def _ids(store: Store, uri: str) -> pa.Array:
+    return store.read_table(uri, columns=["prompt_id"])["prompt_id"]
+
+
+def _stage_dir(layout: RunLayout, index: int) -> str:
+    return storage.join(layout.prefix, CASCADE_DIR, "screening" if index == 0 else f"screening{index}")
+
+
+def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]) -> tuple[str, list[StageRun], dict]:
+    """Every stage on the survivors of the one before: (the last survivors' file, the stage runs,
+    prompt_id -> index of the stage that rejected it)."""
+    layout = RunLayout(cfg.run.output)
+    input_uri, runs, rejected_at = layout.prompts, [], {}
+    for i, stage in enumerate(stages):
+        out = _stage_dir(layout, i)
+        stage_cfg = stage_config(cfg, out, stage)
+        scored = score.run(stage_cfg, store, fingerprint, batches, prompts_uri=input_uri, what=f"screened (stage {i + 1}, {stage.screen})")
+        inputs = _ids(store, input_uri)
+        column = stage_column(stage.screen)
+        table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
+        ids = table["prompt_id"].to_numpy(zero_copy_only=False)
+        chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
+        rejected_at.update(dict.fromkeys(np.setdiff1d(ids, chosen).tolist(), i))
+        kept_uri = storage.join(layout.prefix, CASCADE_DIR, f"kept{i}.parquet")
+        kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
+        store.write_table(kept, kept_uri)
+        spent = evaluations(screening_cost(stage_cfg), scored["computed"], cfg.score.batch_size)
+        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent))
+        log.info("cascade stage %d (%s, keep %.3g%%): %d of %d prompts pass", i + 1, stage.screen, stage.keep_percent, kept.num_rows, table.num_rows)
+        input_uri = kept_uri
+    return input_uri, runs, rejected_at
+
+
+def audit_sample_ids(all_ids: np.ndarray, rejected: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The first n rejected ids of one seeded order of all ids: a simple random sample of the rejected
+    that changes little when a rescreen rejects fewer (its prompts are then scored already)."""
+    order = np.random.default_rng(seed).permutation(np.sort(all_ids))
+    return order[np.isin(order, rejected)][:n]
+
+
+def memorized_threshold(full_scores: np.ndarray, n_corpus: int, top_percent: float) -> float | None:
+    """The analyze rule's threshold over the corpus, from the finite full scores known so far (module notes)."""
+    finite = full_scores[np.isfinite(full_scores)]
+    if finite.size == 0:
+        return None
+    k = stats.top_k(n_corpus, top_percent)
+    return float(np.sort(finite)[::-1][min(k, finite.size) - 1])
+
+
+def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    if not store.exists(uri):
+        return np.zeros(0, dtype=object), np.zeros(0)
+    table = store.read_table(uri, columns=["prompt_id", "d_mem"])
+    return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict) -> tuple[Round, dict]:
+    """Fully score the audit sample of this round's rejected prompts and count its misses."""
+    layout = RunLayout(cfg.run.output)
+    scored_ids, scored = _full_scores(store, layout.scores)
+    rejected = np.setdiff1d(all_ids, scored_ids)
+    sample = audit_sample_ids(all_ids, rejected, cfg.cascade.audit_sample, cfg.cascade.audit_seed)
+    audit_dir = storage.join(layout.prefix, CASCADE_DIR, "audit")
+    audited = {"computed": 0}
+    if sample.size:
+        sample_uri = storage.join(layout.prefix, CASCADE_DIR, "audit_sample.parquet")
+        store.write_table(store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(sample.tolist())), sample_uri)
+        audited = score.run(with_overrides(cfg, run__output=audit_dir), store, fingerprint, batches, prompts_uri=sample_uri, what="audited")
+    audit_ids, audit_scores = _full_scores(store, RunLayout(audit_dir).scores)
+    in_sample = np.isin(audit_ids, sample)
+    audit_ids, audit_scores = audit_ids[in_sample], audit_scores[in_sample]
+    threshold = memorized_threshold(np.concatenate([scored, audit_scores]), len(all_ids), cfg.analyze.top_percent)
+    missed = audit_ids[np.isfinite(audit_scores) & (audit_scores >= threshold)] if threshold is not None else audit_ids[:0]
+    by_stage: dict[int, int] = {}
+    for prompt in missed.tolist():
+        by_stage[rejected_at[prompt]] = by_stage.get(rejected_at[prompt], 0) + 1
+    spent = evaluations(dmem_cost(cfg.score, cfg.score.steps), audited["computed"], cfg.score.batch_size)
+    checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
+    return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist())}
+
+
+def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
+    """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
+    `batches` is the executor: in this process by default, Ray's actor pool from cxrmem/distributed/cascade.py."""
+    layout = RunLayout(cfg.run.output)
+    stages = plan(cfg)
+    all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
+    full_cost = dmem_cost(cfg.score, cfg.score.steps)
+    rounds, spent = [], {"screens": 0, "full": 0, "audit": 0}
+    for number in range(1, cfg.cascade.max_rounds + 1):
+        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages)
+        full = score.run(cfg, store, fingerprint, batches, prompts_uri=final_uri, what="fully scored")
+        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at)
+        checked.stages = stage_runs
+        rounds.append(checked)
+        spent["screens"] += sum(s.evaluations for s in stage_runs)
+        spent["full"] += evaluations(full_cost, full["computed"], cfg.score.batch_size)
+        spent["audit"] += check["evaluations"]
+        if not checked.misses:
+            break
+        log.warning(
+            "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold (lost by stages %s)%s",
+            number, checked.misses, checked.sample, [i + 1 for i in sorted(checked.missed_by_stage)],
+            "; widening and rescreening" if number < cfg.cascade.max_rounds else "; cascade.max_rounds reached",
+        )
+        if number < cfg.cascade.max_rounds:
+            for i in checked.missed_by_stage:
+                stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
+    section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"])
+    merge_summary(store, layout, cascade=section)
+    first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
+    return {
+        **full,
+        "screen": stages[0].screen,
+        "screening": {"scores": RunLayout(first.run.output).scores},
+        "selected": rounds[-1].stages[-1].kept,
+        "unet_evaluations_full": evaluations(full_cost, len(all_ids), cfg.score.batch_size),
+        "unet_evaluations_cascade": spent["screens"] + spent["full"],
+        "analysis_top_percent": section["analysis_top_percent"],
+        "cascade": section,
+    }
+
+
+def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold) -> dict:
+    """summary.json["cascade"]: the stages as they ended, every round, the compute and the self-check."""
+    last = rounds[-1]
+    total = sum(spent.values())
+    rate = stats.miss_rate(last.misses, last.sample)
+    upper = None if rate["upper"] is None else rate["upper"] * last.rejected
+    if last.sample == 0:
+        verdict = "not checked: cascade.audit_sample = 0, nothing tells whether the screens lost memorized prompts"
+    elif last.misses:
+        verdict = f"MISSED: {last.misses} of {last.sample} audited rejected prompts are memorized after {len(rounds)} rounds; widen the stages"
+    else:
+        verdict = (f"no audited rejected prompt is memorized{' after widening' if len(rounds) > 1 else ''}: at most "
+                   f"{upper:.1f} of the {last.rejected} rejected prompts (95% upper bound)")
+    return {
+        "stages": [asdict(s) for s in stages],
+        "rounds": [asdict(r) for r in rounds],
+        "widened": len(rounds) > 1,
+        "corpus": n_corpus,
+        "fully_scored": last.fully_scored,
+        # scores.parquet holds the fully scored share only: analyze takes the same top share of the whole corpus
+        "analysis_top_percent": min(100.0, cfg.analyze.top_percent * n_corpus / max(last.fully_scored, 1)),
+        "evaluations": {
+            **spent,
+            "total": total,
+            "per_prompt": total / n_corpus if n_corpus else 0.0,
+            "audit_per_prompt": spent["audit"] / n_corpus if n_corpus else 0.0,
+            "full_score_per_prompt": full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size,
+        },
+        "audit": {
+            "threshold": threshold,
+            "rejected": last.rejected,
+            **rate,
+            "missed_prompts_upper": upper,
+            "evaluations": spent["audit"],
+        },
+        "verdict": verdict,
+    }
+
+
+def run(cfg, store: Store | None = None) -> dict:
+    """`cxrmem score` with cascade.enabled: the cascade in this process."""
+    from cxrmem.models.loading import fingerprint_model
+
+    store = store or Store.from_config(cfg.storage)
+    return run_cascade(cfg, store, fingerprint_model(cfg.model, store))

@@ -1,0 +1,106 @@
+"""The multi-stage cascade with its self-check (cxrmem/stages/cascade.py), in process on the tiny real model."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxrmem import stats
+from cxrmem.cli import main
+from cxrmem.config import ConfigError, load_config
+from cxrmem.runfiles import RunLayout
+from cxrmem.stages import cascade, score
+from cxrmem.storage import Store
+
+STAGES = "cascade.stages=[{screen: dmem, keep_percent: %s, steps: 1}]"
+
+
+def cfg_for(tiny_model_dir, out, *overrides):
+    return load_config(None, [
+        f"run.output={out}", f"model.path={tiny_model_dir}", "model.device=cpu", "corpus.synthetic.n_reports=40",
+        "score.steps=3", "score.generations=1", "score.batch_size=8", "ray.checkpoint_every=16", "cascade.enabled=true",
+        *overrides,
+    ])
+
+
+def test_miss_rate_is_clopper_pearson():
+    none = stats.miss_rate(0, 59)
+    assert none["estimate"] == 0 and none["upper"] == pytest.approx(1 - 0.05 ** (1 / 59))  # the exact bound at x = 0
+    some = stats.miss_rate(3, 100)
+    assert some["estimate"] == 0.03 and 0.03 < some["upper"] < 0.08
+    assert stats.miss_rate(5, 5)["upper"] == 1.0 and stats.miss_rate(0, 0)["upper"] is None
+
+
+def test_audit_sample_is_seeded_and_drawn_from_the_rejected():
+    ids = np.array([f"{i:04d}" for i in range(100)])
+    rejected = ids[20:]
+    a = cascade.audit_sample_ids(ids, rejected, 10, seed=3)
+    assert len(a) == 10 and set(a) <= set(rejected) and a.tolist() == cascade.audit_sample_ids(ids[::-1], rejected, 10, 3).tolist()
+    assert a.tolist() != cascade.audit_sample_ids(ids, rejected, 10, seed=4).tolist()
+    # Fewer rejected later: the sample keeps the prompts it had that are still rejected.
+    later = cascade.audit_sample_ids(ids, ids[40:], 10, seed=3)
+    assert set(a) & set(ids[40:]) <= set(later)
+
+
+def test_stage_keys_fail_fast():
+    with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].keep_percent'"):
+        load_config(None, [STAGES % 0])
+    with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].steps'"):
+        load_config(None, ["score.steps=3", "cascade.stages=[{screen: dmem, keep_percent: 5, steps: 3}]"])
+    with pytest.raises(ConfigError, match="'cascade.widen_factor'"):
+        load_config(None, ["cascade.widen_factor=1"])
+
+
+def test_starved_screen_is_caught_widened_and_recovers(tiny_model_dir, tmp_path):
+    """A one-stage screen keeping 3% of the prompts cannot hold the top 10%: the audit sample (every
+    rejected prompt here, so that the catch does not hang on a draw) finds the loss, the stage widens
+    and the last round's fully scored prompts hold the full d_mem's whole top 10%."""
+    truth_dir = tmp_path / "truth"
+    truth_cfg = cfg_for(tiny_model_dir, truth_dir, "cascade.enabled=false")
+    assert main(["prepare", f"run.output={truth_dir}", "corpus.synthetic.n_reports=40"]) == 0
+    score.run(truth_cfg, Store(), "fp-tiny")
+    truth = pq.read_table(RunLayout(str(truth_dir)).scores).to_pandas()
+    top = set(truth.prompt_id[stats.top_percent_mask(truth.d_mem.to_numpy(), 10.0)[0]])
+
+    out = tmp_path / "run"
+    cfg = cfg_for(tiny_model_dir, out, STAGES % 3, "analyze.top_percent=10", "cascade.audit_sample=1000", "cascade.widen_factor=3")
+    assert main(["prepare", f"run.output={out}", "corpus.synthetic.n_reports=40"]) == 0
+    result = cascade.run_cascade(cfg, Store(), "fp-tiny")
+    section = json.loads(open(RunLayout(str(out)).summary).read())["cascade"]
+    first, last = section["rounds"][0], section["rounds"][-1]
+    assert first["misses"] >= len(top) - first["stages"][0]["kept"] > 0 and first["missed_by_stage"] == {"0": first["misses"]}
+    assert section["widened"] and last["misses"] == 0 and section["stages"][0]["keep_percent"] > 3
+    scored = set(pq.read_table(RunLayout(str(out)).scores).column("prompt_id").to_pylist())
+    assert top <= scored
+    assert section["audit"]["upper"] == pytest.approx(1 - 0.05 ** (1 / last["sample"])) and "no audited" in section["verdict"]
+    assert section["analysis_top_percent"] == pytest.approx(10 * len(truth) / len(scored))
+    assert result["analysis_top_percent"] == section["analysis_top_percent"]
+    spent = section["evaluations"]
+    assert spent["total"] == spent["screens"] + spent["full"] + spent["audit"] and spent["per_prompt"] == spent["total"] / len(truth)
+
+
+def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
+    """`cxrmem score` with cascade.enabled runs the cascade here; stage 2 screens exactly stage 1's survivors,
+    the compute is what the registry declares, and `cxrmem analyze` takes the corpus's top share."""
+    overrides = [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu", "corpus.synthetic.n_reports=40",
+                 "score.steps=3", "score.generations=1", "score.batch_size=8", "cascade.enabled=true", "cascade.audit_sample=4",
+                 "cascade.stages=[{screen: latent_update, keep_percent: 50, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"]
+    assert main(["prepare", *overrides]) == 0
+    assert main(["score", *overrides]) == 0
+    layout = RunLayout(str(tmp_path))
+    section = json.loads(open(layout.summary).read())["cascade"]
+    one, two = section["rounds"][-1]["stages"]
+    n = section["corpus"]
+    assert one["screened"] == n and one["kept"] == math.ceil(n / 2) and two["screened"] == one["kept"] and two["kept"] == math.ceil(one["kept"] / 2)
+    assert pq.read_table(layout.scores).num_rows == two["kept"]
+    if len(section["rounds"]) == 1:  # otherwise a widened round rescored: the sums below hold for one round
+        first = n * (1 + 1) + math.ceil(n / 8) * 2  # first-step d_mem and latent_update (k = 1, shared: G per batch each)
+        second = one["kept"] * (1 + 2) + math.ceil(one["kept"] / 8)  # d_mem over 2 steps
+        assert section["evaluations"]["screens"] == first + second
+        assert section["evaluations"]["full"] == two["kept"] * 5 + math.ceil(two["kept"] / 8)
+        assert section["audit"]["sample"] == 4
+    assert main(["analyze", *overrides]) == 0
+    analysis = json.loads(open(layout.summary).read())["analysis"]
+    assert analysis["memorized_count"] >= math.ceil(0.01 * n)
