@@ -293,13 +293,14 @@ def copy_fidelity_chart(harm: Sequence[dict], out: BinaryIO) -> None:
     down and right is better. Strategies without a fidelity value are drawn at 0 with a hollow marker."""
     fig, axes = _figure(5.0 * max(1, len(harm)), 4.5, ncols=max(1, len(harm)))
     for ax, h in zip(axes[0], harm):
-        for row in h["rows"]:
+        for k, row in enumerate(h["rows"]):
             if row["copy_rate"] is None:
                 continue
             x = row["fidelity"] if row["fidelity"] is not None else 0.0
             color = RED if row["strategy"] == "original" else BLUE
-            ax.scatter(x, row["copy_rate"], s=30, edgecolors=color, facecolors=color if row["fidelity"] is not None else "none", zorder=3)
-            ax.annotate(row["strategy"], (x, row["copy_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(x, row["copy_rate"], s=60 if row["strategy"] == "original" else 30, edgecolors=color, facecolors=color if row["fidelity"] is not None else "none", zorder=4 if row["strategy"] == "original" else 3)
+            # Staggered labels: strategies that change nothing sit on the same point.
+            ax.annotate(row["strategy"], (x, row["copy_rate"]), fontsize=7, xytext=(3, 3 - 9 * (k % 4)), textcoords="offset points")
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("fidelity (share of generations with the prompt's findings)", fontsize=9)
