@@ -156,9 +156,11 @@ def test_strategies_share_seeds(tiny_model_dir, components, vocab):
     rows, grids = mitigate_prompt(scorer, scorer.with_steps(settings.steps), "No acute process.", "0" * 16, settings, vocab, keep=2)
     frame = pd.DataFrame(rows)
     assert frame["strategy"].tolist() == ["original", "remove_marker", "embedding_noise"]
-    # One batch holds all three rows: the same numbers up to float noise from their batch positions.
-    np.testing.assert_allclose(frame["d_mem"], frame["d_mem"].iloc[0], rtol=1e-5)
-    np.testing.assert_allclose(frame["pairwise_distance"], frame["pairwise_distance"].iloc[0], rtol=1e-5)
+    # One batch holds all three rows: the same numbers up to float32 noise from their batch positions,
+    # which depends on the BLAS thread count (1.8e-5 relative on a d_mem of 0.008 with 2 threads);
+    # a strategy that changed the embedding moves d_mem by far more than 1e-4.
+    np.testing.assert_allclose(frame["d_mem"], frame["d_mem"].iloc[0], rtol=1e-4)
+    np.testing.assert_allclose(frame["pairwise_distance"], frame["pairwise_distance"].iloc[0], rtol=1e-4)
     assert np.isfinite(frame["d_mem"]).all() and (frame["pairwise_distance"] > 0).all()
     np.testing.assert_allclose(grids["original"], grids["embedding_noise"], rtol=1e-5, atol=1e-6)
     assert grids["original"].shape[0] == 2 and grids["original"].ndim == 3
