@@ -32,9 +32,10 @@ Choices that change numbers, written down once here:
   and its variance is not constant. A covariate that is constant is dropped (it is the
   intercept) and named in `dropped`. A degenerate design is refused, not fitted: `refused`
   gives the reason (`design_problem`), and the numbers are None.
-- Paired sign test (`sign_test`): the exact two-sided binomial test of k successes in n
-  discordant pairs against 1/2 (ties are not pairs). With fewer than 6 pairs it cannot reach
-  p < 0.05 (2 * 0.5**5 = 0.0625), which `MIN_SIGN_TEST_PAIRS` says.
+- Paired sign test (`sign_test`): the exact binomial test of k successes in n discordant pairs
+  against 1/2 (ties are not pairs), two-sided or one-sided ("greater": more successes than
+  chance). Below `min_sign_test_pairs` pairs it cannot reach p < 0.05 whatever the data (one-
+  sided: 5 pairs, 0.5**5 = 0.031; two-sided: 6).
 - High-frequency share of an image (`high_frequency_share`): the share of its spectral power
   (mean removed) at frequencies above half the Nyquist limit in either axis. White noise puts
   0.75 of its power there; a radiograph, smooth at pixel scale, well under 0.1.
@@ -273,14 +274,19 @@ def high_frequency_share(images: np.ndarray) -> np.ndarray:
     return np.where(total > 0, power[:, high].sum(axis=1) / np.where(total > 0, total, 1.0), 0.0)
 
 
-MIN_SIGN_TEST_PAIRS = 6  # the fewest pairs with which an exact two-sided sign test can reach p < 0.05
-
-
-def sign_test(successes: int, trials: int) -> Optional[float]:
-    """Exact two-sided binomial p of `successes` in `trials` discordant pairs against 1/2; None without pairs."""
+def sign_test(successes: int, trials: int, alternative: str = "two-sided") -> Optional[float]:
+    """Exact binomial p of `successes` in `trials` discordant pairs against 1/2; None without pairs."""
     if trials <= 0:
         return None
-    return float(sps.binomtest(int(successes), int(trials), 0.5, alternative="two-sided").pvalue)
+    return float(sps.binomtest(int(successes), int(trials), 0.5, alternative=alternative).pvalue)
+
+
+def min_sign_test_pairs(alternative: str = "two-sided", alpha: float = 0.05) -> int:
+    """The fewest pairs with which the exact sign test can reach p < alpha (all pairs one way)."""
+    n = 1
+    while sign_test(n, n, alternative) >= alpha:
+        n += 1
+    return n
 
 
 def design_problem(outcome: np.ndarray, exposure: np.ndarray, binary: bool, n_covariates: int) -> Optional[str]:

@@ -89,7 +89,9 @@ def test_length_view_and_length_adjusted_set():
 
 def test_sign_test_and_spearman():
     assert stats.sign_test(6, 6) == pytest.approx(2 * 0.5**6)
-    assert stats.sign_test(5, 5) > 0.05  # why MIN_SIGN_TEST_PAIRS is 6
+    assert stats.sign_test(5, 5, "greater") == pytest.approx(0.5**5)
+    assert stats.sign_test(0, 5, "greater") == 1.0
+    assert stats.min_sign_test_pairs() == 6 and stats.min_sign_test_pairs("greater") == 5
     assert stats.sign_test(0, 0) is None
     assert stats.spearman(np.arange(5), np.ones(5))["rho"] is None
     assert stats.spearman(np.arange(5), np.arange(5) ** 2)["rho"] == pytest.approx(1.0)
