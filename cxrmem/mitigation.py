@@ -39,6 +39,8 @@ from cxrmem.settings import Settings
 
 # Strategies that keep the prompt's text and change its embedding (the rest rewrite the text).
 EMBEDDING_STRATEGIES = ("embedding_noise", "embedding_optimisation")
+# Strategies that rewrite only the de-identification markers (the paper's finding 3 is about them).
+MARKER_STRATEGIES = ("random_word", "random_number", "remove_marker", "surrogate")
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),

@@ -95,3 +95,77 @@ def test_sign_test_and_spearman():
     assert stats.sign_test(0, 0) is None
     assert stats.spearman(np.arange(5), np.ones(5))["rho"] is None
     assert stats.spearman(np.arange(5), np.arange(5) ** 2)["rho"] == pytest.approx(1.0)
+
+
+def write_planted_run(out, marker_effect: float):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxrmem.runfiles import RunLayout
+
+    scores, prompts = planted_corpus(marker_effect, n=3000)
+    prompts = prompts.assign(prompt=[f"Finding {i}." for i in range(len(prompts))])
+    layout = RunLayout(str(out))
+    pq.write_table(pa.Table.from_pandas(prompts, preserve_index=False), layout.prompts)
+    run_ids = {"model_fingerprint": "fp-test", "config_hash": "hash-test"}
+    pq.write_table(pa.Table.from_pandas(scores.assign(**run_ids), preserve_index=False), layout.scores)
+    return layout
+
+
+@pytest.mark.parametrize("effect, verdict, code", [(0.0, "not supported after adjustment", 0), (0.3, "supported", 1)])
+def test_card_summary_md_and_metrics_carry_the_f1_verdict(tmp_path, effect, verdict, code):
+    """The wrong reading of a length confound (crude significant, adjusted not) is named on the card."""
+    import json
+
+    from cxrmem.config import load_config
+    from cxrmem.stages import analyze, report
+
+    layout = write_planted_run(tmp_path, effect)
+    cfg = load_config(None, [f"run.output={tmp_path}", "analyze.top_percent=5", "report.figures=false"])
+    analyze.run(cfg)
+    report.run(cfg)
+    html = open(layout.report, encoding="utf-8").read()
+    card = html[html.index('<section id="summary"') : html.index("</section>")]
+    assert f"<b>F1 · {verdict}</b>" in card
+    assert card.index("F1 ·") < card.index("F2 ·") < card.index("F3 ·") < card.index("<dl>")  # verdicts first
+    assert "F2 · inconclusive" in card and "F3 · inconclusive" in card  # no attribution, no mitigation
+    assert "Supported when the marker&#39;s odds ratio adjusted for log_n_tokens, log_n_reports" in card  # the rule
+    summary_md = open(layout.summary_md, encoding="utf-8").read()
+    assert f"**F1: {verdict}.**" in summary_md
+    metrics = json.loads(open(layout.metrics).read())
+    assert metrics["finding.F1"] == code and metrics["finding.F2"] == -1
+    assert metrics["finding.F1.after_adjustment"] == (1 if code == 0 else 0)
+    assert metrics["finding.F1.crude_ci_low"] > 1 and metrics["length.spearman_d_mem_n_tokens"] > 0.5
+
+
+def _null(pairs, observed, null, p):
+    return {"gradient": {"marker_top1": observed}, "null": {"min_pairs": 5, "gradient": {
+        "pairs": pairs, "observed_top1": observed, "null_top1": null, "top1_p": p,
+        "observed_mean_rank": 1.0, "null_mean_rank": 2.0, "rank_p": p}}}
+
+
+def test_f2_rule():
+    from cxrmem.findings import f2_marker_top
+
+    assert f2_marker_top(None).verdict == "inconclusive"
+    assert "null_model=false" in f2_marker_top({"gradient": {"marker_top1": 1.0}}).reason
+    assert f2_marker_top(_null(4, 1.0, 0.0, 0.0625)).verdict == "inconclusive"  # too few pairs for the test
+    assert f2_marker_top(_null(8, 1.0, 0.0, 0.0039)).verdict == "supported"
+    assert f2_marker_top(_null(8, 1.0, 1.0, None)).verdict == "not supported"  # the null ranks it first too
+
+
+def test_f3_rule_by_d_mem_and_by_copies():
+    from cxrmem.findings import f3_rewrites
+
+    def row(strategy, mean, high, d_mem_mean, n=4):
+        return {"strategy": strategy, "d_mem_mean": d_mem_mean, "d_mem_change": {"n": n, "mean": mean, "ci_low": None if mean is None else mean - 1, "ci_high": high}}
+
+    rows = [row("original", None, None, 3.0), row("remove_marker", -0.1, -0.05, 2.9), row("random_insertion", -2.0, -1.0, 0.5)]
+    kept = f3_rewrites(rows, 2.0, None)
+    assert kept.verdict == "supported" and "random_insertion" not in kept.numbers["strategies"]  # not a marker rewrite
+    assert f3_rewrites([*rows, row("surrogate", -1.5, -1.0, 1.5)], 2.0, None).verdict == "not supported"
+    copies = {"guidances": {"w=1": {"memorized_copies": 3, "strategies": {"remove_marker": {"copies": 0}}}}}
+    stopped = f3_rewrites(rows, 2.0, copies)
+    assert stopped.verdict == "not supported" and "copies at w=1" in stopped.reason
+    assert f3_rewrites(None, 2.0, None).verdict == "inconclusive"
+    assert f3_rewrites([row("remove_marker", -0.1, None, 2.9, n=1)], 2.0, None).verdict == "inconclusive"
