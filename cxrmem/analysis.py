@@ -157,6 +157,24 @@ def adjusted_enrichment(table: pd.DataFrame, memorized: np.ndarray, covariates: 
     }
 
 
+def list_enrichment(prompts: pd.DataFrame, memorized: np.ndarray, buckets: Sequence[int], covariates: Sequence[str]) -> dict:
+    """Crude, duplication-stratified (Mantel-Haenszel) and adjusted marker enrichment of a released list:
+    `prompts` (one row per unique prompt: has_marker, n_reports, n_tokens) with `memorized` against the
+    rest as controls; and how well length alone separates the two (AUC of n_tokens)."""
+    has_marker = prompts["has_marker"].to_numpy(dtype=bool)
+    n_tokens = prompts["n_tokens"].to_numpy(dtype=np.float64)
+    return {
+        "crude": stats.marker_enrichment(memorized, has_marker),
+        "by_n_reports": stats.enrichment_by_bucket(memorized, has_marker, prompts["n_reports"].to_numpy(), buckets),
+        "adjusted": adjusted_enrichment(prompts, memorized, covariates),
+        "length": {
+            "median_memorized": float(np.median(n_tokens[memorized])) if memorized.any() else None,
+            "median_controls": float(np.median(n_tokens[~memorized])) if (~memorized).any() else None,
+            "auc_memorized_vs_controls": stats.roc_auc(n_tokens[memorized], n_tokens[~memorized]),
+        },
+    }
+
+
 def length_sections(table, d_mem, memorized, known, top_percent: float, adjust: AdjustSettings) -> dict:
     """{"length": ...} (and {"length_adjusted": ...} when on); empty when the prompts have no n_tokens."""
     if "n_tokens" not in table:

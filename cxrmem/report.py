@@ -212,7 +212,7 @@ def adjusted_rows(adjusted: Optional[dict]) -> list[dict]:
         if not model:
             continue
         used = ", ".join(model.get("covariates") or []) or "nothing"
-        dropped = f"; dropped as constant: {', '.join(model['dropped'])}" if model.get("dropped") else ""
+        dropped = f"; dropped: {', '.join(model['dropped'])}" if model.get("dropped") else ""
         value = (f"refused: {model['refused']}" if model.get("refused")
                  else f"{model['estimate']:.3g} [{model['ci_low']:.3g}, {model['ci_high']:.3g}]")
         rows.append({"group": f"adjusted for {used}{dropped}: {label}", **dict.fromkeys(("prompts", "memorized", "mem_share", "base_share"), ""),

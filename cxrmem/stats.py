@@ -30,7 +30,9 @@ Choices that change numbers, written down once here:
   coefficient being the adjusted odds ratio; and OLS of a continuous outcome (the d_mem
   percentile) with HC3 heteroskedasticity-robust standard errors, since a percentile is bounded
   and its variance is not constant. A covariate that is constant is dropped (it is the
-  intercept) and named in `dropped`. A degenerate design is refused, not fitted: `refused`
+  intercept) and named in `dropped`, as is one that separates a 0/1 outcome (its range among
+  the memorized and the rest meet at most at one point, e.g. n_reports above 1 only among the
+  memorized: an infinite coefficient that stops the fit). A degenerate design is refused, not fitted: `refused`
   gives the reason (`design_problem`), and the numbers are None.
 - Paired sign test (`sign_test`): the exact binomial test of k successes in n discordant pairs
   against 1/2 (ties are not pairs), two-sided or one-sided ("greater": more successes than
@@ -44,6 +46,7 @@ Choices that change numbers, written down once here:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -316,13 +319,25 @@ def design_problem(outcome: np.ndarray, exposure: np.ndarray, binary: bool, n_co
     return None
 
 
-def _design(exposure: np.ndarray, covariates: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str], list[str]]:
-    """[1, exposure, covariates...] with constant covariates dropped; (matrix, kept names, dropped names)."""
+def _separates(values: np.ndarray, outcome: Optional[np.ndarray]) -> bool:
+    """Whether a covariate (quasi-)separates a 0/1 outcome: the classes' ranges meet at most at one point, so
+    its maximum-likelihood coefficient is infinite (e.g. n_reports above 1 only among the memorized)."""
+    if outcome is None:
+        return False
+    yes, no = values[outcome > 0], values[outcome <= 0]
+    return bool(yes.min() >= no.max() or yes.max() <= no.min())
+
+
+def _design(exposure: np.ndarray, covariates: dict[str, np.ndarray], outcome: Optional[np.ndarray] = None):
+    """[1, exposure, covariates...] without the covariates that are constant or (given a 0/1 `outcome`)
+    separate it; (matrix, kept names, dropped names with the reason)."""
     kept, dropped, columns = [], [], [np.ones(len(exposure)), np.asarray(exposure, dtype=np.float64)]
     for name, values in covariates.items():
         values = np.asarray(values, dtype=np.float64)
         if np.ptp(values) == 0:
-            dropped.append(name)
+            dropped.append(f"{name} (constant)")
+        elif _separates(values, outcome):
+            dropped.append(f"{name} (separates the outcome)")
         else:
             kept.append(name)
             columns.append(values)
@@ -342,9 +357,11 @@ def adjusted_logistic(outcome: np.ndarray, exposure: np.ndarray, covariates: dic
     problem = design_problem(outcome, exposure, True, len(covariates))
     if problem:
         return _refused(problem, covariates, model="logistic")
-    matrix, kept, dropped = _design(exposure, covariates)
+    matrix, kept, dropped = _design(exposure, covariates, outcome)
     try:
-        with np.errstate(all="ignore"):
+        # Non-convergence is checked below and refused with a reason; statsmodels' warning would only repeat it.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             fit = sm.Logit(outcome, matrix).fit(disp=0, maxiter=200)
     except Exception as err:  # statsmodels raises PerfectSeparationError, LinAlgError, ...
         return _refused(f"the fit failed ({type(err).__name__}: {err})", covariates, model="logistic")

@@ -71,7 +71,7 @@ def test_constant_covariate_is_dropped_and_named():
     scores, prompts = planted_corpus(0.0, n=1000)
     _, analysis = analyze_tables(scores, prompts.assign(n_reports=1), 5.0, 3.0, [1], adjust=AdjustSettings())
     logistic = analysis["marker_enrichment_adjusted"]["logistic"]
-    assert logistic["dropped"] == ["log_n_reports"] and logistic["covariates"] == ["log_n_tokens"]
+    assert logistic["dropped"] == ["log_n_reports (constant)"] and logistic["covariates"] == ["log_n_tokens"]
 
 
 def test_length_view_and_length_adjusted_set():
