@@ -496,15 +496,19 @@ def _validate_detectors(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'cascade.screen': {cfg.cascade.screen!r} is not one of {list(REGISTRY)}")
 
 
+def _check_names(key: str, names: list, allowed, what: str) -> None:
+    """Every name of the list at `key` is one of `allowed`, and none twice."""
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ConfigError(f"config key {key!r}: {unknown[0]!r} is not one of {list(allowed)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config key {key!r}: {names} names a {what} twice")
+
+
 def _validate_covariates(cfg: DictConfig) -> None:
     from cxrmem.analysis import COVARIATES  # the names live with the analysis
 
-    names = list(cfg.analyze.covariates)
-    for name in names:
-        if name not in COVARIATES:
-            raise ConfigError(f"config key 'analyze.covariates': {name!r} is not one of {list(COVARIATES)}")
-    if len(set(names)) < len(names):
-        raise ConfigError(f"config key 'analyze.covariates': {names} names a covariate twice")
+    _check_names("analyze.covariates", list(cfg.analyze.covariates), COVARIATES, "covariate")
 
 
 def score_config(cfg: DictConfig) -> dict:

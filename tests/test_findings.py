@@ -169,3 +169,15 @@ def test_f3_rule_by_d_mem_and_by_copies():
     assert stopped.verdict == "not supported" and "copies at w=1" in stopped.reason
     assert f3_rewrites(None, 2.0, None).verdict == "inconclusive"
     assert f3_rewrites([row("remove_marker", -0.1, None, 2.9, n=1)], 2.0, None).verdict == "inconclusive"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("analyze.covariates=[log_n_tokens,age]", "'age' is not one of"),
+    ("analyze.covariates=[log_n_tokens,log_n_tokens]", "names a covariate twice"),
+    ("analyze.length_bins=0", "analyze.length_bins"),
+])
+def test_bad_adjustment_settings_fail_naming_the_key(override, message):
+    from cxrmem.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
