@@ -7,6 +7,7 @@ writes the files. The statistics themselves live in cxrmem/stats.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,10 +20,30 @@ from cxrmem.detectors import REGISTRY, oriented, screen_recall
 
 SCORE_COLUMNS = ["prompt_id", "d_mem", "nonfinite"]
 RUN_ID_COLUMNS = ["model_fingerprint", "config_hash"]
-PROMPT_COLUMNS = ["prompt_id", "n_reports", "has_marker", "n_markers"]
+PROMPT_COLUMNS = ["prompt_id", "n_reports", "has_marker", "n_markers", "n_tokens"]
 MEMORIZED_COLUMNS = [
-    "prompt", "d_mem", "percentile", "n_reports", "has_marker", "prompt_id", "n_markers", "zscore", "known_memorized",
+    "prompt", "d_mem", "percentile", "n_reports", "has_marker", "prompt_id", "n_markers", "n_tokens", "zscore",
+    "known_memorized", "length_percentile",
 ]
+
+# Covariates of the adjusted enrichment (analyze.covariates): name -> (prompts column, transform).
+# Logs because both effects are multiplicative: one more token matters less in a long prompt.
+COVARIATES = {
+    "log_n_tokens": ("n_tokens", lambda v: np.log(np.maximum(v, 1))),
+    "log_n_reports": ("n_reports", lambda v: np.log(np.maximum(v, 1))),
+    "n_tokens": ("n_tokens", lambda v: v),
+    "n_reports": ("n_reports", lambda v: v),
+    "n_markers": ("n_markers", lambda v: v),
+}
+
+
+@dataclass(frozen=True)
+class AdjustSettings:
+    """How the findings are controlled (config: analyze.covariates, analyze.length_bins, analyze.length_adjusted)."""
+
+    covariates: tuple[str, ...] = ("log_n_tokens", "log_n_reports")
+    length_bins: int = 10  # token-count quantile bins of the length view and the length-adjusted score
+    length_adjusted: bool = False  # also rank by d_mem's percentile within its token-count bin
 
 
 def joined_scores(scores_df: pd.DataFrame, prompts_df: pd.DataFrame) -> pd.DataFrame:
@@ -62,6 +83,7 @@ def analyze_tables(
     zscore: float,
     buckets: Sequence[int],
     known_ids: Optional[set[str]] = None,
+    adjust: AdjustSettings = AdjustSettings(),
 ) -> tuple[pd.DataFrame, dict]:
     """The memorized set (sorted by d_mem, descending) and the analysis numbers of one run.
 
@@ -83,6 +105,8 @@ def analyze_tables(
     table["zscore"] = z
     if known_ids is not None:
         table["known_memorized"] = table["prompt_id"].isin(known_ids)
+    known = table["known_memorized"].to_numpy(dtype=bool) if known_ids is not None else None
+    length = length_sections(table, d_mem, memorized, known, top_percent, adjust)
     columns = [c for c in MEMORIZED_COLUMNS if c in table]
     memorized_df = table.loc[memorized, columns].sort_values("d_mem", ascending=False, kind="stable")
 
@@ -102,11 +126,102 @@ def analyze_tables(
         "marker_enrichment_by_n_reports": stats.enrichment_by_bucket(
             memorized, has_marker, table["n_reports"].to_numpy(), buckets
         ),
+        "marker_enrichment_adjusted": adjusted_enrichment(table, memorized, adjust.covariates, table["percentile"].to_numpy()),
+        **length,
     }
-    if known_ids is not None:
-        known = table["known_memorized"].to_numpy(dtype=bool)
+    if known is not None:
         analysis["known_memorized"] = {"listed": len(known_ids), **known_memorized_check(d_mem, memorized, known)}
     return memorized_df.reset_index(drop=True), analysis
+
+
+def covariate_values(table: pd.DataFrame, names: Sequence[str]) -> tuple[dict[str, np.ndarray], Optional[str]]:
+    """The named COVARIATES of each row, or a reason they cannot be had (a column the table lacks)."""
+    missing = sorted({COVARIATES[n][0] for n in names} - set(table.columns))
+    if missing:
+        return {}, f"the prompts lack the columns {missing}; rerun `cxrmem prepare`"
+    return {n: COVARIATES[n][1](table[COVARIATES[n][0]].to_numpy(dtype=np.float64)) for n in names}, None
+
+
+def adjusted_enrichment(table: pd.DataFrame, memorized: np.ndarray, covariates: Sequence[str], percentile=None) -> dict:
+    """The marker's effect adjusted for `covariates`: odds ratio of being memorized (logistic) and, given
+    the d_mem percentile, its shift in percentile points (OLS). A design that cannot be fitted is refused."""
+    values, problem = covariate_values(table, covariates)
+    has_marker = table["has_marker"].to_numpy(dtype=bool)
+    if problem:
+        refused = {"estimate": None, "ci_low": None, "ci_high": None, "p": None, "refused": problem, "covariates": list(covariates)}
+        return {"covariates": list(covariates), "logistic": refused, "percentile": refused if percentile is not None else None}
+    return {
+        "covariates": list(covariates),
+        "logistic": stats.adjusted_logistic(np.asarray(memorized, dtype=np.float64), has_marker, values),
+        "percentile": stats.adjusted_ols(percentile, has_marker, values) if percentile is not None else None,
+    }
+
+
+def list_enrichment(prompts: pd.DataFrame, memorized: np.ndarray, buckets: Sequence[int], covariates: Sequence[str]) -> dict:
+    """Crude, duplication-stratified (Mantel-Haenszel) and adjusted marker enrichment of a released list:
+    `prompts` (one row per unique prompt: has_marker, n_reports, n_tokens) with `memorized` against the
+    rest as controls; and how well length alone separates the two (AUC of n_tokens)."""
+    has_marker = prompts["has_marker"].to_numpy(dtype=bool)
+    n_tokens = prompts["n_tokens"].to_numpy(dtype=np.float64)
+    return {
+        "crude": stats.marker_enrichment(memorized, has_marker),
+        "by_n_reports": stats.enrichment_by_bucket(memorized, has_marker, prompts["n_reports"].to_numpy(), buckets),
+        "adjusted": adjusted_enrichment(prompts, memorized, covariates),
+        "length": {
+            "median_memorized": float(np.median(n_tokens[memorized])) if memorized.any() else None,
+            "median_controls": float(np.median(n_tokens[~memorized])) if (~memorized).any() else None,
+            "auc_memorized_vs_controls": stats.roc_auc(n_tokens[memorized], n_tokens[~memorized]),
+        },
+    }
+
+
+def length_sections(table, d_mem, memorized, known, top_percent: float, adjust: AdjustSettings) -> dict:
+    """{"length": ...} (and {"length_adjusted": ...} when on); empty when the prompts have no n_tokens."""
+    if "n_tokens" not in table:
+        return {}
+    n_tokens = table["n_tokens"].to_numpy(dtype=np.float64)
+    bins = stats.quantile_bins(n_tokens, adjust.length_bins)
+    out = {"length": length_view(d_mem, n_tokens, memorized, table["has_marker"].to_numpy(dtype=bool), bins, known)}
+    if adjust.length_adjusted:
+        table["length_percentile"] = stats.percentile_within(d_mem, bins)
+        out["length_adjusted"] = length_adjusted(table["length_percentile"].to_numpy(), memorized, top_percent, known)
+    return out
+
+
+def length_view(d_mem, n_tokens, memorized, has_marker, bins, known=None) -> dict:
+    """How d_mem goes with prompt length: Spearman (all prompts, and without the known memorized ones),
+    mean token counts with and without a marker, and d_mem's median and IQR per token-count bin."""
+    rows = []
+    for b in np.unique(bins):
+        inside = bins == b
+        q1, median, q3 = np.percentile(d_mem[inside], [25, 50, 75])
+        rows.append({"min_tokens": int(n_tokens[inside].min()), "max_tokens": int(n_tokens[inside].max()),
+                     "prompts": int(inside.sum()), "memorized": int((inside & memorized).sum()),
+                     "median": float(median), "q1": float(q1), "q3": float(q3)})  # fmt: skip
+    view = {
+        "spearman": stats.spearman(d_mem, n_tokens),
+        "mean_tokens_marker": float(n_tokens[has_marker].mean()) if has_marker.any() else None,
+        "mean_tokens_no_marker": float(n_tokens[~has_marker].mean()) if (~has_marker).any() else None,
+        "mean_tokens_memorized": float(n_tokens[memorized].mean()) if memorized.any() else None,
+        "bins": rows,
+    }
+    if known is not None:
+        view["spearman_not_known"] = stats.spearman(d_mem[~known], n_tokens[~known])
+    return view
+
+
+def length_adjusted(length_percentile, memorized, top_percent: float, known=None) -> dict:
+    """The top `top_percent` by d_mem's percentile within its token-count bin, against the raw memorized set.
+
+    Every bin's largest score has percentile 100, so the set holds at least one prompt per bin
+    (ties at the threshold are kept, as for the raw set)."""
+    adjusted, threshold = stats.top_percent_mask(length_percentile, top_percent)
+    both = int((adjusted & memorized).sum())
+    out = {"memorized_count": int(adjusted.sum()), "threshold_percentile": threshold, "overlap": both,
+           "overlap_share_of_raw": both / int(memorized.sum()) if memorized.any() else None}
+    if known is not None:
+        out["known_in_memorized"] = int((adjusted & known).sum())
+    return out
 
 
 def known_memorized_check(d_mem: np.ndarray, memorized: np.ndarray, known: np.ndarray, fpr: float = 0.01) -> dict:

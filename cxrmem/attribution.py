@@ -21,8 +21,17 @@ keeps `n_pieces` and the summary also reports the marker's rank under the per-pi
 Read "the marker ranks first" against a baseline: on the random-weight tiny model (nothing
 memorized) the three-piece `___` ranked first in all 5 top-1% prompts of a 600-report synthetic
 run, under both the sum and leave-one-out (deleting three tokens moves the embedding more than
-deleting one), and far down under the per-piece mean. Run the same stage on a random-initialised
-copy of the audited architecture before concluding that markers drive memorization.
+deleting one), and far down under the per-piece mean. So the stage can attribute the same
+prompts, with the same seeds, on a copy of the audited model whose weights are re-initialised
+(`attribution.null_model`; same architecture and tokenizer, weights drawn from `null_seed`):
+tokens.parquet then holds the null scores beside the real ones (`null_*` columns) and the
+summary compares, per method, the marker's top-1 rate and mean best rank observed against
+null over the same marker-bearing prompts (`null_comparison`). The test is the exact one-sided
+sign test on the paired prompts (stats.sign_test, alternative "greater": the claim is that the
+marker matters MORE on the audited model than with nothing learned): for top-1, prompts where
+the marker is first on the audited model but not the null against the reverse; for the rank,
+prompts where its best rank is better on the audited model against worse (ties dropped). Its cost is one
+more model per worker and the attribution work again.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from cxrmem import stats
 from cxrmem.corpus.text import compile_marker_regex, delete_span
 from cxrmem.settings import Settings
 
@@ -52,6 +62,21 @@ TOKEN_COLUMNS = {
     "loo_rank": pa.float64(),
 }
 
+# The null model's scores beside the real ones (attribution.null_model): same units, same seeds.
+NULL_COLUMNS = {
+    "null_grad_score": pa.float64(),
+    "null_grad_rank": pa.float64(),
+    "null_loo_delta": pa.float64(),
+    "null_loo_rank": pa.float64(),
+}
+SIGN_TEST = "greater"  # the alternative of the paired test against the null (module notes)
+# summary key -> (rank column on the audited model, on the null model)
+RANK_METHODS = {
+    "gradient": ("grad_rank", "null_grad_rank"),
+    "gradient_per_piece_mean": ("per_piece_rank", "null_per_piece_rank"),
+    "leave_one_out": ("loo_rank", "null_loo_rank"),
+}
+
 
 @dataclass(frozen=True)
 class AttributionSettings(Settings):
@@ -60,6 +85,8 @@ class AttributionSettings(Settings):
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
     marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
     batch_size: int = 8  # prompts per scoring call of the leave-one-out variants
+    null_model: bool = False  # also attribute on a re-initialised copy of the model (the baseline)
+    null_seed: int = 0  # seed of the null model's weights
 
 
 # -- the gradient (pure tensor math) --------------------------------------------------------
@@ -189,12 +216,34 @@ def attribute_prompts(scorer, prompts: Sequence[str], prompt_ids: Sequence[str],
 
 
 # -- across the memorized set ---------------------------------------------------------------
+def with_null(tokens: pd.DataFrame, null_tokens: pd.DataFrame) -> pd.DataFrame:
+    """tokens.parquet rows with the null model's scores of the same units beside them (NULL_COLUMNS)."""
+    null = null_tokens[["prompt_id", "unit_index", "grad_score", "grad_rank", "loo_delta", "loo_rank"]]
+    null = null.rename(columns={c: f"null_{c}" for c in ("grad_score", "grad_rank", "loo_delta", "loo_rank")})
+    return tokens.merge(null, on=["prompt_id", "unit_index"], how="left", validate="one_to_one")
+
+
+def with_per_piece_ranks(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Ranks of the gradient's mean per piece (and the null's, when present): sums favour many-piece units."""
+    out = tokens.copy()
+    for score, rank in (("grad_score", "per_piece_rank"), ("null_grad_score", "null_per_piece_rank")):
+        if score in out:
+            out[rank] = (out[score] / out["n_pieces"]).groupby(out["prompt_id"]).rank(ascending=False, method="min")
+    return out
+
+
+def best_marker_ranks(tokens: pd.DataFrame, rank_column: str) -> pd.Series:
+    """Per prompt that has a marker: the best rank of its markers (NaN ranks dropped)."""
+    markers = tokens[tokens["is_marker"]]
+    return markers.groupby("prompt_id")[rank_column].min().dropna()
+
+
 def marker_rank_stats(tokens: pd.DataFrame, rank_column: str) -> dict:
     """Among prompts with a marker: how often a marker ranks first, its mean (best) rank, and the chance rate."""
     with_marker = tokens[tokens.groupby("prompt_id")["is_marker"].transform("any")]
     if with_marker.empty or with_marker[rank_column].isna().all():
         return {"marker_top1": None, "marker_mean_rank": None, "chance_top1": None}
-    best_marker_rank = with_marker[with_marker["is_marker"]].groupby("prompt_id")[rank_column].min()
+    best_marker_rank = best_marker_ranks(with_marker, rank_column)
     return {
         "marker_top1": float((best_marker_rank == 1).mean()),
         "marker_mean_rank": float(best_marker_rank.mean()),
@@ -203,17 +252,50 @@ def marker_rank_stats(tokens: pd.DataFrame, rank_column: str) -> dict:
     }
 
 
-def attribution_summary(tokens: pd.DataFrame) -> dict:
-    per_piece = tokens.assign(
-        per_piece_rank=(tokens["grad_score"] / tokens["n_pieces"]).groupby(tokens["prompt_id"]).rank(
-            ascending=False, method="min"
-        )
-    )
+def paired_marker_test(observed: pd.Series, null: pd.Series) -> dict:
+    """Observed against null best marker ranks over the same prompts, with exact sign tests (module notes)."""
+    pairs = pd.concat([observed.rename("observed"), null.rename("null")], axis=1, join="inner").dropna()
+    first_obs, first_null = pairs["observed"] == 1, pairs["null"] == 1
+    only_obs, only_null = int((first_obs & ~first_null).sum()), int((~first_obs & first_null).sum())
+    better, worse = int((pairs["observed"] < pairs["null"]).sum()), int((pairs["observed"] > pairs["null"]).sum())
+    n = len(pairs)
     return {
+        "pairs": n,
+        "observed_top1": float(first_obs.mean()) if n else None,
+        "null_top1": float(first_null.mean()) if n else None,
+        "top1_only_observed": only_obs,
+        "top1_only_null": only_null,
+        "top1_p": stats.sign_test(only_obs, only_obs + only_null, SIGN_TEST),
+        "observed_mean_rank": float(pairs["observed"].mean()) if n else None,
+        "null_mean_rank": float(pairs["null"].mean()) if n else None,
+        "rank_better": better,
+        "rank_worse": worse,
+        "rank_p": stats.sign_test(better, better + worse, SIGN_TEST),
+    }
+
+
+def null_comparison(tokens: pd.DataFrame) -> dict:
+    """Per method of RANK_METHODS: `paired_marker_test` of the audited model against the null model."""
+    ranked = with_per_piece_ranks(tokens)
+    out = {}
+    for key, (observed, null) in RANK_METHODS.items():
+        if ranked[observed].isna().all() or ranked[null].isna().all():
+            out[key] = None  # e.g. leave-one-out off
+            continue
+        out[key] = paired_marker_test(best_marker_ranks(ranked, observed), best_marker_ranks(ranked, null))
+    out["test"] = "exact one-sided sign test (audited better than null) over the paired marker-bearing prompts, ties dropped"
+    out["min_pairs"] = stats.min_sign_test_pairs(SIGN_TEST)
+    return out
+
+
+def attribution_summary(tokens: pd.DataFrame) -> dict:
+    ranked = with_per_piece_ranks(tokens)
+    summary = {
         "prompts": int(tokens["prompt_id"].nunique()),
         "prompts_with_marker": int(tokens.groupby("prompt_id")["is_marker"].any().sum()),
         "mean_units_per_prompt": float(tokens.groupby("prompt_id").size().mean()) if len(tokens) else None,
-        "gradient": marker_rank_stats(tokens, "grad_rank"),
-        "gradient_per_piece_mean": marker_rank_stats(per_piece, "per_piece_rank"),
-        "leave_one_out": marker_rank_stats(tokens, "loo_rank"),
+        **{key: marker_rank_stats(ranked, observed) for key, (observed, _) in RANK_METHODS.items()},
     }
+    if "null_grad_score" in tokens:
+        summary["null"] = null_comparison(tokens)
+    return summary

@@ -32,6 +32,7 @@ STAGES = {
     "config": "print the resolved configuration (defaults <- FILE <- overrides), credentials removed",
     "compare": "the rescore diff of any two published runs: what entered or left the memorized set",
     "deid-rewrite": "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
+    "enrich": "marker enrichment (crude, Mantel-Haenszel, adjusted for length and duplication) of a released list, no model",
 }
 
 
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
             stage.add_argument("--input", required=True, help="table (CSV, Parquet, JSONL) with a text column")
             stage.add_argument("--output", required=True, help="rewritten table, same format as the input")
             stage.add_argument("--text-column", default="text", help="column holding the report text")
+        if name == "enrich":
+            stage.add_argument("--memorized", required=True, help="table (CSV, Parquet, JSONL) of the prompts released as memorized")
+            stage.add_argument("--controls", required=True, help="table of the control prompts")
+            stage.add_argument("--text-column", default="prompt", help="column holding the prompt in both tables")
+            stage.add_argument("--out", help="also write enrichment.json under this prefix")
+            stage.add_argument("--tokenizer", action="store_true", help="count tokens with model.*'s tokenizer (default: words)")
 
     model = sub.add_parser("model", help="build models: `cxrmem model tiny --out DIR`")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)
@@ -167,6 +174,10 @@ def _stage(args: argparse.Namespace, cfg, store) -> dict:
         from cxrmem.corpus.deid import rewrite_corpus
 
         return rewrite_corpus(args.input, args.output, args.text_column, cfg.corpus.marker_regex, cfg.mitigation.seed, store)
+    if args.stage == "enrich":
+        from cxrmem.stages.enrich import run as enrich
+
+        return enrich(cfg, args.memorized, args.controls, args.text_column, args.out, args.tokenizer, store)
     raise AssertionError(f"unhandled stage {args.stage}")
 
 
@@ -176,7 +187,7 @@ WRITERS = {*STAGE_MODULES, "audit", "rescore", "export"}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
     "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
-    "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out",
+    "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out", "enrich": "out",
     "model": "model", "verify": "prefix", "testbed": "index",
 }  # fmt: skip
 
@@ -190,6 +201,13 @@ def last_line(stage: str, result: dict) -> str:
             else f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}, unlisted {result['unlisted']}"
         )
         return f"cxrmem verify: {result['prefix']} {state} ({result['files']} files)"
+    if stage == "enrich":
+        crude, adjusted = result["crude"], result["adjusted"]["logistic"]
+        adjusted_text = (f"refused ({adjusted['refused']})" if adjusted.get("refused")
+                         else f"{adjusted['estimate']:.3g} [{adjusted['ci_low']:.3g}, {adjusted['ci_high']:.3g}]")
+        crude_text = "–" if crude["odds_ratio"] is None else f"{crude['odds_ratio']:.3g} [{crude['ci_low']:.3g}, {crude['ci_high']:.3g}]"
+        where = f"; output: {result['out']}" if result.get("out") else ""
+        return f"cxrmem enrich: crude OR {crude_text}, adjusted OR {adjusted_text}: {result['verdict']['verdict']}{where}"
     if stage == "rescore" and result.get("status") == "unchanged":
         return f"cxrmem rescore: nothing to do, {result['previous']} is current"
     output = result.get(MAIN_OUTPUT.get(stage, ""))

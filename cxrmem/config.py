@@ -125,6 +125,9 @@ class AnalyzeConfig:
     zscore: float = 3.0  # second view: prompts with d_mem z-score above this
     n_reports_buckets: List[int] = field(default_factory=lambda: [1, 2, 5, 20, 100])  # lower edges of duplication buckets
     known_memorized: Optional[str] = None  # CSV of prompts known to be memorized (column `prompt`; rows with planted=false skipped), e.g. testbed/model/manifest.csv: checks detection against it
+    covariates: List[str] = field(default_factory=lambda: ["log_n_tokens", "log_n_reports"])  # adjusted enrichment: what the marker's effect is adjusted for (cxrmem/analysis.py COVARIATES)
+    length_bins: int = 10  # token-count quantile bins of the length view (figure) and the length-adjusted score
+    length_adjusted: bool = False  # also rank by d_mem's percentile within its token-count bin (its own top share; raw d_mem stays the definition)
 
 
 @dataclass
@@ -134,6 +137,8 @@ class AttributionConfig:
     steps: int = 10  # DDIM steps at which the gradient is taken (first steps of the trajectory)
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
     max_prompts: Optional[int] = None  # attribute at most this many memorized prompts (None: all)
+    null_model: bool = False  # also attribute on a seeded re-initialised copy of the model (the baseline of "the marker ranks first"; one more model per worker, attribution twice)
+    null_seed: int = 0  # seed of the null model's weights
     top_units: int = 25  # units shown per prompt in the figure
 
 
@@ -368,6 +373,8 @@ RULES = {
     "analyze.top_percent": (_percent, "in (0, 100]"),
     "analyze.zscore": POSITIVE,
     "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
+    "analyze.length_bins": (lambda v: v >= 1, "at least 1"),
+    "attribution.null_seed": NON_NEGATIVE,
     "attribution.generations": POSITIVE,
     "attribution.steps": POSITIVE,
     "attribution.max_prompts": (_optional_positive, "null or positive (attribution.enabled=false attributes none)"),
@@ -517,6 +524,7 @@ def validate(cfg: DictConfig) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"config key 'mitigation.strategies': {strategy!r} is not one of {list(STRATEGIES)}")
     _validate_detectors(cfg)
+    _validate_covariates(cfg)
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
     if cfg.cascade.enabled and not cfg.cascade.stages and cfg.cascade.screening_steps >= cfg.score.steps:
@@ -553,6 +561,21 @@ def _validate_detectors(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}.steps': {stage.steps!r} must be positive and below score.steps ({cfg.score.steps})")
         if not _optional_positive(stage.generations):
             raise ConfigError(f"config key '{key}.generations': {stage.generations!r} must be null or positive")
+
+
+def _check_names(key: str, names: list, allowed, what: str) -> None:
+    """Every name of the list at `key` is one of `allowed`, and none twice."""
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ConfigError(f"config key {key!r}: {unknown[0]!r} is not one of {list(allowed)}")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config key {key!r}: {names} names a {what} twice")
+
+
+def _validate_covariates(cfg: DictConfig) -> None:
+    from cxrmem.analysis import COVARIATES  # the names live with the analysis
+
+    _check_names("analyze.covariates", list(cfg.analyze.covariates), COVARIATES, "covariate")
 
 
 def score_config(cfg: DictConfig) -> dict:

@@ -307,4 +307,26 @@ def copy_fidelity_chart(harm: Sequence[dict], out: BinaryIO) -> None:
         ax.set_ylabel("copy rate of the memorized prompts", fontsize=9)
         ax.set_title(h["name"], fontsize=10)
         ax.grid(alpha=0.3)
+
+
+def length_chart(bins: Sequence[Mapping], memorized: pd.DataFrame, threshold: Optional[float], out: BinaryIO) -> None:
+    """d_mem against token count: per token-count bin the median with its interquartile range, the
+    memorized prompts as red dots (columns n_tokens, d_mem), and the memorized threshold."""
+    fig, axes = _figure(7.5, 3.8)
+    ax = axes[0, 0]
+    centre = np.array([(b["min_tokens"] + b["max_tokens"]) / 2 for b in bins], dtype=np.float64)
+    median = np.array([b["median"] for b in bins], dtype=np.float64)
+    low = median - np.array([b["q1"] for b in bins], dtype=np.float64)
+    high = np.array([b["q3"] for b in bins], dtype=np.float64) - median
+    ax.errorbar(centre, median, yerr=[low, high], color=BLUE, marker="o", ms=4, capsize=3, lw=1.2,
+                label="all prompts: median and IQR per token-count bin")
+    if len(memorized) and {"n_tokens", "d_mem"} <= set(memorized.columns):
+        ax.scatter(memorized["n_tokens"], memorized["d_mem"], color=RED, s=18, zorder=3, label=f"memorized ({len(memorized):,})")
+    if threshold is not None:
+        ax.axhline(threshold, color=RED, ls="--", lw=0.8)
+    ax.set_xlabel("tokens in the prompt")
+    ax.set_ylabel("d_mem")
+    ax.set_title("Memorization score against prompt length")
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
     _save(fig, out)

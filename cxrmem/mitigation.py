@@ -65,6 +65,8 @@ from cxrmem.settings import Settings
 EMBEDDING_STRATEGIES = registry.names_of("embedding")
 # Strategies that keep the text and its embedding and change how it is sampled.
 SAMPLING_STRATEGIES = registry.names_of("attention") + registry.names_of("guidance") + registry.names_of("noise")
+# Strategies that rewrite only the de-identification markers (the paper's finding 3 is about them).
+MARKER_STRATEGIES = ("random_word", "random_number", "remove_marker", "surrogate")
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),

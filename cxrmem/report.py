@@ -22,7 +22,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
-from cxrmem import figures, stats
+from cxrmem import figures, findings, stats
 from cxrmem.config import config_hash, public_config
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation import EMBEDDING_STRATEGIES
@@ -120,7 +120,21 @@ def mitigation_verdict(rows: list[dict]) -> Optional[dict]:
     return min(candidates, key=lambda r: r["d_mem_change"]["mean"]) if candidates else None
 
 
-def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: list[dict], summary: dict) -> dict:
+# metrics.json codes of a verdict (MLflow and W&B take numbers only); "not supported after adjustment" is 0
+# with finding.F1.after_adjustment = 1.
+VERDICT_CODES = {findings.SUPPORTED: 1, findings.NOT_SUPPORTED: 0, findings.NOT_AFTER_ADJUSTMENT: 0, findings.INCONCLUSIVE: -1}
+
+
+def verdict_metrics(verdicts: list[dict]) -> dict:
+    flat = {}
+    for v in verdicts:
+        flat[f"finding.{v['finding']}"] = VERDICT_CODES[v["verdict"]]
+        flat |= {f"finding.{v['finding']}.{k}": x for k, x in _flatten(v["numbers"]).items()}
+    flat["finding.F1.after_adjustment"] = int(any(v["verdict"] == findings.NOT_AFTER_ADJUSTMENT for v in verdicts))
+    return flat
+
+
+def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: list[dict], summary: dict, verdicts=()) -> dict:
     """Flat numeric metrics (metrics.json) that MLflow's log_metrics or wandb.log take as they are."""
     enrichment = analysis.get("marker_enrichment", {})
     flat = {
@@ -138,6 +152,8 @@ def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: 
                 flat[f"mitigation.{row['strategy']}.{key}_{part}"] = row.get(key, {}).get(part)
     flat |= {f"time_s.{k}": v for k, v in _flatten(summary.get("audit", {}).get("timings_s", {})).items()}
     flat |= {f"detector.{k}": v for k, v in _flatten((summary.get("detectors") or {}).get("detectors", {})).items()}
+    flat |= verdict_metrics(list(verdicts))
+    flat["length.spearman_d_mem_n_tokens"] = ((analysis.get("length") or {}).get("spearman") or {}).get("rho")
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
             and np.isfinite(v)}
 
@@ -208,6 +224,24 @@ def enrichment_rows(analysis: dict) -> list[dict]:
     rows.append({"group": f"pooled over buckets (Mantel-Haenszel, {by_bucket['mantel_haenszel']['strata']} strata)",
                  **dict.fromkeys(("prompts", "memorized", "mem_share", "base_share", "p"), ""),
                  "or": interval(by_bucket["mantel_haenszel"])})
+    return rows + adjusted_rows(analysis.get("marker_enrichment_adjusted"))
+
+
+def adjusted_rows(adjusted: Optional[dict]) -> list[dict]:
+    """The adjusted models as enrichment-table rows; a refused fit shows its reason instead of numbers."""
+    if not adjusted:
+        return []
+    rows = []
+    for key, label in (("logistic", "odds ratio of being memorized"), ("percentile", "shift of the d_mem percentile, points (OLS, HC3)")):
+        model = adjusted.get(key)
+        if not model:
+            continue
+        used = ", ".join(model.get("covariates") or []) or "nothing"
+        dropped = f"; dropped: {', '.join(model['dropped'])}" if model.get("dropped") else ""
+        value = (f"refused: {model['refused']}" if model.get("refused")
+                 else f"{model['estimate']:.3g} [{model['ci_low']:.3g}, {model['ci_high']:.3g}]")
+        rows.append({"group": f"adjusted for {used}{dropped}: {label}", **dict.fromkeys(("prompts", "memorized", "mem_share", "base_share"), ""),
+                     "prompts": fmt(model.get("n")), "or": value, "p": fmt(model.get("p"))})
     return rows
 
 
@@ -302,8 +336,9 @@ def known_figure(data: dict, threshold, figure: Figures) -> Optional[dict]:
 def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     tokens, memorized = data["tokens"], data["memorized"]
     stats_ = data["summary"].get("attribution", {})
+    null = stats_.get("null") or {}
     rows = [{"method": label, "top1": percent(stats_[key].get("marker_top1")), "rank": fmt(stats_[key].get("marker_mean_rank")),
-             "chance": percent(stats_[key].get("chance_top1"))}
+             "chance": percent(stats_[key].get("chance_top1")), "null": null_cells(null.get(key))}
             for key, label in SUMMARY_ATTRIBUTION_KEYS.items() if isinstance(stats_.get(key), dict)]
     order = list(memorized["prompt_id"]) if memorized is not None else []
     attributed = list(dict.fromkeys(tokens["prompt_id"]))
@@ -319,7 +354,53 @@ def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
                                     lambda p, f=frame, t=prompt: figures.token_bars(f, p, cfg.attribution.top_units, t),
                                     f"Prompt {pid}: top {cfg.attribution.top_units} words by {label} attribution; markers in red (cf. paper Fig. 3)."))
     return {"prompts": fmt(stats_.get("prompts", tokens["prompt_id"].nunique())),
-            "with_marker": fmt(stats_.get("prompts_with_marker")), "rows": rows, "figures": shown}
+            "with_marker": fmt(stats_.get("prompts_with_marker")), "rows": rows, "figures": shown,
+            "null": {"test": null.get("test"), "seed": stats_.get("null_seed"), "seconds": stats_.get("null_seconds")} if null else None}
+
+
+def null_cells(test: Optional[dict]) -> Optional[dict]:
+    """The null model's side of an attribution row: its top-1 rate and mean rank, and the paired tests."""
+    if not test:
+        return None
+    return {"top1": percent(test["null_top1"]), "rank": fmt(test["null_mean_rank"]), "pairs": fmt(test["pairs"]),
+            "top1_p": fmt(test["top1_p"]), "rank_p": fmt(test["rank_p"])}
+
+
+def length_context(analysis: dict, memorized: Optional[pd.DataFrame], figure: Figures) -> Optional[dict]:
+    """Spearman of d_mem with token count, the token means, the length-adjusted set, and the figure."""
+    length = analysis.get("length")
+    if not length:
+        return None
+    shown = memorized if memorized is not None else pd.DataFrame()
+    return {**length, "adjusted": analysis.get("length_adjusted"),
+            "figure": figure("length.png", lambda p: figures.length_chart(length["bins"], shown, analysis.get("threshold"), p),
+                             "d_mem against the prompt's token count: median and interquartile range per token-count bin "
+                             "(all prompts), memorized prompts in red, the memorized threshold dashed.")}
+
+
+def verdict_line(v: dict) -> str:
+    """The numbers behind a verdict, in one line for the summary card."""
+    n = v["numbers"]
+    if v["finding"] == "F1":
+        return (f"crude OR {fmt(n.get('crude_or'))} [{fmt(n.get('crude_ci_low'))}, {fmt(n.get('crude_ci_high'))}], "
+                f"adjusted OR {fmt(n.get('adjusted_or'))} [{fmt(n.get('adjusted_ci_low'))}, {fmt(n.get('adjusted_ci_high'))}] "
+                f"p {fmt(n.get('adjusted_p'))} (adjusted for {', '.join(n.get('covariates') or []) or '–'})")
+    if v["finding"] == "F2":
+        if "pairs" not in n:
+            return f"marker first in {percent(n.get('observed_top1'))} of marker-bearing prompts (summed gradient), no null"
+        return (f"summed gradient: marker first in {percent(n['observed_top1'])} of {fmt(n['pairs'])} prompts vs "
+                f"{percent(n['null_top1'])} on the null model (sign test p {fmt(n['top1_p'])}); mean best rank "
+                f"{fmt(n['observed_mean_rank'])} vs {fmt(n['null_mean_rank'])} (p {fmt(n['rank_p'])})")
+    parts = [f"{s}: d_mem change {fmt(x['d_mem_change'])} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}] over {fmt(x['prompts'])} prompts"
+             + (f", copies stopped at {', '.join(x['removes_copies_at'])}" if x["removes_copies_at"] else "")
+             for s, x in n.get("strategies", {}).items()]
+    return "; ".join(parts) + f" (threshold {fmt(n.get('threshold'))})" if parts else "–"
+
+
+def findings_context(summary: dict, analysis: dict, mitigation_rows: Optional[list[dict]]) -> list[dict]:
+    """F1-F3 with their verdicts, rules and numbers (cxrmem/findings.py), for the card, summary.md and metrics."""
+    found = findings.verdicts(analysis, summary.get("attribution"), mitigation_rows, summary.get("copies"))
+    return [{**v.to_dict(), "line": verdict_line(v.to_dict())} for v in found]
 
 
 def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures) -> list[dict]:
@@ -447,7 +528,9 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
         page["mitigation"] = mitigation_context(data, cfg, facts["w"], figure)
     if data.get("copies") is not None:
         page["copies"] = copies_context(data, cfg, figure)
-    page["metrics"] = metrics(facts, analysis, detection, page.get("mitigation", {}).get("rows", []), summary)
+    page["length"] = length_context(analysis, data["memorized"], figure) if analysis else None
+    page["findings"] = findings_context(summary, analysis, page["mitigation"]["rows"] if "mitigation" in page else None) if analysis else []
+    page["metrics"] = metrics(facts, analysis, detection, page.get("mitigation", {}).get("rows", []), summary, page["findings"])
     page["metrics"] |= harm_metrics(page.get("mitigation", {}).get("harm", []))
     return page
 

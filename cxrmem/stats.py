@@ -27,6 +27,20 @@ Choices that change numbers, written down once here:
 - Miss rate of a screen (`miss_rate`): x misses in a simple random sample of n rejected prompts;
   the estimate x / n with the one-sided 95% Clopper-Pearson upper bound Beta(0.95; x + 1, n - x)
   (1 when x = n; no bound without a sample).
+- Adjusted enrichment (`adjusted_logistic`, `adjusted_ols`): the exposure (marker) with covariates
+  (log token count, log n_reports by default) in one model fitted by statsmodels: a logistic
+  regression of a 0/1 outcome (memorized) with Wald 95% intervals, exp() of the exposure's
+  coefficient being the adjusted odds ratio; and OLS of a continuous outcome (the d_mem
+  percentile) with HC3 heteroskedasticity-robust standard errors, since a percentile is bounded
+  and its variance is not constant. A covariate that is constant is dropped (it is the
+  intercept) and named in `dropped`, as is one that separates a 0/1 outcome (its range among
+  the memorized and the rest meet at most at one point, e.g. n_reports above 1 only among the
+  memorized: an infinite coefficient that stops the fit). A degenerate design is refused, not fitted: `refused`
+  gives the reason (`design_problem`), and the numbers are None.
+- Paired sign test (`sign_test`): the exact binomial test of k successes in n discordant pairs
+  against 1/2 (ties are not pairs), two-sided or one-sided ("greater": more successes than
+  chance). Below `min_sign_test_pairs` pairs it cannot reach p < 0.05 whatever the data (one-
+  sided: 5 pairs, 0.5**5 = 0.031; two-sided: 6).
 - High-frequency share of an image (`high_frequency_share`): the share of its spectral power
   (mean removed) at frequencies above half the Nyquist limit in either axis. White noise puts
   0.75 of its power there; a radiograph, smooth at pixel scale, well under 0.1.
@@ -35,6 +49,7 @@ Choices that change numbers, written down once here:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -273,3 +288,148 @@ def miss_rate(misses: int, sample: int, level: float = 0.95) -> dict:
 
     upper = 1.0 if misses >= sample else float(beta.ppf(level, misses + 1, sample - misses))
     return {"misses": int(misses), "sample": int(sample), "estimate": misses / sample, "upper": upper, "level": level}
+
+
+def sign_test(successes: int, trials: int, alternative: str = "two-sided") -> Optional[float]:
+    """Exact binomial p of `successes` in `trials` discordant pairs against 1/2; None without pairs."""
+    if trials <= 0:
+        return None
+    return float(sps.binomtest(int(successes), int(trials), 0.5, alternative=alternative).pvalue)
+
+
+def min_sign_test_pairs(alternative: str = "two-sided", alpha: float = 0.05) -> int:
+    """The fewest pairs with which the exact sign test can reach p < alpha (all pairs one way)."""
+    n = 1
+    while sign_test(n, n, alternative) >= alpha:
+        n += 1
+    return n
+
+
+def design_problem(outcome: np.ndarray, exposure: np.ndarray, binary: bool, n_covariates: int) -> Optional[str]:
+    """Why the exposure's effect on the outcome cannot be estimated from these rows, or None.
+
+    A binary outcome needs every cell of the outcome x exposure table filled: an empty cell is
+    (quasi-)separation, whose maximum-likelihood odds ratio is infinite or zero.
+    """
+    outcome, exposure = np.asarray(outcome, dtype=np.float64), np.asarray(exposure, dtype=bool)
+    n = outcome.size
+    if n < n_covariates + 3:
+        return f"{n} rows for {n_covariates + 2} coefficients"
+    if not exposure.any():
+        return "no prompt carries a marker"
+    if exposure.all():
+        return "every prompt carries a marker"
+    if np.ptp(outcome) == 0:
+        return "the outcome is the same for every prompt"
+    if binary:
+        a, b, c, d = enrichment_table(outcome > 0, exposure)
+        if a == 0:
+            return "no memorized prompt carries a marker (separation: the odds ratio is 0)"
+        if b == 0:
+            return "every memorized prompt carries a marker (separation: the odds ratio is infinite)"
+        if c == 0 or d == 0:
+            return "the prompts outside the memorized set all have, or all lack, a marker (separation)"
+    return None
+
+
+def _separates(values: np.ndarray, outcome: Optional[np.ndarray]) -> bool:
+    """Whether a covariate (quasi-)separates a 0/1 outcome: the classes' ranges meet at most at one point, so
+    its maximum-likelihood coefficient is infinite (e.g. n_reports above 1 only among the memorized)."""
+    if outcome is None:
+        return False
+    yes, no = values[outcome > 0], values[outcome <= 0]
+    return bool(yes.min() >= no.max() or yes.max() <= no.min())
+
+
+def _design(exposure: np.ndarray, covariates: dict[str, np.ndarray], outcome: Optional[np.ndarray] = None):
+    """[1, exposure, covariates...] without the covariates that are constant or (given a 0/1 `outcome`)
+    separate it; (matrix, kept names, dropped names with the reason)."""
+    kept, dropped, columns = [], [], [np.ones(len(exposure)), np.asarray(exposure, dtype=np.float64)]
+    for name, values in covariates.items():
+        values = np.asarray(values, dtype=np.float64)
+        if np.ptp(values) == 0:
+            dropped.append(f"{name} (constant)")
+        elif _separates(values, outcome):
+            dropped.append(f"{name} (separates the outcome)")
+        else:
+            kept.append(name)
+            columns.append(values)
+    return np.column_stack(columns), kept, dropped
+
+
+def _refused(reason: str, covariates: dict, **extra) -> dict:
+    return {"estimate": None, "ci_low": None, "ci_high": None, "p": None, "refused": reason,
+            "covariates": list(covariates), "dropped": [], "n": None, **extra}
+
+
+def adjusted_logistic(outcome: np.ndarray, exposure: np.ndarray, covariates: dict[str, np.ndarray]) -> dict:
+    """The exposure's odds ratio for a 0/1 outcome adjusted for `covariates`: {estimate, ci_low, ci_high, p, ...}."""
+    import statsmodels.api as sm
+
+    outcome = np.asarray(outcome, dtype=np.float64)
+    problem = design_problem(outcome, exposure, True, len(covariates))
+    if problem:
+        return _refused(problem, covariates, model="logistic")
+    matrix, kept, dropped = _design(exposure, covariates, outcome)
+    try:
+        # Non-convergence is checked below and refused with a reason; statsmodels' warning would only repeat it.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = sm.Logit(outcome, matrix).fit(disp=0, maxiter=200)
+    except Exception as err:  # statsmodels raises PerfectSeparationError, LinAlgError, ...
+        return _refused(f"the fit failed ({type(err).__name__}: {err})", covariates, model="logistic")
+    beta, se = float(fit.params[1]), float(fit.bse[1])
+    if not fit.mle_retvals.get("converged", False) or not np.isfinite(se):
+        return _refused("the fit did not converge (near-separation by the covariates)", covariates, model="logistic")
+    return {
+        "model": "logistic", "estimate": math.exp(beta), "ci_low": math.exp(beta - Z_95 * se),
+        "ci_high": math.exp(beta + Z_95 * se), "p": float(fit.pvalues[1]), "refused": None,
+        "covariates": kept, "dropped": dropped, "n": int(outcome.size), "events": int(outcome.sum()),
+        "covariate_odds_ratios": {name: math.exp(float(fit.params[2 + i])) for i, name in enumerate(kept)},
+    }
+
+
+def adjusted_ols(outcome: np.ndarray, exposure: np.ndarray, covariates: dict[str, np.ndarray]) -> dict:
+    """The exposure's coefficient on a continuous outcome adjusted for `covariates` (OLS, HC3 95% interval)."""
+    import statsmodels.api as sm
+
+    outcome = np.asarray(outcome, dtype=np.float64)
+    problem = design_problem(outcome, exposure, False, len(covariates))
+    if problem:
+        return _refused(problem, covariates, model="ols")
+    matrix, kept, dropped = _design(exposure, covariates)
+    fit = sm.OLS(outcome, matrix).fit(cov_type="HC3")
+    beta, se = float(fit.params[1]), float(fit.bse[1])
+    return {
+        "model": "ols", "estimate": beta, "ci_low": beta - Z_95 * se, "ci_high": beta + Z_95 * se,
+        "p": float(fit.pvalues[1]), "refused": None, "covariates": kept, "dropped": dropped, "n": int(outcome.size),
+    }
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> dict:
+    """Spearman's rho with its p-value over the pairs where both are finite; None values below 3 pairs or for a constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3 or np.ptp(x[keep]) == 0 or np.ptp(y[keep]) == 0:
+        return {"rho": None, "p": None, "n": int(keep.sum())}
+    result = sps.spearmanr(x[keep], y[keep])
+    return {"rho": float(result.statistic), "p": float(result.pvalue), "n": int(keep.sum())}
+
+
+def quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index (0..) of each value in up to `n_bins` quantile bins; tied edges merge, so bins may be fewer."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.searchsorted(edges, values, side="right")
+
+
+def percentile_within(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """`percentile_rank` of each value among the values of its own group."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    out = np.zeros_like(values)
+    for group in np.unique(groups):
+        inside = groups == group
+        out[inside] = percentile_rank(values[inside])
+    return out

@@ -139,3 +139,54 @@ def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path
 def test_attribute_run_without_memorized_set_says_what_to_run(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="cxrmem analyze"):
         attribute.run(tiny_config(tiny_model_dir, f"run.output={tmp_path}"))
+
+
+NULL_PROMPTS = [
+    "Compared to ___, the heart is enlarged.",
+    "Dr. ___ was notified of the findings.",
+    "Small left effusion, new since ___.",
+    "No pneumothorax. Discussed with ___ at the bedside.",
+    "Lines and tubes as on ___, unchanged.",
+    "Mild edema, improved from ___ study.",
+    "Right lower lobe opacity; ___ recommended follow up.",
+    "Stable cardiomegaly compared with ___.",
+]
+
+
+def test_null_copy_is_seeded_and_leaves_the_callers_rng(tiny_model_dir):
+    from cxrmem.models.components import null_copy
+
+    components = load_components(tiny_config(tiny_model_dir).model)
+    state = torch.random.get_rng_state()
+    a, b, c = null_copy(components, 0), null_copy(components, 0), null_copy(components, 1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    weights = lambda m: torch.cat([p.flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(weights(a.unet), weights(b.unet)) and torch.equal(weights(a.text_encoder), weights(b.text_encoder))
+    assert not torch.equal(weights(a.unet), weights(c.unet))
+    assert not torch.equal(weights(a.unet), weights(components.unet))  # re-initialised, not copied
+    assert a.tokenizer is components.tokenizer and a.vae is None
+    assert type(a.unet) is type(components.unet) and a.unet.config == components.unet.config
+
+
+def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tiny_model_dir, tmp_path):
+    """On a random model nothing is memorized, so the audited model is a null itself: the three-piece
+    marker ranks first under the summed gradient on both, far above chance, and the paired test does
+    not call the audited model's rate significant."""
+    cfg = tiny_config(tiny_model_dir, f"run.output={tmp_path}", "attribution.null_model=true", "attribution.null_seed=3")
+    layout = RunLayout(str(tmp_path))
+    ids = [f"{i:016x}" for i in range(len(NULL_PROMPTS))]
+    Store().write_text(layout.memorized, pd.DataFrame({"prompt": NULL_PROMPTS, "prompt_id": ids}).to_csv(index=False))
+    summary = attribute.run(cfg)
+    tokens = Store().read_table(layout.tokens).to_pandas()
+    assert {"null_grad_score", "null_grad_rank", "null_loo_delta", "null_loo_rank"} <= set(tokens.columns)
+    assert tokens["null_grad_score"].notna().all() and not tokens["null_grad_score"].equals(tokens["grad_score"])
+    null = summary["null"]
+    gradient = null["gradient"]
+    assert gradient["pairs"] == len(NULL_PROMPTS)
+    chance = summary["gradient"]["chance_top1"]
+    assert gradient["null_top1"] >= 0.5 > chance  # the multi-piece bias, with nothing learned
+    assert gradient["top1_p"] is None or gradient["top1_p"] >= 0.05
+    assert gradient["rank_p"] is None or gradient["rank_p"] >= 0.05
+    # the per-piece mean removes most of the bias on the null
+    assert null["gradient_per_piece_mean"]["null_top1"] < gradient["null_top1"]
+    assert summary["null_seed"] == 3 and summary["null_seconds"] > 0

@@ -102,8 +102,8 @@ def test_full_report_embeds_every_figure(tmp_path):
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     names = sorted(p.rsplit("/", 1)[-1] for p in result["figures"])
-    # Fig. 2 + histogram, enrichment, 2 prompts x 2 attribution methods, mitigation chart, one image grid
-    assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "mitigation.png",
+    # Fig. 2 + histogram, enrichment, length, 2 prompts x 2 attribution methods, mitigation chart, one image grid
+    assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "length.png", "mitigation.png",
                             f"grid_{_pid(0)}.png"] + [f"tokens_{_pid(i)}_{m}.png" for i in (0, 1) for m in ("grad_score", "loo_delta")])
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     assert len(embedded) == len(result["figures"])

@@ -31,7 +31,10 @@ TOP_DUPLICATED = 5
 
 
 def token_counts(tokenizer, prompts: list[str], batch_size: int = TOKENIZER_BATCH) -> np.ndarray:
-    """Tokens per prompt with special tokens and without truncation (what the encoder would have to cut)."""
+    """Tokens per prompt with special tokens and without truncation (what the encoder would have to cut);
+    without a tokenizer (None) whitespace-separated words, the length unit of a list checked with no model."""
+    if tokenizer is None:
+        return np.array([len(p.split()) for p in prompts], dtype=np.int32)
     counts = np.zeros(len(prompts), dtype=np.int32)
     for lo in range(0, len(prompts), batch_size):
         encoded = tokenizer(

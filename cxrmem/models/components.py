@@ -46,6 +46,31 @@ class Components:
         return (config.in_channels, height, width)
 
 
+def null_copy(components: Components, seed: int) -> Components:
+    """The same model with its text encoder and UNet re-initialised from `seed`: same classes, configs,
+    tokenizer and scheduler, no VAE. What "nothing learned" attributes to, for the attribution null.
+
+    The weights are drawn inside a forked RNG, so the caller's random state is left as it was, and
+    the same seed gives the same weights (the construction order is fixed by the configs)."""
+    import inspect
+
+    text_class, unet = type(components.text_encoder), components.unet
+    options = {}
+    if "add_pooling_layer" in inspect.signature(text_class.__init__).parameters:
+        options["add_pooling_layer"] = getattr(components.text_encoder, "pooler", None) is not None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = text_class(components.text_encoder.config, **options)
+        null_unet = type(unet).from_config(unet.config)
+    if unet.dtype != null_unet.dtype:  # built in float32; a half-precision model's null matches it
+        text_encoder, null_unet = text_encoder.to(unet.dtype), null_unet.to(unet.dtype)
+    return Components(
+        components.tokenizer, freeze(text_encoder), freeze(null_unet), components.scheduler, None,
+        vae_scaling_factor=components.vae_scaling_factor, max_length=components.max_length,
+        source=f"null (re-initialised, seed {seed}) of {components.source}",
+    )
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cxrmem.analysis import (
     PROMPT_COLUMNS,
+    AdjustSettings,
     RUN_ID_COLUMNS,
     SCORE_COLUMNS,
     analyze_tables,
@@ -55,6 +56,11 @@ def detector_names(store: Store, scores_uri: str) -> list[str]:
     return [name for name, spec in REGISTRY.items() if spec.columns[0] in columns]
 
 
+def adjust_settings(cfg) -> AdjustSettings:
+    a = cfg.analyze
+    return AdjustSettings(covariates=tuple(a.covariates), length_bins=int(a.length_bins), length_adjusted=bool(a.length_adjusted))
+
+
 def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> dict:
     """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
     (the cascade's scores hold only the screened share of the corpus)."""
@@ -70,7 +76,8 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         prompts = read_columns(store, layout.prompts, PROMPT_COLUMNS, "run `cxrmem prepare` first")
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         memorized, analysis = analyze_tables(
-            scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known
+            scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known,
+            adjust_settings(cfg),
         )
         # A filtered scan: the corpus text is never held whole. ([""] keeps the filter valid for an empty set.)
         ids = memorized["prompt_id"].tolist() or [""]
@@ -85,13 +92,15 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         # None (no detector columns) replaces a section an earlier analysis of other scores left.
         agreement = detector_agreement(scores, names, top_percent, known) if names else None
         merge_summary(store, layout, analysis=analysis, detectors=agreement)
+    adjusted = analysis["marker_enrichment_adjusted"]["logistic"]
     log.info(
-        "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s",
+        "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s, adjusted %s",
         analysis["counts"]["finite"],
         analysis["counts"]["nonfinite"],
         analysis["threshold"] if analysis["threshold"] is not None else float("nan"),
         analysis["memorized_count"],
         analysis["marker_enrichment"]["odds_ratio"],
+        adjusted["estimate"] if adjusted["refused"] is None else f"refused ({adjusted['refused']})",
     )
     return {
         "memorized": layout.memorized,

@@ -119,6 +119,7 @@ class ModelWorker:
             torch.set_num_threads(torch_threads)  # the actor's CPU share, not the whole node
         components = load_components(cfg.model, store, need_vae=need_vae)
         self.scorer = Scorer(components, ScoreSettings.of(cfg.score), device=cfg.model.device)
+        self.components, self.null_scorer = components, None  # the null model: built by the first attribute_null
         self.batch_size = cfg.score.batch_size
         self.fingerprint, self.config_hash = fingerprint, config_hash(cfg)
         self.attribution, self.mitigation = attribution_settings(cfg), mitigation_settings(cfg)
@@ -151,6 +152,16 @@ class ModelWorker:
     def attribute(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
         """tokens.parquet rows of these memorized prompts."""
         return attribute_prompts(self.scorer, prompts, prompt_ids, self.attribution)
+
+    def attribute_null(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
+        """tokens.parquet rows of these prompts on the re-initialised copy of the model (same seeds and units)."""
+        if self.null_scorer is None:
+            from cxrmem.models.components import null_copy
+
+            null = null_copy(self.components, self.attribution.null_seed)
+            self.null_scorer = Scorer(null, self.scorer.settings, device=self.scorer.device)
+            log.info("worker pid %d built the attribution null model (seed %d)", os.getpid(), self.attribution.null_seed)
+        return attribute_prompts(self.null_scorer, prompts, prompt_ids, self.attribution)
 
     def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
         """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
