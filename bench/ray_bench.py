@@ -205,7 +205,7 @@ def cascade(args, model: str) -> dict:
     import torch
 
     from cxrmem.detectors import screen_recall
-    from cxrmem.distributed.cascade import cascade_cost, dmem_cost
+    from cxrmem.stages.cascade import cascade_cost, dmem_cost
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer, ScoreSettings
 

@@ -13,9 +13,8 @@ from cxrmem.analysis import detector_agreement
 from cxrmem.cli import main
 from cxrmem.config import ConfigError, config_hash, load_config
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.distributed import cascade
 from cxrmem.runfiles import RunLayout
-from cxrmem.stages import analyze, score, score_parts
+from cxrmem.stages import analyze, cascade, score, score_parts
 from cxrmem.storage import Store
 from tests.test_analysis import N, _write_run
 
@@ -76,7 +75,7 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "cascade.enabled=true", "cascade.screening_steps=1", "cascade.screen=anisotropy", "cascade.top_percent=25",
                    "score.detectors=[attention_entropy]")
     assert main(["prepare", f"run.output={tmp_path}", "corpus.synthetic.n_reports=40"]) == 0
-    result = cascade.run_cascade(cfg, Store(), "fp-tiny", batches=score.local_batches)
+    result = cascade.run_cascade(cfg, Store(), "fp-tiny")
 
     screening = pq.read_table(RunLayout(f"{tmp_path}/{cascade.CASCADE_DIR}/screening").scores).to_pandas()
     assert {"anisotropy", "anisotropy_norm", "anisotropy_alignment"} <= set(screening.columns)
@@ -93,10 +92,12 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
 
 def test_screening_config_and_cost_accounting(tmp_path):
     cfg = load_config(None, ["score.detectors=[sharpness]", "cascade.screening_steps=5", "detect.generations=2"])
-    by_dmem = cascade.screening_config(cfg, str(tmp_path))
-    assert by_dmem.score.screening_steps == 5 and list(by_dmem.score.detectors) == [] and cascade.screening_column(cfg) == "d_mem"
+    first = cascade.plan(cfg)[0]
+    by_dmem = cascade.stage_config(cfg, str(tmp_path), first)
+    assert by_dmem.score.screening_steps == 5 and list(by_dmem.score.detectors) == [] and cascade.stage_column(first.screen) == "d_mem"
     assert cascade.screening_cost(by_dmem) == Cost(4 + 2 * 4 * 4, 4)  # G = 4 shared first step, then 4 full pairs
-    by_sharpness = cascade.screening_config(load_config(None, ["cascade.screen=sharpness", "detect.generations=2"]), str(tmp_path))
+    sharpness_cfg = load_config(None, ["cascade.screen=sharpness", "detect.generations=2"])
+    by_sharpness = cascade.stage_config(sharpness_cfg, str(tmp_path), cascade.plan(sharpness_cfg)[0])
     assert by_sharpness.score.screening_steps == 1 and by_sharpness.score.generations == 2
     assert list(by_sharpness.score.detectors) == ["sharpness"]
     assert cascade.screening_cost(by_sharpness) == Cost(2 + 2, 2 + 2, jvps_per_prompt=4)

@@ -6,9 +6,7 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,9 +16,8 @@ from cxrmem.config import load_config
 from cxrmem.runfiles import RunLayout
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
+from tests.cli_process import CXRMEM, REPO, cli_env
 
-REPO = Path(__file__).resolve().parents[1]
-CXRMEM = str(Path(sys.executable).with_name("cxrmem"))
 SETTINGS = [
     "corpus.synthetic.n_reports=120",
     "ray.checkpoint_every=8",
@@ -36,13 +33,9 @@ def command(stage, model_dir, output):
     return [CXRMEM, stage, "--config", str(REPO / "conf/test.yaml"), f"model.path={model_dir}", f"run.output={output}", *SETTINGS]
 
 
-def env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def interrupt_after_first_part(args, layout, signum, timeout_s=300):
     """Start `args`, send `signum` once a score part exists; (exit code, stderr lines)."""
-    process = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + timeout_s
     while not Store().list_files(layout.score_parts, suffix=".parquet"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -69,7 +62,7 @@ def test_sigterm_mid_scoring_stops_cleanly_and_the_rerun_resumes_to_the_same_sco
     assert sum(pq.read_metadata(part).num_rows for part in parts) == scored  # every prompt it counted is kept
     assert not os.path.exists(layout.lease) and not os.path.exists(layout.manifest)
 
-    rerun = subprocess.run(command("audit", tiny_model_dir, layout.prefix), env=env(), capture_output=True, text=True, cwd=REPO, timeout=400)
+    rerun = subprocess.run(command("audit", tiny_model_dir, layout.prefix), env=cli_env(), capture_output=True, text=True, cwd=REPO, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = Store().read_json(layout.summary)["audit"]["scoring"]
     assert summary["resumed"] == scored and summary["computed"] == total - scored

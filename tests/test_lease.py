@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -24,19 +23,14 @@ from cxrmem.config import ConfigError, load_config
 from cxrmem.lease import Lease, LeaseHeldError, LeaseSettings, hold
 from cxrmem.runfiles import RunLayout
 from cxrmem.storage import Store
+from tests.cli_process import CXRMEM, REPO, cli_env
 
-REPO = Path(__file__).resolve().parents[1]
-CXRMEM = str(Path(sys.executable).with_name("cxrmem"))
 LIGHT = [
     "corpus.synthetic.n_reports=60",
     "attribution.enabled=false",
     "mitigation.enabled=false",
     "report.figures=false",
 ]
-
-
-def env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def stale_record(**fields):
@@ -51,8 +45,8 @@ def test_two_audits_on_one_output_one_is_refused_and_the_run_verifies(tiny_model
     output = tmp_path / "run"
     command = [CXRMEM, "audit", "--config", str(REPO / "conf/test.yaml"), f"model.path={tiny_model_dir}", f"run.output={output}", *LIGHT]
     started = time.monotonic()
-    first = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    second = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    first = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    second = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     finished = {}
 
     def wait(name, process):
@@ -70,7 +64,7 @@ def test_two_audits_on_one_output_one_is_refused_and_the_run_verifies(tiny_model
     winner = next(value for value in finished.values() if value[0] == 0)
     assert "is being written by" in loser[1] and "pid" in loser[1] and "run.force_lease=true" in loser[1], loser
     assert loser[2] < min(winner[2], 15)  # refused at start (1.6 s on an idle machine), not after a run of its own
-    verify = subprocess.run([CXRMEM, "verify", str(output)], env=env(), capture_output=True, text=True, cwd=REPO)
+    verify = subprocess.run([CXRMEM, "verify", str(output)], env=cli_env(), capture_output=True, text=True, cwd=REPO)
     assert verify.returncode == 0, verify.stderr[-2000:]
     assert not os.path.exists(RunLayout(str(output)).lease)  # released by the winner
 

@@ -156,14 +156,13 @@ def small_tmpfs(tmp_path):
 
 def test_a_full_disk_names_the_file_the_bytes_and_the_fix(small_tmpfs, tiny_model_dir):
     import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    from tests.cli_process import CXRMEM, REPO, cli_env
+
     output = small_tmpfs / "run"
-    command = [str(Path(sys.executable).with_name("cxrmem")), "prepare", "--config", str(repo / "conf/test.yaml"),
+    command = [CXRMEM, "prepare", "--config", str(REPO / "conf/test.yaml"),
                f"model.path={tiny_model_dir}", f"run.output={output}", "corpus.synthetic.n_reports=2000"]  # fmt: skip
-    failed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    failed = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
     last = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert last.startswith(f"cxrmem prepare: cannot write {output}/prompts.parquet (") and "bytes): no space left on the device" in last, last

@@ -14,10 +14,10 @@ import logging
 import time
 from typing import Optional
 
-from cxrmem.config import config_hash
+from cxrmem.config import config_hash, with_overrides
 from cxrmem.distributed.actors import ActorModels
 from cxrmem.distributed.image_index import ray_rows
-from cxrmem.distributed.pipeline import scored_batches, with_overrides
+from cxrmem.distributed.pipeline import scored_batches
 from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model

@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrmem.config import with_overrides  # noqa: F401  (re-exported: the distributed modules import it from here)
 from cxrmem.distributed.session import pool_size
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store

@@ -24,9 +24,8 @@ import pyarrow as pa
 
 from cxrmem import storage
 from cxrmem.analysis import score_diff
-from cxrmem.config import config_hash
+from cxrmem.config import config_hash, with_overrides
 from cxrmem.distributed.audit import run_audit
-from cxrmem.distributed.pipeline import with_overrides
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, publish_manifest
