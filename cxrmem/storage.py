@@ -102,13 +102,14 @@ def join_inside(prefix: str, name: str, what: str) -> str:
     return join(prefix, name)
 
 
-def bucket_of(uri: str) -> str:
-    return str(uri)[len("s3://") :].split("/", 1)[0]
-
-
 def _bucket_key(uri: str) -> tuple[str, str]:
+    """("bucket", "key/inside") of an s3:// URI."""
     bucket, _, key = str(uri)[len("s3://") :].partition("/")
     return bucket, key
+
+
+def bucket_of(uri: str) -> str:
+    return _bucket_key(uri)[0]
 
 
 # --- settings and clients -------------------------------------------------------------------
@@ -276,9 +277,9 @@ class Store:
         """Ask the server with a listing, whose error body says exactly what is wrong (HEAD answers do not)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        key = str(uri)[len("s3://") :].partition("/")[2]
+        bucket, key = _bucket_key(uri)
         try:
-            _s3_client(self.s3).list_objects_v2(Bucket=bucket_of(uri), Prefix=key, MaxKeys=1)
+            _s3_client(self.s3).list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
         except ClientError as err:
             return _error_code(err)
         except BotoCoreError:
