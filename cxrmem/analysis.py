@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 from cxrmem import stats
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
 from cxrmem.detectors import REGISTRY, oriented, screen_recall
+from cxrmem.summary import AnalysisSection, DetectorsSection
 
 SCORE_COLUMNS = ["prompt_id", "d_mem", "nonfinite"]
 RUN_ID_COLUMNS = ["model_fingerprint", "config_hash"]
@@ -84,7 +85,7 @@ def analyze_tables(
     buckets: Sequence[int],
     known_ids: Optional[set[str]] = None,
     adjust: AdjustSettings = AdjustSettings(),
-) -> tuple[pd.DataFrame, dict]:
+) -> tuple[pd.DataFrame, AnalysisSection]:
     """The memorized set (sorted by d_mem, descending) and the analysis numbers of one run.
 
     scores_df: prompt_id, d_mem, nonfinite. prompts_df: prompt_id, n_reports, has_marker, and
@@ -111,26 +112,19 @@ def analyze_tables(
     memorized_df = table.loc[memorized, columns].sort_values("d_mem", ascending=False, kind="stable")
 
     n_prompts, n_scored, n_finite = len(prompts_df), len(scores_df), int(finite.sum())
-    analysis = {
-        "counts": {"prompts": n_prompts, "scored": n_scored, "unscored": n_prompts - n_scored, "finite": n_finite, "nonfinite": n_scored - n_finite},
+    analysis = AnalysisSection(
+        counts={"prompts": n_prompts, "scored": n_scored, "unscored": n_prompts - n_scored, "finite": n_finite, "nonfinite": n_scored - n_finite},
         **distribution(d_mem),
-        "top_percent": float(top_percent),
-        "threshold": threshold,
-        "memorized_count": int(memorized.sum()),
-        "zscore_view": {
-            "zscore": float(zscore),
-            "count": int(outliers.sum()),
-            "in_memorized_set": int((outliers & memorized).sum()),
-        },
-        "marker_enrichment": stats.marker_enrichment(memorized, has_marker),
-        "marker_enrichment_by_n_reports": stats.enrichment_by_bucket(
-            memorized, has_marker, table["n_reports"].to_numpy(), buckets
-        ),
-        "marker_enrichment_adjusted": adjusted_enrichment(table, memorized, adjust.covariates, table["percentile"].to_numpy()),
+        top_percent=float(top_percent),
+        threshold=threshold,
+        memorized_count=int(memorized.sum()),
+        zscore_view={"zscore": float(zscore), "count": int(outliers.sum()), "in_memorized_set": int((outliers & memorized).sum())},
+        marker_enrichment=stats.marker_enrichment(memorized, has_marker),
+        marker_enrichment_by_n_reports=stats.enrichment_by_bucket(memorized, has_marker, table["n_reports"].to_numpy(), buckets),
+        marker_enrichment_adjusted=adjusted_enrichment(table, memorized, adjust.covariates, table["percentile"].to_numpy()),
         **length,
-    }
-    if known is not None:
-        analysis["known_memorized"] = {"listed": len(known_ids), **known_memorized_check(d_mem, memorized, known)}
+        known_memorized={"listed": len(known_ids), **known_memorized_check(d_mem, memorized, known)} if known is not None else None,
+    )
     return memorized_df.reset_index(drop=True), analysis
 
 
@@ -245,7 +239,7 @@ def known_memorized_check(d_mem: np.ndarray, memorized: np.ndarray, known: np.nd
 
 def detector_agreement(
     scores_df: pd.DataFrame, names: Sequence[str], top_percent: float, known_ids: Optional[set[str]] = None, fpr: float = 0.01
-) -> dict:
+) -> DetectorsSection:
     """Each detector of `names` as a second opinion on d_mem, over the prompts with a finite d_mem.
 
     scores_df: prompt_id, d_mem, nonfinite and each detector's score column (its first REGISTRY
@@ -274,7 +268,7 @@ def detector_agreement(
             positives, negatives = scores[finite & known], scores[finite & ~known]
             row |= {"auc": stats.roc_auc(positives, negatives), "tpr_at_fpr": stats.tpr_at_fpr(positives, negatives, fpr)}
         rows[name] = row
-    return {"reference": "d_mem", "top_percent": float(top_percent), "fpr": fpr if known is not None else None, "detectors": rows}
+    return DetectorsSection(reference="d_mem", top_percent=float(top_percent), fpr=fpr if known is not None else None, detectors=rows)
 
 
 def known_memorized_ids(table: pd.DataFrame) -> set[str]:

@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -24,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, findings, stats
 from cxrmem.config import config_hash, public_config
-from cxrmem.judgement import halves_copying, judge_strategies
+from cxrmem.formatting import fmt, percent
 from cxrmem.mitigation import EMBEDDING_STRATEGIES
+from cxrmem.summary import AnalysisSection, CascadeSection, CopiesSection, DetectorsSection, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,6 @@ OVERGUIDED_SHARE = 0.5
 
 
 # -- formatting ---------------------------------------------------------------------------------
-def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return f"{value:.3e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4g}"
-    return str(value)
-
-
-def percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
 def interval(result: Optional[dict], key: str = "odds_ratio", low: str = "ci_low", high: str = "ci_high") -> str:
     """`value [low, high]`, or a dash with the reason when an odds ratio could not be computed."""
     if not result or result.get(key) is None:
@@ -85,20 +70,19 @@ def _flatten(obj, prefix: str = "") -> dict:
 
 
 # -- the summary card -----------------------------------------------------------------------------
-def run_facts(summary: dict, cfg: DictConfig) -> dict:
+def run_facts(analysis: Optional[AnalysisSection], cfg: DictConfig) -> dict:
     """Model, fingerprint, G, T, w and the counts, from the scores' own config when analyze recorded it."""
-    analysis = summary.get("analysis", {})
-    used = OmegaConf.create(analysis.get("config") or public_config(cfg))
+    used = OmegaConf.create((analysis.config if analysis else None) or public_config(cfg))
     model = used.model
     name = (f"RadEdit ({model.radedit.unet_repo} + {model.radedit.text_repo})" if model.kind == "radedit"
             else f"{model.kind}: {model.path}")
-    counts = analysis.get("counts", {})
+    counts = analysis.counts if analysis else {}
     return {
-        "model": name, "fingerprint": ", ".join(analysis.get("model_fingerprints", [])) or "–",
+        "model": name, "fingerprint": ", ".join(analysis.model_fingerprints if analysis else []) or "–",
         "G": used.score.generations, "T": used.score.screening_steps or used.score.steps, "w": used.score.guidance_scale,
         "prompts": counts.get("prompts"), "scored": counts.get("finite"), "nonfinite": counts.get("nonfinite"),
-        "memorized": analysis.get("memorized_count"), "threshold": analysis.get("threshold"),
-        "top_percent": analysis.get("top_percent"),
+        "memorized": analysis.memorized_count if analysis else None, "threshold": analysis.threshold if analysis else None,
+        "top_percent": analysis.top_percent if analysis else None,
     }
 
 
@@ -134,9 +118,10 @@ def verdict_metrics(verdicts: list[dict]) -> dict:
     return flat
 
 
-def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: list[dict], summary: dict, verdicts=()) -> dict:
+def metrics(facts: dict, summary: RunSummary, detection: Optional[dict], strategies: list[dict], verdicts=()) -> dict:
     """Flat numeric metrics (metrics.json) that MLflow's log_metrics or wandb.log take as they are."""
-    enrichment = analysis.get("marker_enrichment", {})
+    analysis = summary.analysis
+    enrichment = (analysis.marker_enrichment if analysis else None) or {}
     flat = {
         "prompts": facts["prompts"], "prompts_scored": facts["scored"], "memorized_count": facts["memorized"],
         "memorized_threshold": facts["threshold"], "top_percent": facts["top_percent"],
@@ -150,10 +135,10 @@ def metrics(facts: dict, analysis: dict, detection: Optional[dict], strategies: 
         for key in ("d_mem_change", "distance_change"):
             for part in ("mean", "ci_low", "ci_high"):
                 flat[f"mitigation.{row['strategy']}.{key}_{part}"] = row.get(key, {}).get(part)
-    flat |= {f"time_s.{k}": v for k, v in _flatten(summary.get("audit", {}).get("timings_s", {})).items()}
-    flat |= {f"detector.{k}": v for k, v in _flatten((summary.get("detectors") or {}).get("detectors", {})).items()}
+    flat |= {f"time_s.{k}": v for k, v in (summary.audit.timings_s if summary.audit else {}).items()}
+    flat |= {f"detector.{k}": v for k, v in _flatten(summary.detectors.detectors if summary.detectors else {}).items()}
     flat |= verdict_metrics(list(verdicts))
-    flat["length.spearman_d_mem_n_tokens"] = ((analysis.get("length") or {}).get("spearman") or {}).get("rho")
+    flat["length.spearman_d_mem_n_tokens"] = (((analysis.length if analysis else None) or {}).get("spearman") or {}).get("rho")
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
             and np.isfinite(v)}
 
@@ -170,43 +155,32 @@ def harm_metrics(harm: list[dict]) -> dict:
 
 
 # -- sections -------------------------------------------------------------------------------------
-def detectors_context(section: Optional[dict]) -> Optional[dict]:
-    """The Detectors table and the summary card's agreement line, from the analyze stage's summary["detectors"]."""
-    if not section or not section.get("detectors"):
+def detectors_context(section: Optional[DetectorsSection]) -> Optional[dict]:
+    """The Detectors table and the summary card's agreement line, from the analyze stage's detectors section."""
+    if not section or not section.detectors:
         return None
-    top = fmt(section["top_percent"])
-    rows = [{"name": name, **row} for name, row in section["detectors"].items()]
+    top = fmt(section.top_percent)
+    rows = [{"name": name, **row} for name, row in section.detectors.items()]
     card = {row["name"]: f"Spearman {fmt(row['spearman'])}, top {top}% overlap {percent(row['top_overlap'])}" for row in rows}
-    return {"rows": rows, "card": card, "top_percent": top, "fpr": section.get("fpr")}
+    return {"rows": rows, "card": card, "top_percent": top, "fpr": section.fpr}
 
 
-def cascade_context(section: Optional[dict]) -> Optional[dict]:
+def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
     """The Cascade section (issue 21): the stages of every round, the compute and the self-check's verdict."""
     if not section:
         return None
     rows = [
         {"round": n, "stage": i + 1, **stage, "misses": r["missed_by_stage"].get(str(i), r["missed_by_stage"].get(i, 0))}
-        for n, r in enumerate(section["rounds"], 1) for i, stage in enumerate(r["stages"])
+        for n, r in enumerate(section.rounds, 1) for i, stage in enumerate(r["stages"])
     ]
-    audit, spent = section["audit"], section["evaluations"]
-    return {"rows": rows, "audit": audit, "evaluations": spent, "verdict": section["verdict"],
-            "ok": audit["sample"] > 0 and audit["misses"] == 0, "corpus": section["corpus"], "fully_scored": section["fully_scored"]}
+    audit = section.audit
+    return {"rows": rows, "audit": audit, "evaluations": section.evaluations, "verdict": section.verdict,
+            "ok": audit["sample"] > 0 and audit["misses"] == 0, "corpus": section.corpus, "fully_scored": section.fully_scored}
 
 
-def run_rows(summary: dict) -> list[dict]:
-    """Durations and rates recorded by the stages, each value once (stages repeat the audit's timings)."""
-    flat = _flatten({k: v for k, v in summary.items() if k != "analysis"})
-    # Stages record durations as `seconds`, `timings_s.<stage>` or `<name>_s`; `<name>_per_s` is a rate.
-    rows, seen = [], set()
-    for key, value in sorted(flat.items()):
-        is_rate = key.endswith("per_s")
-        if not (is_rate or re.search(r"(seconds|timings|(?<!per)_s$)", key)) or isinstance(value, (dict, list)):
-            continue
-        leaf = (key.rsplit(".", 1)[-1], value)
-        if leaf not in seen:
-            seen.add(leaf)
-            rows.append({"key": ("rate: " if is_rate else "time (s): ") + key, "value": fmt(value)})
-    return rows
+def run_rows(summary: RunSummary) -> list[dict]:
+    """The durations and rates the sections declare (RunSummary.timings), labelled by stage."""
+    return [{"key": key, "value": fmt(value)} for key, value in summary.timings().items()]
 
 
 def memorized_rows(memorized: pd.DataFrame, pattern: str, limit: int) -> list[dict]:
@@ -215,8 +189,8 @@ def memorized_rows(memorized: pd.DataFrame, pattern: str, limit: int) -> list[di
              "markers": int(row.get("n_markers", int(bool(row.get("has_marker", False)))))} for i, row in enumerate(rows)]
 
 
-def enrichment_rows(analysis: dict) -> list[dict]:
-    overall, by_bucket = analysis["marker_enrichment"], analysis["marker_enrichment_by_n_reports"]
+def enrichment_rows(analysis: AnalysisSection) -> list[dict]:
+    overall, by_bucket = analysis.marker_enrichment, analysis.marker_enrichment_by_n_reports
     rows = [{"group": name, "prompts": fmt(g["n_prompts"]), "memorized": fmt(g["n_memorized"]),
              "mem_share": percent(g["memorized_marker_share"]), "base_share": percent(g["base_marker_share"]),
              "or": interval(g) + (" (+0.5 corrected)" if g["corrected"] else ""), "p": fmt(g["fisher_p"])}
@@ -224,7 +198,7 @@ def enrichment_rows(analysis: dict) -> list[dict]:
     rows.append({"group": f"pooled over buckets (Mantel-Haenszel, {by_bucket['mantel_haenszel']['strata']} strata)",
                  **dict.fromkeys(("prompts", "memorized", "mem_share", "base_share", "p"), ""),
                  "or": interval(by_bucket["mantel_haenszel"])})
-    return rows + adjusted_rows(analysis.get("marker_enrichment_adjusted"))
+    return rows + adjusted_rows(analysis.marker_enrichment_adjusted)
 
 
 def adjusted_rows(adjusted: Optional[dict]) -> list[dict]:
@@ -306,15 +280,19 @@ class Figures:
         return {"src": "data:image/png;base64," + base64.b64encode(data).decode("ascii"), "caption": caption}
 
 
-def distribution_context(analysis: dict, d_mem: Optional[np.ndarray], figure: Figures) -> dict:
-    ordered = sorted((k for k in analysis["percentiles"] if k != "max"), key=lambda k: float(k[1:]))
+def distribution_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
+    analysis, d_mem = data["summary"].analysis, data["d_mem"]
+    if not analysis:
+        return None
+    ordered = sorted((k for k in analysis.percentiles if k != "max"), key=lambda k: float(k[1:]))
     columns = ["min", *ordered, "max", "mean", "std"]
-    values = {**analysis["percentiles"], **analysis.get("d_mem", {})}
-    out = {"columns": columns, "values": [fmt(values.get(c)) for c in columns], "figures": [], "missing": None}
-    if d_mem is None or d_mem.size == 0 or analysis["threshold"] is None:
+    values = {**analysis.percentiles, **(analysis.d_mem or {})}
+    out = {"columns": columns, "values": [fmt(values.get(c)) for c in columns], "figures": [], "missing": None,
+           "counts": analysis.counts, "zscore_view": analysis.zscore_view}
+    if d_mem is None or d_mem.size == 0 or analysis.threshold is None:
         out["missing"] = "scores.parquet is absent" if d_mem is None else "scores.parquet has no finite d_mem"
         return out
-    threshold, top = analysis["threshold"], analysis["top_percent"]
+    threshold, top = analysis.threshold, analysis.top_percent
     out["figures"] = [
         figure("dmem_sorted.png", lambda p: figures.dmem_curve(d_mem, threshold, p, top),
                f"d_mem of every prompt, largest to smallest; the top {top:g}% (memorized) in red (cf. paper Fig. 2)."),
@@ -333,13 +311,35 @@ def known_figure(data: dict, threshold, figure: Figures) -> Optional[dict]:
                   "Every scored prompt by d_mem rank (log scale); red dots: the prompts known to be memorized.")
 
 
-def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
-    tokens, memorized = data["tokens"], data["memorized"]
-    stats_ = data["summary"].get("attribution", {})
-    null = stats_.get("null") or {}
-    rows = [{"method": label, "top1": percent(stats_[key].get("marker_top1")), "rank": fmt(stats_[key].get("marker_mean_rank")),
-             "chance": percent(stats_[key].get("chance_top1")), "null": null_cells(null.get(key))}
-            for key, label in SUMMARY_ATTRIBUTION_KEYS.items() if isinstance(stats_.get(key), dict)]
+def memorized_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
+    """The memorized table (markers highlighted) and, with known memorized prompts, the detection check."""
+    analysis, memorized = data["summary"].analysis, data["memorized"]
+    if memorized is None and not data["detection"]:
+        return None
+    return {"rows": memorized_rows(memorized, cfg.corpus.marker_regex, cfg.report.memorized_rows) if memorized is not None else None,
+            "total": len(memorized) if memorized is not None else 0, "detection": data["detection"],
+            "known_figure": known_figure(data, analysis.threshold, figure) if data["detection"] else None}
+
+
+def enrichment_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
+    analysis = data["summary"].analysis
+    if not analysis:
+        return None
+    return {"rows": enrichment_rows(analysis), "figure": figure("marker_enrichment.png", lambda p: figures.enrichment_chart(
+        analysis.marker_enrichment, analysis.marker_enrichment_by_n_reports, p),
+        "Share of prompts with a de-identification marker, memorized vs all, per duplication bucket; "
+        "right: odds ratios with 95% intervals (log scale).")}
+
+
+def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
+    tokens, memorized, section = data["tokens"], data["memorized"], data["summary"].attribution
+    if tokens is None:
+        return None
+    methods = {key: getattr(section, key, None) if section else None for key in SUMMARY_ATTRIBUTION_KEYS}
+    null = (section.null if section else None) or {}
+    rows = [{"method": label, "top1": percent(methods[key].get("marker_top1")), "rank": fmt(methods[key].get("marker_mean_rank")),
+             "chance": percent(methods[key].get("chance_top1")), "null": null_cells(null.get(key))}
+            for key, label in SUMMARY_ATTRIBUTION_KEYS.items() if isinstance(methods[key], dict)]
     order = list(memorized["prompt_id"]) if memorized is not None else []
     attributed = list(dict.fromkeys(tokens["prompt_id"]))
     chosen = [p for p in order if p in set(attributed)] or attributed
@@ -353,9 +353,9 @@ def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
                 shown.append(figure(f"tokens_{pid}_{column}.png",
                                     lambda p, f=frame, t=prompt: figures.token_bars(f, p, cfg.attribution.top_units, t),
                                     f"Prompt {pid}: top {cfg.attribution.top_units} words by {label} attribution; markers in red (cf. paper Fig. 3)."))
-    return {"prompts": fmt(stats_.get("prompts", tokens["prompt_id"].nunique())),
-            "with_marker": fmt(stats_.get("prompts_with_marker")), "rows": rows, "figures": shown,
-            "null": {"test": null.get("test"), "seed": stats_.get("null_seed"), "seconds": stats_.get("null_seconds")} if null else None}
+    return {"prompts": fmt(section.prompts if section else tokens["prompt_id"].nunique()),
+            "with_marker": fmt(section.prompts_with_marker if section else None), "rows": rows, "figures": shown,
+            "null": {"test": null.get("test"), "seed": section.null_seed, "seconds": section.null_seconds} if null else None}
 
 
 def null_cells(test: Optional[dict]) -> Optional[dict]:
@@ -366,41 +366,17 @@ def null_cells(test: Optional[dict]) -> Optional[dict]:
             "top1_p": fmt(test["top1_p"]), "rank_p": fmt(test["rank_p"])}
 
 
-def length_context(analysis: dict, memorized: Optional[pd.DataFrame], figure: Figures) -> Optional[dict]:
+def length_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
     """Spearman of d_mem with token count, the token means, the length-adjusted set, and the figure."""
-    length = analysis.get("length")
+    analysis = data["summary"].analysis
+    length = analysis.length if analysis else None
     if not length:
         return None
-    shown = memorized if memorized is not None else pd.DataFrame()
-    return {**length, "adjusted": analysis.get("length_adjusted"),
-            "figure": figure("length.png", lambda p: figures.length_chart(length["bins"], shown, analysis.get("threshold"), p),
+    shown = data["memorized"] if data["memorized"] is not None else pd.DataFrame()
+    return {**length, "adjusted": analysis.length_adjusted,
+            "figure": figure("length.png", lambda p: figures.length_chart(length["bins"], shown, analysis.threshold, p),
                              "d_mem against the prompt's token count: median and interquartile range per token-count bin "
                              "(all prompts), memorized prompts in red, the memorized threshold dashed.")}
-
-
-def verdict_line(v: dict) -> str:
-    """The numbers behind a verdict, in one line for the summary card."""
-    n = v["numbers"]
-    if v["finding"] == "F1":
-        return (f"crude OR {fmt(n.get('crude_or'))} [{fmt(n.get('crude_ci_low'))}, {fmt(n.get('crude_ci_high'))}], "
-                f"adjusted OR {fmt(n.get('adjusted_or'))} [{fmt(n.get('adjusted_ci_low'))}, {fmt(n.get('adjusted_ci_high'))}] "
-                f"p {fmt(n.get('adjusted_p'))} (adjusted for {', '.join(n.get('covariates') or []) or '–'})")
-    if v["finding"] == "F2":
-        if "pairs" not in n:
-            return f"marker first in {percent(n.get('observed_top1'))} of marker-bearing prompts (summed gradient), no null"
-        return (f"summed gradient: marker first in {percent(n['observed_top1'])} of {fmt(n['pairs'])} prompts vs "
-                f"{percent(n['null_top1'])} on the null model (sign test p {fmt(n['top1_p'])}); mean best rank "
-                f"{fmt(n['observed_mean_rank'])} vs {fmt(n['null_mean_rank'])} (p {fmt(n['rank_p'])})")
-    parts = [f"{s}: d_mem change {fmt(x['d_mem_change'])} [{fmt(x['ci_low'])}, {fmt(x['ci_high'])}] over {fmt(x['prompts'])} prompts"
-             + (f", copies stopped at {', '.join(x['removes_copies_at'])}" if x["removes_copies_at"] else "")
-             for s, x in n.get("strategies", {}).items()]
-    return "; ".join(parts) + f" (threshold {fmt(n.get('threshold'))})" if parts else "–"
-
-
-def findings_context(summary: dict, analysis: dict, mitigation_rows: Optional[list[dict]]) -> list[dict]:
-    """F1-F3 with their verdicts, rules and numbers (cxrmem/findings.py), for the card, summary.md and metrics."""
-    found = findings.verdicts(analysis, summary.get("attribution"), mitigation_rows, summary.get("copies"))
-    return [{**v.to_dict(), "line": verdict_line(v.to_dict())} for v in found]
 
 
 def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures) -> list[dict]:
@@ -426,34 +402,32 @@ def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures)
     return out
 
 
-def harm_context(data: dict, order: list[str], figure: Figures) -> tuple[list[dict], Optional[dict]]:
-    """Per copies guidance the StrategyJudgement rows (cxrmem/judgement.py) as dicts, and the copy-rate vs fidelity figure."""
-    table = data.get("copies")
-    if table is None or not (table["group"] == "memorized").any():
+def harm_context(copies: Optional[CopiesSection], figure: Figures) -> tuple[list[dict], Optional[dict]]:
+    """Per copies guidance, largest first, the copies stage's StrategyJudgement rows, and the copy-rate vs fidelity figure."""
+    judged = [(name, (copies.guidances[name].get("judgement") or {})) for name in (copies.judgements() if copies else {})]
+    harm = [{"name": name.replace("=", " = "), "guidance": j["guidance"], "rows": j["strategies"], "halve": j["halve_copying"]}
+            for name, j in judged if j.get("strategies")]
+    if not harm:
         return [], None
-    checked = set(table["strategy"].replace({"none": "original"}))
-    order = [s for s in order if s in checked]
-    harm = []
-    for guidance in sorted(set(table["guidance"].astype(float)), reverse=True):
-        rows = judge_strategies(table, data["mitigation"], guidance, order)
-        harm.append({"name": f"w = {guidance:g}", "guidance": guidance, "rows": [r.as_dict() for r in rows],
-                     "halve": halves_copying(rows)})
+    harm.sort(key=lambda h: -h["guidance"])
     frontier = figure("mitigation_frontier.png", lambda p: figures.copy_fidelity_chart(harm, p),
                       "Copy rate against fidelity per strategy and guidance: down and right is better (fewer copies, "
                       "the prompt's findings kept); strategies without a fidelity measure sit at fidelity 0.")
     return harm, frontier
 
 
-def mitigation_context(data: dict, cfg: DictConfig, w, figure: Figures) -> dict:
+def mitigation_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
     mitigation = data["mitigation"]
+    if mitigation is None:
+        return None
     order = [s for s in cfg.mitigation.strategies if s in set(mitigation["strategy"])]
     order += [s for s in dict.fromkeys(mitigation["strategy"]) if s not in order]
     rows = strategy_rows(mitigation, order)
     kept = mitigation[~unchanged_rows(mitigation)]
-    harm, frontier = harm_context(data, order, figure)
+    harm, frontier = harm_context(data["summary"].copies, figure)
     return {
         "harm": harm, "frontier": frontier, "fidelity_measure": cfg.fidelity.measure,
-        "rows": rows, "best": mitigation_verdict(rows), "overguidance": overguidance(data["generations"], w),
+        "rows": rows, "best": mitigation_verdict(rows), "overguidance": overguidance(data["generations"], data["facts"]["w"]),
         "figure": figure("mitigation.png", lambda p: figures.mitigation_chart(kept, p, order),
                          "d_mem and mean pairwise distance of the generations per strategy, prompts a rewrite left "
                          "unchanged left out; dots are prompts, diamonds means, the dashed line the unmitigated mean."),
@@ -461,17 +435,13 @@ def mitigation_context(data: dict, cfg: DictConfig, w, figure: Figures) -> dict:
     }
 
 
-def summary_line(summary: dict, name: str) -> dict:
-    """What the summary card shows of a section: its headline when it has one, else the whole section."""
-    section = summary[name]
-    return section.get("headline", section) if isinstance(section, dict) else section
-
-
-def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
+def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dict]:
     """Per guidance: AUC, copies per group, re-identification, known-set check; per strategy: copies of the
     rewritten memorized prompts; and generation | nearest training image figures of the top prompts."""
-    section, table = data["summary"].get("copies", {}), data["copies"]
-    guidance_rows = [{"name": name, **g, "known": g.get("known") or {}} for name, g in section.get("guidances", {}).items()]
+    section, table = data["summary"].copies, data["copies"]
+    if table is None or section is None:  # copies.parquet without its summary section: an interrupted copies stage
+        return None
+    guidance_rows = [{"name": name, **g, "known": g.get("known") or {}} for name, g in section.guidances.items()]
     strategies = sorted({s for g in guidance_rows for s in g.get("strategies", {})})
     shown = []
     for pid, arrays in data["copy_figures"].items():
@@ -490,48 +460,82 @@ def _threshold_at(table: pd.DataFrame, guidance: float) -> float:
     return float(values.iloc[0]) if len(values) else float("inf")
 
 
+def run_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
+    """The Run table: config hashes, the stages' durations and rates, and the configuration the scores used."""
+    analysis = data["summary"].analysis
+    return {"config_hashes": analysis.config_hashes if analysis else [], "config_hash": config_hash(cfg),
+            "timings": run_rows(data["summary"]),
+            "config_yaml": OmegaConf.to_yaml(OmegaConf.create((analysis.config if analysis else None) or public_config(cfg)))}
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """One section of report.html: its anchor, its title, the context builder and its template block.
+
+    `build(data, cfg, figure)` returns the section's context (None: its input `needs` is absent) and
+    templates/sections/<key>.html.j2 renders it as `s.context`. An `optional` section is left out
+    of the page when absent; the others print `absent`: which stage writes their input."""
+
+    key: str
+    title: str
+    build: Callable[[dict, DictConfig, Figures], Optional[dict]]
+    needs: str = ""
+    absent: str = ""
+    optional: bool = False
+
+
+NO_ANALYSIS = "summary.json has no analysis: run `cxrmem analyze` first."
+SECTIONS = (
+    ReportSection("distribution", "Score distribution", distribution_context, "analysis", NO_ANALYSIS),
+    ReportSection("memorized", "Memorized prompts", memorized_context, "memorized_prompts.csv",
+                  "memorized_prompts.csv is absent: run `cxrmem analyze` first."),
+    ReportSection("detectors", "Detectors", lambda data, cfg, figure: detectors_context(data["summary"].detectors), optional=True),
+    ReportSection("cascade", "Cascade", lambda data, cfg, figure: cascade_context(data["summary"].cascade), optional=True),
+    ReportSection("enrichment", "De-identification marker enrichment", enrichment_context, "analysis", NO_ANALYSIS),
+    ReportSection("length", "Prompt length", length_context, "n_tokens",
+                  "No token counts in the analysis (prompts.parquet without n_tokens): rerun `cxrmem prepare` and `cxrmem analyze`."),
+    ReportSection("attribution", "Token attribution", attribution_context, "tokens.parquet",
+                  "tokens.parquet is absent: run `cxrmem attribute` (attribution.enabled=true)."),
+    ReportSection("mitigation", "Mitigation", mitigation_context, "mitigation.parquet",
+                  "mitigation.parquet is absent: run `cxrmem mitigate` (mitigation.enabled=true)."),
+    ReportSection("copies", "Copies of training images", copies_context, "copies.parquet",
+                  "copies.parquet is absent: set images.source and run `cxrmem copies`."),
+    ReportSection("run", "Run", run_context),
+    ReportSection("howto", "How to read this report", lambda data, cfg, figure: {}),
+)
+
+
+def card_context(data: dict, page: dict) -> dict:
+    """The summary card's lines beyond the verdicts: copy evidence, detector agreement, the cascade check."""
+    summary = data["summary"]
+    extra = {}
+    if summary.copies:
+        extra["copy evidence"] = {k: fmt(v) for k, v in _flatten(summary.copies.headline or {}).items()}
+    if page["detectors"]:
+        extra["detector agreement"] = page["detectors"]["card"]
+    return {"extra": extra, "cascade": page["cascade"], "enrichment": summary.analysis.marker_enrichment if summary.analysis else None,
+            "mitigation": page["mitigation"]}
+
+
 def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     """The page as plain data: summary card, sections, metrics. Reads nothing; draws through `figure`."""
-    summary = data["summary"]
-    analysis = summary.get("analysis", {})
-    facts = run_facts(summary, cfg)
+    summary: RunSummary = data["summary"]
+    analysis = summary.analysis
+    facts = run_facts(analysis, cfg)
     d_mem = None if data["scores"] is None else data["scores"]["d_mem"].to_numpy(dtype=np.float64)
-    detection = detection_check(analysis.get("known_memorized"), analysis.get("top_percent"))
-    page = {
-        "prefix": data["prefix"], "facts": facts, "analysis": analysis, "detection": detection,
-        "enrichment": analysis.get("marker_enrichment"), "cfg": cfg,
-        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "config_hash": config_hash(cfg),
-        "extra": {"copies": {k: fmt(v) for k, v in _flatten(summary_line(summary, "copies")).items()}} if summary.get("copies") else {},
-        "run_rows": run_rows(summary),
-        "config_yaml": OmegaConf.to_yaml(OmegaConf.create(analysis.get("config") or public_config(cfg))),
-    }
-    detectors = detectors_context(summary.get("detectors"))
-    if detectors:
-        page["detectors"], page["extra"]["detectors"] = detectors, detectors["card"]
-    cascade = cascade_context(summary.get("cascade"))
-    if cascade:
-        page["cascade"] = cascade
-    if analysis:
-        page["distribution"] = distribution_context(analysis, d_mem, figure)
-        page["enrichment_rows"] = enrichment_rows(analysis)
-        page["enrichment_figure"] = figure("marker_enrichment.png", lambda p: figures.enrichment_chart(
-            analysis["marker_enrichment"], analysis["marker_enrichment_by_n_reports"], p),
-            "Share of prompts with a de-identification marker, memorized vs all, per duplication bucket; "
-            "right: odds ratios with 95% intervals (log scale).")
-        page["known_figure"] = known_figure(data, analysis.get("threshold"), figure) if detection else None
-    if data["memorized"] is not None:
-        page["memorized"] = memorized_rows(data["memorized"], cfg.corpus.marker_regex, cfg.report.memorized_rows)
-        page["memorized_total"] = len(data["memorized"])
-    if data["tokens"] is not None:
-        page["attribution"] = attribution_context(data, cfg, figure)
-    if data["mitigation"] is not None:
-        page["mitigation"] = mitigation_context(data, cfg, facts["w"], figure)
-    if data.get("copies") is not None:
-        page["copies"] = copies_context(data, cfg, figure)
-    page["length"] = length_context(analysis, data["memorized"], figure) if analysis else None
-    page["findings"] = findings_context(summary, analysis, page["mitigation"]["rows"] if "mitigation" in page else None) if analysis else []
-    page["metrics"] = metrics(facts, analysis, detection, page.get("mitigation", {}).get("rows", []), summary, page["findings"])
-    page["metrics"] |= harm_metrics(page.get("mitigation", {}).get("harm", []))
+    detection = detection_check(analysis.known_memorized if analysis else None, analysis.top_percent if analysis else None)
+    data = {**data, "facts": facts, "d_mem": d_mem, "detection": detection}
+    built = {section.key: section.build(data, cfg, figure) for section in SECTIONS}
+    shown = [{"key": s.key, "title": s.title, "context": built[s.key], "needs": s.needs, "absent": s.absent}
+             for s in SECTIONS if built[s.key] is not None or not s.optional]
+    mitigation_rows = built["mitigation"]["rows"] if built["mitigation"] else None
+    found = findings.verdicts(findings.FindingInputs(analysis, summary.attribution, mitigation_rows, summary.copies)) if analysis else []
+    verdicts = [v.to_dict() for v in found]
+    page = {"prefix": data["prefix"], "facts": facts, "detection": detection, "cfg": cfg, "sections": shown, **built,
+            "findings": verdicts, "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    page["card"] = card_context(data, page)
+    page["metrics"] = metrics(facts, summary, detection, (built["mitigation"] or {}).get("rows", []), verdicts)
+    page["metrics"] |= harm_metrics((built["mitigation"] or {}).get("harm", []))
     return page
 
 
@@ -551,12 +555,10 @@ def render_summary_md(page: dict) -> str:
 
 def sections(page: dict) -> dict:
     """Each section's status: rendered, or which input is absent."""
-    absent = {"distribution": ("analysis", "analysis"), "memorized": ("memorized", "memorized_prompts.csv"),
-              "enrichment": ("analysis", "analysis"), "attribution": ("attribution", "tokens.parquet"),
-              "mitigation": ("mitigation", "mitigation.parquet"), "copies": ("copies", "copies.parquet")}
-    out = {"run": "rendered"}
-    for name, (key, label) in absent.items():
-        out[name] = "rendered" if page.get(key) else f"absent: {label}"
-    if page.get("distribution", {}).get("missing"):
-        out["distribution"] = f"rendered without figures: {page['distribution']['missing']}"
+    out = {}
+    for s in page["sections"]:
+        context = s["context"]
+        out[s["key"]] = "rendered" if context is not None else f"absent: {s['needs']}"
+        if s["key"] == "distribution" and context and context.get("missing"):
+            out["distribution"] = f"rendered without figures: {context['missing']}"
     return out

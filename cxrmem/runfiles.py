@@ -1,4 +1,4 @@
-"""The files of one run: where each lives (`RunLayout`), the summary.json merge, the memorized set's I/O.
+"""The files of one run: where each lives (`RunLayout`), summary.json's sections, the memorized set's I/O.
 
 Every stage finds its inputs and outputs here, so a file name is written in one place. Prompt
 ids read back from a run are checked against their 16-hex form before anything is built from
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
+from cxrmem.summary import BY_NAME, RunSummary, Section
 
 if TYPE_CHECKING:  # pandas is imported where a table is read: the lease (cxrmem/lease.py) needs this module at start
     import pandas as pd
@@ -82,16 +83,22 @@ class RunLayout:
     parts = property(lambda self: self.path("_parts"))
 
 
-def read_summary(store: Store, layout: RunLayout) -> dict:
-    return store.read_json(layout.summary) if store.exists(layout.summary) else {}
+def read_summary(store: Store, layout: RunLayout) -> RunSummary:
+    """summary.json as typed sections (cxrmem/summary.py); an absent file is an empty summary."""
+    return RunSummary.from_json(store.read_json(layout.summary) if store.exists(layout.summary) else {})
 
 
-def merge_summary(store: Store, layout: RunLayout, **sections: dict) -> dict:
-    """Replace the named top-level sections of summary.json (each stage owns its sections); the new summary."""
-    summary = read_summary(store, layout)
-    summary.update(sections)
+def write_sections(store: Store, layout: RunLayout, *sections: Section, clear: tuple[str, ...] = ()) -> None:
+    """Replace these sections of summary.json (each stage owns its sections) and remove the `clear`ed ones
+    (e.g. the detectors section an earlier analysis of other scores left); the other sections stay as they are."""
+    unknown = [name for name in clear if name not in BY_NAME]
+    if unknown:
+        raise ValueError(f"summary.json has no section {unknown}; the sections are {list(BY_NAME)}")
+    summary = store.read_json(layout.summary) if store.exists(layout.summary) else {}
+    for name in clear:
+        summary.pop(name, None)
+    summary.update({section.name: section.to_json() for section in sections})
     store.write_json(layout.summary, summary)
-    return summary
 
 
 def write_memorized(store: Store, layout: RunLayout, memorized: pd.DataFrame) -> None:

@@ -120,8 +120,8 @@ def test_analyze_tables_keeps_ties_and_rejects_foreign_scores():
     memorized, analysis = analyze_tables(scores, prompts, top_percent=20, zscore=3.0, buckets=[1, 2, 5])
     assert memorized.columns[0] == "prompt"
     assert sorted(memorized["prompt_id"]) == ["b", "c"]  # k = 1, but b and c tie at the threshold
-    assert analysis["counts"]["unscored"] == 1
-    assert analysis["marker_enrichment"]["table"] == [[2, 0], [0, 3]]
+    assert analysis.counts["unscored"] == 1
+    assert analysis.marker_enrichment["table"] == [[2, 0], [0, 3]]
 
     foreign = pd.concat([scores, pd.DataFrame({"prompt_id": ["z"], "d_mem": [1.0], "nonfinite": [False]})])
     with pytest.raises(ValueError, match="not in prompts.*first: z"):

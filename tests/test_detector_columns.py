@@ -116,12 +116,12 @@ def test_detector_agreement_on_a_synthetic_table():
                           "anisotropy": 2 * d_mem + 1, "attention_entropy": -d_mem})
     frame.loc[5, "attention_entropy"] = np.nan
     out = detector_agreement(frame, EXTRA, top_percent=1.0, known_ids={frame.prompt_id[0], frame.prompt_id[1]})
-    same, reverse = out["detectors"]["anisotropy"], out["detectors"]["attention_entropy"]
+    same, reverse = out.detectors["anisotropy"], out.detectors["attention_entropy"]
     assert same["spearman"] == pytest.approx(1.0) and same["top_overlap"] == 1.0 and same["auc"] == 1.0
     assert same["tpr_at_fpr"] == 1.0 and same["finite"] == 200
     assert reverse["spearman"] == pytest.approx(-1.0) and reverse["top_overlap"] == 0.0 and reverse["auc"] == 0.0
-    assert reverse["finite"] == 199 and out["fpr"] == 0.01
-    assert "auc" not in detector_agreement(frame, EXTRA, 1.0)["detectors"]["anisotropy"]
+    assert reverse["finite"] == 199 and out.fpr == 0.01
+    assert "auc" not in detector_agreement(frame, EXTRA, 1.0).detectors["anisotropy"]
 
 
 def test_analyze_records_detector_agreement_only_with_detector_columns(tmp_path):
@@ -130,7 +130,7 @@ def test_analyze_records_detector_agreement_only_with_detector_columns(tmp_path)
     layout, _, _ = _write_run(tmp_path, d_mem, np.zeros(N, dtype=bool))
     cfg = load_config(None, [f"run.output={tmp_path}"])
     analyze.run(cfg)
-    assert json.loads(open(layout.summary).read())["detectors"] is None
+    assert "detectors" not in json.loads(open(layout.summary).read())  # no detector columns: no section
 
     table = pq.read_table(layout.scores)
     pq.write_table(table.append_column("sharpness", table["d_mem"]), layout.scores)

@@ -32,7 +32,7 @@ def enrichment(marker_effect: float):
 
 def test_length_confound_crude_significant_adjusted_not():
     analysis = enrichment(0.0)
-    crude, adjusted = analysis["marker_enrichment"], analysis["marker_enrichment_adjusted"]
+    crude, adjusted = analysis.marker_enrichment, analysis.marker_enrichment_adjusted
     assert crude["ci_low"] > 1  # longer prompts score higher and markers make prompts longer
     logistic = adjusted["logistic"]
     assert logistic["refused"] is None and logistic["covariates"] == ["log_n_tokens", "log_n_reports"]
@@ -40,48 +40,48 @@ def test_length_confound_crude_significant_adjusted_not():
     # the percentile model (linear in log length, which the percentile is not quite) is left with a
     # shift of about one percentile point, against 9 with a real effect below
     assert abs(adjusted["percentile"]["estimate"]) < 3
-    assert analysis["length"]["spearman"]["rho"] > 0.5
+    assert analysis.length["spearman"]["rho"] > 0.5
 
 
 def test_real_marker_effect_survives_adjustment():
     analysis = enrichment(0.15)
-    crude, logistic = analysis["marker_enrichment"], analysis["marker_enrichment_adjusted"]["logistic"]
+    crude, logistic = analysis.marker_enrichment, analysis.marker_enrichment_adjusted["logistic"]
     assert crude["ci_low"] > 1 and logistic["ci_low"] > 1
-    assert analysis["marker_enrichment_adjusted"]["percentile"]["ci_low"] > 5
+    assert analysis.marker_enrichment_adjusted["percentile"]["ci_low"] > 5
 
 
 def test_degenerate_designs_are_refused_with_the_reason():
     scores, prompts = planted_corpus(0.0, n=400)
     no_marker = prompts.assign(has_marker=False)
     _, analysis = analyze_tables(scores, no_marker, 5.0, 3.0, [1], adjust=AdjustSettings())
-    assert analysis["marker_enrichment_adjusted"]["logistic"]["refused"] == "no prompt carries a marker"
-    assert analysis["marker_enrichment_adjusted"]["logistic"]["estimate"] is None
+    assert analysis.marker_enrichment_adjusted["logistic"]["refused"] == "no prompt carries a marker"
+    assert analysis.marker_enrichment_adjusted["logistic"]["estimate"] is None
     # every memorized prompt with a marker: separation, an infinite odds ratio is not printed
     top = scores["d_mem"].rank(ascending=False) <= 20
     separated = prompts.assign(has_marker=top.to_numpy() | prompts["has_marker"].to_numpy())
     _, analysis = analyze_tables(scores, separated, 5.0, 3.0, [1], adjust=AdjustSettings())
-    assert "every memorized prompt carries a marker" in analysis["marker_enrichment_adjusted"]["logistic"]["refused"]
+    assert "every memorized prompt carries a marker" in analysis.marker_enrichment_adjusted["logistic"]["refused"]
     # prompts without token counts (an old prompts.parquet): refused, naming the column
     _, analysis = analyze_tables(scores, prompts.drop(columns="n_tokens"), 5.0, 3.0, [1], adjust=AdjustSettings())
-    assert "n_tokens" in analysis["marker_enrichment_adjusted"]["logistic"]["refused"]
-    assert "length" not in analysis
+    assert "n_tokens" in analysis.marker_enrichment_adjusted["logistic"]["refused"]
+    assert analysis.length is None
 
 
 def test_constant_covariate_is_dropped_and_named():
     scores, prompts = planted_corpus(0.0, n=1000)
     _, analysis = analyze_tables(scores, prompts.assign(n_reports=1), 5.0, 3.0, [1], adjust=AdjustSettings())
-    logistic = analysis["marker_enrichment_adjusted"]["logistic"]
+    logistic = analysis.marker_enrichment_adjusted["logistic"]
     assert logistic["dropped"] == ["log_n_reports (constant)"] and logistic["covariates"] == ["log_n_tokens"]
 
 
 def test_length_view_and_length_adjusted_set():
     scores, prompts = planted_corpus(0.0, n=1000)
     memorized, analysis = analyze_tables(scores, prompts, 2.0, 3.0, [1], adjust=AdjustSettings(length_bins=5, length_adjusted=True))
-    bins = analysis["length"]["bins"]
+    bins = analysis.length["bins"]
     assert sum(b["prompts"] for b in bins) == 1000 and sum(b["memorized"] for b in bins) == len(memorized)
     assert [b["median"] for b in bins] == sorted(b["median"] for b in bins)  # d_mem grows with length here
     assert all(b["q1"] <= b["median"] <= b["q3"] for b in bins)
-    adjusted = analysis["length_adjusted"]
+    adjusted = analysis.length_adjusted
     # raw top 2% are the longest prompts; within-bin ranking spreads the set over every bin
     assert adjusted["memorized_count"] >= len(bins) and adjusted["overlap"] < len(memorized)
     assert "length_percentile" in memorized and "n_tokens" in memorized
@@ -139,36 +139,87 @@ def test_card_summary_md_and_metrics_carry_the_f1_verdict(tmp_path, effect, verd
 
 
 def _null(pairs, observed, null, p):
-    return {"gradient": {"marker_top1": observed}, "null": {"min_pairs": 5, "gradient": {
+    from cxrmem.findings import FindingInputs
+    from cxrmem.summary import AttributionSection
+
+    attribution = AttributionSection.from_json({"gradient": {"marker_top1": observed}, "null": {"min_pairs": 5, "gradient": {
         "pairs": pairs, "observed_top1": observed, "null_top1": null, "top1_p": p,
-        "observed_mean_rank": 1.0, "null_mean_rank": 2.0, "rank_p": p}}}
+        "observed_mean_rank": 1.0, "null_mean_rank": 2.0, "rank_p": p}}})
+    return FindingInputs(None, attribution)
 
 
 def test_f2_rule():
-    from cxrmem.findings import f2_marker_top
+    from cxrmem.findings import FindingInputs, f2_marker_top
+    from cxrmem.summary import AttributionSection
 
-    assert f2_marker_top(None).verdict == "inconclusive"
-    assert "null_model=false" in f2_marker_top({"gradient": {"marker_top1": 1.0}}).reason
+    assert f2_marker_top(FindingInputs(None)).verdict == "inconclusive"
+    no_null = FindingInputs(None, AttributionSection.from_json({"gradient": {"marker_top1": 1.0}}))
+    assert "null_model=false" in f2_marker_top(no_null).reason
     assert f2_marker_top(_null(4, 1.0, 0.0, 0.0625)).verdict == "inconclusive"  # too few pairs for the test
     assert f2_marker_top(_null(8, 1.0, 0.0, 0.0039)).verdict == "supported"
     assert f2_marker_top(_null(8, 1.0, 1.0, None)).verdict == "not supported"  # the null ranks it first too
+    assert "vs 0.0% on the null model" in f2_marker_top(_null(8, 1.0, 0.0, 0.0039)).line
 
 
-def test_f3_rule_by_d_mem_and_by_copies():
-    from cxrmem.findings import f3_rewrites
+def _analysis(threshold):
+    from cxrmem.summary import AnalysisSection
 
-    def row(strategy, mean, high, d_mem_mean, n=4):
+    return AnalysisSection.from_json({"threshold": threshold})
+
+
+def test_f3_rule_by_d_mem():
+    from cxrmem.findings import FindingInputs, f3_rewrites
+
+    def row(strategy, mean, high, d_mem_mean, n=6):
         return {"strategy": strategy, "d_mem_mean": d_mem_mean, "d_mem_change": {"n": n, "mean": mean, "ci_low": None if mean is None else mean - 1, "ci_high": high}}
 
     rows = [row("original", None, None, 3.0), row("remove_marker", -0.1, -0.05, 2.9), row("random_insertion", -2.0, -1.0, 0.5)]
-    kept = f3_rewrites(rows, 2.0, None)
+    kept = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=rows))
     assert kept.verdict == "supported" and "random_insertion" not in kept.numbers["strategies"]  # not a marker rewrite
-    assert f3_rewrites([*rows, row("surrogate", -1.5, -1.0, 1.5)], 2.0, None).verdict == "not supported"
-    copies = {"guidances": {"w=1": {"memorized_copies": 3, "strategies": {"remove_marker": {"copies": 0}}}}}
-    stopped = f3_rewrites(rows, 2.0, copies)
-    assert stopped.verdict == "not supported" and "copies at w=1" in stopped.reason
-    assert f3_rewrites(None, 2.0, None).verdict == "inconclusive"
-    assert f3_rewrites([row("remove_marker", -0.1, None, 2.9, n=1)], 2.0, None).verdict == "inconclusive"
+    assert kept.numbers["judged_by"] == "d_mem"
+    removed = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=[*rows, row("surrogate", -1.5, -1.0, 1.5)]))
+    assert removed.verdict == "not supported" and "surrogate (d_mem)" in removed.reason
+    assert f3_rewrites(FindingInputs(_analysis(2.0))).verdict == "inconclusive"  # no mitigation
+    # 4 prompts cannot show an absence: the one-sided sign test needs 5
+    few = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=[row("remove_marker", -0.1, -0.05, 2.9, n=4)]))
+    assert few.verdict == "inconclusive" and "at most 4" in few.reason
+
+
+def _judged(strategy_rows, guidance=1.0):
+    """A copies section whose judgement at `guidance` holds these StrategyJudgement rows."""
+    from cxrmem.judgement import StrategyJudgement
+    from cxrmem.summary import CopiesSection
+
+    def judgement(strategy, prompts, copies, change=None, fidelity=0.8, fidelity_change=None):
+        return StrategyJudgement(strategy, prompts, copies, copies / prompts, change, None, None, fidelity, fidelity_change, None, 20).as_dict()
+
+    rows = [judgement(*r) for r in strategy_rows]
+    return CopiesSection.from_json({"guidances": {f"w={guidance:g}": {"judgement": {"guidance": guidance, "strategies": rows}}}})
+
+
+def test_f3_is_read_from_the_paired_copy_rate_where_copies_ran():
+    from cxrmem.findings import FindingInputs, f3_rewrites
+
+    d_mem_says_removed = [{"strategy": "surrogate", "d_mem_mean": 0.5, "d_mem_change": {"n": 8, "mean": -2.0, "ci_low": -3.0, "ci_high": -1.0}}]
+    significant = {"mean": -0.75, "ci_low": -1.0, "ci_high": -0.5}
+    # halves the copy rate, CI below 0, fidelity kept: removed, whatever d_mem says
+    halved = _judged([("original", 8, 8), ("remove_marker", 8, 2, significant, 0.78, {"mean": -0.02})])
+    verdict = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=[], copies=halved))
+    assert verdict.verdict == "not supported" and "remove_marker (copies at w=1)" in verdict.reason
+    assert verdict.numbers["judged_by"] == "copies"
+    # the same halving by changing the image (fidelity 0.8 -> 0.3) fixes nothing
+    blurred = _judged([("original", 8, 8), ("remove_marker", 8, 2, significant, 0.3, {"mean": -0.5})])
+    assert f3_rewrites(FindingInputs(_analysis(2.0), copies=blurred)).verdict == "supported"
+    # the copies judge, not d_mem: a d_mem drop with the copies in place is not a removal
+    kept = _judged([("original", 8, 8), ("surrogate", 8, 7, {"mean": -0.125, "ci_low": -0.4, "ci_high": 0.15})])
+    verdict = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=d_mem_says_removed, copies=kept))
+    assert verdict.verdict == "supported" and "surrogate at w=1: copy rate 87.5% vs 100.0%" in verdict.line
+    # too few prompts to show anything
+    few = _judged([("original", 3, 3), ("surrogate", 3, 3, {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0})])
+    assert f3_rewrites(FindingInputs(_analysis(2.0), copies=few)).verdict == "inconclusive"
+    # nothing copied unmitigated: the copies cannot judge, d_mem does
+    none_copy = _judged([("original", 8, 0), ("surrogate", 8, 0)])
+    assert f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=d_mem_says_removed, copies=none_copy)).numbers["judged_by"] == "d_mem"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -97,7 +97,7 @@ def test_full_report_embeds_every_figure(tmp_path):
     cfg, layout = _analyzed_run(tmp_path)
     _write_attribution_and_mitigation(layout)
     result = report.run(cfg)
-    rendered = {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "attribution", "mitigation")}
+    rendered = {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "length", "attribution", "mitigation", "howto")}
     assert result["sections"] == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
@@ -113,7 +113,7 @@ def test_full_report_embeds_every_figure(tmp_path):
         assert base64.b64encode(data).decode() in embedded
     assert "&lt;script&gt;x&lt;/script&gt; &amp; <mark>___</mark>" in text  # escaped, marker still highlighted
     assert "<mark>___</mark>" in text  # markers highlighted in the memorized list
-    assert "fp-test" in text and "time (s): attribution.seconds" in text
+    assert "fp-test" in text and "attribute: seconds</td><td>1.25</td>" in text  # the attribution section's own duration
     assert "random_word" in text and "remove_marker" in text
     assert text.index('id="summary"') < text.index('id="distribution"') < text.index('id="run"')
     # The third prompt's remove_marker rewrite changed nothing: marked, and out of the statistics.
@@ -208,20 +208,21 @@ def test_card_shows_copy_evidence_and_detectors_only_when_recorded(tmp_path):
     text = open(layout.report, encoding="utf-8").read()
     assert "copy evidence" not in text and "detector agreement" not in text
     summary = json.loads(open(layout.summary).read())
-    summary["copies"] = {"prompts_checked": 3, "nearest_ssim_max": 0.91}
+    summary["copies"] = {"headline": {"w=1": "2/3 memorized prompts copy a training image"}}
     summary["detectors"] = {"top_percent": 1.0, "fpr": None, "detectors": {"anisotropy": {
         "column": "anisotropy", "paper": "Asthana et al., ICLR 2026", "finite": 300, "spearman": 0.8, "top_overlap": 2 / 3}}}
-    # The same duration under two stages is one row of the Run table.
-    summary["audit"] = {"timings_s": {"score": 12.5}}
-    summary["score"] = {"timings_s": {"score": 12.5}}
+    # A stage's duration that the audit and the stage's own section both record is one row of the Run table.
+    summary["audit"] = {"timings_s": {"score": 12.5, "attribute": 3.0}}
+    summary["attribution"] = {"prompts": 2, "seconds": 2.5}
     open(layout.summary, "w").write(json.dumps(summary))
     report.run(cfg)
     text = open(layout.report, encoding="utf-8").read()
     card = text[text.index('id="summary"'):text.index("</section>")]
-    assert "copy evidence" in card and "nearest_ssim_max 0.91" in card
+    assert "copy evidence" in card and "w=1 2/3 memorized prompts copy a training image" in card
     assert "detector agreement" in card and "anisotropy Spearman 0.8, top 1% overlap 66.7%" in card
     assert '<h2 id="detectors">' in text and "<th>AUC (known)</th>" not in text
-    assert text.count("timings_s.score</td>") == 1
+    assert text.count("attribute: seconds</td>") == 1 and "attribute: seconds</td><td>3</td>" in text
+    assert "score: seconds</td><td>12.5</td>" in text
 
 
 def test_overguidance_and_paired_interval_statistics():

@@ -22,9 +22,10 @@ from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import prepare_output, publish_run
-from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, report, score
 from cxrmem.storage import Store
+from cxrmem.summary import AuditSection
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,16 @@ def _audit(cfg, store: Store, lease) -> dict:
             fingerprint = fingerprint_model(cfg.model, store)
         scoring, analysis = score_and_analyze(cfg, store, fingerprint, timer)
         explained = explain_memorized(cfg, store, analysis["memorized_count"], timer)
-    audit = {
-        "output": output,
-        "scoring": scoring,
-        "memorized_count": analysis["memorized_count"],
-        "threshold": analysis["threshold"],
-        "timings_s": timer.seconds,
-    }
-    merge_summary(store, layout, audit=audit)  # before the report, which shows it, and the manifest, which checksums it
+    audit = AuditSection(output=output, scoring=scoring, memorized_count=analysis["memorized_count"],
+                         threshold=analysis["threshold"], timings_s=dict(timer.seconds))
+    write_sections(store, layout, audit)  # before the report, which shows it, and the manifest, which checksums it
     with timer("report"):
         written = report.run(cfg, store)
     with timer("publish"):
         lease.check()  # never publish a run another writer took over
         manifest = publish_run(store, output, work, fingerprint, cfg, extra={"config_hash": config_hash(cfg)})
     return {
-        **audit,
+        **audit.to_json(),
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - start, 2)},
         "model_fingerprint": fingerprint,
         "files": len(manifest["files"]),

@@ -29,9 +29,10 @@ from cxrmem.distributed.audit import run_audit
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, publish_manifest
-from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages.compare import memorized_scores
 from cxrmem.storage import Store
+from cxrmem.summary import RescoreSection
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _rescore(cfg, force: bool, store: Store) -> dict:
         diff_uri = storage.join(run, DIFF_FILE)
         store.write_table(pa.Table.from_pandas(diff, preserve_index=False), diff_uri)
         result.update(diff=diff_uri, **counts)
-    merge_summary(store, RunLayout(run), rescore=result)
+    write_sections(store, RunLayout(run), RescoreSection(**result))
     publish_manifest(store, run, fingerprint, run_cfg, extra={"config_hash": key[1]})
     store.write_json(latest_uri(output), {"run": run, "model_fingerprint": fingerprint, "config_hash": key[1], "created": stamp})
     return result

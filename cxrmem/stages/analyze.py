@@ -8,6 +8,7 @@ the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 import pandas as pd
@@ -26,10 +27,10 @@ from cxrmem.publish import stage_writes
 from cxrmem.runfiles import (
     RunLayout,
     check_prompt_ids,
-    merge_summary,
     read_known_memorized,
     read_summary,
     write_memorized,
+    write_sections,
 )
 from cxrmem.storage import Store
 
@@ -67,7 +68,8 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
     store = store or Store.from_config(cfg.storage)
     layout = RunLayout(cfg.run.output)
     if top_percent is None and cfg.cascade.enabled:  # a cascade's scores hold its fully scored share only
-        top_percent = (read_summary(store, layout).get("cascade") or {}).get("analysis_top_percent")
+        cascade = read_summary(store, layout).cascade
+        top_percent = cascade.analysis_top_percent if cascade else None
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
     with stage_writes(store, cfg.run, "analyze"):
         names = detector_names(store, layout.scores)
@@ -84,28 +86,32 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         texts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=[("prompt_id", "in", ids)])
         memorized = memorized.merge(texts.to_pandas(), on="prompt_id", how="left")
         memorized = memorized[["prompt", *[c for c in memorized.columns if c != "prompt"]]]
-        analysis["model_fingerprints"] = sorted(scores["model_fingerprint"].dropna().unique().tolist())
-        analysis["config_hashes"] = sorted(scores["config_hash"].dropna().unique().tolist())
-        analysis["config"] = public_config(cfg)  # credentials never reach outputs
-        analysis["outputs"] = {"memorized": layout.memorized, "summary": layout.summary}
+        analysis = replace(
+            analysis,
+            model_fingerprints=sorted(scores["model_fingerprint"].dropna().unique().tolist()),
+            config_hashes=sorted(scores["config_hash"].dropna().unique().tolist()),
+            config=public_config(cfg),  # credentials never reach outputs
+            outputs={"memorized": layout.memorized, "summary": layout.summary},
+        )
         write_memorized(store, layout, memorized)
-        # None (no detector columns) replaces a section an earlier analysis of other scores left.
-        agreement = detector_agreement(scores, names, top_percent, known) if names else None
-        merge_summary(store, layout, analysis=analysis, detectors=agreement)
-    adjusted = analysis["marker_enrichment_adjusted"]["logistic"]
+        if names:
+            write_sections(store, layout, analysis, detector_agreement(scores, names, top_percent, known))
+        else:  # no detector columns: the detectors section an earlier analysis of other scores left goes
+            write_sections(store, layout, analysis, clear=("detectors",))
+    adjusted = analysis.marker_enrichment_adjusted["logistic"]
     log.info(
         "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s, adjusted %s",
-        analysis["counts"]["finite"],
-        analysis["counts"]["nonfinite"],
-        analysis["threshold"] if analysis["threshold"] is not None else float("nan"),
-        analysis["memorized_count"],
-        analysis["marker_enrichment"]["odds_ratio"],
+        analysis.counts["finite"],
+        analysis.counts["nonfinite"],
+        analysis.threshold if analysis.threshold is not None else float("nan"),
+        analysis.memorized_count,
+        analysis.marker_enrichment["odds_ratio"],
         adjusted["estimate"] if adjusted["refused"] is None else f"refused ({adjusted['refused']})",
     )
     return {
         "memorized": layout.memorized,
         "summary": layout.summary,
-        "memorized_count": analysis["memorized_count"],
-        "threshold": analysis["threshold"],
-        "marker_odds_ratio": analysis["marker_enrichment"]["odds_ratio"],
+        "memorized_count": analysis.memorized_count,
+        "threshold": analysis.threshold,
+        "marker_odds_ratio": analysis.marker_enrichment["odds_ratio"],
     }

@@ -39,9 +39,10 @@ import pyarrow.compute as pc
 from cxrmem import stats, storage
 from cxrmem.config import with_overrides
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages import score
 from cxrmem.storage import Store
+from cxrmem.summary import CascadeSection
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
             for i in checked.missed_by_stage:
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"])
-    merge_summary(store, layout, cascade=section)
+    write_sections(store, layout, section)
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
     return {
         **full,
@@ -254,12 +255,12 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
         "selected": rounds[-1].stages[-1].kept,
         "unet_evaluations_full": evaluations(full_cost, len(all_ids), cfg.score.batch_size),
         "unet_evaluations_cascade": spent["screens"] + spent["full"],
-        "analysis_top_percent": section["analysis_top_percent"],
-        "cascade": section,
+        "analysis_top_percent": section.analysis_top_percent,
+        "cascade": section.to_json(),
     }
 
 
-def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold) -> dict:
+def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold) -> CascadeSection:
     """summary.json["cascade"]: the stages as they ended, every round, the compute and the self-check."""
     last = rounds[-1]
     total = sum(spent.values())
@@ -272,30 +273,30 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     else:
         verdict = (f"no audited rejected prompt is memorized{' after widening' if len(rounds) > 1 else ''}: at most "
                    f"{upper:.1f} of the {last.rejected} rejected prompts (95% upper bound)")
-    return {
-        "stages": [asdict(s) for s in stages],
-        "rounds": [asdict(r) for r in rounds],
-        "widened": len(rounds) > 1,
-        "corpus": n_corpus,
-        "fully_scored": last.fully_scored,
+    return CascadeSection(
+        stages=[asdict(s) for s in stages],
+        rounds=[asdict(r) for r in rounds],
+        widened=len(rounds) > 1,
+        corpus=n_corpus,
+        fully_scored=last.fully_scored,
         # scores.parquet holds the fully scored share only: analyze takes the same top share of the whole corpus
-        "analysis_top_percent": min(100.0, cfg.analyze.top_percent * n_corpus / max(last.fully_scored, 1)),
-        "evaluations": {
+        analysis_top_percent=min(100.0, cfg.analyze.top_percent * n_corpus / max(last.fully_scored, 1)),
+        evaluations={
             **spent,
             "total": total,
             "per_prompt": total / n_corpus if n_corpus else 0.0,
             "audit_per_prompt": spent["audit"] / n_corpus if n_corpus else 0.0,
             "full_score_per_prompt": full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size,
         },
-        "audit": {
+        audit={
             "threshold": threshold,
             "rejected": last.rejected,
             **rate,
             "missed_prompts_upper": upper,
             "evaluations": spent["audit"],
         },
-        "verdict": verdict,
-    }
+        verdict=verdict,
+    )
 
 
 def run(cfg, store: Store | None = None) -> dict:

@@ -28,12 +28,13 @@ from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
 from cxrmem.judgement import halves_copying, judge_strategies
-from cxrmem.runfiles import RunLayout, merge_summary, read_known_memorized
+from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
 from cxrmem.scoring.scorer import resolve_device
 from cxrmem.stages import image_index
 from cxrmem.stages.worker import LocalModel, embedder_settings, map_with_progress, memorized_stage
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
+from cxrmem.summary import CopiesSection
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidanc
     and the strategies that halve the copy rate with fidelity within 10 points."""
     order = ["original"] + checked_strategies(cfg)
     rows = judge_strategies(checked, mitigation, guidance, order)
-    return {"strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows),
+    return {"guidance": guidance, "strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows),
             "fidelity_measure": cfg.fidelity.measure}
 
 
@@ -160,20 +161,20 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
         store.write_table(pa.concat_tables(tables).cast(COPIES_SCHEMA), layout.copies)
-        summary = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
-        merge_summary(store, layout, copies=summary)
-    log.info("copies: %s", summary["headline"])
-    return summary
+        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
+        write_sections(store, layout, section)
+    log.info("copies: %s", section.headline)
+    return section.to_json()
 
 
-def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> dict:
+def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> CopiesSection:
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
         f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
         for name, g in per_guidance.items()
     }
-    return {
-        "headline": headline, "prompts": n_prompts, "guidances": per_guidance, "rule": threshold.rule, "threshold_quantile": threshold.quantile,
-        "generations": cfg.copies.generations, "top_k": cfg.copies.top_k, "embedder": cfg.copies.embedder,
-        "strategies_checked": checked_strategies(cfg), "index": built, "copies": layout.copies, "figures": figures,
-    }  # fmt: skip
+    return CopiesSection(
+        headline=headline, prompts=n_prompts, guidances=per_guidance, rule=threshold.rule, threshold_quantile=threshold.quantile,
+        generations=cfg.copies.generations, top_k=cfg.copies.top_k, embedder=cfg.copies.embedder,
+        strategies_checked=checked_strategies(cfg), index=built, copies=layout.copies, figures=figures,
+    )  # fmt: skip

@@ -20,8 +20,9 @@ from cxrmem import storage
 from cxrmem.analysis import list_enrichment
 from cxrmem.corpus.prompts import build_prompts_table
 from cxrmem.corpus.tables import iter_tables
-from cxrmem.findings import f1_enrichment
+from cxrmem.findings import FindingInputs, f1_enrichment
 from cxrmem.storage import Store
+from cxrmem.summary import AnalysisSection
 
 UNBOUNDED = 1_000_000  # word counts are never truncated
 
@@ -51,11 +52,12 @@ def run(cfg, memorized_path: str, controls_path: str, text_column: str = "prompt
     table = pd.concat([memorized, controls[~both]], ignore_index=True)
     flag = np.arange(len(table)) < len(memorized)
     numbers = list_enrichment(table, flag, list(cfg.analyze.n_reports_buckets), list(cfg.analyze.covariates))
-    analysis = {"marker_enrichment": numbers["crude"], "marker_enrichment_adjusted": numbers["adjusted"]}
+    # The two numbers F1 is judged on, as the analyze stage's section would hold them (no scores here).
+    analysis = AnalysisSection.from_json({"marker_enrichment": numbers["crude"], "marker_enrichment_adjusted": numbers["adjusted"]})
     result = {
         "memorized": {"path": memorized_path, **mem_counts}, "controls": {"path": controls_path, **ctrl_counts},
         "on_both_lists": int(both.sum()), "length_unit": "tokens" if tokenizer is not None else "words",
-        **numbers, "verdict": f1_enrichment(analysis).to_dict(),
+        **numbers, "verdict": f1_enrichment(FindingInputs(analysis)).to_dict(),
     }  # fmt: skip
     if out:
         result["out"] = storage.join(out, "enrichment.json")

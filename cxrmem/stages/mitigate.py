@@ -11,9 +11,10 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
-from cxrmem.runfiles import RunLayout, merge_summary
+from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages.worker import LocalModel, map_with_progress, memorized_stage
 from cxrmem.storage import Store
+from cxrmem.summary import MitigationSection
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,14 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
         grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
         store.write_table(pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation)
         figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
-        summary = {
-            "strategies": mitigation_summary(frame),
-            "prompts": int(frame["prompt_id"].nunique()),
-            "n_generations": cfg.mitigation.n_generations,
-            "seconds": round(seconds, 2),
-            "mitigation": layout.mitigation,
-            "figures": figures,
-        }
-        merge_summary(store, layout, mitigation=summary)
-    log.info("mitigation: %s", summary["strategies"])
-    return summary
+        section = MitigationSection(
+            strategies=mitigation_summary(frame),
+            prompts=int(frame["prompt_id"].nunique()),
+            n_generations=cfg.mitigation.n_generations,
+            seconds=round(seconds, 2),
+            mitigation=layout.mitigation,
+            figures=figures,
+        )
+        write_sections(store, layout, section)
+    log.info("mitigation: %s", section.strategies)
+    return section.to_json()

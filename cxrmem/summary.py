@@ -1,0 +1,238 @@
+"""summary.json, typed: one dataclass per section, written once by the stage that owns it, read by field.
+
+The file stays plain JSON, one top-level key per section, so MLflow, a notebook or `jq` read it
+as they always did. In code a section is its dataclass: the stage builds it once and hands it to
+`runfiles.write_sections`; the report gets a `RunSummary` and reads `summary.analysis.threshold`,
+never a key it has to guess. The statistical results inside a section (an odds ratio with its
+interval, a table of bins) stay dicts of numbers: their keys are documented where they are
+computed (cxrmem/stats.py, cxrmem/analysis.py, cxrmem/attribution.py, cxrmem/judgement.py).
+
+A section read from an older file lacks the fields added since: they read as their default.
+Keys a newer writer added are ignored, so an old reader still reads a new run.
+
+Durations are fields too: each section says which of its fields are wall seconds and which are
+rates (`timings`), so the report's Run table lists them without looking at key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import ClassVar, Optional
+
+
+@dataclass
+class Section:
+    """One top-level section of summary.json; `name` is its key."""
+
+    name: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        """The section from its JSON; fields an older writer did not write take their default (None when required)."""
+        values = {}
+        for f in fields(cls):
+            if f.name in data:
+                values[f.name] = data[f.name]
+            elif f.default is MISSING and f.default_factory is MISSING:
+                values[f.name] = None
+        return cls(**values)
+
+    def timings(self) -> dict[str, float]:
+        """`<label>: seconds` and `<label>: prompts/s` of this section, for the report's Run table."""
+        return {}
+
+
+@dataclass
+class AnalysisSection(Section):
+    """The analyze stage: the memorized set, the score distribution and the marker findings' numbers."""
+
+    name: ClassVar[str] = "analysis"
+    counts: dict  # prompts, scored, unscored, finite, nonfinite
+    d_mem: dict  # mean, std, min of the finite scores
+    percentiles: dict  # p50 ... p99.9, max
+    top_percent: float
+    threshold: Optional[float]  # the smallest d_mem in the memorized set
+    memorized_count: int
+    zscore_view: dict  # zscore, count, in_memorized_set
+    marker_enrichment: dict  # crude odds ratio, CI, Fisher p, shares (stats.marker_enrichment)
+    marker_enrichment_by_n_reports: dict  # per duplication bucket and Mantel-Haenszel
+    marker_enrichment_adjusted: dict  # covariates, logistic, percentile (analysis.adjusted_enrichment)
+    length: Optional[dict] = None  # Spearman with n_tokens, token means, bins (analysis.length_view)
+    length_adjusted: Optional[dict] = None  # the length-adjusted set (analyze.length_adjusted)
+    known_memorized: Optional[dict] = None  # detection against analyze.known_memorized
+    model_fingerprints: list = field(default_factory=list)
+    config_hashes: list = field(default_factory=list)
+    config: Optional[dict] = None  # the public config of the scores (credentials never written)
+    outputs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DetectorsSection(Section):
+    """The analyze stage: every other detector's agreement with d_mem (analysis.detector_agreement)."""
+
+    name: ClassVar[str] = "detectors"
+    reference: str
+    top_percent: float
+    fpr: Optional[float]  # None without known memorized prompts
+    detectors: dict  # name -> column, paper, finite, spearman, top_overlap, auc, tpr_at_fpr
+
+
+@dataclass
+class AttributionSection(Section):
+    """The attribute stage: the marker's rank among each memorized prompt's words, observed and on the null model."""
+
+    name: ClassVar[str] = "attribution"
+    prompts: int
+    prompts_with_marker: int
+    mean_units_per_prompt: Optional[float]
+    gradient: Optional[dict]  # attribution.marker_rank_stats under the summed gradient
+    gradient_per_piece_mean: Optional[dict]
+    leave_one_out: Optional[dict]  # None with attribution.leave_one_out off
+    seconds: float
+    tokens: str  # tokens.parquet
+    null: Optional[dict] = None  # attribution.null_comparison; None without attribution.null_model
+    null_seconds: Optional[float] = None
+    null_seed: Optional[int] = None
+
+    def timings(self) -> dict[str, float]:
+        return _present({"attribute: seconds": self.seconds, "attribute, null model: seconds": self.null_seconds})
+
+
+@dataclass
+class MitigationSection(Section):
+    """The mitigate stage: per strategy the mean d_mem and distance (mitigation.mitigation_summary)."""
+
+    name: ClassVar[str] = "mitigation"
+    strategies: dict
+    prompts: int
+    n_generations: int
+    seconds: float
+    mitigation: str  # mitigation.parquet
+    figures: list = field(default_factory=list)
+
+    def timings(self) -> dict[str, float]:
+        return {"mitigate: seconds": self.seconds}
+
+
+@dataclass
+class CopiesSection(Section):
+    """The copies stage: per guidance `w=<g>` the copy counts, AUC and the strategies' judgement (cxrmem/judgement.py)."""
+
+    name: ClassVar[str] = "copies"
+    headline: dict  # w=<g> -> one line
+    prompts: int
+    guidances: dict  # w=<g> -> copies.guidance_summary, with `judgement`
+    rule: str  # the copy threshold's rule
+    threshold_quantile: float
+    generations: int
+    top_k: int
+    embedder: str
+    strategies_checked: list
+    index: dict  # what the image index job did (stages/image_index.build_index)
+    copies: str  # copies.parquet
+    figures: list = field(default_factory=list)
+
+    def timings(self) -> dict[str, float]:
+        return _present({"image index: seconds": (self.index or {}).get("seconds")})
+
+    def judgements(self) -> dict[str, list[dict]]:
+        """w=<g> -> the StrategyJudgement rows (as dicts) of that guidance; empty where none was judged."""
+        return {name: ((g.get("judgement") or {}).get("strategies") or []) for name, g in (self.guidances or {}).items()}
+
+
+@dataclass
+class CascadeSection(Section):
+    """The cascade (cxrmem/stages/cascade.py): its stages, rounds, compute and the self-check."""
+
+    name: ClassVar[str] = "cascade"
+    stages: list
+    rounds: list
+    widened: bool
+    corpus: int
+    fully_scored: int
+    analysis_top_percent: float  # the top share of the fully scored prompts that is the corpus's top_percent
+    evaluations: dict  # screens, full, audit, total, per_prompt, audit_per_prompt, full_score_per_prompt
+    audit: dict  # threshold, rejected, sample, misses, estimate, upper, missed_prompts_upper, evaluations
+    verdict: str
+
+
+@dataclass
+class AuditSection(Section):
+    """`cxrmem audit`: the scoring result and the wall seconds of every stage."""
+
+    name: ClassVar[str] = "audit"
+    output: str
+    scoring: dict  # the score stage's (or the cascade's) result
+    memorized_count: int
+    threshold: Optional[float]
+    timings_s: dict  # stage -> wall seconds, in run order
+
+    def timings(self) -> dict[str, float]:
+        scoring = self.scoring or {}
+        out = {f"{stage}: seconds": s for stage, s in (self.timings_s or {}).items()}
+        return out | _present({"score: prompts/s": scoring.get("prompts_per_s"),
+                               "score: prompts/s after start-up": scoring.get("prompts_per_s_after_startup"),
+                               "score: start-up seconds": scoring.get("startup_s")})
+
+
+@dataclass
+class RescoreSection(Section):
+    """`cxrmem rescore`: why this run was scored and how its memorized set moved against the previous run."""
+
+    name: ClassVar[str] = "rescore"
+    status: str
+    reason: str
+    previous: Optional[str]
+    previous_model_fingerprint: Optional[str]
+    run: str
+    model_fingerprint: str
+    memorized_count: int
+    # Against the previous run (analysis.score_diff); None on a first run.
+    diff: Optional[str] = None  # the per-prompt diff file
+    prompts: Optional[int] = None  # in either run's memorized set
+    compared: Optional[int] = None  # of those, scored in both runs
+    entered: Optional[int] = None
+    left: Optional[int] = None
+    stayed: Optional[int] = None
+    mean_abs_d_mem_change: Optional[float] = None
+    max_abs_d_mem_change: Optional[float] = None
+
+
+SECTIONS: tuple[type[Section], ...] = (AnalysisSection, DetectorsSection, AttributionSection, MitigationSection,
+                                       CopiesSection, CascadeSection, AuditSection, RescoreSection)
+BY_NAME = {s.name: s for s in SECTIONS}
+
+
+@dataclass
+class RunSummary:
+    """Every section of one run's summary.json; a stage that has not run leaves its section None."""
+
+    analysis: Optional[AnalysisSection] = None
+    detectors: Optional[DetectorsSection] = None
+    attribution: Optional[AttributionSection] = None
+    mitigation: Optional[MitigationSection] = None
+    copies: Optional[CopiesSection] = None
+    cascade: Optional[CascadeSection] = None
+    audit: Optional[AuditSection] = None
+    rescore: Optional[RescoreSection] = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunSummary":
+        return cls(**{name: kind.from_json(data[name]) for name, kind in BY_NAME.items() if isinstance(data.get(name), dict)})
+
+    def present(self) -> list[Section]:
+        return [s for s in (getattr(self, name) for name in BY_NAME) if s is not None]
+
+    def timings(self) -> dict[str, float]:
+        """Every section's durations and rates, labelled by stage (the audit's per-stage seconds first)."""
+        out: dict[str, float] = {}
+        for section in sorted(self.present(), key=lambda s: s.name != "audit"):
+            out |= {k: v for k, v in section.timings().items() if k not in out}
+        return out
+
+
+def _present(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
