@@ -101,6 +101,13 @@ def test_full_report_embeds_every_figure(tmp_path):
     assert result["sections"] == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
+    # The page is report.SECTIONS in order: the nav links each heading, optional sections absent here are left out
+    from cxrmem.report import SECTIONS
+
+    keys = [s.key for s in SECTIONS if s.key in result["sections"]]
+    nav = text[text.index("<nav>"):text.index("</nav>")]
+    assert re.findall(r'href="#(\w+)"', nav) == keys == re.findall(r'<h2 id="(\w+)"', text) == list(result["sections"])
+    assert "detectors" not in keys and "cascade" not in keys
     names = sorted(p.rsplit("/", 1)[-1] for p in result["figures"])
     # Fig. 2 + histogram, enrichment, length, 2 prompts x 2 attribution methods, mitigation chart, one image grid
     assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "length.png", "mitigation.png",
