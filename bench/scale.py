@@ -6,7 +6,8 @@ A cluster of `--nodes` Ray nodes on loopback (ray.cluster_utils.Cluster: one hea
 process (so that its peak RSS is its own):
 
 - audit: `cxrmem audit` of a synthetic corpus of about N unique prompts (corpus.synthetic.n_reports =
-  2.46 N: 32,000 reports gave 13,019 unique prompts), the tiny model at G=1, T=1, one scoring actor per node,
+  synthetic.REPORTS_PER_UNIQUE N = 2.5 N: 250,000 reports give 101,121 unique prompts), the tiny
+  model at G=1, T=1, one scoring actor per node,
   attribution and mitigation capped (`--explain` prompts each, one step, two generations).
   Per stage: wall seconds (the audit's timings), and for the whole driver: peak RSS (VmHWM), object
   store peak (cluster total minus available, sampled every second) and bytes spilled (Ray's memory
@@ -36,7 +37,6 @@ import time
 
 import numpy as np
 
-REPORTS_PER_PROMPT = 2.46  # synthetic reports per unique prompt near 10K-100K prompts (32,000 -> 13,019)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -122,13 +122,14 @@ def child_audit(args) -> dict:
     import ray
 
     from cxrmem.config import load_config
+    from cxrmem.corpus.synthetic import REPORTS_PER_UNIQUE
     from cxrmem.distributed.audit import run_audit
 
     out = os.path.join(args.work, f"audit_{args.n}")
     rows = min(1000, max(1, args.n // 100))
     cfg = load_config(None, [
         f"run.output={out}", f"model.path={args.model}", "model.device=cpu", "run.overwrite=true",
-        f"corpus.synthetic.n_reports={int(REPORTS_PER_PROMPT * args.n)}", "score.steps=1", "score.generations=1", "score.batch_size=64",
+        f"corpus.synthetic.n_reports={int(REPORTS_PER_UNIQUE * args.n)}", "score.steps=1", "score.generations=1", "score.batch_size=64",
         f"ray.num_workers={args.nodes}", "ray.num_cpus_per_worker=1", "ray.batch_size=256", "ray.checkpoint_every=8192",
         f"attribution.max_prompts={args.explain}", "attribution.steps=1", "attribution.generations=1", "attribution.leave_one_out=false",
         f"mitigation.max_prompts={args.explain}", "mitigation.n_generations=2", "mitigation.steps=1", "mitigation.optimisation_iters=1",

@@ -82,6 +82,41 @@ def test_synthetic_duplicates_are_heavy_tailed():
     assert marked == pytest.approx(0.65 * 0.3, abs=0.02)  # marker_rate of the abnormal share
 
 
+def _duplication_shape(n: int) -> tuple[int, dict]:
+    """Unique prompts of the first n reports (seed 0) and the shares that describe their duplication."""
+    counts = Counter(normalise_whitespace(r["impression"]) for r in synthetic.iter_reports(n, seed=0))
+    values = sorted(counts.values(), reverse=True)
+    return len(counts), {
+        "reports_per_unique": n / len(counts),
+        "top_share": values[0] / n,  # the Zipf head: the commonest normal impression
+        "seen_once": sum(v == 1 for v in values) / len(values),
+        "in_prompts_of_10_or_more": sum(v for v in values if v >= 10) / n,
+    }
+
+
+def test_synthetic_corpus_reaches_100k_unique_prompts_with_the_small_corpus_shape():
+    # 246,000 reports gave 79,542 unique prompts before house styles: the single-finding phrasings ran out.
+    n = 100_000 * synthetic.REPORTS_PER_UNIQUE
+    unique, large = _duplication_shape(int(n))
+    assert unique >= 100_000
+    _, small = _duplication_shape(32_768)  # unstyled: the shape the generator was written to
+    assert large["reports_per_unique"] == pytest.approx(small["reports_per_unique"], rel=0.05)
+    for key in ("top_share", "seen_once", "in_prompts_of_10_or_more"):
+        assert large[key] == pytest.approx(small[key], abs=0.02), key
+
+
+def test_synthetic_styles_start_after_the_unstyled_blocks_and_grow_by_block():
+    assert [synthetic.n_styles(b) for b in range(synthetic.STYLED_FROM_BLOCK)] == [1] * synthetic.STYLED_FROM_BLOCK
+    assert synthetic.n_styles(synthetic.STYLED_FROM_BLOCK) == 1 + synthetic.STYLES_PER_BLOCK
+    start = synthetic.STYLED_FROM_BLOCK * synthetic.BLOCK
+    closes = tuple(c.strip() for c in synthetic._LEADS + synthetic._CLOSES if c)  # what a style adds
+    reports = synthetic.generate_reports(start + 2000, seed=0)
+    assert not any(c in r["impression"] for r in reports[:start] for c in closes)
+    styled = [r["impression"] for r in reports[start:]]
+    assert any(c in p for p in styled for c in closes)
+    assert not any(p in synthetic.NORMAL_IMPRESSIONS and any(c in p for c in closes) for p in styled)
+
+
 def test_synthetic_rates_are_honoured_and_checked():
     plain = synthetic.generate_reports(2000, seed=2, marker_rate=0.0, normal_share=0.0)
     assert not any(count_markers(r["impression"]) for r in plain)

@@ -11,6 +11,17 @@ reports draws from a handful of normal impressions with Zipf weights (the top on
 thousands of reports at 10K+), while abnormal impressions combine findings with sides, sizes,
 measurements and change phrases, so that most of them are unique.
 
+A corpus's phrasing grows with it, as a hospital's does over the years its reports span (more
+radiologists, more house styles): the first `STYLED_FROM_BLOCK` blocks are written in one style,
+and each later block brings `STYLES_PER_BLOCK` more (a lead-in and a closing sentence, up to
+`len(_LEADS) * len(_CLOSES)` styles), each abnormal report drawing its style uniformly from the
+styles its block has. Without this the single-finding impressions (a few thousand phrasings) are
+exhausted near 100K reports and the unique prompts saturate (246,000 reports gave 79,542); with it
+the reports per unique prompt stay near 2.5 up to 330K reports (`REPORTS_PER_UNIQUE`), with the
+same head and tail shares as at 32K (tests/test_corpus_text.py). Normal impressions
+never take a style, so the Zipf head is the same at every size; corpora of up to
+`STYLED_FROM_BLOCK * BLOCK` reports are exactly what they were before styles existed.
+
 Finding keywords appear only affirmatively, never negated, so that a phantom renderer can key on
 them: see `FINDING_KEYWORDS`.
 
@@ -27,6 +38,11 @@ from typing import Iterator
 import numpy as np
 
 BLOCK = 16384
+STYLED_FROM_BLOCK = 4  # blocks in the house style only: corpora up to 65,536 reports are unchanged
+STYLES_PER_BLOCK = 1  # styles each later block adds: 1 keeps reports per unique prompt near 2.46 (2 gave 2.27 at 330K)
+# Reports per unique prompt at the default rates, seed 0: 2.46 at 32K, 2.67 at 65K (the house style's
+# impressions spent, styles not yet grown), 2.54 at 131K, 2.47 at 250K, 2.45 at 330K; 2.5 asks enough from 250K on.
+REPORTS_PER_UNIQUE = 2.5
 
 NORMAL_IMPRESSIONS = (
     "No acute cardiopulmonary process.",
@@ -153,6 +169,27 @@ _MARKER_SUFFIXES = (
     " These findings were communicated to Dr. ___ by Dr. ___ at ___ on ___ by telephone.",
     " Change since ___ is minimal.",
 )
+# House styles: style s = (_LEADS[s % 8], _CLOSES[s // 8]); style 0 is the original phrasing.
+_LEADS = (
+    "",
+    "There is ",
+    "Again noted is ",
+    "Redemonstrated ",
+    "Radiographic findings of ",
+    "Chest radiograph shows ",
+    "Frontal and lateral views show ",
+    "Single view shows ",
+)
+_CLOSES = (
+    "",
+    " Clinical correlation is recommended.",
+    " Recommend follow-up radiograph after treatment.",
+    " Findings are similar to the outside study.",
+    " Please correlate clinically.",
+    " Consider repeat imaging if symptoms persist.",
+    " Assessment is limited by patient rotation.",
+    " Assessment is limited by low lung volumes.",
+)
 _TAILS = ("", "", " Otherwise, no acute cardiopulmonary process.", " No other acute abnormality.")
 
 _INDICATIONS = (
@@ -189,8 +226,13 @@ def _wrap(text: str, width: int = 76) -> str:
     return " " + "\n ".join(lines)
 
 
-def _impression(kinds: list[int], rolls: list[int], tail: int, numbered: bool) -> tuple[str, bool]:
-    """Abnormal impression from up to three finding slots; also whether a device is present."""
+def n_styles(block: int) -> int:
+    """House styles a block's abnormal reports draw from: 1 at first, then `STYLES_PER_BLOCK` more per block."""
+    return min(len(_LEADS) * len(_CLOSES), 1 + STYLES_PER_BLOCK * max(0, block - STYLED_FROM_BLOCK + 1))
+
+
+def _impression(kinds: list[int], rolls: list[int], tail: int, numbered: bool, style: int = 0) -> tuple[str, bool]:
+    """Abnormal impression from up to three finding slots in house style `style`; also whether a device is present."""
     seen, phrases, device = set(), [], False
     for kind, roll in zip(kinds, rolls):
         if kind in seen:
@@ -201,8 +243,10 @@ def _impression(kinds: list[int], rolls: list[int], tail: int, numbered: bool) -
     if numbered and len(phrases) > 1:
         body = "\n".join(f"{i}. {p}" for i, p in enumerate(phrases, 1))
     else:
+        lead = _LEADS[style % len(_LEADS)]  # a lead-in reads as one sentence with the first finding
         body = " ".join(phrases)
-    return body + _TAILS[tail], device
+        body = lead + body[0].lower() + body[1:] if lead else body
+    return body + _CLOSES[style // len(_LEADS)] + _TAILS[tail], device
 
 
 def _mark(impression: str, mode: int, roll: int) -> str:
@@ -244,6 +288,8 @@ def _block(seed: int, block: int, start: int, stop: int, marker_rate: float, nor
     marker_mode = rng.integers(0, 3, m).tolist()
     # One integer per report drives the small choices (tail, numbering, marker wording, header).
     misc = rng.integers(0, 1 << 30, m).tolist()
+    # Drawn last so that the draws above, and so the unstyled blocks, are what they were before styles.
+    style = (rng.integers(0, 1 << 30, m) % n_styles(block)).tolist()
 
     reports = []
     for j in range(start - block * BLOCK, stop - block * BLOCK):
@@ -254,7 +300,7 @@ def _block(seed: int, block: int, start: int, stop: int, marker_rate: float, nor
             findings = _NORMAL_FINDINGS[r % 3]
         else:
             k = n_findings[j]
-            impression, portable = _impression(kinds[j][:k], rolls[j][:k], r % 4, r // 4 % 5 < 2)
+            impression, portable = _impression(kinds[j][:k], rolls[j][:k], r % 4, r // 4 % 5 < 2, style[j])
             if marked[j]:
                 impression = _mark(impression, marker_mode[j], r // 20)
             findings = " ".join(_FINDINGS[kind](roll) for kind, roll in zip(kinds[j][:k], rolls[j][:k]))
