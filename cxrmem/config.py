@@ -117,6 +117,7 @@ class CascadeConfig:
     audit_seed: int = 0  # seed of the audit sample
     widen_factor: float = 2.0  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
     max_rounds: int = 4  # screen-check-widen rounds at most (the last one's result stands, its misses reported)
+    continue_trajectories: bool = True  # a later stage continues an earlier one's trajectories of the full score's seeds and schedule (in process; Ray restarts)
 
 
 @dataclass

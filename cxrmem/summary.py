@@ -157,6 +157,7 @@ class CascadeSection(Section):
     evaluations: dict  # screens, full, audit, total, per_prompt, audit_per_prompt, full_score_per_prompt
     audit: dict  # threshold, rejected, sample, misses, estimate, upper, missed_prompts_upper, evaluations
     verdict: str
+    continuation: dict = field(default_factory=dict)  # enabled, off_because, continued, evaluations_saved (cxrmem/stages/continuation.py)
 
 
 @dataclass

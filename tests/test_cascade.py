@@ -96,10 +96,16 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     assert one["screened"] == n and one["kept"] == math.ceil(n / 2) and two["screened"] == one["kept"] and two["kept"] == math.ceil(one["kept"] / 2)
     assert pq.read_table(layout.scores).num_rows == two["kept"]
     if len(section["rounds"]) == 1:  # otherwise a widened round rescored: the sums below hold for one round
+        # Stage 1's first-step d_mem runs the full score's trajectories (G = 1, T = 3, same seeds): stage 2
+        # continues them from step 1 and the full score from step 2, each survivor paying its remaining
+        # steps only (2 G per step, no shared first step) instead of G + 2 G (k - 1) per prompt and G per batch.
         first = n * (1 + 1) + math.ceil(n / 8) * 2  # first-step d_mem and latent_update (k = 1, shared: G per batch each)
-        second = one["kept"] * (1 + 2) + math.ceil(one["kept"] / 8)  # d_mem over 2 steps
+        second = one["kept"] * 2  # d_mem's step 2 only
         assert section["evaluations"]["screens"] == first + second
-        assert section["evaluations"]["full"] == two["kept"] * 5 + math.ceil(two["kept"] / 8)
+        assert section["evaluations"]["full"] == two["kept"] * 2  # step 3 only
+        saved = one["kept"] * 1 + math.ceil(one["kept"] / 8) + two["kept"] * 3 + math.ceil(two["kept"] / 8)
+        assert section["continuation"] == {"enabled": True, "off_because": None, "continued": one["kept"] + two["kept"], "evaluations_saved": saved}
+        assert (two["continued"], section["rounds"][0]["stages"][0]["continued"]) == (one["kept"], 0)
         assert section["audit"]["sample"] == 4
     assert main(["analyze", *overrides]) == 0
     analysis = json.loads(open(layout.summary).read())["analysis"]

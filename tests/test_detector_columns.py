@@ -86,7 +86,7 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
     screen_cost = REGISTRY["dmem"].cost(1, 1, True) + REGISTRY["anisotropy"].cost(1, 1, True)
     assert result["unet_evaluations_cascade"] == (
         len(screening) * screen_cost.per_prompt + math.ceil(len(screening) / 4) * screen_cost.per_batch
-        + len(full) * 5 + math.ceil(len(full) / 4) * 1  # the full d_mem: G + 2G(T - 1) per prompt, G per batch
+        + len(full) * 4  # the full d_mem continues the screen's first-step d_mem (same G, T, seeds): 2 G (T - 1) per prompt
     )
 
 

@@ -367,6 +367,7 @@ def test_cascade_on_ray_scores_the_survivors_as_in_process(driver_on_head, score
     one, two = section["rounds"][-1]["stages"]
     assert one["screened"] == section["corpus"] and two["screened"] == one["kept"]
     assert section["audit"]["sample"] == 6 and result["selected"] == two["kept"]
+    assert section["continuation"]["continued"] == 0 and "Ray" in section["continuation"]["off_because"]  # restarts on Ray
     scores = pq.read_table(RunLayout(str(output)).scores).to_pandas().set_index("prompt_id")
     reference = pq.read_table(scored_reference.scores).to_pandas().set_index("prompt_id").loc[scores.index]
     np.testing.assert_allclose(scores["d_mem"], reference["d_mem"], rtol=1e-4, atol=1e-6)

@@ -57,12 +57,27 @@ class Trajectory:
 
 
 @dataclass
+class Continuation:
+    """Where a batch's d_mem trajectories stand after the first k steps of the T-step schedule: enough to
+    run steps k..T instead of 1..T (the cascade, cxrmem/stages/continuation.py). d_mem over all T steps
+    is the mean of `step_norms` and the norms of the remaining steps, so nothing else is needed."""
+
+    latents: torch.Tensor  # [N, G, C, H, W] float32 CPU: x after k DDIM steps (the next step's input before scaling)
+    step_norms: torch.Tensor  # [N, G, k] float32 CPU: ||eps_c - eps_u|| of those k steps
+
+    @property
+    def steps(self) -> int:
+        return int(self.step_norms.shape[2])
+
+
+@dataclass
 class ScoreBatch:
     d_mem: np.ndarray  # [N] float32, NaN where nonfinite
     step_norms: np.ndarray  # [N, G, T] float32
     nonfinite: np.ndarray  # [N] bool
     n_tokens: np.ndarray  # [N] int
     truncated: np.ndarray  # [N] bool
+    latents: Optional[torch.Tensor] = None  # [N, G, C, H, W] float32 CPU after the scored steps (to continue from)
 
     @classmethod
     def empty(cls) -> "ScoreBatch":
@@ -184,6 +199,7 @@ class Scorer:
         shared_first_step: bool = False,
         token_scales: Optional[torch.Tensor] = None,
         keep_differences: bool = False,
+        start_step: int = 0,
     ) -> Trajectory:
         """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
 
@@ -193,11 +209,12 @@ class Scorer:
         and step [N, >= steps] (a guidance schedule). `token_scales` [N, L]: the conditional pass's
         cross-attention to each token re-scaled (cxrmem/scoring/attention.py, `rescale_attention`).
         The norm of each latent update is recorded too (the latent_update detector: free beside any
-        sampling).
+        sampling). `start_step` k: `latents` are x after the schedule's first k steps, and only steps
+        k..`steps` run (a continued trajectory: DDIM with eta 0 needs nothing but x and the schedule).
         """
         n, g = latents.shape[:2]
-        timesteps = self.timesteps(steps)
-        w = self._guidance_weights(guidance, n, g, len(timesteps))
+        timesteps = self.timesteps(steps)[start_step:]
+        w = self._guidance_weights(guidance, n, g, start_step + len(timesteps))
         x = latents.reshape(n * g, *latents.shape[2:]).to(self.device, torch.float32)
         if token_scales is not None and not self.shares_text:
             raise ValueError("attention re-scaling needs plain cross-attention layers; this UNet's are not")
@@ -211,7 +228,7 @@ class Scorer:
             x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
             if keep_inputs:
                 kept.append(x_in.float().reshape(latents.shape).cpu())
-            if i == 0 and shared_first_step:
+            if i == 0 and shared_first_step and start_step == 0:
                 eps_cond = self.predict_noise(x_in, t, cond, [(prompts_text, g)])
                 eps_uncond = self.predict_noise(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
             else:
@@ -220,7 +237,7 @@ class Scorer:
             norms.append(noise_norm(eps_cond, eps_uncond))
             if keep_differences:
                 differences.append((eps_cond.float() - eps_uncond.float()).reshape(latents.shape).cpu())
-            w_i = w[:, i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
+            w_i = w[:, start_step + i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w_i)
             x_next = self._scheduler.step(eps_guided, t, x).prev_sample
             updates.append((x_next - x).flatten(1).norm(dim=1))
@@ -285,23 +302,38 @@ class Scorer:
         return noise_norm(eps_cond, eps_uncond)
 
     # -- scoring --------------------------------------------------------------------------
-    def score(self, prompts: Sequence[str], prompt_ids: Sequence[str], steps: Optional[int] = None) -> ScoreBatch:
-        """d_mem and the [N, G, T] norms of a batch; `steps` (default: score.screening_steps) screens."""
-        steps = steps or self.settings.screening_steps
+    def score(
+        self, prompts: Sequence[str], prompt_ids: Sequence[str], steps: Optional[int] = None, start: Optional[Continuation] = None
+    ) -> ScoreBatch:
+        """d_mem and the [N, G, T] norms of a batch; `steps` (default: score.screening_steps) screens.
+
+        `start`: these prompts' trajectories after their first k <= steps steps under these settings'
+        seeds and schedule (a Continuation of an earlier `score`'s `latents` and norms); only the
+        remaining steps run and the result is the from-scratch one (to floating-point tolerance)."""
+        steps = steps or self.settings.screening_steps or self.settings.steps
         encoded = self.encode(prompts)
-        trajectory = self.sample(
-            encoded.embeddings,
-            self.initial_latents(prompt_ids),
-            steps=steps,
-            shared_first_step=self.settings.seed_mode == "shared",
-        )
-        score, nonfinite = d_mem(trajectory.step_norms)
+        if start is not None and start.steps > steps:
+            raise ValueError(f"a trajectory continued from step {start.steps} cannot be scored over {steps} steps")
+        if start is None:
+            latents, done, k = self.initial_latents(prompt_ids), None, 0
+        else:
+            latents, done, k = start.latents, start.step_norms, start.steps
+        if k < steps:
+            trajectory = self.sample(
+                encoded.embeddings, latents, steps=steps, shared_first_step=self.settings.seed_mode == "shared", start_step=k
+            )
+            norms, latents = trajectory.step_norms, trajectory.final_latents
+            norms = norms if done is None else torch.cat([done, norms], dim=2)
+        else:
+            norms = done  # the earlier stage ran every step asked for
+        score, nonfinite = d_mem(norms)
         return ScoreBatch(
             score.numpy().astype(np.float32),
-            trajectory.step_norms.numpy().astype(np.float32),
+            norms.numpy().astype(np.float32),
             nonfinite.numpy(),
             encoded.n_tokens,
             encoded.truncated,
+            latents.float(),
         )
 
     # -- images ---------------------------------------------------------------------------

@@ -21,13 +21,18 @@ bound (`stats.miss_rate`); times the rejected count it bounds the memorized prom
 have lost. Compute is counted in UNet sample evaluations as cxrmem/detectors.py declares them, per
 prompt of the corpus, with the audit's share apart.
 
-A later stage does not yet continue an earlier stage's trajectory (issue 21 item 1): each stage
-samples from x_T again. The runs' files do not keep latents (a RadEdit latent of G = 4 is 256 KB per
-prompt); continuing needs them written beside the stage's scores.
+In this process a later stage continues the trajectories of an earlier one that ran the first k steps
+of the full score's (same T, G, seeds and guidance: cxrmem/stages/continuation.py): it starts from the
+latents after step k and the k norms already computed, so the full d_mem of a survivor costs its
+remaining steps only and is the from-scratch score; the evaluations counted are those actually spent
+(`evaluations` less what the carry saved; summary.json["cascade"]["continuation"] gives the saving).
+`cascade.continue_trajectories` = false restarts every stage. On Ray every stage restarts from x_T
+(the latents stay in the driver's memory, which the actors do not see).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -40,7 +45,9 @@ from cxrmem import stats, storage
 from cxrmem.config import with_overrides
 from cxrmem.detectors import REGISTRY, Cost, screen_top
 from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.scoring.scorer import ScoreSettings
 from cxrmem.stages import score
+from cxrmem.stages.continuation import TrajectoryCarry
 from cxrmem.storage import Store
 from cxrmem.summary import CascadeSection
 
@@ -66,6 +73,8 @@ class StageRun:
     screened: int
     kept: int
     evaluations: int  # UNet sample evaluations spent in this round (prompts resumed from a round before cost none)
+    continued: int = 0  # prompts that continued an earlier stage's trajectories (none with the carry off or on Ray)
+    saved: int = 0  # evaluations those prompts did not spend again
 
 
 @dataclass
@@ -145,17 +154,25 @@ def _stage_dir(layout: RunLayout, index: int) -> str:
     return storage.join(layout.prefix, CASCADE_DIR, "screening" if index == 0 else f"screening{index}")
 
 
-def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]) -> tuple[str, list[StageRun], dict]:
+def _executor(batches, carry: TrajectoryCarry | None):
+    return batches if carry is None else functools.partial(batches, carry=carry)
+
+
+def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage], carry: TrajectoryCarry | None = None) -> tuple[str, list[StageRun], dict]:
     """Every stage on the survivors of the one before: (the last survivors' file, the stage runs,
-    prompt_id -> index of the stage that rejected it)."""
+    prompt_id -> index of the stage that rejected it). `carry`: the trajectories carried between stages
+    (in process; None: every stage restarts)."""
     layout = RunLayout(cfg.run.output)
     input_uri, runs, rejected_at = layout.prompts, [], {}
     for i, stage in enumerate(stages):
         out = _stage_dir(layout, i)
         stage_cfg = stage_config(cfg, out, stage)
-        scored = score.run(stage_cfg, store, fingerprint, batches, prompts_uri=input_uri, what=f"screened (stage {i + 1}, {stage.screen})")
         inputs = _ids(store, input_uri)
         column = stage_column(stage.screen)
+        if carry is not None:
+            carry.begin_stage(stats.top_k(len(inputs), stage.keep_percent), stage.screen, column)
+        what = f"screened (stage {i + 1}, {stage.screen})"
+        scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what)
         table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
         chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
@@ -163,8 +180,11 @@ def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]
         kept_uri = storage.join(layout.prefix, CASCADE_DIR, f"kept{i}.parquet")
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
-        spent = evaluations(screening_cost(stage_cfg), scored["computed"], cfg.score.batch_size)
-        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent))
+        continued, saved = (0, 0) if carry is None else (carry.continued, carry.saved)
+        spent = evaluations(screening_cost(stage_cfg), scored["computed"], cfg.score.batch_size) - saved
+        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent, continued, saved))
+        if carry is not None:
+            carry.end_stage(chosen.tolist())
         log.info("cascade stage %d (%s, keep %.3g%%): %d of %d prompts pass", i + 1, stage.screen, stage.keep_percent, kept.num_rows, table.num_rows)
         input_uri = kept_uri
     return input_uri, runs, rejected_at
@@ -218,23 +238,35 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist())}
 
 
-def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
+def run_cascade(
+    cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches, carry_trajectories: bool = True
+) -> dict:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
-    `batches` is the executor: in this process by default, Ray's actor pool from cxrmem/distributed/cascade.py."""
+    `batches` is the executor: in this process by default, Ray's actor pool from cxrmem/distributed/cascade.py.
+    `carry_trajectories`: whether the executor takes a `carry` (the in-process one does; Ray's does not)."""
     layout = RunLayout(cfg.run.output)
     stages = plan(cfg)
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
     rounds, spent = [], {"screens": 0, "full": 0, "audit": 0}
+    carrying = carry_trajectories and cfg.cascade.continue_trajectories
+    why_not = "cascade.continue_trajectories = false" if carry_trajectories else "on Ray every stage restarts from x_T"
+    continuation = {"enabled": carrying, "off_because": None if carrying else why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
-        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages)
-        full = score.run(cfg, store, fingerprint, batches, prompts_uri=final_uri, what="fully scored")
+        carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
+        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages, carry)
+        if carry is not None:
+            carry.begin_stage()
+        full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored")
+        full_saved = 0 if carry is None else carry.saved
         checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
-        spent["full"] += evaluations(full_cost, full["computed"], cfg.score.batch_size)
+        spent["full"] += evaluations(full_cost, full["computed"], cfg.score.batch_size) - full_saved
         spent["audit"] += check["evaluations"]
+        continuation["continued"] += sum(s.continued for s in stage_runs) + (0 if carry is None else carry.continued)
+        continuation["evaluations_saved"] += sum(s.saved for s in stage_runs) + full_saved
         if not checked.misses:
             break
         log.warning(
@@ -246,6 +278,7 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
             for i in checked.missed_by_stage:
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"])
+    section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     write_sections(store, layout, section)
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
     return {

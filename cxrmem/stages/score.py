@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 ScoredBatches = Callable[[object, Store, str, str, pa.Array], Iterator[pa.Table]]
 
 
-def local_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array) -> Iterator[pa.Table]:
-    """Scored batches from one ModelWorker in this process."""
+def local_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None) -> Iterator[pa.Table]:
+    """Scored batches from one ModelWorker in this process; `carry`: trajectories it continues (the cascade,
+    cxrmem/stages/continuation.py)."""
     prompts = store.read_table(prompts_uri, columns=["prompt_id", "prompt"])
     if len(skip_ids):
         prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
-    worker = ModelWorker(cfg, store, fingerprint)
+    worker = ModelWorker(cfg, store, fingerprint, carry=carry)
     for lo in range(0, prompts.num_rows, cfg.score.batch_size):
         yield worker(prompts.slice(lo, cfg.score.batch_size))
 

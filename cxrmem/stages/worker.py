@@ -18,6 +18,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -110,7 +111,11 @@ def scores_table(
 class ModelWorker:
     """One model replica: tokenizer, text encoder and UNet (and the VAE if asked), loaded once."""
 
-    def __init__(self, cfg, store: Store, fingerprint: str = "", need_vae: bool = False, torch_threads: Optional[int] = None):
+    def __init__(
+        self, cfg, store: Store, fingerprint: str = "", need_vae: bool = False, torch_threads: Optional[int] = None, carry=None
+    ):
+        """`carry`: a cxrmem/stages/continuation.py TrajectoryCarry whose trajectories this worker continues
+        and keeps (the cascade in this process); None: every trajectory starts at x_T."""
         import torch
 
         from cxrmem.models.loading import load_components
@@ -128,6 +133,7 @@ class ModelWorker:
         self.fidelity_settings = FidelitySettings.of(cfg.fidelity)
         self._fidelity: object = False  # the fidelity measure, loaded by the first call that needs it (None: none set)
         self.detectors, self.detect = tuple(cfg.score.detectors), DetectorSettings.of(cfg.detect)
+        self.carry = carry if carry is not None and carry.matches(self.scorer.settings) else None  # other trajectories: restart
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -137,12 +143,37 @@ class ModelWorker:
         tables = []
         for lo in range(0, len(ids), self.batch_size):
             chunk_ids, chunk = ids[lo : lo + self.batch_size], prompts[lo : lo + self.batch_size]
-            scored = self.scorer.score(chunk, chunk_ids)
-            detected = self.detected(chunk, chunk_ids)
-            tables.append(scores_table(chunk_ids, chunk, scored, self.fingerprint, self.config_hash, detected))
+            if self.carry is None:
+                scored = self.scorer.score(chunk, chunk_ids)
+                tables.append(scores_table(chunk_ids, chunk, scored, self.fingerprint, self.config_hash, self.detected(chunk, chunk_ids)))
+            else:
+                tables += self.continued(chunk_ids, chunk)
         if not tables:
             return scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))
         return pa.concat_tables(tables)
+
+    def continued(self, ids: list[str], prompts: list[str]) -> list[pa.Table]:
+        """One batch's rows with the carry: its prompts grouped by the step their carried trajectories
+        reached (None: from x_T), each group scored from there and its states offered to the carry. The
+        detectors run on the whole batch once, as without a carry (their shared passes per batch)."""
+        from cxrmem.stages.continuation import continuation
+
+        settings = self.scorer.settings
+        starts = self.carry.starts(ids, settings.screening_steps or settings.steps)
+        detected = self.detected(prompts, ids)
+        groups: dict = {}
+        for i, state in enumerate(starts):
+            groups.setdefault(None if state is None else state.steps, []).append(i)
+        tables = []
+        for k, rows in groups.items():
+            sub_ids, sub_prompts = [ids[i] for i in rows], [prompts[i] for i in rows]
+            start = None if k is None else continuation([starts[i] for i in rows])
+            scored = self.scorer.score(sub_prompts, sub_ids, start=start)
+            columns = {name: np.asarray(values)[rows] for name, values in detected.items()}
+            table = scores_table(sub_ids, sub_prompts, scored, self.fingerprint, self.config_hash, columns)
+            self.carry.keep(sub_ids, scored, table[self.carry.column].to_numpy(zero_copy_only=False))
+            tables.append(table)
+        return tables
 
     def detected(self, prompts: list[str], prompt_ids: list[str]) -> dict:
         """The columns of score.detectors, in the order they are named (empty ones for no prompts)."""
