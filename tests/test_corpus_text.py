@@ -82,27 +82,51 @@ def test_synthetic_duplicates_are_heavy_tailed():
     assert marked == pytest.approx(0.65 * 0.3, abs=0.02)  # marker_rate of the abnormal share
 
 
-def _duplication_shape(n: int) -> tuple[int, dict]:
-    """Unique prompts of the first n reports (seed 0) and the shares that describe their duplication."""
-    counts = Counter(normalise_whitespace(r["impression"]) for r in synthetic.iter_reports(n, seed=0))
-    values = sorted(counts.values(), reverse=True)
-    return len(counts), {
-        "reports_per_unique": n / len(counts),
-        "top_share": values[0] / n,  # the Zipf head: the commonest normal impression
-        "seen_once": sum(v == 1 for v in values) / len(values),
-        "in_prompts_of_10_or_more": sum(v for v in values if v >= 10) / n,
-    }
+def _shapes(sizes: list[int]) -> dict[int, tuple[int, dict]]:
+    """For each prefix size n of one seed-0 corpus: its unique prompts and the shares that describe their duplication."""
+    counts, out = Counter(), {}
+    for i, report in enumerate(synthetic.iter_reports(max(sizes), seed=0), 1):
+        counts[normalise_whitespace(report["impression"])] += 1
+        if i in sizes:
+            values = sorted(counts.values(), reverse=True)
+            out[i] = (len(counts), {
+                "reports_per_unique": i / len(counts),
+                "top_share": values[0] / i,  # the Zipf head: the commonest normal impression
+                "seen_once": sum(v == 1 for v in values) / len(values),
+                "in_prompts_of_10_or_more": sum(v for v in values if v >= 10) / i,
+            })
+    return out
 
 
-def test_synthetic_corpus_reaches_100k_unique_prompts_with_the_small_corpus_shape():
-    # 246,000 reports gave 79,542 unique prompts before house styles: the single-finding phrasings ran out.
-    n = 100_000 * synthetic.REPORTS_PER_UNIQUE
-    unique, large = _duplication_shape(int(n))
-    assert unique >= 100_000
-    _, small = _duplication_shape(32_768)  # unstyled: the shape the generator was written to
+def _assert_same_shape(large: dict, small: dict) -> None:
     assert large["reports_per_unique"] == pytest.approx(small["reports_per_unique"], rel=0.05)
     for key in ("top_share", "seen_once", "in_prompts_of_10_or_more"):
         assert large[key] == pytest.approx(small[key], abs=0.02), key
+
+
+def test_synthetic_unique_prompts_grow_linearly_past_the_unstyled_blocks():
+    """Before house styles, 246,000 reports gave 79,542 unique prompts: the single-finding phrasings ran out.
+    Now each block past the unstyled ones brings a fresh style (n_styles grows by one a block up to 64
+    styles, block 66, past 1M reports), so new prompts keep coming at the rate of the first styled
+    blocks: that rate, from 98,304 reports on, reaches the 100K unique prompts that 100K x
+    REPORTS_PER_UNIQUE reports must give (measured: 101,121; the full check is the slow test below)."""
+    unstyled = synthetic.STYLED_FROM_BLOCK * synthetic.BLOCK
+    n = unstyled + 2 * synthetic.BLOCK
+    shapes = _shapes([unstyled, n])
+    rate = (shapes[n][0] - shapes[unstyled][0]) / (n - unstyled)  # new unique prompts per report, blocks 4-5
+    assert rate >= 1 / synthetic.REPORTS_PER_UNIQUE
+    assert shapes[n][0] + rate * (100_000 * synthetic.REPORTS_PER_UNIQUE - n) >= 100_000
+    assert all(synthetic.n_styles(b + 1) - synthetic.n_styles(b) == synthetic.STYLES_PER_BLOCK for b in range(3, 60))
+
+
+@pytest.mark.slow
+def test_synthetic_corpus_reaches_100k_unique_prompts_with_the_small_corpus_shape():
+    """100K x REPORTS_PER_UNIQUE reports give 100K unique prompts, duplicated as 32K reports' are
+    (5 s on an idle core, 14 s under load: marked slow)."""
+    n = int(100_000 * synthetic.REPORTS_PER_UNIQUE)
+    shapes = _shapes([32_768, n])
+    assert shapes[n][0] >= 100_000
+    _assert_same_shape(shapes[n][1], shapes[32_768][1])
 
 
 def test_synthetic_styles_start_after_the_unstyled_blocks_and_grow_by_block():

@@ -16,7 +16,9 @@ the number the stage keeps (`stats.top_k` of its inputs), so memory is bounded b
 the corpus (a RadEdit-shaped latent at G = 4 is 4 x 4 x 64 x 64 float32 = 256 KB per prompt: 1.3 GB
 for 5,000 survivors). After the stage only its survivors' states are kept. A survivor without a state
 (resumed from an earlier round's part files, tied past the capacity, or screened under other settings)
-restarts from x_T: the carry saves work, it never changes a score.
+restarts from x_T: the carry saves work, it never changes a score. A carry lives for one round of the
+cascade: after a widening, the new survivors of a resumed screen restart (part files hold no latents),
+and the audit sample (rejected prompts) always restarts.
 
 On Ray the stages restart (cxrmem/distributed/cascade.py): carrying latents would mean shipping 256 KB
 per survivor through the object store, or writing them beside the stage's scores for the next stage's
