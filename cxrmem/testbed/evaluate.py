@@ -155,13 +155,17 @@ def nearest_distances(images: torch.Tensor, own: torch.Tensor, frame: pd.DataFra
     }
 
 
-def score_and_generate(scorer: Scorer, prompts: list[str], batch_size: int, shared: bool, guidance=None):
-    """Step norms [N, G, T] and final images [N, G, 1, H, W] in [0, 1], at `guidance` (None: the configured w)."""
+def score_and_generate(scorer: Scorer, prompts: list[str], batch_size: int, shared: bool, guidance=None, ids=None):
+    """Step norms [N, G, T] and final images [N, G, 1, H, W] in [0, 1], at `guidance` (None: the configured w).
+
+    The initial noise is seeded by `ids` (default: each prompt's own id), so that two texts of one
+    prompt can start from the same noise."""
+    ids = [prompt_id(p) for p in prompts] if ids is None else list(ids)
     norms, images = [], []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         encoded = scorer.encode(batch)
-        latents = scorer.initial_latents([prompt_id(p) for p in batch])
+        latents = scorer.initial_latents(ids[start : start + batch_size])
         trajectory = scorer.sample(encoded.embeddings, latents, guidance=guidance, shared_first_step=shared)
         norms.append(trajectory.step_norms)
         final = trajectory.final_latents
