@@ -47,8 +47,9 @@ from scipy.stats import binomtest  # noqa: E402
 from cxrmem.attribution import AttributionSettings, attribute_prompts, null_comparison, with_null  # noqa: E402
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.copies.embedders import EmbedderSettings, PixelEmbedder  # noqa: E402
-from cxrmem.copies.evidence import calibrate_threshold  # noqa: E402
-from cxrmem.corpus.text import compile_marker_regex, count_markers, prompt_id  # noqa: E402
+from cxrmem.copies.evidence import calibrate_threshold, similarity_stats  # noqa: E402
+from cxrmem.copies.find import CopiesSettings, search  # noqa: E402
+from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, prompt_id  # noqa: E402
 from cxrmem.models.components import null_copy  # noqa: E402
 from cxrmem.models.loading import load_components  # noqa: E402
 from cxrmem.scoring.dmem import d_mem  # noqa: E402
@@ -70,23 +71,9 @@ GROUPS = {"with marker": True, "without marker": False}
 log = logging.getLogger("retrained")
 
 
-def strip_markers(prompt: str, marker_regex: str) -> str:
-    return " ".join(compile_marker_regex(marker_regex).sub(" ", prompt).split())
-
-
 def proportion(k: int, n: int) -> dict:
     ci = binomtest(k, n).proportion_ci(0.95, method="exact") if n else None
     return {"k": int(k), "n": int(n), "rate": k / n if n else None, "ci": [ci.low, ci.high] if ci else None}
-
-
-def best_similarity(embedder, generated: torch.Tensor, index: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt of generated [N, G, 1, H, W]: the best generation's max cosine similarity and its nearest row."""
-    n, g = generated.shape[:2]
-    sims = embedder(generated.flatten(0, 1)) @ index.T  # [N*G, images]
-    best, rows = sims.max(dim=1)
-    best, rows = best.reshape(n, g), rows.reshape(n, g)
-    pick = best.argmax(dim=1)
-    return best.max(dim=1).values.numpy(), rows[torch.arange(n), pick].numpy()
 
 
 def measure(label: str, config: str, query: str, steps: int) -> dict:
@@ -99,7 +86,9 @@ def measure(label: str, config: str, query: str, steps: int) -> dict:
     frame = evaluation_prompts(manifest, tb.eval_unique, tb.seed)
     frame = frame[frame.kind != "template"]
     frame = frame.assign(has_marker=[count_markers(p, marker_regex) > 0 for p in frame.prompt])
-    queries = [strip_markers(p, marker_regex) if query == "stripped" else p for p in frame.prompt]
+    pattern = compile_marker_regex(marker_regex)
+    # "stripped" deletes the markers as the no_markers training variant did (testbed/dataset.py).
+    queries = [delete_markers(p, pattern) if query == "stripped" else p for p in frame.prompt]
 
     components = load_components(cfg.model)
     settings = ScoreSettings.of(cfg.score)
@@ -112,13 +101,15 @@ def measure(label: str, config: str, query: str, steps: int) -> dict:
     scores, _ = d_mem(norms)
     scores = scores.numpy()
 
+    # The copies stage's search and copy rule, on every prompt's training image as the index.
     embedder = PixelEmbedder(EmbedderSettings(name="pixel", size=32))
-    index = embedder(own_images)
-    similarity, nearest = best_similarity(embedder, conditional, index)
+    queries_embedded = embedder(conditional.flatten(0, 1)).reshape(*conditional.shape[:2], -1)
+    sims, rows = search(queries_embedded, embedder(own_images), CopiesSettings(top_k=1))
     kind, planted, marked = frame.kind.to_numpy(), frame.planted.to_numpy(), frame.has_marker.to_numpy()
-    threshold = calibrate_threshold(similarity[kind == "unique"], 0.99)
-    is_copy = similarity > threshold.value
-    own = nearest == frame.index.to_numpy()
+    threshold = calibrate_threshold(similarity_stats(sims)["max_similarity"][kind == "unique"], 0.99)
+    best = similarity_stats(sims, threshold.value)
+    is_copy = best["is_copy"]
+    own = rows[np.arange(len(rows)), best["best_generation"], 0] == frame.index.to_numpy()
     negatives = scores[kind == "unique"]
 
     groups = {}
