@@ -6,10 +6,9 @@
    resumable: all but `--memory-scored` prompts are already in part files (written by this
    parent process, not the measured driver), so the driver does everything a 100K-prompt run
    asks of it (done set, anti-join, streaming, k-way consolidation of every row, the d_mem
-   column for the analysis) while scoring only a few prompts on these CPUs;
-3. cascade: the share of the full score's top 1% that a k-step screen of the top q% recovers,
-   and the UNet evaluations it saves, on `--cascade-model` (the testbed if built, with its
-   planted prompts) or the tiny model.
+   column for the analysis) while scoring only a few prompts on these CPUs.
+
+The cascade's recall against its cost is bench/cascade_frontier.py's.
 """
 
 from __future__ import annotations
@@ -197,58 +196,6 @@ def measure_driver(args, run: str, model: str) -> None:
     )
 
 
-# ---------------------------------------------------------------- 3. cascade
-
-
-def cascade(args, model: str) -> dict:
-    """One full trajectory per prompt gives both scores: the screen is the mean of its first k steps."""
-    import torch
-
-    from cxrmem.detectors import screen_recall
-    from cxrmem.stages.cascade import cascade_cost, dmem_cost
-    from cxrmem.models.loading import load_components
-    from cxrmem.scoring.scorer import Scorer, ScoreSettings
-
-    manifest = os.path.join(model, "manifest.csv")
-    if os.path.isfile(manifest):
-        import pandas as pd
-
-        prompts = pd.read_csv(manifest)["prompt"].drop_duplicates().tolist()
-        source = manifest
-    else:
-        from cxrmem.corpus.synthetic import generate_reports
-
-        prompts = list(dict.fromkeys(r["impression"] for r in generate_reports(args.cascade_prompts * 3, seed=1)))
-        prompts, source = prompts[: args.cascade_prompts], "synthetic impressions"
-    from cxrmem.corpus.text import prompt_id
-
-    torch.set_num_threads(args.cpus)
-    cfg = load_config(None, [f"model.path={model}", f"score.steps={args.cascade_steps}", f"score.generations={args.generations}"])
-    scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
-    norms = np.concatenate(
-        [
-            scorer.score(prompts[lo : lo + 16], [prompt_id(p) for p in prompts[lo : lo + 16]]).step_norms
-            for lo in range(0, len(prompts), 16)
-        ]
-    )
-    full = norms.mean(axis=(1, 2))
-    rows = []
-    for k in args.cascade_k:
-        screen = norms[:, :, :k].mean(axis=(1, 2))
-        for q in args.cascade_q:
-            selected = int(np.ceil(q / 100 * len(prompts)))
-            cost = cascade_cost(len(prompts), selected, dmem_cost(cfg.score, k), dmem_cost(cfg.score, cfg.score.steps), 16)
-            rows.append(
-                {
-                    "k": k,
-                    "q_percent": q,
-                    "top1_recovered": round(screen_recall(full, screen, "dmem", 1.0, q), 3),
-                    "compute_saved": round(cost["compute_saved"], 3),
-                }
-            )
-    return {"model": model, "prompts": len(prompts), "source": source, "steps": cfg.score.steps, "rows": rows}
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -264,12 +211,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per UNet call (x4 per Ray batch)")
     parser.add_argument("--memory-sizes", default="1000,100000", help="corpus sizes of the driver-memory runs")
     parser.add_argument("--memory-scored", type=int, default=1000, help="prompts actually scored in each memory run")
-    parser.add_argument("--cascade-model", help="model of the cascade evaluation (default: testbed/model if built, else --model)")
-    parser.add_argument("--cascade-prompts", type=int, default=200, help="synthetic prompts when the model has no manifest")
-    parser.add_argument("--cascade-steps", type=int, default=10)
-    parser.add_argument("--cascade-k", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument("--cascade-q", type=float, nargs="+", default=[5.0, 10.0, 20.0])
-    parser.add_argument("--only", choices=["throughput", "memory", "cascade"], action="append")
+    parser.add_argument("--only", choices=["throughput", "memory"], action="append")
     parser.add_argument("--measure-driver", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -284,7 +226,7 @@ def main() -> None:
         from cxrmem.models.tiny import build_tiny_model
 
         model = build_tiny_model(os.path.join(work, "tiny"), tokenizer_texts(), seed=0)
-    only = set(args.only or ["throughput", "memory", "cascade"])
+    only = set(args.only or ["throughput", "memory"])
     if "throughput" in only:
         t = throughput(args, model, work)
         print(f"\nthroughput, {t['prompts']} prompts, {args.cpus} CPU threads, steps={args.steps}, G={args.generations}")
@@ -301,13 +243,6 @@ def main() -> None:
             print(f"  {m['prompts']:>8} prompts: RSS after ray.init {m['driver_rss_after_ray_init_mb']:>7.1f} MB,"
                   f" peak during the run {m['driver_peak_rss_mb_since_init']:>7.1f} MB"
                   f" (lifetime peak {m['driver_peak_rss_mb_lifetime']:.1f} MB; {m['rows_consolidated']} rows consolidated)")
-    if "cascade" in only:
-        cascade_model = args.cascade_model or ("testbed/model" if os.path.isfile("testbed/model/model_index.json") else model)
-        c = cascade(args, cascade_model)
-        print(f"\ncascade on {c['model']} ({c['prompts']} prompts from {c['source']}, T={c['steps']})")
-        print(f"  {'k':>3} {'q %':>6} {'top-1% recovered':>18} {'UNet evals saved':>18}")
-        for row in c["rows"]:
-            print(f"  {row['k']:>3} {row['q_percent']:>6g} {row['top1_recovered']:>18.3f} {row['compute_saved']:>18.3f}")
 
 
 if __name__ == "__main__":

@@ -106,18 +106,20 @@ class CascadeStage:
     generations: Optional[int] = None  # G of the screen (None: score.generations, so the full score can share its noises)
 
 
+def default_stages() -> list:
+    """The cascade measured at G=4, T=50 on both committed testbeds (bench/RESULTS.md, "Cascade frontier")."""
+    return [CascadeStage("dmem", 10.0, 1, 1), CascadeStage("dmem", 20.0, 5, None)]
+
+
 @dataclass
 class CascadeConfig:
-    enabled: bool = False  # screen every prompt with the first k steps, then fully score only the top share
-    screening_steps: int = 5  # k: steps of the screening pass when cascade.screen = dmem
-    top_percent: float = 10.0  # q: share of prompts (by screening score) that get the full score
-    screen: str = "dmem"  # screening detector (REGISTRY name): dmem screens with the first screening_steps of d_mem, others with their own column
-    stages: List[CascadeStage] = field(default_factory=list)  # screens in order, each scoring the previous one's survivors; empty: one stage from screen / screening_steps / top_percent
+    enabled: bool = False  # screen every prompt through cascade.stages, then fully score only the last stage's survivors
+    stages: List[CascadeStage] = field(default_factory=default_stages)  # screens in order, each scoring the previous one's survivors (default: measured at T=50, G=4)
     audit_sample: int = 0  # rejected prompts fully scored to check the cascade (seeded random sample; 0: no check)
     audit_seed: int = 0  # seed of the audit sample
     widen_factor: float = 2.0  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
     max_rounds: int = 4  # screen-check-widen rounds at most (the last one's result stands, its misses reported)
-    continue_trajectories: bool = True  # a later stage continues an earlier one's trajectories of the full score's seeds and schedule (in process; Ray restarts)
+    continue_trajectories: bool = True  # a later stage continues an earlier one's trajectories of the full score's seeds and schedule (in process and on Ray)
 
 
 @dataclass
@@ -365,8 +367,6 @@ RULES = {
     "detect.steps": POSITIVE,
     "detect.anisotropy_weight": NON_NEGATIVE,
     "detect.low_timestep": NON_NEGATIVE,
-    "cascade.screening_steps": POSITIVE,
-    "cascade.top_percent": (_percent, "in (0, 100]"),
     "cascade.audit_sample": NON_NEGATIVE,
     "cascade.audit_seed": NON_NEGATIVE,
     "cascade.widen_factor": (lambda v: v > 1, "above 1"),
@@ -528,8 +528,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_covariates(cfg)
     if cfg.score.screening_steps is not None and cfg.score.screening_steps > cfg.score.steps:
         raise ConfigError("config key 'score.screening_steps' must not exceed score.steps")
-    if cfg.cascade.enabled and not cfg.cascade.stages and cfg.cascade.screening_steps >= cfg.score.steps:
-        raise ConfigError("config key 'cascade.screening_steps' must be below score.steps (the full score)")
     if cfg.corpus.source in ("mimic_reports", "table") and not cfg.corpus.path:
         raise ConfigError(f"config key 'corpus.path' is required when corpus.source={cfg.corpus.source}")
     if cfg.model.radedit.trust_remote_code and not cfg.model.radedit.text_revision:
@@ -550,16 +548,18 @@ def _validate_detectors(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'score.detectors': {name!r} is not one of {list(REGISTRY)}")
     if len(set(names)) < len(names):
         raise ConfigError(f"config key 'score.detectors': {names} names a detector twice")
-    if cfg.cascade.screen not in REGISTRY:
-        raise ConfigError(f"config key 'cascade.screen': {cfg.cascade.screen!r} is not one of {list(REGISTRY)}")
+    if cfg.cascade.enabled and not cfg.cascade.stages:
+        raise ConfigError("config key 'cascade.stages' is empty: list at least one screen, or set cascade.enabled=false")
     for i, stage in enumerate(cfg.cascade.stages):
         key = f"cascade.stages[{i}]"
         if stage.screen not in REGISTRY:
             raise ConfigError(f"config key '{key}.screen': {stage.screen!r} is not one of {list(REGISTRY)}")
         if not _percent(stage.keep_percent):
             raise ConfigError(f"config key '{key}.keep_percent': {stage.keep_percent!r} must be in (0, 100]")
-        if not 0 < stage.steps < cfg.score.steps:
-            raise ConfigError(f"config key '{key}.steps': {stage.steps!r} must be positive and below score.steps ({cfg.score.steps})")
+        if stage.steps < 1:
+            raise ConfigError(f"config key '{key}.steps': {stage.steps!r} must be positive")
+        if cfg.cascade.enabled and stage.steps >= cfg.score.steps:  # the defaults are for T=50: a shorter schedule sets its own stages
+            raise ConfigError(f"config key '{key}.steps': {stage.steps!r} must be below score.steps ({cfg.score.steps}); set cascade.stages for this schedule")
         if not _optional_positive(stage.generations):
             raise ConfigError(f"config key '{key}.generations': {stage.generations!r} must be null or positive")
 

@@ -48,7 +48,13 @@ def test_stage_keys_fail_fast():
     with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].keep_percent'"):
         load_config(None, [STAGES % 0])
     with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].steps'"):
-        load_config(None, ["score.steps=3", "cascade.stages=[{screen: dmem, keep_percent: 5, steps: 3}]"])
+        load_config(None, ["score.steps=3", "cascade.enabled=true", "cascade.stages=[{screen: dmem, keep_percent: 5, steps: 3}]"])
+    # The default stages are for T=50: a shorter schedule loads, but cannot run them
+    assert load_config(None, ["score.steps=3"]).cascade.stages[-1].steps >= 3
+    with pytest.raises(ConfigError, match=r"'cascade.stages\[\d\].steps'.*below score.steps \(3\); set cascade.stages"):
+        load_config(None, ["score.steps=3", "cascade.enabled=true"])
+    with pytest.raises(ConfigError, match="'cascade.stages' is empty"):
+        load_config(None, ["cascade.enabled=true", "cascade.stages=[]"])
     with pytest.raises(ConfigError, match="'cascade.widen_factor'"):
         load_config(None, ["cascade.widen_factor=1"])
 

@@ -140,3 +140,43 @@ def test_continue_trajectories_is_a_boolean_key():
     with pytest.raises(ConfigError, match="continue_trajectories"):
         load_config(None, ["cascade.continue_trajectories=maybe"])
     assert load_config(None, []).cascade.continue_trajectories is True
+
+
+def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir, tmp_path):
+    """The Ray path without Ray: the driver's carry puts the states in the block, a CarriedWorker continues
+    from them and sends back the states it made; the screen and the full score agree with the in-process
+    worker that holds the carry itself, and count the same continued prompts and saved evaluations."""
+    import pyarrow as pa
+
+    from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryState
+    from cxrmem.stages.worker import CarriedWorker, ModelWorker
+
+    cfg = load_config(None, [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu",
+                             "score.steps=4", "score.generations=2", "score.batch_size=2"])
+    screen_cfg = cascade.stage_config(cfg, str(tmp_path / "screen"), cascade.Stage("dmem", 50, 2, 2))
+    block = pa.table({"prompt_id": IDS, "prompt": PROMPTS})
+    full = ScoreSettings.of(cfg.score)
+    local, riding = TrajectoryCarry(full), TrajectoryCarry(full)
+    tables = {}
+    for name, stage_cfg in (("screen", screen_cfg), ("full", cfg)):
+        capacity = len(IDS) if name == "screen" else 0
+        local.begin_stage(capacity)
+        riding.begin_stage(capacity)
+        here = ModelWorker(stage_cfg, Store(), carry=local)(block)
+        steps = stage_cfg.score.screening_steps or stage_cfg.score.steps
+        sent = riding.with_states(block, steps, cfg.score.batch_size)
+        assert sent[STATE_COLUMN].null_count == (len(IDS) if name == "screen" else 0)
+        back = CarriedWorker(stage_cfg, Store(), **riding.worker_kwargs())(sent)
+        assert back[STATE_COLUMN].null_count == (0 if name == "screen" else len(IDS))  # states made by a screen only
+        tables[name] = (here.sort_by("prompt_id"), riding.receive(back).sort_by("prompt_id"))
+        assert (riding.continued, riding.saved) == (local.continued, local.saved)
+        local.end_stage(IDS)
+        riding.end_stage(IDS)
+        if name == "screen":
+            assert sorted(riding.states) == sorted(local.states) == sorted(IDS)
+            a, b = riding.states[IDS[1]], TrajectoryState.from_bytes(local.states[IDS[1]].to_bytes())
+            assert torch.equal(a.latents, b.latents) and a.steps == b.steps == 2
+    assert riding.continued == len(IDS) and riding.saved > 0
+    for here, there in tables.values():
+        assert STATE_COLUMN not in there.column_names and here.column_names == there.column_names
+        np.testing.assert_allclose(there["d_mem"].to_numpy(), here["d_mem"].to_numpy(), rtol=RTOL, atol=ATOL)

@@ -34,8 +34,8 @@ def test_detector_keys_are_validated_and_keyed_only_when_set():
         load_config(None, ["score.detectors=[entropy]"])
     with pytest.raises(ConfigError, match="names a detector twice"):
         load_config(None, ["score.detectors=[sharpness,sharpness]"])
-    with pytest.raises(ConfigError, match="'cascade.screen': 'fast' is not one of"):
-        load_config(None, ["cascade.screen=fast"])
+    with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].screen': 'fast' is not one of"):
+        load_config(None, ["cascade.stages=[{screen: fast, keep_percent: 5}]"])
     with pytest.raises(ConfigError, match="'detect.generations'"):
         load_config(None, ["detect.generations=0"])
     with pytest.raises(ConfigError, match="'detect.steps' must not exceed score.steps"):
@@ -72,7 +72,7 @@ def test_score_writes_detector_columns_beside_d_mem_and_resumes(tiny_model_dir, 
 
 # -- cascade ------------------------------------------------------------------------------------
 def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir, tmp_path):
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, "cascade.enabled=true", "cascade.screening_steps=1", "cascade.screen=anisotropy", "cascade.top_percent=25",
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "cascade.enabled=true", "cascade.stages=[{screen: anisotropy, keep_percent: 25, steps: 1}]",
                    "score.detectors=[attention_entropy]")
     assert main(["prepare", f"run.output={tmp_path}", "corpus.synthetic.n_reports=40"]) == 0
     result = cascade.run_cascade(cfg, Store(), "fp-tiny")
@@ -91,12 +91,12 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
 
 
 def test_screening_config_and_cost_accounting(tmp_path):
-    cfg = load_config(None, ["score.detectors=[sharpness]", "cascade.screening_steps=5", "detect.generations=2"])
+    cfg = load_config(None, ["score.detectors=[sharpness]", "cascade.stages=[{screen: dmem, keep_percent: 10, steps: 5}]", "detect.generations=2"])
     first = cascade.plan(cfg)[0]
     by_dmem = cascade.stage_config(cfg, str(tmp_path), first)
     assert by_dmem.score.screening_steps == 5 and list(by_dmem.score.detectors) == [] and cascade.stage_column(first.screen) == "d_mem"
     assert cascade.screening_cost(by_dmem) == Cost(4 + 2 * 4 * 4, 4)  # G = 4 shared first step, then 4 full pairs
-    sharpness_cfg = load_config(None, ["cascade.screen=sharpness", "detect.generations=2"])
+    sharpness_cfg = load_config(None, ["cascade.stages=[{screen: sharpness, keep_percent: 10, steps: 1, generations: 2}]"])
     by_sharpness = cascade.stage_config(sharpness_cfg, str(tmp_path), cascade.plan(sharpness_cfg)[0])
     assert by_sharpness.score.screening_steps == 1 and by_sharpness.score.generations == 2
     assert list(by_sharpness.score.detectors) == ["sharpness"]

@@ -349,25 +349,31 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
 
 
 @pytest.mark.slow  # a Ray Data pipeline per stage, round and audit: about 2 minutes on a loaded 2-core machine
-def test_cascade_on_ray_scores_the_survivors_as_in_process(driver_on_head, scored_reference, tiny_model_dir, tmp_path):
-    """The multi-stage cascade with the actor pool as executor (cxrmem/distributed/cascade.py): each stage
-    screens the survivors of the one before, the audit sample is fully scored, and the fully scored
-    prompts carry the d_mem of an uninterrupted single-process run."""
+def test_cascade_on_ray_scores_and_continues_as_in_process(driver_on_head, scored_reference, tiny_model_dir, tmp_path):
+    """The multi-stage cascade with the actor pool as executor (cxrmem/distributed/cascade.py) against the
+    same cascade in this process: each stage screens the survivors of the one before, the audit sample is
+    fully scored, the trajectories carried between stages ride in the blocks (stage 2 continues stage 1's
+    step, the full score stage 2's two) and save what they save in process, and the scores agree."""
     import json
 
     from cxrmem.distributed.cascade import run_cascade
+    from cxrmem.stages import cascade
 
-    output = tmp_path / "cascade"
-    output.mkdir()
-    shutil.copy(scored_reference.prompts, RunLayout(str(output)).prompts)
-    cfg = small_config(output, tiny_model_dir, "cascade.enabled=true", "cascade.audit_sample=6",
-                       "cascade.stages=[{screen: dmem, keep_percent: 40, steps: 1}, {screen: latent_update, keep_percent: 50, steps: 1}]")
-    result = run_cascade(cfg, Store(), fingerprint_model(cfg.model, Store()))
-    section = json.loads(open(RunLayout(str(output)).summary).read())["cascade"]
+    stages = "cascade.stages=[{screen: dmem, keep_percent: 60, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"
+    sections, scores, selected = {}, {}, {}
+    for where, executor in (("ray", run_cascade), ("local", cascade.run_cascade)):
+        output = tmp_path / where
+        output.mkdir()
+        shutil.copy(scored_reference.prompts, RunLayout(str(output)).prompts)
+        cfg = small_config(output, tiny_model_dir, "score.steps=4", "cascade.enabled=true", "cascade.audit_sample=6", stages)
+        selected[where] = executor(cfg, Store(), fingerprint_model(cfg.model, Store()))["selected"]
+        sections[where] = json.loads(open(RunLayout(str(output)).summary).read())["cascade"]
+        scores[where] = pq.read_table(RunLayout(str(output)).scores).to_pandas().set_index("prompt_id").sort_index()
+    section = sections["ray"]
     one, two = section["rounds"][-1]["stages"]
     assert one["screened"] == section["corpus"] and two["screened"] == one["kept"]
-    assert section["audit"]["sample"] == 6 and result["selected"] == two["kept"]
-    assert section["continuation"]["continued"] == 0 and "Ray" in section["continuation"]["off_because"]  # restarts on Ray
-    scores = pq.read_table(RunLayout(str(output)).scores).to_pandas().set_index("prompt_id")
-    reference = pq.read_table(scored_reference.scores).to_pandas().set_index("prompt_id").loc[scores.index]
-    np.testing.assert_allclose(scores["d_mem"], reference["d_mem"], rtol=1e-4, atol=1e-6)
+    assert section["audit"]["sample"] == 6 and selected["ray"] == selected["local"] == two["kept"]
+    assert section["continuation"]["off_because"] is None and section["continuation"]["continued"] >= one["kept"] + two["kept"]
+    assert section["continuation"] == sections["local"]["continuation"] and section["evaluations"] == sections["local"]["evaluations"]
+    assert list(scores["ray"].index) == list(scores["local"].index)
+    np.testing.assert_allclose(scores["ray"]["d_mem"], scores["local"]["d_mem"], rtol=1e-4, atol=1e-6)

@@ -8,8 +8,6 @@ from cxrmem.storage import Store
 
 
 def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = scored_batches) -> dict:
-    """The cascade with Ray's actor pool as the executor (needs a Ray session). Every stage restarts its
-    trajectories from x_T: the carried latents live in the driver's memory (cxrmem/stages/continuation.py),
-    and the actors would need them shipped (256 KB per RadEdit survivor at G = 4) or written beside the
-    stage's scores, which is not built."""
-    return cascade.run_cascade(cfg, store, fingerprint, batches, carry_trajectories=False)
+    """The cascade with Ray's actor pool as executor (needs a Ray session); the trajectories carried
+    between stages stay on the driver and ride in the blocks (cxrmem/stages/continuation.py)."""
+    return cascade.run_cascade(cfg, store, fingerprint, batches)

@@ -22,18 +22,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.distributed.session import pool_size
-from cxrmem.stages.worker import ModelWorker
+from cxrmem.scoring.scorer import ScoreSettings
+from cxrmem.stages.worker import CarriedWorker, ModelWorker
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
 
 def scored_batches(
-    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker
+    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker, carry=None
 ) -> Iterator[pa.Table]:
     """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session.
 
-    `worker` is the actor class (bench/scale.py measures the pipeline's own ceiling with one that scores nothing)."""
+    `worker` is the actor class (bench/scale.py measures the pipeline's own ceiling with one that scores nothing).
+    `carry`: the cascade's TrajectoryCarry (cxrmem/stages/continuation.py); where it holds these settings'
+    trajectories, its states ride in the blocks to `CarriedWorker` actors and the states they make come back to it."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -48,7 +51,15 @@ def scored_batches(
     if len(skip_ids):
         prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
     size = cfg.ray.batch_size
-    ds = ray.data.from_arrow([prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)] or [prompts])
+    blocks = [prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)] or [prompts]
+    kwargs = {}
+    if carry is not None and carry.matches(ScoreSettings.of(cfg.score)):
+        steps = cfg.score.screening_steps or cfg.score.steps
+        blocks = [carry.with_states(block, steps, cfg.score.batch_size) for block in blocks]
+        worker, kwargs = CarriedWorker, carry.worker_kwargs()
+    else:
+        carry = None
+    ds = ray.data.from_arrow(blocks)
     actors, gpus = pool_size(cfg.ray)
     log.info("scoring on %d workers x %.2f GPU", actors, gpus)
     with warnings.catch_warnings():
@@ -61,6 +72,7 @@ def scored_batches(
                 "store": store,
                 "fingerprint": fingerprint,
                 "torch_threads": int(cfg.ray.num_cpus_per_worker),
+                **kwargs,
             },
             batch_size=cfg.ray.batch_size,
             batch_format="pyarrow",
@@ -72,6 +84,8 @@ def scored_batches(
         )
     pool = f"{actors} workers x ({cfg.ray.num_cpus_per_worker:g} CPU, {gpus:g} GPU)"
     batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    if carry is not None:
+        batches = map(carry.receive, batches)
     return watched(batches, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, pool))
 
 

@@ -6,8 +6,9 @@
         -> any sampled prompt at or above the memorized threshold is a miss: the stage that rejected it
            keeps `cascade.widen_factor` times its share and the cascade runs again (`cascade.max_rounds`)
 
-`cascade.stages` lists the screens as (screen, keep_percent, steps, generations); empty, the one
-stage is `cascade.screen` over `cascade.screening_steps` steps keeping `cascade.top_percent`. Stage i
+`cascade.stages` lists the screens as (screen, keep_percent, steps, generations); the default is the
+cheapest cascade that recovered the full top 1% on both committed testbeds at G=4, T=50
+(bench/cascade_frontier.py; bench/RESULTS.md, "Cascade frontier"). Stage i
 writes `<output>/_cascade/screening` (i = 0) or `screening<i>`, the audit `_cascade/audit`; each is
 an ordinary resumable scoring, so a rescreen after widening scores only the prompts new to a stage.
 
@@ -21,13 +22,13 @@ bound (`stats.miss_rate`); times the rejected count it bounds the memorized prom
 have lost. Compute is counted in UNet sample evaluations as cxrmem/detectors.py declares them, per
 prompt of the corpus, with the audit's share apart.
 
-In this process a later stage continues the trajectories of an earlier one that ran the first k steps
+A later stage continues the trajectories of an earlier one that ran the first k steps
 of the full score's (same T, G, seeds and guidance: cxrmem/stages/continuation.py): it starts from the
 latents after step k and the k norms already computed, so the full d_mem of a survivor costs its
 remaining steps only and is the from-scratch score; the evaluations counted are those actually spent
 (`evaluations` less what the carry saved; summary.json["cascade"]["continuation"] gives the saving).
-`cascade.continue_trajectories` = false restarts every stage. On Ray every stage restarts from x_T
-(the latents stay in the driver's memory, which the actors do not see).
+`cascade.continue_trajectories` = false restarts every stage. On Ray the same: the carry stays in the
+driver and its states travel with the blocks to the actors and back (cxrmem/stages/continuation.py).
 """
 
 from __future__ import annotations
@@ -89,12 +90,7 @@ class Round:
 
 def plan(cfg) -> list[Stage]:
     """The configured screens, in order."""
-    if cfg.cascade.stages:
-        return [Stage(s.screen, s.keep_percent, s.steps, s.generations or cfg.score.generations) for s in cfg.cascade.stages]
-    c = cfg.cascade
-    if c.screen == "dmem":
-        return [Stage("dmem", c.top_percent, c.screening_steps, cfg.score.generations)]
-    return [Stage(c.screen, c.top_percent, cfg.detect.steps, cfg.detect.generations)]
+    return [Stage(s.screen, s.keep_percent, s.steps, s.generations or cfg.score.generations) for s in cfg.cascade.stages]
 
 
 def stage_config(cfg, output: str, stage: Stage):
@@ -238,20 +234,18 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist())}
 
 
-def run_cascade(
-    cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches, carry_trajectories: bool = True
-) -> dict:
+def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
-    `batches` is the executor: in this process by default, Ray's actor pool from cxrmem/distributed/cascade.py.
-    `carry_trajectories`: whether the executor takes a `carry` (the in-process one does; Ray's does not)."""
+    `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
+    pool from cxrmem/distributed/cascade.py."""
     layout = RunLayout(cfg.run.output)
     stages = plan(cfg)
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
     rounds, spent = [], {"screens": 0, "full": 0, "audit": 0}
-    carrying = carry_trajectories and cfg.cascade.continue_trajectories
-    why_not = "cascade.continue_trajectories = false" if carry_trajectories else "on Ray every stage restarts from x_T"
-    continuation = {"enabled": carrying, "off_because": None if carrying else why_not, "continued": 0, "evaluations_saved": 0}
+    carrying = cfg.cascade.continue_trajectories
+    why_not = None if carrying else "cascade.continue_trajectories = false"
+    continuation = {"enabled": carrying, "off_because": why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
         carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
         final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages, carry)

@@ -42,6 +42,7 @@ from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, read_memorized
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
+from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ class ModelWorker:
         """One batch's rows with the carry: its prompts grouped by the step their carried trajectories
         reached (None: from x_T), each group scored from there and its states offered to the carry. The
         detectors run on the whole batch once, as without a carry (their shared passes per batch)."""
-        from cxrmem.stages.continuation import continuation
-
         settings = self.scorer.settings
         starts = self.carry.starts(ids, settings.screening_steps or settings.steps)
         detected = self.detected(prompts, ids)
@@ -236,6 +235,24 @@ class ModelWorker:
         measure = self.fidelity()
         faithful = measure(generations, originals) if measure is not None else [float("nan")] * len(prompt_ids)
         return queries.numpy(), prompts, kept, list(faithful)
+
+
+class CarriedWorker(ModelWorker):
+    """A ModelWorker whose batches bring the trajectories they continue and take back the states it makes
+    (`STATE_COLUMN`): the cascade on Ray, where the driver's carry cannot be shared with the actors
+    (cxrmem/stages/continuation.py). `keeps`: the stage makes states (a screen; the full score does not)
+    for the driver's carry to choose from, by the `screen` detector's `column`."""
+
+    def __init__(self, cfg, store: Store, fingerprint: str = "", torch_threads: Optional[int] = None, screen: str = "dmem", column: str = "d_mem", keeps: bool = False):
+        super().__init__(cfg, store, fingerprint, torch_threads=torch_threads)
+        self.screen, self.column, self.keeps = screen, column, keeps
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.carry = TrajectoryCarry(self.scorer.settings)  # the driver checked that these are the carried trajectories
+        self.carry.states = column_states(batch)
+        self.carry.begin_stage(batch.num_rows if self.keeps else 0, self.screen, self.column)
+        scored = super().__call__(batch.drop_columns([STATE_COLUMN]))
+        return scored.append_column(STATE_COLUMN, state_column([self.carry.made(pid) for pid in scored["prompt_id"].to_pylist()]))
 
 
 @contextmanager
