@@ -151,6 +151,26 @@ def frontier(rows: pd.DataFrame) -> pd.DataFrame:
     return best[best.recall_min >= best.recall_min.cummax()]
 
 
+def figure(rows: pd.DataFrame, path: str) -> None:
+    """Every candidate's worst-case recall against its in-process cost, the frontier and the target."""
+    from cxrmem.figures import BLUE, GREY, RED, _figure, _save
+
+    fig, axes = _figure(7.5, 4.2)
+    ax = axes[0, 0]
+    ax.scatter(rows.continued, rows.recall_min, s=6, color=GREY, alpha=0.5, label=f"{len(rows):,} cascades (1-3 dmem stages)")
+    best = frontier(rows)
+    ax.step(best.continued, best.recall_min, where="post", color=BLUE, lw=2, label="frontier (cheapest at each recall)")
+    ax.axvline(TARGET_EVALUATIONS, color=RED, ls="--", lw=1, label=f"target: {TARGET_EVALUATIONS:g} evaluations per prompt")
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per corpus prompt (in process, continuing trajectories; log scale)")
+    ax.set_ylabel("recall of the full top 1% (worst testbed)")
+    ax.set_title("Cascade cost against recall at G=4, T=50")
+    ax.legend(loc="lower right", frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    with open(path, "wb") as out:
+        _save(fig, out)
+
+
 def markdown(rows: pd.DataFrame, names: list[str], sizes: dict, ranks: dict, args, minutes: float) -> str:
     cols = [f"recall {n}" for n in names]
     lines = [
@@ -216,6 +236,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=8, help="cheapest full-recall cascades listed")
     parser.add_argument("--limit", type=int, help="first N distinct prompts only (a quick check; the cache is per testbed)")
     parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--figure", default="bench/cascade_frontier.png", help="PNG of recall against cost")
     args = parser.parse_args()
     torch.set_num_threads(args.cpus)
     started = time.time()
@@ -247,8 +268,9 @@ def main() -> None:
         for name, (norms, _) in per_testbed.items()
     }
     text = markdown(frame, list(per_testbed), sizes, ranks, args, (time.time() - started) / 60)
+    figure(frame, args.figure)
     print(text)
-    write_results(args.results, SECTION, text)
+    write_results(args.results, SECTION, text + f"\n![recall against cost]({os.path.relpath(args.figure, os.path.dirname(args.results))})\n")
 
 
 if __name__ == "__main__":

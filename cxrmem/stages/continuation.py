@@ -20,12 +20,13 @@ restarts from x_T: the carry saves work, it never changes a score. A carry lives
 cascade: after a widening, the new survivors of a resumed screen restart (part files hold no latents),
 and the audit sample (rejected prompts) always restarts.
 
-On Ray (cxrmem/distributed/pipeline.py) the carry stays on the driver and its states ride in the blocks:
-the driver attaches each prompt's state to its block (`STATE_COLUMN`, counting what continuing saves as
-here), a `CarriedWorker` actor (cxrmem/stages/worker.py) continues from them and returns the states it makes in the same column,
-and the driver offers those to the carry, which keeps the best `capacity` as here. What that costs: every
-prompt a state-making stage scores sends its state through the object store once (256 KB for RadEdit at
-G = 4: a first stage at the full G over 100,000 prompts streams 25 GB, batch by batch), and the blocks of a
+On Ray (cxrmem/distributed/pipeline.py) the carry stays on the driver and its states ride in the
+blocks: the driver attaches each prompt's state to its block (`STATE_COLUMN`, counting what continuing
+saves as here), a `CarriedWorker` actor (cxrmem/stages/worker.py) continues from them and returns the
+states it makes in the same column, and the driver offers those to the carry, which keeps the best
+`capacity` as here. What that costs: every prompt a state-making stage scores sends its state through
+the object store once (256 KB for RadEdit at G = 4: a first stage at the full G over 100,000 prompts
+streams 25 GB, batch by batch; the default first stage, at G = 1, makes none), and the blocks of a
 continuing stage hold its inputs' states at once (1.3 GB for 5,000 survivors).
 """
 
