@@ -177,7 +177,7 @@ def markdown(rows: pd.DataFrame, names: list[str], sizes: dict, ranks: dict, arg
         SECTION,
         "",
         f"Command: `bench/cascade_frontier.py --testbed {' '.join(args.testbed)}` ({cpu_name()}, {args.cpus} threads; "
-        f"{minutes:.0f} min with the scoring, which the cache makes a one-off). Every distinct training prompt fully "
+        f"this call {minutes:.0f} min: it scored only what `--cache` lacked). Every distinct training prompt fully "
         f"scored once at G={args.generations}, T={args.steps}, w=7.5, shared seeds ("
         + ", ".join(f"{n}: {sizes[n]}" for n in names)
         + "); each dmem screen is the mean of the first k steps of the first G' generations of the same trajectories. "

@@ -50,9 +50,9 @@ def test_stage_keys_fail_fast():
     with pytest.raises(ConfigError, match=r"'cascade.stages\[0\].steps'"):
         load_config(None, ["score.steps=3", "cascade.enabled=true", "cascade.stages=[{screen: dmem, keep_percent: 5, steps: 3}]"])
     # The default stages are for T=50: a shorter schedule loads, but cannot run them
-    assert load_config(None, ["score.steps=3"]).cascade.stages[-1].steps >= 3
-    with pytest.raises(ConfigError, match=r"'cascade.stages\[\d\].steps'.*below score.steps \(3\); set cascade.stages"):
-        load_config(None, ["score.steps=3", "cascade.enabled=true"])
+    assert load_config(None, ["score.steps=2"]).cascade.stages[-1].steps >= 2
+    with pytest.raises(ConfigError, match=r"'cascade.stages\[\d\].steps'.*below score.steps \(2\); set cascade.stages"):
+        load_config(None, ["score.steps=2", "cascade.enabled=true"])
     with pytest.raises(ConfigError, match="'cascade.stages' is empty"):
         load_config(None, ["cascade.enabled=true", "cascade.stages=[]"])
     with pytest.raises(ConfigError, match="'cascade.widen_factor'"):
