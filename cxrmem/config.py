@@ -107,15 +107,16 @@ class CascadeStage:
 
 
 def default_stages() -> list:
-    """The cascade measured at G=4, T=50 on both committed testbeds (bench/RESULTS.md, "Cascade frontier")."""
-    return [CascadeStage("dmem", 10.0, 1, 1), CascadeStage("dmem", 25.0, 2, None)]
+    """The cheapest cascade that held the whole top 1% on both committed testbeds at G=4, T=50 (bench/RESULTS.md,
+    "Cascade frontier"): one noise's first step, then the full G's trajectories continued and pruned at steps 2, 10, 30."""
+    return [CascadeStage("dmem", 10.0, 1, 1), CascadeStage("dmem", 25.0, 2), CascadeStage("dmem", 80.0, 10), CascadeStage("dmem", 70.0, 30)]
 
 
 @dataclass
 class CascadeConfig:
     enabled: bool = False  # screen every prompt through cascade.stages, then fully score only the last stage's survivors
     stages: List[CascadeStage] = field(default_factory=default_stages)  # screens in order, each scoring the previous one's survivors (default: measured at T=50, G=4)
-    audit_sample: int = 0  # rejected prompts fully scored to check the cascade (seeded random sample; 0: no check)
+    audit_sample: int = 200  # rejected prompts fully scored to check the cascade (seeded random sample; 0: no check; 0.8 evaluations per prompt at 100K)
     audit_seed: int = 0  # seed of the audit sample
     widen_factor: float = 2.0  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
     max_rounds: int = 4  # screen-check-widen rounds at most (the last one's result stands, its misses reported)

@@ -88,7 +88,8 @@ def test_carry_matches_only_the_same_trajectories_and_keeps_the_best_states():
 
 def cascade_run(tiny_model_dir, out, *overrides):
     base = [f"run.output={out}", f"model.path={tiny_model_dir}", "model.device=cpu", "corpus.synthetic.n_reports=40",
-            "score.steps=4", "score.generations=2", "score.batch_size=8", "ray.checkpoint_every=16", "cascade.enabled=true"]
+            "score.steps=4", "score.generations=2", "score.batch_size=8", "ray.checkpoint_every=16", "cascade.enabled=true",
+            "cascade.audit_sample=0"]
     assert main(["prepare", *base[:1], base[3]]) == 0
     cfg = load_config(None, [*base, *overrides])
     samples = []

@@ -73,7 +73,7 @@ def test_score_writes_detector_columns_beside_d_mem_and_resumes(tiny_model_dir, 
 # -- cascade ------------------------------------------------------------------------------------
 def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "cascade.enabled=true", "cascade.stages=[{screen: anisotropy, keep_percent: 25, steps: 1}]",
-                   "score.detectors=[attention_entropy]")
+                   "cascade.audit_sample=0", "score.detectors=[attention_entropy]")
     assert main(["prepare", f"run.output={tmp_path}", "corpus.synthetic.n_reports=40"]) == 0
     result = cascade.run_cascade(cfg, Store(), "fp-tiny")
 
