@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 
 from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
-from cxrmem.detectors import screen_top
+from cxrmem.detectors import REGISTRY, screen_top
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stages.cascade import dmem_cost, evaluations
@@ -77,19 +76,32 @@ def full_norms(path: str, cache: str, cfg, batch: int, limit: int | None) -> np.
     return np.stack(done)
 
 
-def cascade_outcome(norms: np.ndarray, stages: tuple[Screen, ...], score_cfg, batch: int) -> dict:
+@dataclass
+class Testbed:
+    """One testbed's full scoring: the [N, G, T] norms and the full d_mem's top 1% (indices)."""
+
+    norms: np.ndarray
+    target: np.ndarray
+    shared: bool  # shared seeds: the first step's unconditional pass is made once per batch
+
+    @classmethod
+    def of(cls, norms: np.ndarray, score_cfg) -> "Testbed":
+        target = np.flatnonzero(top_percent_mask(norms.mean(axis=(1, 2)), TOP_PERCENT)[0])
+        return cls(norms, target, score_cfg.seed_mode == "shared")
+
+
+def cascade_outcome(testbed: Testbed, stages: tuple[Screen, ...], batch: int) -> dict:
     """Recall of the full top 1% and evaluations per corpus prompt, restarting and continuing."""
+    norms = testbed.norms
     n, full_g, full_t = norms.shape
-    full = norms.mean(axis=(1, 2))
-    target = set(np.flatnonzero(top_percent_mask(full, TOP_PERCENT)[0]).tolist())
     survivors = np.arange(n)
     restart = continued = 0
     carried_steps = 0  # steps of the deepest earlier stage at the full G (what a later one continues)
 
     def cost(g: int, k: int, m: int, from_steps: int) -> int:
-        c = evaluations(dmem_cost(OmegaConf.merge(score_cfg, {"generations": g}), k), m, batch)
+        c = evaluations(REGISTRY["dmem"].cost(g, k, testbed.shared), m, batch)
         if from_steps:  # what the continuation saves (cxrmem/stages/continuation.py's count)
-            c -= evaluations(dmem_cost(OmegaConf.merge(score_cfg, {"generations": g}), from_steps), m, batch)
+            c -= evaluations(REGISTRY["dmem"].cost(g, from_steps, testbed.shared), m, batch)
         return c
 
     for stage in stages:
@@ -103,7 +115,7 @@ def cascade_outcome(norms: np.ndarray, stages: tuple[Screen, ...], score_cfg, ba
     final = cost(full_g, full_t, len(survivors), carried_steps)
     restart += cost(full_g, full_t, len(survivors), 0)
     return {
-        "recall": len(target & set(survivors.tolist())) / len(target),
+        "recall": np.isin(testbed.target, survivors).mean(),
         "fully_scored": len(survivors),
         "restart": restart / n,
         "continued": (continued + final) / n,
@@ -143,14 +155,12 @@ def candidates(full_g: int) -> list[tuple[Screen, ...]]:
 RANKED_SCREENS = ((1, 1), (1, 4), (2, 4), (5, 4), (10, 4), (20, 4))  # (k, G') whose ranking of the top 1% is shown
 
 
-def worst_rank(norms: np.ndarray, steps: int, generations: int) -> int:
+def worst_rank(testbed: Testbed, steps: int, generations: int) -> int:
     """The rank (1 = highest) under a (steps, generations) dmem screen of the full top 1%'s lowest-ranked prompt:
     a cascade ending in that screen must fully score at least this many prompts to hold the whole top 1%."""
-    full = norms.mean(axis=(1, 2))
-    target = np.flatnonzero(top_percent_mask(full, TOP_PERCENT)[0])
-    screen = norms[:, :generations, :steps].mean(axis=(1, 2))
+    screen = testbed.norms[:, :generations, :steps].mean(axis=(1, 2))
     ranks = np.argsort(np.argsort(-screen, kind="stable"), kind="stable") + 1
-    return int(ranks[target].max())
+    return int(ranks[testbed.target].max())
 
 
 def frontier(rows: pd.DataFrame) -> pd.DataFrame:
@@ -255,11 +265,12 @@ def main() -> None:
         name = os.path.basename(os.path.normpath(path))
         norms = full_norms(path, os.path.join(args.cache, f"{name}.npz"), cfg, args.batch, args.limit)
         sizes[name] = len(norms)
-        per_testbed[name] = (norms, cfg.score)
+        per_testbed[name] = Testbed.of(norms, cfg.score)
+        score_cfg = cfg.score
     rows = []
     for stages in candidates(args.generations):
         row = {"stages": ", ".join(map(str, stages))}
-        outcomes = {name: cascade_outcome(norms, stages, score_cfg, args.batch) for name, (norms, score_cfg) in per_testbed.items()}
+        outcomes = {name: cascade_outcome(testbed, stages, args.batch) for name, testbed in per_testbed.items()}
         for name, outcome in outcomes.items():
             row[f"recall {name}"] = outcome["recall"]
         row["recall_min"] = min(o["recall"] for o in outcomes.values())
@@ -269,12 +280,12 @@ def main() -> None:
         row["final"] = max(o["final"] for o in outcomes.values())
         rows.append(row)
     frame = pd.DataFrame(rows)
-    norms, score_cfg = next(iter(per_testbed.values()))
-    frame["full_cost"] = evaluations(dmem_cost(score_cfg, args.steps), len(norms), args.batch) / len(norms)
+    n = next(iter(sizes.values()))
+    frame["full_cost"] = evaluations(dmem_cost(score_cfg, args.steps), n, args.batch) / n
     ranks = {
-        name: {"top": int(top_percent_mask(norms.mean(axis=(1, 2)), TOP_PERCENT)[0].sum()),
-               **{(k, g): worst_rank(norms, k, g) for k, g in RANKED_SCREENS if g <= norms.shape[1] and k <= norms.shape[2]}}
-        for name, (norms, _) in per_testbed.items()
+        name: {"top": len(testbed.target),
+               **{(k, g): worst_rank(testbed, k, g) for k, g in RANKED_SCREENS if g <= args.generations and k <= args.steps}}
+        for name, testbed in per_testbed.items()
     }
     text = markdown(frame, list(per_testbed), sizes, ranks, args, (time.time() - started) / 60)
     figure(frame, args.figure)

@@ -164,8 +164,7 @@ def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir,
         local.begin_stage(capacity)
         riding.begin_stage(capacity)
         here = ModelWorker(stage_cfg, Store(), carry=local)(block)
-        steps = stage_cfg.score.screening_steps or stage_cfg.score.steps
-        sent = riding.with_states(block, steps, cfg.score.batch_size)
+        sent = riding.with_states(block, ScoreSettings.of(stage_cfg.score).scored_steps, cfg.score.batch_size)
         assert sent[STATE_COLUMN].null_count == (len(IDS) if name == "screen" else 0)
         back = CarriedWorker(stage_cfg, Store(), **riding.worker_kwargs())(sent)
         assert back[STATE_COLUMN].null_count == (0 if name == "screen" else len(IDS))  # states made by a screen only

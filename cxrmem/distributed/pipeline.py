@@ -53,9 +53,9 @@ def scored_batches(
     size = cfg.ray.batch_size
     blocks = [prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)] or [prompts]
     kwargs = {}
-    if carry is not None and carry.matches(ScoreSettings.of(cfg.score)):
-        steps = cfg.score.screening_steps or cfg.score.steps
-        blocks = [carry.with_states(block, steps, cfg.score.batch_size) for block in blocks]
+    settings = ScoreSettings.of(cfg.score)
+    if carry is not None and carry.matches(settings):
+        blocks = [carry.with_states(block, settings.scored_steps, cfg.score.batch_size) for block in blocks]
         worker, kwargs = CarriedWorker, carry.worker_kwargs()
     else:
         carry = None

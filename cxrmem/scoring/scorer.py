@@ -38,6 +38,11 @@ class ScoreSettings(Settings):
     use_attention_mask: bool = False  # pass the tokenizer's attention mask to the text encoder
     cpu_half: bool = False  # keep a bfloat16/float16 model in that precision on the CPU (precision checks)
 
+    @property
+    def scored_steps(self) -> int:
+        """The steps a scoring under these settings runs: screening_steps, else all T."""
+        return self.screening_steps or self.steps
+
 
 @dataclass
 class Encoded:
@@ -310,7 +315,7 @@ class Scorer:
         `start`: these prompts' trajectories after their first k <= steps steps under these settings'
         seeds and schedule (a Continuation of an earlier `score`'s `latents` and norms); only the
         remaining steps run and the result is the from-scratch one (to floating-point tolerance)."""
-        steps = steps or self.settings.screening_steps or self.settings.steps
+        steps = steps or self.settings.scored_steps
         encoded = self.encode(prompts)
         if start is not None and start.steps > steps:
             raise ValueError(f"a trajectory continued from step {start.steps} cannot be scored over {steps} steps")

@@ -157,8 +157,7 @@ class ModelWorker:
         """One batch's rows with the carry: its prompts grouped by the step their carried trajectories
         reached (None: from x_T), each group scored from there and its states offered to the carry. The
         detectors run on the whole batch once, as without a carry (their shared passes per batch)."""
-        settings = self.scorer.settings
-        starts = self.carry.starts(ids, settings.screening_steps or settings.steps)
+        starts = self.carry.starts(ids, self.scorer.settings.scored_steps)
         detected = self.detected(prompts, ids)
         groups: dict = {}
         for i, state in enumerate(starts):
