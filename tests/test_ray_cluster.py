@@ -359,7 +359,8 @@ def test_cascade_on_ray_scores_and_continues_as_in_process(driver_on_head, score
     from cxrmem.distributed.cascade import run_cascade
     from cxrmem.stages import cascade
 
-    stages = "cascade.stages=[{screen: dmem, keep_percent: 60, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"
+    # A detector screen first (its first-step d_mem runs the full score's trajectories), then a dmem one.
+    stages = "cascade.stages=[{screen: latent_update, keep_percent: 60, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"
     sections, scores, selected = {}, {}, {}
     for where, executor in (("ray", run_cascade), ("local", cascade.run_cascade)):
         output = tmp_path / where
