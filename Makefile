@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.installed
 
 # torch is pinned to the CPU build that lies on disk on development machines;
 # the cluster image (docker/Dockerfile) brings its own CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# The same pins as the cluster image: what the suite passes with is what the image runs.
+	$(BIN)/pip install -q -c docker/constraints.txt -e '.[test]'
 	# IU X-ray reports ship inside torchxrayvision; we read its data file and never import it.
 	$(BIN)/pip install -q --no-deps torchxrayvision==1.5.7
 	touch $(STAMP)

@@ -203,6 +203,37 @@ def test_rayjobs_run_gpu_workers_from_one_image_and_one_cluster_spec():
             assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Gi": 2**30, "Mi": 2**20}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "rescore-cronjob.yaml"])
+def test_every_ray_pod_sizes_its_object_store_to_its_shared_memory_and_the_head_waits_for_a_clean_stop(name):
+    """A pod's own /dev/shm is 64 MB: each Ray container mounts a memory-backed one and caps Ray's
+    object store below it; the head gives `ray job stop` time for the driver's last part and lease."""
+    spec = rayjobs()[name]["spec"]["rayClusterSpec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        shm = {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]
+        assert shm["medium"] == "Memory"
+        (container,) = pod["containers"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert 0 < int(group["rayStartParams"]["object-store-memory"]) < _bytes(shm["sizeLimit"])
+    head_env = {e["name"]: e["value"] for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert int(head_env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+
+
+def test_image_pins_the_floating_libraries_and_expandable_cuda_segments():
+    text = DOCKERFILE.read_text()
+    assert "ENV PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
+    assert "pip install --no-cache-dir -c constraints.txt ." in text
+    pins = dict(line.split("==") for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines() if "==" in line)
+    import transformers
+
+    assert pins["transformers"] == transformers.__version__  # the version this suite runs with
+
+
 def test_cronjob_creates_the_rayjob_template_it_mounts():
     docs = {d["kind"]: d for d in yaml_docs(CRONJOB)}
     cron = docs["CronJob"]

@@ -127,19 +127,33 @@ def stop_process_group(head: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def token_in_this_process():
     """AUTH_ENV in this process while the block runs. Ray caches the mode and the token per process;
-    both caches are refreshed from the environment, as Ray does when it turns authentication on."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    def refresh():
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-
+    both caches are refreshed from the environment, as Ray does when it turns authentication on, and
+    refreshed again on the way out whatever happens in the block: a failed test must not leave token
+    mode cached for the next one (it then fails to start its own GCS with InvalidAuthToken)."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in AUTH_ENV.items():
             patch.setenv(key, value)
-        refresh()
+        refresh_ray_auth_cache()
+        try:
+            yield
+        finally:
+            patch.undo()
+            refresh_ray_auth_cache()
+
+
+def refresh_ray_auth_cache() -> None:
+    """Make Ray re-read RAY_AUTH_MODE and RAY_AUTH_TOKEN from this process's environment."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture()
+def ray_token_auth():
+    """AUTH_ENV in this process for one test; restored by pytest's teardown even when the test fails."""
+    with token_in_this_process():
         yield
-    refresh()
 
 
 def wait_for_jobs_api(dashboard: str, head: subprocess.Popen, timeout_s: float = 120) -> None:

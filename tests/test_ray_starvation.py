@@ -16,6 +16,7 @@ from cxrmem.distributed.pipeline import StallError, scored_batches, watched
 from cxrmem.distributed.session import ray_session
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
+from tests.test_ray_cluster import AUTH_ENV, HEAD_ENV, RAY, SMALL, ray_token_auth, start_head, stop_process_group, wait_for_jobs_api  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,10 +54,8 @@ def test_a_pool_holding_every_cpu_still_gets_its_prompts(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tmp_path):
+def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tmp_path, ray_token_auth):
     from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from tests.test_ray_cluster import AUTH_ENV, HEAD_ENV, RAY, SMALL, start_head, stop_process_group, token_in_this_process, wait_for_jobs_api
 
     temp_dir = os.path.join("/tmp", f"cxrst{os.getpid()}")  # short: Ray's socket paths live under it
     os.makedirs(temp_dir, exist_ok=True)
@@ -64,48 +63,53 @@ def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tm
     head, info = start_head(temp_dir, {**HEAD_ENV, **AUTH_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "30"}, "--num-cpus=2")
     env = {**os.environ, **AUTH_ENV, "PYTHONPATH": str(REPO)}
     try:
-        with token_in_this_process():
-            wait_for_jobs_api(info.dashboard, head)
+        wait_for_jobs_api(info.dashboard, head)
 
-            def submit(output, *extra):
-                overrides = [f"run.output={output}", f"model.path={tiny_model_dir}", *SMALL, *extra]
-                command = [RAY, "job", "submit", "--address", info.dashboard, "--runtime-env-json", f'{{"env_vars": {{"OMP_NUM_THREADS": "1", "PYTHONPATH": "{REPO}"}}}}',
-                           "--", sys.executable, str(REPO / "ray_jobs" / "audit.py"), *overrides]  # fmt: skip
-                return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        def submit(output, *extra):
+            overrides = [f"run.output={output}", f"model.path={tiny_model_dir}", *SMALL, *extra]
+            command = [RAY, "job", "submit", "--address", info.dashboard, "--runtime-env-json", f'{{"env_vars": {{"OMP_NUM_THREADS": "1", "PYTHONPATH": "{REPO}"}}}}',
+                       "--", sys.executable, str(REPO / "ray_jobs" / "audit.py"), *overrides]  # fmt: skip
+            return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-            started = time.monotonic()
-            jobs = [submit(tmp_path / f"run{i}", "ray.stall_timeout_s=300") for i in range(2)]
-            walls = []
-            for job in jobs:
-                out, _ = job.communicate(timeout=900)
-                walls.append(time.monotonic() - started)
-                assert job.returncode == 0 and "succeeded" in out, out[-4000:]
-            for i in range(2):
-                assert Store().exists(str(tmp_path / f"run{i}" / "manifest.json"))
-            print(f"two submitted audits on one 2-CPU head: wall {walls[0]:.0f} s and {walls[1]:.0f} s")
+        started = time.monotonic()
+        jobs = [submit(tmp_path / f"run{i}", "ray.stall_timeout_s=300") for i in range(2)]
+        walls = []
+        for job in jobs:
+            out, _ = job.communicate(timeout=900)
+            walls.append(time.monotonic() - started)
+            assert job.returncode == 0 and "succeeded" in out, out[-4000:]
+        for i in range(2):
+            assert Store().exists(str(tmp_path / f"run{i}" / "manifest.json"))
+        print(f"two submitted audits on one 2-CPU head: wall {walls[0]:.0f} s and {walls[1]:.0f} s")
 
-            client = JobSubmissionClient(info.dashboard)
-            stopped = submit(tmp_path / "stopped")
-            job_id = wait_for_running_job(client, tmp_path / "stopped")
-            assert subprocess.run([RAY, "job", "stop", "--address", info.dashboard, job_id], env=env, capture_output=True, timeout=120).returncode == 0
-            stopped.communicate(timeout=300)
-            status = client.get_job_status(job_id)
-            assert status in (JobStatus.STOPPED, JobStatus.FAILED), status
-            logs = [line for line in client.get_job_logs(job_id).splitlines() if line.startswith("cxrmem ")]
-            assert logs and "interrupted (SIGTERM)" in logs[-1] and "rerun the same command to resume" in logs[-1], logs[-3:]
-            assert not os.path.exists(tmp_path / "stopped" / "_lease.json")
+        client = JobSubmissionClient(info.dashboard)
+        # Long by construction (hundreds of prompts at 40 steps: many minutes on 2 CPUs), so that it is still
+        # scoring when the stop reaches it however fast the machine is; the stop comes within seconds.
+        stopped = submit(tmp_path / "stopped", "corpus.synthetic.n_reports=2000", "score.steps=40")
+        job_id = wait_for_running_job(client, tmp_path / "stopped")
+        assert subprocess.run([RAY, "job", "stop", "--address", info.dashboard, job_id], env=env, capture_output=True, timeout=120).returncode == 0
+        stopped.communicate(timeout=300)
+        status = client.get_job_status(job_id)
+        assert status in (JobStatus.STOPPED, JobStatus.FAILED), status
+        logs = [line for line in client.get_job_logs(job_id).splitlines() if line.startswith("cxrmem ")]
+        assert logs and "interrupted (SIGTERM)" in logs[-1] and "rerun the same command to resume" in logs[-1], logs[-3:]
+        assert not os.path.exists(tmp_path / "stopped" / "_lease.json")
     finally:
         stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for_running_job(client, output, timeout_s=300):
-    """The id of the job writing `output`, once its scoring has written a part (it is mid-run)."""
+    """The id of the job writing `output`, once it is RUNNING and its scoring has written a part (mid-run).
+    A job that ends first fails the test at once with its log, instead of waiting out the timeout."""
+    from ray.job_submission import JobStatus
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if Store().list_files(str(output / "_parts" / "scores"), suffix=".parquet"):
-            running = [job for job in client.list_jobs() if str(output) in job.entrypoint and job.status == "RUNNING"]
-            if running:
-                return running[0].submission_id
+        jobs = [job for job in client.list_jobs() if str(output) in job.entrypoint]
+        if jobs and jobs[0].status.is_terminal():
+            pytest.fail(f"the job to be stopped ended {jobs[0].status} first:\n{client.get_job_logs(jobs[0].submission_id)[-3000:]}")
+        if jobs and jobs[0].status == JobStatus.RUNNING and Store().list_files(str(output / "_parts" / "scores"), suffix=".parquet"):
+            return jobs[0].submission_id
         time.sleep(0.5)
     pytest.fail(f"no job scoring into {output} within {timeout_s} s")
