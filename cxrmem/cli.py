@@ -222,6 +222,7 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
     (cxrmem/interrupts.py: 143 / 130, and how to resume).
     """
     from cxrmem.interrupts import Interrupted, as_interrupted, interrupted_line, stop_on_signals
+    from cxrmem.scoring.device import DeviceOutOfMemory, DeviceUnavailable
 
     try:
         with stop_on_signals():
@@ -231,7 +232,7 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
                 raise as_interrupted(err) from None  # a signal arrived: whatever ended the command, it was the stop
     except ConfigError as err:
         line, code = f"cxrmem: configuration error: {err}", 2
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, DeviceUnavailable, DeviceOutOfMemory) as err:
         line, code = f"cxrmem {name}: {err}", 1
     except Interrupted as err:  # SIGTERM / SIGINT: every finally has run (parts kept, Ray down, lease released)
         line, code = interrupted_line(name, err), err.exit_code

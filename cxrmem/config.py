@@ -7,6 +7,7 @@ YAML files in conf/. Unknown keys, wrong types and out-of-range values fail fast
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -17,6 +18,8 @@ from typing import Any, List, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from cxrmem.scoring.device import Precision
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,7 @@ class RunConfig:
     overwrite: bool = False  # allow replacing an already published run at the same prefix
     force_lease: bool = False  # take over the one-writer lease on run.output even while its holder's heartbeat is fresh
     lease_timeout_s: float = 600.0  # a lease whose heartbeat is older than this is stale and taken over (its holder beats 5 times per period)
+    allow_foreign_files: bool = False  # write into a run.output that holds files no cxrmem run wrote and no run's manifest (never published nor deleted)
 
 
 @dataclass
@@ -72,7 +76,9 @@ class ModelConfig:
     path: str = "testbed/model"  # diffusers folder, or Hugging Face hub cache root for radedit; s3:// is copied to cache_dir
     cache_dir: str = "~/.cache/cxrmem/models"  # local copy of s3:// model stores
     dtype: str = "float32"  # float32 | bfloat16 | float16 (UNet and text encoder; norms are always float32)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (a replica meant for CUDA that cannot use it refuses; never a silent CPU)
+    tf32: bool = False  # CUDA float32 matmuls and convolutions in TF32: faster, about 1e-3 relative; enters the score key
+    vae_decode_batch: int = 8  # images per VAE decode call (bf16 on CUDA): the SDXL VAE at 512x512 fits a 24 GB card at 8
     radedit: RadEditConfig = field(default_factory=RadEditConfig)
 
 
@@ -357,6 +363,7 @@ RULES = {
     "corpus.progress_every": POSITIVE,
     "corpus.read_workers": POSITIVE,
     "model.radedit.vae_scaling_factor": POSITIVE,
+    "model.vae_decode_batch": POSITIVE,
     "model.radedit.tokenizer_max_length": POSITIVE,
     "score.generations": POSITIVE,
     "score.steps": POSITIVE,
@@ -590,7 +597,14 @@ def score_config(cfg: DictConfig) -> dict:
     # when empty, so that the key of a d_mem-only run is what it was before detectors existed.
     detectors = score.pop("detectors")
     extra = {"detectors": detectors, "detect": OmegaConf.to_container(cfg.detect, resolve=True)} if detectors else {}
-    return {"score": score, "dtype": cfg.model.dtype, **extra}
+    return {"score": score, "precision": dataclasses.asdict(effective_precision(cfg)), **extra}
+
+
+def effective_precision(cfg: DictConfig) -> Precision:
+    """The precision scores are computed in, not the one configured: the CPU runs a bfloat16 model in
+    float32, and CUDA float32 differs with TF32. `model.device` is concrete here (score.run plans it)."""
+    device_type = str(cfg.model.device).split(":")[0]
+    return Precision.of(cfg.model.dtype, device_type, cfg.model.tf32, cfg.score.cpu_half)
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -89,3 +89,48 @@ def test_a_failed_join_names_the_address():
     with pytest.raises(ConnectionError, match=r"cannot join the Ray cluster at 127\.0\.0\.1:1 \(.*refused.*RAY_AUTH_TOKEN"):
         with ray_session(cfg.ray):
             pass
+
+
+def test_a_pool_meant_for_cuda_waits_for_gpus_instead_of_starting_a_cpu_actor(local_ray):
+    from cxrmem.distributed.session import pool_size
+
+    cfg = load_config(None, ["ray.resource_wait_s=1"])  # in-process, no GPUs yet, ray.num_workers unset
+    assert pool_size(cfg.ray, "auto") == (1, 0.0)  # auto on a CPU-only instance: the CPU is the plan
+    with pytest.raises(TimeoutError, match=r"1 workers x \(1 CPU, 1 GPU\) asked for"):
+        pool_size(cfg.ray, "cuda")
+    with pytest.raises(ValueError, match="ray.num_gpus_per_worker is 0"):
+        pool_size(load_config(None, ["ray.num_gpus_per_worker=0"]).ray, "cuda")
+
+
+def test_in_process_ray_is_sized_from_the_machines_gpus():
+    from cxrmem.distributed.session import local_num_cpus
+
+    ray_cfg = load_config(None, ["ray.num_cpus_per_worker=4"]).ray
+    assert local_num_cpus(ray_cfg, gpus=3) == 3 * 4 + 1  # one scoring actor per GPU, one CPU for the feed
+    assert local_num_cpus(ray_cfg, gpus=0) == 4 + 1
+
+
+@pytest.mark.slow
+def test_an_audit_whose_worker_gets_a_gpu_it_cannot_use_stops_with_the_cuda_line(tiny_model_dir, tmp_path):
+    """A head that advertises a GPU (`ray start --num-gpus=1`) on this CPU machine: the worker Ray gives it to
+    cannot use CUDA, and the audit stops with one line (exit 1) instead of scoring on the CPU."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("shows the refusal of a torch without CUDA")
+    temp_dir = tempfile.mkdtemp(prefix="cxrgpu", dir="/tmp")
+    head, info = start_head(temp_dir, HEAD_ENV, "--num-cpus=2", "--num-gpus=1", "--include-dashboard=false")
+    try:
+        cli = str(Path(sys.executable).with_name("cxrmem"))
+        overrides = [f"run.output={tmp_path / 'run'}", f"model.path={tiny_model_dir}", *SMALL, *LIGHT, f"ray.address={info.address}"]
+        done = subprocess.run([cli, "audit", *overrides], capture_output=True, text=True, timeout=600)
+    finally:
+        stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert last.startswith("cxrmem audit: Ray gave this worker a GPU, but torch") and "cannot use CUDA" in last, last
+    assert not (tmp_path / "run" / "scores.parquet").exists()

@@ -21,7 +21,7 @@ class ActorModels:
     def __init__(self, cfg, store: Store, n_prompts: int, need_vae: bool):
         import ray
 
-        actors, gpus = pool_size(cfg.ray)
+        actors, gpus = pool_size(cfg.ray, cfg.model.device)
         worker = ray.remote(ModelWorker).options(
             num_cpus=cfg.ray.num_cpus_per_worker,
             num_gpus=gpus,

@@ -106,7 +106,7 @@ def _audit(cfg, store: Store, lease) -> dict:
     layout = RunLayout(work)
     timer = StageTimer()
     start = time.perf_counter()
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, cfg.model.device):
         if store.exists(layout.prompts):
             prepare.check_same_corpus(cfg, store)  # resuming: the prompts must come from this config's corpus
         else:
@@ -129,6 +129,7 @@ def _audit(cfg, store: Store, lease) -> dict:
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - start, 2)},
         "model_fingerprint": fingerprint,
         "files": len(manifest["files"]),
-        "report": written.get("report"),
+        # Where the report lives once published, not the _staging prefix an overwrite wrote it at (gone by now).
+        "report": RunLayout(output).report if written.get("report") else None,
         "explained": {stage: summary.get("prompts") for stage, summary in explained.items()},
     }

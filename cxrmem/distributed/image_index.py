@@ -28,7 +28,7 @@ class IndexWorker:
         import torch
 
         from cxrmem.copies.embedders import make_embedder
-        from cxrmem.scoring.scorer import resolve_device
+        from cxrmem.scoring.device import resolve_device
         from cxrmem.stages.worker import embedder_settings
 
         if torch_threads:
@@ -47,7 +47,7 @@ def ray_rows(cfg, store: Store, chunks: list[pd.DataFrame]) -> Iterator[pa.Table
     import ray
     from ray.data import ActorPoolStrategy
 
-    actors, gpus = pool_size(cfg.ray)
+    actors, gpus = pool_size(cfg.ray, cfg.model.device)
     log.info("image index: %d parts on %d workers", len(chunks), actors)
     ds = ray.data.from_pandas([c[["part", "image_id", "path"]] for c in chunks])
     with warnings.catch_warnings():

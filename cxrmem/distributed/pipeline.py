@@ -60,7 +60,7 @@ def scored_batches(
     else:
         carry = None
     ds = ray.data.from_arrow(blocks)
-    actors, gpus = pool_size(cfg.ray)
+    actors, gpus = pool_size(cfg.ray, cfg.model.device)
     log.info("scoring on %d workers x %.2f GPU", actors, gpus)
     with warnings.catch_warnings():
         # max_restarts has no named parameter yet; Ray 2.60 flags every extra remote arg as deprecated.

@@ -43,10 +43,19 @@ QUIET_WORKERS = {
 }
 
 
-def local_num_cpus(ray_cfg) -> int:
+def local_num_gpus(device: str = "auto") -> int:
+    """The GPUs an in-process Ray gets: this machine's, unless model.device keeps the model on the CPU."""
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_num_cpus(ray_cfg, gpus: int = 0) -> int:
     if ray_cfg.local_num_cpus:
         return ray_cfg.local_num_cpus
-    workers = ray_cfg.num_workers or 1
+    workers = ray_cfg.num_workers or max(1, gpus)  # by default one scoring actor per GPU
     # One extra CPU for the read and filter tasks that feed the pool.
     return max(2, int(workers * ray_cfg.num_cpus_per_worker) + 1)
 
@@ -88,8 +97,9 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(ray_cfg):
-    """Join `ray.address`, or the cluster of the Ray job we run in, or start a private Ray in-process on the CPU.
+def ray_session(ray_cfg, device: str = "auto"):
+    """Join `ray.address`, or the cluster of the Ray job we run in, or start a private Ray in-process, sized
+    from this machine's GPUs (one scoring actor each) unless `device` (model.device) is the CPU.
 
     A session that is already initialised is used as is and left running.
     """
@@ -101,14 +111,14 @@ def ray_session(ray_cfg):
         return
     try:
         with keep_handlers():  # ray.init's SIGTERM handler would bypass the clean stop (cxrmem/interrupts.py)
-            start_or_join(ray_cfg)
+            start_or_join(ray_cfg, device)
         DataContext.get_current().print_on_execution_start = False
         yield
     finally:
         ray.shutdown()
 
 
-def start_or_join(ray_cfg) -> None:
+def start_or_join(ray_cfg, device: str = "auto") -> None:
     import ray
     from ray.data import DataContext
 
@@ -117,9 +127,11 @@ def start_or_join(ray_cfg) -> None:
     elif in_submitted_job():
         join_cluster(None)  # RAY_ADDRESS, as set by the job supervisor
     else:
+        gpus = local_num_gpus(device)
         ray.init(
             address="local",
-            num_cpus=local_num_cpus(ray_cfg),
+            num_cpus=local_num_cpus(ray_cfg, gpus),
+            num_gpus=gpus,
             include_dashboard=False,
             logging_level=logging.WARNING,
             runtime_env=worker_env(),
@@ -127,18 +139,25 @@ def start_or_join(ray_cfg) -> None:
         DataContext.get_current().enable_progress_bars = False  # the driver logs its own progress
 
 
-def pool_size(ray_cfg) -> tuple[int, float]:
+def pool_size(ray_cfg, device: str = "auto") -> tuple[int, float]:
     """(actors, GPUs per actor): by default one actor per GPU share of the cluster, 1 on CPUs.
 
-    Returns once the cluster can hold the whole pool (see `wait_for_pool`).
+    `device` is model.device: a pool meant for CUDA always asks for GPUs and waits for them (within
+    ray.resource_wait_s), never falling back to a CPU actor because the GPU nodes have not joined yet.
+    Returns once the cluster can hold the whole pool (see `wait_for_pool`) and, for a GPU pool, once a
+    process on one of its GPUs has shown that torch can use CUDA (`check_cuda_on_gpus`).
     """
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     # A cluster whose GPU workers scale up from zero shows no GPUs yet: a fixed pool on a remote
     # cluster still asks for them, so that the autoscaler brings them up.
-    wants_gpus = cluster_gpus > 0 or (ray_cfg.address is not None and bool(ray_cfg.num_workers))
-    gpus_per_worker = ray_cfg.num_gpus_per_worker if wants_gpus else 0.0
+    meant_for_cuda = str(device).startswith("cuda")
+    wants_gpus = meant_for_cuda or cluster_gpus > 0 or (ray_cfg.address is not None and bool(ray_cfg.num_workers))
+    gpus_per_worker = ray_cfg.num_gpus_per_worker if wants_gpus and device != "cpu" else 0.0
+    if meant_for_cuda and gpus_per_worker <= 0:
+        raise ValueError(f"model.device is {device} but ray.num_gpus_per_worker is {ray_cfg.num_gpus_per_worker:g}: "
+                         "give each worker a GPU share, or set model.device=cpu")  # fmt: skip
     if ray_cfg.num_workers:
         actors = ray_cfg.num_workers
     elif gpus_per_worker > 0:
@@ -146,7 +165,32 @@ def pool_size(ray_cfg) -> tuple[int, float]:
     else:
         actors, gpus_per_worker = 1, 0.0
     wait_for_pool(actors, {"CPU": ray_cfg.num_cpus_per_worker, "GPU": gpus_per_worker}, ray_cfg.resource_wait_s)
+    check_cuda_on_gpus(gpus_per_worker, ray_cfg.resource_wait_s)
     return actors, gpus_per_worker
+
+
+def check_cuda_on_gpus(gpus_per_worker: float, wait_s: float) -> None:
+    """Fail at once, with the worker's one line (torch's CUDA, the node's driver, what to do), when a process
+    that Ray gives a GPU cannot use CUDA: otherwise every actor of the pool fails the same way, deep in Ray
+    Data, after loading the model."""
+    import ray
+
+    from cxrmem.scoring.device import DeviceUnavailable, resolve_device
+
+    if gpus_per_worker <= 0:
+        return
+
+    @ray.remote(num_cpus=0, num_gpus=gpus_per_worker, max_retries=0)
+    def cuda_refusal():
+        try:
+            resolve_device("auto", gpu_assigned=True)
+        except DeviceUnavailable as err:
+            return str(err)
+        return None
+
+    refusal = ray.get(cuda_refusal.remote(), timeout=wait_s)
+    if refusal:
+        raise DeviceUnavailable(refusal)
 
 
 def wait_for_pool(actors: int, per_actor: dict, wait_s: float) -> None:

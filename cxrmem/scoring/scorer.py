@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
+from cxrmem.scoring.device import DeviceOutOfMemory, resolve_device, set_tf32
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.settings import Settings
@@ -74,6 +75,9 @@ class Continuation:
     def steps(self) -> int:
         return int(self.step_norms.shape[2])
 
+    def rows(self, lo: int, hi: int) -> "Continuation":
+        return Continuation(self.latents[lo:hi], self.step_norms[lo:hi])
+
 
 @dataclass
 class ScoreBatch:
@@ -88,11 +92,46 @@ class ScoreBatch:
     def empty(cls) -> "ScoreBatch":
         return cls(np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros(0, bool), np.zeros(0, int), np.zeros(0, bool))
 
+    @classmethod
+    def concat(cls, parts: list["ScoreBatch"]) -> "ScoreBatch":
+        """The rows of `parts` in order (a batch scored in chunks)."""
+        if len(parts) == 1:
+            return parts[0]
+        joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("d_mem", "step_norms", "nonfinite", "n_tokens", "truncated")}
+        latents = None if parts[0].latents is None else torch.cat([p.latents for p in parts])
+        return cls(**joined, latents=latents)
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+class Chunks:
+    """Runs a batch's work in chunks that fit the device: on a CUDA out-of-memory error the cache is freed,
+    the chunk halved and the same rows retried; the size that fit is kept for the next batches and logged.
+    Results do not depend on the chunking: every row's noises and trajectory are its own."""
+
+    def __init__(self, what: str, key: str):
+        self.what, self.key = what, key  # what a row is, and the config key that sets how many run at once
+        self.fits: Optional[int] = None  # the largest chunk known to fit (None: none failed yet)
+
+    def run(self, n: int, work):
+        """[work(lo, hi) for consecutive chunks covering [0, n)]."""
+        out, lo = [], 0
+        size = min(n, self.fits or n)
+        while lo < n:
+            hi = min(n, lo + size)
+            try:
+                out.append(work(lo, hi))
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise DeviceOutOfMemory(
+                        f"one {self.what} alone does not fit the device's memory: lower {self.key} (or use a larger GPU)"
+                    ) from None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                size = max(1, size // 2)
+                self.fits = size
+                log.warning("CUDA out of memory: retrying with %d %ss per call (%s asks for more)", size, self.what, self.key)
+                continue
+            lo = hi
+        return out
 
 
 class Scorer:
@@ -103,10 +142,24 @@ class Scorer:
     and never reach into the model's parts.
     """
 
-    def __init__(self, components, settings: ScoreSettings, device: Optional[str | torch.device] = None):
+    def __init__(
+        self,
+        components,
+        settings: ScoreSettings,
+        device: Optional[str | torch.device] = None,
+        gpu_assigned: bool = False,
+        tf32: bool = False,
+        decode_batch: int = 8,
+    ):
+        """`device`: model.device (a replica meant for CUDA that cannot use it raises DeviceUnavailable);
+        `gpu_assigned`: Ray gave this process a GPU; `tf32`: model.tf32; `decode_batch`: model.vae_decode_batch."""
         self._components = components
         self.settings = settings
-        self.device = resolve_device(device) if isinstance(device, str) or device is None else device
+        self.device = device if isinstance(device, torch.device) else resolve_device(device, gpu_assigned)
+        self.tf32, self.decode_batch = tf32, decode_batch
+        set_tf32(self.device, tf32)
+        self._chunks = {"score": Chunks("prompt", "score.batch_size"), "detect": Chunks("prompt", "score.batch_size"),
+                        "decode": Chunks("image", "model.vae_decode_batch")}  # fmt: skip
         if self.device.type == "cpu" and components.unet.dtype != torch.float32 and not settings.cpu_half:
             # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
             log.warning("model dtype %s on the CPU: using float32", components.unet.dtype)
@@ -143,7 +196,11 @@ class Scorer:
         """This scorer, or one on the same model over a `steps`-step schedule (whole trajectories)."""
         if steps is None or steps == self.settings.steps:
             return self
-        return Scorer(self._components, self.settings.replace(steps=steps, screening_steps=None), self.device)
+        return self.on(self._components, self.settings.replace(steps=steps, screening_steps=None))
+
+    def on(self, components, settings: Optional[ScoreSettings] = None) -> "Scorer":
+        """A scorer of `components` (another model: the attribution null) on this one's device and precision."""
+        return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch)
 
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,7 +371,16 @@ class Scorer:
 
         `start`: these prompts' trajectories after their first k <= steps steps under these settings'
         seeds and schedule (a Continuation of an earlier `score`'s `latents` and norms); only the
-        remaining steps run and the result is the from-scratch one (to floating-point tolerance)."""
+        remaining steps run and the result is the from-scratch one (to floating-point tolerance).
+        Runs in chunks that fit the device (`Chunks`: halved on a CUDA out-of-memory error)."""
+        prompts, prompt_ids = list(prompts), list(prompt_ids)
+
+        def chunk(lo: int, hi: int) -> ScoreBatch:
+            return self._score(prompts[lo:hi], prompt_ids[lo:hi], steps, None if start is None else start.rows(lo, hi))
+
+        return ScoreBatch.concat(self._chunks["score"].run(len(prompts), chunk)) if prompts else self._score(prompts, prompt_ids, steps, start)
+
+    def _score(self, prompts: list[str], prompt_ids: list[str], steps: Optional[int], start: Optional[Continuation]) -> ScoreBatch:
         steps = steps or self.settings.scored_steps
         encoded = self.encode(prompts)
         if start is not None and start.steps > steps:
@@ -344,14 +410,23 @@ class Scorer:
     # -- images ---------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [M, C, H, W] -> images in [0, 1] on the CPU; pixel-space models decode by identity."""
+        """Latents [M, C, H, W] -> images in [0, 1] on the CPU; pixel-space models decode by identity.
+
+        At most `decode_batch` images per VAE call (the SDXL VAE needs about a gigabyte per 512x512 image
+        in float32), halved on a CUDA out-of-memory error; in bfloat16 on CUDA (float16 overflows in the
+        SDXL VAE), float32 elsewhere. Each image's decode is its own: slices give the images of one call."""
         vae = self._components.vae
         if vae is None:
-            images = latents.float()
-        else:
-            vae.to(self.device)
-            images = vae.decode(latents.to(self.device, vae.dtype) / self._components.vae_scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+            return (latents.float() / 2 + 0.5).clamp(0, 1).cpu()
+        vae.to(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+
+        def decode_slice(lo: int, hi: int) -> torch.Tensor:
+            scaled = latents[lo:hi].to(self.device, vae.dtype) / self._components.vae_scaling_factor
+            return (vae.decode(scaled).sample.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+        slices = self._chunks["decode"]
+        slices.fits = min(slices.fits or self.decode_batch, self.decode_batch)
+        return torch.cat(slices.run(len(latents), decode_slice)) if len(latents) else decode_slice(0, 0)
 
     # == detectors (issue 15): the UNet work behind cxrmem/detectors.py =======================
     def _first_inputs(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor):
@@ -465,11 +540,17 @@ class Scorer:
         unknown = [name for name in names if name not in detectors.REGISTRY]
         if unknown:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
-        probe = Probe(self, self.encode(prompts), self.initial_latents(prompt_ids, settings.generations))
-        out: dict[str, np.ndarray] = {}
-        for name in names:
-            out.update(detectors.REGISTRY[name].compute(probe, settings))
-        return out
+        prompts, prompt_ids = list(prompts), list(prompt_ids)
+
+        def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
+            probe = Probe(self, self.encode(prompts[lo:hi]), self.initial_latents(prompt_ids[lo:hi], settings.generations))
+            out: dict[str, np.ndarray] = {}
+            for name in names:
+                out.update(detectors.REGISTRY[name].compute(probe, settings))
+            return out
+
+        parts = self._chunks["detect"].run(len(prompts), chunk) if prompts else [chunk(0, 0)]
+        return {column: np.concatenate([part[column] for part in parts]) for column in parts[0]}
 
 
 class Probe:

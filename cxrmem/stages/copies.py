@@ -29,7 +29,7 @@ from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
-from cxrmem.scoring.scorer import resolve_device
+from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
 from cxrmem.stages.worker import LocalModel, embedder_settings, map_with_progress, memorized_stage
 from cxrmem.stats import roc_auc

@@ -27,7 +27,7 @@ from cxrmem.copies.embedders import make_embedder
 from cxrmem.copies.images import IMAGE_COLUMNS, folder_table, read_table_file, table_images
 from cxrmem.copies.index import embedded_rows, embedding_part, stack_parts
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import resolve_device
+from cxrmem.scoring.device import resolve_device
 from cxrmem.stages.worker import embedder_settings
 from cxrmem.storage import Store, join
 

@@ -11,17 +11,21 @@ only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrmem.config import config_hash
+from cxrmem import storage
+from cxrmem.config import config_hash, effective_precision, with_overrides
 from cxrmem.interrupts import note_scored, stop_requested
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
+from cxrmem.scoring.device import Precision, planned_device
 from cxrmem.stages import score_parts
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
@@ -71,6 +75,34 @@ def stream_to_parts(store: Store, batches: Iterator[pa.Table], layout: RunLayout
     return parts
 
 
+def with_planned_device(cfg):
+    """cfg with model.device made concrete once, here on the driver: the resume key hashes the precision the
+    workers compute in, and each worker gets the same device (one meant for CUDA refuses if it cannot use it)."""
+    on_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # the Ray executor runs in a Ray session
+    device = planned_device(cfg.model.device, on_ray, cfg.ray.num_gpus_per_worker)
+    return cfg if device == cfg.model.device else with_overrides(cfg, model__device=device)
+
+
+PRECISION_RECORD = "precision.json"  # beside the score parts: the precision they were computed in
+
+
+def keep_one_precision(store: Store, layout: RunLayout, precision: Precision) -> None:
+    """Refuse to resume score parts computed in another effective precision (bfloat16 against float32 differs
+    by up to 16% of d_mem on the testbed: bench/RESULTS.md); record this run's precision for the next resume."""
+    record = storage.join(layout.score_parts, PRECISION_RECORD)
+    parts = store.list_files(layout.score_parts, suffix=".parquet")
+    if parts and store.exists(record):
+        before = Precision(**store.read_json(record))
+        if before != precision:
+            raise ValueError(
+                f"the {len(parts)} score parts under {layout.score_parts} were computed in {before.describe()}; this run "
+                f"would compute in {precision.describe()}. Resume with the same precision (model.dtype={before.dtype} "
+                f"model.device={before.device} model.tf32={str(before.tf32).lower()}), or delete {layout.score_parts} "
+                "to score everything again in the new one"
+            )
+    store.write_json(record, dataclasses.asdict(precision))
+
+
 def run(
     cfg,
     store: Optional[Store] = None,
@@ -88,8 +120,10 @@ def run(
     if not store.exists(prompts_uri):
         raise FileNotFoundError(f"{prompts_uri} does not exist; run `cxrmem prepare` for this run first")
     fingerprint = fingerprint or fingerprint_model(cfg.model, store)
+    cfg = with_planned_device(cfg)
     key = config_hash(cfg)
     with stage_writes(store, cfg.run, "score"):
+        keep_one_precision(store, layout, effective_precision(cfg))
         prompt_ids = store.read_table(prompts_uri, columns=["prompt_id"])["prompt_id"]
         done = score_parts.done_ids(store, score_parts.score_sources(store, layout), fingerprint, key)
         resumed = int(pc.sum(pc.is_in(prompt_ids, value_set=done)).as_py() or 0)

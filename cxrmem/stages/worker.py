@@ -64,6 +64,13 @@ def inject_fault_once() -> None:
     os._exit(1)
 
 
+def ray_gpu_assigned() -> bool:
+    """True in a Ray worker that Ray gave a GPU (it must then run on CUDA, or refuse)."""
+    import ray
+
+    return ray.is_initialized() and bool(ray.get_gpu_ids())
+
+
 def attribution_settings(cfg) -> AttributionSettings:
     return AttributionSettings.of(cfg.attribution, marker_regex=cfg.corpus.marker_regex, batch_size=cfg.score.batch_size)
 
@@ -124,7 +131,8 @@ class ModelWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # the actor's CPU share, not the whole node
         components = load_components(cfg.model, store, need_vae=need_vae)
-        self.scorer = Scorer(components, ScoreSettings.of(cfg.score), device=cfg.model.device)
+        m = cfg.model
+        self.scorer = Scorer(components, ScoreSettings.of(cfg.score), m.device, ray_gpu_assigned(), m.tf32, m.vae_decode_batch)
         self.components, self.null_scorer = components, None  # the null model: built by the first attribute_null
         self.batch_size = cfg.score.batch_size
         self.fingerprint, self.config_hash = fingerprint, config_hash(cfg)
@@ -188,7 +196,7 @@ class ModelWorker:
             from cxrmem.models.components import null_copy
 
             null = null_copy(self.components, self.attribution.null_seed)
-            self.null_scorer = Scorer(null, self.scorer.settings, device=self.scorer.device)
+            self.null_scorer = self.scorer.on(null)
             log.info("worker pid %d built the attribution null model (seed %d)", os.getpid(), self.attribution.null_seed)
         return attribute_prompts(self.null_scorer, prompts, prompt_ids, self.attribution)
 
