@@ -126,3 +126,40 @@ def test_a_resume_under_another_effective_precision_refuses(tiny_model_dir, tmp_
     assert store.list_files(layout.score_parts, suffix=".parquet")  # nothing was thrown away
     done = score.run(cfg)  # the same precision resumes
     assert done["resumed"] == 4 and done["rows"] == done["total"]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [True, False])
+def test_the_sync_free_ddim_update_is_diffusers_step(prediction_type, clip_sample):
+    from diffusers import DDIMScheduler
+
+    from cxrmem.scoring.ddim import DDIMUpdate
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=clip_sample,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)  # fmt: skip
+    scheduler.set_timesteps(10)
+    update = DDIMUpdate(scheduler, scheduler.timesteps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=generator)
+    for i, t in enumerate(scheduler.timesteps):  # every step, the last (final_alpha_cumprod) included
+        output = torch.randn(x.shape, generator=generator)
+        expected = scheduler.step(output, t, x).prev_sample
+        torch.testing.assert_close(update(i, output, x), expected, rtol=1e-6, atol=1e-6)
+        x = expected
+
+
+def test_a_trajectory_with_the_sync_free_update_is_the_diffusers_one(components):
+    scorer = Scorer(components, settings(steps=5))
+    ours = scorer.score(PROMPTS[:2], IDS[:2])
+    encoded, latents = scorer.encode(PROMPTS[:2]), scorer.initial_latents(IDS[:2])
+    x = latents.reshape(-1, *latents.shape[2:]).clone()
+    cond = encoded.embeddings.repeat_interleave(2, dim=0)
+    norms = []
+    for t in scorer.timesteps():  # the loop written with diffusers' own step
+        with torch.no_grad():
+            eps_u = scorer.predict_noise(x, t, scorer.empty_embedding.expand_as(cond))
+            eps_c = scorer.predict_noise(x, t, cond)
+        norms.append((eps_c - eps_u).flatten(1).norm(dim=1))
+        x = scorer._scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
+    reference = torch.stack(norms, dim=1).reshape(2, 2, -1)
+    np.testing.assert_allclose(ours.step_norms, reference.numpy(), rtol=1e-4, atol=1e-6)

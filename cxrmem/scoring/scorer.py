@@ -2,7 +2,7 @@
 
 The sampling loop in `Scorer.sample` is the whole trajectory in one place: both halves of
 classifier-free guidance in one UNet call, the noise norm recorded at every step, a DDIM step
-driven by the guided noise. Everything else (encoding, seeding, decoding) stays outside it.
+driven by the guided noise (cxrmem/scoring/ddim.py: diffusers' arithmetic without host syncs). Everything else (encoding, seeding, decoding) stays outside it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cxrmem import detectors
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
 from cxrmem.scoring.device import DeviceOutOfMemory, resolve_device, set_tf32
+from cxrmem.scoring.ddim import DDIMUpdate
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.settings import Settings
@@ -285,6 +286,7 @@ class Scorer:
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
+        ddim = DDIMUpdate(self._scheduler, timesteps)  # the schedule read once: no host sync inside the loop
         norms, kept, updates, differences = [], [], [], []
         for i, t in enumerate(timesteps):
             x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
@@ -301,7 +303,7 @@ class Scorer:
                 differences.append((eps_cond.float() - eps_uncond.float()).reshape(latents.shape).cpu())
             w_i = w[:, start_step + i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
             eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w_i)
-            x_next = self._scheduler.step(eps_guided, t, x).prev_sample
+            x_next = ddim(i, eps_guided, x)
             updates.append((x_next - x).flatten(1).norm(dim=1))
             x = x_next
         per_step = lambda values: torch.stack(values, dim=1).reshape(n, g, len(timesteps)).cpu()  # noqa: E731
