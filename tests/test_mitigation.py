@@ -133,6 +133,13 @@ def test_pairwise_rms_distance_by_hand():
         pairwise_rms_distance(white[None])
 
 
+def test_pairwise_rms_distance_is_the_mean_over_every_pair():
+    images = torch.rand(7, 1, 5, 6, generator=torch.Generator().manual_seed(0))
+    pairs = [(images[i] - images[j]).pow(2).sum().sqrt().item() / 30**0.5 for i in range(7) for j in range(i + 1, 7)]
+    assert pairwise_rms_distance(images) == pytest.approx(sum(pairs) / len(pairs), rel=1e-6)
+    assert pairwise_rms_distance(images, torch.device("cpu")) == pytest.approx(pairwise_rms_distance(images), rel=1e-12)
+
+
 def test_embedding_optimisation_lowers_the_first_step_norm(tiny_model_dir, components):
     cfg = tiny_config(tiny_model_dir)
     scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
