@@ -116,3 +116,13 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     assert main(["analyze", *overrides]) == 0
     analysis = json.loads(open(layout.summary).read())["analysis"]
     assert analysis["memorized_count"] >= math.ceil(0.01 * n)
+
+
+def test_a_screen_with_fewer_generations_carries_as_many_samples_per_call_as_the_full_score():
+    from cxrmem.stages.cascade import Stage, stage_config
+
+    cfg = load_config(None, ["score.generations=4", "score.batch_size=8"])
+    one = stage_config(cfg, "out", Stage("dmem", 10.0, 1, 1))
+    assert one.score.batch_size * one.score.generations == cfg.score.batch_size * cfg.score.generations == 32
+    assert stage_config(cfg, "out", Stage("dmem", 25.0, 2, 4)).score.batch_size == 8
+    assert stage_config(cfg, "out", Stage("latent_update", 10.0, 1, 1)).score.batch_size == 32

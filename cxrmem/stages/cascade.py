@@ -96,12 +96,16 @@ def plan(cfg) -> list[Stage]:
 def stage_config(cfg, output: str, stage: Stage):
     """A stage's scoring config: a dmem screen is d_mem's first `steps` steps; another detector is its
     column beside a first-step d_mem (which the score stage always writes, counted in the cost)."""
+    # As many samples per UNet call as a full-score call: a G=1 screen at the full score's batch size would
+    # leave a GPU launch-bound (about 33 samples a call for RadEdit's defaults). Not part of the score key.
+    batch_size = cfg.score.batch_size * max(1, cfg.score.generations // stage.generations)
     if stage.screen == "dmem":
         return with_overrides(
-            cfg, run__output=output, score__screening_steps=stage.steps, score__generations=stage.generations, score__detectors=[]
-        )
+            cfg, run__output=output, score__screening_steps=stage.steps, score__generations=stage.generations, score__detectors=[],
+            score__batch_size=batch_size,
+        )  # fmt: skip
     return with_overrides(
-        cfg, run__output=output, score__screening_steps=1, score__generations=stage.generations,
+        cfg, run__output=output, score__screening_steps=1, score__generations=stage.generations, score__batch_size=batch_size,
         score__detectors=[stage.screen], detect__generations=stage.generations, detect__steps=stage.steps,
     )
 
@@ -177,7 +181,7 @@ def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
         continued, saved = (0, 0) if carry is None else (carry.continued, carry.saved)
-        spent = evaluations(screening_cost(stage_cfg), scored["computed"], cfg.score.batch_size) - saved
+        spent = evaluations(screening_cost(stage_cfg), scored["computed"], stage_cfg.score.batch_size) - saved
         runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent, continued, saved))
         if carry is not None:
             carry.end_stage(chosen.tolist())
