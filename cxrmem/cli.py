@@ -9,11 +9,12 @@ one line on stderr, exit code 1 (2 for usage and configuration errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from cxrmem.config import ConfigError, load_config, public_config
 
@@ -107,7 +108,6 @@ def _run(args: argparse.Namespace) -> dict:
         texts = tokenizer_texts(seed=args.seed)
         return {"model": build_tiny_model(args.out, texts, radedit_shaped=args.radedit_shaped, seed=args.seed)}
 
-    from cxrmem.lease import LeaseSettings, hold
     from cxrmem.storage import Store
 
     cfg = load_config(args.config, args.overrides)
@@ -115,10 +115,23 @@ def _run(args: argparse.Namespace) -> dict:
     written = args.to if args.stage == "export" else cfg.run.output
     if args.stage not in WRITERS:
         return _stage(args, cfg, store)
-    # The run's lease before the stage's own imports (Ray, torch: seconds): a second writer is refused
-    # at once. The stages take it too (for library callers); held here, theirs is this one.
-    with hold(store, written, LeaseSettings.of(cfg.run)):
+    with writing(cfg, store, written, args.stage):
         return _stage(args, cfg, store)
+
+
+@contextlib.contextmanager
+def writing(cfg, store, prefix: str, command: str) -> Iterator[None]:
+    """Where every command that writes under a run's prefix starts (the CLI's and the Ray jobs'): the prefix
+    is checked against the config's inputs and for files no run wrote (cxrmem/output_guard.py) before anything
+    is written there, then the run's lease is taken, before the stage's own imports (Ray, torch: seconds), so
+    that a second writer is refused at once. The stages take the lease too (for library callers); held here,
+    theirs is this one."""
+    from cxrmem.lease import LeaseSettings, hold
+    from cxrmem.output_guard import check_output
+
+    check_output(cfg, store, prefix, command)
+    with hold(store, prefix, LeaseSettings.of(cfg.run)):
+        yield
 
 
 def _stage(args: argparse.Namespace, cfg, store) -> dict:
@@ -264,8 +277,12 @@ def job_main(description: str, stage, force_flag: bool = False) -> None:
     name = os.path.basename(parser.prog).removesuffix(".py")
 
     def command() -> dict:
+        from cxrmem.storage import Store
+
         cfg = load_config(args.config, args.overrides)
-        return stage(cfg, force=args.force) if force_flag else stage(cfg)
+        guard = writing(cfg, Store.from_config(cfg.storage), cfg.run.output, name) if name in WRITERS else contextlib.nullcontext()
+        with guard:
+            return stage(cfg, force=args.force) if force_flag else stage(cfg)
 
     code, result = run_reporting_errors(name, command)
     sys.exit(code if result is None else finish(name, result))

@@ -11,15 +11,19 @@ The scheme (local folders and S3 alike; S3 has no rename, so nothing here relies
 * Working files are never listed, by the rule of `RunLayout.is_working`: anything whose first path
   component starts with `_` (the `_lease.json` of the writer, `_parts/` resume checkpoints,
   `_staging/`), local `*.partial-*` files still being written, and rescoring's `latest.json` and
-  `runs/`. `verify_run` reports every other file the manifest does not list (`unlisted`).
+  `runs/`. Nor are foreign files, those the layout does not know (`RunLayout.knows`): a run never
+  wrote them, so it never publishes or deletes them; the manifest names them under `foreign`.
+  `verify_run` reports every other file the manifest does not list (`unlisted`).
 * Starting a run (`prepare_output`) at an unpublished P writes in place: a failed run leaves no
   manifest, so nothing of it is trusted, and a rerun resumes from its parts. At a published P
   it refuses (`RunExistsError`) unless `run.overwrite` is set; then the run writes to
   `P/_staging/` and the published run at P stays intact and readable while it works. A run that
   fails therefore never loses or changes anything already published.
 * Finishing (`publish_run`) publishes the manifest at the prefix the run wrote to. A staged run is
-  then promoted: (1) P's manifest is deleted, so P reads as unpublished rather than mixed;
-  (2) P's old files are deleted; (3) the staged files are copied into P and their sizes checked
+  then promoted: (1) the files P's manifest lists are recorded in `P/_staging/_replaced.json` and
+  P's manifest is deleted, so P reads as unpublished rather than mixed; (2) those old files are
+  deleted, and nothing else: a file the old manifest did not list (or the layout does not know) is
+  not the run's, whatever its name; (3) the staged files are copied into P and their sizes checked
   against the staged manifest; (4) P's manifest is written; (5) `P/_staging/` is deleted. If
   promotion is interrupted, the complete new run is still published at `P/_staging/`, and the
   next `prepare_output` or `publish_run` at P finishes the promotion.
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "cxrmem-run-manifest/1"
 STAGING_NAME = "_staging"
+REPLACED_NAME = "_replaced.json"  # in the staging prefix: the replaced run's files, while a promotion runs
 
 
 class RunNotPublishedError(FileNotFoundError):
@@ -57,6 +62,10 @@ class RunNotPublishedError(FileNotFoundError):
 
 class RunExistsError(FileExistsError):
     """The prefix already holds a published run and overwriting was not asked for."""
+
+
+class ForeignFilesError(FileExistsError):
+    """The prefix holds files no run wrote and no run's manifest; writing a run there was not allowed."""
 
 
 class ChecksumMismatchError(storage.StorageError):
@@ -78,10 +87,20 @@ def staging_prefix(prefix: str) -> str:
     return storage.join(prefix, STAGING_NAME)
 
 
-def run_files(store: Store, prefix: str) -> list[str]:
-    """Relative paths of the output files under `prefix` that a manifest lists (all but the working files)."""
+def present_files(store: Store, prefix: str) -> list[str]:
+    """Relative paths of every file under `prefix` but the working files: a run's outputs and foreign files."""
     relative = (storage.relative(uri, prefix) for uri in store.list_files(prefix))
     return [path for path in relative if not RunLayout.is_working(path)]
+
+
+def run_files(store: Store, prefix: str) -> list[str]:
+    """Relative paths of the output files under `prefix` that a manifest lists: those the run layout knows."""
+    return [path for path in present_files(store, prefix) if RunLayout.knows(path)]
+
+
+def foreign_files(store: Store, prefix: str) -> list[str]:
+    """Relative paths of the files under `prefix` that no run writes (a model, a corpus, a user's notes)."""
+    return [path for path in present_files(store, prefix) if not RunLayout.knows(path)]
 
 
 def _describe(store: Store, prefix: str, path: str) -> dict:
@@ -101,7 +120,8 @@ def publish_manifest(store: Store, prefix: str, model_fingerprint: str, config_d
 
     `config_dict` may be a DictConfig or a dict; credentials are removed before it is written.
     """
-    paths = run_files(store, prefix)
+    present = present_files(store, prefix)
+    paths = [path for path in present if RunLayout.knows(path)]
     if not paths:
         raise FileNotFoundError(f"nothing to publish under {prefix}: the run wrote no output files")
     entries = store.parallel(lambda path: _describe(store, prefix, path), paths)
@@ -114,6 +134,9 @@ def publish_manifest(store: Store, prefix: str, model_fingerprint: str, config_d
         "config": public_config(config_dict) if config_dict is not None else None,
         "files": files,
         "total_bytes": sum(entry["bytes"] for entry in entries),
+        # Files beside the run that it did not write (run.allow_foreign_files): named, so that `verify` does
+        # not report them as added, but never checksummed, exported or deleted as the run's.
+        "foreign": [path for path in present if not RunLayout.knows(path)],
         "extra": redact(extra or {}),
     }
     store.write_json(manifest_uri(prefix), manifest)
@@ -167,7 +190,8 @@ def verify_run(store: Store, prefix: str) -> dict:
     by_path = dict(zip(manifest["files"], problems))
     missing = sorted(path for path, problem in by_path.items() if problem == "missing")
     changed = sorted(path for path, problem in by_path.items() if problem == "changed")
-    unlisted = sorted(set(run_files(store, prefix)) - set(manifest["files"]))
+    foreign = set(manifest.get("foreign", []))
+    unlisted = sorted(set(present_files(store, prefix)) - set(manifest["files"]) - foreign)
     return {
         "prefix": prefix,
         "ok": not missing and not changed and not unlisted,
@@ -176,6 +200,7 @@ def verify_run(store: Store, prefix: str) -> dict:
         "missing": missing,
         "changed": changed,
         "unlisted": unlisted,
+        "foreign": sorted(foreign),
     }
 
 
@@ -218,8 +243,7 @@ def publish_run(
 def promote(store: Store, staged: str, output: str) -> None:
     """Replace the run at `output` with the published run at `staged` (steps 1-5 of the module doc)."""
     manifest = require_published(store, staged)
-    store.delete(manifest_uri(output))
-    old = run_files(store, output)  # never the staged run: internal paths are not listed
+    old = replaced_files(store, staged, output)
     store.parallel(lambda path: store.delete(storage.join(output, path)), old)
 
     def copy(item: tuple[str, dict]) -> None:
@@ -233,9 +257,31 @@ def promote(store: Store, staged: str, output: str) -> None:
             )
 
     store.parallel(copy, manifest["files"].items())
-    store.write_json(manifest_uri(output), manifest)
+    # Files beside the old run that it did not write stayed: named as foreign, as a run written beside them is.
+    store.write_json(manifest_uri(output), {**manifest, "foreign": foreign_files(store, output)})
     store.delete_tree(staged)
     log.info("promoted %s to %s", staged, output)
+
+
+def replaced_files(store: Store, staged: str, output: str) -> list[str]:
+    """The files of the run at `output` that promoting `staged` deletes (steps 1-2 of the module doc).
+
+    Only the files its manifest lists, so that a model, a corpus or a user's file that shares the
+    folder is never touched; and of those only the ones the layout knows, since a manifest written
+    before foreign files were told apart may list them. The list is recorded in the staged run
+    before the old manifest goes, so that an interrupted promotion still knows it.
+    """
+    record = storage.join(staged, REPLACED_NAME)
+    old = read_manifest(store, output)
+    if old is not None:
+        listed = sorted(old["files"])
+        store.write_json(record, listed)
+        store.delete(manifest_uri(output))
+    elif store.exists(record):
+        listed = store.read_json(record)
+    else:
+        listed = []  # nothing was published at `output`: nothing there is a run's to remove
+    return [path for path in listed if RunLayout.knows(path) and not RunLayout.is_working(path)]
 
 
 def finish_interrupted_promotion(store: Store, output: str) -> bool:
@@ -293,7 +339,7 @@ def export_run(
 
     start = time.perf_counter()
     copied = store.parallel(copy, manifest["files"].items())
-    store.write_json(manifest_uri(target), manifest)
+    store.write_json(manifest_uri(target), {**manifest, "foreign": []})  # the source's foreign files stay behind
     if target != dst_prefix:
         promote(store, target, dst_prefix)
     seconds = time.perf_counter() - start

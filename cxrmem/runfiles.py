@@ -39,6 +39,14 @@ def check_prompt_ids(ids: Iterable, where: str) -> None:
 WORKING_PREFIX = "_"
 RESCORE_NAMES = ("latest.json", "runs")
 MANIFEST_NAME = "manifest.json"
+# The outputs a run writes, by name under its prefix (the properties of RunLayout below, and rescoring's
+# diff.parquet), and its one folder of outputs. With the working files these are the only files a run
+# writes: anything else under a prefix is foreign, never published and never deleted (cxrmem/publish.py).
+OUTPUT_NAMES = frozenset({
+    "prompts.parquet", "prepare_summary.json", "scores.parquet", "summary.json", "memorized_prompts.csv", "tokens.parquet",
+    "mitigation.parquet", "copies.parquet", "report.html", "metrics.json", "summary.md", "diff.parquet",
+})  # fmt: skip
+OUTPUT_FOLDERS = ("figures",)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,12 @@ class RunLayout:
         """True for the files under a prefix that no manifest lists and `verify` does not report (see WORKING_PREFIX)."""
         first = str(relative_path).split("/", 1)[0]
         return first.startswith(WORKING_PREFIX) or first in RESCORE_NAMES or PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
+
+    @staticmethod
+    def knows(relative_path: str) -> bool:
+        """True for the files a run writes under its prefix: its outputs (OUTPUT_NAMES, OUTPUT_FOLDERS) and working files."""
+        path = str(relative_path)
+        return RunLayout.is_working(path) or path in OUTPUT_NAMES or path.split("/", 1)[0] in OUTPUT_FOLDERS
 
     def path(self, name: str) -> str:
         return join(self.prefix, name)
