@@ -163,3 +163,19 @@ def test_a_trajectory_with_the_sync_free_update_is_the_diffusers_one(components)
         x = scorer._scheduler.step(eps_u + 7.5 * (eps_c - eps_u), t, x).prev_sample
     reference = torch.stack(norms, dim=1).reshape(2, 2, -1)
     np.testing.assert_allclose(ours.step_norms, reference.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_float32_output_layers_bring_bfloat16_d_mem_closer_to_float32(tiny_model_dir):
+    def d_mem(dtype: str, float32_output: bool = True) -> np.ndarray:
+        parts = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": tiny_model_dir, "dtype": dtype}))
+        scorer = Scorer(parts, settings(cpu_half=True, generations=2, steps=2), float32_output=float32_output)
+        if dtype != "float32":
+            assert (parts.unet.conv_out.weight.dtype == torch.float32) == float32_output
+            assert parts.unet.conv_in.weight.dtype == torch.bfloat16  # the rest of the UNet stays in bfloat16
+        return scorer.score(PROMPTS, IDS).d_mem
+
+    full = d_mem("float32")
+    plain, mixed = d_mem("bfloat16", float32_output=False), d_mem("bfloat16")
+    error_plain, error_mixed = np.abs(plain - full) / full, np.abs(mixed - full) / full
+    print(f"relative d_mem error against float32: bf16 {error_plain.max():.2e}, bf16 with float32 output layers {error_mixed.max():.2e}")
+    assert error_mixed.mean() < error_plain.mean()

@@ -103,6 +103,23 @@ def planned_device(name: str | None, on_ray: bool, ray_gpus_per_worker: float) -
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def output_layers_in_float32(unet) -> bool:
+    """Run a half-precision UNet's last layers (conv_norm_out, its activation, conv_out) in float32, so that
+    the noise prediction is not rounded to bfloat16's 3 significant digits at the end: d_mem is the norm of
+    eps_c - eps_u, a difference of two nearly equal predictions, which that last rounding dominates
+    (bench/RESULTS.md, "Precision"). The layers are a GroupNorm and one 3x3 convolution to 4 channels:
+    their cost is negligible beside the UNet. False where the UNet has no such layers (nothing changed)."""
+    import torch
+
+    norm, out = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_out", None)
+    if out is None or out.weight.dtype == torch.float32:
+        return False
+    first = norm if norm is not None else out
+    first.float().register_forward_pre_hook(lambda module, args: tuple(a.float() for a in args))
+    out.float()
+    return True
+
+
 def set_tf32(device, enabled: bool) -> None:
     """TF32 on or off for this process's CUDA float32 matmuls and cuDNN convolutions (torch allows
     TF32 convolutions by default: off unless asked, so float32 means float32)."""

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
-from cxrmem.scoring.device import DeviceOutOfMemory, resolve_device, set_tf32
+from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, resolve_device, set_tf32
 from cxrmem.scoring.ddim import DDIMUpdate
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
@@ -151,9 +151,11 @@ class Scorer:
         gpu_assigned: bool = False,
         tf32: bool = False,
         decode_batch: int = 8,
+        float32_output: bool = True,
     ):
         """`device`: model.device (a replica meant for CUDA that cannot use it raises DeviceUnavailable);
-        `gpu_assigned`: Ray gave this process a GPU; `tf32`: model.tf32; `decode_batch`: model.vae_decode_batch."""
+        `gpu_assigned`: Ray gave this process a GPU; `tf32`: model.tf32; `decode_batch`: model.vae_decode_batch;
+        `float32_output`: a half-precision UNet's output layers in float32 (off only to measure the gain)."""
         self._components = components
         self.settings = settings
         self.device = device if isinstance(device, torch.device) else resolve_device(device, gpu_assigned)
@@ -169,6 +171,8 @@ class Scorer:
         self._unet = components.unet.to(self.device)
         self._text_encoder = components.text_encoder.to(self.device)
         self.dtype = self._unet.dtype
+        if float32_output:
+            output_layers_in_float32(self._unet)
         # A private scheduler: set_timesteps mutates it, and workers must not share that state.
         self._scheduler = copy.deepcopy(components.scheduler)
         self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
