@@ -163,3 +163,97 @@ def test_lease_keys_are_validated():
         load_config(None, ["run.lease_timeout_s=0"])
     with pytest.raises(ConfigError, match="run.force_lease"):
         load_config(None, ["run.force_lease=maybe"])
+
+
+# -- leases this code cannot read, and clocks ahead of ours -------------------------------------
+BAD_LEASES = {
+    "not JSON": b"{half a lease",
+    "a list": b"[1, 2, 3]",
+    "null": b"null",
+    "wrong types": json.dumps({"host": 7, "pid": "1234", "heartbeat_unix": "yesterday", "token": None}).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_LEASES))
+def test_an_unreadable_lease_is_reported_in_one_line_and_taken_over(run_prefix, kind, caplog):
+    store, prefix, _ = run_prefix
+    uri = RunLayout(prefix).lease
+    store.write_bytes(uri, BAD_LEASES[kind])
+    taker = Lease(store, prefix, LeaseSettings(), "cxrmem score")  # the default 600 s timeout: no waiting for these
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="cxrmem.lease"):
+        taker.acquire()
+    assert time.monotonic() - started < 5
+    assert json.loads(store.read_bytes(uri))["token"] == taker.token
+    lines = [record.getMessage() for record in caplog.records if record.name == "cxrmem.lease"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert f"taking over the lease {uri} as stale: it is unreadable" in lines[0] and "its owner cannot be read" in lines[0]
+    assert "refuses to publish" in lines[0] and "rerun it" in lines[0]  # what a writer still running does, and the way on
+    taker.release()
+    assert not store.exists(uri)
+
+
+def test_an_unreadable_heartbeat_of_a_known_owner_is_stale_once_unchanged_for_the_timeout(tmp_path, caplog):
+    store, prefix = Store(), str(tmp_path / "run")
+    uri = RunLayout(prefix).lease
+    store.write_bytes(uri, stale_record(heartbeat_unix="yesterday"))  # this process: alive, but it never beats this lease
+    taker = Lease(store, prefix, LeaseSettings(timeout_s=1.0), "cxrmem score")
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="cxrmem.lease"):
+        taker.acquire()
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 4, waited
+    assert "heartbeat_unix 'yesterday' is not a number" in caplog.text and uri in caplog.text
+    taker.release()
+
+
+def test_a_heartbeat_in_the_future_is_stale_after_the_timeout_of_this_process_clock(run_prefix, caplog):
+    store, prefix, _ = run_prefix
+    uri = RunLayout(prefix).lease
+    store.write_bytes(uri, stale_record(host="another-host", heartbeat_unix=time.time() + 86400))  # a clock a day ahead
+    taker = Lease(store, prefix, LeaseSettings(timeout_s=1.0), "cxrmem score")
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="cxrmem.lease"):
+        taker.acquire()
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 5, waited  # not the day the heartbeat claims
+    assert json.loads(store.read_bytes(uri))["token"] == taker.token
+    assert "86400 s in the future" in caplog.text and "did not change for 1 s" in caplog.text
+    taker.release()
+
+
+def test_a_live_holder_with_a_clock_ahead_is_refused(run_prefix):
+    store, prefix, _ = run_prefix
+    uri = RunLayout(prefix).lease
+    stop = threading.Event()
+
+    def beat():  # a holder on a host whose clock is a day ahead, rewriting its lease as a live one does
+        while not stop.is_set():
+            store.write_bytes(uri, stale_record(host="another-host", heartbeat_unix=time.time() + 86400))
+            stop.wait(0.3)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not store.exists(uri) and time.monotonic() < deadline:  # its first write is there
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(LeaseHeldError, match=r"bob@another-host .* s in the future"):
+            Lease(store, prefix, LeaseSettings(timeout_s=3.0), "cxrmem score").acquire()
+        assert time.monotonic() - started < 3.0  # refused once the lease changed, before the timeout
+    finally:
+        stop.set()
+        beating.join()
+
+
+def test_a_list_lease_does_not_stop_a_real_command(tiny_model_dir, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "_lease.json").write_text("[1, 2, 3]")
+    command = [CXRMEM, "prepare", f"model.path={tiny_model_dir}", "corpus.synthetic.n_reports=40", f"run.output={output}"]
+    done = subprocess.run(command, env=cli_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "_lease.json" in line]
+    assert len(lines) == 1 and "JSON list [1, 2, 3], not an object" in lines[0] and "Traceback" not in done.stderr
+    assert not (output / "_lease.json").exists()  # taken over, then released
