@@ -42,12 +42,16 @@ ROOT = os.path.dirname(HERE)
 
 
 class NullWorker:
-    """An actor with the ModelWorker interface that loads no model: the pipeline without its model."""
+    """An actor with the pool's ModelWorker interface that loads no model: the pipeline without its model."""
 
-    def __init__(self, cfg, store, fingerprint: str = "", torch_threads=None):
+    def __init__(self, cfg, store, fingerprint: str = "", need_vae: bool = False, torch_threads=None):
         from cxrmem.config import config_hash
 
         self.fingerprint, self.key = fingerprint, config_hash(cfg)
+
+    def score_block(self, cfg, fingerprint, batch, carried=None):
+        self.fingerprint = fingerprint
+        return self(batch)
 
     def __call__(self, batch):
         from cxrmem.scoring.scorer import ScoreBatch

@@ -170,6 +170,7 @@ class AuditSection(Section):
     memorized_count: int
     threshold: Optional[float]
     timings_s: dict  # stage -> wall seconds, in run order
+    model_loads: dict = field(default_factory=dict)  # actor pid -> models it loaded: 1 each, one pool for every stage
 
     def timings(self) -> dict[str, float]:
         scoring = self.scoring or {}

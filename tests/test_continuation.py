@@ -144,13 +144,13 @@ def test_continue_trajectories_is_a_boolean_key():
 
 
 def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir, tmp_path):
-    """The Ray path without Ray: the driver's carry puts the states in the block, a CarriedWorker continues
-    from them and sends back the states it made; the screen and the full score agree with the in-process
+    """The Ray path without Ray: the driver's carry puts the states in the block, one pooled worker (loaded once,
+    serving both stages' configs) continues from them and sends back the states it made; the screen and the full score agree with the in-process
     worker that holds the carry itself, and count the same continued prompts and saved evaluations."""
     import pyarrow as pa
 
     from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryState
-    from cxrmem.stages.worker import CarriedWorker, ModelWorker
+    from cxrmem.stages.worker import ModelWorker
 
     cfg = load_config(None, [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu",
                              "score.steps=4", "score.generations=2", "score.batch_size=2"])
@@ -158,7 +158,7 @@ def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir,
     block = pa.table({"prompt_id": IDS, "prompt": PROMPTS})
     full = ScoreSettings.of(cfg.score)
     local, riding = TrajectoryCarry(full), TrajectoryCarry(full)
-    tables = {}
+    tables, pooled = {}, ModelWorker(cfg, Store())
     for name, stage_cfg in (("screen", screen_cfg), ("full", cfg)):
         capacity = len(IDS) if name == "screen" else 0
         local.begin_stage(capacity)
@@ -166,7 +166,7 @@ def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir,
         here = ModelWorker(stage_cfg, Store(), carry=local)(block)
         sent = riding.with_states(block, ScoreSettings.of(stage_cfg.score).scored_steps, cfg.score.batch_size)
         assert sent[STATE_COLUMN].null_count == (len(IDS) if name == "screen" else 0)
-        back = CarriedWorker(stage_cfg, Store(), **riding.worker_kwargs())(sent)
+        back = pooled.score_block(stage_cfg, "", sent, riding.worker_kwargs())
         assert back[STATE_COLUMN].null_count == (0 if name == "screen" else len(IDS))  # states made by a screen only
         tables[name] = (here.sort_by("prompt_id"), riding.receive(back).sort_by("prompt_id"))
         assert (riding.continued, riding.saved) == (local.continued, local.saved)

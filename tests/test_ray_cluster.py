@@ -392,3 +392,21 @@ def test_cascade_on_ray_scores_and_continues_as_in_process(driver_on_head, score
     assert section["continuation"] == sections["local"]["continuation"] and section["evaluations"] == sections["local"]["evaluations"]
     assert list(scores["ray"].index) == list(scores["local"].index)
     np.testing.assert_allclose(scores["ray"]["d_mem"], scores["local"]["d_mem"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_model_pool_serves_every_stage_of_an_audit(driver_on_head, tiny_model_dir, tmp_path):
+    """The cascade's screens, the full score, the audit sample, attribution and mitigation on the same actors:
+    each actor loads the model once in the whole audit (before: a pool per stage, 8 loads for this audit)."""
+    from cxrmem.distributed.audit import run_audit
+
+    stages = "cascade.stages=[{screen: dmem, keep_percent: 60, steps: 1, generations: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"
+    cfg = small_config(tmp_path / "run", tiny_model_dir, "score.steps=4", "cascade.enabled=true", "cascade.audit_sample=4", stages,
+                       "ray.num_workers=2", "ray.num_cpus_per_worker=1")  # fmt: skip
+    result = run_audit(cfg)
+    loads = result["model_loads"]
+    assert len(loads) == 2 and set(loads.values()) == {1}, loads  # two actors, one model load each
+    summary = Store().read_json(RunLayout(str(tmp_path / "run")).summary)
+    assert summary["audit"]["model_loads"] == loads
+    assert len(summary["cascade"]["rounds"][-1]["stages"]) == 2 and summary["cascade"]["audit"]["sample"] == 4
+    assert {"attribute", "mitigate"} <= set(summary["audit"]["timings_s"])

@@ -1,9 +1,10 @@
 """`cxrmem audit` on Ray: prepare, score, analyze, attribute, mitigate, copies (with images.source), report, publish.
 
-The same stage functions as the single-stage commands, with the model work mapped over Ray:
-scoring streams the corpus through a Ray Data actor pool (pipeline.py), and the small memorized
-set goes to a few actors of the same worker class (actors.py), each loading the model once for
-both attribution and mitigation. The run is published (manifest written last) only when every
+The same stage functions as the single-stage commands, with the model work mapped over one Ray actor
+pool for the whole audit (pipeline.py's ModelPool): the cascade's screens, the full score, the audit
+sample, attribution, mitigation and copies run on the same actors, each loading the model once. The
+copies stage's image index (another model: the image embedder) is built first, on its own actors,
+before the model pool holds the devices. The run is published (manifest written last) only when every
 stage has finished; a failed run leaves no manifest, and rerunning it resumes from its score parts.
 """
 
@@ -15,9 +16,8 @@ import time
 from typing import Optional
 
 from cxrmem.config import config_hash, with_overrides
-from cxrmem.distributed.actors import ActorModels
 from cxrmem.distributed.image_index import ray_rows
-from cxrmem.distributed.pipeline import scored_batches
+from cxrmem.distributed.pipeline import ModelPool
 from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
@@ -45,44 +45,32 @@ class StageTimer:
         log.info("audit: %s done in %.1f s", stage, self.seconds[stage])
 
 
-def explain_memorized(cfg, store: Store, n_memorized: int, timer: StageTimer) -> dict:
-    """tokens.parquet, mitigation.parquet and (with images.source) copies.parquet for the memorized set, on one
-    set of actors; the copies stage's image index is built first, on its own actor pool."""
+def explain_memorized(cfg, store: Store, models: ModelPool, timer: StageTimer) -> dict:
+    """tokens.parquet, mitigation.parquet and (with images.source) copies.parquet for the memorized set, on the
+    audit's model pool."""
     results: dict = {}
-    check_copies = bool(cfg.images.source)
-    if not (cfg.attribution.enabled or cfg.mitigation.enabled or check_copies):
-        return results
-    if check_copies:
-        with timer("image_index"):
-            log.info("image index: %s", copies.build_image_index(cfg, store, ray_rows))
-    # The controls of the copies check are mapped too: actors for them as well.
-    n_prompts = n_memorized + (cfg.copies.n_controls if check_copies else 0)
-    models = ActorModels(cfg, store, n_prompts, need_vae=cfg.mitigation.enabled or check_copies)
-    try:
-        if cfg.attribution.enabled:
-            with timer("attribute"):
-                results["attribution"] = attribute.run(cfg, store, models)
-        if cfg.mitigation.enabled:
-            with timer("mitigate"):
-                results["mitigation"] = mitigate.run(cfg, store, models)
-        if check_copies:
-            with timer("copies"):
-                results["copies"] = copies.run(cfg, store, models)  # the index is built: only unreadable files are retried
-    finally:
-        models.close()
+    if cfg.attribution.enabled:
+        with timer("attribute"):
+            results["attribution"] = attribute.run(cfg, store, models)
+    if cfg.mitigation.enabled:
+        with timer("mitigate"):
+            results["mitigation"] = mitigate.run(cfg, store, models)
+    if cfg.images.source:
+        with timer("copies"):
+            results["copies"] = copies.run(cfg, store, models)  # the index is built: only unreadable files are retried
     return results
 
 
-def score_and_analyze(cfg, store: Store, fingerprint: str, timer: StageTimer) -> tuple[dict, dict]:
+def score_and_analyze(cfg, store: Store, fingerprint: str, models: ModelPool, timer: StageTimer) -> tuple[dict, dict]:
     with timer("score"):
         if cfg.cascade.enabled:
             from cxrmem.distributed.cascade import run_cascade
 
-            scoring = run_cascade(cfg, store, fingerprint)
+            scoring = run_cascade(cfg, store, fingerprint, models.scored_batches)
             # scores.parquet holds the screened share only: the same top share of the whole corpus.
             top_percent: Optional[float] = scoring["analysis_top_percent"]
         else:
-            scoring, top_percent = score.run(cfg, store, fingerprint, scored_batches), None
+            scoring, top_percent = score.run(cfg, store, fingerprint, models.scored_batches), None
     with timer("analyze"):
         analysis = analyze.run(cfg, store, top_percent=top_percent)
     return scoring, analysis
@@ -114,10 +102,17 @@ def _audit(cfg, store: Store, lease) -> dict:
                 prepare.run(cfg, store)
         with timer("fingerprint"):
             fingerprint = fingerprint_model(cfg.model, store)
-        scoring, analysis = score_and_analyze(cfg, store, fingerprint, timer)
-        explained = explain_memorized(cfg, store, analysis["memorized_count"], timer)
+        if cfg.images.source:  # its own actors (the embedder), released before the model pool takes the devices
+            with timer("image_index"):
+                log.info("image index: %s", copies.build_image_index(cfg, store, ray_rows))
+        cfg = score.with_planned_device(cfg)  # the pool's workers and every stage's score key agree on the device
+        need_vae = cfg.mitigation.enabled or bool(cfg.images.source)
+        with ModelPool(cfg, store, need_vae=need_vae) as models:
+            scoring, analysis = score_and_analyze(cfg, store, fingerprint, models, timer)
+            explained = explain_memorized(cfg, store, models, timer)
+            model_loads = models.model_loads()
     audit = AuditSection(output=output, scoring=scoring, memorized_count=analysis["memorized_count"],
-                         threshold=analysis["threshold"], timings_s=dict(timer.seconds))
+                         threshold=analysis["threshold"], timings_s=dict(timer.seconds), model_loads=model_loads)
     write_sections(store, layout, audit)  # before the report, which shows it, and the manifest, which checksums it
     with timer("report"):
         written = report.run(cfg, store)

@@ -1,92 +1,127 @@
-"""Ray Data scoring: prompts.parquet streams through an actor pool of model workers to the driver.
+"""The audit's actor pool: every stage that runs the model maps its work over the same Ray actors.
 
-    prompts.parquet (ids and texts not yet scored, read on the driver, one block per batch)
-        -> from_arrow -> map_batches(ModelWorker, actor pool) -> iter_batches on the driver
+    prompts.parquet (ids and texts not yet scored, read on the driver, one block per ray.batch_size)
+        -> ModelPool.scored_batches: the blocks over the actors (ActorPool, results in order)
         -> the score stage's part files -> scores.parquet
 
-`scored_batches` is the score stage's executor on Ray (cxrmem/stages/score.py has the one in
-this process). The driver holds at most one part's rows at a time. Ray Data restarts a lost
-actor and retries its batch; only completed batches reach the driver, which is what makes every
-prompt land in exactly one part.
+Each actor is a ModelWorker (cxrmem/stages/worker.py) in the manner of Ray's batch-inference examples:
+its `__init__` loads the model once, and each call maps one block. A call brings its stage's config,
+and the worker serves it from the model it holds (`ModelWorker.for_config`), so the cascade's screens,
+the full score, the audit sample, attribution, mitigation and copies run on one set of actors: the
+model is loaded once per actor per audit (summary.json's `audit.model_loads` counts it). A lost actor
+is restarted (ray.max_restarts) and reruns the block it held; only completed blocks reach the driver,
+which is what makes every prompt land in exactly one part. `scored_batches` is the score stage's
+executor for a scoring that has no pool of its own (a pool for that one scoring).
+
+No Ray Data read, filter or repartition tasks run before the pool: each of those asks for a whole CPU,
+and when the scoring pools of jobs sharing a cluster hold every CPU, no job could read and all of them
+would hang. Only the ids and texts of the prompts left to score are read, on the driver (tens of MB
+for MIMIC-CXR's 100,000 prompts), and a lost actor costs one block, not a whole file.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
-import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.distributed.session import pool_size
 from cxrmem.scoring.scorer import ScoreSettings
-from cxrmem.stages.worker import CarriedWorker, ModelWorker
+from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
 
+class ModelPool:
+    """The audit's model actors (one per GPU share by default, `pool_size`), each loading the model once."""
+
+    def __init__(self, cfg, store: Store, need_vae: bool = False, worker: type = ModelWorker):
+        """`worker`: the actor class (bench/scale.py measures the pool's own ceiling with one that loads no model)."""
+        import ray
+
+        actors, gpus = pool_size(cfg.ray, cfg.model.device)
+        remote = ray.remote(worker).options(
+            num_cpus=cfg.ray.num_cpus_per_worker,
+            num_gpus=gpus,
+            max_restarts=cfg.ray.max_restarts,
+            max_task_retries=-1 if cfg.ray.max_restarts else 0,  # a restarted actor reruns the lost block
+        )
+        threads = int(cfg.ray.num_cpus_per_worker)
+        self.actors = [remote.remote(cfg, store, need_vae=need_vae, torch_threads=threads) for _ in range(actors)]
+        self.described = f"{actors} workers x ({cfg.ray.num_cpus_per_worker:g} CPU, {gpus:g} GPU)"
+        log.info("model pool: %s", self.described)
+
+    def __enter__(self) -> "ModelPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def scored_batches(self, cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None) -> Iterator[pa.Table]:
+        """scores.parquet rows of the prompts not in `skip_ids` under `cfg`'s scoring, block by block in order
+        (the score stage's executor). `carry`: the cascade's TrajectoryCarry (cxrmem/stages/continuation.py);
+        where it holds these settings' trajectories, its states ride in the blocks to the actors and the states
+        they make come back to it."""
+        import ray
+        from ray.util import ActorPool
+
+        prompts = store.read_table(prompts_uri, columns=["prompt_id", "prompt"])
+        if len(skip_ids):
+            prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
+        size = cfg.ray.batch_size
+        blocks = [prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)]
+        settings, carried = ScoreSettings.of(cfg.score), None
+        if carry is not None and carry.matches(settings):
+            blocks = [carry.with_states(block, settings.scored_steps, cfg.score.batch_size) for block in blocks]
+            carried = carry.worker_kwargs()
+        stage_cfg = ray.put(cfg)  # once, not with every block
+        results = ActorPool(self.actors).map(lambda actor, block: actor.score_block.remote(stage_cfg, fingerprint, block, carried), blocks)
+        if carried is not None:
+            results = map(carry.receive, results)
+        return watched(results, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, self.described))
+
+    def map(self, method: str, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
+        """The memorized-set stages' executor (the signature of the in-process `LocalModel.map`): chunks of
+        prompts over the actors, (prompts done, result) per chunk in input order."""
+        from ray.util import ActorPool
+
+        # A few chunks per actor balance uneven prompts; always at least one so the result has its schema.
+        size = max(1, math.ceil(len(prompts) / (4 * len(self.actors))))
+        chunks = [prompts.iloc[lo : lo + size] for lo in range(0, max(len(prompts), 1), size)]
+        results = ActorPool(self.actors).map(
+            lambda actor, chunk: getattr(actor, method).remote(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args),
+            chunks,
+        )
+        for chunk, result in zip(chunks, results):
+            yield len(chunk), result
+
+    def model_loads(self) -> dict:
+        """Per actor process (pid), the models it loaded: 1 each when every stage reused the pool."""
+        import ray
+
+        return {str(pid): loads for pid, loads in ray.get([actor.model_loads.remote() for actor in self.actors])}
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
 def scored_batches(
     cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker, carry=None
 ) -> Iterator[pa.Table]:
-    """scores.parquet rows of the prompts not in `skip_ids`, streamed from the actor pool. Needs a Ray session.
-
-    `worker` is the actor class (bench/scale.py measures the pipeline's own ceiling with one that scores nothing).
-    `carry`: the cascade's TrajectoryCarry (cxrmem/stages/continuation.py); where it holds these settings'
-    trajectories, its states ride in the blocks to `CarriedWorker` actors and the states they make come back to it."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    # The blocks are cut here, on the driver, and handed to Ray Data ready to map: no read, filter or
-    # repartition tasks run before the pool. Each of those asks for a whole CPU (Ray Data's ListFiles
-    # and StreamingRepartition take no resource arguments), and when the scoring pools of jobs sharing
-    # a cluster hold every CPU, no job could read and all of them would hang. Only the ids and texts
-    # of the prompts left to score are read (tens of MB for MIMIC-CXR's 100,000 prompts), and every
-    # block is one batch: results then reach the driver and the part files batch by batch, and a lost
-    # actor costs one batch, not a whole file.
-    prompts = store.read_table(prompts_uri, columns=["prompt_id", "prompt"])
-    if len(skip_ids):
-        prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
-    size = cfg.ray.batch_size
-    blocks = [prompts.slice(lo, size) for lo in range(0, prompts.num_rows, size)] or [prompts]
-    kwargs = {}
-    settings = ScoreSettings.of(cfg.score)
-    if carry is not None and carry.matches(settings):
-        blocks = [carry.with_states(block, settings.scored_steps, cfg.score.batch_size) for block in blocks]
-        worker, kwargs = CarriedWorker, carry.worker_kwargs()
-    else:
-        carry = None
-    ds = ray.data.from_arrow(blocks)
-    actors, gpus = pool_size(cfg.ray, cfg.model.device)
-    log.info("scoring on %d workers x %.2f GPU", actors, gpus)
-    with warnings.catch_warnings():
-        # max_restarts has no named parameter yet; Ray 2.60 flags every extra remote arg as deprecated.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = ds.map_batches(
-            worker,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "store": store,
-                "fingerprint": fingerprint,
-                "torch_threads": int(cfg.ray.num_cpus_per_worker),
-                **kwargs,
-            },
-            batch_size=cfg.ray.batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=actors),
-            num_cpus=cfg.ray.num_cpus_per_worker,
-            num_gpus=gpus or None,
-            udf_modifying_row_count=False,
-            max_restarts=cfg.ray.max_restarts,
-        )
-    pool = f"{actors} workers x ({cfg.ray.num_cpus_per_worker:g} CPU, {gpus:g} GPU)"
-    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    if carry is not None:
-        batches = map(carry.receive, batches)
-    return watched(batches, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, pool))
+    """The score stage's executor on Ray for a scoring with no pool of its own: a ModelPool for this scoring,
+    closed when the batches end. Needs a Ray session."""
+    with ModelPool(cfg, store, worker=worker) as pool:
+        yield from pool.scored_batches(cfg, store, fingerprint, prompts_uri, skip_ids, carry)
 
 
 class StallError(TimeoutError):

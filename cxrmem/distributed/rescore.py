@@ -26,10 +26,12 @@ from cxrmem import storage
 from cxrmem.analysis import score_diff
 from cxrmem.config import config_hash, with_overrides
 from cxrmem.distributed.audit import run_audit
+from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, publish_manifest
 from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.stages import score
 from cxrmem.stages.compare import memorized_scores
 from cxrmem.storage import Store
 from cxrmem.summary import RescoreSection
@@ -81,8 +83,10 @@ def rescore(cfg, force: bool = False, store: Optional[Store] = None) -> dict:
     Holds the lease on run.output throughout (a CronJob tick that overlaps a running one is refused).
     """
     store = store or Store.from_config(cfg.storage)
-    with hold(store, cfg.run.output, LeaseSettings.of(cfg.run)):
-        return _rescore(cfg, force, store)
+    # The Ray session first: the key compared with the last run's hashes the device the pool will score on
+    # (score.with_planned_device); the audit then runs in the same session.
+    with hold(store, cfg.run.output, LeaseSettings.of(cfg.run)), ray_session(cfg.ray, cfg.model.device):
+        return _rescore(score.with_planned_device(cfg), force, store)
 
 
 def _rescore(cfg, force: bool, store: Store) -> dict:

@@ -22,7 +22,7 @@ and the audit sample (rejected prompts) always restarts.
 
 On Ray (cxrmem/distributed/pipeline.py) the carry stays on the driver and its states ride in the
 blocks: the driver attaches each prompt's state to its block (`STATE_COLUMN`, counting what continuing
-saves as here), a `CarriedWorker` actor (cxrmem/stages/worker.py) continues from them and returns the
+saves as here), an actor of the pool (cxrmem/stages/worker.py, `score_carried`) continues from them and returns the
 states it makes in the same column, and the driver offers those to the carry, which keeps the best
 `capacity` as here. What that costs: every prompt a state-making stage scores sends its state through
 the object store once (256 KB for RadEdit at G = 4: a first stage at the full G over 100,000 prompts
@@ -147,14 +147,14 @@ class TrajectoryCarry:
             self._made[pid] = state_of(j)
 
     def worker_kwargs(self) -> dict:
-        """What a `CarriedWorker` of the current stage needs to know of it."""
+        """What `score_carried` needs to know of the current stage, on the actor that continues its trajectories."""
         return {"screen": self._screen, "column": self.column, "keeps": self._capacity > 0}
 
     def made(self, prompt_id: str) -> Optional[TrajectoryState]:
         return self._made.get(prompt_id)
 
     def receive(self, scored: pa.Table) -> pa.Table:
-        """A scored batch from a `CarriedWorker`: its states offered to the carry, the table without them."""
+        """A scored batch from `score_carried`: its states offered to the carry, the table without them."""
         if STATE_COLUMN not in scored.column_names:
             return scored
         blobs = scored[STATE_COLUMN].to_pylist()

@@ -13,6 +13,7 @@ through the object store.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from contextlib import contextmanager
@@ -116,8 +117,15 @@ def scores_table(
     )
 
 
+MODEL_LOADS = [0]  # models this process has loaded (ModelWorker.model_loads: one per actor when the pool is reused)
+
+
 class ModelWorker:
-    """One model replica: tokenizer, text encoder and UNet (and the VAE if asked), loaded once."""
+    """One model replica: tokenizer, text encoder and UNet (and the VAE if asked), loaded once.
+
+    On Ray one of these is an actor of the audit's pool (cxrmem/distributed/pipeline.py) that every stage
+    maps its work over: each call brings its stage's config, and `for_config` serves it from the loaded model.
+    """
 
     def __init__(
         self, cfg, store: Store, fingerprint: str = "", need_vae: bool = False, torch_threads: Optional[int] = None, carry=None
@@ -143,7 +151,33 @@ class ModelWorker:
         self._fidelity: object = False  # the fidelity measure, loaded by the first call that needs it (None: none set)
         self.detectors, self.detect = tuple(cfg.score.detectors), DetectorSettings.of(cfg.detect)
         self.carry = carry if carry is not None and carry.matches(self.scorer.settings) else None  # other trajectories: restart
+        self.model_cfg, self._views = cfg.model, {}
+        MODEL_LOADS[0] += 1
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
+
+    def model_loads(self) -> tuple[int, int]:
+        """(pid, models this process loaded): the audit counts them to show one load per actor."""
+        return os.getpid(), MODEL_LOADS[0]
+
+    def for_config(self, cfg, fingerprint: str) -> "ModelWorker":
+        """This worker as another scoring's config asks (a cascade screen's G, steps and detectors, the full score,
+        the audit sample): a view on the same loaded model, made once per settings. The model must be the one loaded."""
+        if cfg.model != self.model_cfg:
+            raise ValueError("a stage asked the pool's workers for another model than the one they loaded (model.* differs)")
+        key = (config_hash(cfg), cfg.score.batch_size, fingerprint)
+        if key not in self._views:
+            view = copy.copy(self)
+            view.scorer = self.scorer.on(self.components, ScoreSettings.of(cfg.score))
+            view.batch_size, view.fingerprint, view.config_hash = cfg.score.batch_size, fingerprint, key[0]
+            view.detectors, view.detect, view.carry, view._views = tuple(cfg.score.detectors), DetectorSettings.of(cfg.detect), None, {}
+            self._views[key] = view
+        return self._views[key]
+
+    def score_block(self, cfg, fingerprint: str, block: pa.Table, carried: Optional[dict] = None) -> pa.Table:
+        """scores.parquet rows of one block under `cfg`'s scoring; `carried`: the block brings the trajectories it
+        continues (`STATE_COLUMN`) and takes back the states this stage makes (`score_carried`)."""
+        worker = self.for_config(cfg, fingerprint)
+        return worker(block) if carried is None else score_carried(worker, block, **carried)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score a batch of (prompt_id, prompt) rows into scores.parquet rows."""
@@ -244,22 +278,19 @@ class ModelWorker:
         return queries.numpy(), prompts, kept, list(faithful)
 
 
-class CarriedWorker(ModelWorker):
-    """A ModelWorker whose batches bring the trajectories they continue and take back the states it makes
+def score_carried(worker: ModelWorker, batch: pa.Table, screen: str = "dmem", column: str = "d_mem", keeps: bool = False) -> pa.Table:
+    """A batch whose rows bring the trajectories they continue and take back the states the worker makes
     (`STATE_COLUMN`): the cascade on Ray, where the driver's carry cannot be shared with the actors
     (cxrmem/stages/continuation.py). `keeps`: the stage makes states (a screen; the full score does not)
     for the driver's carry to choose from, by the `screen` detector's `column`."""
-
-    def __init__(self, cfg, store: Store, fingerprint: str = "", torch_threads: Optional[int] = None, screen: str = "dmem", column: str = "d_mem", keeps: bool = False):
-        super().__init__(cfg, store, fingerprint, torch_threads=torch_threads)
-        self.screen, self.column, self.keeps = screen, column, keeps
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.carry = TrajectoryCarry(self.scorer.settings)  # the driver checked that these are the carried trajectories
-        self.carry.states = column_states(batch)
-        self.carry.begin_stage(batch.num_rows if self.keeps else 0, self.screen, self.column)
-        scored = super().__call__(batch.drop_columns([STATE_COLUMN]))
-        return scored.append_column(STATE_COLUMN, state_column([self.carry.made(pid) for pid in scored["prompt_id"].to_pylist()]))
+    worker.carry = TrajectoryCarry(worker.scorer.settings)  # the driver checked that these are the carried trajectories
+    worker.carry.states = column_states(batch)
+    worker.carry.begin_stage(batch.num_rows if keeps else 0, screen, column)
+    try:
+        scored = worker(batch.drop_columns([STATE_COLUMN]))
+        return scored.append_column(STATE_COLUMN, state_column([worker.carry.made(pid) for pid in scored["prompt_id"].to_pylist()]))
+    finally:
+        worker.carry = None
 
 
 @contextmanager
@@ -284,7 +315,7 @@ def map_with_progress(models, method: str, prompts: pd.DataFrame, what: str, eve
 class LocalModel:
     """The stages' executor in this process: one ModelWorker, one prompt per step (progress per prompt).
 
-    cxrmem/distributed/actors.py has the same `map` on a Ray actor pool.
+    cxrmem/distributed/pipeline.py's ModelPool has the same `map` on the audit's Ray actor pool.
     """
 
     def __init__(self, cfg, store: Store, need_vae: bool = False):
