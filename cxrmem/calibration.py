@@ -1,0 +1,152 @@
+"""Calibrated memorization calls (pure math): a p-value per prompt against prompts the model never saw,
+Benjamini-Hochberg q-values, and F0, the model-level test of "does this model memorize prompts of this corpus?".
+
+The null model is a reference of non-members: prompts of the same kind that the model was not trained on,
+scored with the same settings (docs/design.md, "Calibrated calls"). Choices, each written down here:
+
+- **Length-conditional (Mondrian) conformal p-values.** d_mem grows with prompt length (Spearman 0.30 over
+  the testbed's non-memorized prompts, 0.52 on IU X-ray), so a prompt is compared only with reference prompts
+  of similar length: the reference's log token counts are cut at their quantiles into `bins` bins (each
+  keeps at least `min_per_bin` reference prompts; bins are merged until it does), and a prompt in bin b gets
+  p = (1 + #{reference in b with d_mem >= its d_mem}) / (n_b + 1). Under exchangeability of a non-member
+  with the reference of its bin this p-value is valid (P(p <= a) <= a), whatever the score's distribution.
+- **The floor and a fitted upper tail.** A plain conformal p-value is at least 1/(n_b + 1): with a reference
+  of 1,000 prompts in 4 bins, no prompt reaches below 0.004, and BH over 100,000 prompts then makes no
+  discovery at 0.05. Beyond the reference's `tail_quantile` (0.9 by default) the exceedances of each bin are
+  fitted with a generalized Pareto distribution (the peaks-over-threshold model of extreme-value theory; its
+  shape is kept >= 0, since a fitted bounded tail would give p = 0 just past the reference's maximum) and
+  p = (k_b / (n_b + 1)) * GPD survival of the excess, where k_b counts the exceedances (plus one). The fit is
+  checked by a Kolmogorov-Smirnov test of the exceedances against it (`tail_check_p`): a rejected fit falls
+  back to the plain p-value and says so. The tail is a model, not a guarantee: it is reported as such.
+- **Benjamini-Hochberg** on these p-values (statsmodels' `multipletests`), valid for conformal p-values,
+  which are positively dependent (Bates et al., Ann. Stat. 2023).
+- **F0** is the global null "no prompt of the corpus is memorized beyond the reference": Simes' test, the
+  smallest BH q-value, is its p-value (BH makes a discovery exactly when Simes rejects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from cxrmem.settings import Settings
+
+
+@dataclass(frozen=True)
+class CalibrationSettings(Settings):
+    """How p-values are computed against the reference (cut from the `analyze` config section)."""
+
+    fdr: float = 0.05  # q-value cut of the calibrated memorized set
+    reference_length_bins: int = 4  # Mondrian bins of log token count (1: no length conditioning)
+    reference_min_per_bin: int = 50  # fewest reference prompts per length bin (bins are merged below it)
+    tail: str = "gpd"  # gpd: a fitted upper tail below the conformal floor | none: plain conformal p-values
+    tail_quantile: float = 0.9  # where the fitted tail starts, as a quantile of each bin's reference scores
+    min_reference: int = 100  # fewer reference prompts: F0 is inconclusive
+
+
+@dataclass(frozen=True)
+class LengthBins:
+    """Upper edges of the log-token bins (the last is +inf) and the reference's scores in each."""
+
+    edges: np.ndarray  # [B] ascending upper edges, edges[-1] = inf
+    reference: list[np.ndarray]  # per bin, the reference's sorted scores
+
+    def of(self, log_tokens: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.edges, log_tokens, side="left")
+
+
+def length_bins(ref_scores: np.ndarray, ref_log_tokens: np.ndarray, n_bins: int, min_per_bin: int) -> LengthBins:
+    """Quantile bins of the reference's log token counts, merged from the top until each holds min_per_bin."""
+    inner = np.unique(np.quantile(ref_log_tokens, np.linspace(0, 1, n_bins + 1)[1:-1])) if n_bins > 1 else np.array([])
+    edges = list(inner) + [np.inf]
+    while len(edges) > 1:
+        counts = np.bincount(np.searchsorted(edges, ref_log_tokens, side="left"), minlength=len(edges))
+        small = np.flatnonzero(counts < min_per_bin)
+        if not len(small):
+            break
+        b = small[0]
+        edges.pop(b if b < len(edges) - 1 else b - 1)  # merge the bin with its upper neighbour (the last: its lower)
+    edges = np.asarray(edges, dtype=np.float64)
+    which = np.searchsorted(edges, ref_log_tokens, side="left")
+    return LengthBins(edges, [np.sort(ref_scores[which == b]) for b in range(len(edges))])
+
+
+@dataclass(frozen=True)
+class TailFit:
+    threshold: float  # the bin's reference score at tail_quantile
+    exceedances: int  # reference scores above it
+    shape: float  # GPD xi
+    scale: float  # GPD sigma
+    check_p: float  # KS p-value of the exceedances against the fit
+    used: bool  # the check passed (p >= 0.05) and the tail replaces the plain p-value beyond the threshold
+
+
+def fit_tail(sorted_ref: np.ndarray, quantile: float, min_exceedances: int = 20) -> Optional[TailFit]:
+    """A generalized Pareto fit of the reference's exceedances over its `quantile`; None with too few."""
+    threshold = float(np.quantile(sorted_ref, quantile))
+    excess = sorted_ref[sorted_ref > threshold] - threshold
+    if len(excess) < min_exceedances:
+        return None
+    shape, _, scale = scipy_stats.genpareto.fit(excess, floc=0.0)
+    if shape < 0:  # a bounded tail would call any score just past the reference's maximum impossible (p = 0):
+        shape, scale = 0.0, float(excess.mean())  # the exponential tail instead, heavier and so conservative there
+    check = float(scipy_stats.kstest(excess, "genpareto", args=(shape, 0.0, scale)).pvalue)
+    return TailFit(threshold, int(len(excess)), float(shape), float(scale), check, check >= 0.05)
+
+
+def conformal_p(scores: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
+    """(1 + #{ref >= s}) / (n + 1) for each score s: higher scores are more surprising."""
+    at_least = len(sorted_ref) - np.searchsorted(sorted_ref, scores, side="left")
+    return (1.0 + at_least) / (len(sorted_ref) + 1.0)
+
+
+def tail_p(scores: np.ndarray, sorted_ref: np.ndarray, fit: TailFit) -> np.ndarray:
+    """Beyond the fit's threshold: (k + 1) / (n + 1) x GPD survival of the excess; the plain p-value below it."""
+    plain = conformal_p(scores, sorted_ref)
+    beyond = scores > fit.threshold
+    survival = scipy_stats.genpareto.sf(scores[beyond] - fit.threshold, fit.shape, loc=0.0, scale=fit.scale)
+    modelled = (fit.exceedances + 1.0) / (len(sorted_ref) + 1.0) * survival
+    out = plain.copy()
+    out[beyond] = np.maximum(modelled, np.finfo(np.float64).tiny)
+    return out
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    p_value: np.ndarray  # [N] per corpus prompt (NaN where its score is not finite)
+    q_value: np.ndarray  # [N] Benjamini-Hochberg over the finite p-values
+    length_bin: np.ndarray  # [N] the Mondrian bin of each prompt
+    bins: LengthBins
+    tails: list[Optional[TailFit]]  # per bin (None: plain p-values in that bin)
+    smallest_plain_p: float  # 1 / (n_b + 1) of the largest bin: the conformal floor
+
+
+def calibrate(scores: np.ndarray, log_tokens: np.ndarray, ref_scores: np.ndarray, ref_log_tokens: np.ndarray,
+              settings: CalibrationSettings) -> Calibrated:  # fmt: skip
+    """p- and q-values of the corpus's scores against the reference's (both finite-filtered by the caller's NaNs)."""
+    from statsmodels.stats.multitest import multipletests
+
+    keep = np.isfinite(ref_scores)
+    bins = length_bins(ref_scores[keep], ref_log_tokens[keep], settings.reference_length_bins, settings.reference_min_per_bin)
+    which = bins.of(log_tokens)
+    tails = [fit_tail(ref, settings.tail_quantile) if settings.tail == "gpd" else None for ref in bins.reference]
+    p = np.full(len(scores), np.nan)
+    for b, ref in enumerate(bins.reference):
+        rows = (which == b) & np.isfinite(scores)
+        fit = tails[b]
+        p[rows] = tail_p(scores[rows], ref, fit) if fit is not None and fit.used else conformal_p(scores[rows], ref)
+    q = np.full(len(scores), np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        q[finite] = multipletests(p[finite], method="fdr_bh")[1]
+    floor = 1.0 / (max(len(ref) for ref in bins.reference) + 1.0)
+    return Calibrated(p, q, which, bins, tails, floor)
+
+
+def global_null_p(q_values: np.ndarray) -> Optional[float]:
+    """Simes' p-value of "no prompt is memorized beyond the reference": the smallest BH q-value."""
+    finite = q_values[np.isfinite(q_values)]
+    return float(finite.min()) if len(finite) else None

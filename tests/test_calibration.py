@@ -1,0 +1,70 @@
+"""Calibrated calls (cxrmem/calibration.py) on scores whose truth is known."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
+
+from cxrmem.calibration import CalibrationSettings, calibrate, conformal_p, global_null_p, length_bins
+
+PLAIN = CalibrationSettings(tail="none", reference_length_bins=1)
+
+
+def exchangeable(seed: int, n: int = 300, n_ref: int = 400):
+    rng = np.random.default_rng(seed)
+    tokens = np.log(rng.integers(5, 120, n + n_ref).astype(float))
+    scores = rng.gamma(2.0, 1.0, n + n_ref)  # one distribution for both: nothing is memorized
+    return scores[:n], tokens[:n], scores[n:], tokens[n:]
+
+
+@pytest.mark.parametrize("settings", [PLAIN, CalibrationSettings(tail="none"), CalibrationSettings()], ids=["plain", "mondrian", "mondrian+tail"])
+def test_p_values_are_uniform_under_exchangeable_scores(settings):
+    p = np.concatenate([calibrate(*exchangeable(seed), settings).p_value for seed in range(20)])
+    assert scipy_stats.kstest(p, "uniform").pvalue > 0.001
+    assert abs(np.mean(p <= 0.05) - 0.05) < 0.015  # the level holds where the calls are made
+
+
+def test_q_values_are_statsmodels_benjamini_hochberg_over_the_finite_p_values():
+    scores, tokens, ref, ref_tokens = exchangeable(0)
+    scores[[3, 7]] = np.nan
+    calibrated = calibrate(scores, tokens, ref, ref_tokens, PLAIN)
+    finite = np.isfinite(calibrated.p_value)
+    assert finite.sum() == len(scores) - 2 and np.isnan(calibrated.q_value[[3, 7]]).all()
+    np.testing.assert_allclose(calibrated.q_value[finite], multipletests(calibrated.p_value[finite], method="fdr_bh")[1])
+
+
+def test_conformal_p_counts_the_reference_at_or_above():
+    ref = np.sort(np.array([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(conformal_p(np.array([0.5, 2.0, 4.5]), ref), [5 / 5, 4 / 5, 1 / 5])
+
+
+def test_length_conditioning_removes_a_planted_length_effect():
+    rng = np.random.default_rng(1)
+    tokens = np.log(rng.integers(5, 120, 2000).astype(float))
+    scores = 0.5 * tokens + rng.normal(0, 0.2, 2000)  # longer prompts score higher, member or not
+    corpus, ref = slice(0, 800), slice(800, 2000)
+    unconditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], PLAIN)
+    conditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], CalibrationSettings(tail="none", reference_length_bins=8))
+    assert scipy_stats.spearmanr(unconditional.p_value, tokens[corpus]).statistic < -0.8
+    assert abs(scipy_stats.spearmanr(conditional.p_value, tokens[corpus]).statistic) < 0.25
+
+
+def test_planted_members_are_discovered_and_the_global_null_rejected_only_then():
+    scores, tokens, ref, ref_tokens = exchangeable(2, n=1000, n_ref=1000)
+    null = calibrate(scores, tokens, ref, ref_tokens, CalibrationSettings())
+    assert global_null_p(null.q_value) > 0.05 and (null.q_value <= 0.05).sum() == 0
+    planted = np.arange(20)
+    scores[planted] += 12.0  # far beyond every non-member
+    calibrated = calibrate(scores, tokens, ref, ref_tokens, CalibrationSettings())
+    discoveries = np.flatnonzero(calibrated.q_value <= 0.05)
+    assert set(planted) <= set(discoveries) and len(set(discoveries) - set(planted)) <= 2
+    assert global_null_p(calibrated.q_value) < 0.01
+    # The plain conformal p-value cannot go below its floor: the fitted tail is what lets BH reach q <= 0.05 here.
+    assert calibrated.p_value[planted].max() < calibrated.smallest_plain_p
+
+
+def test_bins_are_merged_until_each_holds_enough_reference_prompts():
+    rng = np.random.default_rng(3)
+    ref_tokens = np.log(np.concatenate([np.full(200, 10.0), np.full(20, 100.0)]))
+    bins = length_bins(rng.random(220), ref_tokens, n_bins=4, min_per_bin=50)
+    assert all(len(r) >= 50 for r in bins.reference) and sum(len(r) for r in bins.reference) == 220
