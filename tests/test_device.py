@@ -65,8 +65,10 @@ def test_an_out_of_memory_error_halves_the_chunk_and_gives_the_same_scores(compo
     scorer._unet = limited
     with caplog.at_level(logging.WARNING, logger="cxrmem.scoring.scorer"):
         scored = scorer.score(PROMPTS, IDS)
-    np.testing.assert_allclose(scored.d_mem, reference.d_mem, rtol=1e-5, atol=1e-7)  # batch composition differs: not ==
-    np.testing.assert_allclose(scored.step_norms, reference.step_norms, rtol=1e-5, atol=1e-7)
+    # Batch composition differs, so the kernels block the sums differently: close, never ==. The late steps' norms
+    # are small differences of nearly equal predictions (about 4e-4 here): their tolerance is absolute.
+    np.testing.assert_allclose(scored.d_mem, reference.d_mem, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scored.step_norms, reference.step_norms, rtol=1e-4, atol=5e-6)
     assert "retrying with 1 prompts per call" in caplog.text and "score.batch_size" in caplog.text
     assert scorer._chunks["score"].fits == 1
     calls_before = len(limited.calls)
