@@ -1,20 +1,20 @@
 """Benchmark (not a test): achieved FLOP/s of the RadEdit-shaped UNet against the device's peak.
 
 One UNet call on random weights (cxrmem.models.tiny.radedit_shaped_unet: SD-1.x UNet, 4x64x64
-latents, 128-token text of width 768). Its FLOPs are counted on the first call
-(torch.utils.flop_counter, matmuls and convolutions, 2 FLOP per multiply-add), which is also the
-warm-up; the next calls are timed (wall clock, synchronised on a GPU). Reported per batch size:
-seconds per call, UNet sample evaluations per second, achieved GFLOP/s, and its ratio to
+latents, 128-token text of width 768). Its FLOPs per sample are bench/unet_cost.py's count, attention
+included (0.808 TFLOP for RadEdit's UNet; FlopCounterMode on the call would miss attention on a CPU);
+the first call is the warm-up, the next are timed (wall clock, synchronised on a GPU). Reported per
+batch size: seconds per call, UNet sample evaluations per second, achieved GFLOP/s, and its ratio to
 
-- the peak: on the CPU, cores x clock x FMA units x lanes x 2 from `lscpu` / /proc/cpuinfo
-  (AVX-512: 16 float32 lanes, AVX2 + FMA: 8; two FMA units per core, as on AMD Zen 2 to 4 and
-  Intel server cores since Skylake: an assumption, lscpu does not say); on a GPU, the H200's dense
-  bf16 989 TFLOP/s (float32: 67 TFLOP/s), or --peak-tflops;
+- the peak (bench/unet_cost.py): on the CPU, cores x clock x FMA units x lanes x 2 from `lscpu` /
+  /proc/cpuinfo; on a GPU, the data sheet's dense peak for the dtype (H100 / H200: bf16 989 TFLOP/s,
+  float32 67), or --peak-tflops;
 - the limit this machine shows: a large matrix product of the same dtype (2048^3 float32 on the CPU,
   8192^3 on a GPU), the most a dense kernel reaches here.
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python bench/unet_flops.py --batch-sizes 1 --repeats 2
-    python3 bench/unet_flops.py --device cuda --dtype bfloat16 --batch-sizes 8,16,32,64,128,256 --json $OUT/unet.json
+
+On a GPU, bench/gpu_bench.py measures the same and more in one run (batch grown until it does not fit).
 """
 
 from __future__ import annotations
@@ -22,26 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import sys
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from cxrmem.models.tiny import radedit_shaped_unet
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench.unet_cost
 
-GPU_PEAK_TFLOPS = {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}  # H200 SXM dense, from NVIDIA's data sheet
-
-
-def cpu_peak_gflops(threads: int) -> dict:
-    """cores (the threads used, at most the cores) x GHz x 2 FMA units x lanes x 2 FLOP."""
-    info = open("/proc/cpuinfo", encoding="utf-8").read()
-    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split())
-    mhz = max(float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M))
-    cores = min(threads, os.cpu_count() or 1)
-    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
-    return {"cores": cores, "ghz": mhz / 1000, "lanes_fp32": lanes, "fma_units": 2,
-            "peak_gflops": cores * mhz / 1000 * 2 * lanes * 2}
+from bench.unet_cost import RADEDIT_TEXT_TOKENS, cpu_peak_gflops, gpu_peak_tflops, unet_flops  # noqa: E402
+from cxrmem.models.tiny import radedit_shaped_unet  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -64,16 +54,15 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int
 def unet_call(unet, batch: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     x = torch.randn(batch, 4, 64, 64, device=device, dtype=dtype)
     t = torch.full((batch,), 999, device=device)
-    text = torch.randn(batch, 128, 768, device=device, dtype=dtype)
-    with FlopCounterMode(display=False) as counter:
-        unet(x, t, encoder_hidden_states=text)
+    text = torch.randn(batch, RADEDIT_TEXT_TOKENS, 768, device=device, dtype=dtype)
+    unet(x, t, encoder_hidden_states=text)  # warm-up
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         unet(x, t, encoder_hidden_states=text)
     sync(device)
     seconds = (time.perf_counter() - start) / repeats
-    flops = counter.get_total_flops()
+    flops = unet_flops(dict(unet.config), RADEDIT_TEXT_TOKENS).total * batch  # attention included (bench/unet_cost.py)
     return {"batch": batch, "seconds_per_call": seconds, "samples_per_s": batch / seconds,
             "tflop_per_sample": flops / batch / 1e12, "gflops": flops / seconds / 1e9}
 
@@ -85,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: from lscpu, or the H200's)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: from lscpu, or the GPU's data sheet)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -94,7 +83,8 @@ def main() -> None:
         peak = {"source": "lscpu", **cpu_peak_gflops(args.threads)}
         limit = matmul_gflops(device, dtype, 2048)
     else:
-        peak = {"source": "H200 data sheet, dense", "peak_gflops": GPU_PEAK_TFLOPS[args.dtype] * 1000}
+        name = torch.cuda.get_device_name()
+        peak = {"source": f"{name} data sheet, dense", "peak_gflops": (gpu_peak_tflops(name, args.dtype) or float("nan")) * 1000}
         limit = matmul_gflops(device, dtype, 8192, repeats=10)
     if args.peak_tflops:
         peak = {"source": "--peak-tflops", "peak_gflops": args.peak_tflops * 1000}
