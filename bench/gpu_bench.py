@@ -32,7 +32,8 @@ Steps, in this order, each with a time budget (`STEPS`; printed at the start and
 
 Each step runs in its own process (forked from a server that imported torch, diffusers and cxrmem once,
 before any CUDA call) that stops starting measurements its deadline could not hold, and the driver kills
-it (its process group: inductor's compile workers too) at the budget plus a grace. Every measurement is
+it (its process group: inductor's compile workers too) at the budget plus a grace. A step gets at most what
+is left of the run's total (the sum of the budgets); the last one whatever the others left. Every measurement is
 appended to $OUT/bench.jsonl the moment it exists, and $OUT/bench.md (the tables) is rewritten after each
 one, so a run cut at any point returns what it measured.
 
@@ -769,14 +770,17 @@ def step_cascade(ctx: Context) -> None:
     full_rate = [r for r in ctx.results.rows("scorer", "scorer") if r.get("prompts_per_call") == batch]
     rate = full_rate[-1]["unet_samples_s"] if full_rate else rows[1]["unet_samples_s"]
     corpus, audit = 100_000, 200
-    projected = corpus * per_prompt / rate + audit * evaluations(1, g_full, 0, steps_full) / rate
+    # at 100,000 prompts every stage runs full batches: a stage at the full G at the rate of full G=4 batches, one
+    # at another G (the first, G=1) at its own rate here (it ran full batches already), the audit at the full G's
+    projected = sum(corpus / n * r["unet_evaluations"] / (rate if r["G"] == g_full else r["unet_samples_s"]) for r in rows)
+    projected += audit * evaluations(1, g_full, 0, steps_full) / rate
     ctx.row("cascade", prompts=n, seconds=total_s, prompts_s=n / total_s, evaluations_per_prompt=per_prompt,
             full_score_evaluations=evaluations(1, g_full, 0, steps_full), projected_prompts_s_100k=corpus / projected)
-    ctx.note(f"projected_prompts_s_100k: {corpus:,} prompts in full batches at {rate:.4g} UNet samples/s "
-             f"({'the scorer step at ' + str(batch) + ' prompts per call' if full_rate else 'stage 2 here'}), "
-             f"{per_prompt:.3g} evaluations per prompt as counted here, plus the default audit sample "
-             f"({audit} rejected prompts fully scored); measured prompts_s is at {n} prompts, where the late stages "
-             "run part-filled batches")
+    ctx.note(f"projected_prompts_s_100k: {corpus:,} prompts, each stage's evaluations per prompt as counted here, the "
+             f"stages at G={g_full} and the default audit sample ({audit} rejected prompts fully scored) at {rate:.4g} UNet "
+             f"samples/s ({'the scorer step at ' + str(batch) + ' prompts per call' if full_rate else 'stage 2 here'}), "
+             f"a stage at another G at its own rate here; the measured prompts_s is at {n} prompts, where the late "
+             "stages run part-filled batches")
 
 
 # == VAE ============================================================================================================
@@ -969,7 +973,7 @@ def drive(args, sizes: Sizes) -> int:
             results.add({"kind": "status", "step": step.name, "status": "skipped", "seconds": 0.0, "budget_s": step.budget_s,
                          "detail": "no time left in the run's budget"})
             continue
-        budget = min(step.budget_s, left)
+        budget = left if step is steps[-1] else min(step.budget_s, left)  # the last step may use what the others left
         for attempt in (1, 2):
             began = time.time()
             print(f"== {step.name} (budget {budget:.0f} s, {time.strftime('%H:%M:%S')})", flush=True)
@@ -1004,6 +1008,8 @@ def drive(args, sizes: Sizes) -> int:
         results.add({"kind": "status", "step": BACKGROUND.name, "status": status, "seconds": round(seconds, 2),
                      "budget_s": 0, "detail": "" if status == "done" else "the reference did not finish"})
     results.add({"kind": "end", "seconds": round(time.time() - driver_started, 2)})
+    for stray in out.glob(".bench.md.*"):  # a table half-written by a killed step
+        stray.unlink(missing_ok=True)
     print(results.md.read_text(encoding="utf-8"), flush=True)
     return 1 if failures and args.strict else 0
 
