@@ -34,7 +34,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 echo "gpu.sh: start $(date +%T)"
 export GPU_BENCH_T0=$(date +%s.%N)  # the driver counts the setup from here
-SITE=/tmp/site
+SITE=${SITE:-/tmp/site}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/min/*.whl || exit 1
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

@@ -50,6 +50,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -1010,6 +1011,7 @@ def drive(args, sizes: Sizes) -> int:
     results.add({"kind": "end", "seconds": round(time.time() - driver_started, 2)})
     for stray in out.glob(".bench.md.*"):  # a table half-written by a killed step
         stray.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(results.md.read_text(encoding="utf-8"), flush=True)
     return 1 if failures and args.strict else 0
 
