@@ -12,7 +12,7 @@ scored with the same settings (docs/design.md, "Calibrated calls"). Choices, eac
   with the reference of its bin this p-value is valid (P(p <= a) <= a), whatever the score's distribution.
 - **The floor and a fitted upper tail.** A plain conformal p-value is at least 1/(n_b + 1): with a reference
   of 1,000 prompts in 4 bins, no prompt reaches below 0.004, and BH over 100,000 prompts then makes no
-  discovery at 0.05. Beyond the reference's `tail_quantile` (0.9 by default) the exceedances of each bin are
+  discovery at 0.05. Beyond the reference's `reference_tail_quantile` (0.9 by default) the exceedances of each bin are
   fitted with a generalized Pareto distribution (the peaks-over-threshold model of extreme-value theory; its
   shape is kept >= 0, since a fitted bounded tail would give p = 0 just past the reference's maximum) and
   p = (k_b / (n_b + 1)) * GPD survival of the excess, where k_b counts the exceedances (plus one). The fit is
@@ -42,9 +42,9 @@ class CalibrationSettings(Settings):
     fdr: float = 0.05  # q-value cut of the calibrated memorized set
     reference_length_bins: int = 4  # Mondrian bins of log token count (1: no length conditioning)
     reference_min_per_bin: int = 50  # fewest reference prompts per length bin (bins are merged below it)
-    tail: str = "gpd"  # gpd: a fitted upper tail below the conformal floor | none: plain conformal p-values
-    tail_quantile: float = 0.9  # where the fitted tail starts, as a quantile of each bin's reference scores
-    min_reference: int = 100  # fewer reference prompts: F0 is inconclusive
+    reference_tail: str = "gpd"  # gpd: a fitted upper tail below the conformal floor | none: plain conformal p-values
+    reference_tail_quantile: float = 0.9  # where the fitted tail starts, as a quantile of each bin's reference scores
+    reference_min: int = 100  # fewer reference prompts: F0 is inconclusive
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def length_bins(ref_scores: np.ndarray, ref_log_tokens: np.ndarray, n_bins: int,
 
 @dataclass(frozen=True)
 class TailFit:
-    threshold: float  # the bin's reference score at tail_quantile
+    threshold: float  # the bin's reference score at reference_tail_quantile
     exceedances: int  # reference scores above it
     shape: float  # GPD xi
     scale: float  # GPD sigma
@@ -132,7 +132,7 @@ def calibrate(scores: np.ndarray, log_tokens: np.ndarray, ref_scores: np.ndarray
     keep = np.isfinite(ref_scores)
     bins = length_bins(ref_scores[keep], ref_log_tokens[keep], settings.reference_length_bins, settings.reference_min_per_bin)
     which = bins.of(log_tokens)
-    tails = [fit_tail(ref, settings.tail_quantile) if settings.tail == "gpd" else None for ref in bins.reference]
+    tails = [fit_tail(ref, settings.reference_tail_quantile) if settings.reference_tail == "gpd" else None for ref in bins.reference]
     p = np.full(len(scores), np.nan)
     for b, ref in enumerate(bins.reference):
         rows = (which == b) & np.isfinite(scores)

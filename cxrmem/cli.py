@@ -21,6 +21,7 @@ from cxrmem.config import ConfigError, load_config, public_config
 STAGES = {
     "prepare": "read the corpus, extract prompts, deduplicate globally: prompts.parquet",
     "score": "score every prompt with d_mem in one process: scores.parquet",
+    "reference": "prepare and score the prompts the model never saw (analyze.reference): reference/scores.parquet",
     "analyze": "percentiles, memorized set, marker enrichment: summary.json, memorized_prompts.csv",
     "attribute": "token attribution of the memorized set: tokens.parquet",
     "mitigate": "mitigation experiments on the memorized set: mitigation.parquet",
@@ -194,12 +195,12 @@ def _stage(args: argparse.Namespace, cfg, store) -> dict:
     raise AssertionError(f"unhandled stage {args.stage}")
 
 
-STAGE_MODULES = {name: name for name in ("prepare", "score", "analyze", "attribute", "mitigate", "copies", "report")}
+STAGE_MODULES = {name: name for name in ("prepare", "score", "reference", "analyze", "attribute", "mitigate", "copies", "report")}
 # Commands that write under a run's prefix (run.output; export: --to): they hold its lease (cxrmem/lease.py).
 WRITERS = {*STAGE_MODULES, "audit", "rescore", "export"}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
-    "prepare": "prompts_file", "score": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
+    "prepare": "prompts_file", "score": "scores", "reference": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
     "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out", "enrich": "out",
     "model": "model", "verify": "prefix", "testbed": "index",
 }  # fmt: skip

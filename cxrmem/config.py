@@ -138,6 +138,14 @@ class AnalyzeConfig:
     covariates: List[str] = field(default_factory=lambda: ["log_n_tokens", "log_n_reports"])  # adjusted enrichment: what the marker's effect is adjusted for (cxrmem/analysis.py COVARIATES)
     length_bins: int = 10  # token-count quantile bins of the length view (figure) and the length-adjusted score
     length_adjusted: bool = False  # also rank by d_mem's percentile within its token-count bin (its own top share; raw d_mem stays the definition)
+    reference: Optional[str] = None  # table (CSV, Parquet, JSONL) of prompts the model was NOT trained on (a held-out split): p-values, FDR and F0 (docs/design.md, Calibrated calls)
+    reference_text_column: str = "prompt"  # the reference table's text column
+    fdr: float = 0.05  # calibrated memorized set: prompts with Benjamini-Hochberg q-value at most this
+    reference_length_bins: int = 4  # length-conditional (Mondrian) p-values: bins of log token count (1: none)
+    reference_min_per_bin: int = 50  # fewest reference prompts per length bin (bins are merged below it)
+    reference_tail: str = "gpd"  # gpd: a fitted upper tail (generalized Pareto) below the conformal floor 1/(n+1) | none
+    reference_tail_quantile: float = 0.9  # where the fitted tail starts, as a quantile of each bin's reference scores
+    reference_min: int = 100  # fewer reference prompts: F0 is inconclusive
 
 
 @dataclass
@@ -322,6 +330,7 @@ CHOICES = {
     "images.id_format": ["as_is", "mimic"],
     "copies.embedder": ["pixel", "rad_dino", "hf"],
     "copies.search_dtype": ["float32", "float16", "bfloat16"],
+    "analyze.reference_tail": ["gpd", "none"],
     "fidelity.measure": ["none", "phantom_reader"],
 }
 SECTIONS = ["IMPRESSION", "FINDINGS", "LAST_PARAGRAPH"]
@@ -383,6 +392,11 @@ RULES = {
     "analyze.zscore": POSITIVE,
     "analyze.n_reports_buckets": (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges"),
     "analyze.length_bins": (lambda v: v >= 1, "at least 1"),
+    "analyze.fdr": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "analyze.reference_length_bins": (lambda v: v >= 1, "at least 1"),
+    "analyze.reference_min_per_bin": POSITIVE,
+    "analyze.reference_tail_quantile": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "analyze.reference_min": POSITIVE,
     "attribution.null_seed": NON_NEGATIVE,
     "attribution.generations": POSITIVE,
     "attribution.steps": POSITIVE,

@@ -5,6 +5,8 @@ sections (`FindingInputs`) and returns a Verdict with the numbers behind it and 
 account of them. The report's card, summary.md and metrics.json show every row; a new finding is
 one row here and its test.
 
+- F0, the model memorizes prompts of this corpus: judged on Simes' test of the corpus's p-values against
+  a reference of prompts the model never saw (calibration: global_p; cxrmem/calibration.py).
 - F1, markers are over-represented among the memorized prompts: judged on the marker's odds
   ratio adjusted for length and duplication (analysis: marker_enrichment_adjusted), beside the crude one.
 - F2, the marker is the token that contributes most: judged against the null model (attribution:
@@ -25,8 +27,7 @@ from typing import Callable, Optional
 from cxrmem import stats
 from cxrmem.formatting import fmt, percent
 from cxrmem.judgement import StrategyJudgement, halves_copying
-from cxrmem.mitigation import MARKER_STRATEGIES
-from cxrmem.summary import AnalysisSection, AttributionSection, CopiesSection
+from cxrmem.summary import AnalysisSection, AttributionSection, CalibrationSection, CopiesSection
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 NOT_AFTER_ADJUSTMENT = "not supported after adjustment"
@@ -36,6 +37,9 @@ ALPHA = 0.05
 MIN_PAIRED_PROMPTS = stats.min_sign_test_pairs("greater", ALPHA)
 FIDELITY_POINTS = 0.10  # a rewrite that stops the copies by changing the image by more than this has not fixed anything
 
+F0_RULE = ("Supported when Simes' test of the corpus's p-values against the reference of non-members (the smallest "
+           "Benjamini-Hochberg q-value: at least one prompt is discovered) is below 0.05; not supported when it is not; "
+           "inconclusive without a reference (analyze.reference) or with fewer than {reference_min} scored reference prompts.")
 F1_RULE = ("Supported when the marker's odds ratio adjusted for {covariates} has a 95% CI above 1 and the crude odds "
            "ratio is above 1 too; not supported after adjustment when the crude CI lies above 1 but the adjusted CI "
            "does not; not supported when neither does; inconclusive when the adjusted model cannot be fitted or the "
@@ -79,6 +83,16 @@ class FindingInputs:
     # Per strategy {strategy, d_mem_mean, d_mem_change: {n, mean, ci_low, ci_high}} (report.strategy_rows).
     mitigation_rows: Optional[list[dict]] = None
     copies: Optional[CopiesSection] = None
+    calibration: Optional[CalibrationSection] = None
+    reference_min: int = 100  # analyze.reference_min: the fewest reference prompts F0 is judged on
+
+
+def _marker_strategies() -> tuple[str, ...]:
+    """The marker rewrites of cxrmem/mitigation.py, imported when a verdict on mitigation needs them: that
+    module loads torch, and `cxrmem enrich` (F1 on two lists, no model) must start and exit without it."""
+    from cxrmem.mitigation import MARKER_STRATEGIES
+
+    return MARKER_STRATEGIES
 
 
 def _above(result: Optional[dict], key: str = "ci_low", level: float = 1.0) -> bool:
@@ -87,6 +101,30 @@ def _above(result: Optional[dict], key: str = "ci_low", level: float = 1.0) -> b
 
 def _below(result: Optional[dict], key: str = "ci_high", level: float = 1.0) -> bool:
     return bool(result) and result.get(key) is not None and result[key] < level
+
+
+# -- F0 ---------------------------------------------------------------------------------------------
+def f0_memorizes(inputs: FindingInputs) -> Verdict:
+    claim = "The model memorizes prompts of this corpus: some score beyond what prompts it never saw reach."
+    calibration = inputs.calibration
+    rule = F0_RULE.format(reference_min=inputs.reference_min)
+    if calibration is None:
+        return Verdict("F0", claim, INCONCLUSIVE, rule, "no reference of non-members (set analyze.reference)")
+    n_ref = (calibration.reference or {}).get("prompts") or 0
+    numbers = {"global_p": calibration.global_p, "discoveries": calibration.discoveries, "fdr": calibration.fdr,
+               "reference_prompts": n_ref, "top_set": calibration.top_set_overlap.get("top_set"),
+               "in_both": calibration.top_set_overlap.get("both")}  # fmt: skip
+    line = (f"Simes p {fmt(calibration.global_p)}, {calibration.discoveries} prompts at q <= {fmt(calibration.fdr)} "
+            f"({numbers['in_both']} of them in the top set of {numbers['top_set']}), against {n_ref} reference prompts")
+
+    def verdict(outcome: str, reason: str) -> Verdict:
+        return Verdict("F0", claim, outcome, rule, reason, numbers, line)
+
+    if n_ref < inputs.reference_min:
+        return verdict(INCONCLUSIVE, f"{n_ref} scored reference prompts, fewer than the {inputs.reference_min} it is judged on")
+    if calibration.global_p is not None and calibration.global_p < ALPHA:
+        return verdict(SUPPORTED, "some prompts score beyond the reference after false-discovery control")
+    return verdict(NOT_SUPPORTED, "no prompt scores beyond the reference after false-discovery control")
 
 
 # -- F1 ---------------------------------------------------------------------------------------------
@@ -173,7 +211,7 @@ def _removes_by_copies(judged: dict[str, list[StrategyJudgement]]) -> dict[str, 
     for name, rows in judged.items():
         halved = set(halves_copying(rows, FIDELITY_POINTS))
         for r in rows:
-            if r.strategy in MARKER_STRATEGIES and r.strategy in halved and _below(r.copy_rate_change, "ci_high", 0.0):
+            if r.strategy in _marker_strategies() and r.strategy in halved and _below(r.copy_rate_change, "ci_high", 0.0):
                 out.setdefault(r.strategy, []).append(name)
     return out
 
@@ -185,7 +223,7 @@ def _f3_by_copies(judged: dict[str, list[StrategyJudgement]]) -> tuple[dict, lis
     for name, rows in judged.items():
         base = next(r for r in rows if r.strategy == "original")
         for r in rows:
-            if r.strategy not in MARKER_STRATEGIES or r.copy_rate is None:
+            if r.strategy not in _marker_strategies() or r.copy_rate is None:
                 continue
             change = r.copy_rate_change or {}
             most = max(most, r.prompts)
@@ -223,7 +261,7 @@ def f3_rewrites(inputs: FindingInputs) -> Verdict:
     if judged:
         by, (strategies, removed, most, line) = "copies", _f3_by_copies(judged)
     else:
-        rows = [r for r in (inputs.mitigation_rows or []) if r["strategy"] in MARKER_STRATEGIES]
+        rows = [r for r in (inputs.mitigation_rows or []) if r["strategy"] in _marker_strategies()]
         by, (strategies, removed, most, line) = "d_mem", _f3_by_d_mem(rows, threshold)
     numbers = {"judged_by": by, "threshold": threshold, "min_prompts": MIN_PAIRED_PROMPTS, "strategies": strategies}
 
@@ -249,7 +287,7 @@ class Finding:
     judge: Callable[[FindingInputs], Verdict]
 
 
-FINDINGS = (Finding("F1", f1_enrichment), Finding("F2", f2_marker_top), Finding("F3", f3_rewrites))
+FINDINGS = (Finding("F0", f0_memorizes), Finding("F1", f1_enrichment), Finding("F2", f2_marker_top), Finding("F3", f3_rewrites))
 
 
 def verdicts(inputs: FindingInputs) -> list[Verdict]:

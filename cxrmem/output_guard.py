@@ -36,6 +36,7 @@ def input_paths(cfg, command: str = "") -> list[tuple[str, str]]:
         ("images.root", cfg.images.root if cfg.images.source else None),
         ("images.index", cfg.images.index if cfg.images.source else None),
         ("analyze.known_memorized", cfg.analyze.known_memorized),
+        ("analyze.reference", cfg.analyze.reference),
     ]
     if cfg.fidelity.measure != "none":
         candidates.append(("fidelity.reader", cfg.fidelity.reader))

@@ -13,7 +13,7 @@ import base64
 import io
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -27,7 +27,7 @@ from cxrmem import figures, findings, stats
 from cxrmem.config import config_hash, public_config
 from cxrmem.formatting import fmt, percent
 from cxrmem.mitigation import EMBEDDING_STRATEGIES
-from cxrmem.summary import AnalysisSection, CascadeSection, CopiesSection, DetectorsSection, RunSummary
+from cxrmem.summary import AnalysisSection, CalibrationSection, CascadeSection, CopiesSection, DetectorsSection, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,11 @@ def detectors_context(section: Optional[DetectorsSection]) -> Optional[dict]:
     rows = [{"name": name, **row} for name, row in section.detectors.items()]
     card = {row["name"]: f"Spearman {fmt(row['spearman'])}, top {top}% overlap {percent(row['top_overlap'])}" for row in rows}
     return {"rows": rows, "card": card, "top_percent": top, "fpr": section.fpr}
+
+
+def calibration_context(section: Optional[CalibrationSection]) -> Optional[dict]:
+    """The Calibrated calls section (issue 34): the reference, the calibrated set beside the top set, F0's p-value."""
+    return asdict(section) if section else None
 
 
 def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
@@ -489,6 +494,7 @@ SECTIONS = (
     ReportSection("distribution", "Score distribution", distribution_context, "analysis", NO_ANALYSIS),
     ReportSection("memorized", "Memorized prompts", memorized_context, "memorized_prompts.csv",
                   "memorized_prompts.csv is absent: run `cxrmem analyze` first."),
+    ReportSection("calibration", "Calibrated calls", lambda data, cfg, figure: calibration_context(data["summary"].calibration), optional=True),
     ReportSection("detectors", "Detectors", lambda data, cfg, figure: detectors_context(data["summary"].detectors), optional=True),
     ReportSection("cascade", "Cascade", lambda data, cfg, figure: cascade_context(data["summary"].cascade), optional=True),
     ReportSection("enrichment", "De-identification marker enrichment", enrichment_context, "analysis", NO_ANALYSIS),
@@ -529,7 +535,9 @@ def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     shown = [{"key": s.key, "title": s.title, "context": built[s.key], "needs": s.needs, "absent": s.absent}
              for s in SECTIONS if built[s.key] is not None or not s.optional]
     mitigation_rows = built["mitigation"]["rows"] if built["mitigation"] else None
-    found = findings.verdicts(findings.FindingInputs(analysis, summary.attribution, mitigation_rows, summary.copies)) if analysis else []
+    inputs = findings.FindingInputs(analysis, summary.attribution, mitigation_rows, summary.copies, summary.calibration,
+                                    int(cfg.analyze.reference_min))  # fmt: skip
+    found = findings.verdicts(inputs) if analysis else []
     verdicts = [v.to_dict() for v in found]
     page = {"prefix": data["prefix"], "facts": facts, "detection": detection, "cfg": cfg, "sections": shown, **built,
             "findings": verdicts, "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

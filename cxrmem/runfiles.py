@@ -81,6 +81,8 @@ class RunLayout:
     score_parts = property(lambda self: self.path("_parts/scores"))
     summary = property(lambda self: self.path("summary.json"))
     memorized = property(lambda self: self.path("memorized_prompts.csv"))
+    calibration = property(lambda self: self.path("calibration.parquet"))  # p- and q-values against the reference
+    reference = property(lambda self: RunLayout(self.path("reference")))  # the reference of non-members, prepared and scored
     tokens = property(lambda self: self.path("tokens.parquet"))
     mitigation = property(lambda self: self.path("mitigation.parquet"))
     copies = property(lambda self: self.path("copies.parquet"))

@@ -70,6 +70,26 @@ class AnalysisSection(Section):
 
 
 @dataclass
+class CalibrationSection(Section):
+    """The analyze stage with a reference of non-members: p- and q-values per prompt (calibration.parquet),
+    the calibrated memorized set and F0's global test (cxrmem/calibration.py)."""
+
+    name: ClassVar[str] = "calibration"
+    reference: dict  # source, prompts (scored, finite), dropped_in_corpus
+    method: str  # how the p-values were made, in words
+    fdr: float  # analyze.fdr
+    discoveries: int  # prompts with q <= fdr: the calibrated memorized set
+    discoveries_by_q: dict  # "0.05" / "0.1" -> count
+    top_set_overlap: dict  # top_set (the top-percent set's size), both (in both sets)
+    global_p: Optional[float]  # Simes' p-value of "no prompt is memorized beyond the reference" (F0)
+    smallest_plain_p: float  # the conformal floor 1 / (n_bin + 1) of the largest bin
+    bins: list  # per length bin: upper edge of log tokens, reference prompts, corpus prompts, tail fit
+    length_spearman: Optional[dict] = None  # Spearman(p-value, n_tokens) over the corpus: what conditioning left
+    known_memorized: Optional[dict] = None  # recall of analyze.known_memorized at q <= fdr, and its discoveries' precision
+    outputs: dict = field(default_factory=dict)
+
+
+@dataclass
 class DetectorsSection(Section):
     """The analyze stage: every other detector's agreement with d_mem (analysis.detector_agreement)."""
 
@@ -203,7 +223,7 @@ class RescoreSection(Section):
     max_abs_d_mem_change: Optional[float] = None
 
 
-SECTIONS: tuple[type[Section], ...] = (AnalysisSection, DetectorsSection, AttributionSection, MitigationSection,
+SECTIONS: tuple[type[Section], ...] = (AnalysisSection, CalibrationSection, DetectorsSection, AttributionSection, MitigationSection,
                                        CopiesSection, CascadeSection, AuditSection, RescoreSection)
 BY_NAME = {s.name: s for s in SECTIONS}
 
@@ -213,6 +233,7 @@ class RunSummary:
     """Every section of one run's summary.json; a stage that has not run leaves its section None."""
 
     analysis: Optional[AnalysisSection] = None
+    calibration: Optional[CalibrationSection] = None
     detectors: Optional[DetectorsSection] = None
     attribution: Optional[AttributionSection] = None
     mitigation: Optional[MitigationSection] = None

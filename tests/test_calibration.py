@@ -7,7 +7,7 @@ from statsmodels.stats.multitest import multipletests
 
 from cxrmem.calibration import CalibrationSettings, calibrate, conformal_p, global_null_p, length_bins
 
-PLAIN = CalibrationSettings(tail="none", reference_length_bins=1)
+PLAIN = CalibrationSettings(reference_tail="none", reference_length_bins=1)
 
 
 def exchangeable(seed: int, n: int = 300, n_ref: int = 400):
@@ -17,7 +17,7 @@ def exchangeable(seed: int, n: int = 300, n_ref: int = 400):
     return scores[:n], tokens[:n], scores[n:], tokens[n:]
 
 
-@pytest.mark.parametrize("settings", [PLAIN, CalibrationSettings(tail="none"), CalibrationSettings()], ids=["plain", "mondrian", "mondrian+tail"])
+@pytest.mark.parametrize("settings", [PLAIN, CalibrationSettings(reference_tail="none"), CalibrationSettings()], ids=["plain", "mondrian", "mondrian+tail"])
 def test_p_values_are_uniform_under_exchangeable_scores(settings):
     p = np.concatenate([calibrate(*exchangeable(seed), settings).p_value for seed in range(20)])
     assert scipy_stats.kstest(p, "uniform").pvalue > 0.001
@@ -44,7 +44,7 @@ def test_length_conditioning_removes_a_planted_length_effect():
     scores = 0.5 * tokens + rng.normal(0, 0.2, 2000)  # longer prompts score higher, member or not
     corpus, ref = slice(0, 800), slice(800, 2000)
     unconditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], PLAIN)
-    conditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], CalibrationSettings(tail="none", reference_length_bins=8))
+    conditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], CalibrationSettings(reference_tail="none", reference_length_bins=8))
     assert scipy_stats.spearmanr(unconditional.p_value, tokens[corpus]).statistic < -0.8
     assert abs(scipy_stats.spearmanr(conditional.p_value, tokens[corpus]).statistic) < 0.25
 

@@ -23,7 +23,7 @@ from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, write_sections
-from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, report, score
+from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, reference, report, score
 from cxrmem.storage import Store
 from cxrmem.summary import AuditSection
 
@@ -71,6 +71,9 @@ def score_and_analyze(cfg, store: Store, fingerprint: str, models: ModelPool, ti
             top_percent: Optional[float] = scoring["analysis_top_percent"]
         else:
             scoring, top_percent = score.run(cfg, store, fingerprint, models.scored_batches), None
+    if cfg.analyze.reference:
+        with timer("reference"):
+            scoring["reference"] = reference.run(cfg, store, fingerprint, models.scored_batches)
     with timer("analyze"):
         analysis = analyze.run(cfg, store, top_percent=top_percent)
     return scoring, analysis

@@ -8,10 +8,12 @@ the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Optional
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cxrmem.analysis import (
     PROMPT_COLUMNS,
@@ -21,6 +23,8 @@ from cxrmem.analysis import (
     analyze_tables,
     detector_agreement,
 )
+from cxrmem import stats, storage
+from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
 from cxrmem.config import public_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
@@ -33,6 +37,7 @@ from cxrmem.runfiles import (
     write_sections,
 )
 from cxrmem.storage import Store
+from cxrmem.summary import CalibrationSection
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,48 @@ def detector_names(store: Store, scores_uri: str) -> list[str]:
         return []
     columns = set(store.parquet_schema(scores_uri).names)
     return [name for name, spec in REGISTRY.items() if spec.columns[0] in columns]
+
+
+def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, prompts: pd.DataFrame, top_set: set,
+                  known: Optional[set]) -> CalibrationSection:  # fmt: skip
+    """calibration.parquet (p- and q-values of every scored prompt against the reference) and its section."""
+    ref = layout.reference
+    ref_scores = read_columns(store, ref.scores, SCORE_COLUMNS, "run `cxrmem reference` (analyze.reference is set)")
+    ref_prompts = read_columns(store, ref.prompts, ["prompt_id", "n_tokens"], "run `cxrmem reference` (analyze.reference is set)")
+    ref_frame = ref_scores.merge(ref_prompts, on="prompt_id")
+    ref_frame = ref_frame[np.isfinite(ref_frame["d_mem"]) & ~ref_frame["nonfinite"]]
+    frame = scores.merge(prompts[["prompt_id", "n_tokens"]], on="prompt_id", how="left")
+    settings = CalibrationSettings.of(cfg.analyze)
+    d_mem = np.where(frame["nonfinite"], np.nan, frame["d_mem"].to_numpy(np.float64))
+    result = calibrate(d_mem, np.log(frame["n_tokens"].to_numpy(np.float64)), ref_frame["d_mem"].to_numpy(np.float64),
+                       np.log(ref_frame["n_tokens"].to_numpy(np.float64)), settings)  # fmt: skip
+    table = pa.table({"prompt_id": frame["prompt_id"].to_numpy(), "p_value": result.p_value, "q_value": result.q_value,
+                      "length_bin": result.length_bin.astype(np.int32)})  # fmt: skip
+    store.write_table(table, layout.calibration)
+    called = result.q_value <= settings.fdr
+    ids = frame["prompt_id"].to_numpy()
+    finite = np.isfinite(result.p_value)
+    info = store.read_json(storage.join(ref.prefix, "reference.json"))
+    bins = [{"log_tokens_upper": float(edge), "reference": int(len(r)), "corpus": int((result.length_bin == b).sum()),
+             "tail": asdict(result.tails[b]) if result.tails[b] else None}
+            for b, (edge, r) in enumerate(zip(result.bins.edges, result.bins.reference))]  # fmt: skip
+    known_check = None
+    if known is not None:
+        is_known = np.isin(ids, list(known))
+        known_check = {"listed": int(is_known.sum()), "recall": float(called[is_known].mean()) if is_known.any() else None,
+                       "precision": float(is_known[called].mean()) if called.any() else None}  # fmt: skip
+    return CalibrationSection(
+        reference={"source": info["source"], "prompts": int(len(ref_frame)), "dropped_in_corpus": info["dropped_in_corpus"]},
+        method=(f"conformal p-values against the reference, conditional on length ({len(bins)} bins of log token count)"
+                + (", a generalized Pareto upper tail below the conformal floor" if settings.reference_tail == "gpd" else "")
+                + "; Benjamini-Hochberg q-values"),
+        fdr=settings.fdr, discoveries=int(called.sum()),
+        discoveries_by_q={str(q): int((result.q_value <= q).sum()) for q in (0.05, 0.1)},
+        top_set_overlap={"top_set": len(top_set), "both": int(np.isin(ids[called], list(top_set)).sum())},
+        global_p=global_null_p(result.q_value), smallest_plain_p=result.smallest_plain_p, bins=bins,
+        length_spearman=stats.spearman(result.p_value[finite], frame["n_tokens"].to_numpy(np.float64)[finite]) if finite.sum() > 2 else None,
+        known_memorized=known_check, outputs={"calibration": layout.calibration},
+    )  # fmt: skip
 
 
 def adjust_settings(cfg) -> AdjustSettings:
@@ -93,7 +140,14 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
             config=public_config(cfg),  # credentials never reach outputs
             outputs={"memorized": layout.memorized, "summary": layout.summary},
         )
+        calibrated = calibrate_run(cfg, store, layout, scores, prompts, set(memorized["prompt_id"]), known) if cfg.analyze.reference else None
+        if calibrated is not None:
+            memorized = memorized.merge(store.read_table(layout.calibration, columns=["prompt_id", "p_value", "q_value"]).to_pandas(),
+                                        on="prompt_id", how="left")  # fmt: skip
         write_memorized(store, layout, memorized)
+        write_sections(store, layout, *([calibrated] if calibrated else []), clear=() if calibrated else ("calibration",))
+        if calibrated is None and store.exists(layout.calibration):  # an earlier analysis against a reference
+            store.delete(layout.calibration)
         if names:
             write_sections(store, layout, analysis, detector_agreement(scores, names, top_percent, known))
         else:  # no detector columns: the detectors section an earlier analysis of other scores left goes
@@ -112,6 +166,8 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         "memorized": layout.memorized,
         "summary": layout.summary,
         "memorized_count": analysis.memorized_count,
+        "calibrated_count": calibrated.discoveries if calibrated else None,
+        "global_p": calibrated.global_p if calibrated else None,
         "threshold": analysis.threshold,
         "marker_odds_ratio": analysis.marker_enrichment["odds_ratio"],
     }
