@@ -61,3 +61,55 @@ def test_enrich_with_the_models_tokenizer_and_bad_input(tmp_path, capsys, tiny_m
     assert result["verdict"]["verdict"] == "supported"
     code, _, last = run_enrich(capsys, "--memorized", mem, "--controls", ctrl, "--text-column", "text")
     assert code == 1 and "no text column 'text'" in last and "prompt" in last
+    assert "set --text-column" in last and "corpus.text_column" not in last  # this command's own flag
+
+
+def small_lists(tmp_path, same: bool = False):
+    mem, ctrl = tmp_path / "mem.csv", tmp_path / "ctrl.csv"
+    mem.write_text("prompt\nno acute findings ___\nsmall effusion\nsmall effusion\n")
+    ctrl.write_text("prompt\nno acute findings ___\nsmall effusion\n" if same else "prompt\nclear lungs\nsmall effusion\nnormal heart\n")
+    return mem, ctrl
+
+
+def test_enrich_error_exits_cleanly_every_time(tmp_path, tiny_model_dir):
+    """The missing-column error, 50 times as its own process: exit 1 with one line, never the abort (134) that
+    Arrow's threaded CSV reader caused when it released a Python-backed stream while the interpreter exited.
+    Every eighth run loads the model's tokenizer (--tokenizer: torch in the process, whose long shutdown made
+    that race likely: 5 of 30 such runs aborted before the fix, so these 7 catch it about 3 times in 4); the rest
+    are the plain command, which no longer loads torch (1.3 s each on an idle machine)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.cli_process import CXRMEM, REPO, cli_env
+
+    mem, ctrl = small_lists(tmp_path)
+    plain = [CXRMEM, "enrich", "--memorized", str(mem), "--controls", str(ctrl), "--text-column", "text"]
+    commands = [plain + (["--tokenizer", f"model.path={tiny_model_dir}"] if i % 8 == 0 else []) for i in range(50)]
+
+    def run(command):
+        return subprocess.run(command, env=cli_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: the 2-core machine
+        done = list(pool.map(run, commands))
+    codes = [process.returncode for process in done]
+    assert codes == [1] * 50, [(code, process.stderr[-300:]) for code, process in zip(codes, done) if code != 1][:3]
+    for process in done:
+        assert "terminate called" not in process.stderr
+        last = process.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"cxrmem enrich: {mem}: no text column 'text'") and "set --text-column" in last, last
+
+
+def test_enrich_names_the_prompts_on_both_lists_on_stderr(tmp_path):
+    import subprocess
+
+    from tests.cli_process import CXRMEM, REPO, cli_env
+
+    mem, ctrl = small_lists(tmp_path, same=True)
+    done = subprocess.run([CXRMEM, "enrich", "--memorized", str(mem), "--controls", str(ctrl)], env=cli_env(),
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["on_both_lists"] == 2
+    lines = [line for line in done.stderr.splitlines() if "also on the memorized list" in line]
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert "2 of 2 control prompts" in lines[0] and "every control" in lines[0]
+    assert "'no acute findings ___'" in lines[0] and "'small effusion'" in lines[0]

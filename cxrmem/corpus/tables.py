@@ -8,7 +8,6 @@ Rows are decoded one by one, so one bad row is skipped and counted, not the whol
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -28,10 +27,20 @@ SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(), pa.null())  # null: an all-empty column
 
 
-def _missing_column(uri: str, column: str, present: list[str]) -> ValueError:
-    return ValueError(
-        f"{uri}: no text column {column!r}; the columns are {present}; set corpus.text_column to the one holding the prompt"
-    )
+class TextColumnError(ValueError):
+    """The text column is missing or holds no text. The hint names the setting that picks the column:
+    corpus.text_column for a corpus; a command with its own flag (`enrich --text-column`) renames it."""
+
+    def __init__(self, where: str, problem: str, key: str = "corpus.text_column"):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}; set {key} to the column holding the prompt")
+
+    def naming(self, key: str) -> "TextColumnError":
+        return TextColumnError(self.where, self.problem, key)
+
+
+def _missing_column(uri: str, column: str, present: list[str]) -> TextColumnError:
+    return TextColumnError(uri, f"no text column {column!r}; the columns are {present}")
 
 
 def _strings(column: pa.ChunkedArray) -> list[Optional[str]]:
@@ -41,25 +50,37 @@ def _strings(column: pa.ChunkedArray) -> list[Optional[str]]:
     return column.cast(pa.string()).to_pylist()
 
 
+def arrow_input(data: bytes) -> pa.BufferReader:
+    """The file's bytes as a stream that Arrow owns, for its threaded readers.
+
+    Not io.BytesIO, nor a buffer over the Python bytes: Arrow's threaded CSV reader reads ahead in
+    its own pool, and a pool thread can drop the last reference to the stream after read_csv has
+    returned. Releasing a Python object there needs the GIL; when the process is exiting (an error
+    line printed right after the read, as `cxrmem enrich` does on a missing column), the interpreter
+    ends that thread instead, and the C++ runtime aborts the process ("terminate called without an
+    active exception", exit 134). One copy into Arrow's memory makes that release plain C++.
+    """
+    sink = pa.BufferOutputStream()
+    sink.write(data)
+    return pa.BufferReader(sink.getvalue())
+
+
 def _columnar_rows(uri: str, data: bytes, text_column: str, id_columns: list[str]) -> tuple[list, dict[str, list]]:
     """The text column (bytes or None per row) and the present id columns of a CSV or Parquet file."""
     if uri.endswith(".parquet"):
-        names = pq.read_schema(io.BytesIO(data)).names
+        names = pq.read_schema(arrow_input(data)).names
         columns = [c for c in [text_column, *id_columns] if c in names]
-        table = pq.read_table(io.BytesIO(data), columns=columns)
+        table = pq.read_table(arrow_input(data), columns=columns)
     else:
         # Text and ids as bytes, so that invalid UTF-8 fails one row, with its offset, not the whole file.
         types = {c: pa.binary() for c in [text_column, *id_columns]}
-        table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=types))
+        table = pacsv.read_csv(arrow_input(data), convert_options=pacsv.ConvertOptions(column_types=types))
         names = table.column_names
     if text_column not in names:
         raise _missing_column(uri, text_column, names)
     text = table.column(text_column)
     if text.type not in TEXT_TYPES:
-        raise ValueError(
-            f"{uri}: text column {text_column!r} holds {text.type}, not text; "
-            "set corpus.text_column to the column holding the report text"
-        )
+        raise TextColumnError(uri, f"text column {text_column!r} holds {text.type}, not text")
     if not pa.types.is_binary(text.type):
         text = text.cast(pa.binary())
     return text.to_pylist(), {c: _strings(table.column(c)) for c in id_columns if c in names}

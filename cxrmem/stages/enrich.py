@@ -11,6 +11,7 @@ enrichment.json under that prefix. It is how a curator checks a paper's released
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -19,23 +20,46 @@ import pandas as pd
 from cxrmem import storage
 from cxrmem.analysis import list_enrichment
 from cxrmem.corpus.prompts import build_prompts_table
-from cxrmem.corpus.tables import iter_tables
+from cxrmem.corpus.tables import TextColumnError, iter_tables
 from cxrmem.findings import FindingInputs, f1_enrichment
 from cxrmem.storage import Store
 from cxrmem.summary import AnalysisSection
 
+log = logging.getLogger(__name__)
+
 UNBOUNDED = 1_000_000  # word counts are never truncated
+SHOWN = 5  # prompts on both lists named in the warning (all are counted)
 
 
 def prepared_list(path: str, text_column: str, cfg, tokenizer, store: Store) -> tuple[pd.DataFrame, dict]:
     """One row per unique prompt of the list at `path` (prompt_id, n_reports, has_marker, n_markers, n_tokens) and its counts."""
     max_length = int(tokenizer.model_max_length) if tokenizer is not None else UNBOUNDED
-    table, counts = build_prompts_table(iter_tables(path, text_column, [], store), cfg.corpus.marker_regex, tokenizer, max_length)
+    try:
+        table, counts = build_prompts_table(iter_tables(path, text_column, [], store), cfg.corpus.marker_regex, tokenizer, max_length)
+    except TextColumnError as err:
+        raise err.naming("--text-column") from None  # this command's flag picks the column, not corpus.text_column
     if table.num_rows == 0:
-        raise ValueError(f"{path}: no prompts in column {text_column!r} ({counts['reports_read']} rows read, skipped {counts['skipped']})")
-    frame = table.select(["prompt_id", "n_reports", "has_marker", "n_markers", "n_tokens"]).to_pandas()
+        raise ValueError(
+            f"{path}: no prompts in column {text_column!r} ({counts['reports_read']} rows read, skipped {counts['skipped']}); "
+            "check the file, or set --text-column"
+        )
+    frame = table.select(["prompt_id", "prompt", "n_reports", "has_marker", "n_markers", "n_tokens"]).to_pandas()
     return frame, {"rows": counts["reports_read"], "unique": len(frame), "skipped": counts["skipped"],
                    "marker_share": float(frame["has_marker"].mean())}  # fmt: skip
+
+
+def report_on_both(prompts: list[str], n_controls: int) -> None:
+    """One line on stderr naming the control prompts dropped as also memorized, with their count: a list that
+    loses most or all of its controls this way makes the odds ratios meaningless, and the JSON alone hides it."""
+    if not prompts:
+        return
+    shown = "; ".join(repr(p if len(p) <= 80 else p[:77] + "...") for p in prompts[:SHOWN])
+    more = f" and {len(prompts) - SHOWN} more" if len(prompts) > SHOWN else ""
+    every = " (every control: the lists are the same prompts)" if len(prompts) == n_controls else ""
+    log.warning(
+        "enrich: %d of %d control prompts are also on the memorized list%s; they count as memorized and are left out of the "
+        "controls: %s%s", len(prompts), n_controls, every, shown, more,
+    )  # fmt: skip
 
 
 def run(cfg, memorized_path: str, controls_path: str, text_column: str = "prompt", out: Optional[str] = None,
@@ -49,6 +73,7 @@ def run(cfg, memorized_path: str, controls_path: str, text_column: str = "prompt
     memorized, mem_counts = prepared_list(memorized_path, text_column, cfg, tokenizer, store)
     controls, ctrl_counts = prepared_list(controls_path, text_column, cfg, tokenizer, store)
     both = controls["prompt_id"].isin(memorized["prompt_id"])
+    report_on_both(controls.loc[both, "prompt"].tolist(), len(controls))
     table = pd.concat([memorized, controls[~both]], ignore_index=True)
     flag = np.arange(len(table)) < len(memorized)
     numbers = list_enrichment(table, flag, list(cfg.analyze.n_reports_buckets), list(cfg.analyze.covariates))
