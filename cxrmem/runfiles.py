@@ -44,9 +44,9 @@ MANIFEST_NAME = "manifest.json"
 # writes: anything else under a prefix is foreign, never published and never deleted (cxrmem/publish.py).
 OUTPUT_NAMES = frozenset({
     "prompts.parquet", "prepare_summary.json", "scores.parquet", "summary.json", "memorized_prompts.csv", "tokens.parquet",
-    "mitigation.parquet", "copies.parquet", "report.html", "metrics.json", "summary.md", "diff.parquet",
+    "mitigation.parquet", "copies.parquet", "report.html", "metrics.json", "summary.md", "diff.parquet", "calibration.parquet",
 })  # fmt: skip
-OUTPUT_FOLDERS = ("figures",)
+OUTPUT_FOLDERS = ("figures", "reference")  # reference: the run of the prompts the model never saw (RunLayout.reference)
 
 
 @dataclass(frozen=True)

@@ -168,12 +168,17 @@ def test_an_interrupted_promotion_still_removes_only_the_old_runs_files(tmp_path
 def test_every_output_of_the_layout_is_known_and_working_files_stay_unpublished():
     from cxrmem.distributed.rescore import DIFF_FILE
 
-    layout = RunLayout("")
-    outputs = ["prompts", "prepare_summary", "scores", "summary", "memorized", "tokens", "mitigation", "copies", "report", "metrics", "summary_md"]
-    for name in outputs:
-        path = getattr(layout, name).lstrip("/")
-        assert path in OUTPUT_NAMES and RunLayout.knows(path) and not RunLayout.is_working(path), name
-    assert DIFF_FILE in OUTPUT_NAMES and OUTPUT_FOLDERS == ("figures",) and RunLayout.knows("figures/dmem_hist.png")
+    layout = RunLayout("/run")
+    properties = [name for name, value in vars(RunLayout).items() if isinstance(value, property)]
+    assert len(properties) > 10
+    for name in properties:  # every place the layout names, so that a new output cannot be left unpublished
+        value = getattr(layout, name)
+        path = (value.prefix if isinstance(value, RunLayout) else value).removeprefix("/run/")
+        if RunLayout.is_working(path):
+            continue
+        assert path in OUTPUT_NAMES or path in OUTPUT_FOLDERS, name
+        assert RunLayout.knows(path if path in OUTPUT_NAMES else f"{path}/any.file"), name
+    assert DIFF_FILE in OUTPUT_NAMES and RunLayout.knows("figures/dmem_hist.png") and RunLayout.knows("reference/scores.parquet")
     for path in ("model_index.json", "unet/config.json", "reports.csv", "figuresX/a.png"):
         assert not RunLayout.knows(path), path
 
