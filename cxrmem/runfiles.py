@@ -97,6 +97,8 @@ class RunLayout:
     lease = property(lambda self: self.path("_lease.json"))
     # The folder of the resume checkpoints (score parts, image index): removed once nothing is left in it.
     parts = property(lambda self: self.path("_parts"))
+    # Score parts that failed their checksum, moved here instead of deleted (cxrmem/stages/score_parts.py).
+    set_aside = property(lambda self: self.path("_parts/set_aside"))
 
 
 def read_summary(store: Store, layout: RunLayout) -> RunSummary:
