@@ -38,10 +38,10 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, screen_top
 from cxrmem.models.loading import load_components
+from cxrmem.results_page import cpu_name, write_results
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stages.cascade import dmem_cost, evaluations
 from cxrmem.stats import top_percent_mask
-from cxrmem.testbed.evaluate import cpu_name, write_results
 
 SECTION = "## Cascade frontier at T=50, G=4 (issue 21)"
 TARGET_EVALUATIONS = 10.0  # the issue's target per corpus prompt

@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.rad_dino_replica
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for cxrmem and bench.rad_dino_replica
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from cxrmem.testbed.evaluate import cpu_name  # noqa: E402
+from cxrmem.results_page import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,9 +147,9 @@ def throughput(embed, images, rounds: int = 1) -> dict:
 def run_embed(args) -> dict:
     from PIL import Image
 
+    from bench.rad_dino_replica import BASE, build_rad_dino_replica
     from cxrmem.copies.embedders import EmbedderSettings, make_embedder
     from cxrmem.copies.images import read_image
-    from tests.rad_dino_replica import BASE, build_rad_dino_replica
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

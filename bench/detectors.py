@@ -36,9 +36,9 @@ from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, DetectorSettings, oriented, screen_recall
 from cxrmem.models.loading import fingerprint_model, load_components
+from cxrmem.results_page import cpu_name, write_results
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, top_percent_mask, tpr_at_fpr
-from cxrmem.testbed.evaluate import cpu_name, write_results
 
 SECTION = "## Detectors"
 SCREEN_PERCENTS = (2.0, 5.0, 10.0)

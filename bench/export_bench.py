@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.s3server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for cxrmem and bench.s3server
 
+from bench.s3server import S3Server, find_weed  # noqa: E402
 from cxrmem import publish  # noqa: E402
 from cxrmem.storage import Store
-from tests.s3server import S3Server, find_weed  # noqa: E402
 
 FILE_BYTES = 128 << 20  # several multipart parts per file
 

@@ -64,6 +64,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository root: cxrmem, and bench.unet_cost
 
+from cxrmem.results_page import cpu_name  # noqa: E402
+
 DEVICE_RUN_S = 480  # one device call of 8 minutes
 SETUP_S = 15  # gpu.sh: wheels into /tmp/site, the import check, the fork server's imports
 GRACE_S = 10  # a step that overruns its budget is killed this much later
@@ -887,18 +889,6 @@ def kill(process) -> None:
     except (ProcessLookupError, PermissionError):
         process.kill()
     process.join(5)
-
-
-def cpu_name() -> str:
-    """The CPU model as lscpu names it (/proc/cpuinfo's model name)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_line(sizes: Sizes) -> str:

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from cxrmem.config import load_config  # noqa: E402
+from cxrmem.results_page import cpu_name  # noqa: E402
 from cxrmem.runfiles import RunLayout, write_memorized  # noqa: E402
 from cxrmem.storage import Store  # noqa: E402
-from cxrmem.testbed.evaluate import cpu_name  # noqa: E402
 
 
 def config(args):

@@ -33,9 +33,9 @@ from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import prompt_id
 from cxrmem.models.loading import load_components
 from cxrmem.models.tiny import build_tiny_model
+from cxrmem.results_page import cpu_name, write_results
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import top_percent_mask
-from cxrmem.testbed.evaluate import cpu_name, write_results
 
 SECTION = "## Precision: bfloat16 against float32 (CPU)"
 

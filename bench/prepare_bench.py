@@ -23,14 +23,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_case(case: str, model: str, output: str, n_reports: int) -> dict:
-    from cxrmem.corpus.prepare import prepare
-
     from cxrmem.config import load_config
+    from cxrmem.stages import prepare
 
     overrides = [f"model.path={model}", f"run.output={output}", f"corpus.source={case}"]
     if case == "synthetic":
         overrides += [f"corpus.synthetic.n_reports={n_reports}", "corpus.progress_every=250000"]
-    summary = prepare(load_config(None, overrides))
+    summary = prepare.run(load_config(None, overrides))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     summary["cpu_s"] = usage.ru_utime + usage.ru_stime  # the machine may be shared: CPU time is the fair measure

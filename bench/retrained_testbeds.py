@@ -52,11 +52,12 @@ from cxrmem.copies.find import CopiesSettings, search  # noqa: E402
 from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, prompt_id  # noqa: E402
 from cxrmem.models.components import null_copy  # noqa: E402
 from cxrmem.models.loading import load_components  # noqa: E402
+from cxrmem.results_page import cpu_name, replace_section  # noqa: E402
 from cxrmem.scoring.dmem import d_mem  # noqa: E402
 from cxrmem.scoring.scorer import Scorer, ScoreSettings  # noqa: E402
 from cxrmem.stats import roc_auc, tpr_at_fpr  # noqa: E402
 from cxrmem.testbed.dataset import MANIFEST  # noqa: E402
-from cxrmem.testbed.evaluate import cpu_name, evaluation_prompts, replace_section, score_and_generate, training_images  # noqa: E402
+from cxrmem.testbed.evaluate import evaluation_prompts, score_and_generate, training_images  # noqa: E402
 
 HEADING = "## Retrained testbeds: the paper's training-time advice (issue 22)"
 # (label, config, query): "written" queries the corpus text, "stripped" the text with its markers deleted.

@@ -104,9 +104,9 @@ def run_files(folder: str) -> dict:
 def browser_timing(report: str) -> dict | None:
     """Seconds to load report.html and to sort its memorized table by one column, in headless Chromium."""
     sys.path.insert(0, ROOT)
-    from tests.test_report_browser import BROWSERS, Chromium
+    from bench.chromium import Chromium, which_browser
 
-    binary = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    binary = which_browser()
     if binary is None:
         return None
     browser = Chromium(binary)
@@ -211,7 +211,7 @@ def main() -> None:
 
     from cxrmem.corpus.synthetic import tokenizer_texts
     from cxrmem.models.tiny import build_tiny_model
-    from cxrmem.testbed.evaluate import cpu_name
+    from cxrmem.results_page import cpu_name
 
     work = tempfile.mkdtemp(prefix="cxrscale")
     model = build_tiny_model(os.path.join(work, "model"), tokenizer_texts(), seed=0)

@@ -8,10 +8,10 @@ generations whose read findings equal the prompt's on every label (present and a
 Measures (`fidelity.measure`):
 
 - `none`: nothing is read; the report says that no fidelity measure is set.
-- `phantom_reader`: the testbed's findings reader (cxrmem/testbed/reader.py), trained on the
-  phantoms the testbed renders from report text, from `fidelity.reader`. Its labels are the
-  phantom findings visible at 32 pixels; its held-out exact-match rate (reader.json) is the
-  ceiling a perfect generator would reach.
+- `phantom_reader`: the phantom findings reader (cxrmem/fidelity_reader.py) from
+  `fidelity.reader`, trained on the phantoms the testbed renders from report text
+  (cxrmem/testbed/reader.py). Its labels are the phantom findings visible at 32 pixels; its
+  held-out exact-match rate (reader.json) is the ceiling a perfect generator would reach.
 
 A classifier for real radiographs (an image classifier from the Hugging Face cache with a
 mapping from its labels to report findings) is not implemented: on RadEdit set `none`.
@@ -39,13 +39,13 @@ class PhantomFidelity:
     """The phantom reader, loaded once per worker."""
 
     def __init__(self, settings: FidelitySettings, device="cpu"):
-        from cxrmem.testbed.reader import load_reader
+        from cxrmem.fidelity_reader import load_reader
 
         self.reader = load_reader(settings.reader, device)
 
     def __call__(self, generations, prompts: Sequence[str]) -> np.ndarray:
         """[P] float: per prompt, the share of its generations [P, N, C, H, W] that show exactly its findings."""
-        from cxrmem.testbed.reader import text_labels
+        from cxrmem.fidelity_reader import text_labels
 
         wanted = text_labels(list(prompts))  # [P, K]
         read = self.reader.read(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1)  # [P, N, K]

@@ -9,7 +9,6 @@ as it would on the real cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import BertConfig, BertForMaskedLM
 
+from bench.hub_cache import fake_commit, place_file, place_folder, set_ref
 from cxrmem.models.tiny import SPECIAL_TOKENS
 
 UNET_REPO = "microsoft/radedit"
@@ -44,42 +44,6 @@ BERT_FIELDS = (
     "layer_norm_eps",
     "pad_token_id",
 )
-
-
-def fake_commit(repo_id: str, seed: int) -> str:
-    return hashlib.sha1(f"{repo_id}@{seed}".encode()).hexdigest()
-
-
-def repo_dir(cache_root: str, repo_id: str) -> str:
-    return os.path.join(cache_root, "models--" + repo_id.replace("/", "--"))
-
-
-def place_file(cache_root: str, repo_id: str, commit: str, name: str, data: bytes) -> str:
-    """Store `data` as a blob and link snapshots/<commit>/<name> to it, as the hub cache does."""
-    repo = repo_dir(cache_root, repo_id)
-    blob = os.path.join(repo, "blobs", hashlib.sha256(data).hexdigest())
-    os.makedirs(os.path.dirname(blob), exist_ok=True)
-    with open(blob, "wb") as stream:
-        stream.write(data)
-    link = os.path.join(repo, "snapshots", commit, name)
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-    return link
-
-
-def place_folder(cache_root: str, repo_id: str, commit: str, folder: str, prefix: str = "") -> None:
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as stream:
-            place_file(cache_root, repo_id, commit, prefix + name, stream.read())
-
-
-def set_ref(cache_root: str, repo_id: str, commit: str, ref: str = "main") -> None:
-    path = os.path.join(repo_dir(cache_root, repo_id), "refs", ref)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(commit)
 
 
 def text_config() -> dict:

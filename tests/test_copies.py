@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.rad_dino_replica import TINY, build_rad_dino_replica
 from cxrmem.copies.embedders import EmbedderSettings, make_embedder
 from cxrmem.copies.evidence import COPIES_SCHEMA, calibrate_threshold, copies_table, pick_controls, reidentify
 from cxrmem.copies.images import ImageReadError, folder_table, read_image, read_table_file, table_images
 from cxrmem.copies.search import top_k
 from cxrmem.corpus.mimic import report_ids
 from cxrmem.models.loading import ModelLoadError
-from tests.rad_dino_replica import TINY, build_rad_dino_replica
 
 ROOT = Path(__file__).resolve().parents[1]
 

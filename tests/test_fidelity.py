@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cxrmem.fidelity import FidelitySettings, make_fidelity
+from cxrmem.fidelity_reader import LABELS, load_reader, text_labels
 from cxrmem.testbed.phantoms import phantoms
-from cxrmem.testbed.reader import LABELS, accuracy, load_reader, rendered, text_labels
+from cxrmem.testbed.reader import accuracy, rendered
 
 READER = str(Path(__file__).resolve().parents[1] / "testbed" / "reader")
 TEXTS = [

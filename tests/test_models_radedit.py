@@ -7,9 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bench.hub_cache import repo_dir, set_ref
 from cxrmem.config import ConfigError, ModelConfig, RadEditConfig, load_config
 from cxrmem.models.loading import ModelLoadError, fingerprint_model, load_components, load_tokenizer
-from tests.radedit_replica import TEXT_REPO, UNET_REPO, VAE_REPO, build_radedit_replica, repo_dir, set_ref
+from tests.radedit_replica import TEXT_REPO, UNET_REPO, VAE_REPO, build_radedit_replica
 
 PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion since ___ , stable ___ ."]
 

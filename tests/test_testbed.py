@@ -8,7 +8,8 @@ import torch
 
 from cxrmem.config import load_config
 from cxrmem.corpus.text import count_markers
-from cxrmem.testbed.evaluate import SECTIONS, evaluation_prompts, replace_section, rms_distance, template_ranking
+from cxrmem.results_page import replace_section
+from cxrmem.testbed.evaluate import SECTIONS, evaluation_prompts, rms_distance, template_ranking
 from cxrmem.testbed.phantoms import parse_findings, phantom, phantoms, render, sample_anatomy
 
 NORMAL = "No acute cardiopulmonary process."

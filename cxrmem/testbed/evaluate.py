@@ -20,7 +20,7 @@ the IU X-ray testbed has them) with the project's `Scorer`, then reports:
   measures, amplified 7.5x and clipped), so the copies show best at w = 1.
 
 Each testbed (`testbed.source`) has its own section of `testbed.results` (bench/RESULTS.md),
-replaced by the numbers.
+replaced by the numbers (cxrmem/results_page.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import re
 import time
 from dataclasses import dataclass
 
@@ -41,6 +39,7 @@ from omegaconf import OmegaConf
 from cxrmem.config import TestbedConfig
 from cxrmem.corpus.text import count_markers, prompt_id
 from cxrmem.models.loading import fingerprint_model, load_components
+from cxrmem.results_page import cpu_name, write_results
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, tpr_at_fpr
@@ -226,18 +225,6 @@ def evaluate(cfg) -> dict:
 
 
 # -- bench/RESULTS.md -------------------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (what `lscpu` prints), else platform's word for it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def results_markdown(result: dict, cfg, section: Section) -> str:
     score = result["score"]
     lines = [
@@ -315,24 +302,3 @@ def template_markdown(templates: dict) -> list[str]:
             f"| {first['d_mem']:.3f} | {first['percentile']:.2f} |"
         )
     return lines
-
-
-def replace_section(document: str, heading: str, section: str) -> str:
-    """Swap the markdown section under the line `heading` for `section`, or append it."""
-    found = re.search(rf"^{re.escape(heading)}$", document, re.MULTILINE)  # the whole line: headings share prefixes
-    if found is None:
-        return document.rstrip("\n") + ("\n\n" if document.strip() else "") + section
-    start = found.start()
-    end = document.find("\n## ", start + len(heading))
-    rest = document[end + 1 :] if end >= 0 else ""
-    return document[:start] + section + ("\n" + rest if rest else "")
-
-
-def write_results(path: str, heading: str, section: str) -> None:
-    document = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as stream:
-            document = stream.read()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(replace_section(document, heading, section))

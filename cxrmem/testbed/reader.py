@@ -1,16 +1,14 @@
-"""A small findings reader for the testbed's phantoms: which of the report's findings an image shows.
+"""Training the phantom findings reader (cxrmem/fidelity_reader.py) on the testbed's phantoms.
 
-The phantoms draw their findings from the report text (`phantoms.parse_findings`), so a phantom's
-labels are known exactly. The reader is a two-layer CNN trained on phantoms of random patients
-with random findings (each finding present with probability `PRESENT`, severities, sides and zones
-drawn like the renderer's), one sigmoid output per label of `LABELS`. It reads 32 x 32 images (the
-testbed's size; other sizes are resized first).
+The phantoms draw their findings from the report text (`report_findings.parse_findings`), so a
+phantom's labels are known exactly. The reader is trained on phantoms of random patients with
+random findings (each finding present with probability `PRESENT`, severities, sides and zones
+drawn like the renderer's) at 32 x 32 (the testbed's size).
 
-Labels are the findings visible at 32 pixels; nodules and atelectasis are not among them: at this
-size their marks (a 1.5-pixel nodule at a random place, a thin band) were read at 0.66 and 0.86
-held-out accuracy when trained with the rest (nodules present in 30%: below chance), and a label
-the reader cannot see would make every generation look unfaithful. `cxrmem testbed reader`
-trains it and prints the per-label held-out accuracy.
+Nodules and atelectasis are not among its labels: at this size their marks (a 1.5-pixel nodule at
+a random place, a thin band) were read at 0.66 and 0.86 held-out accuracy when trained with the
+rest (nodules present in 30%: below chance). `cxrmem testbed reader` trains it and prints the
+per-label held-out accuracy.
 
 Weights: `testbed/reader/reader.safetensors` (about 60 KB) with `reader.json` (labels, size, held-out accuracy).
 """
@@ -25,36 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrmem.testbed.phantoms import SEVERITY, SIDES, ZONE_Y, Findings, parse_findings, render, sample_anatomy
+from cxrmem.fidelity_reader import LABELS, META, SIZE, WEIGHTS, FindingsReader, labels_of
+from cxrmem.report_findings import SEVERITY, SIDES, Findings
+from cxrmem.testbed.phantoms import ZONE_Y, render, sample_anatomy
 
-LABELS = (
-    "cardiomegaly", "effusion_right", "effusion_left", "pneumothorax", "consolidation", "edema", "et_tube", "central_line",
-    "enteric_tube",
-)  # fmt: skip
 PRESENT = 0.3  # chance of each finding in a training phantom
-SIZE = 32
-WEIGHTS, META = "reader.safetensors", "reader.json"
-
-
-def labels_of(findings: Findings) -> np.ndarray:
-    """[len(LABELS)] bool: the reader's labels of a findings record."""
-    values = {
-        "cardiomegaly": findings.cardiomegaly > 0,
-        "effusion_right": "right" in findings.effusion,
-        "effusion_left": "left" in findings.effusion,
-        "pneumothorax": bool(findings.pneumothorax),
-        "consolidation": bool(findings.consolidation),
-        "edema": findings.edema > 0,
-        "et_tube": findings.et_tube,
-        "central_line": findings.central_line,
-        "enteric_tube": findings.enteric_tube,
-    }
-    return np.array([values[name] for name in LABELS], dtype=bool)
-
-
-def text_labels(texts) -> np.ndarray:
-    """[N, len(LABELS)] bool: the findings each report text asks for."""
-    return np.stack([labels_of(parse_findings(t)) for t in texts]) if len(texts) else np.zeros((0, len(LABELS)), bool)
 
 
 def random_findings(rng: np.random.Generator) -> Findings:
@@ -79,30 +52,6 @@ def rendered(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarra
         images.append(render(sample_anatomy(int(rng.integers(2**31))), findings, size))
         labels.append(labels_of(findings))
     return np.stack(images)[:, None], np.stack(labels)
-
-
-class FindingsReader(nn.Module):
-    """Two conv layers and a linear read-out: [M, 1, 32, 32] in [0, 1] -> [M, len(LABELS)] logits."""
-
-    def __init__(self, n_labels: int = 0):
-        super().__init__()
-        n_labels = n_labels or len(LABELS)
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.head = nn.Linear(32 * (SIZE // 4) ** 2, n_labels)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != SIZE or images.shape[-2] != SIZE:
-            images = nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        return self.head(self.features(images * 2 - 1).flatten(1))
-
-    @torch.no_grad()
-    def read(self, images: torch.Tensor) -> np.ndarray:
-        """[M, len(LABELS)] bool: the labels read from grey images [M, 1, H, W] (channels averaged if more)."""
-        images = images.float().mean(dim=1, keepdim=True).to(next(self.parameters()).device)
-        return (self(images) > 0).cpu().numpy()
 
 
 @dataclass
@@ -144,19 +93,3 @@ def save_reader(trained: Trained, out_dir: str) -> None:
     save_file({k: v.contiguous() for k, v in trained.reader.state_dict().items()}, os.path.join(out_dir, WEIGHTS))
     with open(os.path.join(out_dir, META), "w") as f:
         json.dump({"labels": list(LABELS), "size": SIZE, "held_out_accuracy": trained.accuracy}, f, indent=1)
-
-
-def load_reader(folder: str, device="cpu") -> FindingsReader:
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, WEIGHTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no findings reader at {path}: set fidelity.reader to a folder holding {WEIGHTS} "
-                                f"(the testbed's is testbed/reader; `cxrmem testbed reader --out DIR` trains one)")
-    with open(os.path.join(folder, META)) as f:
-        labels = json.load(f)["labels"]
-    if labels != list(LABELS):
-        raise ValueError(f"{folder}/{META}: the reader reads {labels}, this code expects {list(LABELS)}; retrain it")
-    reader = FindingsReader()
-    reader.load_state_dict(load_file(path))
-    return reader.eval().to(device)

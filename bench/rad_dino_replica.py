@@ -2,8 +2,8 @@
 
 Same repo folder, file names and config fields as the published snapshot (a `dinov2`
 Dinov2Model, `model.safetensors`, a BitImageProcessor `preprocessor_config.json` with
-rad-dino's mean and std, `refs/main`), at the sizes asked for: tiny for tests, DINOv2-base
-shapes (hidden 768, 12 layers) for the throughput bench.
+rad-dino's mean and std, `refs/main`), at the sizes asked for: tiny for tests (tests/test_copies.py),
+DINOv2-base shapes (hidden 768, 12 layers) for the throughput bench (bench/copies.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import Dinov2Config, Dinov2Model
 
-from tests.radedit_replica import fake_commit, place_folder, set_ref
+from bench.hub_cache import fake_commit, place_folder, set_ref
 
 REPO = "microsoft/rad-dino"
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56}
