@@ -83,7 +83,8 @@ class CalibrationSection(Section):
     top_set_overlap: dict  # top_set (the top-percent set's size), both (in both sets)
     global_p: Optional[float]  # Simes' p-value of "no prompt is memorized beyond the reference" (F0)
     smallest_plain_p: float  # the conformal floor 1 / (n_bin + 1) of the largest bin
-    bins: list  # per length bin: upper edge of log tokens, reference prompts, corpus prompts, tail fit
+    bins: list  # per length bin: upper edge of log tokens, reference and corpus prompts, median and IQR of its reference
+    tail: Optional[dict] = None  # the pooled standardized tail: threshold, exceedances, shape, scale, check_p, used
     length_spearman: Optional[dict] = None  # Spearman(p-value, n_tokens) over the corpus: what conditioning left
     known_memorized: Optional[dict] = None  # recall of analyze.known_memorized at q <= fdr, and its discoveries' precision
     outputs: dict = field(default_factory=dict)

@@ -83,7 +83,7 @@ def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, pr
     finite = np.isfinite(result.p_value)
     info = store.read_json(storage.join(ref.prefix, "reference.json"))
     bins = [{"log_tokens_upper": float(edge), "reference": int(len(r)), "corpus": int((result.length_bin == b).sum()),
-             "tail": asdict(result.tails[b]) if result.tails[b] else None}
+             "median": result.scales[b][0], "iqr": result.scales[b][1]}
             for b, (edge, r) in enumerate(zip(result.bins.edges, result.bins.reference))]  # fmt: skip
     known_check = None
     if known is not None:
@@ -93,12 +93,14 @@ def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, pr
     return CalibrationSection(
         reference={"source": info["source"], "prompts": int(len(ref_frame)), "dropped_in_corpus": info["dropped_in_corpus"]},
         method=(f"conformal p-values against the reference, conditional on length ({len(bins)} bins of log token count)"
-                + (", a generalized Pareto upper tail below the conformal floor" if settings.reference_tail == "gpd" else "")
+                + (", a generalized Pareto upper tail of the bins' standardized scores beyond the conformal floor"
+                   if settings.reference_tail == "gpd" else "")
                 + "; Benjamini-Hochberg q-values"),
         fdr=settings.fdr, discoveries=int(called.sum()),
         discoveries_by_q={str(q): int((result.q_value <= q).sum()) for q in (0.05, 0.1)},
         top_set_overlap={"top_set": len(top_set), "both": int(np.isin(ids[called], list(top_set)).sum())},
         global_p=global_null_p(result.q_value), smallest_plain_p=result.smallest_plain_p, bins=bins,
+        tail=asdict(result.tail) if result.tail else None,
         length_spearman=stats.spearman(result.p_value[finite], frame["n_tokens"].to_numpy(np.float64)[finite]) if finite.sum() > 2 else None,
         known_memorized=known_check, outputs={"calibration": layout.calibration},
     )  # fmt: skip
