@@ -155,7 +155,20 @@ def load_diffusers_model(model_class, root: str, subfolder: Optional[str], dtype
     )
 
 
+# Prediction types the sampling loop converts to the noise epsilon (cxrmem/scoring/scorer.py, `Scorer.predict_noise`).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 def ddim_scheduler(scheduler_config: dict):
+    """A DDIMScheduler with the model's own noise schedule and prediction type. A flow-matching scheduler
+    (rectified flow: Sana, SD3, Flux) has no such schedule: it is refused rather than replaced by a DDPM one."""
     from diffusers import DDIMScheduler
 
+    name = str(scheduler_config.get("_class_name", ""))
+    if "FlowMatch" in name or "shift" in scheduler_config and "beta_start" not in scheduler_config:
+        raise ValueError(f"the model's scheduler is {name or 'a flow-matching scheduler'}: cxrmem scores DDPM-family models "
+                         f"(prediction types {', '.join(PREDICTION_TYPES)}) and does not yet score flow-matching models")  # fmt: skip
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"the model's scheduler predicts {prediction!r}; cxrmem converts {', '.join(PREDICTION_TYPES)} to the noise")
     return DDIMScheduler.from_config(scheduler_config)

@@ -90,6 +90,12 @@ def read_model_index(root: str) -> dict:
             "(or model.kind=radedit for a Hugging Face hub cache)"
         )
     index = read_json_file(path, "model index")
+    if has_component(index, "transformer") and not has_component(index, "unet"):
+        raise ModelLoadError(
+            f"{root} is a {index.get('_class_name', 'diffusers')} pipeline whose denoiser is a transformer "
+            f"({index['transformer'][1]}); cxrmem scores pipelines with a UNet2DConditionModel (SD-1.x/2.x, RadEdit, "
+            "epsilon or v-prediction) and does not yet score diffusion transformers (PixArt, Sana, SD3, Flux)"
+        )
     problems = []
     for name in REQUIRED_COMPONENTS:
         if not has_component(index, name):

@@ -26,13 +26,14 @@ class StepCoefficients:
 class DDIMUpdate:
     """x_t -> x_{t-1} for the timesteps of one trajectory, given the model's output at each."""
 
-    def __init__(self, scheduler, timesteps: torch.Tensor):
+    def __init__(self, scheduler, timesteps: torch.Tensor, prediction_type: str | None = None):
+        """`prediction_type`: what the outputs given to the update are (default: the scheduler's own)."""
         config = scheduler.config
         if getattr(config, "thresholding", False):
             raise ValueError("DDIM with dynamic thresholding is not supported: set thresholding=false in the scheduler config")
-        if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"DDIM prediction_type {config.prediction_type!r}: expected epsilon, v_prediction or sample")
-        self.prediction_type = config.prediction_type
+        self.prediction_type = prediction_type or config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"DDIM prediction_type {self.prediction_type!r}: expected epsilon, v_prediction or sample")
         self.clip = float(config.clip_sample_range) if config.clip_sample else None
         stride = config.num_train_timesteps // scheduler.num_inference_steps
         alphas = scheduler.alphas_cumprod.cpu()

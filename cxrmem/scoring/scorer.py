@@ -175,6 +175,10 @@ class Scorer:
             output_layers_in_float32(self._unet)
         # A private scheduler: set_timesteps mutates it, and workers must not share that state.
         self._scheduler = copy.deepcopy(components.scheduler)
+        # What the model predicts; predict_noise converts it to epsilon, so the sampling loop's DDIM update
+        # and every norm work in epsilon whatever the parameterisation.
+        self.prediction_type = self._scheduler.config.prediction_type
+        self._alphas_cumprod = self._scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
         # Keys and values of the text embeddings made once, not for every sample at every step
         # (cxrmem/scoring/attention.py); False where the UNet's attention is not the plain kind.
@@ -290,7 +294,7 @@ class Scorer:
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
-        ddim = DDIMUpdate(self._scheduler, timesteps)  # the schedule read once: no host sync inside the loop
+        ddim = DDIMUpdate(self._scheduler, timesteps, "epsilon")  # predict_noise gives epsilon; the schedule read once
         norms, kept, updates, differences = [], [], [], []
         for i, t in enumerate(timesteps):
             x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
@@ -335,7 +339,21 @@ class Scorer:
         (attribution and mitigation take gradients through it).
         """
         kwargs = {"text_layout": layout} if self.shares_text else None
-        return self._unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        output = self._unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        return self._as_noise(output, x, t)
+
+    def _as_noise(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's output as the noise epsilon it implies at (x_t, t): d_mem is a norm of epsilon differences
+        on every model (docs/design.md, "The score"). With x_t = sqrt(a) x_0 + sqrt(1 - a) eps (a = alpha_bar_t):
+        v = sqrt(a) eps - sqrt(1 - a) x_0 gives eps = sqrt(a) v + sqrt(1 - a) x_t, and an x_0 prediction gives
+        eps = (x_t - sqrt(a) x_0) / sqrt(1 - a). Epsilon models return their output untouched. The coefficients
+        are gathered on the device by t: no host sync."""
+        if self.prediction_type == "epsilon":
+            return output
+        alpha = self._alphas_cumprod[t.to(self._alphas_cumprod.device).long()].reshape(-1, *[1] * (output.dim() - 1))
+        if self.prediction_type == "v_prediction":
+            return alpha.sqrt().to(output.dtype) * output + (1 - alpha).sqrt().to(output.dtype) * x.to(output.dtype)
+        return (x.to(output.dtype) - alpha.sqrt().to(output.dtype) * output) / (1 - alpha).sqrt().to(output.dtype)
 
     # -- text-conditional noise with gradients (attribution, embedding optimisation) -----------
     @torch.no_grad()
