@@ -92,7 +92,8 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     the compute is what the registry declares, and `cxrmem analyze` takes the corpus's top share."""
     overrides = [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu", "corpus.synthetic.n_reports=40",
                  "score.steps=3", "score.generations=1", "score.batch_size=8", "cascade.enabled=true", "cascade.audit_sample=4",
-                 "cascade.stages=[{screen: latent_update, keep_percent: 50, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]"]
+                 "cascade.stages=[{screen: latent_update, keep_percent: 50, steps: 1}, {screen: dmem, keep_percent: 50, steps: 2}]",
+                 "cascade.max_rounds=1"]  # a miss in the audit sample must not widen and rescore: the costs below are one round's
     assert main(["prepare", *overrides]) == 0
     assert main(["score", *overrides]) == 0
     layout = RunLayout(str(tmp_path))
@@ -101,18 +102,18 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     n = section["corpus"]
     assert one["screened"] == n and one["kept"] == math.ceil(n / 2) and two["screened"] == one["kept"] and two["kept"] == math.ceil(one["kept"] / 2)
     assert pq.read_table(layout.scores).num_rows == two["kept"]
-    if len(section["rounds"]) == 1:  # otherwise a widened round rescored: the sums below hold for one round
-        # Stage 1's first-step d_mem runs the full score's trajectories (G = 1, T = 3, same seeds): stage 2
-        # continues them from step 1 and the full score from step 2, each survivor paying its remaining
-        # steps only (2 G per step, no shared first step) instead of G + 2 G (k - 1) per prompt and G per batch.
-        first = n * (1 + 1) + math.ceil(n / 8) * 2  # first-step d_mem and latent_update (k = 1, shared: G per batch each)
-        second = one["kept"] * 2  # d_mem's step 2 only
-        assert section["evaluations"]["screens"] == first + second
-        assert section["evaluations"]["full"] == two["kept"] * 2  # step 3 only
-        saved = one["kept"] * 1 + math.ceil(one["kept"] / 8) + two["kept"] * 3 + math.ceil(two["kept"] / 8)
-        assert section["continuation"] == {"enabled": True, "off_because": None, "continued": one["kept"] + two["kept"], "evaluations_saved": saved}
-        assert (two["continued"], section["rounds"][0]["stages"][0]["continued"]) == (one["kept"], 0)
-        assert section["audit"]["sample"] == 4
+    assert len(section["rounds"]) == 1 and not section["widened"]  # cascade.max_rounds=1: the sums below are one round
+    # Stage 1's first-step d_mem runs the full score's trajectories (G = 1, T = 3, same seeds): stage 2
+    # continues them from step 1 and the full score from step 2, each survivor paying its remaining
+    # steps only (2 G per step, no shared first step) instead of G + 2 G (k - 1) per prompt and G per batch.
+    first = n * (1 + 1) + math.ceil(n / 8) * 2  # first-step d_mem and latent_update (k = 1, shared: G per batch each)
+    second = one["kept"] * 2  # d_mem's step 2 only
+    assert section["evaluations"]["screens"] == first + second
+    assert section["evaluations"]["full"] == two["kept"] * 2  # step 3 only
+    saved = one["kept"] * 1 + math.ceil(one["kept"] / 8) + two["kept"] * 3 + math.ceil(two["kept"] / 8)
+    assert section["continuation"] == {"enabled": True, "off_because": None, "continued": one["kept"] + two["kept"], "evaluations_saved": saved}
+    assert (two["continued"], section["rounds"][0]["stages"][0]["continued"]) == (one["kept"], 0)
+    assert section["audit"]["sample"] == 4
     assert main(["analyze", *overrides]) == 0
     analysis = json.loads(open(layout.summary).read())["analysis"]
     assert analysis["memorized_count"] >= math.ceil(0.01 * n)

@@ -238,7 +238,12 @@ def test_top_k_caps_k_and_checks_shapes():
 def test_threshold_is_an_observed_control_quantile():
     controls = np.arange(200, dtype=np.float64) / 200
     threshold = calibrate_threshold(controls, 0.99)
-    assert threshold.value in controls and (controls > threshold.value).mean() <= 0.01
+    # The observed value at or just above the quantile: position 0.99 x 199 = 197.01, rounded up to 198;
+    # not the largest control (a threshold no control exceeds), not one interpolated between two.
+    assert threshold.value == controls[198] and threshold.n_controls == 200
+    assert calibrate_threshold(controls, 0.5).value == controls[100]  # position 99.5, rounded up
+    shuffled = np.append(np.random.default_rng(0).permutation(controls), np.nan)  # order and NaN rows do not count
+    assert calibrate_threshold(shuffled, 0.99).summary() == threshold.summary()
     assert "200 control prompts" in threshold.summary()["rule"]
     with pytest.raises(ValueError, match="no control prompt"):
         calibrate_threshold(np.array([np.nan]))

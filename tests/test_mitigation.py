@@ -190,7 +190,8 @@ def test_generations_batched_over_strategies_match_one_strategy_at_a_time(tiny_m
 def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     strategies = "mitigation.strategies=[original,remove_marker,embedding_optimisation]"
     cfg = tiny_config(
-        tiny_model_dir, f"run.output={tmp_path}", strategies, "report.top_prompts=1", "report.grid_generations=2"
+        tiny_model_dir, f"run.output={tmp_path}", strategies, "report.top_prompts=1", "report.grid_generations=2",
+        "mitigation.steps=3",
     )
     layout = RunLayout(str(tmp_path))
     memorized = pd.DataFrame(
@@ -204,8 +205,9 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
         "changed", "evaluations", "fidelity",
     ]  # fmt: skip
     assert list(table[table["prompt_id"] == "a" * 16]["changed"]) == [False, True, True]
-    # 2 steps: 2 x 2 sampling evaluations, plus Wen's 1 + 2 iterations x (forward + backward)
-    assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [4, 4, 4 + 1 + 2 * 3]
+    # Each strategy's declared cost (counted on the UNet in tests/test_mitigation_sampling.py) at the
+    # generations' 3 steps (mitigation.steps), not the scorer's 2: 2 x 3, and Wen's 1 + 2 x (forward + backward)
+    assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [6, 6, 6 + 1 + 2 * 3]
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
     assert table["fidelity"].isna().all()  # fidelity.measure = none
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]

@@ -31,7 +31,7 @@ import pytest
 from cxrmem.config import load_config
 from cxrmem.distributed.pipeline import scored_batches
 from cxrmem.models.loading import fingerprint_model
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import RunLayout, read_memorized
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
 
@@ -351,11 +351,22 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
 
     assert second["status"] == "rescored" and second["previous"] == first["run"]
     assert second["previous_model_fingerprint"] == first["model_fingerprint"] != second["model_fingerprint"]
-    diff = pq.read_table(second["diff"]).to_pandas()
+    diff = pq.read_table(second["diff"]).to_pandas().set_index("prompt_id")
     assert len(diff) == pq.read_metadata(RunLayout(first["run"]).prompts).num_rows
-    assert diff["d_mem_change"].notna().all() and (diff["d_mem_change"] != 0).any()
-    assert second["entered"] + second["stayed"] == second["memorized_count"]
-    assert (diff["change"] == "left").sum() == second["left"]
+    # Each prompt's scores and memorized flags as the two runs wrote them, against the diff's.
+    runs = {}
+    for name, run in (("old", first["run"]), ("new", second["run"])):
+        scores = pq.read_table(RunLayout(run).scores, columns=["prompt_id", "d_mem"]).to_pandas().set_index("prompt_id")
+        runs[name] = (scores["d_mem"].reindex(diff.index).to_numpy(), diff.index.isin(read_memorized(Store(), RunLayout(run)).prompt_id))
+    (old, was), (new, now) = runs["old"], runs["new"]
+    np.testing.assert_array_equal(diff["d_mem_old"].to_numpy(), old)
+    np.testing.assert_array_equal(diff["d_mem_new"].to_numpy(), new)
+    np.testing.assert_allclose(diff["d_mem_change"].to_numpy(), new - old, rtol=1e-12)
+    assert (diff["d_mem_change"] != 0).all()  # another model: every prompt's score moves
+    expected = np.select([now & ~was, was & ~now, was & now], ["entered", "left", "stayed"], default="")
+    assert diff["change"].tolist() == expected.tolist()
+    assert [second[key] for key in ("entered", "left", "stayed")] == [(expected == key).sum() for key in ("entered", "left", "stayed")]
+    assert second["entered"] + second["stayed"] == second["memorized_count"] == now.sum()
     assert Store().read_json(latest_uri(output))["run"] == second["run"]
     manifest = Store().read_json(RunLayout(second["run"]).manifest)
     assert DIFF_FILE in manifest["files"] and manifest["model_fingerprint"] == second["model_fingerprint"]
