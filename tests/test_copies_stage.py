@@ -85,12 +85,12 @@ def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]
 @pytest.fixture(scope="module")
 def own_images(tiny_model_dir, tmp_path_factory):
     """An image table whose image of study s<i> / patient p<i> is the first generation of prompt i at w=7.5."""
-    from cxrmem.stages.worker import ModelWorker
+    from cxrmem.stages.worker import CopiesOfPrompts, ModelWorker
 
     folder = tmp_path_factory.mktemp("own_images")
     cfg = load_config(None, [f"model.path={tiny_model_dir}", *TINY])
     ids = [prompt_id(t) for t in TEXTS]
-    _, _, kept, _ = ModelWorker(cfg, Store(), need_vae=True).copies(ids, TEXTS, 7.5, "none", frozenset(ids))
+    _, _, kept, _ = CopiesOfPrompts()(ModelWorker(cfg, Store(), need_vae=True), ids, TEXTS, 7.5, "none", frozenset(ids))
     paths = [save_png(folder / f"{pid}.png", kept[pid][0]) for pid in ids]
     table = pd.DataFrame({"path": paths, "study_id": [f"s{i}" for i in range(len(ids))], "subject_id": [f"p{i}" for i in range(len(ids))]})
     table.to_csv(folder / "images.csv", index=False)

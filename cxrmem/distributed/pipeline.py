@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -87,16 +87,17 @@ class ModelPool:
             results = map(carry.receive, results)
         return watched(results, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, self.described))
 
-    def map(self, method: str, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
+    def map(self, task, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
         """The memorized-set stages' executor (the signature of the in-process `LocalModel.map`): chunks of
-        prompts over the actors, (prompts done, result) per chunk in input order."""
+        prompts over the actors, each running `task` (a callable class of cxrmem/stages/worker.py) on its
+        loaded model, (prompts done, result) per chunk in input order."""
         from ray.util import ActorPool
 
         # A few chunks per actor balance uneven prompts; always at least one so the result has its schema.
         size = max(1, math.ceil(len(prompts) / (4 * len(self.actors))))
         chunks = [prompts.iloc[lo : lo + size] for lo in range(0, max(len(prompts), 1), size)]
         results = ActorPool(self.actors).map(
-            lambda actor, chunk: getattr(actor, method).remote(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args),
+            lambda actor, chunk: actor.run.remote(task, chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args),
             chunks,
         )
         for chunk, result in zip(chunks, results):

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from cxrmem.attribution import NULL_COLUMNS, TOKEN_COLUMNS, attribution_summary, with_null
 from cxrmem.runfiles import write_sections
-from cxrmem.stages.worker import LocalModel, map_with_progress, memorized_stage
+from cxrmem.stages.worker import AttributePrompts, LocalModel, map_with_progress, memorized_stage
 from cxrmem.storage import Store
 from cxrmem.summary import AttributionSection
 
@@ -23,11 +23,11 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     if not cfg.attribution.enabled:
         return {"attribution": "disabled (attribution.enabled=false)"}
     with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models):
-        frames, seconds = map_with_progress(models, "attribute", memorized, "attributed", cfg.ray.progress_every_s)
+        frames, seconds = map_with_progress(models, AttributePrompts(), memorized, "attributed", cfg.ray.progress_every_s)
         tokens, columns, null_timing = pd.concat(frames, ignore_index=True), dict(TOKEN_COLUMNS), {}
         if cfg.attribution.null_model:
             # The same prompts and seeds on a re-initialised copy: what the ranks look like with nothing learned.
-            null, null_seconds = map_with_progress(models, "attribute_null", memorized, "attributed on the null model", cfg.ray.progress_every_s)
+            null, null_seconds = map_with_progress(models, AttributePrompts(null=True), memorized, "attributed on the null model", cfg.ray.progress_every_s)
             tokens, columns = with_null(tokens, pd.concat(null, ignore_index=True)), columns | NULL_COLUMNS
             null_timing = {"null_seconds": round(null_seconds, 2), "null_seed": cfg.attribution.null_seed}
         store.write_table(pa.Table.from_pandas(tokens[list(columns)], schema=pa.schema(columns), preserve_index=False), layout.tokens)

@@ -31,7 +31,7 @@ from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
-from cxrmem.stages.worker import LocalModel, embedder_settings, map_with_progress, memorized_stage
+from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
 from cxrmem.summary import CopiesSection
@@ -64,7 +64,7 @@ def checked_prompts(cfg, store: Store, layout: RunLayout, memorized: pd.DataFram
 
 def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.Tensor, *args) -> tuple:
     """(sims, rows [P, N, k], the texts generated from, kept generations, fidelity [P]) of `frame` through `models.copies`."""
-    results, _ = map_with_progress(models, "copies", frame[["prompt_id", "prompt"]], what, cfg.ray.progress_every_s, *args)
+    results, _ = map_with_progress(models, CopiesOfPrompts(), frame[["prompt_id", "prompt"]], what, cfg.ray.progress_every_s, *args)
     queries = torch.from_numpy(np.concatenate([r[0] for r in results]))
     sims, rows = search(queries, index, CopiesSettings.of(cfg.copies), resolve_device("auto"))
     kept = {pid: g for r in results for pid, g in r[2].items()}

@@ -1,10 +1,11 @@
 """The model worker: one model replica, loaded once, that every model stage maps its prompts over.
 
 `ModelWorker` is a callable class in the manner of Ray's batch-inference examples: `__init__`
-loads the model, `__call__` maps a batch of (prompt_id, prompt) rows to scores.parquet rows,
-and `attribute` / `mitigate` map the small memorized set. The stages run it in this process
-(`LocalModel`); cxrmem/distributed runs the same class on a Ray actor pool. Settings reach the
-domain as small frozen objects cut from the config here.
+loads the model, `__call__` maps a batch of (prompt_id, prompt) rows to scores.parquet rows. The
+memorized-set stages map their prompts with one callable class per kind of map (`AttributePrompts`,
+`MitigatePrompts`, `CopiesOfPrompts`) over the worker that holds the model (`ModelWorker.run`). The
+stages run it in this process (`LocalModel`); cxrmem/distributed runs the same class as the audit's
+Ray actor pool. Settings reach the domain as small frozen objects cut from the config here.
 
 Tokenization stays in the worker (inside `Scorer.score`): it costs well under 1% of the
 2 x G x T UNet passes per prompt, and a separate CPU stage would only ship padded id tensors
@@ -220,23 +221,28 @@ class ModelWorker:
         out = self.scorer.detect(prompts, prompt_ids, self.detectors, self.detect) if self.detectors and prompts else {}
         return {column: out.get(column, []) for name in self.detectors for column in REGISTRY[name].columns}
 
-    def attribute(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
-        """tokens.parquet rows of these memorized prompts."""
-        return attribute_prompts(self.scorer, prompts, prompt_ids, self.attribution)
+    def run(self, task, prompt_ids: list[str], prompts: list[str], *args):
+        """One kind of map over these prompts (AttributePrompts, MitigatePrompts, CopiesOfPrompts) on this
+        worker's loaded model: the actor's entry for the memorized-set stages."""
+        return task(self, prompt_ids, prompts, *args)
 
-    def attribute_null(self, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
-        """tokens.parquet rows of these prompts on the re-initialised copy of the model (same seeds and units)."""
+    def null_model_scorer(self) -> Scorer:
+        """A scorer of the re-initialised copy of the model (attribution's null), built by the first call."""
         if self.null_scorer is None:
             from cxrmem.models.components import null_copy
 
             null = null_copy(self.components, self.attribution.null_seed)
             self.null_scorer = self.scorer.on(null)
             log.info("worker pid %d built the attribution null model (seed %d)", os.getpid(), self.attribution.null_seed)
-        return attribute_prompts(self.null_scorer, prompts, prompt_ids, self.attribution)
+        return self.null_scorer
 
-    def mitigate(self, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
-        """mitigation.parquet rows of these prompts, and the image grids of those in `grid_ids`."""
-        return mitigate_prompts(self.scorer, prompts, prompt_ids, self.mitigation, grid_ids, self.fidelity())
+    def image_embedder(self):
+        """The copies check's image embedder, loaded by the first call."""
+        if self.embedder is None:
+            from cxrmem.copies.embedders import make_embedder
+
+            self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
+        return self.embedder
 
     def sampling_plan(self, strategy: str):
         """The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it."""
@@ -254,26 +260,47 @@ class ModelWorker:
             self._fidelity = make_fidelity(self.fidelity_settings, self.scorer.device)
         return self._fidelity
 
-    def copies(self, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none", keep_ids=frozenset()):
-        """Embeddings [P, N, D] of N generations per prompt (generated under a mitigation `strategy` unless
-        "none"), the texts generated from, the grey generations [N, H, W] of those in `keep_ids`, and per
-        prompt the fidelity of its generations to the original prompt ([P], NaN without a measure)."""
-        from cxrmem.copies.embedders import make_embedder
+
+
+class AttributePrompts:
+    """tokens.parquet rows of memorized prompts on a worker's model (`null`: on its re-initialised copy, with
+    the same seeds and units)."""
+
+    def __init__(self, null: bool = False):
+        self.null = null
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
+        scorer = worker.null_model_scorer() if self.null else worker.scorer
+        return attribute_prompts(scorer, prompts, prompt_ids, worker.attribution)
+
+
+class MitigatePrompts:
+    """mitigation.parquet rows of memorized prompts, and the image grids of those in `grid_ids`."""
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
+        return mitigate_prompts(worker.scorer, prompts, prompt_ids, worker.mitigation, grid_ids, worker.fidelity())
+
+
+class CopiesOfPrompts:
+    """Embeddings [P, N, D] of N generations per prompt (generated under a mitigation `strategy` unless "none"),
+    the texts generated from, the grey generations [N, H, W] of those in `keep_ids`, and per prompt the
+    fidelity of its generations to the original prompt ([P], NaN without a measure)."""
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], guidance: float, strategy: str = "none",
+                 keep_ids=frozenset()):  # fmt: skip
         from cxrmem.copies.find import embedded_generations
 
-        if self.embedder is None:
-            self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
         plan, originals = None, list(prompts)
         if strategy in EMBEDDING_STRATEGIES or strategy in SAMPLING_STRATEGIES:
-            plan = self.sampling_plan(strategy)
+            plan = worker.sampling_plan(strategy)
         elif strategy != "none":
-            vocab = vocabulary_words(self.scorer.tokenizer)
-            prompts = [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
+            vocab = vocabulary_words(worker.scorer.tokenizer)
+            prompts = [mitigated_prompt(strategy, p, i, vocab, worker.mitigation) for p, i in zip(prompts, prompt_ids)]
         queries, generations = embedded_generations(
-            self.scorer, self.embedder, prompts, prompt_ids, self.copy_settings, guidance, plan
+            worker.scorer, worker.image_embedder(), prompts, prompt_ids, worker.copy_settings, guidance, plan
         )
         kept = {pid: generations[i].mean(dim=1).numpy() for i, pid in enumerate(prompt_ids) if pid in keep_ids}
-        measure = self.fidelity()
+        measure = worker.fidelity()
         faithful = measure(generations, originals) if measure is not None else [float("nan")] * len(prompt_ids)
         return queries.numpy(), prompts, kept, list(faithful)
 
@@ -302,11 +329,11 @@ def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=
         yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae)
 
 
-def map_with_progress(models, method: str, prompts: pd.DataFrame, what: str, every_s: float, *args) -> tuple[list, float]:
-    """`models.map(method, prompts, *args)` with progress lines (done/total, rate, ETA); the results and seconds."""
+def map_with_progress(models, task, prompts: pd.DataFrame, what: str, every_s: float, *args) -> tuple[list, float]:
+    """`models.map(task, prompts, *args)` with progress lines (done/total, rate, ETA); the results and seconds."""
     progress = Progress(len(prompts), what, every_s)
     results = []
-    for done, result in models.map(method, prompts, *args):
+    for done, result in models.map(task, prompts, *args):
         results.append(result)
         progress.update(done)
     return results, progress.elapsed_s
@@ -321,8 +348,8 @@ class LocalModel:
     def __init__(self, cfg, store: Store, need_vae: bool = False):
         self.worker = ModelWorker(cfg, store, need_vae=need_vae)
 
-    def map(self, method: str, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
-        """(prompts done, result) per chunk, in input order; one empty chunk when there are no prompts."""
+    def map(self, task, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
+        """(prompts done, task's result) per chunk, in input order; one empty chunk when there are no prompts."""
         chunks = [prompts.iloc[i : i + 1] for i in range(len(prompts))] or [prompts]
         for chunk in chunks:
-            yield len(chunk), getattr(self.worker, method)(chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
+            yield len(chunk), self.worker.run(task, chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
