@@ -32,6 +32,10 @@ demo-copies: $(STAMP)
 		images.source=testbed/images/images.csv images.study_column=source_id \
 		analyze.top_percent=5 copies.generations=4 copies.n_controls=100 copies.pixel_size=32
 
+# ruff with the rules and line length of pyproject.toml ([tool.ruff]); CI runs it before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -51,4 +55,4 @@ image:
 	docker build -f docker/Dockerfile -t cxrmem:latest .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -18,17 +18,16 @@ import argparse
 import os
 import time
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
 from cxrmem.config import load_config
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.findings import FindingInputs, f0_memorizes
+from cxrmem.results_page import cpu_name, write_results
 from cxrmem.runfiles import RunLayout, read_summary
 from cxrmem.stages import analyze, prepare, reference, score
 from cxrmem.storage import Store
-from cxrmem.results_page import cpu_name, write_results
 
 SECTION = "## Calibrated calls: p-values against prompts the model never saw (CPU)"
 
@@ -88,7 +87,8 @@ def markdown(rows: list[dict], settings: str) -> str:
              "Length-conditional conformal p-values with the fitted upper tail (the defaults), Benjamini-Hochberg q-values; truth for",
              "testbed/model: the planted prompts (realized FDR = share of discoveries not planted). The null check audits the IU X-ray",
              "testbed on synthetic prompts it never saw, against other synthetic prompts.", "",
-             "| testbed | corpus | reference (dropped) | Simes p | F0 | top set | q<=0.05: discoveries, in top set, recall, FDR | q<=0.10: discoveries, in top set, recall, FDR | minutes |",
+             "| testbed | corpus | reference (dropped) | Simes p | F0 | top set | q<=0.05: discoveries, in top set, recall, FDR "
+             "| q<=0.10: discoveries, in top set, recall, FDR | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(r, level):

@@ -90,7 +90,8 @@ def markdown(results: list[dict], cpu: str) -> str:
         " bfloat16 top 1% holds. bfloat16 runs the UNet's output layers (conv_norm_out, conv_out) in float32, the"
         " Scorer's default; \"plain\" is the whole UNet in bfloat16, for the gain.",
         "",
-        "| model | prompts | T | G | Spearman (plain) | top-1% overlap (set size) | relative difference, max / median | plain: max / median | s float32 | s bfloat16 |",
+        "| model | prompts | T | G | Spearman (plain) | top-1% overlap (set size) | relative difference, max / median "
+        "| plain: max / median | s float32 | s bfloat16 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

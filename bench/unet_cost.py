@@ -75,7 +75,6 @@ class FlopCount:
 def _sdpa_recorder(stub: bool):
     """A TorchFunctionMode that records each scaled_dot_product_attention call's FLOP (4 B heads Lq Lk d) and,
     with `stub`, returns an empty tensor of the output's shape instead of computing it."""
-    import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 

@@ -298,7 +298,9 @@ def copy_fidelity_chart(harm: Sequence[dict], out: BinaryIO) -> None:
                 continue
             x = row["fidelity"] if row["fidelity"] is not None else 0.0
             color = RED if row["strategy"] == "original" else BLUE
-            ax.scatter(x, row["copy_rate"], s=60 if row["strategy"] == "original" else 30, edgecolors=color, facecolors=color if row["fidelity"] is not None else "none", zorder=4 if row["strategy"] == "original" else 3)
+            original = row["strategy"] == "original"
+            ax.scatter(x, row["copy_rate"], s=60 if original else 30, edgecolors=color,
+                       facecolors=color if row["fidelity"] is not None else "none", zorder=4 if original else 3)
             # Staggered labels: strategies that change nothing sit on the same point.
             ax.annotate(row["strategy"], (x, row["copy_rate"]), fontsize=7, xytext=(3, 3 - 9 * (k % 4)), textcoords="offset points")
         ax.set_xlim(-0.05, 1.05)

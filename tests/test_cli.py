@@ -61,7 +61,9 @@ def test_verify_passes_a_published_run_and_fails_a_changed_one(tmp_path, capsys)
 def test_verify_reports_added_files_but_not_the_working_files(tmp_path, capsys):
     layout = published_run(tmp_path / "run")
     store = Store()
-    for working in ["_lease.json", "_parts/scores/part-x.parquet", "_staging/summary.json", f"summary.json{PARTIAL_MARK}ab12cd34", "latest.json", "runs/r1/scores.parquet"]:
+    working_files = ["_lease.json", "_parts/scores/part-x.parquet", "_staging/summary.json", f"summary.json{PARTIAL_MARK}ab12cd34",
+                     "latest.json", "runs/r1/scores.parquet"]
+    for working in working_files:
         store.write_text(layout.path(working), "{}")  # the writer's, resume checkpoints, being written, rescoring's
     assert main(["verify", layout.prefix]) == 0
     capsys.readouterr()

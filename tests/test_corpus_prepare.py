@@ -8,13 +8,13 @@ import pytest
 
 from cxrmem.config import ConfigError, load_config
 from cxrmem.corpus.prompts import build_prompts_table
+from cxrmem.corpus.text import SourceText, prompt_id, skipped
+from cxrmem.models.loading import load_tokenizer
 from cxrmem.stages import prepare
 from cxrmem.stages.prepare import check_same_corpus
 from cxrmem.storage import Store
 
 SUMMARY_FILE = "prepare_summary.json"
-from cxrmem.corpus.text import SourceText, prompt_id, skipped
-from cxrmem.models.loading import load_tokenizer
 
 COLUMNS = ["prompt_id", "prompt", "n_reports", "source_ids", "has_marker", "n_markers", "n_tokens", "truncated"]
 

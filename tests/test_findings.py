@@ -171,7 +171,8 @@ def test_f3_rule_by_d_mem():
     from cxrmem.findings import FindingInputs, f3_rewrites
 
     def row(strategy, mean, high, d_mem_mean, n=6):
-        return {"strategy": strategy, "d_mem_mean": d_mem_mean, "d_mem_change": {"n": n, "mean": mean, "ci_low": None if mean is None else mean - 1, "ci_high": high}}
+        change = {"n": n, "mean": mean, "ci_low": None if mean is None else mean - 1, "ci_high": high}
+        return {"strategy": strategy, "d_mem_mean": d_mem_mean, "d_mem_change": change}
 
     rows = [row("original", None, None, 3.0), row("remove_marker", -0.1, -0.05, 2.9), row("random_insertion", -2.0, -1.0, 0.5)]
     kept = f3_rewrites(FindingInputs(_analysis(2.0), mitigation_rows=rows))

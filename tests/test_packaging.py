@@ -60,7 +60,7 @@ def containers(rayjob: dict) -> list[dict]:
 
 
 def workdir() -> str:
-    (line,) = [l for l in DOCKERFILE.read_text().splitlines() if l.startswith("WORKDIR ")]
+    (line,) = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("WORKDIR ")]
     return line.split()[1]
 
 
@@ -112,7 +112,7 @@ def test_ray_job_scripts_accept_the_documented_arguments(help_texts):
 
 
 def test_dockerfile_base_matches_pinned_ray_and_python():
-    (base,) = [l.split()[1] for l in DOCKERFILE.read_text().splitlines() if l.startswith("FROM ")]
+    (base,) = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("FROM ")]
     image, tag = base.split(":")
     assert image == "rayproject/ray"
     version, python, platform = tag.split("-")

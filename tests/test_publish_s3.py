@@ -12,7 +12,8 @@ pytestmark = pytest.mark.s3
 def test_publish_and_verify_a_run_in_s3(s3_bucket, s3_storage_cfg):
     prefix = f"s3://{s3_bucket}/runs/a"
     written = write_run(prefix, s3_storage_cfg)
-    manifest = publish.publish_run(Store.from_config(s3_storage_cfg), prefix, publish.prepare_output(Store.from_config(s3_storage_cfg), prefix), FINGERPRINT, {})
+    store = Store.from_config(s3_storage_cfg)
+    manifest = publish.publish_run(store, prefix, publish.prepare_output(store, prefix), FINGERPRINT, {})
     assert set(manifest["files"]) == set(written)
     assert publish.read_manifest(Store.from_config(s3_storage_cfg), prefix) == manifest
     assert publish.verify_run(Store.from_config(s3_storage_cfg), prefix)["ok"]

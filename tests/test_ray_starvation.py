@@ -54,7 +54,7 @@ def test_a_pool_holding_every_cpu_still_gets_its_prompts(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tmp_path, ray_token_auth):
+def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tmp_path, ray_token_auth):  # noqa: F811 (the fixture)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     temp_dir = os.path.join("/tmp", f"cxrst{os.getpid()}")  # short: Ray's socket paths live under it
@@ -67,7 +67,8 @@ def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tm
 
         def submit(output, *extra):
             overrides = [f"run.output={output}", f"model.path={tiny_model_dir}", *SMALL, *extra]
-            command = [RAY, "job", "submit", "--address", info.dashboard, "--runtime-env-json", f'{{"env_vars": {{"OMP_NUM_THREADS": "1", "PYTHONPATH": "{REPO}"}}}}',
+            runtime_env = f'{{"env_vars": {{"OMP_NUM_THREADS": "1", "PYTHONPATH": "{REPO}"}}}}'
+            command = [RAY, "job", "submit", "--address", info.dashboard, "--runtime-env-json", runtime_env,
                        "--", sys.executable, str(REPO / "ray_jobs" / "audit.py"), *overrides]  # fmt: skip
             return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -3,7 +3,6 @@ against the corpus, p- and q-values per prompt in calibration.parquet, F0 first 
 
 import json
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest

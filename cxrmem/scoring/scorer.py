@@ -18,8 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
-from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, resolve_device, set_tf32
 from cxrmem.scoring.ddim import DDIMUpdate
+from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, resolve_device, set_tf32
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.settings import Settings

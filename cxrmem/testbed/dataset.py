@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from cxrmem.corpus.iuxray import iter_iuxray_reports
-from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.surrogates import replace_with_surrogates
+from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, normalise_whitespace
 from cxrmem.testbed.phantoms import phantoms
 
