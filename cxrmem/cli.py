@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional
 
 from cxrmem.config import ConfigError, load_config, public_config
 
+SIGNING_KEY_ENV = "CXRMEM_SIGNING_KEY"  # cxrmem/publish.py's, named here without importing it for --help
+
 STAGES = {
     "prepare": "read the corpus, extract prompts, deduplicate globally: prompts.parquet",
     "score": "score every prompt with d_mem in one process: scores.parquet",
@@ -30,7 +32,7 @@ STAGES = {
     "audit": "all stages in order on Ray, then publish the run's manifest",
     "rescore": "rescore when the model fingerprint changed since the last run, and write a diff",
     "export": "copy a published run to another prefix (--to URI)",
-    "verify": "check a published run's files against its manifest (exit 1 on a mismatch)",
+    "verify": "check a published run's files against its manifest, and with --expect / --key that the manifest is the one published (exit 1 on a mismatch)",
     "config": "print the resolved configuration (defaults <- FILE <- overrides), credentials removed",
     "compare": "the rescore diff of any two published runs: what entered or left the memorized set",
     "deid-rewrite": "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
@@ -52,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         stage.add_argument("--config", help="YAML file from conf/ (default: built-in defaults)")
         if name == "verify":
             stage.add_argument("run", help="the published run's prefix (local folder or s3://)")
+            stage.add_argument("--expect", metavar="DIGEST",
+                               help="the manifest's sha256 recorded at publish (the audit's output, its job log), or a record "
+                               "holding it (rescoring's latest.json): the manifest must be that one")  # fmt: skip
+            stage.add_argument("--key", metavar="FILE", nargs="?", const="",
+                               help=f"check manifest.sig with the operator's HMAC key: the key file, or without FILE ${SIGNING_KEY_ENV}")
         if name == "compare":
             stage.add_argument("run_a", help="the earlier run's prefix")
             stage.add_argument("run_b", help="the later run's prefix")
@@ -175,9 +182,14 @@ def _stage(args: argparse.Namespace, cfg, store) -> dict:
 
         return export_run(store, cfg.run.output, args.to, overwrite=cfg.run.overwrite)
     if args.stage == "verify":
-        from cxrmem.publish import verify_run
+        from cxrmem.publish import signing_key, verify_run
 
-        return verify_run(store, args.run)
+        key = None
+        if args.key is not None:
+            key = signing_key(args.key, from_env=not args.key)
+            if key is None:
+                raise ValueError(f"--key without a FILE reads ${SIGNING_KEY_ENV}, which is not set: give the key file")
+        return verify_run(store, args.run, expect=args.expect, key=key)
     if args.stage == "compare":
         from cxrmem.stages.compare import run as compare
 
@@ -209,12 +221,7 @@ MAIN_OUTPUT = {
 def last_line(stage: str, result: dict) -> str:
     """One line naming the command's main output (or why there is none)."""
     if stage == "verify":
-        state = (
-            "matches its manifest"
-            if result["ok"]
-            else f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}, unlisted {result['unlisted']}"
-        )
-        return f"cxrmem verify: {result['prefix']} {state} ({result['files']} files)"
+        return verify_line(result)
     if stage == "enrich":
         crude, adjusted = result["crude"], result["adjusted"]["logistic"]
         adjusted_text = (f"refused ({adjusted['refused']})" if adjusted.get("refused")
@@ -226,6 +233,27 @@ def last_line(stage: str, result: dict) -> str:
         return f"cxrmem rescore: nothing to do, {result['previous']} is current"
     output = result.get(MAIN_OUTPUT.get(stage, ""))
     return f"cxrmem {stage}: done" + (f"; output: {output}" if output else "")
+
+
+def verify_line(result: dict) -> str:
+    """verify's one line: what matched, or every check that failed."""
+    digest, expected, signature = result["manifest_sha256"], result.get("expected_sha256"), result.get("signature")
+    files_ok = not (result["missing"] or result["changed"] or result["unlisted"])
+    if result["ok"]:
+        checked = (f"manifest sha256 {digest}, the expected digest ({result['expected_from']})" if expected
+                   else f"manifest sha256 {digest}; compare it with the digest recorded at publish (--expect)")  # fmt: skip
+        signed = "; signature valid" if signature == "valid" else ""
+        return f"cxrmem verify: {result['prefix']} matches its manifest ({result['files']} files); {checked}{signed}"
+    failed = []
+    if expected and expected != digest:
+        failed.append(f"has a manifest (sha256 {digest}) that is NOT the one expected ({expected}, from {result['expected_from']}): "
+                      "the manifest was changed after that digest was recorded, or this is another run")  # fmt: skip
+    if signature not in (None, "valid"):
+        failed.append("has no manifest.sig: the run was published unsigned" if signature == "missing"
+                      else "has a manifest.sig that does NOT match: the manifest was changed after signing, or the key is another")  # fmt: skip
+    if not files_ok:
+        failed.append(f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}, unlisted {result['unlisted']}")
+    return f"cxrmem verify: {result['prefix']} {'; '.join(failed)} ({result['files']} files)"
 
 
 def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, Optional[dict]]:
@@ -260,6 +288,11 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
 
 def finish(name: str, result: dict) -> int:
     print(json.dumps(result, indent=2, default=str), flush=True)
+    digest = result.get("manifest_sha256")
+    if digest and name != "verify":  # a run was published: the digest a reviewer checks it against, kept elsewhere
+        where = result.get("run") or result.get("dst") or result.get("output")
+        print(f"cxrmem {name}: published {where} with manifest sha256 {digest}; keep this digest outside the run and "
+              f"check it with `cxrmem verify {where} --expect {digest}`", file=sys.stderr, flush=True)  # fmt: skip
     print(last_line(name, result), file=sys.stderr, flush=True)
     return 0 if result.get("ok", True) else 1
 

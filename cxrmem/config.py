@@ -33,6 +33,7 @@ class RunConfig:
     force_lease: bool = False  # take over the one-writer lease on run.output even while its holder's heartbeat is fresh
     lease_timeout_s: float = 600.0  # a lease whose heartbeat is older than this is stale and taken over (its holder beats 5 times per period)
     allow_foreign_files: bool = False  # write into a run.output that holds files no cxrmem run wrote and no run's manifest (never published nor deleted)
+    signing_key_file: Optional[str] = None  # a local file holding the operator's HMAC key: publishing then signs the manifest (manifest.sig); else $CXRMEM_SIGNING_KEY, if set
 
 
 @dataclass

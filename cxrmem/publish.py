@@ -27,6 +27,13 @@ The scheme (local folders and S3 alike; S3 has no rename, so nothing here relies
   against the staged manifest; (4) P's manifest is written; (5) `P/_staging/` is deleted. If
   promotion is interrupted, the complete new run is still published at `P/_staging/`, and the
   next `prepare_output` or `publish_run` at P finishes the promotion.
+* Provenance. `verify_run` alone proves only that the files match the manifest that sits beside them:
+  whoever can write the prefix can change a file and its line in the manifest together. What ties a
+  run to its publishing is the manifest's digest (`manifest_digest`: sha256 of its canonical JSON
+  bytes), logged and returned at publish, recorded by rescoring in `latest.json`, and checked by
+  `verify_run(expect=...)` against a record kept outside the prefix; and, optionally, an HMAC-SHA256
+  signature of the same bytes (`manifest.sig` beside the manifest) with a key the operator holds
+  (`run.signing_key_file`, else $CXRMEM_SIGNING_KEY), checked by `verify_run(key=...)`.
 * `export_run` copies a published run file by file, checks each file's sha256 against the
   source manifest while copying and again by reading the copy back, and writes the manifest
   last; a published destination is replaced (through its own `_staging/`) only when asked.
@@ -34,8 +41,13 @@ The scheme (local folders and S3 alike; S3 has no rename, so nothing here relies
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.metadata
+import json
 import logging
+import os
+import re
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -46,7 +58,7 @@ import pyarrow as pa
 from cxrmem import storage
 from cxrmem.config import public_config, redact
 from cxrmem.lease import LeaseSettings, hold
-from cxrmem.runfiles import MANIFEST_NAME, RunLayout
+from cxrmem.runfiles import MANIFEST_NAME, SIGNATURE_NAME, RunLayout
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,9 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "cxrmem-run-manifest/1"
 STAGING_NAME = "_staging"
 REPLACED_NAME = "_replaced.json"  # in the staging prefix: the replaced run's files, while a promotion runs
+SIGNATURE_FORMAT = "cxrmem-manifest-signature/1"
+SIGNING_KEY_ENV = "CXRMEM_SIGNING_KEY"  # the operator's HMAC key itself, when run.signing_key_file names no file
+DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")
 
 
 class RunNotPublishedError(FileNotFoundError):
@@ -103,6 +118,116 @@ def foreign_files(store: Store, prefix: str) -> list[str]:
     return [path for path in present_files(store, prefix) if not RunLayout.knows(path)]
 
 
+# --- provenance: the manifest's digest and the operator's signature ----------------------------
+
+
+def canonical_bytes(manifest: dict) -> bytes:
+    """The manifest as canonical JSON (sorted keys, no whitespace, UTF-8): the same bytes whether taken from the
+    dict that was written or from the file read back, whatever the file's indentation."""
+    plain = json.loads(json.dumps(manifest, default=str))  # as written: tuples become lists, other values strings
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 (hex) of the manifest's canonical bytes: what a record kept outside the run checks it against."""
+    return hashlib.sha256(canonical_bytes(manifest)).hexdigest()
+
+
+def signature_uri(prefix: str) -> str:
+    return storage.join(prefix, SIGNATURE_NAME)
+
+
+def signing_key(key_file: Optional[str] = None, from_env: bool = True) -> Optional[bytes]:
+    """The operator's HMAC key: the bytes of `key_file` (a local file; one trailing newline dropped), else
+    $CXRMEM_SIGNING_KEY when `from_env`; None: nothing is signed."""
+    if key_file:
+        path = os.path.expanduser(str(key_file))
+        try:
+            with open(path, "rb") as stream:
+                key = stream.read().rstrip(b"\r\n")
+        except OSError as err:
+            raise ValueError(f"cannot read the signing key file {path} ({err.strerror or err}): check run.signing_key_file or --key") from err
+        if not key:
+            raise ValueError(f"the signing key file {path} is empty: put the operator's key in it")
+        return key
+    value = os.environ.get(SIGNING_KEY_ENV, "") if from_env else ""
+    return value.encode("utf-8") if value else None
+
+
+def key_file_of(config) -> Optional[str]:
+    """run.signing_key_file of a config (DictConfig or the plain dict a manifest records), if any."""
+    run = (config or {}).get("run") if hasattr(config, "get") else None
+    return run.get("signing_key_file") if hasattr(run, "get") else None
+
+
+def sign(manifest: dict, key: bytes) -> str:
+    return hmac.new(key, canonical_bytes(manifest), hashlib.sha256).hexdigest()
+
+
+def write_manifest(store: Store, prefix: str, manifest: dict, key: Optional[bytes] = None) -> str:
+    """Write `manifest` at `prefix` (and, with a signing key, `manifest.sig` after it); its digest.
+
+    The key is `key`, else the one the manifest's own config names (run.signing_key_file) or
+    $CXRMEM_SIGNING_KEY. A signature left by an earlier manifest is removed first, so that a prefix never
+    shows a signature of another manifest than the one beside it.
+    """
+    key = key or signing_key(key_file_of(manifest.get("config")))
+    if store.exists(signature_uri(prefix)):
+        store.delete(signature_uri(prefix))
+    store.write_json(manifest_uri(prefix), manifest)
+    digest = manifest_digest(manifest)
+    if key:
+        store.write_json(signature_uri(prefix), {
+            "format": SIGNATURE_FORMAT, "algorithm": "HMAC-SHA256", "manifest_sha256": digest, "hmac": sign(manifest, key),
+        })  # fmt: skip
+    return digest
+
+
+def check_signature(store: Store, prefix: str, manifest: dict, key: bytes) -> str:
+    """"valid", "missing" (no manifest.sig) or "invalid" (another manifest, or another key)."""
+    try:
+        record = store.read_json(signature_uri(prefix))
+    except FileNotFoundError:
+        return "missing"
+    except ValueError:
+        return "invalid"
+    given = record.get("hmac") if isinstance(record, dict) else None
+    return "valid" if isinstance(given, str) and hmac.compare_digest(given, sign(manifest, key)) else "invalid"
+
+
+def same_prefix(a: str, b: str) -> bool:
+    if storage.is_s3(a) or storage.is_s3(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def expected_digest(store: Store, expect: str, prefix: str) -> tuple[str, str]:
+    """(digest, where it came from) of `verify --expect`: a sha256 hex digest, or a record kept outside the run
+    that holds `manifest_sha256` (rescoring's latest.json; its `run` must be the run verified)."""
+    match = DIGEST.fullmatch(expect.strip())
+    if match:
+        return match.group(1).lower(), "--expect"
+    try:
+        record = store.read_json(expect)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--expect {expect} is neither a manifest digest (64 hex characters) nor a record that exists "
+            "(rescoring's latest.json)"
+        ) from None
+    except ValueError as err:
+        raise ValueError(f"--expect {expect} is not a JSON record ({err}); give the digest itself") from err
+    digest = record.get("manifest_sha256") if isinstance(record, dict) else None
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ValueError(
+            f"{expect} records no manifest digest (manifest_sha256; written before runs had one): give the digest itself, "
+            "or rescore to record one"
+        )
+    named = record.get("run")
+    if named and not same_prefix(str(named), prefix):
+        raise ValueError(f"{expect} records the run {named}, not {prefix}: verify that run, or give this run's own digest")
+    return digest.lower(), expect
+
+
 def _describe(store: Store, prefix: str, path: str) -> dict:
     uri = storage.join(prefix, path)
     size, digest = store.sha256(uri)
@@ -139,8 +264,9 @@ def publish_manifest(store: Store, prefix: str, model_fingerprint: str, config_d
         "foreign": [path for path in present if not RunLayout.knows(path)],
         "extra": redact(extra or {}),
     }
-    store.write_json(manifest_uri(prefix), manifest)
-    log.info("published %s: %d files, %d bytes", prefix, len(files), manifest["total_bytes"])
+    digest = write_manifest(store, prefix, manifest)
+    log.info("published %s: %d files, %d bytes; manifest sha256 %s%s", prefix, len(files), manifest["total_bytes"], digest,
+             ", signed" if store.exists(signature_uri(prefix)) else "")  # fmt: skip
     return manifest
 
 
@@ -173,10 +299,18 @@ def require_published(store: Store, prefix: str) -> dict:
     return manifest
 
 
-def verify_run(store: Store, prefix: str) -> dict:
+def verify_run(store: Store, prefix: str, expect: Optional[str] = None, key: Optional[bytes] = None) -> dict:
     """Re-read every file a published run lists and compare sizes and sha256 with its manifest; list the
-    files present that it does not list (`unlisted`: for an audit artefact an added file is a finding)."""
+    files present that it does not list (`unlisted`: for an audit artefact an added file is a finding).
+
+    That alone shows the files match the manifest beside them, not that the manifest is the one published:
+    `expect` (a digest, or a record such as latest.json, see `expected_digest`) checks the manifest's digest
+    against a record kept outside the run, and `key` checks the operator's signature (manifest.sig).
+    """
     manifest = require_published(store, prefix)
+    digest = manifest_digest(manifest)
+    expected, source = expected_digest(store, expect, prefix) if expect else (None, None)
+    signature = check_signature(store, prefix, manifest, key) if key else None
 
     def check(item: tuple[str, dict]) -> Optional[str]:
         path, expected = item
@@ -194,7 +328,11 @@ def verify_run(store: Store, prefix: str) -> dict:
     unlisted = sorted(set(present_files(store, prefix)) - set(manifest["files"]) - foreign)
     return {
         "prefix": prefix,
-        "ok": not missing and not changed and not unlisted,
+        "ok": not missing and not changed and not unlisted and (expected is None or expected == digest) and signature in (None, "valid"),
+        "manifest_sha256": digest,
+        "expected_sha256": expected,
+        "expected_from": source,
+        "signature": signature,
         "files": len(by_path),
         "bytes": manifest["total_bytes"],
         "missing": missing,
@@ -230,17 +368,18 @@ def publish_run(
     config_dict,
     extra: Optional[dict] = None,
 ) -> dict:
-    """Publish the run written at `work_prefix` (from `prepare_output`) as the run at `output`."""
+    """Publish the run written at `work_prefix` (from `prepare_output`) as the run at `output`; the manifest
+    as published at `output` (its digest: `manifest_digest`)."""
     config = public_config(config_dict) if config_dict is not None else None
     if config and config.get("run", {}).get("output") == work_prefix:
         config["run"]["output"] = output  # record where the run lives, not where it was staged
     manifest = publish_manifest(store, work_prefix, model_fingerprint, config, extra)
     if work_prefix.rstrip("/") != output.rstrip("/"):
-        promote(store, work_prefix, output)
+        manifest = promote(store, work_prefix, output)
     return manifest
 
 
-def promote(store: Store, staged: str, output: str) -> None:
+def promote(store: Store, staged: str, output: str) -> dict:
     """Replace the run at `output` with the published run at `staged` (steps 1-5 of the module doc)."""
     manifest = require_published(store, staged)
     old = replaced_files(store, staged, output)
@@ -258,9 +397,11 @@ def promote(store: Store, staged: str, output: str) -> None:
 
     store.parallel(copy, manifest["files"].items())
     # Files beside the old run that it did not write stayed: named as foreign, as a run written beside them is.
-    store.write_json(manifest_uri(output), {**manifest, "foreign": foreign_files(store, output)})
+    promoted = {**manifest, "foreign": foreign_files(store, output)}
+    digest = write_manifest(store, output, promoted)
     store.delete_tree(staged)
-    log.info("promoted %s to %s", staged, output)
+    log.info("promoted %s to %s; manifest sha256 %s", staged, output, digest)
+    return promoted
 
 
 def replaced_files(store: Store, staged: str, output: str) -> list[str]:
@@ -339,9 +480,10 @@ def export_run(
 
     start = time.perf_counter()
     copied = store.parallel(copy, manifest["files"].items())
-    store.write_json(manifest_uri(target), {**manifest, "foreign": []})  # the source's foreign files stay behind
+    exported = {**manifest, "foreign": []}  # the source's foreign files stay behind
+    write_manifest(store, target, exported)
     if target != dst_prefix:
-        promote(store, target, dst_prefix)
+        exported = promote(store, target, dst_prefix)
     seconds = time.perf_counter() - start
     total = sum(copied)
     return {
@@ -352,6 +494,7 @@ def export_run(
         "seconds": round(seconds, 3),
         "mb_per_s": round(total / 1e6 / seconds, 1) if seconds > 0 else None,
         "verified": verify,
+        "manifest_sha256": manifest_digest(exported),
     }
 
 

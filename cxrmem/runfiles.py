@@ -39,6 +39,7 @@ def check_prompt_ids(ids: Iterable, where: str) -> None:
 WORKING_PREFIX = "_"
 RESCORE_NAMES = ("latest.json", "runs")
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"  # the operator's HMAC of the manifest, beside it (cxrmem/publish.py); never listed
 # The outputs a run writes, by name under its prefix (the properties of RunLayout below, and rescoring's
 # diff.parquet), and its one folder of outputs. With the working files these are the only files a run
 # writes: anything else under a prefix is foreign, never published and never deleted (cxrmem/publish.py).
@@ -59,7 +60,7 @@ class RunLayout:
     def is_working(relative_path: str) -> bool:
         """True for the files under a prefix that no manifest lists and `verify` does not report (see WORKING_PREFIX)."""
         first = str(relative_path).split("/", 1)[0]
-        return first.startswith(WORKING_PREFIX) or first in RESCORE_NAMES or PARTIAL_MARK in relative_path or relative_path == MANIFEST_NAME
+        return first.startswith(WORKING_PREFIX) or first in RESCORE_NAMES or PARTIAL_MARK in relative_path or relative_path in (MANIFEST_NAME, SIGNATURE_NAME)
 
     @staticmethod
     def knows(relative_path: str) -> bool:

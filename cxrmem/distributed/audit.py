@@ -21,7 +21,7 @@ from cxrmem.distributed.pipeline import ModelPool
 from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
-from cxrmem.publish import prepare_output, publish_run
+from cxrmem.publish import manifest_digest, prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, reference, report, score
 from cxrmem.storage import Store
@@ -127,6 +127,8 @@ def _audit(cfg, store: Store, lease) -> dict:
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - start, 2)},
         "model_fingerprint": fingerprint,
         "files": len(manifest["files"]),
+        # The published manifest's sha256: kept outside the run, it tells this run from an edited one (`verify --expect`).
+        "manifest_sha256": manifest_digest(manifest),
         # Where the report lives once published, not the _staging prefix an overwrite wrote it at (gone by now).
         "report": RunLayout(output).report if written.get("report") else None,
         "explained": {stage: summary.get("prompts") for stage, summary in explained.items()},

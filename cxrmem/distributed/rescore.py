@@ -2,7 +2,8 @@
 
 Layout under `run.output` (= O), local or s3://:
 
-    O/latest.json                       {"run": URI of the newest run, "model_fingerprint", "config_hash", "created"}
+    O/latest.json                       {"run": URI of the newest run, "model_fingerprint", "config_hash", "created",
+                                         "manifest_sha256": the digest of that run's manifest (`verify RUN --expect O/latest.json`)}
     O/runs/<UTC time>-<fingerprint>/    one published run per rescoring (the audit outputs + diff.parquet)
 
 The previous run is the one `O/latest.json` names; before the first rescoring it is the run
@@ -29,7 +30,7 @@ from cxrmem.distributed.audit import run_audit
 from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
-from cxrmem.publish import is_published, publish_manifest
+from cxrmem.publish import is_published, manifest_digest, publish_manifest
 from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages import score
 from cxrmem.stages.compare import memorized_scores
@@ -120,6 +121,8 @@ def _rescore(cfg, force: bool, store: Store) -> dict:
         store.write_table(pa.Table.from_pandas(diff, preserve_index=False), diff_uri)
         result.update(diff=diff_uri, **counts)
     write_sections(store, RunLayout(run), RescoreSection(**result))
-    publish_manifest(store, run, fingerprint, run_cfg, extra={"config_hash": key[1]})
-    store.write_json(latest_uri(output), {"run": run, "model_fingerprint": fingerprint, "config_hash": key[1], "created": stamp})
-    return result
+    digest = manifest_digest(publish_manifest(store, run, fingerprint, run_cfg, extra={"config_hash": key[1]}))
+    store.write_json(latest_uri(output), {"run": run, "model_fingerprint": fingerprint, "config_hash": key[1], "created": stamp,
+                                          "manifest_sha256": digest})  # fmt: skip
+    log.info("rescore: %s is latest; manifest sha256 %s", run, digest)
+    return {**result, "manifest_sha256": digest}
