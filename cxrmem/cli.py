@@ -275,7 +275,9 @@ def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, O
     except ConfigError as err:
         line, code = f"cxrmem: configuration error: {err}", 2
     except (OSError, ValueError, DeviceUnavailable, DeviceOutOfMemory) as err:
-        line, code = f"cxrmem {name}: {err}", 1
+        from cxrmem.storage import name_too_long
+
+        line, code = f"cxrmem {name}: {name_too_long(err) or err}", 1  # [Errno 36]: which name is over the limit
     except Interrupted as err:  # SIGTERM / SIGINT: every finally has run (parts kept, Ray down, lease released)
         line, code = interrupted_line(name, err), err.exit_code
     # Log lines and whatever Ray printed while shutting down go out first: the user's last line is ours.

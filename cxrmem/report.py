@@ -38,6 +38,9 @@ SUMMARY_ATTRIBUTION_KEYS = {
     "gradient_per_piece_mean": "gradient (mean per piece)",
     "leave_one_out": "leave-one-out",
 }
+# Characters of a prompt shown in the report's tables; a longer one shows its beginning, the full text one click
+# away (a <details> element), so that a corpus's 50,000-character "prompt" does not fill the page.
+PROMPT_SHOWN = 300
 # Over-guidance rule: generations whose median high-frequency share (stats.high_frequency_share)
 # exceeds this are closer to white noise (0.75) than to an image (a radiograph: below 0.05).
 OVERGUIDED_SHARE = 0.5
@@ -58,6 +61,16 @@ def mark(text, pattern: str) -> Markup:
         out.append(escape(text[last : match.start()]) + Markup("<mark>%s</mark>") % match.group())
         last = match.end()
     return Markup("").join(out) + escape(text[last:])
+
+
+def prompt_html(text, pattern: str, shown: int = PROMPT_SHOWN) -> Markup:
+    """A prompt for a table cell, markers highlighted: whole when short, else its first `shown` characters with
+    the full text one click away."""
+    text = str(text)
+    if len(text) <= shown:
+        return mark(text, pattern)
+    return Markup('<details class="long"><summary>%s&hellip; <span class="small">(%s characters: click for the full text)</span>'
+                  "</summary>%s</details>") % (mark(text[:shown], pattern), fmt(len(text)), mark(text, pattern))
 
 
 def _flatten(obj, prefix: str = "") -> dict:
@@ -190,8 +203,28 @@ def run_rows(summary: RunSummary) -> list[dict]:
 
 def memorized_rows(memorized: pd.DataFrame, pattern: str, limit: int) -> list[dict]:
     rows = memorized.head(limit).to_dict("records")
-    return [{**row, "rank": i + 1, "prompt_html": mark(row["prompt"], pattern),
-             "markers": int(row.get("n_markers", int(bool(row.get("has_marker", False)))))} for i, row in enumerate(rows)]
+    return [{**row, "rank": i + 1, "prompt_html": prompt_html(row["prompt"], pattern), "sort_key": str(row["prompt"])[:PROMPT_SHOWN],
+             "markers": int(row.get("n_markers", int(bool(row.get("has_marker", False))))),
+             "truncated": str(row.get("truncated", False)).lower() == "true", "token_limit": _count(row.get("token_limit"))}
+            for i, row in enumerate(rows)]  # fmt: skip
+
+
+def _count(value) -> Optional[int]:
+    """An integer from a CSV cell that may be empty (NaN)."""
+    return None if value is None or value == "" or (isinstance(value, float) and not np.isfinite(value)) else int(value)
+
+
+def truncated_context(memorized: Optional[pd.DataFrame]) -> Optional[dict]:
+    """The memorized prompts the model read only in part (longer than its token limit), for the card; None: none."""
+    if memorized is None or "truncated" not in memorized.columns:
+        return None
+    flagged = memorized[memorized["truncated"].astype(str).str.lower() == "true"]
+    if flagged.empty:
+        return None
+    limits = [_count(v) for v in flagged["token_limit"]] if "token_limit" in flagged.columns else []
+    limit = next((v for v in limits if v is not None), None)
+    return {"count": len(flagged), "memorized": len(memorized), "limit": limit,
+            "longest": _count(flagged["n_tokens"].max()) if "n_tokens" in flagged.columns else None}
 
 
 def enrichment_rows(analysis: AnalysisSection) -> list[dict]:
@@ -398,11 +431,16 @@ def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures)
         notes = {s: f"dist {rows.loc[s, 'pairwise_distance']:.3f}" for s in images
                  if s in rows.index and np.isfinite(rows.loc[s, "pairwise_distance"])}
         title = str(rows.loc["original", "mitigated_prompt"]) if "original" in rows.index else pid
+        original = str(rows.loc["original", "mitigated_prompt"]) if "original" in rows.index else None
+
+        def text(strategy: str) -> Markup:  # a strategy that kept the original text (an embedding's) does not repeat it
+            used = str(rows.loc[strategy, "mitigated_prompt"])
+            same = strategy != "original" and used == original
+            return Markup("<i>the original text</i>") if same else prompt_html(used, cfg.corpus.marker_regex)
         out.append({
             "figure": figure(f"grid_{pid}.png", lambda p, i=images, n=notes, t=title: figures.generation_grid(
                 i, p, cfg.report.grid_generations, t, n), f"Prompt {pid}: generations from the same seeds per strategy (cf. paper Fig. 4)."),
-            "prompts": [{"strategy": s, "text": mark(rows.loc[s, "mitigated_prompt"], cfg.corpus.marker_regex),
-                         "unchanged": bool(rows.loc[s, "unchanged"])} for s in order if s in rows.index],
+            "prompts": [{"strategy": s, "text": text(s), "unchanged": bool(rows.loc[s, "unchanged"])} for s in order if s in rows.index],
         })
     return out
 
@@ -520,7 +558,7 @@ def card_context(data: dict, page: dict) -> dict:
     if page["detectors"]:
         extra["detector agreement"] = page["detectors"]["card"]
     return {"extra": extra, "cascade": page["cascade"], "enrichment": summary.analysis.marker_enrichment if summary.analysis else None,
-            "mitigation": page["mitigation"]}
+            "mitigation": page["mitigation"], "truncated": truncated_context(data["memorized"])}
 
 
 def report_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:

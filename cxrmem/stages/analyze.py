@@ -42,6 +42,53 @@ from cxrmem.summary import CalibrationSection
 log = logging.getLogger(__name__)
 
 
+class NothingScoredError(ValueError):
+    """No prompt has a finite score: there is no distribution, no memorized set, nothing to report."""
+
+
+def check_something_scored(counts: dict, scores_uri: str) -> None:
+    """Refuse an analysis of a run that scored nothing (every score non-finite, or no rows), in one line."""
+    if counts["finite"] > 0:
+        return
+    if counts["scored"] == 0:
+        raise NothingScoredError(f"nothing was scored: {scores_uri} has no rows; run `cxrmem score` (or `cxrmem audit`) again")
+    raise NothingScoredError(
+        f"nothing was scored: all {counts['scored']} scores in {scores_uri} are non-finite (NaN or infinite noise norms), "
+        "so there is no memorized set to report. The model's weights or its precision are broken (float16 overflows: "
+        "try model.dtype=bfloat16 or float32): check the model, then audit again into a new run.output"
+    )
+
+
+def token_limit(cfg, store: Store, layout: RunLayout) -> Optional[int]:
+    """The model's prompt length in tokens (its tokenizer's model_max_length) that `truncated` is measured
+    against: from prepare_summary.json, else from the model's tokenizer; None when neither can be read."""
+    if store.exists(layout.prepare_summary):
+        recorded = store.read_json(layout.prepare_summary).get("max_length")
+        if isinstance(recorded, int):
+            return recorded
+    try:
+        from cxrmem.models.loading import load_tokenizer
+
+        return int(load_tokenizer(cfg.model, store).model_max_length)
+    except Exception as err:  # the flag stays; only the number is missing
+        log.warning("analyze: the model's token limit is unknown (%s: %s); truncated prompts are flagged without it", type(err).__name__, err)
+        return None
+
+
+def flag_truncated(cfg, store: Store, layout: RunLayout, memorized: pd.DataFrame) -> pd.DataFrame:
+    """memorized_prompts.csv's `truncated` (the prompt is longer than the model reads: its d_mem is that of its
+    first `token_limit` tokens) and `token_limit`; unchanged for prompts.parquet written without the flag."""
+    if "truncated" not in memorized.columns:
+        return memorized
+    memorized["truncated"] = memorized["truncated"].fillna(False).astype(bool)
+    if memorized["truncated"].any():
+        limit = token_limit(cfg, store, layout)
+        memorized["token_limit"] = pd.array([limit] * len(memorized), dtype="Int64")
+        log.warning("analyze: %d of the %d memorized prompts are longer than the model's %s tokens and were scored truncated",
+                    int(memorized["truncated"].sum()), len(memorized), limit if limit is not None else "(unknown)")  # fmt: skip
+    return memorized
+
+
 def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) -> pd.DataFrame:
     """The named columns of a run's Parquet file; a missing file or column says which stage to rerun."""
     if not store.exists(uri):
@@ -130,11 +177,14 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
             scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known,
             adjust_settings(cfg),
         )
+        check_something_scored(analysis.counts, layout.scores)
         # A filtered scan: the corpus text is never held whole. ([""] keeps the filter valid for an empty set.)
         ids = memorized["prompt_id"].tolist() or [""]
-        texts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=[("prompt_id", "in", ids)])
+        flags = ["truncated"] if "truncated" in store.parquet_schema(layout.prompts).names else []
+        texts = store.read_table(layout.prompts, columns=["prompt_id", "prompt", *flags], filters=[("prompt_id", "in", ids)])
         memorized = memorized.merge(texts.to_pandas(), on="prompt_id", how="left")
         memorized = memorized[["prompt", *[c for c in memorized.columns if c != "prompt"]]]
+        memorized = flag_truncated(cfg, store, layout, memorized)
         analysis = replace(
             analysis,
             model_fingerprints=sorted(scores["model_fingerprint"].dropna().unique().tolist()),
