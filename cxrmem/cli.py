@@ -212,9 +212,9 @@ STAGE_MODULES = {name: name for name in ("prepare", "score", "reference", "analy
 WRITERS = {*STAGE_MODULES, "audit", "rescore", "export"}
 # The result key that names each command's main output, for its last line.
 MAIN_OUTPUT = {
-    "prepare": "prompts_file", "score": "scores", "reference": "scores", "analyze": "memorized", "attribute": "tokens", "mitigate": "mitigation", "copies": "copies",
-    "report": "report", "audit": "report", "rescore": "run", "export": "dst", "deid-rewrite": "output", "compare": "out", "enrich": "out",
-    "model": "model", "verify": "prefix", "testbed": "index",
+    "prepare": "prompts_file", "score": "scores", "reference": "scores", "analyze": "memorized", "attribute": "tokens",
+    "mitigate": "mitigation", "copies": "copies", "report": "report", "audit": "report", "rescore": "run", "export": "dst",
+    "deid-rewrite": "output", "compare": "out", "enrich": "out", "model": "model", "verify": "prefix", "testbed": "index",
 }  # fmt: skip
 
 

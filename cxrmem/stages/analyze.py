@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from cxrmem import stats, storage
 from cxrmem.analysis import (
     PROMPT_COLUMNS,
-    AdjustSettings,
     RUN_ID_COLUMNS,
     SCORE_COLUMNS,
+    AdjustSettings,
     analyze_tables,
     detector_agreement,
 )
-from cxrmem import stats, storage
 from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
 from cxrmem.config import public_config
 from cxrmem.detectors import REGISTRY
