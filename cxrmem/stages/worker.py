@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -71,6 +72,21 @@ def ray_gpu_assigned() -> bool:
     import ray
 
     return ray.is_initialized() and bool(ray.get_gpu_ids())
+
+
+def restarted_actor() -> bool:
+    """True in a Ray actor that Ray restarted after its process was lost (ray.max_restarts); False elsewhere."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    try:
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception as err:  # the GCS could not say: the run goes on, only the line is lost
+        log.warning("worker pid %d could not tell whether it is a restarted actor (%s)", os.getpid(), err)
+        return False
 
 
 def attribution_settings(cfg) -> AttributionSettings:
@@ -137,6 +153,12 @@ class ModelWorker:
 
         from cxrmem.models.loading import load_components
 
+        # A restarted actor (its process was lost: a killed worker, a lost node) says so, here and at the block it
+        # reruns (`note_rerun`); a WARNING reaches the driver's log through Ray's log_to_driver.
+        self.rerun_pending = restarted_actor()
+        if self.rerun_pending:
+            log.warning("scoring worker restarted as pid %d (its previous process was lost): loading the model again "
+                        "to rerun the block it held", os.getpid())  # fmt: skip
         if torch_threads:
             torch.set_num_threads(torch_threads)  # the actor's CPU share, not the whole node
         components = load_components(cfg.model, store, need_vae=need_vae)
@@ -174,9 +196,18 @@ class ModelWorker:
             self._views[key] = view
         return self._views[key]
 
+    def note_rerun(self, prompt_ids: list, what: str) -> None:
+        """The first call of a restarted actor is the one its lost process held (Ray reruns it: max_task_retries):
+        one line naming it by its first prompt_id and size."""
+        if getattr(self, "rerun_pending", False):
+            self.rerun_pending = False
+            first = prompt_ids[0] if len(prompt_ids) else "-"
+            log.warning("restarted worker pid %d reruns the %s it lost: %d prompts from prompt_id %s", os.getpid(), what, len(prompt_ids), first)
+
     def score_block(self, cfg, fingerprint: str, block: pa.Table, carried: Optional[dict] = None) -> pa.Table:
         """scores.parquet rows of one block under `cfg`'s scoring; `carried`: the block brings the trajectories it
         continues (`STATE_COLUMN`) and takes back the states this stage makes (`score_carried`)."""
+        self.note_rerun(block.column("prompt_id").to_pylist(), "score block")
         worker = self.for_config(cfg, fingerprint)
         return worker(block) if carried is None else score_carried(worker, block, **carried)
 
@@ -224,6 +255,7 @@ class ModelWorker:
     def run(self, task, prompt_ids: list[str], prompts: list[str], *args):
         """One kind of map over these prompts (AttributePrompts, MitigatePrompts, CopiesOfPrompts) on this
         worker's loaded model: the actor's entry for the memorized-set stages."""
+        self.note_rerun(prompt_ids, f"{type(task).__name__} chunk")
         return task(self, prompt_ids, prompts, *args)
 
     def null_model_scorer(self) -> Scorer:
