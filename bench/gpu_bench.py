@@ -560,11 +560,13 @@ def step_scorer(ctx: Context) -> None:
         scorer.score(p, i, steps=1)
         t1, _ = timed(sizes.device, lambda: scorer.score(p, i, steps=k1))
         t2, _ = timed(sizes.device, lambda: scorer.score(p, i, steps=k2))
-        per_step = (t2 - t1) / (k2 - k1)
+        per_step, basis = (t2 - t1) / (k2 - k1), "difference"
+        if per_step <= 0:  # timing noise (a shared or throttled machine) made the longer call no slower: bound it
+            per_step, basis = t2 / k2, f"t({k2}) / {k2}: the difference was not positive"
         call = t1 + (steps - k1) * per_step
         rate = n / call
         chunks = getattr(scorer, "_chunks", {}).get("score")
-        ctx.row("scorer", prompts_per_call=n, unet_batch=2 * n * g, s_per_step=per_step, unet_samples_s=2 * n * g / per_step,
+        ctx.row("scorer", prompts_per_call=n, unet_batch=2 * n * g, s_per_step=per_step, s_per_step_from=basis, unet_samples_s=2 * n * g / per_step,
                 s_per_call_T50=call, prompts_s_T50=rate, tflop_s=rate * unet_cost.scoring_flop_per_prompt(flop, g, steps) / 1e12,
                 mfu=unet_cost.mfu(rate, unet_cost.scoring_flop_per_prompt(flop, g, steps), peak),
                 chunk_after_oom=getattr(chunks, "fits", None))

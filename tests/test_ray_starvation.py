@@ -59,8 +59,10 @@ def test_two_submitted_audits_on_one_two_cpu_head_both_finish(tiny_model_dir, tm
 
     temp_dir = os.path.join("/tmp", f"cxrst{os.getpid()}")  # short: Ray's socket paths live under it
     os.makedirs(temp_dir, exist_ok=True)
-    # A clean stop needs more than Ray's default 3 s between SIGTERM and SIGKILL (README, Interrupts).
-    head, info = start_head(temp_dir, {**HEAD_ENV, **AUTH_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "30"}, "--num-cpus=2")
+    # A clean stop needs more than Ray's default 3 s between SIGTERM and SIGKILL (README, Interrupts): the driver
+    # writes its last part, stops the pool and Ray, and releases the lease. On a loaded 2-core machine that took
+    # more than 30 s (the line never came); the manifests give the head 60 s, the test 120.
+    head, info = start_head(temp_dir, {**HEAD_ENV, **AUTH_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "120"}, "--num-cpus=2")
     env = {**os.environ, **AUTH_ENV, "PYTHONPATH": str(REPO)}
     try:
         wait_for_jobs_api(info.dashboard, head)
