@@ -117,6 +117,7 @@ class AttributionSection(Section):
     null: Optional[dict] = None  # attribution.null_comparison; None without attribution.null_model
     null_seconds: Optional[float] = None
     null_seed: Optional[int] = None
+    model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
 
     def timings(self) -> dict[str, float]:
         return _present({"attribute: seconds": self.seconds, "attribute, null model: seconds": self.null_seconds})
@@ -133,6 +134,7 @@ class MitigationSection(Section):
     seconds: float
     mitigation: str  # mitigation.parquet
     figures: list = field(default_factory=list)
+    model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
 
     def timings(self) -> dict[str, float]:
         return {"mitigate: seconds": self.seconds}
@@ -155,6 +157,7 @@ class CopiesSection(Section):
     index: dict  # what the image index job did (stages/image_index.build_index)
     copies: str  # copies.parquet
     figures: list = field(default_factory=list)
+    model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
 
     def timings(self) -> dict[str, float]:
         return _present({"image index: seconds": (self.index or {}).get("seconds")})

@@ -9,7 +9,7 @@ import torch
 from cxrmem.attribution import TOKEN_COLUMNS, attribute_prompts, attribution_summary, token_gradient_norms, word_units
 from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX, delete_span
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import RunLayout
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stages import attribute
@@ -116,6 +116,16 @@ def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
     assert summary["gradient"]["chance_top1"] == pytest.approx(1 / len(first))
 
 
+def write_scores_key(layout, prompt_ids, fingerprint: str) -> None:
+    """A scores.parquet of the memorized set as `fingerprint`'s model scored it (the stages check the model):
+    the key columns, and d_mem (1.0) and nonfinite for the report."""
+    import pyarrow as pa
+
+    n = len(prompt_ids)
+    Store().write_table(pa.table({"prompt_id": list(prompt_ids), "d_mem": pa.array([1.0] * n, pa.float32()), "nonfinite": [False] * n,
+                                  "model_fingerprint": [fingerprint] * n, "config_hash": ["h"] * n}), layout.scores)  # fmt: skip
+
+
 def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path):
     cfg = tiny_config(
         tiny_model_dir, f"run.output={tmp_path}", "attribution.leave_one_out=false", "attribution.max_prompts=2"
@@ -126,6 +136,7 @@ def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path
     )
     Store().write_text(layout.memorized, memorized.to_csv(index=False))
     Store().write_json(layout.summary, {"analysis": {"memorized_count": 3}})
+    write_scores_key(layout, memorized["prompt_id"], fingerprint_model(cfg.model))  # scored by this very model
     summary = attribute.run(cfg)
     tokens = Store().read_table(layout.tokens).to_pandas()
     assert set(tokens["prompt_id"]) == {"a" * 16, "b" * 16}
@@ -176,6 +187,7 @@ def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tin
     layout = RunLayout(str(tmp_path))
     ids = [f"{i:016x}" for i in range(len(NULL_PROMPTS))]
     Store().write_text(layout.memorized, pd.DataFrame({"prompt": NULL_PROMPTS, "prompt_id": ids}).to_csv(index=False))
+    write_scores_key(layout, ids, fingerprint_model(cfg.model))
     summary = attribute.run(cfg)
     tokens = Store().read_table(layout.tokens).to_pandas()
     assert {"null_grad_score", "null_grad_rank", "null_loo_delta", "null_loo_rank"} <= set(tokens.columns)

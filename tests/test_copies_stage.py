@@ -11,10 +11,12 @@ from PIL import Image
 
 from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
+from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import RunExistsError, publish_manifest
 from cxrmem.runfiles import RunLayout, write_memorized
 from cxrmem.stages import copies, image_index
 from cxrmem.storage import Store
+from tests.test_attribution import write_scores_key
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["score.steps=2", "score.generations=1", "score.seed_mode=per_prompt", "model.device=cpu", "copies.generations=2",
@@ -70,8 +72,9 @@ def test_ray_index_worker_embeds_a_part_as_the_local_executor_does(tmp_path):
 
 
 # -- the stage on a tiny model ----------------------------------------------------------------
-def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]) -> list[str]:
-    """prompts.parquet (source and patient ids s<i> / p<i>) and a memorized set of the first `memorized` prompts."""
+def write_run(output: Path, texts: list[str], memorized: int, sources: list[str], model_dir: str) -> list[str]:
+    """prompts.parquet (source and patient ids s<i> / p<i>), scores.parquet's key columns as `model_dir` scored
+    them (the stage checks the model), and a memorized set of the first `memorized` prompts."""
     ids = [prompt_id(t) for t in texts]
     layout = RunLayout(str(output))
     table = pa.table({"prompt_id": ids, "prompt": texts, "source_ids": [[s] for s in sources],
@@ -79,6 +82,7 @@ def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]
     Store().write_table(table, layout.prompts)
     frame = pd.DataFrame({"prompt": texts[:memorized], "prompt_id": ids[:memorized], "d_mem": 1.0, "n_reports": 1})
     write_memorized(Store(), layout, frame)
+    write_scores_key(layout, ids, fingerprint_model(load_config(None, [f"model.path={model_dir}"]).model))
     return ids
 
 
@@ -105,7 +109,7 @@ def stage_config(tiny_model_dir, output, images_csv, *overrides):
 
 
 def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_model_dir, own_images, tmp_path):
-    ids = write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    ids = write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
     summary = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, "report.top_prompts=1"))
     layout = RunLayout(str(tmp_path))
     table = Store().read_table(layout.copies).to_pandas()
@@ -142,7 +146,7 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
 
 def test_copies_stage_is_off_without_images_and_refuses_a_published_run(tiny_model_dir, own_images, tmp_path):
     assert "disabled" in copies.run(load_config(None, [f"run.output={tmp_path}"]))["copies"]
-    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
     cfg = stage_config(tiny_model_dir, tmp_path, own_images)
     publish_manifest(Store(), str(tmp_path), "f" * 16, cfg)
     with pytest.raises(RunExistsError, match="run.overwrite"):
@@ -160,7 +164,7 @@ def test_testbed_planted_prompts_copy_their_phantoms_through_the_stage(tmp_path)
     planted = table[table.planted & (table.n_copies == 128)].head(2)
     others = table[~table.planted].head(6)
     texts = planted.prompt.tolist() + others.prompt.tolist()
-    write_run(tmp_path / "run", texts, memorized=2, sources=planted.source_id.tolist() + others.source_id.tolist())
+    write_run(tmp_path / "run", texts, memorized=2, sources=planted.source_id.tolist() + others.source_id.tolist(), model_dir=model)
     cfg = load_config(ROOT / "conf" / "testbed.yaml", [
         f"model.path={model}", f"run.output={tmp_path / 'run'}", f"images.source={tmp_path / 'images' / 'images.csv'}",
         "images.study_column=source_id", "score.steps=10", "copies.generations=2", "copies.n_controls=6",
@@ -186,7 +190,7 @@ def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(t
     """The new strategies generate through the same workers; the judgement has a row per strategy, paired on its prompts."""
     from cxrmem.stages import mitigate
 
-    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))])
+    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
     strategies = "mitigation.strategies=[original,attention_rescaling,delayed_guidance,noise_adjustment]"
     cfg = stage_config(tiny_model_dir, tmp_path, own_images, strategies, "mitigation.n_generations=2", "mitigation.noise_iters=1")
     mitigate.run(cfg)

@@ -23,12 +23,13 @@ from cxrmem.mitigation import (
     surrogate,
     vocabulary_words,
 )
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import RunLayout
 from cxrmem.scoring.scorer import Scorer, ScoreSettings
 from cxrmem.stages import mitigate
 from cxrmem.stages.worker import mitigation_settings
 from cxrmem.storage import Store
+from tests.test_attribution import write_scores_key
 
 PATTERN = re.compile(MARKER_REGEX)
 PROMPT = "Compared to ___, the heart is enlarged. Dr. ___ was notified at ___ a.m. XXXX noted."
@@ -198,8 +199,11 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
         {"prompt": ["Compared to ___, stable.", "Dr. ___ notified."], "prompt_id": ["a" * 16, "b" * 16]}
     )
     Store().write_text(layout.memorized, memorized.to_csv(index=False))
+    write_scores_key(layout, memorized["prompt_id"], fingerprint_model(cfg.model))  # scored by this very model
     summary = mitigate.run(cfg)
     table = Store().read_table(layout.mitigation).to_pandas()
+    assert list(table.columns[-2:]) == ["model_fingerprint", "config_hash"]  # the scores' identity on every row
+    table = table.drop(columns=["model_fingerprint", "config_hash"])
     assert list(table.columns) == list(MITIGATION_COLUMNS) == [
         "prompt_id", "prompt", "strategy", "mitigated_prompt", "d_mem", "pairwise_distance", "n_generations",
         "changed", "evaluations", "fidelity",

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from cxrmem.attribution import NULL_COLUMNS, TOKEN_COLUMNS, attribution_summary, with_null
 from cxrmem.runfiles import write_sections
-from cxrmem.stages.worker import AttributePrompts, LocalModel, map_with_progress, memorized_stage
+from cxrmem.stages.worker import AttributePrompts, LocalModel, map_with_progress, memorized_stage, stamped
 from cxrmem.storage import Store
 from cxrmem.summary import AttributionSection
 
@@ -22,7 +22,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     store = store or Store.from_config(cfg.storage)
     if not cfg.attribution.enabled:
         return {"attribution": "disabled (attribution.enabled=false)"}
-    with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models):
+    with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models, identity):
         frames, seconds = map_with_progress(models, AttributePrompts(), memorized, "attributed", cfg.ray.progress_every_s)
         tokens, columns, null_timing = pd.concat(frames, ignore_index=True), dict(TOKEN_COLUMNS), {}
         if cfg.attribution.null_model:
@@ -30,8 +30,9 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
             null, null_seconds = map_with_progress(models, AttributePrompts(null=True), memorized, "attributed on the null model", cfg.ray.progress_every_s)
             tokens, columns = with_null(tokens, pd.concat(null, ignore_index=True)), columns | NULL_COLUMNS
             null_timing = {"null_seconds": round(null_seconds, 2), "null_seed": cfg.attribution.null_seed}
-        store.write_table(pa.Table.from_pandas(tokens[list(columns)], schema=pa.schema(columns), preserve_index=False), layout.tokens)
-        section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, **null_timing)
+        table = pa.Table.from_pandas(tokens[list(columns)], schema=pa.schema(columns), preserve_index=False)
+        store.write_table(stamped(table, identity), layout.tokens)
+        section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, model=identity, **null_timing)
         write_sections(store, layout, section)
     log.info("attribution: %s", section)
     return section.to_json()

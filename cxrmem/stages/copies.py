@@ -31,7 +31,7 @@ from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
-from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage
+from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
 from cxrmem.summary import CopiesSection
@@ -147,7 +147,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
     if not cfg.images.source:
         return {"copies": "disabled (images.source is empty)"}
     fingerprint = embedder_fingerprint(embedder_settings(cfg))  # from the files: the embedder loads on the workers
-    with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models):
+    with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models, identity):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
         frame = checked_prompts(cfg, store, layout, memorized)
         keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
@@ -160,8 +160,9 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
-        store.write_table(pa.concat_tables(tables).cast(COPIES_SCHEMA), layout.copies)
+        store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
         section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
+        section.model = identity
         write_sections(store, layout, section)
     log.info("copies: %s", section.headline)
     return section.to_json()

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
 from cxrmem.runfiles import RunLayout, write_sections
-from cxrmem.stages.worker import LocalModel, MitigatePrompts, map_with_progress, memorized_stage
+from cxrmem.stages.worker import LocalModel, MitigatePrompts, map_with_progress, memorized_stage, stamped
 from cxrmem.storage import Store
 from cxrmem.summary import MitigationSection
 
@@ -33,13 +33,14 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
     store = store or Store.from_config(cfg.storage)
     if not cfg.mitigation.enabled:
         return {"mitigation": "disabled (mitigation.enabled=false)"}
-    with memorized_stage(cfg, store, "mitigate", cfg.mitigation.max_prompts, models, need_vae=True) as (layout, memorized, models):
+    with memorized_stage(cfg, store, "mitigate", cfg.mitigation.max_prompts, models, need_vae=True) as (layout, memorized, models, identity):
         # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
         results, seconds = map_with_progress(models, MitigatePrompts(), memorized, "mitigated", cfg.ray.progress_every_s, grid_ids)
         frame = pd.concat([rows for rows, _ in results], ignore_index=True)
         grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
-        store.write_table(pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False), layout.mitigation)
+        table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
+        store.write_table(stamped(table, identity), layout.mitigation)
         figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
         section = MitigationSection(
             strategies=mitigation_summary(frame),
@@ -48,6 +49,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
             seconds=round(seconds, 2),
             mitigation=layout.mitigation,
             figures=figures,
+            model=identity,
         )
         write_sections(store, layout, section)
     log.info("mitigation: %s", section.strategies)

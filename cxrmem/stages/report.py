@@ -58,6 +58,20 @@ def read_run_inputs(cfg, store: Store) -> dict:
     }
 
 
+def check_one_model(summary, layout: RunLayout) -> None:
+    """Refuse a run whose parts came from different models (scores, tokens, mitigation, copies): the report
+    would put one model's memorized set beside another's attributions and mitigations."""
+    scored = set(summary.analysis.model_fingerprints) if summary.analysis else set()
+    made = {name: section.model["model_fingerprint"] for name, section in
+            (("attribution", summary.attribution), ("mitigation", summary.mitigation), ("copies", summary.copies))
+            if section is not None and section.model}  # fmt: skip
+    fingerprints = scored | set(made.values())
+    if len(fingerprints) > 1:
+        parts = [f"scores {', '.join(sorted(scored))}"] + [f"{name} {fp}" for name, fp in made.items()]
+        raise ValueError(f"{layout.prefix} mixes models ({'; '.join(parts)}): rerun the stages after `cxrmem score` "
+                         "with one model (or `cxrmem rescore` into a new run) before the report")  # fmt: skip
+
+
 def run(cfg, store: Optional[Store] = None) -> dict:
     """Write report.html, metrics.json, summary.md and figures/*.png for the run at cfg.run.output."""
     store = store or Store.from_config(cfg.storage)
@@ -71,7 +85,9 @@ def run(cfg, store: Optional[Store] = None) -> dict:
 
     with stage_writes(store, cfg.run, "report"):
         figure = Figures(bool(cfg.report.figures), write)
-        page = report_context(read_run_inputs(cfg, store), cfg, figure)
+        inputs = read_run_inputs(cfg, store)
+        check_one_model(inputs["summary"], layout)
+        page = report_context(inputs, cfg, figure)
         store.write_text(layout.report, render_html(page))
         store.write_text(layout.metrics, json.dumps(page["metrics"], indent=2, sort_keys=True) + "\n")
         store.write_text(layout.summary_md, render_summary_md(page))

@@ -354,11 +354,39 @@ def score_carried(worker: ModelWorker, batch: pa.Table, screen: str = "dmem", co
 
 @contextmanager
 def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=None, need_vae: bool = False):
-    """Inside a stage that maps the memorized set over a model: (layout, memorized set, models), with the
-    published-run guard around it. `models` defaults to a model loaded in this process."""
+    """Inside a stage that maps the memorized set over a model: (layout, memorized set, models, the scores'
+    identity), with the published-run guard around it. `models` defaults to a model loaded in this process.
+    The model must be the one that scored: the memorized set is that model's (`scores_identity`)."""
     layout = RunLayout(cfg.run.output)
     with stage_writes(store, cfg.run, stage):
-        yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae)
+        identity = scores_identity(cfg, store, layout, stage)
+        yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae), identity
+
+
+def scores_identity(cfg, store: Store, layout: RunLayout, stage: str) -> dict:
+    """{model_fingerprint, config_hash} of the run's scores, which every memorized-set artefact carries; a
+    model.path whose weights are not the scoring model's is refused, naming both fingerprints."""
+    from cxrmem.models.loading import fingerprint_model
+
+    keys = store.read_table(layout.scores, columns=["model_fingerprint", "config_hash"]) if store.exists(layout.scores) else None
+    if keys is None or keys.num_rows == 0:
+        raise FileNotFoundError(f"{layout.scores} does not exist or is empty: run `cxrmem score` (and `cxrmem analyze`) first")
+    scored = sorted(set(keys["model_fingerprint"].to_pylist()))
+    current = fingerprint_model(cfg.model, store)
+    if scored != [current]:
+        raise ValueError(
+            f"`cxrmem {stage}` would run the model at {cfg.model.path} (fingerprint {current}) on the memorized set that the "
+            f"model(s) {', '.join(scored)} scored in {layout.scores}: rescore with this model first (`cxrmem score` then "
+            "`cxrmem analyze`, or `cxrmem rescore`), or set model.path back to the model that scored"
+        )
+    return {"model_fingerprint": current, "config_hash": ",".join(sorted(set(keys["config_hash"].to_pylist())))}
+
+
+def stamped(table: pa.Table, identity: dict) -> pa.Table:
+    """`table` with the scores' model fingerprint and config hash on every row (tokens, mitigation, copies)."""
+    for name, value in identity.items():
+        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+    return table
 
 
 def map_with_progress(models, task, prompts: pd.DataFrame, what: str, every_s: float, *args) -> tuple[list, float]:
