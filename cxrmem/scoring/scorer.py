@@ -159,7 +159,7 @@ class Scorer:
         self._components = components
         self.settings = settings
         self.device = device if isinstance(device, torch.device) else resolve_device(device, gpu_assigned)
-        self.tf32, self.decode_batch = tf32, decode_batch
+        self.tf32, self.decode_batch, self.float32_output = tf32, decode_batch, float32_output
         set_tf32(self.device, tf32)
         self._chunks = {"score": Chunks("prompt", "score.batch_size"), "detect": Chunks("prompt", "score.batch_size"),
                         "decode": Chunks("image", "model.vae_decode_batch")}  # fmt: skip
@@ -209,7 +209,8 @@ class Scorer:
 
     def on(self, components, settings: Optional[ScoreSettings] = None) -> "Scorer":
         """A scorer of `components` (another model: the attribution null) on this one's device and precision."""
-        return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch)
+        return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch,
+                      float32_output=self.float32_output)
 
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
