@@ -32,12 +32,11 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, DetectorSettings, oriented, screen_recall
-from cxrmem.models.loading import fingerprint_model, load_components
+from cxrmem.models.loading import ModelConfig, fingerprint_model, load_components
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 from cxrmem.stats import roc_auc, top_percent_mask, tpr_at_fpr
 
 SECTION = "## Detectors"

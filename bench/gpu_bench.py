@@ -17,7 +17,7 @@ Steps, in this order, each with a time budget (`STEPS`; printed at the start and
   the device's CPU in fp32 (a background process started with the run) against the GPU in fp32 with TF32
   off and on (`Scorer(..., tf32=...)`) and in bf16: largest and median relative d_mem difference, top-1%
   (and top-10%) overlap, Spearman;
-- cascade: the default `cascade.stages` (cxrmem.config.default_stages) on the RadEdit-shaped model at
+- cascade: the default `cascade.stages` (cxrmem.stages.cascade.DEFAULT_STAGES) on the RadEdit-shaped model at
   G=4, T=50, in prompts of conf/radedit.yaml's score.batch_size per call: a faithful cost-proportional
   measurement, not `run_cascade` itself: the same Scorer work (each stage's screen over the survivors of
   the one before, chosen by `detectors.screen_top`, later stages continuing the earlier ones'
@@ -324,8 +324,7 @@ def build_unet(sizes: Sizes):
 def testbed_components(dtype: str = "float32"):
     from omegaconf import OmegaConf
 
-    from cxrmem.config import ModelConfig
-    from cxrmem.models.loading import load_components
+    from cxrmem.models.loading import ModelConfig, load_components
 
     return load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": str(ROOT / "testbed/model"), "dtype": dtype}))
 
@@ -704,9 +703,9 @@ def step_cascade(ctx: Context) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from cxrmem.config import default_stages
     from cxrmem.detectors import screen_top
     from cxrmem.scoring.scorer import Continuation, Scorer, ScoreSettings
+    from cxrmem.stages.cascade import DEFAULT_STAGES
 
     sizes = ctx.sizes
     batch = sizes.cascade_batch or int(OmegaConf.load(ROOT / "conf/radedit.yaml").score.batch_size)
@@ -714,7 +713,7 @@ def step_cascade(ctx: Context) -> None:
     settings = ScoreSettings(generations=4, steps=50)
     g_full, steps_full = settings.generations, settings.steps
     scorer = Scorer(components, settings, device=sizes.device)
-    stages = default_stages()
+    stages = list(DEFAULT_STAGES)
     prompts, ids = testbed_prompts(sizes.cascade_prompts)
     n = len(prompts)
     ctx.note(f"default cascade.stages {[(s.screen, s.keep_percent, s.steps, s.generations) for s in stages]} "

@@ -28,13 +28,12 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
-from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import prompt_id
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import ModelConfig, load_components
 from cxrmem.models.tiny import build_tiny_model
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 from cxrmem.stats import top_percent_mask
 
 SECTION = "## Precision: bfloat16 against float32 (CPU)"

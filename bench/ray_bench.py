@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxrmem.config import config_hash, load_config
+from cxrmem.config import load_config
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.runfiles import RunLayout
+from cxrmem.score_key import config_hash
 from cxrmem.storage import Store
 
 log = logging.getLogger("ray_bench")

@@ -216,7 +216,7 @@ class S3Server:
         """A `storage` config section that points at this server, with short retries for tests."""
         from omegaconf import OmegaConf
 
-        from cxrmem.config import StorageConfig
+        from cxrmem.storage import StorageConfig
 
         settings = {"endpoint_url": self.endpoint_url, "region": self.region, "max_attempts": 2, "backoff_s": 0.05}
         settings["connect_timeout_s"] = 1.0

@@ -45,7 +45,7 @@ class NullWorker:
     """An actor with the pool's ModelWorker interface that loads no model: the pipeline without its model."""
 
     def __init__(self, cfg, store, fingerprint: str = "", need_vae: bool = False, torch_threads=None):
-        from cxrmem.config import config_hash
+        from cxrmem.score_key import config_hash
 
         self.fingerprint, self.key = fingerprint, config_hash(cfg)
 

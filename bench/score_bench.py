@@ -19,12 +19,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from omegaconf import OmegaConf
 
-from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import ModelConfig, load_components
 from cxrmem.models.tiny import build_tiny_model
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 
 
 class PaperLoop:

@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 from cxrmem import stats
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
 from cxrmem.detectors import REGISTRY, oriented, screen_recall
+from cxrmem.settings import Settings, at_least, check_names, knob
 from cxrmem.summary import AnalysisSection, DetectorsSection
 
 SCORE_COLUMNS = ["prompt_id", "d_mem", "nonfinite"]
@@ -39,12 +40,16 @@ COVARIATES = {
 
 
 @dataclass(frozen=True)
-class AdjustSettings:
-    """How the findings are controlled (config: analyze.covariates, analyze.length_bins, analyze.length_adjusted)."""
+class AdjustSettings(Settings):
+    """How the findings are controlled (config section `analyze`)."""
 
-    covariates: tuple[str, ...] = ("log_n_tokens", "log_n_reports")
-    length_bins: int = 10  # token-count quantile bins of the length view and the length-adjusted score
-    length_adjusted: bool = False  # also rank by d_mem's percentile within its token-count bin
+    covariates: tuple[str, ...] = ("log_n_tokens", "log_n_reports")  # adjusted enrichment: what the marker's effect is adjusted for (COVARIATES)
+    length_bins: int = knob(10, at_least(1))  # token-count quantile bins of the length view (figure) and the length-adjusted score
+    length_adjusted: bool = False  # also rank by d_mem's percentile within its token-count bin (its own top share; raw d_mem stays the definition)
+
+    @staticmethod
+    def check(section, key: str) -> None:
+        check_names(f"{key}.covariates", section.covariates, COVARIATES, "covariate")
 
 
 def joined_scores(scores_df: pd.DataFrame, prompts_df: pd.DataFrame) -> pd.DataFrame:

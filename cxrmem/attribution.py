@@ -39,15 +39,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
 import pyarrow as pa
 import torch
 
 from cxrmem import stats
-from cxrmem.corpus.text import compile_marker_regex, delete_span
-from cxrmem.settings import Settings
+from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_span
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, Settings, knob
 
 TOKEN_COLUMNS = {
     "prompt_id": pa.string(),
@@ -79,14 +79,25 @@ RANK_METHODS = {
 
 
 @dataclass(frozen=True)
-class AttributionSettings(Settings):
-    generations: int = 2  # noises per prompt for the gradient
-    steps: int = 10  # DDIM steps at which the gradient is taken (first steps of the trajectory)
+class AttributionConfig(Settings):
+    """The `attribution` config section."""
+
+    enabled: bool = True  # attribute the memorized set's d_mem to words
+    generations: int = knob(2, POSITIVE)  # noises per prompt for the gradient
+    steps: int = knob(10, POSITIVE)  # DDIM steps at which the gradient is taken (first steps of the trajectory)
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
-    marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
-    batch_size: int = 8  # prompts per scoring call of the leave-one-out variants
-    null_model: bool = False  # also attribute on a re-initialised copy of the model (the baseline)
-    null_seed: int = 0  # seed of the null model's weights
+    max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false attributes none)"))  # at most this many prompts (None: all)
+    null_model: bool = False  # also attribute on a seeded re-initialised copy (F2's baseline; one more model per worker)
+    null_seed: int = knob(0, NON_NEGATIVE)  # seed of the null model's weights
+    top_units: int = knob(25, POSITIVE)  # units shown per prompt in the figure
+
+
+@dataclass(frozen=True)
+class AttributionSettings(AttributionConfig):
+    """The section with what attribution takes from the rest of the run."""
+
+    marker_regex: str = MARKER_REGEX  # what counts as a de-identification marker (corpus.marker_regex)
+    batch_size: int = 8  # prompts per scoring call of the leave-one-out variants (score.batch_size)
 
 
 # -- the gradient (pure tensor math) --------------------------------------------------------

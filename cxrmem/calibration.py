@@ -37,19 +37,19 @@ from typing import Optional
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cxrmem.settings import Settings
+from cxrmem.settings import POSITIVE, UNIT_OPEN, Settings, at_least, knob
 
 
 @dataclass(frozen=True)
 class CalibrationSettings(Settings):
     """How p-values are computed against the reference (cut from the `analyze` config section)."""
 
-    fdr: float = 0.05  # q-value cut of the calibrated memorized set
-    reference_length_bins: int = 4  # Mondrian bins of log token count (1: no length conditioning)
-    reference_min_per_bin: int = 50  # fewest reference prompts per length bin (bins are merged below it)
-    reference_tail: str = "gpd"  # gpd: a fitted upper tail below the conformal floor | none: plain conformal p-values
-    reference_tail_quantile: float = 0.9  # where the fitted tail starts, as a quantile of each bin's reference scores
-    reference_min: int = 100  # fewer reference prompts: F0 is inconclusive
+    fdr: float = knob(0.05, UNIT_OPEN)  # calibrated memorized set: prompts with Benjamini-Hochberg q-value at most this
+    reference_length_bins: int = knob(4, at_least(1))  # length-conditional (Mondrian) p-values: bins of log token count (1: none)
+    reference_min_per_bin: int = knob(50, POSITIVE)  # fewest reference prompts per length bin (bins are merged below it)
+    reference_tail: str = knob("gpd", choices=["gpd", "none"])  # gpd: a fitted upper tail (generalized Pareto) below the conformal floor 1/(n+1) | none
+    reference_tail_quantile: float = knob(0.9, UNIT_OPEN)  # where the fitted tail starts, as a quantile of each bin's reference scores
+    reference_min: int = knob(100, POSITIVE)  # fewer reference prompts: F0 is inconclusive
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Callable, Iterator, Optional
 
-from cxrmem.config import ConfigError, load_config, public_config
+from cxrmem.config import ConfigError, load_config
+from cxrmem.settings import public_config
 
 SIGNING_KEY_ENV = "CXRMEM_SIGNING_KEY"  # cxrmem/publish.py's, named here without importing it for --help
 

@@ -84,7 +84,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from cxrmem.settings import Settings
+from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
+from cxrmem.settings import check_names as check_listed
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
     import torch  # and the config and analyze stage read them without loading torch
@@ -92,12 +93,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry 
 
 @dataclass(frozen=True)
 class DetectorSettings(Settings):
-    """What a detector run varies (config section `detect`, keys named alike)."""
+    """What a detector run varies: the `detect` config section."""
 
-    generations: int = 1  # G: initial noises per prompt
-    steps: int = 1  # k: DDIM steps of `dmem` (1 = the first-step d_mem)
-    anisotropy_weight: float = 1.0  # weight of the alignment term added to the norm
-    low_timestep: int = 41  # anisotropy's low-noise training timestep (of 1000), where x_T is fed for the alignment
+    generations: int = knob(1, POSITIVE)  # G of the extra detectors: initial noises per prompt
+    steps: int = knob(1, POSITIVE)  # k: DDIM steps of the `dmem` detector (1 = the first-step d_mem)
+    anisotropy_weight: float = knob(1.0, NON_NEGATIVE)  # weight of anisotropy's alignment term added to its norm
+    low_timestep: int = knob(41, NON_NEGATIVE)  # anisotropy's low-noise training timestep (of 1000), where x_T is fed for the alignment
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,11 @@ REGISTRY: dict[str, Detector] = {
         ),
     )
 }
+
+
+def check_names(key: str, names) -> None:
+    """Config check: every name at `key` is a detector of REGISTRY, none twice."""
+    check_listed(key, names, REGISTRY, "detector")
 
 
 def detector(name: str) -> Detector:

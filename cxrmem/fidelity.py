@@ -24,15 +24,19 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cxrmem.settings import Settings
-
-MEASURES = ("none", "phantom_reader")
+from cxrmem.settings import Settings, check_names
 
 
 @dataclass(frozen=True)
 class FidelitySettings(Settings):
-    measure: str = "none"  # none | phantom_reader
-    reader: str = "testbed/reader"  # phantom_reader: the folder holding reader.safetensors and reader.json
+    """The `fidelity` config section."""
+
+    measure: str = "none"  # what a generation is read with for its prompt's findings (MEASURES): none | phantom_reader (the testbed's)
+    reader: str = "testbed/reader"  # phantom_reader: folder of reader.safetensors + reader.json (`cxrmem testbed reader` trains one)
+
+    @staticmethod
+    def check(section, key: str) -> None:
+        check_names(f"{key}.measure", [section.measure], MEASURES, "measure")
 
 
 class PhantomFidelity:
@@ -52,10 +56,13 @@ class PhantomFidelity:
         return (read == wanted[:, None, :]).all(axis=2).mean(axis=1).astype(np.float64)
 
 
+# name -> the measure's class, loaded once per worker from (settings, device); `none` measures nothing.
+MEASURES = {"none": None, "phantom_reader": PhantomFidelity}
+
+
 def make_fidelity(settings: FidelitySettings, device="cpu") -> Optional[PhantomFidelity]:
     """The configured measure, or None for `none`."""
-    if settings.measure == "none":
-        return None
-    if settings.measure == "phantom_reader":
-        return PhantomFidelity(settings, device)
-    raise ValueError(f"unknown fidelity measure {settings.measure!r}: choose from {', '.join(MEASURES)}")
+    if settings.measure not in MEASURES:
+        raise ValueError(f"unknown fidelity measure {settings.measure!r}: choose from {', '.join(MEASURES)}")
+    measure = MEASURES[settings.measure]
+    return measure(settings, device) if measure is not None else None

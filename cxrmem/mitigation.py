@@ -57,9 +57,9 @@ import torch
 from cxrmem import strategies as registry
 from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import compile_marker_regex, delete_markers
+from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.settings import Settings
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, Settings, at_least, knob
 
 # Strategies that keep the prompt's text and change its embedding.
 EMBEDDING_STRATEGIES = registry.names_of("embedding")
@@ -83,25 +83,39 @@ MITIGATION_COLUMNS = {
 
 
 @dataclass(frozen=True)
-class MitigationSettings(Settings):
-    strategies: tuple[str, ...]  # strategies to compare; `original` is the unmitigated baseline
-    n_generations: int = 50  # decoded generations per prompt and strategy for the pairwise distance
-    steps: int | None = None  # sampling steps of the generations (None: the scorer's)
-    insertion_words: int = 4  # words inserted by random_insertion
-    noise_std: float = 0.1  # std of the Gaussian noise added to the text embedding
-    optimisation_iters: int = 10  # gradient steps of the first-step embedding optimisation
-    optimisation_lr: float = 0.05  # learning rate of the embedding optimisation
-    optimisation_target: float = 0.0  # stop once the first-step noise norm falls below this (0: all iters)
-    seed: int = 1234  # seed of the random rewrites and of the optimisation's own noises
-    marker_regex: str = "_{2,}|X{4,}"  # what counts as a de-identification marker
-    samples_per_call: int = 32  # UNet samples per generation call (all strategies share a call)
-    grid_generations: int = 4  # generations kept per strategy for the report's image grid
-    attention_scale: float = 0.0  # attention_rescaling: factor on the marker tokens' attention (0: masked)
-    guidance_delay: float = 0.3  # delayed/opposite guidance: share of the T steps before the transition point
-    opposite_scale: float = 2.0  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
-    noise_iters: int = 5  # noise_adjustment: sharpness-aware steps on each initial latent
-    noise_lr: float = 0.05  # noise_adjustment: step length as a share of the latent's norm
-    noise_rho: float = 0.05  # noise_adjustment: radius of the sharpness-aware perturbation, as a share of the norm
+class MitigationConfig(Settings):
+    """The `mitigation` config section."""
+
+    enabled: bool = True  # run the mitigation experiments on the memorized set
+    strategies: tuple[str, ...] = tuple(registry.REGISTRY)  # strategies to compare (cxrmem/strategies.py REGISTRY); `original` is the unmitigated baseline
+    n_generations: int = knob(50, at_least(2, "distances need pairs"))  # decoded generations per prompt and strategy for the pairwise distance (paper: 50)
+    steps: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # sampling steps for the generations (None: score.steps)
+    insertion_words: int = knob(4, POSITIVE)  # words inserted by random_insertion
+    noise_std: float = knob(0.1, NON_NEGATIVE)  # std of the Gaussian noise added to the text embedding
+    optimisation_iters: int = knob(10, POSITIVE)  # gradient steps of the first-step embedding optimisation
+    optimisation_lr: float = knob(0.05, POSITIVE)  # learning rate of the embedding optimisation
+    optimisation_target: float = knob(0.0, NON_NEGATIVE)  # stop once the first-step noise norm falls below this (0: run all iters)
+    max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))  # mitigate at most this many (None: all)
+    seed: int = knob(1234, NON_NEGATIVE)  # seed of the random rewrites and of the optimisation's own noises (the same rewrite across runs)
+    attention_scale: float = knob(0.0, UNIT_CLOSED)  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
+    guidance_delay: float = knob(0.3, UNIT_HALF_OPEN)  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)
+    opposite_scale: float = knob(2.0, NON_NEGATIVE)  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
+    noise_iters: int = knob(5, NON_NEGATIVE)  # noise_adjustment: sharpness-aware steps on each initial latent (Han et al.)
+    noise_lr: float = knob(0.05, POSITIVE)  # noise_adjustment: step length as a share of the latent's norm
+    noise_rho: float = knob(0.05, NON_NEGATIVE)  # noise_adjustment: sharpness-aware perturbation radius as a share of the norm
+
+    @staticmethod
+    def check(section, key: str) -> None:
+        registry.check_names(f"{key}.strategies", section.strategies)
+
+
+@dataclass(frozen=True)
+class MitigationSettings(MitigationConfig):
+    """The section with what mitigation takes from the rest of the run."""
+
+    marker_regex: str = MARKER_REGEX  # what counts as a de-identification marker (corpus.marker_regex)
+    samples_per_call: int = 32  # UNet samples per generation call, all strategies sharing it (score.batch_size x G)
+    grid_generations: int = 4  # generations kept per strategy for the report's image grid (report.grid_generations)
 
 
 # -- prompt rewrites (pure, seeded) -----------------------------------------------------------

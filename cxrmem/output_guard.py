@@ -19,8 +19,8 @@ import os
 from typing import Optional
 
 from cxrmem import storage
-from cxrmem.config import ConfigError
 from cxrmem.publish import ForeignFilesError, foreign_files, is_published, staging_prefix
+from cxrmem.settings import ConfigError
 from cxrmem.storage import Store, is_s3
 
 

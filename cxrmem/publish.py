@@ -50,16 +50,29 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator, Optional
 
 import pyarrow as pa
 
 from cxrmem import storage
-from cxrmem.config import public_config, redact
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.runfiles import MANIFEST_NAME, SIGNATURE_NAME, RunLayout
+from cxrmem.settings import Settings, at_least, knob, public_config, redact
 from cxrmem.storage import Store
+
+
+@dataclass(frozen=True)
+class RunConfig(Settings):
+    """The `run` config section: where the run is published, and how it guards what it writes."""
+
+    output: str = "runs/demo"  # output prefix of this run: a local folder or s3://bucket/prefix
+    overwrite: bool = False  # allow replacing an already published run at the same prefix
+    force_lease: bool = False  # take over the one-writer lease on run.output even while its holder's heartbeat is fresh
+    lease_timeout_s: float = knob(600.0, at_least(1, "seconds"))  # a lease with an older heartbeat is stale and taken over (its holder beats 5x per period)
+    allow_foreign_files: bool = False  # write into a run.output holding files no cxrmem run wrote (never published nor deleted)
+    signing_key_file: Optional[str] = None  # local file of the operator's HMAC key: publishing signs the manifest (else $CXRMEM_SIGNING_KEY)
 
 log = logging.getLogger(__name__)
 

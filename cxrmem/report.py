@@ -24,10 +24,21 @@ from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, findings, stats
-from cxrmem.config import config_hash, public_config
 from cxrmem.formatting import fmt, percent
 from cxrmem.mitigation import EMBEDDING_STRATEGIES
+from cxrmem.score_key import config_hash
+from cxrmem.settings import NON_NEGATIVE, Settings, knob, public_config
 from cxrmem.summary import AnalysisSection, CalibrationSection, CascadeSection, CopiesSection, DetectorsSection, RunSummary
+
+
+@dataclass(frozen=True)
+class ReportConfig(Settings):
+    """The `report` config section."""
+
+    figures: bool = True  # write figures/*.png and embed them in report.html
+    grid_generations: int = knob(4, NON_NEGATIVE)  # generations per strategy shown in the image grid
+    top_prompts: int = knob(3, NON_NEGATIVE)  # memorized prompts shown with token bars and image grids
+    memorized_rows: int = knob(50, NON_NEGATIVE)  # rows of the memorized list shown in report.html (the CSV has them all)
 
 log = logging.getLogger(__name__)
 

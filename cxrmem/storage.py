@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -117,6 +119,21 @@ def bucket_of(uri: str) -> str:
 
 
 @dataclass(frozen=True)
+class StorageConfig(Settings):
+    """The `storage` config section: S3 endpoint, credentials and retries."""
+
+    endpoint_url: Optional[str] = None  # S3 endpoint (None: AWS or $AWS_ENDPOINT_URL)
+    region: Optional[str] = None  # S3 region (None: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)
+    max_attempts: int = knob(5, POSITIVE)  # attempts per S3 request before giving up
+    backoff_s: float = knob(0.5, NON_NEGATIVE)  # first retry delay, doubled each attempt
+    connect_timeout_s: float = knob(5.0, POSITIVE)  # S3 connect timeout
+    request_timeout_s: float = knob(60.0, POSITIVE)  # S3 socket read/write timeout of one request
+    access_key_id: Optional[str] = None  # None: $AWS_ACCESS_KEY_ID or the AWS credential chain; never written to outputs
+    secret_access_key: Optional[str] = None  # None: $AWS_SECRET_ACCESS_KEY or the AWS credential chain; never written to outputs
+    transfer_threads: int = knob(8, POSITIVE)  # files checksummed or copied in parallel by publish and export
+
+
+@dataclass(frozen=True)
 class S3Settings:
     """Resolved S3 connection settings; hashable, so that filesystems and clients are cached per setting."""
 
@@ -138,8 +155,6 @@ class S3Settings:
 
 def s3_settings(storage_cfg=None) -> S3Settings:
     """Settings from the `storage` config section (None: schema defaults), falling back to the AWS environment."""
-    from cxrmem.config import StorageConfig
-
     defaults = StorageConfig()
 
     def setting(name: str):

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from cxrmem.settings import check_names as check_listed
+
 KINDS = ("baseline", "text", "embedding", "attention", "guidance", "noise")
 BACKWARD = 2  # evaluations one backward pass through the UNet costs
 
@@ -54,6 +56,11 @@ REGISTRY: dict[str, Strategy] = {
         "noise", "initial noise moved to a lower guidance norm (Han et al.)", lambda s: s.noise_iters * 2 * 2 * (1 + BACKWARD)
     ),
 }
+
+
+def check_names(key: str, names) -> None:
+    """Config check: every name at `key` is a strategy of REGISTRY, none twice."""
+    check_listed(key, names, REGISTRY, "strategy")
 
 
 def names_of(kind: str) -> tuple[str, ...]:

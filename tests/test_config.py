@@ -5,12 +5,16 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from cxrmem.cli import STAGES, main
-from cxrmem.config import RULES, ConfigError, CxrmemConfig, config_hash, load_config, public_config, redact
+from cxrmem.config import ConfigError, CxrmemConfig, load_config
+from cxrmem.score_key import config_hash
+from cxrmem.settings import knobs, public_config, redact
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -118,21 +122,24 @@ def test_count_like_keys_have_range_rules(override):
         load_config(None, [override])
 
 
-def _numeric_keys(node, prefix=""):
-    """Dot-keys of every int / float / list-of-int field of the schema."""
-    for field_ in dataclasses.fields(node):
+NUMERIC = {int, float, Optional[int], Optional[float], tuple[int, ...]}
+
+
+def _numeric_knobs(cls, prefix=""):
+    """(dot-key, field) of every int / float / tuple-of-int field of the schema, nested sections included."""
+    for field_, kind in knobs(cls):
         key = f"{prefix}{field_.name}"
-        default = getattr(node, field_.name)
-        if dataclasses.is_dataclass(default):
-            yield from _numeric_keys(default, key + ".")
-        elif field_.type in ("int", "float", "Optional[int]", "Optional[float]", "List[int]"):
-            yield key
+        inner = typing.get_args(kind)[0] if typing.get_origin(kind) in (tuple, list) else kind
+        if dataclasses.is_dataclass(inner):
+            yield from _numeric_knobs(inner, key + ".")
+        elif kind in NUMERIC:
+            yield key, field_
 
 
 def test_every_numeric_key_of_the_schema_has_a_range_rule():
-    keys = list(_numeric_keys(CxrmemConfig()))
-    assert len(keys) > 60
-    assert [k for k in keys if k not in RULES] == []
+    numeric = dict(_numeric_knobs(CxrmemConfig))
+    assert len(numeric) > 60 and "cascade.stages.keep_percent" in numeric and "model.radedit.tokenizer_max_length" in numeric
+    assert [key for key, field_ in numeric.items() if field_.metadata.get("rule") is None] == []
 
 
 def test_job_entry_points_print_the_cli_one_line_errors(tmp_path):

@@ -12,11 +12,11 @@ from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
 
 from cxrmem.cli import main
-from cxrmem.config import ConfigError, ModelConfig, ScoreConfig, load_config
+from cxrmem.config import ConfigError, load_config
 from cxrmem.detectors import REGISTRY
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import ModelConfig, load_components
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import Continuation, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Continuation, ScoreConfig, Scorer, ScoreSettings
 from cxrmem.stages import cascade
 from cxrmem.stages.continuation import TrajectoryCarry
 from cxrmem.storage import Store

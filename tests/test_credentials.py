@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrmem.config import load_config, public_config
+from cxrmem.config import load_config
 from cxrmem.runfiles import RunLayout
+from cxrmem.settings import public_config
 from cxrmem.storage import Store
 
 MARKER = "MARKERc0ffee5ecret"

@@ -11,9 +11,10 @@ import pytest
 
 from cxrmem.analysis import detector_agreement
 from cxrmem.cli import main
-from cxrmem.config import ConfigError, config_hash, load_config
+from cxrmem.config import ConfigError, load_config
 from cxrmem.detectors import REGISTRY, Cost, screen_top
 from cxrmem.runfiles import RunLayout
+from cxrmem.score_key import config_hash
 from cxrmem.stages import analyze, cascade, score, score_parts
 from cxrmem.storage import Store
 from tests.test_analysis import N, _write_run

@@ -11,10 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem import detectors
-from cxrmem.config import ModelConfig, ScoreConfig
 from cxrmem.detectors import REGISTRY, Cost, DetectorSettings
-from cxrmem.models.loading import load_components
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 
 PROMPTS = [
     "No acute cardiopulmonary process.",

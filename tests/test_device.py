@@ -9,10 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cxrmem.config import ModelConfig, ScoreConfig, config_hash, load_config
-from cxrmem.models.loading import load_components
+from cxrmem.config import load_config
+from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.score_key import config_hash
 from cxrmem.scoring.device import DeviceOutOfMemory, DeviceUnavailable, Precision, resolve_device
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 from tests.test_scoring import IDS, PROMPTS
 
 requires_cpu_torch = pytest.mark.skipif(torch.cuda.is_available(), reason="shows the refusal of a torch without CUDA")

@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cxrmem import storage
-from cxrmem.config import ModelConfig
-from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, fingerprint_model, load_components, load_tokenizer
+from cxrmem.models.loading import COMPLETE_MARKER, ModelConfig, ModelLoadError, fingerprint_model, load_components, load_tokenizer
 from cxrmem.storage import Store
 
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cxrmem.config import ModelConfig, ScoreConfig
-from cxrmem.models.loading import ModelLoadError, load_components
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.models.loading import ModelConfig, ModelLoadError, load_components
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 from tests.test_scoring import IDS, PROMPTS
 
 

@@ -4,9 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cxrmem.cli import main
-from cxrmem.config import ModelConfig, ScoreConfig
-from cxrmem.models.loading import load_components
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
 
 
 @pytest.mark.slow

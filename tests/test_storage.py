@@ -8,8 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from cxrmem import storage
-from cxrmem.config import StorageConfig, load_config, public_config, redact
-from cxrmem.storage import Store
+from cxrmem.config import load_config
+from cxrmem.settings import public_config, redact
+from cxrmem.storage import StorageConfig, Store
 
 
 def test_round_trips_bytes_text_json_and_tables(tmp_path):

@@ -176,7 +176,7 @@ def test_one_retry_layer_tries_a_request_at_most_max_attempts_times(attempts):
     """pyarrow's and boto3's own retries are off: a failing read is sent `storage.max_attempts` times in all."""
     from omegaconf import OmegaConf
 
-    from cxrmem.config import StorageConfig
+    from cxrmem.storage import StorageConfig
 
     busy = CountingBusyServer()
     try:

@@ -17,10 +17,28 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from cxrmem.settings import POSITIVE, Settings, knob
+
+
+@dataclass(frozen=True)
+class ImagesConfig(Settings):
+    """The `images` config section: the training images that generations are searched against."""
+
+    source: Optional[str] = ""  # training images: folder or s3:// prefix of PNG/JPG/DICOM, or a .csv/.parquet table (empty: no copies stage)
+    layout: str = knob("auto", choices=["auto", "mimic", "plain"])  # folder: mimic (files/pNN/pNNNNNNNN/sNNNNNNNN/*.jpg) | plain | auto (mimic if all are)
+    path_column: str = "path"  # table source: the column of image paths
+    study_column: str = "study_id"  # table source: the column of the report (study) id each image belongs to
+    subject_column: Optional[str] = None  # table source: the column of patient ids (None: none)
+    id_format: str = knob("as_is", choices=["as_is", "mimic"])  # table: as_is (ids as the corpus spells them) | mimic (integers -> pNN/pNNNNNNNN/sNNNNNNNN)
+    root: str = ""  # table source: folder or prefix that relative paths are joined to
+    index: Optional[str] = ""  # reusable index prefix; embeddings under <index>/<embedder fingerprint>/ (empty or null: the run's _parts/image_index)
+    part_size: int = knob(1024, POSITIVE)  # images per stored embedding part (the unit of resume)
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")

@@ -33,9 +33,22 @@ constant memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+from cxrmem.settings import NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, Settings, knob
+
+
+@dataclass(frozen=True)
+class SyntheticCorpusConfig(Settings):
+    """The `corpus.synthetic` config section."""
+
+    n_reports: int = knob(20000, POSITIVE)  # number of synthetic MIMIC-style reports to generate
+    seed: int = knob(0, NON_NEGATIVE)  # generator seed: the same seed gives the same corpus
+    marker_rate: float = knob(0.3, UNIT_CLOSED)  # share of abnormal reports that carry `___` de-identification markers
+    normal_share: float = knob(0.35, UNIT_HALF_OPEN)  # share of reports drawn from the few shared normal impressions
 
 BLOCK = 16384
 STYLED_FROM_BLOCK = 4  # blocks in the house style only: corpora up to 65,536 reports are unchanged

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from cxrmem.config import CorpusConfig
-
-# MIMIC-CXR `___` and IU X-ray `XXXX` runs (config: corpus.marker_regex).
-MARKER_REGEX = CorpusConfig.marker_regex
+# De-identification markers: MIMIC-CXR `___` and IU X-ray `XXXX` runs (the default of corpus.marker_regex).
+MARKER_REGEX = "_{2,}|X{4,}"
 
 _WHITESPACE = re.compile(r"\s+")
 # Characters that print nothing: whitespace, C0/C1 controls (NUL included), soft hyphen,

@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Optional
 
-from cxrmem.config import config_hash, with_overrides
 from cxrmem.distributed.image_index import ray_rows
 from cxrmem.distributed.pipeline import ModelPool
 from cxrmem.distributed.session import ray_session
@@ -23,6 +22,8 @@ from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import manifest_digest, prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.score_key import config_hash
+from cxrmem.settings import with_overrides
 from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, reference, report, score
 from cxrmem.storage import Store
 from cxrmem.summary import AuditSection

@@ -25,13 +25,14 @@ import pyarrow as pa
 
 from cxrmem import storage
 from cxrmem.analysis import score_diff
-from cxrmem.config import config_hash, with_overrides
 from cxrmem.distributed.audit import run_audit
 from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, manifest_digest, publish_manifest
 from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.score_key import config_hash
+from cxrmem.settings import with_overrides
 from cxrmem.stages import score
 from cxrmem.stages.compare import memorized_scores
 from cxrmem.storage import Store

@@ -24,9 +24,29 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from cxrmem.interrupts import keep_handlers
 from cxrmem.lease import SUBMITTED_JOB_ENV  # set by Ray's job supervisor for the entrypoint only
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, Settings, at_least, knob
+
+
+@dataclass(frozen=True)
+class RayConfig(Settings):
+    """The `ray` config section: which Ray, and the scoring pool's size and pace."""
+
+    address: Optional[str] = None  # None: start Ray in-process; "auto" or ray://...: join a cluster
+    num_workers: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # scoring actors (None: the cluster's GPUs, or 1 on a CPU-only cluster)
+    num_gpus_per_worker: float = knob(1.0, NON_NEGATIVE)  # GPUs per scoring actor (fractions share a GPU; ignored without GPUs)
+    num_cpus_per_worker: float = knob(1.0, POSITIVE)  # CPUs per scoring actor
+    batch_size: int = knob(64, POSITIVE)  # prompts per map_batches call
+    max_restarts: int = knob(3, at_least(-1, "-1: no limit"))  # restarts of a lost scoring actor
+    checkpoint_every: int = knob(512, POSITIVE)  # prompts per durable scores part file (the unit of resume)
+    progress_every_s: float = knob(30.0, POSITIVE)  # seconds between the driver's progress lines (done/total, prompts/s, ETA)
+    local_num_cpus: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # CPUs of the in-process Ray (None: the workers' share plus one, at least 2)
+    resource_wait_s: float = knob(120.0, POSITIVE)  # fail if the scoring pool's CPUs/GPUs are not in the cluster within this time (autoscalers need minutes)
+    stall_timeout_s: float = knob(1800.0, POSITIVE)  # fail, logging pending work and free resources, when no scored batch reaches the driver for this long
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -25,7 +25,6 @@ from cxrmem.analysis import (
     detector_agreement,
 )
 from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
-from cxrmem.config import public_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import (
@@ -36,10 +35,13 @@ from cxrmem.runfiles import (
     write_memorized,
     write_sections,
 )
+from cxrmem.settings import PERCENT, POSITIVE, knob, public_config
 from cxrmem.storage import Store
 from cxrmem.summary import CalibrationSection
 
 log = logging.getLogger(__name__)
+
+INCREASING_EDGES = (lambda v: len(v) > 0 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])), "increasing positive lower edges")
 
 
 class NothingScoredError(ValueError):
@@ -101,6 +103,21 @@ def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) 
     return frame
 
 
+@dataclass(frozen=True)
+class AnalyzeConfig(AdjustSettings, CalibrationSettings):
+    """The `analyze` config section: the memorized set, its controls (AdjustSettings) and its calibration
+    against a reference of non-members (CalibrationSettings)."""
+
+    top_percent: float = knob(1.0, PERCENT)  # memorized set: prompts in the top q percent of d_mem (the paper: 1)
+    zscore: float = knob(3.0, POSITIVE)  # second view: prompts with d_mem z-score above this
+    n_reports_buckets: tuple[int, ...] = knob((1, 2, 5, 20, 100), INCREASING_EDGES)  # lower edges of duplication buckets
+    known_memorized: Optional[str] = None  # CSV of prompts known to be memorized (column `prompt`; planted=false skipped): checks detection
+    reference: Optional[str] = None  # table of prompts the model was NOT trained on: p-values, FDR, F0 (docs/design.md)
+    reference_text_column: str = "prompt"  # the reference table's text column
+
+    check = AdjustSettings.check
+
+
 def detector_names(store: Store, scores_uri: str) -> list[str]:
     """The REGISTRY detectors whose score column scores.parquet holds (score.detectors when it was scored)."""
     if not store.exists(scores_uri):
@@ -154,8 +171,7 @@ def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, pr
 
 
 def adjust_settings(cfg) -> AdjustSettings:
-    a = cfg.analyze
-    return AdjustSettings(covariates=tuple(a.covariates), length_bins=int(a.length_bins), length_adjusted=bool(a.length_adjusted))
+    return AdjustSettings.of(cfg.analyze)
 
 
 def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> dict:

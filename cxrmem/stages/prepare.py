@@ -8,20 +8,50 @@ Prompts longer than the tokenizer allows are kept and flagged `truncated`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Optional
 
 from omegaconf import OmegaConf
 
-from cxrmem.config import ConfigError
 from cxrmem.corpus.prompts import build_prompts_table
-from cxrmem.corpus.text import SourceText
+from cxrmem.corpus.synthetic import SyntheticCorpusConfig
+from cxrmem.corpus.text import MARKER_REGEX, SourceText
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
+from cxrmem.settings import OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_regex, knob
 from cxrmem.storage import Store
+
+SECTIONS = ("IMPRESSION", "FINDINGS", "LAST_PARAGRAPH")  # the report sections a prompt can be read from
+
+
+@dataclass(frozen=True)
+class CorpusConfig(Settings):
+    """The `corpus` config section: which reports, and how prompts are read from them."""
+
+    source: str = knob("synthetic", choices=["synthetic", "mimic_reports", "table", "iuxray"])  # synthetic | mimic_reports | table | iuxray
+    path: Optional[str] = None  # folder, file or s3:// URI of the corpus (unused for synthetic, optional for iuxray)
+    text_column: str = "text"  # text column of a table source
+    id_columns: tuple[str, ...] = ("path", "subject_id", "study")  # source id columns kept if present
+    sections: tuple[str, ...] = SECTIONS  # report sections to use, in order of preference
+    marker_regex: str = MARKER_REGEX  # de-identification markers: MIMIC-CXR `___` and IU X-ray `XXXX` runs
+    max_reports: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # read at most this many reports (None: all)
+    progress_every: int = knob(100000, POSITIVE)  # reports between progress lines while reading
+    read_workers: int = knob(16, POSITIVE)  # threads reading report files in parallel (S3 reads are latency-bound)
+    synthetic: SyntheticCorpusConfig = knob(SyntheticCorpusConfig())
+
+    @staticmethod
+    def check(section, key: str) -> None:
+        for name in section.sections:
+            if name not in SECTIONS:
+                raise ConfigError(f"config key '{key}.sections': {name!r} is not one of {list(SECTIONS)}")
+        check_regex(f"{key}.marker_regex", section.marker_regex)
+        if section.source in ("mimic_reports", "table") and not section.path:
+            raise ConfigError(f"config key '{key}.path' is required when {key}.source={section.source}")
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +87,7 @@ def iter_records(cfg, store: Store) -> Iterator[SourceText]:
 
 def corpus_settings(cfg) -> dict:
     """The corpus keys that decide which prompts a run holds (a resumed run must not mix two corpora)."""
-    settings = OmegaConf.to_container(cfg.corpus, resolve=True)
+    settings = json.loads(json.dumps(OmegaConf.to_container(cfg.corpus, resolve=True)))  # as prepare_summary.json holds them
     for key in ("progress_every", "read_workers"):  # how it is read, not what
         settings.pop(key)
     return settings

@@ -20,8 +20,8 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from cxrmem import storage
-from cxrmem.config import with_overrides
 from cxrmem.runfiles import RunLayout
+from cxrmem.settings import with_overrides
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
 

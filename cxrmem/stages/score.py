@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem import storage
-from cxrmem.config import config_hash, effective_precision, with_overrides
 from cxrmem.interrupts import note_scored, stop_requested
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
+from cxrmem.score_key import config_hash, effective_precision
 from cxrmem.scoring.device import Precision, planned_device
+from cxrmem.settings import with_overrides
 from cxrmem.stages import score_parts
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store

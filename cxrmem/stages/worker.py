@@ -26,7 +26,6 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.attribution import AttributionSettings, attribute_prompts
-from cxrmem.config import config_hash
 from cxrmem.copies.embedders import EmbedderSettings
 from cxrmem.copies.find import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
@@ -44,6 +43,7 @@ from cxrmem.mitigation import (
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, read_memorized
+from cxrmem.score_key import config_hash
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
 from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
 from cxrmem.storage import Store
@@ -96,7 +96,6 @@ def attribution_settings(cfg) -> AttributionSettings:
 def mitigation_settings(cfg) -> MitigationSettings:
     return MitigationSettings.of(
         cfg.mitigation,
-        strategies=tuple(cfg.mitigation.strategies),
         marker_regex=cfg.corpus.marker_regex,
         samples_per_call=cfg.score.batch_size * cfg.score.generations,  # as many samples as a scoring call
         grid_generations=cfg.report.grid_generations,

@@ -33,7 +33,39 @@ from cxrmem.corpus.iuxray import iter_iuxray_reports
 from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, normalise_whitespace
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, POSITIVE_LIST, UNIT_HALF_OPEN, Settings, knob
 from cxrmem.testbed.phantoms import phantoms
+
+TEXT_VARIANTS = ("none", "random_markers", "no_markers")
+
+
+@dataclass(frozen=True)
+class TestbedConfig(Settings):
+    """The `testbed` config section: the planted-memorization model `cxrmem testbed train` builds."""
+
+    out: str = "testbed/model"  # where `cxrmem testbed train` writes the model and manifest.csv
+    source: str = knob("synthetic", choices=["synthetic", "iuxray"])  # synthetic (MIMIC-style, deduplicated) | iuxray (IU X-ray, duplicates kept)
+    image_size: int = knob(32, (lambda v: v >= 16 and v % 8 == 0, "a multiple of 8, at least 16"))  # phantom side in pixels (testbed/train.py: why 32)
+    n_unique: int = knob(1000, POSITIVE)  # unplanted distinct prompts (synthetic: exactly, each seen once; iuxray: at most, each with all its reports)
+    planted_per_level: int = knob(4, POSITIVE)  # planted prompts per duplication level and marker condition
+    duplication_levels: tuple[int, ...] = knob((32, 64, 128), POSITIVE_LIST)  # copies of each planted prompt per epoch
+    train_steps: int = knob(3000, POSITIVE)  # optimiser steps
+    train_batch_size: int = knob(32, POSITIVE)  # images per step
+    learning_rate: float = knob(0.002, POSITIVE)  # AdamW peak learning rate
+    seed: int = knob(0, NON_NEGATIVE)  # seed of data, initialisation and training
+    max_minutes: float = knob(30.0, POSITIVE)  # stop training after this wall time (CPU budget)
+    block_out_channels: tuple[int, ...] = knob((16, 32, 64), POSITIVE_LIST)  # UNet widths; cross-attention at the last
+    text_hidden_size: int = knob(64, POSITIVE)  # BERT hidden size (= the UNet's cross-attention dim)
+    text_layers: int = knob(2, POSITIVE)  # BERT layers
+    vocab_size: int = knob(1000, POSITIVE)  # WordPiece vocabulary trained on the training prompts
+    max_tokens: int = knob(96, POSITIVE)  # tokenizer model_max_length (prompts pad and truncate to it)
+    cond_drop: float = knob(0.1, UNIT_HALF_OPEN)  # share of training prompts replaced by "" (classifier-free guidance)
+    warmup_steps: int = knob(25, NON_NEGATIVE)  # linear learning-rate warmup, then cosine decay to 10%
+    num_threads: int = knob(1, POSITIVE)  # torch CPU threads for training and evaluation
+    eval_unique: int = knob(200, POSITIVE)  # never-duplicated prompts scored by `testbed evaluate` (negatives)
+    eval_steps: Optional[int] = knob(20, OPTIONAL_POSITIVE)  # DDIM steps of `testbed evaluate` (None: score.steps)
+    results: str = "bench/RESULTS.md"  # where `testbed evaluate` writes its section
+    text_variant: str = knob("none", choices=TEXT_VARIANTS)  # none | random_markers (fresh surrogates per pair) | no_markers (markers deleted)
 
 MANIFEST = "manifest.csv"
 
@@ -161,7 +193,6 @@ def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
 
 # The paper's training-time advice, as variants of the training texts (testbed.text_variant): the
 # manifest keeps the prompts as the audit sees them (with markers), the model trains on the variant.
-TEXT_VARIANTS = ("none", "random_markers", "no_markers")
 
 
 def with_text_variant(ts: TrainingSet, variant: str, seed: int, marker_regex: str) -> TrainingSet:
