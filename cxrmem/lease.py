@@ -190,7 +190,7 @@ class Lease:
         if holder.problem and not holder.owner_known:
             return f"it is unreadable ({holder.problem}) and its owner cannot be read", 0.0
         pid = holder.record.get("pid")
-        # Only a lease on this machine's disk: a lease in shared storage may come from another machine of the same name.
+        # A pid is checked only for a lease on this machine's disk: in remote storage another machine may share the host name.
         on_this_disk = local_path(self.uri) is not None
         if holder.owner_known and on_this_disk and holder.record["host"] == socket.gethostname() and not _pid_running(pid):
             return f"its process {pid} no longer runs on this host", 0.0

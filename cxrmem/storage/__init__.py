@@ -14,10 +14,10 @@ memory:// in a test file). Code outside this package asks a URI's backend questi
 (`local_path`, `canonical`) instead of testing for a scheme.
 """
 
-from cxrmem.storage.backend import Backend, backend_class, canonical, local_path, register
+from cxrmem.storage.backend import Backend, canonical, local_path, register
 from cxrmem.storage.errors import StorageError, name_too_long
-from cxrmem.storage.local import PARTIAL_MARK, LocalBackend
-from cxrmem.storage.s3 import S3Backend, S3Settings, s3_settings
+from cxrmem.storage.local import PARTIAL_MARK  # importing local and s3 registers their backends
+from cxrmem.storage.s3 import S3Settings, s3_settings
 from cxrmem.storage.store import CHUNK_BYTES, Store
 from cxrmem.storage.uris import join, join_inside, relative, scheme_of
 
@@ -25,12 +25,9 @@ __all__ = [
     "CHUNK_BYTES",
     "PARTIAL_MARK",
     "Backend",
-    "LocalBackend",
-    "S3Backend",
     "S3Settings",
     "StorageError",
     "Store",
-    "backend_class",
     "canonical",
     "join",
     "join_inside",
