@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from typing import Iterator, Optional
 
 from cxrmem.runfiles import RunLayout
-from cxrmem.storage import Store, is_s3
+from cxrmem.storage import Store, canonical, local_path
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ class Lease:
         if holder.problem and not holder.owner_known:
             return f"it is unreadable ({holder.problem}) and its owner cannot be read", 0.0
         pid = holder.record.get("pid")
-        if holder.owner_known and not is_s3(self.uri) and holder.record["host"] == socket.gethostname() and not _pid_running(pid):
+        # A pid is checked only for a lease on this machine's disk: in remote storage another machine may share the host name.
+        on_this_disk = local_path(self.uri) is not None
+        if holder.owner_known and on_this_disk and holder.record["host"] == socket.gethostname() and not _pid_running(pid):
             return f"its process {pid} no longer runs on this host", 0.0
         if self.settings.force:
             return "run.force_lease=true", 0.0
@@ -309,13 +311,9 @@ _HELD: dict[str, Lease] = {}  # prefix -> the lease this process holds on it
 _HELD_LOCK = threading.Lock()
 
 
-def _key(store: Store, prefix: str) -> str:
-    return str(prefix).rstrip("/") if is_s3(prefix) else store.filesystem(prefix)[1].rstrip("/")
-
-
-def held_over(store: Store, prefix: str) -> Optional[Lease]:
+def held_over(prefix: str) -> Optional[Lease]:
     """The lease this process holds on `prefix` or on a prefix above it."""
-    key = _key(store, prefix)
+    key = canonical(prefix)
     with _HELD_LOCK:
         return next((lease for held, lease in _HELD.items() if key == held or key.startswith(held + "/")), None)
 
@@ -323,13 +321,13 @@ def held_over(store: Store, prefix: str) -> Optional[Lease]:
 @contextlib.contextmanager
 def hold(store: Store, prefix: str, settings: LeaseSettings, command: Optional[str] = None) -> Iterator[Lease]:
     """The lease on `prefix` for the block (re-entrant: a lease already held over it is reused)."""
-    outer = held_over(store, prefix)
+    outer = held_over(prefix)
     if outer is not None:
         yield outer
         return
     lease = Lease(store, prefix, settings, command or " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300])
     lease.acquire()
-    key = _key(store, prefix)
+    key = canonical(prefix)
     with _HELD_LOCK:
         _HELD[key] = lease
     try:

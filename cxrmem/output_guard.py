@@ -21,13 +21,13 @@ from typing import Optional
 from cxrmem import storage
 from cxrmem.publish import ForeignFilesError, foreign_files, is_published, staging_prefix
 from cxrmem.settings import ConfigError
-from cxrmem.storage import Store, is_s3
+from cxrmem.storage import Store, canonical, local_path, scheme_of
 
 
 def input_paths(cfg, command: str = "") -> list[tuple[str, str]]:
     """(key, path) of every path the config names that a run reads; only those in use with these settings."""
     candidates = [("model.path", cfg.model.path)]
-    if is_s3(str(cfg.model.path)):
+    if local_path(str(cfg.model.path)) is None:
         candidates.append(("model.cache_dir", cfg.model.cache_dir))  # the local copy of an s3:// model
     if cfg.corpus.source != "synthetic":
         candidates.append(("corpus.path", cfg.corpus.path))
@@ -47,13 +47,6 @@ def input_paths(cfg, command: str = "") -> list[tuple[str, str]]:
     return [(key, str(path)) for key, path in candidates if path]
 
 
-def _location(path: str) -> str:
-    """A path in one spelling: s3:// as given without a trailing slash, local paths absolute with links resolved."""
-    if is_s3(path):
-        return path.rstrip("/")
-    return os.path.realpath(os.path.expanduser(path))
-
-
 def _relation(output: str, other: str) -> Optional[str]:
     """How `output` overlaps `other` ('is', 'is inside', 'contains'), or None."""
     if output == other:
@@ -67,11 +60,12 @@ def _relation(output: str, other: str) -> Optional[str]:
 
 def check_inputs(cfg, output: str, output_key: str = "run.output", command: str = "") -> None:
     """Raise a ConfigError when `output` is, lies inside or contains one of the config's inputs."""
-    where = _location(str(output))
+    where = canonical(str(output))
     for key, path in input_paths(cfg, command):
-        if is_s3(path) != is_s3(where) or not (is_s3(path) or os.path.lexists(os.path.expanduser(path))):
+        local = local_path(path)
+        if scheme_of(path) != scheme_of(where) or (local is not None and not os.path.lexists(local)):
             continue  # a local input that is not there has nothing to lose (the stage that reads it says so)
-        relation = _relation(where, _location(path))
+        relation = _relation(where, canonical(path))
         if relation is not None:
             raise ConfigError(
                 f"{output_key} {output} {relation} {key} {path}: a run must not write into its inputs (overwriting or "

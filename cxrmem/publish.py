@@ -209,9 +209,7 @@ def check_signature(store: Store, prefix: str, manifest: dict, key: bytes) -> st
 
 
 def same_prefix(a: str, b: str) -> bool:
-    if storage.is_s3(a) or storage.is_s3(b):
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
+    return storage.canonical(a) == storage.canonical(b)
 
 
 def expected_digest(store: Store, expect: str, prefix: str) -> tuple[str, str]:

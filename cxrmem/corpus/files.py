@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 from cxrmem.corpus.text import SourceText, skipped
 from cxrmem.runfiles import MANIFEST_NAME, RunLayout
-from cxrmem.storage import Store, is_s3, relative
+from cxrmem.storage import Store, local_path, relative
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def corpus_files(root: str, suffixes: tuple[str, ...], store: Optional[Store] = 
     read files its owner did not put there. S3 prefixes have no links. The files of runs under
     `root` are left out (module doc).
     """
-    if is_s3(root):
+    if local_path(root) is None:  # remote storage: listed through the Store
         everything = [relative(uri, root) for uri in (store or Store()).list_files(root)]
         wanted = _drop_runs(root, [path for path in everything if path.endswith(suffixes)], everything)
         return [root.rstrip("/") + "/" + path for path in wanted], []

@@ -202,13 +202,14 @@ def diffusers_parts(root: str, index: dict) -> dict[str, str]:
 
 
 def local_model_root(model_cfg, store: Optional[Store] = None) -> str:
-    """model.path itself when local; for s3:// a complete local copy under model.cache_dir."""
-    if not storage.is_s3(model_cfg.path):
-        return os.path.abspath(os.path.expanduser(model_cfg.path))
+    """model.path itself when local; for s3:// (any remote storage) a complete local copy under model.cache_dir."""
+    path = storage.local_path(model_cfg.path)
+    if path is not None:
+        return path
     uri = model_cfg.path.rstrip("/")
     # Keyed by endpoint and URI: the same bucket name on two S3 services is two stores.
     store = store or Store.from_config()
-    key = f"{store.s3.endpoint} {uri}"
+    key = f"{store.backend(uri).endpoint} {uri}"
     local = os.path.join(os.path.expanduser(model_cfg.cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
     # A hub cache holds every file twice once uploaded (snapshots dereference the blobs): copy only what loading reads.
     keep = hub_cache_file if model_cfg.kind == "radedit" else None
