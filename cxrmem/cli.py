@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="cxrmem",
         description="Audit a text-to-image chest X-ray diffusion model for memorization of its training prompts.",
         epilog="Overrides are OmegaConf dot-keys, e.g. score.steps=10 run.output=s3://bucket/run1. "
-        "Every key and its default: cxrmem/config.py.",
+        "Every key and its default: the settings class of its section, named in cxrmem/config.py.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {cxrmem_version()}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
