@@ -204,7 +204,8 @@ def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
     ]
     audit = section.audit
     return {"rows": rows, "audit": audit, "evaluations": section.evaluations, "verdict": section.verdict,
-            "ok": audit["sample"] > 0 and audit["misses"] == 0, "corpus": section.corpus, "fully_scored": section.fully_scored}
+            "ok": audit["sample"] > 0 and audit["misses"] == 0, "corpus": section.corpus, "fully_scored": section.fully_scored,
+            "bounds": section.bounds or None}
 
 
 def run_rows(summary: RunSummary) -> list[dict]:

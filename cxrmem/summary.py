@@ -182,6 +182,7 @@ class CascadeSection(Section):
     audit: dict  # threshold, rejected, sample, misses, estimate, upper, missed_prompts_upper, evaluations
     verdict: str
     continuation: dict = field(default_factory=dict)  # enabled, off_because, continued, evaluations_saved (cxrmem/stages/continuation.py)
+    bounds: dict = field(default_factory=dict)  # cxrmem/cascade_bounds.py AuditBounds: recall_lower_bound, expected_missed, ...
 
 
 @dataclass

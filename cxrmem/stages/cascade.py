@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem import detectors, stats, storage
+from cxrmem.cascade_bounds import AuditBounds, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
 from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.scoring.scorer import ScoreSettings
@@ -251,8 +252,8 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict) -> tuple[Round, dict]:
-    """Fully score the audit sample of this round's rejected prompts and count its misses."""
+def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, first_screen: str) -> tuple[Round, dict]:
+    """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss."""
     layout = RunLayout(cfg.run.output)
     scored_ids, scored = _full_scores(store, layout.scores)
     rejected = np.setdiff1d(all_ids, scored_ids)
@@ -271,9 +272,31 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     by_stage: dict[int, int] = {}
     for prompt in missed.tolist():
         by_stage[rejected_at[prompt]] = by_stage.get(rejected_at[prompt], 0) + 1
-    spent = evaluations(dmem_cost(cfg.score, cfg.score.steps), audited["computed"], cfg.score.batch_size)
+    full_cost = dmem_cost(cfg.score, cfg.score.steps)
+    spent = evaluations(full_cost, audited["computed"], cfg.score.batch_size)
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
-    return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist())}
+    full = (np.concatenate([scored_ids, audit_ids]), np.concatenate([scored, audit_scores]))
+    kept_members = int(np.sum(np.isfinite(scored) & (scored >= threshold))) if threshold is not None else 0
+    bounds = round_bounds(store, layout, first_screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
+                          full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size)  # fmt: skip
+    return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
+
+
+def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, full: tuple[np.ndarray, np.ndarray], kept_members: int,
+                 unaudited: np.ndarray, threshold: float | None, full_per_prompt: float) -> AuditBounds:  # fmt: skip
+    """The audit's bounds (cxrmem/cascade_bounds.py), its screen model on the first stage's scores, which every
+    prompt has. A screen whose higher scores do not mean memorized gets no model."""
+    column = stage_column(screen)
+    first = store.read_table(RunLayout(_stage_dir(layout, 0)).scores, columns=["prompt_id", column])
+    by_id = dict(zip(first["prompt_id"].to_pylist(), first[column].to_numpy(zero_copy_only=False).astype(np.float64)))
+
+    def screen_of(ids: np.ndarray) -> np.ndarray:
+        return np.array([by_id.get(i, np.nan) for i in ids.tolist()], dtype=np.float64)
+
+    ids, scores = full
+    fit = (screen_of(ids), scores) if REGISTRY[screen].higher_is_memorized else (np.zeros(0), np.zeros(0))
+    return audit_bounds(checked.rejected, checked.sample, checked.misses, kept_members, fit, screen_of(unaudited), threshold,
+                        full_per_prompt)  # fmt: skip
 
 
 def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
@@ -295,7 +318,7 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
             carry.begin_stage()
         full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored")
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at)
+        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages[0].screen)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
@@ -313,7 +336,7 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
         if number < cfg.cascade.max_rounds:
             for i in checked.missed_by_stage:
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
-    section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"])
+    section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"])
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     write_sections(store, layout, section)
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
@@ -329,7 +352,8 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
     }
 
 
-def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold) -> CascadeSection:
+def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold,
+                    bounds: AuditBounds) -> CascadeSection:  # fmt: skip
     """summary.json["cascade"]: the stages as they ended, every round, the compute and the self-check."""
     last = rounds[-1]
     total = sum(spent.values())
@@ -365,6 +389,7 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
             "evaluations": spent["audit"],
         },
         verdict=verdict,
+        bounds=asdict(bounds),
     )
 
 
