@@ -50,8 +50,10 @@ class NullWorker:
         self.fingerprint, self.key = fingerprint, config_hash(cfg)
 
     def score_block(self, cfg, fingerprint, batch, carried=None):
+        from cxrmem.scoring.scorer import UNetWork
+
         self.fingerprint = fingerprint
-        return self(batch)
+        return self(batch), UNetWork()  # no model, no work
 
     def __call__(self, batch):
         from cxrmem.scoring.scorer import ScoreBatch

@@ -13,7 +13,7 @@ the prompt as it is) and mitigation.parquet (d_mem, fidelity, cost per prompt an
 - fidelity: the mean share of a prompt's generations (at that guidance, from copies.parquet)
   that show its findings (cxrmem/fidelity.py), and its paired change;
 - d_mem change: paired against `original` from mitigation.parquet (the scoring guidance);
-- evaluations: UNet evaluations per generation (cxrmem/strategies.py), as mitigation.parquet records them.
+- evaluations: UNet evaluations per prompt (cxrmem/strategies.py), as mitigation.parquet records them.
 
 Prompts a strategy left unchanged (`changed` false in mitigation.parquet: a rewrite or a
 re-scaling without a marker) are left out of that strategy's row.
@@ -42,7 +42,7 @@ class StrategyJudgement:
     fidelity: Optional[float]  # None: no fidelity measure set
     fidelity_change: Optional[dict]
     d_mem_change: Optional[dict]
-    evaluations: Optional[int]  # UNet evaluations per generation
+    evaluations: Optional[int]  # UNet evaluations per prompt
 
     def as_dict(self) -> dict:
         return asdict(self)

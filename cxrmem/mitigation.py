@@ -77,7 +77,7 @@ MITIGATION_COLUMNS = {
     "pairwise_distance": pa.float64(),
     "n_generations": pa.int32(),
     "changed": pa.bool_(),  # the strategy changed something for this prompt (a rewrite without a marker may not)
-    "evaluations": pa.int64(),  # UNet evaluations per generation (cxrmem/strategies.py)
+    "evaluations": pa.int64(),  # UNet evaluations the strategy spends on the prompt (cxrmem/strategies.py)
     "fidelity": pa.float64(),  # share of the generations showing the original prompt's findings (NaN: no measure set)
 }
 
@@ -380,6 +380,7 @@ def mitigate_prompt(
     latents = sampler.initial_latents([prompt_id], settings.n_generations)
     generations = generate_images(sampler, sampling_for(sampler, strategies, texts, embeddings, latents, settings), settings.samples_per_call)
     faithful = fidelity(generations, [prompt] * len(strategies)) if fidelity is not None else np.full(len(strategies), np.nan)
+    scored = (scorer.settings.generations, scorer.settings.scored_steps)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
         images = generations[i]
@@ -393,7 +394,7 @@ def mitigate_prompt(
                 "pairwise_distance": pairwise_rms_distance(images, scorer.device),
                 "n_generations": settings.n_generations,
                 "changed": changed(strategy, prompt, texts[i], scorer.tokenizer, scorer.max_length, settings),
-                "evaluations": registry.REGISTRY[strategy].evaluations(settings, sampler.settings.steps),
+                "evaluations": registry.REGISTRY[strategy].evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
                 "fidelity": float(faithful[i]),
             }
         )

@@ -208,6 +208,28 @@ def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
             "bounds": section.bounds or None}
 
 
+# UNet samples per second per GPU behind the Run section's GPU-hours: an ESTIMATE, issue 33's 250-400 for RadEdit's
+# UNet at 512x512 (bench/RESULTS.md has no GPU measurement yet; replace it with the measured rate once it does).
+# The page shows both ends and says it is an estimate.
+ESTIMATED_SAMPLES_PER_GPU_S = (250, 400)
+
+
+def cost_context(summary: RunSummary) -> Optional[dict]:
+    """The counted model work per stage and in total (summary.json's cost), with GPU-hours at the estimated rate."""
+    cost = summary.cost
+    if cost is None:
+        return None
+    slow, fast = ESTIMATED_SAMPLES_PER_GPU_S
+
+    def row(stage: str, work: dict) -> dict:
+        per_prompt = work["evaluations"] / cost.corpus_prompts if cost.corpus_prompts else None
+        hours = f"{fmt(work['evaluations'] / fast / 3600)} – {fmt(work['evaluations'] / slow / 3600)}"
+        return {"stage": stage, **{k: fmt(v) for k, v in work.items()}, "per_prompt": fmt(per_prompt), "gpu_hours": hours}
+
+    return {"rows": [row(stage, work) for stage, work in cost.stages.items()] + [row("total", cost.total)],
+            "corpus_prompts": cost.corpus_prompts, "slow": slow, "fast": fast}  # fmt: skip
+
+
 def run_rows(summary: RunSummary) -> list[dict]:
     """The durations and rates the sections declare (RunSummary.timings), labelled by stage."""
     return [{"key": key, "value": fmt(value)} for key, value in summary.timings().items()]
@@ -519,7 +541,7 @@ def run_context(data: dict, cfg: DictConfig, figure: Figures) -> dict:
     """The Run table: config hashes, the stages' durations and rates, and the configuration the scores used."""
     analysis = data["summary"].analysis
     return {"config_hashes": analysis.config_hashes if analysis else [], "config_hash": config_hash(cfg),
-            "timings": run_rows(data["summary"]),
+            "timings": run_rows(data["summary"]), "cost": cost_context(data["summary"]),
             "config_yaml": OmegaConf.to_yaml(OmegaConf.create((analysis.config if analysis else None) or public_config(cfg)))}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
-from cxrmem.summary import BY_NAME, RunSummary, Section
+from cxrmem.summary import BY_NAME, CostSection, RunSummary, Section
 
 if TYPE_CHECKING:  # pandas is imported where a table is read: the lease (cxrmem/lease.py) needs this module at start
     import pandas as pd
@@ -118,6 +118,13 @@ def write_sections(store: Store, layout: RunLayout, *sections: Section, clear: t
         summary.pop(name, None)
     summary.update({section.name: section.to_json() for section in sections})
     store.write_json(layout.summary, summary)
+
+
+def record_cost(store: Store, layout: RunLayout, stage: str, work: dict) -> None:
+    """summary.json's cost section with `stage`'s counted model work (UNetWork.to_json) in place of its last record,
+    per prompt of the run's corpus."""
+    corpus = store.read_table(layout.prompts, columns=["prompt_id"]).num_rows if store.exists(layout.prompts) else 0
+    write_sections(store, layout, CostSection.with_stage(read_summary(store, layout).cost, corpus, stage, work))
 
 
 def write_memorized(store: Store, layout: RunLayout, memorized: pd.DataFrame) -> None:

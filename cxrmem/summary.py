@@ -186,6 +186,27 @@ class CascadeSection(Section):
 
 
 @dataclass
+class CostSection(Section):
+    """The model work of each stage, counted where it happens (cxrmem/scoring/scorer.py `UNetWork`) and brought back with
+    its results: `score` (the cascade's screens, full score and audit sample included), `reference`, `attribute`,
+    `mitigate`, `copies`, each the work of its last run (a resumed scoring counts the prompts it computed)."""
+
+    name: ClassVar[str] = "cost"
+    corpus_prompts: int
+    stages: dict  # stage -> UNetWork.to_json(): unet_samples, backward_samples, vae_decodes, evaluations
+    total: dict  # the same, summed over the stages
+    evaluations_per_prompt: Optional[float]  # total evaluations per corpus prompt (None without prompts)
+
+    @classmethod
+    def with_stage(cls, before: Optional["CostSection"], corpus_prompts: int, stage: str, work: dict) -> "CostSection":
+        """`before` (None: no stage recorded yet) with `stage`'s work in place of its last record."""
+        stages = {**(before.stages if before else {}), stage: work}
+        total = {key: sum(w[key] for w in stages.values()) for key in work}
+        per_prompt = total["evaluations"] / corpus_prompts if corpus_prompts else None
+        return cls(corpus_prompts=corpus_prompts, stages=stages, total=total, evaluations_per_prompt=per_prompt)
+
+
+@dataclass
 class AuditSection(Section):
     """`cxrmem audit`: the scoring result and the wall seconds of every stage."""
 
@@ -229,7 +250,7 @@ class RescoreSection(Section):
 
 
 SECTIONS: tuple[type[Section], ...] = (AnalysisSection, CalibrationSection, DetectorsSection, AttributionSection, MitigationSection,
-                                       CopiesSection, CascadeSection, AuditSection, RescoreSection)
+                                       CopiesSection, CascadeSection, CostSection, AuditSection, RescoreSection)
 BY_NAME = {s.name: s for s in SECTIONS}
 
 
@@ -244,6 +265,7 @@ class RunSummary:
     mitigation: Optional[MitigationSection] = None
     copies: Optional[CopiesSection] = None
     cascade: Optional[CascadeSection] = None
+    cost: Optional[CostSection] = None
     audit: Optional[AuditSection] = None
     rescore: Optional[RescoreSection] = None
 

@@ -166,7 +166,7 @@ def test_states_ride_in_the_blocks_as_the_ray_cascade_sends_them(tiny_model_dir,
         here = ModelWorker(stage_cfg, Store(), carry=local)(block)
         sent = riding.with_states(block, ScoreSettings.of(stage_cfg.score).scored_steps, cfg.score.batch_size)
         assert sent[STATE_COLUMN].null_count == (len(IDS) if name == "screen" else 0)
-        back = pooled.score_block(stage_cfg, "", sent, riding.worker_kwargs())
+        back, _ = pooled.score_block(stage_cfg, "", sent, riding.worker_kwargs())
         assert back[STATE_COLUMN].null_count == (0 if name == "screen" else len(IDS))  # states made by a screen only
         tables[name] = (here.sort_by("prompt_id"), riding.receive(back).sort_by("prompt_id"))
         assert (riding.continued, riding.saved) == (local.continued, local.saved)

@@ -88,6 +88,8 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
     assert result["unet_evaluations_cascade"] == (
         len(screening) * screen_cost.per_prompt + math.ceil(len(screening) / 4) * screen_cost.per_batch
         + len(full) * 4  # the full d_mem continues the screen's first-step d_mem (same G, T, seeds): 2 G (T - 1) per prompt
+        # and the full score's own detector columns, which the cascade's declared cost left out before it was counted
+        + REGISTRY["attention_entropy"].cost(1, 1, True).evaluations(len(full))
     )
 
 

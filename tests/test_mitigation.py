@@ -209,9 +209,11 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
         "changed", "evaluations", "fidelity",
     ]  # fmt: skip
     assert list(table[table["prompt_id"] == "a" * 16]["changed"]) == [False, True, True]
-    # Each strategy's declared cost (counted on the UNet in tests/test_mitigation_sampling.py) at the
-    # generations' 3 steps (mitigation.steps), not the scorer's 2: 2 x 3, and Wen's 1 + 2 x (forward + backward)
-    assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [6, 6, 6 + 1 + 2 * 3]
+    # The rows' declared cost is the work the Scorer counted (summary.json's cost), and it took the
+    # generations' 3 steps (mitigation.steps), not the scorer's 2: Wen's optimisation costs beyond that.
+    counted = Store().read_json(layout.summary)["cost"]["stages"]["mitigate"]
+    assert counted["evaluations"] == table["evaluations"].sum() and counted["vae_decodes"] == len(table) * 2
+    assert list(table[table["prompt_id"] == "a" * 16]["evaluations"]) == [1 * 2 * 2 + 2 * 2 * 3] * 2 + [16 + 1 * (1 + 2 * 3)]
     assert len(table) == 2 * 3 and (table["n_generations"] == 2).all()
     assert table["fidelity"].isna().all()  # fidelity.measure = none
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]

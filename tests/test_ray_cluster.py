@@ -421,3 +421,8 @@ def test_one_model_pool_serves_every_stage_of_an_audit(driver_on_head, tiny_mode
     assert summary["audit"]["model_loads"] == loads
     assert len(summary["cascade"]["rounds"][-1]["stages"]) == 2 and summary["cascade"]["audit"]["sample"] == 4
     assert {"attribute", "mitigate"} <= set(summary["audit"]["timings_s"])
+    # The work counted on the actors comes back with their results: each stage's, as declared where it is declared.
+    cost = summary["cost"]["stages"]
+    assert cost["score"]["evaluations"] == summary["cascade"]["evaluations"]["total"] > 0
+    mitigation = pq.read_table(RunLayout(str(tmp_path / "run")).mitigation).to_pandas()
+    assert cost["mitigate"]["evaluations"] == mitigation["evaluations"].sum() and cost["attribute"]["backward_samples"] > 0

@@ -39,6 +39,8 @@ def test_a_corpus_against_prompts_of_the_same_kind_gives_calibrated_p_values_and
                              "analyze.reference_min_per_bin=30"])  # fmt: skip
     done = reference.run(cfg)
     assert done["prompts"] > 50 and done["computed"] == done["prompts"]
+    assert json.loads(open(layout.summary).read())["cost"]["stages"]["reference"] == done["work"]  # the corpus run's cost
+    assert done["work"]["unet_samples"] > 0
     result = analyze.run(cfg)
     calibration = pq.read_table(layout.calibration).to_pandas()
     prompts = pq.read_metadata(layout.prompts).num_rows

@@ -246,3 +246,20 @@ def test_overguidance_and_paired_interval_statistics():
     low, high = sps.ttest_rel(a, b).confidence_interval(0.95)
     assert result["n"] == 12 and result["ci_low"] == pytest.approx(low) and result["ci_high"] == pytest.approx(high)
     assert paired_difference_ci([1.0], [0.5]) == {"n": 1, "mean": 0.5, "ci_low": None, "ci_high": None}
+
+
+def test_run_section_shows_the_counted_work_with_gpu_hours_labelled_an_estimate(tmp_path):
+    from cxrmem.runfiles import record_cost
+    from cxrmem.scoring.scorer import UNetWork
+    from cxrmem.storage import Store
+
+    cfg, layout = _analyzed_run(tmp_path)
+    record_cost(Store(), layout, "score", UNetWork(3_600_000).to_json())  # 4 h at 250 samples/s, 2.5 h at 400
+    record_cost(Store(), layout, "mitigate", UNetWork(0, 0, 7).to_json())
+    report.run(cfg)
+    text = open(layout.report, encoding="utf-8").read()
+    _check_html(text)
+    run = text[text.index('<h2 id="run"'):]
+    assert "<strong>GPU-hours are an estimate</strong>, at 250–400 UNet samples/s per GPU" in run
+    assert f"<td>score</td><td>3,600,000</td><td>0</td><td>0</td><td>3,600,000</td><td>{3_600_000 / N:.4g}</td><td>2.5 – 4</td>" in run
+    assert "<td>total</td><td>3,600,000</td><td>0</td><td>7</td>" in run

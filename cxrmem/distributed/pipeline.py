@@ -21,6 +21,7 @@ for MIMIC-CXR's 100,000 prompts), and a lost actor costs one block, not a whole 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.distributed.session import pool_size
-from cxrmem.scoring.scorer import ScoreSettings
+from cxrmem.scoring.scorer import ScoreSettings, UNetWork
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 
@@ -56,6 +57,7 @@ class ModelPool:
         threads = int(cfg.ray.num_cpus_per_worker)
         self.actors = [remote.remote(cfg, store, need_vae=need_vae, torch_threads=threads) for _ in range(actors)]
         self.described = f"{actors} workers x ({cfg.ray.num_cpus_per_worker:g} CPU, {gpus:g} GPU)"
+        self.work = UNetWork()  # the model work of every result `map` received (a stage reads its own as a difference)
         log.info("model pool: %s", self.described)
 
     def __enter__(self) -> "ModelPool":
@@ -64,11 +66,13 @@ class ModelPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def scored_batches(self, cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None) -> Iterator[pa.Table]:
+    def scored_batches(
+        self, cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None, *, work: UNetWork
+    ) -> Iterator[pa.Table]:
         """scores.parquet rows of the prompts not in `skip_ids` under `cfg`'s scoring, block by block in order
-        (the score stage's executor). `carry`: the cascade's TrajectoryCarry (cxrmem/stages/continuation.py);
-        where it holds these settings' trajectories, its states ride in the blocks to the actors and the states
-        they make come back to it."""
+        (the score stage's executor); each block's model work, which comes back with it, is added to `work`.
+        `carry`: the cascade's TrajectoryCarry (cxrmem/stages/continuation.py); where it holds these settings'
+        trajectories, its states ride in the blocks to the actors and the states they make come back to it."""
         import ray
         from ray.util import ActorPool
 
@@ -83,9 +87,10 @@ class ModelPool:
             carried = carry.worker_kwargs()
         stage_cfg = ray.put(cfg)  # once, not with every block
         results = ActorPool(self.actors).map(lambda actor, block: actor.score_block.remote(stage_cfg, fingerprint, block, carried), blocks)
+        tables = map(functools.partial(counted, work), results)
         if carried is not None:
-            results = map(carry.receive, results)
-        return watched(results, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, self.described))
+            tables = map(carry.receive, tables)
+        return watched(tables, cfg.ray.stall_timeout_s, lambda waited: stall_message(waited, self.described))
 
     def map(self, task, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
         """The memorized-set stages' executor (the signature of the in-process `LocalModel.map`): chunks of
@@ -101,7 +106,7 @@ class ModelPool:
             chunks,
         )
         for chunk, result in zip(chunks, results):
-            yield len(chunk), result
+            yield len(chunk), counted(self.work, result)
 
     def model_loads(self) -> dict:
         """Per actor process (pid), the models it loaded: 1 each when every stage reused the pool."""
@@ -116,13 +121,20 @@ class ModelPool:
             ray.kill(actor)
 
 
+def counted(work: UNetWork, result: tuple[object, UNetWork]):
+    """A worker's (result, model work): the result, its work added to `work`."""
+    value, spent = result
+    work += spent
+    return value
+
+
 def scored_batches(
-    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker, carry=None
+    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, worker: type = ModelWorker, carry=None, *, work: UNetWork
 ) -> Iterator[pa.Table]:
     """The score stage's executor on Ray for a scoring with no pool of its own: a ModelPool for this scoring,
     closed when the batches end. Needs a Ray session."""
     with ModelPool(cfg, store, worker=worker) as pool:
-        yield from pool.scored_batches(cfg, store, fingerprint, prompts_uri, skip_ids, carry)
+        yield from pool.scored_batches(cfg, store, fingerprint, prompts_uri, skip_ids, carry, work=work)
 
 
 class StallError(TimeoutError):

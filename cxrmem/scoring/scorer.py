@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,6 +23,7 @@ from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, r
 from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, knob
+from cxrmem.strategies import BACKWARD
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,42 @@ class ScoreConfig(ScoreSettings):
         if section.screening_steps is not None and section.screening_steps > section.steps:
             raise ConfigError(f"config key '{key}.screening_steps' must not exceed {key}.steps")
         detectors.check_names(f"{key}.detectors", section.detectors)
+
+
+@dataclass
+class UNetWork:
+    """The model work a Scorer did, counted where it happens (the Scorer is the only caller of the UNet and the VAE):
+    plain ints from tensor shapes, so counting adds no device sync. Docs: docs/design.md, "Cost"."""
+
+    unet_samples: int = 0  # rows of every UNet forward: a classifier-free guidance pair is 2, a JVP call its rows once
+    backward_samples: int = 0  # rows of the UNet forwards that a backward pass went through
+    vae_decodes: int = 0  # images the VAE decoded
+
+    @property
+    def evaluations(self) -> int:
+        """UNet evaluations as the declared costs count them (cxrmem/strategies.py): a forward sample is 1, its backward BACKWARD."""
+        return self.unet_samples + BACKWARD * self.backward_samples
+
+    def __add__(self, other: "UNetWork") -> "UNetWork":
+        return UNetWork(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def __iadd__(self, other: "UNetWork") -> "UNetWork":
+        """In place: a tally that several executors add to stays the caller's object."""
+        self.unet_samples += other.unet_samples
+        self.backward_samples += other.backward_samples
+        self.vae_decodes += other.vae_decodes
+        return self
+
+    def __sub__(self, other: "UNetWork") -> "UNetWork":
+        return UNetWork(*(a - b for a, b in zip(astuple(self), astuple(other))))
+
+    def to_json(self) -> dict:
+        return {"unet_samples": self.unet_samples, "backward_samples": self.backward_samples, "vae_decodes": self.vae_decodes,
+                "evaluations": self.evaluations}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> "UNetWork":
+        return cls(data["unet_samples"], data["backward_samples"], data["vae_decodes"])
 
 
 @dataclass
@@ -166,10 +203,13 @@ class Scorer:
         tf32: bool = False,
         decode_batch: int = 8,
         float32_output: bool = True,
+        work: Optional[UNetWork] = None,
     ):
         """`device`: model.device (a replica meant for CUDA that cannot use it raises DeviceUnavailable);
         `gpu_assigned`: Ray gave this process a GPU; `tf32`: model.tf32; `decode_batch`: model.vae_decode_batch;
-        `float32_output`: a half-precision UNet's output layers in float32 (off only to measure the gain)."""
+        `float32_output`: a half-precision UNet's output layers in float32 (off only to measure the gain);
+        `work`: the tally this scorer counts into (`on` passes its own: one device, one count)."""
+        self.work = work if work is not None else UNetWork()
         self._components = components
         self.settings = settings
         self.device = device if isinstance(device, torch.device) else resolve_device(device, gpu_assigned)
@@ -222,9 +262,10 @@ class Scorer:
         return self.on(self._components, self.settings.replace(steps=steps, screening_steps=None))
 
     def on(self, components, settings: Optional[ScoreSettings] = None) -> "Scorer":
-        """A scorer of `components` (another model: the attribution null) on this one's device and precision."""
+        """A scorer of `components` (another model: the attribution null) on this one's device and precision, counting
+        into this one's `work`: views of one worker's device (other settings, the null model) are one tally."""
         return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch,
-                      float32_output=self.float32_output)
+                      float32_output=self.float32_output, work=self.work)
 
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -355,7 +396,14 @@ class Scorer:
         """
         kwargs = {"text_layout": layout} if self.shares_text else None
         output = self._unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        rows = int(x.shape[0])
+        self.work.unet_samples += rows  # after the call: a forward that ran out of memory did no work
+        if output.requires_grad:  # a backward pass through this call reaches its output once: counted there
+            output.register_hook(lambda grad: self._count_backward(rows))
         return self._as_noise(output, x, t)
+
+    def _count_backward(self, rows: int) -> None:
+        self.work.backward_samples += rows
 
     def _as_noise(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's output as the noise epsilon it implies at (x_t, t): d_mem is a norm of epsilon differences
@@ -457,6 +505,7 @@ class Scorer:
         vae = self._components.vae
         if vae is None:
             return (latents.float() / 2 + 0.5).clamp(0, 1).cpu()
+        self.work.vae_decodes += len(latents)  # images, not calls: a slice retried after an out-of-memory error counts once
         vae.to(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
 
         def decode_slice(lo: int, hi: int) -> torch.Tensor:

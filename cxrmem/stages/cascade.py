@@ -19,14 +19,15 @@ threshold (the cascade then kept too few: any sampled prompt above its weakest s
 
 The miss rate is the share of misses in the last round's sample with its 95% Clopper-Pearson upper
 bound (`stats.miss_rate`); times the rejected count it bounds the memorized prompts the cascade could
-have lost. Compute is counted in UNet sample evaluations as cxrmem/detectors.py declares them, per
-prompt of the corpus, with the audit's share apart.
+have lost. Compute is counted, not declared: the UNet evaluations the Scorer counted for each scoring
+(cxrmem/scoring/scorer.py `UNetWork`: forward samples, a backward sample as 2), per prompt of the corpus,
+with the audit's share apart; tests/test_cost.py holds them equal to what cxrmem/detectors.py declares.
 
 A later stage continues the trajectories of an earlier one that ran the first k steps
 of the full score's (same T, G, seeds and guidance: cxrmem/stages/continuation.py): it starts from the
 latents after step k and the k norms already computed, so the full d_mem of a survivor costs its
 remaining steps only and is the from-scratch score; the evaluations counted are those actually spent
-(`evaluations` less what the carry saved; summary.json["cascade"]["continuation"] gives the saving).
+(summary.json["cascade"]["continuation"] gives the saving, as the declared cost of the shared steps).
 `cascade.continue_trajectories` = false restarts every stage. On Ray the same: the carry stays in the
 driver and its states travel with the blocks to the actors and back (cxrmem/stages/continuation.py).
 """
@@ -46,8 +47,8 @@ import pyarrow.compute as pc
 from cxrmem import detectors, stats, storage
 from cxrmem.cascade_bounds import AuditBounds, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.runfiles import RunLayout, write_sections
-from cxrmem.scoring.scorer import ScoreSettings
+from cxrmem.runfiles import RunLayout, record_cost, write_sections
+from cxrmem.scoring.scorer import ScoreSettings, UNetWork
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, knob, with_overrides
 from cxrmem.stages import score
 from cxrmem.stages.continuation import TrajectoryCarry
@@ -112,7 +113,7 @@ class StageRun:
     keep_percent: float
     screened: int
     kept: int
-    evaluations: int  # UNet sample evaluations spent in this round (prompts resumed from a round before cost none)
+    evaluations: int  # UNet evaluations counted in this round (prompts resumed from a round before cost none)
     continued: int = 0  # prompts that continued an earlier stage's trajectories (none with the carry off or on Ray)
     saved: int = 0  # evaluations those prompts did not spend again
 
@@ -158,7 +159,8 @@ def dmem_cost(score_cfg, steps: int) -> Cost:
 
 
 def screening_cost(screen_cfg) -> Cost:
-    """UNet work of a stage per batch: its d_mem over score.screening_steps plus its detectors."""
+    """UNet work of a stage per batch, as cxrmem/detectors.py declares it: its d_mem over score.screening_steps plus
+    its detectors (the cascade records what the Scorer counted; tests/test_cost.py holds the two equal)."""
     shared = screen_cfg.score.seed_mode == "shared"
     cost = dmem_cost(screen_cfg.score, screen_cfg.score.screening_steps)
     for name in screen_cfg.score.detectors:
@@ -197,10 +199,12 @@ def _executor(batches, carry: TrajectoryCarry | None):
     return batches if carry is None else functools.partial(batches, carry=carry)
 
 
-def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage], carry: TrajectoryCarry | None = None) -> tuple[str, list[StageRun], dict]:
+def run_stages(
+    cfg, store: Store, fingerprint: str, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
+) -> tuple[str, list[StageRun], dict]:
     """Every stage on the survivors of the one before: (the last survivors' file, the stage runs,
-    prompt_id -> index of the stage that rejected it). `carry`: the trajectories carried between stages
-    (in process; None: every stage restarts)."""
+    prompt_id -> index of the stage that rejected it); their model work is added to `work`. `carry`: the
+    trajectories carried between stages (None: every stage restarts)."""
     layout = RunLayout(cfg.run.output)
     input_uri, runs, rejected_at = layout.prompts, [], {}
     for i, stage in enumerate(stages):
@@ -211,7 +215,8 @@ def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]
         if carry is not None:
             carry.begin_stage(stats.top_k(len(inputs), stage.keep_percent), stage.screen, column)
         what = f"screened (stage {i + 1}, {stage.screen})"
-        scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what)
+        scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
+        work += UNetWork.from_json(scored["work"])
         table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
         chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
@@ -220,8 +225,7 @@ def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
         continued, saved = (0, 0) if carry is None else (carry.continued, carry.saved)
-        spent = evaluations(screening_cost(stage_cfg), scored["computed"], stage_cfg.score.batch_size) - saved
-        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent, continued, saved))
+        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, scored["work"]["evaluations"], continued, saved))
         if carry is not None:
             carry.end_stage(chosen.tolist())
         log.info("cascade stage %d (%s, keep %.3g%%): %d of %d prompts pass", i + 1, stage.screen, stage.keep_percent, kept.num_rows, table.num_rows)
@@ -252,18 +256,22 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, first_screen: str) -> tuple[Round, dict]:
-    """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss."""
+def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, first_screen: str,
+                work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
+    """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
+    model work is added to `work`."""
     layout = RunLayout(cfg.run.output)
     scored_ids, scored = _full_scores(store, layout.scores)
     rejected = np.setdiff1d(all_ids, scored_ids)
     sample = audit_sample_ids(all_ids, rejected, cfg.cascade.audit_sample, cfg.cascade.audit_seed)
     audit_dir = storage.join(layout.prefix, CASCADE_DIR, "audit")
-    audited = {"computed": 0}
+    audited = UNetWork()
     if sample.size:
         sample_uri = storage.join(layout.prefix, CASCADE_DIR, "audit_sample.parquet")
         store.write_table(store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(sample.tolist())), sample_uri)
-        audited = score.run(with_overrides(cfg, run__output=audit_dir), store, fingerprint, batches, prompts_uri=sample_uri, what="audited")
+        audit_cfg = with_overrides(cfg, run__output=audit_dir)
+        audited = UNetWork.from_json(score.run(audit_cfg, store, fingerprint, batches, prompts_uri=sample_uri, what="audited", cost=None)["work"])
+        work += audited
     audit_ids, audit_scores = _full_scores(store, RunLayout(audit_dir).scores)
     in_sample = np.isin(audit_ids, sample)
     audit_ids, audit_scores = audit_ids[in_sample], audit_scores[in_sample]
@@ -273,13 +281,12 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     for prompt in missed.tolist():
         by_stage[rejected_at[prompt]] = by_stage.get(rejected_at[prompt], 0) + 1
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
-    spent = evaluations(full_cost, audited["computed"], cfg.score.batch_size)
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
     full = (np.concatenate([scored_ids, audit_ids]), np.concatenate([scored, audit_scores]))
     kept_members = int(np.sum(np.isfinite(scored) & (scored >= threshold))) if threshold is not None else 0
     bounds = round_bounds(store, layout, first_screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
                           full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size)  # fmt: skip
-    return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
+    return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
 
 def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, full: tuple[np.ndarray, np.ndarray], kept_members: int,
@@ -302,27 +309,28 @@ def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, f
 def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
-    pool from cxrmem/distributed/cascade.py."""
+    pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost."""
     layout = RunLayout(cfg.run.output)
     stages = plan(cfg)
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
-    rounds, spent = [], {"screens": 0, "full": 0, "audit": 0}
+    rounds, spent, work = [], {"screens": 0, "full": 0, "audit": 0}, UNetWork()
     carrying = cfg.cascade.continue_trajectories
     why_not = None if carrying else "cascade.continue_trajectories = false"
     continuation = {"enabled": carrying, "off_because": why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
         carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
-        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages, carry)
+        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages, work, carry)
         if carry is not None:
             carry.begin_stage()
-        full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored")
+        full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
+        work += UNetWork.from_json(full["work"])
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages[0].screen)
+        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages[0].screen, work)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
-        spent["full"] += evaluations(full_cost, full["computed"], cfg.score.batch_size) - full_saved
+        spent["full"] += full["work"]["evaluations"]
         spent["audit"] += check["evaluations"]
         continuation["continued"] += sum(s.continued for s in stage_runs) + (0 if carry is None else carry.continued)
         continuation["evaluations_saved"] += sum(s.saved for s in stage_runs) + full_saved
@@ -339,9 +347,11 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"])
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     write_sections(store, layout, section)
+    record_cost(store, layout, "score", work.to_json())
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
     return {
         **full,
+        "work": work.to_json(),
         "screen": stages[0].screen,
         "screening": {"scores": RunLayout(first.run.output).scores},
         "selected": rounds[-1].stages[-1].kept,

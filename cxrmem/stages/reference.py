@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from cxrmem import storage
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import RunLayout, record_cost
 from cxrmem.settings import with_overrides
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
@@ -65,6 +65,7 @@ def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, s
                                                                          "dropped_in_corpus": dropped})  # fmt: skip
         if dropped:
             log.warning("reference: %d of its %d prompts are also in the audited corpus: dropped", dropped, prompts.num_rows)
-    scored = score.run(ref_cfg, store, fingerprint, scored_batches, what="reference scored")
+    scored = score.run(ref_cfg, store, fingerprint, scored_batches, what="reference scored", cost=None)
+    record_cost(store, corpus, "reference", scored["work"])  # the corpus run's cost: the reference is part of its audit
     return {**store.read_json(storage.join(layout.prefix, "reference.json")), "scores": layout.scores,
-            "computed": scored["computed"], "resumed": scored["resumed"]}  # fmt: skip
+            "computed": scored["computed"], "resumed": scored["resumed"], "work": scored["work"]}  # fmt: skip

@@ -23,9 +23,10 @@ from cxrmem import storage
 from cxrmem.interrupts import note_scored, stop_requested
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import RunLayout, record_cost
 from cxrmem.score_key import config_hash, effective_precision
 from cxrmem.scoring.device import Precision, planned_device
+from cxrmem.scoring.scorer import UNetWork
 from cxrmem.settings import with_overrides
 from cxrmem.stages import score_parts
 from cxrmem.stages.worker import ModelWorker
@@ -33,19 +34,24 @@ from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
-# (cfg, store, fingerprint, prompts_uri, ids to skip) -> scored batches (scores.parquet rows)
-ScoredBatches = Callable[[object, Store, str, str, pa.Array], Iterator[pa.Table]]
+# (cfg, store, fingerprint, prompts_uri, ids to skip, work=tally) -> scored batches (scores.parquet rows); the
+# executor adds the model work of every batch it yields to the tally (cxrmem/scoring/scorer.py UNetWork).
+ScoredBatches = Callable[..., Iterator[pa.Table]]
 
 
-def local_batches(cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None) -> Iterator[pa.Table]:
-    """Scored batches from one ModelWorker in this process; `carry`: trajectories it continues (the cascade,
-    cxrmem/stages/continuation.py)."""
+def local_batches(
+    cfg, store: Store, fingerprint: str, prompts_uri: str, skip_ids: pa.Array, carry=None, *, work: UNetWork
+) -> Iterator[pa.Table]:
+    """Scored batches from one ModelWorker in this process, their model work added to `work`; `carry`: trajectories
+    it continues (the cascade, cxrmem/stages/continuation.py)."""
     prompts = store.read_table(prompts_uri, columns=["prompt_id", "prompt"])
     if len(skip_ids):
         prompts = prompts.filter(pc.invert(pc.is_in(prompts["prompt_id"], value_set=skip_ids)))
     worker = ModelWorker(cfg, store, fingerprint, carry=carry)
     for lo in range(0, prompts.num_rows, cfg.score.batch_size):
-        yield worker(prompts.slice(lo, cfg.score.batch_size))
+        table, spent = worker.measured(worker, prompts.slice(lo, cfg.score.batch_size))
+        work += spent
+        yield table
 
 
 def stream_to_parts(store: Store, batches: Iterator[pa.Table], layout: RunLayout, every: int, progress: Progress) -> int:
@@ -111,8 +117,11 @@ def run(
     scored_batches: ScoredBatches = local_batches,
     prompts_uri: Optional[str] = None,
     what: str = "scored",
+    cost: Optional[str] = "score",
 ) -> dict:
-    """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet."""
+    """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet.
+    The model work counted (`work` in the result) is recorded in summary.json's cost section as stage `cost`
+    (None: a part of a stage that records its own, the cascade's screens or the reference)."""
     store = store or Store.from_config(cfg.storage)
     from cxrmem.models.loading import fingerprint_model
 
@@ -131,11 +140,13 @@ def run(
         progress = Progress(len(prompt_ids) - resumed, what, cfg.ray.progress_every_s, already_done=resumed)
         log.info("%s: %d prompts, %d already done", what, len(prompt_ids), resumed)
         note_scored(resumed, len(prompt_ids))
-        parts_written = 0
+        parts_written, work = 0, UNetWork()
         if progress.total > 0:
-            batches = scored_batches(cfg, store, fingerprint, prompts_uri, done)
+            batches = scored_batches(cfg, store, fingerprint, prompts_uri, done, work=work)
             parts_written = stream_to_parts(store, batches, layout, cfg.ray.checkpoint_every, progress)
         merged = score_parts.consolidate(store, layout, fingerprint, key)
+        if cost is not None:
+            record_cost(store, layout, cost, work.to_json())
     return {
         "scores": layout.scores,
         "total": len(prompt_ids),
@@ -144,6 +155,7 @@ def run(
         "parts_written": parts_written,
         "rows": merged["rows"],
         "duplicates_dropped": merged["duplicates"],
+        "work": work.to_json(),
         **{name: value for name, value in progress.summary().items() if name not in ("prompts", "resumed")},
         "model_fingerprint": fingerprint,
         "config_hash": key,

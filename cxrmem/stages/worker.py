@@ -42,9 +42,9 @@ from cxrmem.mitigation import (
 )
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, read_memorized
+from cxrmem.runfiles import RunLayout, read_memorized, record_cost
 from cxrmem.score_key import config_hash
-from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings, UNetWork
 from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
 from cxrmem.storage import Store
 
@@ -177,6 +177,12 @@ class ModelWorker:
         MODEL_LOADS[0] += 1
         log.info("worker pid %d loaded %s on %s", os.getpid(), components.source, self.scorer.device)
 
+    def measured(self, call, *args, **kwargs) -> tuple[object, UNetWork]:
+        """(call(*args, **kwargs), the model work it did): a result brings its work back to the driver with it, so the
+        driver counts exactly the work of the results it received (a lost actor's unfinished block is not counted)."""
+        before = copy.copy(self.scorer.work)  # every view of this worker counts into the same tally (Scorer.on)
+        return call(*args, **kwargs), self.scorer.work - before
+
     def model_loads(self) -> tuple[int, int]:
         """(pid, models this process loaded): the audit counts them to show one load per actor."""
         return os.getpid(), MODEL_LOADS[0]
@@ -203,12 +209,12 @@ class ModelWorker:
             first = prompt_ids[0] if len(prompt_ids) else "-"
             log.warning("restarted worker pid %d reruns the %s it lost: %d prompts from prompt_id %s", os.getpid(), what, len(prompt_ids), first)
 
-    def score_block(self, cfg, fingerprint: str, block: pa.Table, carried: Optional[dict] = None) -> pa.Table:
-        """scores.parquet rows of one block under `cfg`'s scoring; `carried`: the block brings the trajectories it
-        continues (`STATE_COLUMN`) and takes back the states this stage makes (`score_carried`)."""
+    def score_block(self, cfg, fingerprint: str, block: pa.Table, carried: Optional[dict] = None) -> tuple[pa.Table, UNetWork]:
+        """scores.parquet rows of one block under `cfg`'s scoring, and the model work they took; `carried`: the block
+        brings the trajectories it continues (`STATE_COLUMN`) and takes back the states this stage makes (`score_carried`)."""
         self.note_rerun(block.column("prompt_id").to_pylist(), "score block")
         worker = self.for_config(cfg, fingerprint)
-        return worker(block) if carried is None else score_carried(worker, block, **carried)
+        return self.measured(worker, block) if carried is None else self.measured(score_carried, worker, block, **carried)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score a batch of (prompt_id, prompt) rows into scores.parquet rows."""
@@ -251,11 +257,11 @@ class ModelWorker:
         out = self.scorer.detect(prompts, prompt_ids, self.detectors, self.detect) if self.detectors and prompts else {}
         return {column: out.get(column, []) for name in self.detectors for column in REGISTRY[name].columns}
 
-    def run(self, task, prompt_ids: list[str], prompts: list[str], *args):
+    def run(self, task, prompt_ids: list[str], prompts: list[str], *args) -> tuple[object, UNetWork]:
         """One kind of map over these prompts (AttributePrompts, MitigatePrompts, CopiesOfPrompts) on this
-        worker's loaded model: the actor's entry for the memorized-set stages."""
+        worker's loaded model, and the model work it took: the actor's entry for the memorized-set stages."""
         self.note_rerun(prompt_ids, f"{type(task).__name__} chunk")
-        return task(self, prompt_ids, prompts, *args)
+        return self.measured(task, self, prompt_ids, prompts, *args)
 
     def null_model_scorer(self) -> Scorer:
         """A scorer of the re-initialised copy of the model (attribution's null), built by the first call."""
@@ -355,11 +361,15 @@ def score_carried(worker: ModelWorker, batch: pa.Table, screen: str = "dmem", co
 def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=None, need_vae: bool = False):
     """Inside a stage that maps the memorized set over a model: (layout, memorized set, models, the scores'
     identity), with the published-run guard around it. `models` defaults to a model loaded in this process.
-    The model must be the one that scored: the memorized set is that model's (`scores_identity`)."""
+    The model must be the one that scored: the memorized set is that model's (`scores_identity`). The model
+    work of the results `models` returned meanwhile is the stage's cost (summary.json's cost section)."""
     layout = RunLayout(cfg.run.output)
     with stage_writes(store, cfg.run, stage):
         identity = scores_identity(cfg, store, layout, stage)
-        yield layout, read_memorized(store, layout, limit), models or LocalModel(cfg, store, need_vae), identity
+        models = models or LocalModel(cfg, store, need_vae)
+        before = copy.copy(models.work)  # the audit's pool served the stages before this one
+        yield layout, read_memorized(store, layout, limit), models, identity
+        record_cost(store, layout, stage, (models.work - before).to_json())
 
 
 def scores_identity(cfg, store: Store, layout: RunLayout, stage: str) -> dict:
@@ -401,14 +411,17 @@ def map_with_progress(models, task, prompts: pd.DataFrame, what: str, every_s: f
 class LocalModel:
     """The stages' executor in this process: one ModelWorker, one prompt per step (progress per prompt).
 
-    cxrmem/distributed/pipeline.py's ModelPool has the same `map` on the audit's Ray actor pool.
+    cxrmem/distributed/pipeline.py's ModelPool has the same `map` and `work` on the audit's Ray actor pool.
     """
 
     def __init__(self, cfg, store: Store, need_vae: bool = False):
         self.worker = ModelWorker(cfg, store, need_vae=need_vae)
+        self.work = UNetWork()  # the model work of every result `map` returned (a stage reads its own as a difference)
 
     def map(self, task, prompts: pd.DataFrame, *args) -> Iterator[tuple[int, object]]:
         """(prompts done, task's result) per chunk, in input order; one empty chunk when there are no prompts."""
         chunks = [prompts.iloc[i : i + 1] for i in range(len(prompts))] or [prompts]
         for chunk in chunks:
-            yield len(chunk), self.worker.run(task, chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
+            result, spent = self.worker.run(task, chunk["prompt_id"].tolist(), chunk["prompt"].tolist(), *args)
+            self.work += spent
+            yield len(chunk), result
