@@ -1,6 +1,8 @@
 """The memorization testbed: phantoms follow the report, planting is exact, a short training run
 saves a model the real loader reads, and the detection metrics match hand-computed cases."""
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,6 +141,25 @@ def test_iuxray_keeps_natural_duplicates_and_plants_singletons(tmp_path):
     top_images = training_set.images[training_set.image_prompt == top]
     assert len(top_images) == manifest.n_copies[top] and not np.array_equal(top_images[0], top_images[1])
     assert normalise_whitespace(manifest.prompt[top]) == manifest.prompt[top]
+
+
+def test_a_heldout_share_is_never_trained_on_and_becomes_the_reference(tmp_path):
+    """testbed.heldout_share keeps the last share of the unplanted distinct impressions (seeded order) out
+    of training; with 0 the training set is the one it always was."""
+    from cxrmem.testbed.dataset import build_training_set, source_impressions
+
+    overrides = {"testbed.source": "iuxray", "testbed.n_unique": 5000, "corpus.max_reports": 300}
+    cfg = tiny_testbed_config(str(tmp_path), **overrides)
+    whole = build_training_set(cfg.testbed, cfg.corpus)
+    split = build_training_set(tiny_testbed_config(str(tmp_path), **overrides, **{"testbed.heldout_share": 0.3}).testbed, cfg.corpus)
+    assert whole.heldout == () and whole.reference().empty
+    heldout, trained = set(split.heldout), set(split.prompts)
+    assert heldout and not heldout & trained  # never trained on: every report of a held-out impression is out
+    assert trained | heldout == set(whole.prompts) and list(split.planted).count(True) == list(whole.planted).count(True)
+    unplanted = len(whole.prompts) - int(whole.planted.sum())
+    assert len(heldout) == round(0.3 * unplanted)
+    assert len(split.images) == len(whole.images) - sum(n for p, n in Counter(source_impressions(cfg.testbed, cfg.corpus)).items() if p in heldout)
+    assert list(split.reference().prompt) == list(split.heldout)
 
 
 # -- training and loading -----------------------------------------------------------------------

@@ -65,9 +65,11 @@ class TestbedConfig(Settings):
     eval_unique: int = knob(200, POSITIVE)  # never-duplicated prompts scored by `testbed evaluate` (negatives)
     eval_steps: Optional[int] = knob(20, OPTIONAL_POSITIVE)  # DDIM steps of `testbed evaluate` (None: score.steps)
     results: str = "bench/RESULTS.md"  # where `testbed evaluate` writes its section
+    heldout_share: float = knob(0.0, UNIT_HALF_OPEN)  # share of the distinct unplanted impressions kept out of training: <out>/reference.csv
     text_variant: str = knob("none", choices=TEXT_VARIANTS)  # none | random_markers (fresh surrogates per pair) | no_markers (markers deleted)
 
 MANIFEST = "manifest.csv"
+REFERENCE = "reference.csv"  # the held-out impressions, when testbed.heldout_share > 0
 
 
 @dataclass
@@ -86,6 +88,7 @@ class TrainingSet:
     texts: Optional[list[str]] = None  # the texts trained with (None: the prompts; see with_text_variant)
     image_text: Optional[np.ndarray] = None  # [I] int: the text each image is trained with (None: image_prompt)
     image_origin: Optional[np.ndarray] = None  # [I] int: the distinct image an entry repeats (None: each is its own)
+    heldout: tuple[str, ...] = ()  # distinct impressions kept out of training (testbed.heldout_share): a never-seen reference
 
     @property
     def training_texts(self) -> list[str]:
@@ -111,6 +114,10 @@ class TrainingSet:
     def epoch_indices(self, rng: np.random.Generator) -> np.ndarray:
         """One shuffled epoch of image indices: image i appears image_copies[i] times."""
         return rng.permutation(np.repeat(np.arange(len(self.image_prompt)), self.image_copies))
+
+    def reference(self) -> pd.DataFrame:
+        """The held-out impressions as a reference table (analyze.reference reads column `prompt`)."""
+        return pd.DataFrame({"prompt": list(self.heldout)})
 
     def manifest(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -154,11 +161,12 @@ def pick_planted(specific: list[str], tb_cfg, marker_regex: str) -> tuple[list[s
     return prompts, copies
 
 
-def choose_prompts(tb_cfg, corpus_cfg) -> tuple[list[str], list[int], list[bool], list[int]]:
+def choose_prompts(tb_cfg, corpus_cfg) -> tuple[list[str], list[int], list[bool], list[int], list[str]]:
     """Planted prompts first, then the unplanted ones (a seeded shuffle of the distinct impressions).
 
-    Returns the prompts, their copies per epoch, whether each is planted, and their distinct
-    images (1, except naturally duplicated iuxray impressions: one image per report).
+    Returns the prompts, their copies per epoch, whether each is planted, their distinct images (1,
+    except naturally duplicated iuxray impressions: one image per report), and the held-out impressions:
+    the last `testbed.heldout_share` of the unplanted ones in the seeded order, never trained on.
     """
     counts = Counter(source_impressions(tb_cfg, corpus_cfg))
     rng = np.random.default_rng(tb_cfg.seed)
@@ -166,7 +174,10 @@ def choose_prompts(tb_cfg, corpus_cfg) -> tuple[list[str], list[int], list[bool]
     order = [distinct[i] for i in rng.permutation(len(distinct))]
     planted, planted_copies = pick_planted([p for p in order if counts[p] == 1], tb_cfg, corpus_cfg.marker_regex)
     chosen = set(planted)
-    natural = [p for p in order if p not in chosen][: tb_cfg.n_unique]
+    candidates = [p for p in order if p not in chosen]
+    n_heldout = int(round(tb_cfg.heldout_share * len(candidates)))
+    heldout = candidates[len(candidates) - n_heldout :]
+    natural = candidates[: len(candidates) - n_heldout][: tb_cfg.n_unique]
     if tb_cfg.source == "synthetic" and len(natural) < tb_cfg.n_unique:
         raise ValueError(f"only {len(natural)} distinct impressions for testbed.n_unique={tb_cfg.n_unique}; lower it")
     natural_images = [counts[p] if tb_cfg.source == "iuxray" else 1 for p in natural]
@@ -175,12 +186,13 @@ def choose_prompts(tb_cfg, corpus_cfg) -> tuple[list[str], list[int], list[bool]
         planted_copies + natural_images,
         [True] * len(planted) + [False] * len(natural),
         [1] * len(planted) + natural_images,
+        heldout,
     )
 
 
 def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
     """The seeded training set: `corpus_cfg` gives marker_regex and, for iuxray, path, sections, max_reports."""
-    prompts, copies, planted, n_images = choose_prompts(tb_cfg, corpus_cfg)
+    prompts, copies, planted, n_images, heldout = choose_prompts(tb_cfg, corpus_cfg)
     # First image of every prompt, then the extra images of natural duplicates (see TrainingSet).
     extra = np.repeat(np.arange(len(prompts)), np.asarray(n_images) - 1)
     image_prompt = np.concatenate([np.arange(len(prompts)), extra])
@@ -188,7 +200,7 @@ def build_training_set(tb_cfg, corpus_cfg) -> TrainingSet:
     image_copies = np.concatenate([image_copies, np.ones(len(extra), dtype=np.int64)])
     seeds = [patient_seed(tb_cfg.seed, i) for i in range(len(image_prompt))]
     images = phantoms([prompts[p] for p in image_prompt], seeds, tb_cfg.image_size)
-    return TrainingSet(prompts, images, image_prompt, image_copies.astype(np.int64), np.asarray(planted, dtype=bool))
+    return TrainingSet(prompts, images, image_prompt, image_copies.astype(np.int64), np.asarray(planted, dtype=bool), heldout=tuple(heldout))
 
 
 # The paper's training-time advice, as variants of the training texts (testbed.text_variant): the
@@ -217,4 +229,4 @@ def with_text_variant(ts: TrainingSet, variant: str, seed: int, marker_regex: st
             copies.append(1 if marked else int(ts.image_copies[i]))
             image_text.append(len(texts) - 1)
     return TrainingSet(ts.prompts, ts.images[images], np.asarray(image_prompt), np.asarray(copies, dtype=np.int64), ts.planted,
-                       texts, np.asarray(image_text), np.asarray(images))  # fmt: skip
+                       texts, np.asarray(image_text), np.asarray(images), ts.heldout)  # fmt: skip

@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
 from cxrmem.models.tiny import radedit_scheduler, train_wordpiece_tokenizer
-from cxrmem.testbed.dataset import MANIFEST, TrainingSet, build_training_set, with_text_variant
+from cxrmem.testbed.dataset import MANIFEST, REFERENCE, TrainingSet, build_training_set, with_text_variant
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ def save_model(out: str, tokenizer, text_encoder, unet, scheduler, training_set:
     with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as stream:
         json.dump(index, stream, indent=2)
     training_set.manifest().to_csv(os.path.join(out, MANIFEST), index=False)
+    if training_set.heldout:
+        training_set.reference().to_csv(os.path.join(out, REFERENCE), index=False)
     with open(os.path.join(out, SUMMARY), "w", encoding="utf-8") as stream:
         json.dump(summary, stream, indent=2)
 
