@@ -90,19 +90,25 @@ def analyze_tables(
     buckets: Sequence[int],
     known_ids: Optional[set[str]] = None,
     adjust: AdjustSettings = AdjustSettings(),
+    called: Optional[set[str]] = None,
 ) -> tuple[pd.DataFrame, AnalysisSection]:
     """The memorized set (sorted by d_mem, descending) and the analysis numbers of one run.
 
     scores_df: prompt_id, d_mem, nonfinite. prompts_df: prompt_id, n_reports, has_marker, and
     optionally n_markers and prompt. Non-finite scores are counted and left out of everything else.
     known_ids: prompt_ids known to be memorized; when given, detection is checked against them.
+    called: the memorized set's prompt_ids when it is not the top share (the calibrated calls, q <= fdr).
     """
     table = joined_scores(scores_df, prompts_df)
     d_mem = table["d_mem"].to_numpy(dtype=np.float64)
     finite = np.isfinite(d_mem) & ~table["nonfinite"].fillna(False).to_numpy(dtype=bool)
     table, d_mem = table[finite].reset_index(drop=True), d_mem[finite]
 
-    memorized, threshold = stats.top_percent_mask(d_mem, top_percent)
+    if called is None:
+        memorized, threshold = stats.top_percent_mask(d_mem, top_percent)
+    else:
+        memorized = table["prompt_id"].isin(called).to_numpy(dtype=bool)
+        threshold = float(d_mem[memorized].min()) if memorized.any() else None
     z = stats.zscores(d_mem)
     outliers = z > zscore
     has_marker = table["has_marker"].to_numpy(dtype=bool)
@@ -128,6 +134,7 @@ def analyze_tables(
         marker_enrichment_by_n_reports=stats.enrichment_by_bucket(memorized, has_marker, table["n_reports"].to_numpy(), buckets),
         marker_enrichment_adjusted=adjusted_enrichment(table, memorized, adjust.covariates, table["percentile"].to_numpy()),
         **length,
+        memorized_by="top_percent" if called is None else "q_value",
         known_memorized={"listed": len(known_ids), **known_memorized_check(d_mem, memorized, known)} if known is not None else None,
     )
     return memorized_df.reset_index(drop=True), analysis

@@ -107,7 +107,17 @@ def run_facts(analysis: Optional[AnalysisSection], cfg: DictConfig) -> dict:
         "prompts": counts.get("prompts"), "scored": counts.get("finite"), "nonfinite": counts.get("nonfinite"),
         "memorized": analysis.memorized_count if analysis else None, "threshold": analysis.threshold if analysis else None,
         "top_percent": analysis.top_percent if analysis else None,
+        "set_rule": set_rule(analysis, used),
     }
+
+
+def set_rule(analysis, used) -> Optional[str]:
+    """What made the memorized set, as the card and summary.md say it."""
+    if analysis is None:
+        return None
+    if analysis.memorized_by == "q_value":
+        return f"q-value ≤ {fmt(used.analyze.fdr)} against prompts the model never saw"
+    return f"top {fmt(analysis.top_percent)}%"
 
 
 def detection_check(known: Optional[dict], top_percent) -> Optional[dict]:

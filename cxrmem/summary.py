@@ -67,6 +67,7 @@ class AnalysisSection(Section):
     config_hashes: list = field(default_factory=list)
     config: Optional[dict] = None  # the public config of the scores (credentials never written)
     outputs: dict = field(default_factory=dict)
+    memorized_by: str = "top_percent"  # what made the memorized set: the top share, or q-values (analyze.memorized_by)
 
 
 @dataclass

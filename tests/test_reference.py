@@ -83,3 +83,35 @@ def test_f0_is_inconclusive_without_a_reference():
 
     verdict = f0_memorizes(FindingInputs(analysis=None))
     assert verdict.verdict == "inconclusive" and "analyze.reference" in verdict.reason
+
+
+def test_the_memorized_set_can_be_the_calibrated_calls(tmp_path):
+    """analyze.memorized_by=q_value: the set that later stages and F1-F3 read is q <= analyze.fdr against the
+    reference, not the top share. On the testbed (planted prompts first in its manifest) against prompts it never saw."""
+    from cxrmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="analyze.memorized_by"):
+        load_config(None, ["analyze.memorized_by=q_value"])
+    ref = tmp_path / "reference.csv"  # 150 of the 300 impressions the testbed never saw: enough for two length bins
+    pd.read_csv("testbed/model/reference.csv").head(150).to_csv(ref, index=False)
+    base = [f"run.output={tmp_path / 'run'}", "model.path=testbed/model", "model.device=cpu", "corpus.source=table",
+            "corpus.path=testbed/model/manifest.csv", "corpus.text_column=prompt", "corpus.max_reports=60",
+            "score.steps=20", "score.screening_steps=1", "score.generations=1", f"analyze.reference={ref}",
+            "analyze.reference_length_bins=2", "analyze.reference_min_per_bin=50",
+            "analyze.known_memorized=testbed/model/manifest.csv", "report.figures=false"]  # fmt: skip
+    cfg = load_config(None, [*base, "analyze.memorized_by=q_value"])
+    prepare.run(cfg)
+    score.run(cfg)
+    reference.run(cfg)
+    result = analyze.run(cfg)
+    layout = RunLayout(cfg.run.output)
+    calibration = pq.read_table(layout.calibration).to_pandas()
+    called = set(calibration["prompt_id"][calibration["q_value"] <= cfg.analyze.fdr])
+    memorized = pd.read_csv(layout.memorized)
+    assert called and set(memorized["prompt_id"]) == called and result["memorized_count"] == len(called)
+    analysis = json.loads(open(layout.summary).read())["analysis"]
+    assert analysis["memorized_by"] == "q_value" and analysis["threshold"] == pytest.approx(memorized["d_mem"].min())
+    report.run(cfg)
+    assert "q-value ≤ 0.05 against prompts the model never saw" in open(layout.report, encoding="utf-8").read()
+    top = analyze.run(load_config(None, base))  # the paper's top 1% of the same scores: another set
+    assert top["memorized_count"] == 1 and len(called) > 1  # ceil(1% of 60)

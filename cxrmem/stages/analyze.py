@@ -35,7 +35,7 @@ from cxrmem.runfiles import (
     write_memorized,
     write_sections,
 )
-from cxrmem.settings import PERCENT, POSITIVE, knob, public_config
+from cxrmem.settings import PERCENT, POSITIVE, ConfigError, knob, public_config
 from cxrmem.storage import Store
 from cxrmem.summary import CalibrationSection
 
@@ -114,8 +114,13 @@ class AnalyzeConfig(AdjustSettings, CalibrationSettings):
     known_memorized: Optional[str] = None  # CSV of prompts known to be memorized (column `prompt`; planted=false skipped): checks detection
     reference: Optional[str] = None  # table of prompts the model was NOT trained on: p-values, FDR, F0 (docs/design.md)
     reference_text_column: str = "prompt"  # the reference table's text column
+    memorized_by: str = knob("top_percent", choices=["top_percent", "q_value"])  # the set later stages and F1-F3 read: top share | q <= fdr
 
-    check = AdjustSettings.check
+    @staticmethod
+    def check(section, key: str) -> None:
+        AdjustSettings.check(section, key)
+        if section.memorized_by == "q_value" and not section.reference:
+            raise ConfigError(f"config key '{key}.memorized_by': q_value needs a reference of non-members ({key}.reference)")
 
 
 def detector_names(store: Store, scores_uri: str) -> list[str]:
@@ -170,6 +175,19 @@ def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, pr
     )  # fmt: skip
 
 
+def top_share_ids(scores: pd.DataFrame, top_percent: float) -> set:
+    """The prompt_ids of the top share of the finite scores (the paper's memorized set)."""
+    finite = scores[np.isfinite(scores["d_mem"]) & ~scores["nonfinite"].fillna(False).astype(bool)]
+    mask, _ = stats.top_percent_mask(finite["d_mem"].to_numpy(np.float64), top_percent)
+    return set(finite["prompt_id"][mask])
+
+
+def called_ids(store: Store, layout: RunLayout, fdr: float) -> set:
+    """The calibrated calls: prompt_ids with q-value at most `fdr` (calibration.parquet)."""
+    table = store.read_table(layout.calibration, columns=["prompt_id", "q_value"]).to_pandas()
+    return set(table["prompt_id"][table["q_value"] <= fdr])
+
+
 def adjust_settings(cfg) -> AdjustSettings:
     return AdjustSettings.of(cfg.analyze)
 
@@ -189,9 +207,11 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS + extra, "run `cxrmem score` (or `cxrmem audit`) first")
         prompts = read_columns(store, layout.prompts, PROMPT_COLUMNS, "run `cxrmem prepare` first")
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
+        calibrated = calibrate_run(cfg, store, layout, scores, prompts, top_share_ids(scores, top_percent), known) if cfg.analyze.reference else None
+        called = called_ids(store, layout, cfg.analyze.fdr) if cfg.analyze.memorized_by == "q_value" else None
         memorized, analysis = analyze_tables(
             scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known,
-            adjust_settings(cfg),
+            adjust_settings(cfg), called,
         )
         check_something_scored(analysis.counts, layout.scores)
         # A filtered scan: the corpus text is never held whole. ([""] keeps the filter valid for an empty set.)
@@ -208,7 +228,6 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
             config=public_config(cfg),  # credentials never reach outputs
             outputs={"memorized": layout.memorized, "summary": layout.summary},
         )
-        calibrated = calibrate_run(cfg, store, layout, scores, prompts, set(memorized["prompt_id"]), known) if cfg.analyze.reference else None
         if calibrated is not None:
             memorized = memorized.merge(store.read_table(layout.calibration, columns=["prompt_id", "p_value", "q_value"]).to_pandas(),
                                         on="prompt_id", how="left")  # fmt: skip
