@@ -38,14 +38,14 @@ def test_a_corpus_against_prompts_of_the_same_kind_gives_calibrated_p_values_and
     cfg = load_config(None, [*base, f"analyze.reference={ref}", "analyze.reference_min=50", "report.figures=false",
                              "analyze.reference_min_per_bin=30"])  # fmt: skip
     done = reference.run(cfg)
-    assert done["prompts"] > 50 and done["computed"] == done["prompts"]
+    assert done.prompts > 50 and done.computed == done.prompts
     result = analyze.run(cfg)
     calibration = pq.read_table(layout.calibration).to_pandas()
     prompts = pq.read_metadata(layout.prompts).num_rows
     assert len(calibration) == prompts and calibration["p_value"].between(0, 1).all()
     assert (calibration["q_value"] >= calibration["p_value"] - 1e-12).all()
     summary = json.loads(open(layout.summary).read())["calibration"]
-    assert summary["reference"]["prompts"] == done["prompts"] and summary["discoveries"] == result["calibrated_count"]
+    assert summary["reference"]["prompts"] == done["prompts"] and summary["discoveries"] == result.calibrated_count
     assert summary["global_p"] == pytest.approx(calibration["q_value"].min())
     memorized = pd.read_csv(layout.memorized)
     assert {"p_value", "q_value"} <= set(memorized.columns)
@@ -72,7 +72,7 @@ def test_reference_prompts_that_are_also_in_the_corpus_are_dropped_and_counted(s
     ids = set(pq.read_table(ref_layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     corpus_ids = set(pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     # The 5 copied prompts at least (the generator's few normal impressions recur across seeds too).
-    assert done["dropped_in_corpus"] >= 5 and done["prompts"] + done["dropped_in_corpus"] == prepared["prompts_unique"] == len(ids) + done["dropped_in_corpus"]
+    assert done.dropped_in_corpus >= 5 and done.prompts + done.dropped_in_corpus == prepared.prompts_unique == len(ids) + done.dropped_in_corpus
     assert not ids & corpus_ids
 
 

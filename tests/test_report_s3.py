@@ -34,8 +34,8 @@ def test_analyze_and_report_read_and_write_s3(tmp_path, s3_bucket, s3_server):
     assert Store().read_json(remote.summary)["analysis"]["memorized_count"] == 3
 
     result = report.run(cfg)
-    assert all(path.startswith(prefix + "/figures/") for path in result["figures"])
-    names = sorted(path.rsplit("/", 1)[1] for path in result["figures"])
+    assert all(path.startswith(prefix + "/figures/") for path in result.figures)
+    names = sorted(path.rsplit("/", 1)[1] for path in result.figures)
     assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "length.png"])
     text = Store().read_text(remote.report)
     assert len(re.findall(r'src="data:image/png;base64,', text)) == len(names)

@@ -50,6 +50,7 @@ from cxrmem.scoring.scorer import ScoreSettings
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, knob, with_overrides
 from cxrmem.stages import score
 from cxrmem.stages.continuation import TrajectoryCarry
+from cxrmem.stages.results import CascadeResult, ScoreResult
 from cxrmem.storage import Store
 from cxrmem.summary import CascadeSection
 
@@ -123,7 +124,8 @@ class Round:
     rejected: int
     sample: int
     misses: int
-    missed_by_stage: dict = field(default_factory=dict)  # stage index -> misses it rejected
+    # Misses per stage, in stage order: a list, which JSON keeps as it is (a dict's int keys come back as strings).
+    missed_by_stage: list[int] = field(default_factory=list)
 
 
 def plan(cfg) -> list[Stage]:
@@ -219,7 +221,7 @@ def run_stages(cfg, store: Store, fingerprint: str, batches, stages: list[Stage]
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
         continued, saved = (0, 0) if carry is None else (carry.continued, carry.saved)
-        spent = evaluations(screening_cost(stage_cfg), scored["computed"], stage_cfg.score.batch_size) - saved
+        spent = evaluations(screening_cost(stage_cfg), scored.computed, stage_cfg.score.batch_size) - saved
         runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, spent, continued, saved))
         if carry is not None:
             carry.end_stage(chosen.tolist())
@@ -251,7 +253,7 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict) -> tuple[Round, dict]:
+def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, n_stages: int) -> tuple[Round, dict]:
     """Fully score the audit sample of this round's rejected prompts and count its misses."""
     layout = RunLayout(cfg.run.output)
     scored_ids, scored = _full_scores(store, layout.scores)
@@ -268,15 +270,15 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     audit_ids, audit_scores = audit_ids[in_sample], audit_scores[in_sample]
     threshold = memorized_threshold(np.concatenate([scored, audit_scores]), len(all_ids), cfg.analyze.top_percent)
     missed = audit_ids[np.isfinite(audit_scores) & (audit_scores >= threshold)] if threshold is not None else audit_ids[:0]
-    by_stage: dict[int, int] = {}
+    by_stage = [0] * n_stages
     for prompt in missed.tolist():
-        by_stage[rejected_at[prompt]] = by_stage.get(rejected_at[prompt], 0) + 1
-    spent = evaluations(dmem_cost(cfg.score, cfg.score.steps), audited["computed"], cfg.score.batch_size)
+        by_stage[rejected_at[prompt]] += 1
+    spent = evaluations(dmem_cost(cfg.score, cfg.score.steps), audited.computed, cfg.score.batch_size)
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
     return checked, {"threshold": threshold, "evaluations": spent, "missed_ids": sorted(missed.tolist())}
 
 
-def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
+def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
     pool from cxrmem/distributed/cascade.py."""
@@ -295,38 +297,39 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
             carry.begin_stage()
         full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored")
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at)
+        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, len(stages))
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
-        spent["full"] += evaluations(full_cost, full["computed"], cfg.score.batch_size) - full_saved
+        spent["full"] += evaluations(full_cost, full.computed, cfg.score.batch_size) - full_saved
         spent["audit"] += check["evaluations"]
         continuation["continued"] += sum(s.continued for s in stage_runs) + (0 if carry is None else carry.continued)
         continuation["evaluations_saved"] += sum(s.saved for s in stage_runs) + full_saved
         if not checked.misses:
             break
+        lost = [i for i, n in enumerate(checked.missed_by_stage) if n]
         log.warning(
             "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold (lost by stages %s)%s",
-            number, checked.misses, checked.sample, [i + 1 for i in sorted(checked.missed_by_stage)],
+            number, checked.misses, checked.sample, [i + 1 for i in lost],
             "; widening and rescreening" if number < cfg.cascade.max_rounds else "; cascade.max_rounds reached",
         )
         if number < cfg.cascade.max_rounds:
-            for i in checked.missed_by_stage:
+            for i in lost:
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"])
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     write_sections(store, layout, section)
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
-    return {
-        **full,
-        "screen": stages[0].screen,
-        "screening": {"scores": RunLayout(first.run.output).scores},
-        "selected": rounds[-1].stages[-1].kept,
-        "unet_evaluations_full": evaluations(full_cost, len(all_ids), cfg.score.batch_size),
-        "unet_evaluations_cascade": spent["screens"] + spent["full"],
-        "analysis_top_percent": section.analysis_top_percent,
-        "cascade": section.to_json(),
-    }
+    return CascadeResult(
+        **asdict(full),
+        screen=stages[0].screen,
+        screening={"scores": RunLayout(first.run.output).scores},
+        selected=rounds[-1].stages[-1].kept,
+        unet_evaluations_full=evaluations(full_cost, len(all_ids), cfg.score.batch_size),
+        unet_evaluations_cascade=spent["screens"] + spent["full"],
+        analysis_top_percent=section.analysis_top_percent,
+        cascade=section.to_json(),
+    )
 
 
 def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold) -> CascadeSection:
@@ -368,9 +371,13 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     )
 
 
-def run(cfg, store: Store | None = None) -> dict:
-    """`cxrmem score` with cascade.enabled: the cascade in this process."""
+def score_or_cascade(cfg, store: Store | None = None, fingerprint: Optional[str] = None,
+                     scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
+    """The score stage: the cascade with cascade.enabled, else the full score of every prompt; `scored_batches`
+    is the executor (this process by default, the audit's actor pool)."""
+    if not cfg.cascade.enabled:
+        return score.run(cfg, store, fingerprint, scored_batches)
     from cxrmem.models.loading import fingerprint_model
 
     store = store or Store.from_config(cfg.storage)
-    return run_cascade(cfg, store, fingerprint_model(cfg.model, store))
+    return run_cascade(cfg, store, fingerprint or fingerprint_model(cfg.model, store), scored_batches)

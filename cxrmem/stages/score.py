@@ -28,6 +28,7 @@ from cxrmem.score_key import config_hash, effective_precision
 from cxrmem.scoring.device import Precision, planned_device
 from cxrmem.settings import with_overrides
 from cxrmem.stages import score_parts
+from cxrmem.stages.results import ScoreResult
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 
@@ -111,7 +112,7 @@ def run(
     scored_batches: ScoredBatches = local_batches,
     prompts_uri: Optional[str] = None,
     what: str = "scored",
-) -> dict:
+) -> ScoreResult:
     """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet."""
     store = store or Store.from_config(cfg.storage)
     from cxrmem.models.loading import fingerprint_model
@@ -136,15 +137,10 @@ def run(
             batches = scored_batches(cfg, store, fingerprint, prompts_uri, done)
             parts_written = stream_to_parts(store, batches, layout, cfg.ray.checkpoint_every, progress)
         merged = score_parts.consolidate(store, layout, fingerprint, key)
-    return {
-        "scores": layout.scores,
-        "total": len(prompt_ids),
-        "computed": progress.done,
-        "resumed": resumed,
-        "parts_written": parts_written,
-        "rows": merged["rows"],
-        "duplicates_dropped": merged["duplicates"],
-        **{name: value for name, value in progress.summary().items() if name not in ("prompts", "resumed")},
-        "model_fingerprint": fingerprint,
-        "config_hash": key,
-    }
+    timing = progress.summary()
+    return ScoreResult(
+        scores=layout.scores, total=len(prompt_ids), computed=progress.done, resumed=resumed, parts_written=parts_written,
+        rows=merged["rows"], duplicates_dropped=merged["duplicates"], seconds=timing["seconds"], prompts_per_s=timing["prompts_per_s"],
+        startup_s=timing["startup_s"], prompts_per_s_after_startup=timing["prompts_per_s_after_startup"],
+        model_fingerprint=fingerprint, config_hash=key,
+    )
