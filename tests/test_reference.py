@@ -45,7 +45,7 @@ def test_a_corpus_against_prompts_of_the_same_kind_gives_calibrated_p_values_and
     assert len(calibration) == prompts and calibration["p_value"].between(0, 1).all()
     assert (calibration["q_value"] >= calibration["p_value"] - 1e-12).all()
     summary = json.loads(open(layout.summary).read())["calibration"]
-    assert summary["reference"]["prompts"] == done["prompts"] and summary["discoveries"] == result.calibrated_count
+    assert summary["reference"]["prompts"] == done.prompts and summary["discoveries"] == result.calibrated_count
     assert summary["global_p"] == pytest.approx(calibration["q_value"].min())
     memorized = pd.read_csv(layout.memorized)
     assert {"p_value", "q_value"} <= set(memorized.columns)
@@ -72,7 +72,7 @@ def test_reference_prompts_that_are_also_in_the_corpus_are_dropped_and_counted(s
     ids = set(pq.read_table(ref_layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     corpus_ids = set(pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     # The 5 copied prompts at least (the generator's few normal impressions recur across seeds too).
-    assert done.dropped_in_corpus >= 5 and done.prompts + done.dropped_in_corpus == prepared.prompts_unique == len(ids) + done.dropped_in_corpus
+    assert done.dropped_in_corpus >= 5 and done.prompts + done.dropped_in_corpus == prepared["prompts_unique"] == len(ids) + done.dropped_in_corpus
     assert not ids & corpus_ids
 
 
