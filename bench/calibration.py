@@ -63,7 +63,7 @@ def audit(name: str, overrides: list[str]) -> dict:
            "dropped": calibration.reference["dropped_in_corpus"], "global_p": calibration.global_p,
            "f0": f0_memorizes(FindingInputs(summary.analysis, calibration=calibration)).verdict,
            "top_set": calibration.top_set_overlap["top_set"], "minutes": (time.time() - started) / 60,
-           "reference_scored": ref["computed"]}  # fmt: skip
+           "reference_scored": ref.computed}  # fmt: skip
     planted = None
     if known is not None:
         from cxrmem.analysis import known_memorized_ids

@@ -29,7 +29,7 @@ def run_case(case: str, model: str, output: str, n_reports: int) -> dict:
     overrides = [f"model.path={model}", f"run.output={output}", f"corpus.source={case}"]
     if case == "synthetic":
         overrides += [f"corpus.synthetic.n_reports={n_reports}", "corpus.progress_every=250000"]
-    summary = prepare.run(load_config(None, overrides))
+    summary = prepare.run(load_config(None, overrides)).to_json()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     summary["cpu_s"] = usage.ru_utime + usage.ru_stime  # the machine may be shared: CPU time is the fair measure

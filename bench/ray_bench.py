@@ -107,12 +107,12 @@ def throughput(args, model: str, work: str) -> dict:
         "prompts": args.prompts,
         "single_process_prompts_per_s": round(single, 3),
         "single_process_load_s": round(load_s, 2),
-        "ray_prompts_per_s": result["prompts_per_s"],
-        "ray_startup_s": result["startup_s"],
-        "ratio": round(result["prompts_per_s"] / single, 3),
+        "ray_prompts_per_s": result.prompts_per_s,
+        "ray_startup_s": result.startup_s,
+        "ratio": round(result.prompts_per_s / single, 3),
         "single_process_prompts_per_s_after_load": round(single_scoring, 3),
-        "ray_prompts_per_s_after_startup": result["prompts_per_s_after_startup"],
-        "ratio_after_startup": round(result["prompts_per_s_after_startup"] / single_scoring, 3),
+        "ray_prompts_per_s_after_startup": result.prompts_per_s_after_startup,
+        "ratio_after_startup": round(result.prompts_per_s_after_startup / single_scoring, 3),
     }
 
 
@@ -185,10 +185,10 @@ def measure_driver(args, run: str, model: str) -> None:
     print(
         json.dumps(
             {
-                "prompts": result["total"],
-                "scored_now": result["computed"],
-                "resumed": result["resumed"],
-                "rows_consolidated": result["rows"],
+                "prompts": result.total,
+                "scored_now": result.computed,
+                "resumed": result.resumed,
+                "rows_consolidated": result.rows,
                 "driver_rss_after_ray_init_mb": round(baseline_kb / 1024, 1),
                 "driver_peak_rss_mb_since_init": round(peak_kb / 1024, 1),
                 "driver_peak_rss_mb_lifetime": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

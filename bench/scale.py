@@ -180,8 +180,8 @@ def child_ceiling(args) -> dict:
     result = score.run(cfg, Store(), "null", functools.partial(scored_batches, worker=NullWorker))
     wall = time.perf_counter() - start
     ray.shutdown()
-    return {"n": args.n, "wall_s": wall, "prompts_per_s": result["computed"] / wall, "ray_batch_size": args.ceiling_batch,
-            "driver_peak_rss_mb": vm_hwm_mb(), "parts": result["parts_written"]}
+    return {"n": args.n, "wall_s": wall, "prompts_per_s": result.computed / wall, "ray_batch_size": args.ceiling_batch,
+            "driver_peak_rss_mb": vm_hwm_mb(), "parts": result.parts_written}
 
 
 def main() -> None:

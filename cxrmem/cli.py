@@ -18,27 +18,38 @@ from typing import Callable, Iterator, Optional
 
 from cxrmem.config import ConfigError, load_config
 from cxrmem.settings import public_config
+from cxrmem.stages.table import STAGES, Stage, argument, load, run_stage
+from cxrmem.summary import Record
 
-SIGNING_KEY_ENV = "CXRMEM_SIGNING_KEY"  # cxrmem/publish.py's, named here without importing it for --help
-
-STAGES = {
-    "prepare": "read the corpus, extract prompts, deduplicate globally: prompts.parquet",
-    "score": "score every prompt with d_mem in one process: scores.parquet",
-    "reference": "prepare and score the prompts the model never saw (analyze.reference): reference/scores.parquet",
-    "analyze": "percentiles, memorized set, marker enrichment: summary.json, memorized_prompts.csv",
-    "attribute": "token attribution of the memorized set: tokens.parquet",
-    "mitigate": "mitigation experiments on the memorized set: mitigation.parquet",
-    "copies": "generations of the memorized set against the training images (images.source): copies.parquet",
-    "report": "figures/*.png and a self-contained report.html",
-    "audit": "all stages in order on Ray, then publish the run's manifest",
-    "rescore": "rescore when the model fingerprint changed since the last run, and write a diff",
-    "export": "copy a published run to another prefix (--to URI)",
-    "verify": "check a published run's files against its manifest, and with --expect / --key that the manifest is the one published (exit 1 on a mismatch)",
-    "config": "print the resolved configuration (defaults <- FILE <- overrides), credentials removed",
-    "compare": "the rescore diff of any two published runs: what entered or left the memorized set",
-    "deid-rewrite": "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
-    "enrich": "marker enrichment (crude, Mantel-Haenszel, adjusted for length and duplication) of a released list, no model",
-}
+# The CLI's own commands beside the stage table's stages (cxrmem/stages/table.py), in the same row type: each
+# runs `function(cfg, store, **arguments)`. They sit above the stages (Ray, publishing) or beside them (tools).
+COMMANDS: tuple[Stage, ...] = STAGES + (
+    Stage("audit", "all stages in order on Ray, then publish the run's manifest", "cxrmem.distributed.audit:run_audit",
+          dict, "report", audit=False),
+    Stage("rescore", "rescore when the model fingerprint changed since the last run, and write a diff", "cxrmem.cli:rescore",
+          dict, "run", (argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged"),), audit=False),
+    Stage("export", "copy a published run to another prefix (--to URI)", "cxrmem.cli:export", dict, "dst",
+          (argument("--to", required=True, help="destination prefix (local folder or s3://)"),), audit=False),
+    Stage("config", "print the resolved configuration (defaults <- FILE <- overrides), credentials removed", "cxrmem.cli:config",
+          dict, "", writes_run=False, audit=False),
+    Stage("deid-rewrite", "rewrite a corpus replacing every de-identification marker with a realistic surrogate",
+          "cxrmem.cli:deid_rewrite", dict, "output", (
+              argument("--input", required=True, help="table (CSV, Parquet, JSONL) with a text column"),
+              argument("--output", required=True, help="rewritten table, same format as the input"),
+              argument("--text-column", default="text", help="column holding the report text"),
+          ), writes_run=False, audit=False),
+)  # fmt: skip
+BY_COMMAND = {command.name: command for command in COMMANDS}
+# Commands that write under a run's prefix (run.output; export: --to): they hold its lease (cxrmem/lease.py).
+WRITERS = {command.name for command in COMMANDS if command.writes_run}
+# `cxrmem testbed <command>`: help and `function(cfg, args)`.
+TESTBED = {
+    "train": ("train the testbed model with planted memorized prompts (CPU, <= 30 min)", "cxrmem.cli:testbed_train"),
+    "evaluate": ("detection AUC and TPR at 1% FPR on the planted prompts; writes bench/RESULTS.md", "cxrmem.cli:testbed_evaluate"),
+    "export": ("write the testbed's training images (its phantoms) as PNG and images.csv, for images.source", "cxrmem.cli:testbed_export"),
+    "reader": ("train the phantom findings reader (fidelity.measure=phantom_reader) and print its held-out accuracy",
+               "cxrmem.cli:testbed_reader"),
+}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,35 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {cxrmem_version()}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
-    for name, help_text in STAGES.items():
-        stage = sub.add_parser(name, help=help_text, description=help_text)
+    for command in COMMANDS:
+        stage = sub.add_parser(command.name, help=command.help, description=command.help)
         stage.add_argument("--config", help="YAML file from conf/ (default: built-in defaults)")
-        if name == "verify":
-            stage.add_argument("run", help="the published run's prefix (local folder or s3://)")
-            stage.add_argument("--expect", metavar="DIGEST",
-                               help="the manifest's sha256 recorded at publish (the audit's output, its job log), or a record "
-                               "holding it (rescoring's latest.json): the manifest must be that one")  # fmt: skip
-            stage.add_argument("--key", metavar="FILE", nargs="?", const="",
-                               help=f"check manifest.sig with the operator's HMAC key: the key file, or without FILE ${SIGNING_KEY_ENV}")
-        if name == "compare":
-            stage.add_argument("run_a", help="the earlier run's prefix")
-            stage.add_argument("run_b", help="the later run's prefix")
-            stage.add_argument("--out", help="write diff.parquet and compare.json under this prefix")
+        positional = [a for a in command.arguments if not a.flags[0].startswith("-")]
+        for arg in positional:  # before the overrides, which take every other word
+            stage.add_argument(*arg.flags, **arg.options)
         stage.add_argument("overrides", nargs="*", help="key=value overrides merged on top of the config")
-        if name == "export":
-            stage.add_argument("--to", required=True, help="destination prefix (local folder or s3://)")
-        if name == "rescore":
-            stage.add_argument("--force", action="store_true", help="rescore even if the fingerprint is unchanged")
-        if name == "deid-rewrite":
-            stage.add_argument("--input", required=True, help="table (CSV, Parquet, JSONL) with a text column")
-            stage.add_argument("--output", required=True, help="rewritten table, same format as the input")
-            stage.add_argument("--text-column", default="text", help="column holding the report text")
-        if name == "enrich":
-            stage.add_argument("--memorized", required=True, help="table (CSV, Parquet, JSONL) of the prompts released as memorized")
-            stage.add_argument("--controls", required=True, help="table of the control prompts")
-            stage.add_argument("--text-column", default="prompt", help="column holding the prompt in both tables")
-            stage.add_argument("--out", help="also write enrichment.json under this prefix")
-            stage.add_argument("--tokenizer", action="store_true", help="count tokens with model.*'s tokenizer (default: words)")
+        for arg in command.arguments:
+            if arg not in positional:
+                stage.add_argument(*arg.flags, **arg.options)
 
     model = sub.add_parser("model", help="build models: `cxrmem model tiny --out DIR`")
     model_sub = model.add_subparsers(dest="model_cmd", required=True)
@@ -89,12 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
     testbed = sub.add_parser("testbed", help="the memorization testbed: train it, or evaluate detection on it")
     testbed_sub = testbed.add_subparsers(dest="testbed_cmd", required=True)
-    for name, help_text in {
-        "train": "train the testbed model with planted memorized prompts (CPU, <= 30 min)",
-        "evaluate": "detection AUC and TPR at 1% FPR on the planted prompts; writes bench/RESULTS.md",
-        "export": "write the testbed's training images (its phantoms) as PNG and images.csv, for images.source",
-        "reader": "train the phantom findings reader (fidelity.measure=phantom_reader) and print its held-out accuracy",
-    }.items():
+    for name, (help_text, _) in TESTBED.items():
         cmd = testbed_sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", help="YAML file from conf/")
         if name in ("export", "reader"):
@@ -110,7 +97,7 @@ def cxrmem_version() -> str:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    if args.stage == "model":
+    if args.stage == "model":  # builds a model from flags alone: no config, no store
         from cxrmem.corpus.synthetic import tokenizer_texts
         from cxrmem.models.tiny import build_tiny_model
 
@@ -121,11 +108,19 @@ def _run(args: argparse.Namespace) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     store = Store.from_config(cfg.storage)
-    written = args.to if args.stage == "export" else cfg.run.output
-    if args.stage not in WRITERS:
-        return _stage(args, cfg, store)
-    with writing(cfg, store, written, args.stage):
-        return _stage(args, cfg, store)
+    if args.stage == "testbed":
+        return load(TESTBED[args.testbed_cmd][1])(cfg, args)
+    command = BY_COMMAND[args.stage]
+    inputs = {arg.dest: getattr(args, arg.dest) for arg in command.arguments}
+    if not command.writes_run:
+        return as_json(run_stage(command, cfg, store, **inputs))
+    with writing(cfg, store, inputs.get("to", cfg.run.output), args.stage):  # export writes at --to
+        return as_json(run_stage(command, cfg, store, **inputs))
+
+
+def as_json(result) -> dict:
+    """What a command prints: a typed result's JSON, or the dict a command returned."""
+    return result.to_json() if isinstance(result, Record) else result
 
 
 @contextlib.contextmanager
@@ -143,97 +138,83 @@ def writing(cfg, store, prefix: str, command: str) -> Iterator[None]:
         yield
 
 
-def _stage(args: argparse.Namespace, cfg, store) -> dict:
-    if args.stage == "testbed":
-        if args.testbed_cmd == "train":
-            from cxrmem.testbed.train import train
+# The CLI's commands, each `(cfg, store, **arguments)` as the table calls them.
+def rescore(cfg, store, force: bool = False) -> dict:
+    from cxrmem.distributed.rescore import rescore as rescore_run
 
-            return train(cfg)
-        if args.testbed_cmd == "export":
-            from cxrmem.testbed.export import INDEX, export_training_images
-
-            table = export_training_images(cfg.testbed.out, args.out, cfg.corpus)
-            return {"images": len(table), "planted": int(table["planted"].sum()), "index": os.path.join(args.out, INDEX)}
-        if args.testbed_cmd == "reader":
-            from cxrmem.testbed.reader import META, save_reader, train_reader
-
-            trained = train_reader(seed=cfg.testbed.seed)
-            save_reader(trained, args.out)
-            return {"held_out_accuracy": trained.accuracy, "index": os.path.join(args.out, META)}
-        from cxrmem.testbed.evaluate import evaluate
-
-        return evaluate(cfg)
-    if args.stage in STAGE_MODULES:
-        from importlib import import_module
-
-        # One module per stage (cxrmem/stages/), each `run(cfg, store)`; with cascade.enabled `score` is the cascade.
-        if args.stage == "score" and cfg.cascade.enabled:
-            return import_module("cxrmem.stages.cascade").run(cfg, store)
-        return import_module(f"cxrmem.stages.{STAGE_MODULES[args.stage]}").run(cfg, store)
-    if args.stage == "audit":
-        from cxrmem.distributed.audit import run_audit
-
-        return run_audit(cfg, store)
-    if args.stage == "rescore":
-        from cxrmem.distributed.rescore import rescore
-
-        return rescore(cfg, force=args.force, store=store)
-    if args.stage == "export":
-        from cxrmem.publish import export_run
-
-        return export_run(store, cfg.run.output, args.to, overwrite=cfg.run.overwrite)
-    if args.stage == "verify":
-        from cxrmem.publish import signing_key, verify_run
-
-        key = None
-        if args.key is not None:
-            key = signing_key(args.key, from_env=not args.key)
-            if key is None:
-                raise ValueError(f"--key without a FILE reads ${SIGNING_KEY_ENV}, which is not set: give the key file")
-        return verify_run(store, args.run, expect=args.expect, key=key)
-    if args.stage == "compare":
-        from cxrmem.stages.compare import run as compare
-
-        return compare(store, args.run_a, args.run_b, args.out)
-    if args.stage == "config":
-        return public_config(cfg)
-    if args.stage == "deid-rewrite":
-        from cxrmem.corpus.deid import rewrite_corpus
-
-        return rewrite_corpus(args.input, args.output, args.text_column, cfg.corpus.marker_regex, cfg.mitigation.seed, store)
-    if args.stage == "enrich":
-        from cxrmem.stages.enrich import run as enrich
-
-        return enrich(cfg, args.memorized, args.controls, args.text_column, args.out, args.tokenizer, store)
-    raise AssertionError(f"unhandled stage {args.stage}")
+    return rescore_run(cfg, force=force, store=store)
 
 
-STAGE_MODULES = {name: name for name in ("prepare", "score", "reference", "analyze", "attribute", "mitigate", "copies", "report")}
-# Commands that write under a run's prefix (run.output; export: --to): they hold its lease (cxrmem/lease.py).
-WRITERS = {*STAGE_MODULES, "audit", "rescore", "export"}
+def export(cfg, store, to: str) -> dict:
+    from cxrmem.publish import export_run
+
+    return export_run(store, cfg.run.output, to, overwrite=cfg.run.overwrite)
+
+
+def config(cfg, store) -> dict:
+    return public_config(cfg)
+
+
+def deid_rewrite(cfg, store, input: str, output: str, text_column: str) -> dict:
+    from cxrmem.corpus.deid import rewrite_corpus
+
+    return rewrite_corpus(input, output, text_column, cfg.corpus.marker_regex, cfg.mitigation.seed, store)
+
+
+def testbed_train(cfg, args) -> dict:
+    from cxrmem.testbed.train import train
+
+    return train(cfg)
+
+
+def testbed_evaluate(cfg, args) -> dict:
+    from cxrmem.testbed.evaluate import evaluate
+
+    return evaluate(cfg)
+
+
+def testbed_export(cfg, args) -> dict:
+    from cxrmem.testbed.export import INDEX, export_training_images
+
+    table = export_training_images(cfg.testbed.out, args.out, cfg.corpus)
+    return {"images": len(table), "planted": int(table["planted"].sum()), "index": os.path.join(args.out, INDEX)}
+
+
+def testbed_reader(cfg, args) -> dict:
+    from cxrmem.testbed.reader import META, save_reader, train_reader
+
+    trained = train_reader(seed=cfg.testbed.seed)
+    save_reader(trained, args.out)
+    return {"held_out_accuracy": trained.accuracy, "index": os.path.join(args.out, META)}
+
+
 # The result key that names each command's main output, for its last line.
-MAIN_OUTPUT = {
-    "prepare": "prompts_file", "score": "scores", "reference": "scores", "analyze": "memorized", "attribute": "tokens",
-    "mitigate": "mitigation", "copies": "copies", "report": "report", "audit": "report", "rescore": "run", "export": "dst",
-    "deid-rewrite": "output", "compare": "out", "enrich": "out", "model": "model", "verify": "prefix", "testbed": "index",
-}  # fmt: skip
+MAIN_OUTPUT = {command.name: command.output for command in COMMANDS} | {"model": "model", "testbed": "index"}
 
 
 def last_line(stage: str, result: dict) -> str:
     """One line naming the command's main output (or why there is none)."""
-    if stage == "verify":
-        return verify_line(result)
-    if stage == "enrich":
-        crude, adjusted = result["crude"], result["adjusted"]["logistic"]
-        adjusted_text = (f"refused ({adjusted['refused']})" if adjusted.get("refused")
-                         else f"{adjusted['estimate']:.3g} [{adjusted['ci_low']:.3g}, {adjusted['ci_high']:.3g}]")
-        crude_text = "–" if crude["odds_ratio"] is None else f"{crude['odds_ratio']:.3g} [{crude['ci_low']:.3g}, {crude['ci_high']:.3g}]"
-        where = f"; output: {result['out']}" if result.get("out") else ""
-        return f"cxrmem enrich: crude OR {crude_text}, adjusted OR {adjusted_text}: {result['verdict']['verdict']}{where}"
-    if stage == "rescore" and result.get("status") == "unchanged":
-        return f"cxrmem rescore: nothing to do, {result['previous']} is current"
+    if stage in OWN_LINES:
+        line = OWN_LINES[stage](result)
+        if line:
+            return line
     output = result.get(MAIN_OUTPUT.get(stage, ""))
     return f"cxrmem {stage}: done" + (f"; output: {output}" if output else "")
+
+
+def enrich_line(result: dict) -> str:
+    """enrich's one line: the crude and adjusted odds ratios and the verdict."""
+    crude, adjusted = result["crude"], result["adjusted"]["logistic"]
+    adjusted_text = (f"refused ({adjusted['refused']})" if adjusted.get("refused")
+                     else f"{adjusted['estimate']:.3g} [{adjusted['ci_low']:.3g}, {adjusted['ci_high']:.3g}]")
+    crude_text = "–" if crude["odds_ratio"] is None else f"{crude['odds_ratio']:.3g} [{crude['ci_low']:.3g}, {crude['ci_high']:.3g}]"
+    where = f"; output: {result['out']}" if result.get("out") else ""
+    return f"cxrmem enrich: crude OR {crude_text}, adjusted OR {adjusted_text}: {result['verdict']['verdict']}{where}"
+
+
+def rescore_line(result: dict) -> Optional[str]:
+    """rescore's one line when the fingerprint is unchanged (else the common one)."""
+    return f"cxrmem rescore: nothing to do, {result['previous']} is current" if result.get("status") == "unchanged" else None
 
 
 def verify_line(result: dict) -> str:
@@ -255,6 +236,10 @@ def verify_line(result: dict) -> str:
     if not files_ok:
         failed.append(f"does NOT match its manifest: missing {result['missing']}, changed {result['changed']}, unlisted {result['unlisted']}")
     return f"cxrmem verify: {result['prefix']} {'; '.join(failed)} ({result['files']} files)"
+
+
+# Commands whose last line says more than their main output.
+OWN_LINES: dict[str, Callable[[dict], Optional[str]]] = {"verify": verify_line, "enrich": enrich_line, "rescore": rescore_line}
 
 
 def run_reporting_errors(name: str, command: Callable[[], dict]) -> tuple[int, Optional[dict]]:

@@ -209,7 +209,7 @@ def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
     if not section:
         return None
     rows = [
-        {"round": n, "stage": i + 1, **stage, "misses": r["missed_by_stage"].get(str(i), r["missed_by_stage"].get(i, 0))}
+        {"round": n, "stage": i + 1, **stage, "misses": r["missed_by_stage"][i]}
         for n, r in enumerate(section.rounds, 1) for i, stage in enumerate(r["stages"])
     ]
     audit = section.audit

@@ -21,17 +21,15 @@ from typing import ClassVar, Optional
 
 
 @dataclass
-class Section:
-    """One top-level section of summary.json; `name` is its key."""
-
-    name: ClassVar[str]
+class Record:
+    """A dataclass written as one JSON object and read back by field: a summary.json section, a stage's result."""
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict):
-        """The section from its JSON; fields an older writer did not write take their default (None when required)."""
+        """The record from its JSON; fields an older writer did not write take their default (None when required)."""
         values = {}
         for f in fields(cls):
             if f.name in data:
@@ -39,6 +37,13 @@ class Section:
             elif f.default is MISSING and f.default_factory is MISSING:
                 values[f.name] = None
         return cls(**values)
+
+
+@dataclass
+class Section(Record):
+    """One top-level section of summary.json; `name` is its key."""
+
+    name: ClassVar[str]
 
     def timings(self) -> dict[str, float]:
         """`<label>: seconds` and `<label>: prompts/s` of this section, for the report's Run table."""

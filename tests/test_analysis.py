@@ -75,7 +75,7 @@ def run(tmp_path):
 def test_analyze_writes_the_memorized_list_and_merges_the_summary(run):
     cfg, layout, has_marker, _ = run
     result = analyze.run(cfg)
-    assert result["memorized_count"] == 3
+    assert result.memorized_count == 3
 
     csv_text = open(layout.memorized).read()
     assert csv_text.splitlines()[0].split(",")[:6] == ["prompt", "d_mem", "percentile", "n_reports", "has_marker", "prompt_id"]

@@ -143,7 +143,7 @@ def test_attribute_run_writes_tokens_and_merges_summary(tiny_model_dir, tmp_path
     assert tokens["loo_delta"].isna().all() and tokens["loo_rank"].isna().all()
     merged = Store().read_json(layout.summary)
     assert merged["analysis"] == {"memorized_count": 3}
-    assert merged["attribution"]["prompts"] == summary["prompts"] == 2
+    assert merged["attribution"]["prompts"] == summary.prompts == 2
     assert merged["attribution"]["leave_one_out"]["marker_top1"] is None
 
 
@@ -192,13 +192,13 @@ def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tin
     tokens = Store().read_table(layout.tokens).to_pandas()
     assert {"null_grad_score", "null_grad_rank", "null_loo_delta", "null_loo_rank"} <= set(tokens.columns)
     assert tokens["null_grad_score"].notna().all() and not tokens["null_grad_score"].equals(tokens["grad_score"])
-    null = summary["null"]
+    null = summary.null
     gradient = null["gradient"]
     assert gradient["pairs"] == len(NULL_PROMPTS)
-    chance = summary["gradient"]["chance_top1"]
+    chance = summary.gradient["chance_top1"]
     assert gradient["null_top1"] >= 0.5 > chance  # the multi-piece bias, with nothing learned
     assert gradient["top1_p"] is None or gradient["top1_p"] >= 0.05
     assert gradient["rank_p"] is None or gradient["rank_p"] >= 0.05
     # the per-piece mean removes most of the bias on the null
     assert null["gradient_per_piece_mean"]["null_top1"] < gradient["null_top1"]
-    assert summary["null_seed"] == 3 and summary["null_seconds"] > 0
+    assert summary.null_seed == 3 and summary.null_seconds > 0

@@ -11,7 +11,7 @@ from typing import Optional
 
 import pytest
 
-from cxrmem.cli import STAGES, main
+from cxrmem.cli import BY_COMMAND, main
 from cxrmem.config import ConfigError, CxrmemConfig, load_config
 from cxrmem.score_key import config_hash
 from cxrmem.settings import knobs, public_config, redact
@@ -72,7 +72,7 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 
 def test_cli_help_documents_every_stage():
     out = subprocess.run([sys.executable, "-m", "cxrmem.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for stage in [*STAGES, "model", "testbed"]:
+    for stage in [*BY_COMMAND, "model", "testbed"]:
         assert stage in out
 
 

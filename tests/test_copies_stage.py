@@ -15,6 +15,8 @@ from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import RunExistsError, publish_manifest
 from cxrmem.runfiles import RunLayout, write_memorized
 from cxrmem.stages import copies, image_index
+from cxrmem.stages.results import Skipped
+from cxrmem.stages.table import BY_NAME, run_stage
 from cxrmem.storage import Store
 from tests.test_attribution import write_scores_key
 
@@ -116,7 +118,7 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
     # 2 memorized + 3 controls, and the 2 memorized under remove_marker and embedding_noise, at w=7.5 and w=1.
     assert len(table) == 2 * (5 + 2 + 2) and set(table.guidance) == {7.5, 1.0}
     assert set(table.strategy) == {"none", "remove_marker", "embedding_noise"}
-    assert summary["strategies_checked"] == ["remove_marker", "embedding_noise"]
+    assert summary.strategies_checked == ["remove_marker", "embedding_noise"]
     # embedding_noise keeps the text and generates from a changed embedding: not the unmitigated generations.
     noisy = table[(table.strategy == "embedding_noise") & (table.prompt_id == ids[0])]
     plain = table[(table.strategy == "none") & (table.prompt_id == ids[0]) & (table.guidance == noisy.guidance.iloc[0])]
@@ -129,10 +131,10 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
     assert (own.max_similarity > 0.99).all()
     controls = own[own.group == "control"]
     assert not controls.is_copy.any() and own.threshold.iloc[0] == pytest.approx(controls.max_similarity.max())
-    w75 = summary["guidances"]["w=7.5"]
-    assert (w75["memorized"], w75["controls"], w75["control_copies"]) == (2, 3, 0) and "quantile" in summary["rule"]
-    assert summary["figures"] == [layout.figure(f"copies_{ids[0]}.npz")]
-    with np.load(summary["figures"][0]) as data:
+    w75 = summary.guidances["w=7.5"]
+    assert (w75["memorized"], w75["controls"], w75["control_copies"]) == (2, 3, 0) and "quantile" in summary.rule
+    assert summary.figures == [layout.figure(f"copies_{ids[0]}.npz")]
+    with np.load(summary.figures[0]) as data:
         assert {"generation_0", "nearest_0", "similarity_0", "generation_1"} <= set(data.files)
     assert Store().read_json(layout.summary)["copies"]["headline"].keys() == {"w=7.5", "w=1"}
     assert Store().read_json(layout.summary)["cost"]["stages"]["copies"]["vae_decodes"] == len(table) * summary["generations"]  # counted
@@ -140,13 +142,14 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
     from cxrmem.stages import report
 
     written = report.run(stage_config(tiny_model_dir, tmp_path, own_images))
-    html = Path(written["report"]).read_text()
-    assert written["sections"]["copies"] == "rendered" and layout.figure(f"copies_{ids[0]}.png") in written["figures"]
+    html = Path(written.report).read_text()
+    assert written.sections["copies"] == "rendered" and layout.figure(f"copies_{ids[0]}.png") in written.figures
     assert "Copies of training images" in html and "copy evidence" in html and "memorized prompts copy a training image" in html
 
 
 def test_copies_stage_is_off_without_images_and_refuses_a_published_run(tiny_model_dir, own_images, tmp_path):
-    assert "disabled" in copies.run(load_config(None, [f"run.output={tmp_path}"]))["copies"]
+    off = run_stage(BY_NAME["copies"], load_config(None, [f"run.output={tmp_path}"]), Store())
+    assert off == Skipped("copies", "images.source is empty")
     write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
     cfg = stage_config(tiny_model_dir, tmp_path, own_images)
     publish_manifest(Store(), str(tmp_path), "f" * 16, cfg)
@@ -175,7 +178,7 @@ def test_testbed_planted_prompts_copy_their_phantoms_through_the_stage(tmp_path)
     out = Store().read_table(RunLayout(str(tmp_path / "run")).copies).to_pandas()
     memorized = out[out.group == "memorized"]
     assert memorized.is_copy.all() and memorized.same_study.all() and (memorized.max_similarity > 0.95).all()
-    assert summary["guidances"]["w=1"]["auc"] == 1.0
+    assert summary.guidances["w=1"]["auc"] == 1.0
 
 
 def test_cli_testbed_export_writes_the_phantoms_and_their_table(tmp_path, capsys):
@@ -199,7 +202,7 @@ def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(t
     table = Store().read_table(RunLayout(str(tmp_path)).copies).to_pandas()
     assert set(table.strategy) == {"none", "attention_rescaling", "delayed_guidance", "noise_adjustment"}
     assert table.fidelity.isna().all()  # fidelity.measure = none
-    judged = {r["strategy"]: r for r in summary["guidances"]["w=1"]["judgement"]["strategies"]}
+    judged = {r["strategy"]: r for r in summary.guidances["w=1"]["judgement"]["strategies"]}
     assert list(judged) == ["original", "attention_rescaling", "delayed_guidance", "noise_adjustment"]
     at1 = table[(table.guidance == 1.0) & (table.group == "memorized")]
     for name, row in judged.items():
@@ -212,8 +215,8 @@ def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(t
     from cxrmem.stages import report
 
     written = report.run(cfg)
-    html = Path(written["report"]).read_text()
+    html = Path(written.report).read_text()
     assert "Judged by the harm" in html and "no fidelity measure set" in html
-    assert RunLayout(str(tmp_path)).figure("mitigation_frontier.png") in written["figures"]
+    assert RunLayout(str(tmp_path)).figure("mitigation_frontier.png") in written.figures
     metrics = Store().read_json(RunLayout(str(tmp_path)).path("metrics.json"))
     assert metrics["mitigation.delayed_guidance.w=1.copy_rate"] == pytest.approx(judged["delayed_guidance"]["copy_rate"])

@@ -48,12 +48,12 @@ def test_prepare_on_iuxray(tiny_model_dir, tmp_path, iu_records):
     cfg = load_config(None, ["corpus.source=iuxray", f"model.path={tiny_model_dir}", f"run.output={tmp_path}"])
     summary = prepare.run(cfg)
     table = pq.read_table(tmp_path / "prompts.parquet")
-    assert summary["reports_read"] == len(iu_records)
-    assert summary["prompts_unique"] == table.num_rows
-    assert summary["reports_with_prompt"] + summary["skipped_total"] == summary["reports_read"]
-    assert summary["top_duplicated"][0]["prompt"] == "No acute cardiopulmonary abnormality."
-    assert summary["top_duplicated"][0]["n_reports"] > 100
-    assert 0.1 < summary["marker_share_unique"] < 0.9
+    assert summary.reports_read == len(iu_records)
+    assert summary.prompts_unique == table.num_rows
+    assert summary.reports_with_prompt + summary.skipped_total == summary.reports_read
+    assert summary.top_duplicated[0]["prompt"] == "No acute cardiopulmonary abnormality."
+    assert summary.top_duplicated[0]["n_reports"] > 100
+    assert 0.1 < summary.marker_share_unique < 0.9
 
 
 def test_a_corrupt_archive_is_an_error_naming_the_file(tmp_path):

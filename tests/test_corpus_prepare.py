@@ -76,10 +76,10 @@ def test_prepare_synthetic_writes_prompts_and_summary(tiny_model_dir, tmp_path):
     table = pq.read_table(tmp_path / "prompts.parquet")
     assert table.column_names == [*COLUMNS, "subject_id", "study"]
     assert table.schema.field("source_ids").type == pa.list_(pa.string())
-    assert table.num_rows == summary["prompts_unique"] == len(set(table.column("prompt").to_pylist()))
-    assert sum(table.column("n_reports").to_pylist()) == summary["reports_read"] == 3000
-    assert summary["sections"] == {"IMPRESSION": 3000}
-    assert summary["top_duplicated"][0]["prompt"] == "No acute cardiopulmonary process."
+    assert table.num_rows == summary.prompts_unique == len(set(table.column("prompt").to_pylist()))
+    assert sum(table.column("n_reports").to_pylist()) == summary.reports_read == 3000
+    assert summary.sections == {"IMPRESSION": 3000}
+    assert summary.top_duplicated[0]["prompt"] == "No acute cardiopulmonary process."
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["prompts_unique"] == table.num_rows
 
     again = tmp_path / "again"
@@ -97,8 +97,8 @@ def test_prepare_deduplicates_across_shards_and_counts_bad_rows(tiny_model_dir, 
     rows = {row["prompt"]: row for row in pq.read_table(out / "prompts.parquet").to_pylist()}
     assert rows["No acute process."]["source_ids"] == ["x/1.jpg", "y/1.jpg"]
     assert rows["Tiny XXXX nodule."]["source_ids"] == ["b.jsonl:2"] and rows["Tiny XXXX nodule."]["has_marker"]
-    assert summary["skipped"] == {"empty": 1, "invalid_utf8": 1}
-    assert summary["reports_read"] == 5 and summary["reports_with_prompt"] == 3
+    assert summary.skipped == {"empty": 1, "invalid_utf8": 1}
+    assert summary.reports_read == 5 and summary.reports_with_prompt == 3
 
 
 def test_prepare_errors_are_actionable(tiny_model_dir, tmp_path):
@@ -124,8 +124,8 @@ def test_prepare_mimic_reports_from_s3(tiny_model_dir, s3_bucket, s3_server):
     )  # fmt: skip
     summary = prepare.run(cfg)
     table = Store.from_config(cfg.storage).read_table(f"{out}/prompts.parquet")
-    assert summary["reports_read"] == 41 and summary["skipped"] == {"invalid_utf8": 1}
-    assert "s3://" in summary["skipped_examples"]["invalid_utf8"][0]
+    assert summary.reports_read == 41 and summary.skipped == {"invalid_utf8": 1}
+    assert "s3://" in summary.skipped_examples["invalid_utf8"][0]
     assert sum(table.column("n_reports").to_pylist()) == 40
     assert {i for ids in table.column("source_ids").to_pylist() for i in ids} == {r["report_id"] for r in reports}
     assert Store.from_config(cfg.storage).read_json(f"{out}/{SUMMARY_FILE}")["reports_read"] == 41

@@ -64,7 +64,7 @@ def test_score_writes_detector_columns_beside_d_mem_and_resumes(tiny_model_dir, 
 
     cfg = load_config(None, overrides)
     again = score.run(cfg)
-    assert again["resumed"] == table.num_rows and again["computed"] == 0
+    assert again.resumed == table.num_rows and again.computed == 0
     # A part of the same key without the columns (another cxrmem version) is refused, naming the file.
     part = score_parts.write_part(Store(), table.slice(0, 2).drop_columns(columns[:1]), layout.score_parts, 0)
     with pytest.raises(ValueError, match=f"{part}.*score again"):
@@ -82,10 +82,10 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
     assert {"anisotropy", "anisotropy_norm", "anisotropy_alignment"} <= set(screening.columns)
     chosen = screen_top(screening.prompt_id.to_numpy(), screening.anisotropy.to_numpy(), 25, "anisotropy")
     full = pq.read_table(RunLayout(str(tmp_path)).scores).to_pandas()
-    assert sorted(full.prompt_id) == sorted(chosen) and result["selected"] == math.ceil(0.25 * len(screening))
+    assert sorted(full.prompt_id) == sorted(chosen) and result.selected == math.ceil(0.25 * len(screening))
     assert "attention_entropy" in full and "anisotropy" not in full  # stage 2 writes the run's own score.detectors
     screen_cost = REGISTRY["dmem"].cost(1, 1, True) + REGISTRY["anisotropy"].cost(1, 1, True)
-    assert result["unet_evaluations_cascade"] == (
+    assert result.unet_evaluations_cascade == (
         len(screening) * screen_cost.per_prompt + math.ceil(len(screening) / 4) * screen_cost.per_batch
         + len(full) * 4  # the full d_mem continues the screen's first-step d_mem (same G, T, seeds): 2 G (T - 1) per prompt
         # and the full score's own detector columns, which the cascade's declared cost left out before it was counted

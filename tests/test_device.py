@@ -128,7 +128,7 @@ def test_a_resume_under_another_effective_precision_refuses(tiny_model_dir, tmp_
         score.run(half)
     assert store.list_files(layout.score_parts, suffix=".parquet")  # nothing was thrown away
     done = score.run(cfg)  # the same precision resumes
-    assert done["resumed"] == 4 and done["rows"] == done["total"]
+    assert done.resumed == 4 and done.rows == done.total
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

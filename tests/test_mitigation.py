@@ -218,8 +218,8 @@ def test_mitigate_run_writes_table_grids_and_summary(tiny_model_dir, tmp_path):
     assert table["fidelity"].isna().all()  # fidelity.measure = none
     removed = table[(table["prompt_id"] == "a" * 16) & (table["strategy"] == "remove_marker")]
     assert removed["mitigated_prompt"].item() == "Compared to, stable."
-    assert summary["figures"] == [layout.figure(f"generations_{'a' * 16}.npz")]
-    with np.load(summary["figures"][0]) as grids:
+    assert summary.figures == [layout.figure(f"generations_{'a' * 16}.npz")]
+    with np.load(summary.figures[0]) as grids:
         assert sorted(grids.files) == ["embedding_optimisation", "original", "remove_marker"]
         assert grids["original"].shape[0] == 2 and 0 <= grids["original"].min() <= grids["original"].max() <= 1
     merged = Store().read_json(layout.summary)["mitigation"]["strategies"]

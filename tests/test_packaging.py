@@ -20,7 +20,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cxrmem.cli import STAGES
+from cxrmem.cli import BY_COMMAND
 from cxrmem.config import default_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def help_texts() -> dict[str, str]:
     (ray_jobs/train_testbed.py is left out: importing the trainer alone takes longer than the rest.)
     """
     commands = {f"ray_jobs/{job}": [sys.executable, f"ray_jobs/{job}", "--help"] for job in CLUSTER_JOBS}
-    for stage in STAGES:
+    for stage in BY_COMMAND:
         commands[f"cxrmem {stage}"] = [sys.executable, "-m", "cxrmem.cli", stage, "--help"]
     for tool, subs in TOOL_COMMANDS.items():
         for sub in subs:
@@ -305,7 +305,7 @@ def test_readme_cxrmem_commands_name_real_stages_flags_and_keys(help_texts):
             assert args[1] in TOOL_COMMANDS[stage]
             name = f"cxrmem {stage} {args[1]}"
         else:
-            assert stage in STAGES, f"README shows `cxrmem {stage}`, not a stage of cxrmem/cli.py"
+            assert stage in BY_COMMAND, f"README shows `cxrmem {stage}`, not a stage of cxrmem/cli.py"
             name = f"cxrmem {stage}"
         if is_placeholder(args):
             continue
@@ -315,13 +315,20 @@ def test_readme_cxrmem_commands_name_real_stages_flags_and_keys(help_texts):
         load_config(ROOT / config if config else None, overrides)
 
 
+def test_readme_stage_table_lists_exactly_the_cli_commands_in_order():
+    """The README's "Stages and the command line" table is the stage table's rows and the CLI's commands
+    (cxrmem/stages/table.py, cxrmem/cli.py COMMANDS): a stage added to the table and not to the README fails here."""
+    rows = re.findall(r"^\| `([a-z-]+)` \|", README.read_text().split("## Stages and the command line")[1].split("\n## ")[0], re.M)
+    assert rows == list(BY_COMMAND)
+
+
 def test_readme_inline_cxrmem_commands_name_real_stages():
     top_help = subprocess.run([sys.executable, "-m", "cxrmem.cli", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for span in re.findall(r"`cxrmem ([a-z-]+)", README.read_text()):
         if span.startswith("--"):
             assert span in top_help, f"README mentions `cxrmem {span}`, which `cxrmem --help` does not list"
             continue
-        assert span in STAGES or span in TOOL_COMMANDS, f"README mentions `cxrmem {span}`"
+        assert span in BY_COMMAND or span in TOOL_COMMANDS, f"README mentions `cxrmem {span}`"
 
 
 def test_readme_ray_job_commands_exist_and_accept_their_arguments(help_texts):

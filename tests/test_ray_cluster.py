@@ -280,8 +280,8 @@ def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head,
 
     assert not kill_flag.exists(), "no worker died: the run finished before the fault was armed"
     total = pq.read_metadata(layout.prompts).num_rows
-    assert result["computed"] == total and result["resumed"] == 0  # every row reached the driver once
-    assert result["duplicates_dropped"] == 0
+    assert result.computed == total and result.resumed == 0  # every row reached the driver once
+    assert result.duplicates_dropped == 0
     assert_scores_match(layout, scored_reference)
 
 
@@ -329,9 +329,9 @@ def test_interrupted_driver_resumes_with_only_the_rest(ray_head, driver_on_head,
     result = score.run(cfg, scored_batches=scored_batches)
 
     total = pq.read_metadata(layout.prompts).num_rows
-    assert result["resumed"] == rows_in_parts >= 2 * cfg.ray.checkpoint_every
-    assert result["computed"] == total - result["resumed"]
-    assert result["duplicates_dropped"] == 0
+    assert result.resumed == rows_in_parts >= 2 * cfg.ray.checkpoint_every
+    assert result.computed == total - result.resumed
+    assert result.duplicates_dropped == 0
     assert_scores_match(layout, scored_reference)
 
 

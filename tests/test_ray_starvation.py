@@ -50,7 +50,7 @@ def test_a_pool_holding_every_cpu_still_gets_its_prompts(tiny_model_dir, tmp_pat
     prepare.run(cfg)
     with ray_session(cfg.ray):
         result = score.run(cfg, Store(), scored_batches=scored_batches)
-    assert result["computed"] == result["total"] > 0
+    assert result.computed == result.total > 0
 
 
 @pytest.mark.slow

@@ -38,16 +38,16 @@ def test_a_corpus_against_prompts_of_the_same_kind_gives_calibrated_p_values_and
     cfg = load_config(None, [*base, f"analyze.reference={ref}", "analyze.reference_min=50", "report.figures=false",
                              "analyze.reference_min_per_bin=30"])  # fmt: skip
     done = reference.run(cfg)
-    assert done["prompts"] > 50 and done["computed"] == done["prompts"]
-    assert json.loads(open(layout.summary).read())["cost"]["stages"]["reference"] == done["work"]  # the corpus run's cost
-    assert done["work"]["unet_samples"] > 0
+    assert done.prompts > 50 and done.computed == done.prompts
+    assert json.loads(open(layout.summary).read())["cost"]["stages"]["reference"] == done.work  # the corpus run's cost
+    assert done.work["unet_samples"] > 0
     result = analyze.run(cfg)
     calibration = pq.read_table(layout.calibration).to_pandas()
     prompts = pq.read_metadata(layout.prompts).num_rows
     assert len(calibration) == prompts and calibration["p_value"].between(0, 1).all()
     assert (calibration["q_value"] >= calibration["p_value"] - 1e-12).all()
     summary = json.loads(open(layout.summary).read())["calibration"]
-    assert summary["reference"]["prompts"] == done["prompts"] and summary["discoveries"] == result["calibrated_count"]
+    assert summary["reference"]["prompts"] == done.prompts and summary["discoveries"] == result.calibrated_count
     assert summary["global_p"] == pytest.approx(calibration["q_value"].min())
     memorized = pd.read_csv(layout.memorized)
     assert {"p_value", "q_value"} <= set(memorized.columns)
@@ -74,7 +74,7 @@ def test_reference_prompts_that_are_also_in_the_corpus_are_dropped_and_counted(s
     ids = set(pq.read_table(ref_layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     corpus_ids = set(pq.read_table(layout.prompts, columns=["prompt_id"])["prompt_id"].to_pylist())
     # The 5 copied prompts at least (the generator's few normal impressions recur across seeds too).
-    assert done["dropped_in_corpus"] >= 5 and done["prompts"] + done["dropped_in_corpus"] == prepared["prompts_unique"] == len(ids) + done["dropped_in_corpus"]
+    assert done.dropped_in_corpus >= 5 and done.prompts + done.dropped_in_corpus == prepared["prompts_unique"] == len(ids) + done.dropped_in_corpus
     assert not ids & corpus_ids
 
 
@@ -108,10 +108,10 @@ def test_the_memorized_set_can_be_the_calibrated_calls(tmp_path):
     calibration = pq.read_table(layout.calibration).to_pandas()
     called = set(calibration["prompt_id"][calibration["q_value"] <= cfg.analyze.fdr])
     memorized = pd.read_csv(layout.memorized)
-    assert called and set(memorized["prompt_id"]) == called and result["memorized_count"] == len(called)
+    assert called and set(memorized["prompt_id"]) == called and result.memorized_count == len(called)
     analysis = json.loads(open(layout.summary).read())["analysis"]
     assert analysis["memorized_by"] == "q_value" and analysis["threshold"] == pytest.approx(memorized["d_mem"].min())
     report.run(cfg)
     assert "q-value ≤ 0.05 against prompts the model never saw" in open(layout.report, encoding="utf-8").read()
     top = analyze.run(load_config(None, base))  # the paper's top 1% of the same scores: another set
-    assert top["memorized_count"] == 1 and len(called) > 1  # ceil(1% of 60)
+    assert top.memorized_count == 1 and len(called) > 1  # ceil(1% of 60)

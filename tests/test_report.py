@@ -98,23 +98,23 @@ def test_full_report_embeds_every_figure(tmp_path):
     _write_attribution_and_mitigation(layout)
     result = report.run(cfg)
     rendered = {k: "rendered" for k in ("run", "distribution", "memorized", "enrichment", "length", "attribution", "mitigation", "howto")}
-    assert result["sections"] == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
+    assert result.sections == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     # The page is report.SECTIONS in order: the nav links each heading, optional sections absent here are left out
     from cxrmem.report import SECTIONS
 
-    keys = [s.key for s in SECTIONS if s.key in result["sections"]]
+    keys = [s.key for s in SECTIONS if s.key in result.sections]
     nav = text[text.index("<nav>"):text.index("</nav>")]
-    assert re.findall(r'href="#(\w+)"', nav) == keys == re.findall(r'<h2 id="(\w+)"', text) == list(result["sections"])
+    assert re.findall(r'href="#(\w+)"', nav) == keys == re.findall(r'<h2 id="(\w+)"', text) == list(result.sections)
     assert "detectors" not in keys and "cascade" not in keys
-    names = sorted(p.rsplit("/", 1)[-1] for p in result["figures"])
+    names = sorted(p.rsplit("/", 1)[-1] for p in result.figures)
     # Fig. 2 + histogram, enrichment, length, 2 prompts x 2 attribution methods, mitigation chart, one image grid
     assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "length.png", "mitigation.png",
                             f"grid_{_pid(0)}.png"] + [f"tokens_{_pid(i)}_{m}.png" for i in (0, 1) for m in ("grad_score", "loo_delta")])
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(embedded) == len(result["figures"])
-    for path in result["figures"]:
+    assert len(embedded) == len(result.figures)
+    for path in result.figures:
         data = open(path, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert base64.b64encode(data).decode() in embedded
@@ -156,9 +156,9 @@ def test_detection_check_says_when_recall_is_capped_by_the_set_size(tmp_path):
 def test_report_says_which_inputs_are_absent(tmp_path):
     cfg, layout = _analyzed_run(tmp_path, ["report.figures=false"])
     result = report.run(cfg)
-    assert result["sections"]["attribution"] == "absent: tokens.parquet"
-    assert result["sections"]["mitigation"] == "absent: mitigation.parquet"
-    assert result["figures"] == []
+    assert result.sections["attribution"] == "absent: tokens.parquet"
+    assert result.sections["mitigation"] == "absent: mitigation.parquet"
+    assert result.figures == []
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     assert "tokens.parquet is absent" in text and "mitigation.parquet is absent" in text
@@ -170,7 +170,7 @@ def test_report_of_an_empty_run_still_renders(tmp_path):
     result = report.run(cfg)
     text = open(RunLayout(str(tmp_path)).report, encoding="utf-8").read()
     _check_html(text)
-    assert result["sections"]["distribution"] == "absent: analysis"
+    assert result.sections["distribution"] == "absent: analysis"
     assert "run `cxrmem analyze` first" in text
 
 
@@ -201,7 +201,7 @@ def _known_run(tmp_path, known=(0, 7), overrides=()):
 def test_report_checks_the_memorized_set_against_known_prompts(tmp_path):
     cfg, layout = _known_run(tmp_path)
     result = report.run(cfg)
-    assert "known_memorized.png" in [p.rsplit("/", 1)[-1] for p in result["figures"]]
+    assert "known_memorized.png" in [p.rsplit("/", 1)[-1] for p in result.figures]
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     assert "Check against known memorized prompts" in text

@@ -27,15 +27,15 @@ def test_analyze_and_report_read_and_write_s3(tmp_path, s3_bucket, s3_server):
     cfg = load_config(None, [f"run.output={prefix}", f"storage.endpoint_url={s3_server.endpoint_url}",
                              f"storage.region={s3_server.region}"])
 
-    assert analyze.run(cfg)["memorized_count"] == 3
+    assert analyze.run(cfg).memorized_count == 3
     memorized = pd.read_csv(io.BytesIO(Store().read_bytes(remote.memorized)), dtype={"prompt_id": str})
     assert memorized.columns[0] == "prompt"
     assert memorized["prompt_id"].tolist() == [_pid(0), _pid(1), _pid(2)]
     assert Store().read_json(remote.summary)["analysis"]["memorized_count"] == 3
 
     result = report.run(cfg)
-    assert all(path.startswith(prefix + "/figures/") for path in result["figures"])
-    names = sorted(path.rsplit("/", 1)[1] for path in result["figures"])
+    assert all(path.startswith(prefix + "/figures/") for path in result.figures)
+    names = sorted(path.rsplit("/", 1)[1] for path in result.figures)
     assert names == sorted(["dmem_sorted.png", "dmem_histogram.png", "marker_enrichment.png", "length.png"])
     text = Store().read_text(remote.report)
     assert len(re.findall(r'src="data:image/png;base64,', text)) == len(names)

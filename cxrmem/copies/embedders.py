@@ -28,7 +28,6 @@ from cxrmem.models.loading import ModelLoadError, guarded, load_checked
 from cxrmem.models.radedit import resolve_snapshot
 
 RAD_DINO_REPO = "microsoft/rad-dino"
-EMBEDDERS = ("pixel", "rad_dino", "hf")
 
 
 @dataclass(frozen=True)
@@ -61,19 +60,17 @@ def embedder_snapshot(settings: EmbedderSettings) -> str:
     return snapshot
 
 
-def embedder_fingerprint(settings: EmbedderSettings) -> str:
-    """What keys a stored index: a hash of the settings for `pixel`, of the snapshot's files otherwise. Loads nothing."""
-    if settings.name == "pixel":
-        payload = json.dumps({"embedder": "pixel", "size": settings.size, "rule": "area-resize,centre,unit-norm"})
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-    return model_fingerprint({"model": embedder_snapshot(settings)}, {"embedder": "transformers", "pooling": "cls"})
-
-
 class PixelEmbedder:
-    def __init__(self, settings: EmbedderSettings):
+    def __init__(self, settings: EmbedderSettings, device: torch.device | str = "cpu"):  # the CPU serves: no model
         self.size = settings.size
         self.dim = settings.size * settings.size
-        self.fingerprint = embedder_fingerprint(settings)
+        self.fingerprint = self.fingerprint_of(settings)
+
+    @staticmethod
+    def fingerprint_of(settings: EmbedderSettings) -> str:
+        """A hash of the settings: the pixels are the embedding."""
+        payload = json.dumps({"embedder": "pixel", "size": settings.size, "rule": "area-resize,centre,unit-norm"})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def __call__(self, images) -> torch.Tensor:
         rows = [
@@ -104,7 +101,12 @@ class TransformersEmbedder:
             lambda: AutoModel.from_pretrained(snapshot, local_files_only=True, output_loading_info=True),
         ).to(self.device)
         self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.hidden_sizes[-1])
-        self.fingerprint = embedder_fingerprint(settings)
+        self.fingerprint = self.fingerprint_of(settings)
+
+    @staticmethod
+    def fingerprint_of(settings: EmbedderSettings) -> str:
+        """A hash of the snapshot's files and the pooling rule. Loads nothing."""
+        return model_fingerprint({"model": embedder_snapshot(settings)}, {"embedder": "transformers", "pooling": "cls"})
 
     @torch.no_grad()
     def __call__(self, images) -> torch.Tensor:
@@ -121,10 +123,21 @@ class TransformersEmbedder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
+# name -> embedder class (built from settings and a device, with a `fingerprint_of(settings)`); copies.embedder's choices.
+EMBEDDERS = {"pixel": PixelEmbedder, "rad_dino": TransformersEmbedder, "hf": TransformersEmbedder}
+
+
+def embedder_class(settings: EmbedderSettings):
+    if settings.name not in EMBEDDERS:
+        raise ValueError(f"image embedder {settings.name!r}: use one of {', '.join(EMBEDDERS)} (copies.embedder)")
+    return EMBEDDERS[settings.name]
+
+
+def embedder_fingerprint(settings: EmbedderSettings) -> str:
+    """What keys a stored index (the embedder's `fingerprint_of`). Loads nothing."""
+    return embedder_class(settings).fingerprint_of(settings)
+
+
 def make_embedder(settings: EmbedderSettings, device: torch.device | str = "cpu"):
     """The embedder the settings name; call it on images, read `.fingerprint` and `.dim`."""
-    if settings.name == "pixel":
-        return PixelEmbedder(settings)
-    if settings.name in ("rad_dino", "hf"):
-        return TransformersEmbedder(settings, device)
-    raise ValueError(f"image embedder {settings.name!r}: use one of {', '.join(EMBEDDERS)}")
+    return embedder_class(settings)(settings, device)

@@ -47,7 +47,7 @@ class CopiesSettings(Settings):
 class CopiesConfig(CopiesSettings):
     """The `copies` config section: the settings above, the embedder, and the generations' guidances and controls."""
 
-    embedder: str = knob("pixel", choices=EMBEDDERS)  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
+    embedder: str = knob("pixel", choices=list(EMBEDDERS))  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
     pixel_size: int = knob(64, at_least(4))  # pixel embedder: side of the resized image
     embedder_repo: str = RAD_DINO_REPO  # hf embedder: the model's repo id in the cache
     embedder_cache: str = ""  # rad_dino / hf: the Hugging Face hub cache root (loaded offline)

@@ -1,4 +1,4 @@
-"""`cxrmem audit` on Ray: prepare, score, analyze, attribute, mitigate, copies (with images.source), report, publish.
+"""`cxrmem audit` on Ray: the stage table's stages in order (cxrmem/stages/table.py), then publish.
 
 The same stage functions as the single-stage commands, with the model work mapped over one Ray actor
 pool for the whole audit (pipeline.py's ModelPool): the cascade's screens, the full score, the audit
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from cxrmem.distributed.image_index import ray_rows
 from cxrmem.distributed.pipeline import ModelPool
@@ -24,7 +24,8 @@ from cxrmem.publish import manifest_digest, prepare_output, publish_run
 from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.score_key import config_hash
 from cxrmem.settings import with_overrides
-from cxrmem.stages import analyze, attribute, copies, mitigate, prepare, reference, report, score
+from cxrmem.stages import copies, prepare, score
+from cxrmem.stages.table import AUDIT, BY_NAME, Stage
 from cxrmem.storage import Store
 from cxrmem.summary import AuditSection
 
@@ -46,38 +47,23 @@ class StageTimer:
         log.info("audit: %s done in %.1f s", stage, self.seconds[stage])
 
 
-def explain_memorized(cfg, store: Store, models: ModelPool, timer: StageTimer) -> dict:
-    """tokens.parquet, mitigation.parquet and (with images.source) copies.parquet for the memorized set, on the
-    audit's model pool."""
-    results: dict = {}
-    if cfg.attribution.enabled:
-        with timer("attribute"):
-            results["attribution"] = attribute.run(cfg, store, models)
-    if cfg.mitigation.enabled:
-        with timer("mitigate"):
-            results["mitigation"] = mitigate.run(cfg, store, models)
-    if cfg.images.source:
-        with timer("copies"):
-            results["copies"] = copies.run(cfg, store, models)  # the index is built: only unreadable files are retried
+def run_stages(stages: Sequence[Stage], cfg, store: Store, timer: StageTimer, pool: dict) -> dict:
+    """stage name -> result of each stage its settings turn on, in the table's order, handed what it takes of `pool`."""
+    results = {}
+    for stage in stages:
+        if stage.off(cfg) is None:
+            with timer(stage.name):
+                results[stage.name] = stage.function()(cfg, store, **{name: pool[name] for name in stage.takes})
     return results
 
 
-def score_and_analyze(cfg, store: Store, fingerprint: str, models: ModelPool, timer: StageTimer) -> tuple[dict, dict]:
-    with timer("score"):
-        if cfg.cascade.enabled:
-            from cxrmem.distributed.cascade import run_cascade
-
-            scoring = run_cascade(cfg, store, fingerprint, models.scored_batches)
-            # scores.parquet holds the screened share only: the same top share of the whole corpus.
-            top_percent: Optional[float] = scoring["analysis_top_percent"]
-        else:
-            scoring, top_percent = score.run(cfg, store, fingerprint, models.scored_batches), None
-    if cfg.analyze.reference:
-        with timer("reference"):
-            scoring["reference"] = reference.run(cfg, store, fingerprint, models.scored_batches)
-    with timer("analyze"):
-        analysis = analyze.run(cfg, store, top_percent=top_percent)
-    return scoring, analysis
+def audit_section(output: str, results: dict, timer: StageTimer, model_loads: dict) -> AuditSection:
+    scoring = results["score"].to_json()
+    if "reference" in results:
+        scoring["reference"] = results["reference"].to_json()
+    analysis = results["analyze"]
+    return AuditSection(output=output, scoring=scoring, memorized_count=analysis.memorized_count, threshold=analysis.threshold,
+                        timings_s=dict(timer.seconds), model_loads=model_loads)  # fmt: skip
 
 
 def run_audit(cfg, store: Optional[Store] = None) -> dict:
@@ -98,28 +84,27 @@ def _audit(cfg, store: Store, lease) -> dict:
     layout = RunLayout(work)
     timer = StageTimer()
     start = time.perf_counter()
+    # The table's first stage reads the corpus, its last (report) every other output; the rest run on the model pool.
+    first, *pooled, last = AUDIT
     with ray_session(cfg.ray, cfg.model.device):
         if store.exists(layout.prompts):
             prepare.check_same_corpus(cfg, store)  # resuming: the prompts must come from this config's corpus
         else:
-            with timer("prepare"):
-                prepare.run(cfg, store)
+            run_stages([first], cfg, store, timer, {})
         with timer("fingerprint"):
             fingerprint = fingerprint_model(cfg.model, store)
         if cfg.images.source:  # its own actors (the embedder), released before the model pool takes the devices
-            with timer("image_index"):
+            with timer("image_index"):  # the copies stage then retries only the files that could not be read
                 log.info("image index: %s", copies.build_image_index(cfg, store, ray_rows))
         cfg = score.with_planned_device(cfg)  # the pool's workers and every stage's score key agree on the device
         need_vae = cfg.mitigation.enabled or bool(cfg.images.source)
         with ModelPool(cfg, store, need_vae=need_vae) as models:
-            scoring, analysis = score_and_analyze(cfg, store, fingerprint, models, timer)
-            explained = explain_memorized(cfg, store, models, timer)
+            pool = {"fingerprint": fingerprint, "scored_batches": models.scored_batches, "models": models}
+            results = run_stages(pooled, cfg, store, timer, pool)
             model_loads = models.model_loads()
-    audit = AuditSection(output=output, scoring=scoring, memorized_count=analysis["memorized_count"],
-                         threshold=analysis["threshold"], timings_s=dict(timer.seconds), model_loads=model_loads)
+    audit = audit_section(output, results, timer, model_loads)
     write_sections(store, layout, audit)  # before the report, which shows it, and the manifest, which checksums it
-    with timer("report"):
-        written = report.run(cfg, store)
+    written = run_stages([last], cfg, store, timer, {}).get(last.name)
     with timer("publish"):
         lease.check()  # never publish a run another writer took over
         manifest = publish_run(store, output, work, fingerprint, cfg, extra={"config_hash": config_hash(cfg)})
@@ -131,6 +116,6 @@ def _audit(cfg, store: Store, lease) -> dict:
         # The published manifest's sha256: kept outside the run, it tells this run from an edited one (`verify --expect`).
         "manifest_sha256": manifest_digest(manifest),
         # Where the report lives once published, not the _staging prefix an overwrite wrote it at (gone by now).
-        "report": RunLayout(output).report if written.get("report") else None,
-        "explained": {stage: summary.get("prompts") for stage, summary in explained.items()},
+        "report": RunLayout(output).report if written else None,
+        "explained": {name: result.prompts for name, result in results.items() if "models" in BY_NAME[name].takes},
     }

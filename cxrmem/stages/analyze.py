@@ -36,6 +36,8 @@ from cxrmem.runfiles import (
     write_sections,
 )
 from cxrmem.settings import PERCENT, POSITIVE, ConfigError, knob, public_config
+from cxrmem.stages.prepare import read_prepare_summary
+from cxrmem.stages.results import AnalyzeResult
 from cxrmem.storage import Store
 from cxrmem.summary import CalibrationSection
 
@@ -64,10 +66,9 @@ def check_something_scored(counts: dict, scores_uri: str) -> None:
 def token_limit(cfg, store: Store, layout: RunLayout) -> Optional[int]:
     """The model's prompt length in tokens (its tokenizer's model_max_length) that `truncated` is measured
     against: from prepare_summary.json, else from the model's tokenizer; None when neither can be read."""
-    if store.exists(layout.prepare_summary):
-        recorded = store.read_json(layout.prepare_summary).get("max_length")
-        if isinstance(recorded, int):
-            return recorded
+    prepared = read_prepare_summary(store, layout)
+    if prepared is not None and isinstance(prepared.max_length, int):
+        return prepared.max_length
     try:
         from cxrmem.models.loading import load_tokenizer
 
@@ -192,7 +193,7 @@ def adjust_settings(cfg) -> AdjustSettings:
     return AdjustSettings.of(cfg.analyze)
 
 
-def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> AnalyzeResult:
     """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
     (the cascade's scores hold only the screened share of the corpus)."""
     store = store or Store.from_config(cfg.storage)
@@ -249,12 +250,12 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         analysis.marker_enrichment["odds_ratio"],
         adjusted["estimate"] if adjusted["refused"] is None else f"refused ({adjusted['refused']})",
     )
-    return {
-        "memorized": layout.memorized,
-        "summary": layout.summary,
-        "memorized_count": analysis.memorized_count,
-        "calibrated_count": calibrated.discoveries if calibrated else None,
-        "global_p": calibrated.global_p if calibrated else None,
-        "threshold": analysis.threshold,
-        "marker_odds_ratio": analysis.marker_enrichment["odds_ratio"],
-    }
+    return AnalyzeResult(
+        memorized=layout.memorized,
+        summary=layout.summary,
+        memorized_count=analysis.memorized_count,
+        threshold=analysis.threshold,
+        marker_odds_ratio=analysis.marker_enrichment["odds_ratio"],
+        calibrated_count=calibrated.discoveries if calibrated else None,
+        global_p=calibrated.global_p if calibrated else None,
+    )

@@ -17,11 +17,9 @@ from cxrmem.summary import AttributionSection
 log = logging.getLogger(__name__)
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> AttributionSection:
     """Attribute the memorized set with `models` (default: a model loaded in this process)."""
     store = store or Store.from_config(cfg.storage)
-    if not cfg.attribution.enabled:
-        return {"attribution": "disabled (attribution.enabled=false)"}
     with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models, identity):
         frames, seconds = map_with_progress(models, AttributePrompts(), memorized, "attributed", cfg.ray.progress_every_s)
         tokens, columns, null_timing = pd.concat(frames, ignore_index=True), dict(TOKEN_COLUMNS), {}
@@ -35,4 +33,4 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
         section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, model=identity, **null_timing)
         write_sections(store, layout, section)
     log.info("attribution: %s", section)
-    return section.to_json()
+    return section

@@ -52,6 +52,7 @@ from cxrmem.scoring.scorer import ScoreSettings, UNetWork
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, knob, with_overrides
 from cxrmem.stages import score
 from cxrmem.stages.continuation import TrajectoryCarry
+from cxrmem.stages.results import CascadeResult, ScoreResult
 from cxrmem.storage import Store
 from cxrmem.summary import CascadeSection
 
@@ -125,7 +126,8 @@ class Round:
     rejected: int
     sample: int
     misses: int
-    missed_by_stage: dict = field(default_factory=dict)  # stage index -> misses it rejected
+    # Misses per stage, in stage order: a list, which JSON keeps as it is (a dict's int keys come back as strings).
+    missed_by_stage: list[int] = field(default_factory=list)
 
 
 def plan(cfg) -> list[Stage]:
@@ -216,7 +218,7 @@ def run_stages(
             carry.begin_stage(stats.top_k(len(inputs), stage.keep_percent), stage.screen, column)
         what = f"screened (stage {i + 1}, {stage.screen})"
         scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
-        work += UNetWork.from_json(scored["work"])
+        work += UNetWork.from_json(scored.work)
         table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
         chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
@@ -225,7 +227,7 @@ def run_stages(
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
         continued, saved = (0, 0) if carry is None else (carry.continued, carry.saved)
-        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, scored["work"]["evaluations"], continued, saved))
+        runs.append(StageRun(stage.screen, stage.keep_percent, table.num_rows, kept.num_rows, scored.work["evaluations"], continued, saved))
         if carry is not None:
             carry.end_stage(chosen.tolist())
         log.info("cascade stage %d (%s, keep %.3g%%): %d of %d prompts pass", i + 1, stage.screen, stage.keep_percent, kept.num_rows, table.num_rows)
@@ -256,7 +258,7 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, first_screen: str,
+def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, stages: list[Stage],
                 work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
     """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
     model work is added to `work`."""
@@ -270,21 +272,21 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
         sample_uri = storage.join(layout.prefix, CASCADE_DIR, "audit_sample.parquet")
         store.write_table(store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(sample.tolist())), sample_uri)
         audit_cfg = with_overrides(cfg, run__output=audit_dir)
-        audited = UNetWork.from_json(score.run(audit_cfg, store, fingerprint, batches, prompts_uri=sample_uri, what="audited", cost=None)["work"])
+        audited = UNetWork.from_json(score.run(audit_cfg, store, fingerprint, batches, prompts_uri=sample_uri, what="audited", cost=None).work)
         work += audited
     audit_ids, audit_scores = _full_scores(store, RunLayout(audit_dir).scores)
     in_sample = np.isin(audit_ids, sample)
     audit_ids, audit_scores = audit_ids[in_sample], audit_scores[in_sample]
     threshold = memorized_threshold(np.concatenate([scored, audit_scores]), len(all_ids), cfg.analyze.top_percent)
     missed = audit_ids[np.isfinite(audit_scores) & (audit_scores >= threshold)] if threshold is not None else audit_ids[:0]
-    by_stage: dict[int, int] = {}
+    by_stage = [0] * len(stages)
     for prompt in missed.tolist():
-        by_stage[rejected_at[prompt]] = by_stage.get(rejected_at[prompt], 0) + 1
+        by_stage[rejected_at[prompt]] += 1
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
     full = (np.concatenate([scored_ids, audit_ids]), np.concatenate([scored, audit_scores]))
     kept_members = int(np.sum(np.isfinite(scored) & (scored >= threshold))) if threshold is not None else 0
-    bounds = round_bounds(store, layout, first_screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
+    bounds = round_bounds(store, layout, stages[0].screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
                           full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size)  # fmt: skip
     return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
@@ -306,7 +308,7 @@ def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, f
                         full_per_prompt)  # fmt: skip
 
 
-def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> dict:
+def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
     pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost."""
@@ -324,42 +326,42 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
         if carry is not None:
             carry.begin_stage()
         full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
-        work += UNetWork.from_json(full["work"])
+        work += UNetWork.from_json(full.work)
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages[0].screen, work)
+        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages, work)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
-        spent["full"] += full["work"]["evaluations"]
+        spent["full"] += full.work["evaluations"]
         spent["audit"] += check["evaluations"]
         continuation["continued"] += sum(s.continued for s in stage_runs) + (0 if carry is None else carry.continued)
         continuation["evaluations_saved"] += sum(s.saved for s in stage_runs) + full_saved
         if not checked.misses:
             break
+        lost = [i for i, n in enumerate(checked.missed_by_stage) if n]
         log.warning(
             "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold (lost by stages %s)%s",
-            number, checked.misses, checked.sample, [i + 1 for i in sorted(checked.missed_by_stage)],
+            number, checked.misses, checked.sample, [i + 1 for i in lost],
             "; widening and rescreening" if number < cfg.cascade.max_rounds else "; cascade.max_rounds reached",
         )
         if number < cfg.cascade.max_rounds:
-            for i in checked.missed_by_stage:
+            for i in lost:
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"])
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     write_sections(store, layout, section)
     record_cost(store, layout, "score", work.to_json())
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
-    return {
-        **full,
-        "work": work.to_json(),
-        "screen": stages[0].screen,
-        "screening": {"scores": RunLayout(first.run.output).scores},
-        "selected": rounds[-1].stages[-1].kept,
-        "unet_evaluations_full": evaluations(full_cost, len(all_ids), cfg.score.batch_size),
-        "unet_evaluations_cascade": spent["screens"] + spent["full"],
-        "analysis_top_percent": section.analysis_top_percent,
-        "cascade": section.to_json(),
-    }
+    return CascadeResult(
+        **{**asdict(full), "work": work.to_json()},
+        screen=stages[0].screen,
+        screening={"scores": RunLayout(first.run.output).scores},
+        selected=rounds[-1].stages[-1].kept,
+        unet_evaluations_full=evaluations(full_cost, len(all_ids), cfg.score.batch_size),
+        unet_evaluations_cascade=spent["screens"] + spent["full"],
+        analysis_top_percent=section.analysis_top_percent,
+        cascade=section.to_json(),
+    )
 
 
 def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold,
@@ -403,9 +405,13 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     )
 
 
-def run(cfg, store: Store | None = None) -> dict:
-    """`cxrmem score` with cascade.enabled: the cascade in this process."""
+def score_or_cascade(cfg, store: Store | None = None, fingerprint: Optional[str] = None,
+                     scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
+    """The score stage: the cascade with cascade.enabled, else the full score of every prompt; `scored_batches`
+    is the executor (this process by default, the audit's actor pool)."""
+    if not cfg.cascade.enabled:
+        return score.run(cfg, store, fingerprint, scored_batches)
     from cxrmem.models.loading import fingerprint_model
 
     store = store or Store.from_config(cfg.storage)
-    return run_cascade(cfg, store, fingerprint_model(cfg.model, store))
+    return run_cascade(cfg, store, fingerprint or fingerprint_model(cfg.model, store), scored_batches)

@@ -26,7 +26,7 @@ def memorized_scores(store: Store, prefix: str):
     return scores
 
 
-def run(store: Store, run_a: str, run_b: str, out: Optional[str] = None) -> dict:
+def run(cfg, store: Store, run_a: str, run_b: str, out: Optional[str] = None) -> dict:
     manifests = [require_published(store, prefix) for prefix in (run_a, run_b)]
     diff, counts = score_diff(memorized_scores(store, run_a), memorized_scores(store, run_b))
     result = {

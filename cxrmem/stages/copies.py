@@ -140,12 +140,10 @@ def build_image_index(cfg, store: Store, embed_rows: image_index.EmbedRows) -> d
     return image_index.build_index(cfg, store, embedder_fingerprint(embedder_settings(cfg)), embed_rows)[2]
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> dict:
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> CopiesSection:
     """Check the memorized set for copies of training images with `models` (default: a model with its VAE in
     this process); the images not yet in the index are embedded by `embed_rows` first."""
     store = store or Store.from_config(cfg.storage)
-    if not cfg.images.source:
-        return {"copies": "disabled (images.source is empty)"}
     fingerprint = embedder_fingerprint(embedder_settings(cfg))  # from the files: the embedder loads on the workers
     with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models, identity):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
@@ -165,7 +163,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
         section.model = identity
         write_sections(store, layout, section)
     log.info("copies: %s", section.headline)
-    return section.to_json()
+    return section
 
 
 def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> CopiesSection:

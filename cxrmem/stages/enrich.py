@@ -62,8 +62,9 @@ def report_on_both(prompts: list[str], n_controls: int) -> None:
     )  # fmt: skip
 
 
-def run(cfg, memorized_path: str, controls_path: str, text_column: str = "prompt", out: Optional[str] = None,
-        use_tokenizer: bool = False, store: Optional[Store] = None) -> dict:  # fmt: skip
+def run(cfg, store: Optional[Store], memorized_path: str, controls_path: str, text_column: str = "prompt", out: Optional[str] = None,
+        use_tokenizer: bool = False) -> dict:  # fmt: skip
+    """The enrichment of the memorized list against the controls (tables), in words or (`use_tokenizer`) model tokens."""
     store = store or Store.from_config(cfg.storage)
     tokenizer = None
     if use_tokenizer:

@@ -28,11 +28,9 @@ def save_generation_grid(store: Store, layout: RunLayout, prompt_id: str, grids:
     return uri
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> dict:
+def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> MitigationSection:
     """Mitigate the memorized set with `models` (default: a model with its VAE loaded in this process)."""
     store = store or Store.from_config(cfg.storage)
-    if not cfg.mitigation.enabled:
-        return {"mitigation": "disabled (mitigation.enabled=false)"}
     with memorized_stage(cfg, store, "mitigate", cfg.mitigation.max_prompts, models, need_vae=True) as (layout, memorized, models, identity):
         # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
@@ -53,4 +51,4 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
         )
         write_sections(store, layout, section)
     log.info("mitigation: %s", section.strategies)
-    return section.to_json()
+    return section

@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from omegaconf import OmegaConf
 
@@ -24,16 +24,55 @@ from cxrmem.corpus.text import MARKER_REGEX, SourceText
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
 from cxrmem.settings import OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_regex, knob
+from cxrmem.stages.results import PrepareSummary
 from cxrmem.storage import Store
 
 SECTIONS = ("IMPRESSION", "FINDINGS", "LAST_PARAGRAPH")  # the report sections a prompt can be read from
+
+
+def _synthetic_records(cfg, store: Store) -> Iterator[SourceText]:
+    from cxrmem.corpus.mimic import report_to_source
+    from cxrmem.corpus.synthetic import iter_reports
+
+    synthetic, order = cfg.corpus.synthetic, list(cfg.corpus.sections)
+    n = synthetic.n_reports if cfg.corpus.max_reports is None else min(synthetic.n_reports, cfg.corpus.max_reports)
+    for report in iter_reports(n, synthetic.seed, synthetic.marker_rate, synthetic.normal_share):
+        ids = {"subject_id": report["subject_id"], "study": report["study"]}
+        yield report_to_source(report["report_id"], report["text"], order, ids, f"synthetic report {report['report_id']}")
+
+
+def _mimic_records(cfg, store: Store) -> Iterator[SourceText]:
+    from cxrmem.corpus.mimic import iter_mimic_reports
+
+    corpus = cfg.corpus
+    return iter_mimic_reports(corpus.path, list(corpus.sections), store, workers=corpus.read_workers, limit=corpus.max_reports)
+
+
+def _iuxray_records(cfg, store: Store) -> Iterator[SourceText]:
+    from cxrmem.corpus.iuxray import iter_iuxray_reports
+
+    return iter_iuxray_reports(cfg.corpus.path, list(cfg.corpus.sections), store, limit=cfg.corpus.max_reports)
+
+
+def _table_records(cfg, store: Store) -> Iterator[SourceText]:
+    from cxrmem.corpus.tables import iter_tables
+
+    corpus = cfg.corpus
+    return islice(iter_tables(corpus.path, corpus.text_column, list(corpus.id_columns), store), corpus.max_reports)
+
+
+# corpus.source -> its reader: (cfg, store) -> the corpus's records, at most corpus.max_reports. A source is one entry here.
+CORPUS_SOURCES: dict[str, Callable[..., Iterator[SourceText]]] = {
+    "synthetic": _synthetic_records, "mimic_reports": _mimic_records, "table": _table_records, "iuxray": _iuxray_records,
+}
+NEEDS_PATH = ("mimic_reports", "table")  # the sources without a built-in default location
 
 
 @dataclass(frozen=True)
 class CorpusConfig(Settings):
     """The `corpus` config section: which reports, and how prompts are read from them."""
 
-    source: str = knob("synthetic", choices=["synthetic", "mimic_reports", "table", "iuxray"])  # synthetic | mimic_reports | table | iuxray
+    source: str = knob("synthetic", choices=list(CORPUS_SOURCES))  # synthetic | mimic_reports | table | iuxray
     path: Optional[str] = None  # folder, file or s3:// URI of the corpus (unused for synthetic, optional for iuxray)
     text_column: str = "text"  # text column of a table source
     id_columns: tuple[str, ...] = ("path", "subject_id", "study")  # source id columns kept if present
@@ -50,39 +89,15 @@ class CorpusConfig(Settings):
             if name not in SECTIONS:
                 raise ConfigError(f"config key '{key}.sections': {name!r} is not one of {list(SECTIONS)}")
         check_regex(f"{key}.marker_regex", section.marker_regex)
-        if section.source in ("mimic_reports", "table") and not section.path:
+        if section.source in NEEDS_PATH and not section.path:
             raise ConfigError(f"config key '{key}.path' is required when {key}.source={section.source}")
 
 log = logging.getLogger(__name__)
 
 
-def _synthetic_records(cfg, order) -> Iterator[SourceText]:
-    from cxrmem.corpus.mimic import report_to_source
-    from cxrmem.corpus.synthetic import iter_reports
-
-    synthetic = cfg.corpus.synthetic
-    n = synthetic.n_reports if cfg.corpus.max_reports is None else min(synthetic.n_reports, cfg.corpus.max_reports)
-    for report in iter_reports(n, synthetic.seed, synthetic.marker_rate, synthetic.normal_share):
-        ids = {"subject_id": report["subject_id"], "study": report["study"]}
-        yield report_to_source(report["report_id"], report["text"], order, ids, f"synthetic report {report['report_id']}")
-
-
 def iter_records(cfg, store: Store) -> Iterator[SourceText]:
     """The records of the corpus that corpus.source names (at most corpus.max_reports)."""
-    corpus, order, limit = cfg.corpus, list(cfg.corpus.sections), cfg.corpus.max_reports
-    if corpus.source == "synthetic":
-        return _synthetic_records(cfg, order)
-    if corpus.source == "mimic_reports":
-        from cxrmem.corpus.mimic import iter_mimic_reports
-
-        return iter_mimic_reports(corpus.path, order, store, workers=corpus.read_workers, limit=limit)
-    if corpus.source == "iuxray":
-        from cxrmem.corpus.iuxray import iter_iuxray_reports
-
-        return iter_iuxray_reports(corpus.path, order, store, limit=limit)
-    from cxrmem.corpus.tables import iter_tables
-
-    return islice(iter_tables(corpus.path, corpus.text_column, list(corpus.id_columns), store), limit)
+    return CORPUS_SOURCES[cfg.corpus.source](cfg, store)
 
 
 def corpus_settings(cfg) -> dict:
@@ -93,12 +108,19 @@ def corpus_settings(cfg) -> dict:
     return settings
 
 
+def read_prepare_summary(store: Store, layout: RunLayout) -> Optional[PrepareSummary]:
+    """The run's prepare_summary.json; None where prompts.parquet was given by hand (no summary)."""
+    if not store.exists(layout.prepare_summary):
+        return None
+    return PrepareSummary.from_json(store.read_json(layout.prepare_summary))
+
+
 def check_same_corpus(cfg, store: Store) -> None:
     """Raise if run.output already holds prompts prepared from other corpus settings."""
-    summary_uri = RunLayout(cfg.run.output).prepare_summary
-    if not store.exists(summary_uri):
+    recorded = read_prepare_summary(store, RunLayout(cfg.run.output))
+    if recorded is None:
         return  # prompts.parquet given by hand: nothing recorded to compare with
-    recorded = store.read_json(summary_uri).get("corpus")
+    recorded = recorded.corpus
     if recorded is None:
         return  # prepared before the settings were recorded
     current = corpus_settings(cfg)
@@ -111,7 +133,7 @@ def check_same_corpus(cfg, store: Store) -> None:
         )
 
 
-def run(cfg, store: Optional[Store] = None, tokenizer=None) -> dict:
+def run(cfg, store: Optional[Store] = None, tokenizer=None) -> PrepareSummary:
     """Write prompts.parquet and prepare_summary.json under run.output; returns the summary.
 
     `tokenizer` defaults to the model's (`load_tokenizer(cfg.model)`); its `model_max_length`
@@ -141,19 +163,19 @@ def run(cfg, store: Optional[Store] = None, tokenizer=None) -> dict:
             )
         store.write_table(table, layout.prompts)
         seconds = time.perf_counter() - start
-        summary = {
+        summary = PrepareSummary(**{
+            **counts,
             "source": cfg.corpus.source,
             "path": where,
             "corpus": corpus_settings(cfg),
             "prompts_file": layout.prompts,
-            **counts,
             "seconds": {**counts["seconds"], "total": round(seconds, 3)},
             "reports_per_s": round(counts["reports_read"] / seconds, 1),
-        }
-        store.write_json(layout.prepare_summary, summary)
+        })
+        store.write_json(layout.prepare_summary, summary.to_json())
     log.info(
         "%d reports -> %d unique prompts (%.1f%% with markers, %d truncated, %d skipped) in %.1f s",
-        summary["reports_read"], summary["prompts_unique"], 100 * summary["marker_share_unique"],
-        summary["truncated_unique"], summary["skipped_total"], seconds,
+        summary.reports_read, summary.prompts_unique, 100 * summary.marker_share_unique,
+        summary.truncated_unique, summary.skipped_total, seconds,
     )  # fmt: skip
     return summary

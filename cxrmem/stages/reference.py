@@ -23,6 +23,7 @@ from cxrmem import storage
 from cxrmem.runfiles import RunLayout, record_cost
 from cxrmem.settings import with_overrides
 from cxrmem.stages import prepare, score
+from cxrmem.stages.results import ReferenceResult
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,9 @@ def reference_config(cfg):
     )  # fmt: skip
 
 
-def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, scored_batches=score.local_batches) -> dict:
-    """Prepare and score the reference (nothing without analyze.reference); its prompts that the corpus also
+def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, scored_batches=score.local_batches) -> ReferenceResult:
+    """Prepare and score the reference of analyze.reference; its prompts that the corpus also
     holds are dropped first: a prompt cannot be its own non-member."""
-    if not cfg.analyze.reference:
-        return {"reference": None}
     store = store or Store.from_config(cfg.storage)
     corpus = RunLayout(cfg.run.output)
     if not store.exists(corpus.prompts):
@@ -66,6 +65,7 @@ def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, s
         if dropped:
             log.warning("reference: %d of its %d prompts are also in the audited corpus: dropped", dropped, prompts.num_rows)
     scored = score.run(ref_cfg, store, fingerprint, scored_batches, what="reference scored", cost=None)
-    record_cost(store, corpus, "reference", scored["work"])  # the corpus run's cost: the reference is part of its audit
-    return {**store.read_json(storage.join(layout.prefix, "reference.json")), "scores": layout.scores,
-            "computed": scored["computed"], "resumed": scored["resumed"], "work": scored["work"]}  # fmt: skip
+    record_cost(store, corpus, "reference", scored.work)  # the corpus run's cost: the reference is part of its audit
+    kept = store.read_json(storage.join(layout.prefix, "reference.json"))
+    return ReferenceResult(source=kept["source"], prompts=kept["prompts"], dropped_in_corpus=kept["dropped_in_corpus"],
+                           scores=layout.scores, computed=scored.computed, resumed=scored.resumed, work=scored.work)  # fmt: skip

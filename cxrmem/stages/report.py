@@ -18,6 +18,7 @@ import pandas as pd
 from cxrmem.publish import stage_writes
 from cxrmem.report import Draw, Figures, render_html, render_summary_md, report_context, sections
 from cxrmem.runfiles import RunLayout, check_prompt_ids, read_known_memorized, read_memorized, read_summary
+from cxrmem.stages.results import ReportResult
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def check_one_model(summary, layout: RunLayout) -> None:
                          "with one model (or `cxrmem rescore` into a new run) before the report")  # fmt: skip
 
 
-def run(cfg, store: Optional[Store] = None) -> dict:
+def run(cfg, store: Optional[Store] = None) -> ReportResult:
     """Write report.html, metrics.json, summary.md and figures/*.png for the run at cfg.run.output."""
     store = store or Store.from_config(cfg.storage)
     layout = RunLayout(cfg.run.output)
@@ -93,4 +94,4 @@ def run(cfg, store: Optional[Store] = None) -> dict:
         store.write_text(layout.summary_md, render_summary_md(page))
     drawn = [layout.figure(name) for name in figure.drawn]
     log.info("report: %s (%d figures)", layout.report, len(drawn))
-    return {"report": layout.report, "metrics": layout.metrics, "summary_md": layout.summary_md, "figures": drawn, "sections": sections(page)}
+    return ReportResult(report=layout.report, metrics=layout.metrics, summary_md=layout.summary_md, figures=drawn, sections=sections(page))

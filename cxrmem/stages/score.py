@@ -29,6 +29,7 @@ from cxrmem.scoring.device import Precision, planned_device
 from cxrmem.scoring.scorer import UNetWork
 from cxrmem.settings import with_overrides
 from cxrmem.stages import score_parts
+from cxrmem.stages.results import ScoreResult
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 
@@ -118,7 +119,7 @@ def run(
     prompts_uri: Optional[str] = None,
     what: str = "scored",
     cost: Optional[str] = "score",
-) -> dict:
+) -> ScoreResult:
     """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet.
     The model work counted (`work` in the result) is recorded in summary.json's cost section as stage `cost`
     (None: a part of a stage that records its own, the cascade's screens or the reference)."""
@@ -147,16 +148,10 @@ def run(
         merged = score_parts.consolidate(store, layout, fingerprint, key)
         if cost is not None:
             record_cost(store, layout, cost, work.to_json())
-    return {
-        "scores": layout.scores,
-        "total": len(prompt_ids),
-        "computed": progress.done,
-        "resumed": resumed,
-        "parts_written": parts_written,
-        "rows": merged["rows"],
-        "duplicates_dropped": merged["duplicates"],
-        "work": work.to_json(),
-        **{name: value for name, value in progress.summary().items() if name not in ("prompts", "resumed")},
-        "model_fingerprint": fingerprint,
-        "config_hash": key,
-    }
+    timing = progress.summary()
+    return ScoreResult(
+        scores=layout.scores, total=len(prompt_ids), computed=progress.done, resumed=resumed, parts_written=parts_written,
+        rows=merged["rows"], duplicates_dropped=merged["duplicates"], seconds=timing["seconds"], prompts_per_s=timing["prompts_per_s"],
+        startup_s=timing["startup_s"], prompts_per_s_after_startup=timing["prompts_per_s_after_startup"],
+        model_fingerprint=fingerprint, config_hash=key, work=work.to_json(),
+    )
