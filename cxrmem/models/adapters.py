@@ -111,13 +111,29 @@ def load_adapter(unet: torch.nn.Module, weight_file: str, name: str) -> None:
             f"LoRA adapter {weight_file} does not fit the base model's UNet ({type(err).__name__}: {first_line(err)}); "
             "an adapter loads only onto the base it was trained on: check model.path and model.adapters"
         ) from None
-    # The loader only logs tensors it could not place (a module the base lacks): part of an adapter is another model.
-    loaded = sum(1 for key in unet.state_dict() if f".{name}." in key)
-    if loaded != len(state_dict):
+    # The loader only logs tensors it could not place, and gives layers the file has no tensor for their initial
+    # values: an adapter applied in part is another model.
+    from peft import get_peft_model_state_dict
+
+    provided, loaded = unet_lora_names(state_dict), set(get_peft_model_state_dict(unet, adapter_name=name))
+    if provided != loaded:
+        unplaced, unfilled = sorted(provided - loaded), sorted(loaded - provided)
+        example = unplaced[0] if unplaced else unfilled[0]
         raise ModelLoadError(
-            f"LoRA adapter {weight_file}: only {loaded} of its {len(state_dict)} tensors match modules of the base model's UNet; "
-            "it was trained on another base: check model.path and model.adapters"
+            f"LoRA adapter {weight_file} does not match the base model's UNet module for module: {len(unplaced)} of its "
+            f"{len(provided)} tensors name modules the base lacks and {len(unfilled)} adapted layers get no tensor "
+            f"(e.g. {example}); it was trained on another base: check model.path and model.adapters"
         )
+
+
+def unet_lora_names(state_dict: dict) -> set[str]:
+    """The names the loader gives the file's UNet tensors inside the model (peft's lora_A / lora_B)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    names = {key.removeprefix("unet."): value for key, value in state_dict.items()}
+    if not any("lora_A" in key for key in names):  # the loader converts diffusers' older lora.down / lora.up names
+        names = convert_unet_state_dict_to_peft(names)
+    return set(names)
 
 
 def fuse_adapters(unet: torch.nn.Module, adapters: Sequence[tuple[str, float]]) -> None:
