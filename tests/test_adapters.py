@@ -13,12 +13,16 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict
 
+from cxrmem.config import load_config
 from cxrmem.models.adapters import WEIGHT_FILE
 from cxrmem.models.components import ModelLoadError
 from cxrmem.models.fingerprint import model_fingerprint
 from cxrmem.models.loading import ModelConfig, diffusers_parts, fingerprint_model, load_components, read_model_index
 from cxrmem.models.tiny import tiny_unet
+from cxrmem.output_guard import check_inputs
+from cxrmem.report import run_facts
 from cxrmem.scoring.scorer import Scorer
+from cxrmem.settings import ConfigError
 from tests.test_models_loading import upload
 from tests.test_scoring import IDS, PROMPTS, TINY_ATOL, reference_norms, score_cfg
 
@@ -172,6 +176,16 @@ def test_adapters_that_cannot_be_scored_are_refused_in_one_line(tiny_model_dir, 
     with pytest.raises(ModelLoadError, match=message) as refused:
         load_components(model_cfg(tiny_model_dir, (folder, 1.0)))
     assert "\n" not in str(refused.value) and str(folder) in str(refused.value)
+
+
+def test_adapter_keys_are_checked_reported_and_an_input_no_run_writes_into(lora_dir):
+    cfg = load_config(None, [f"model.adapters=[{{path: {lora_dir}, scale: 0.5}}]"])
+    assert [(a.path, a.scale) for a in cfg.model.adapters] == [(lora_dir, 0.5)]
+    assert run_facts(None, cfg)["model"].endswith(f" + LoRA {lora_dir} (scale 0.5)")  # the report's summary card
+    with pytest.raises(ConfigError, match=r"is inside model.adapters\[0\].path"):
+        check_inputs(cfg, os.path.join(lora_dir, "run"))
+    with pytest.raises(ConfigError, match=r"'model.adapters\[0\].path' is empty"):
+        load_config(None, ["model.adapters=[{scale: 0.5}]"])
 
 
 @pytest.mark.s3
