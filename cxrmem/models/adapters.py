@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from cxrmem.models.components import ModelLoadError, first_line, guarded
-from cxrmem.settings import ConfigError, Settings
+from cxrmem.settings import NON_NEGATIVE, ConfigError, Settings, knob
 
 # The file diffusers' LoRA training scripts and `save_lora_weights` write.
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
@@ -35,7 +35,7 @@ class AdapterConfig(Settings):
     """One of `model.adapters`: a LoRA folder and how strongly it applies."""
 
     path: str = ""  # folder holding the LoRA's .safetensors file; s3:// is copied to model.cache_dir like model.path
-    scale: float = 1.0  # weight of the adapter's update, as pipe.set_adapters(..., adapter_weights): 0 is the base, 1 as trained
+    scale: float = knob(1.0, NON_NEGATIVE)  # weight of the adapter's update, as pipe.set_adapters(..., adapter_weights): 0 is the base, 1 as trained
 
     @staticmethod
     def check(section, key: str) -> None:
