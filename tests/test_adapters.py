@@ -105,9 +105,12 @@ def test_scorer_with_an_adapter_matches_the_pipeline_with_it_loaded(tiny_model_d
     print(f"largest |scorer - pipeline| noise prediction difference at scale {scale}: {worst:.3g}")
 
 
-def test_an_adapter_changes_d_mem(tiny_model_dir, lora_dir):
+def test_an_adapter_is_fused_into_a_plain_frozen_unet_and_changes_d_mem(tiny_model_dir, lora_dir):
     _, base, _ = scored(model_cfg(tiny_model_dir))
-    _, adapted, _ = scored(model_cfg(tiny_model_dir, (lora_dir, 1.0)))
+    scorer, adapted, _ = scored(model_cfg(tiny_model_dir, (lora_dir, 1.0)))
+    unet = scorer._unet
+    assert not any("lora" in name for name, _ in unet.named_parameters()) and not unet.training
+    assert not any(parameter.requires_grad for parameter in unet.parameters())
     assert np.all(np.abs(adapted.d_mem - base.d_mem) > 1e-3 * np.abs(base.d_mem))
 
 
@@ -162,7 +165,7 @@ REFUSALS = {
     "DoRA": (lambda base, lora, out: resaved(lora, out, extra={"unet.mid_block.dora_scale": torch.ones(4)}), "is a DoRA adapter"),
     "another denoiser": (lambda base, lora, out: resaved(lora, out, rename=lambda k: k.replace("unet.", "transformer.", 1)),
                          r"keys for no Stable Diffusion UNet \(e\.g\. transformer\."),
-    "text encoder": (lambda base, lora, out: resaved(lora, out, extra={TEXT_ENCODER_KEY: torch.ones(2, 32)}), "also adapts the text encoder"),
+    "text encoder": (lambda base, lora, out: resaved(lora, out, extra={TEXT_ENCODER_KEY: torch.ones(2, 32)}), "adapts a text encoder"),
     "another base": (lambda base, lora, out: other_base_lora(base, out), "does not fit the base model's UNet"),
     "a module the base lacks": (lambda base, lora, out: resaved(lora, out, rename=lambda k: k.replace("attn2.to_k", "attn2.to_kv")),
                                 r"does not match the base model's UNet module for module: 8 of its 64 tensors name modules the base lacks"),

@@ -27,7 +27,7 @@ from cxrmem.settings import NON_NEGATIVE, ConfigError, Settings, knob
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 SUPPORTED = f"supported: UNet LoRA in diffusers/peft or kohya layout, in {WEIGHT_FILE} (or the folder's one .safetensors file)"
 # Key fragments of adapter types peft knows but diffusers' SD loader does not load as LoRA (DoRA's scales it drops).
-OTHER_ADAPTER_TYPES = {"dora_scale": "DoRA", ".lokr_": "LoKr", ".hada_": "LoHa"}
+OTHER_ADAPTER_TYPES = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".lokr_": "LoKr", ".hada_": "LoHa"}
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,9 @@ def read_lora(weight_file: str) -> tuple[dict, dict | None, dict | None]:
         lambda: StableDiffusionLoraLoaderMixin.lora_state_dict(folder, weight_name=name, local_files_only=True, return_lora_metadata=True),
     )
     prefixes = sorted({key.split(".", 1)[0] for key in state_dict})
-    if "text_encoder" in prefixes:
+    if any(prefix.startswith("text_encoder") for prefix in prefixes):
         raise ModelLoadError(
-            f"LoRA adapter {weight_file} also adapts the text encoder (text_encoder.* keys): cxrmem fuses UNet LoRA only "
+            f"LoRA adapter {weight_file} adapts a text encoder (text_encoder* keys): cxrmem fuses UNet LoRA only "
             f"(transformers needs peft >= 0.22 to load text-encoder adapters); {SUPPORTED}"
         )
     if prefixes != ["unet"]:
@@ -102,6 +102,7 @@ def read_lora(weight_file: str) -> tuple[dict, dict | None, dict | None]:
 def load_adapter(unet: torch.nn.Module, weight_file: str, name: str) -> None:
     """Inject one adapter's LoRA layers into `unet` under `name`, every tensor of the file or none."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import get_peft_model_state_dict
 
     state_dict, alphas, metadata = read_lora(weight_file)
     try:
@@ -113,8 +114,6 @@ def load_adapter(unet: torch.nn.Module, weight_file: str, name: str) -> None:
         ) from None
     # The loader only logs tensors it could not place, and gives layers the file has no tensor for their initial
     # values: an adapter applied in part is another model.
-    from peft import get_peft_model_state_dict
-
     provided, loaded = unet_lora_names(state_dict), set(get_peft_model_state_dict(unet, adapter_name=name))
     if provided != loaded:
         unplaced, unfilled = sorted(provided - loaded), sorted(loaded - provided)
