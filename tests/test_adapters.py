@@ -173,6 +173,7 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("case", REFUSALS)
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")  # peft's note on the module the base lacks
 def test_adapters_that_cannot_be_scored_are_refused_in_one_line(tiny_model_dir, lora_dir, tmp_path, case):
     build, message = REFUSALS[case]
     folder = build(tiny_model_dir, lora_dir, tmp_path / "adapter")
