@@ -26,9 +26,10 @@ from cxrmem.storage import Store, canonical, local_path, scheme_of
 
 def input_paths(cfg, command: str = "") -> list[tuple[str, str]]:
     """(key, path) of every path the config names that a run reads; only those in use with these settings."""
-    candidates = [("model.path", cfg.model.path)]
-    if local_path(str(cfg.model.path)) is None:
-        candidates.append(("model.cache_dir", cfg.model.cache_dir))  # the local copy of an s3:// model
+    models = [("model.path", cfg.model.path)] + [(f"model.adapters[{i}].path", a.path) for i, a in enumerate(cfg.model.adapters)]
+    candidates = list(models)
+    if any(local_path(str(path)) is None for _, path in models):
+        candidates.append(("model.cache_dir", cfg.model.cache_dir))  # the local copy of an s3:// model or adapter
     if cfg.corpus.source != "synthetic":
         candidates.append(("corpus.path", cfg.corpus.path))
     candidates += [

@@ -100,6 +100,7 @@ def run_facts(analysis: Optional[AnalysisSection], cfg: DictConfig) -> dict:
     model = used.model
     name = (f"RadEdit ({model.radedit.unet_repo} + {model.radedit.text_repo})" if model.kind == "radedit"
             else f"{model.kind}: {model.path}")
+    name += "".join(f" + LoRA {adapter.path} (scale {adapter.scale:g})" for adapter in model.get("adapters") or [])  # absent before adapters existed
     counts = analysis.counts if analysis else {}
     return {
         "model": name, "fingerprint": ", ".join(analysis.model_fingerprints if analysis else []) or "–",

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 CHUNK_BYTES = 8 << 20
 # Files that never affect what a model computes.
@@ -68,3 +68,13 @@ def model_fingerprint(components: Mapping[str, str], settings: Optional[Mapping]
     if settings:
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def adapted_fingerprint(base: str, adapters: Sequence[tuple[str, float]]) -> str:
+    """The fingerprint of base model `base` with LoRA adapters fused in: `base` with each adapter's
+    weights file and scale, in order. With no adapters it is `base` itself, so a model scored before
+    adapters existed keeps its fingerprint, while a new adapter or scale on an old base is a new model."""
+    if not adapters:
+        return base
+    files = {f"adapter{i}": weight_file for i, (weight_file, _) in enumerate(adapters)}
+    return model_fingerprint(files, {"base": base, "adapter_scales": [float(scale) for _, scale in adapters]})

@@ -6,7 +6,10 @@ Two kinds of model store (docs/design.md, Model):
   optional vae), which is how the tests and the testbed run;
 - `radedit`: RadEdit assembled from a local Hugging Face hub cache (see `radedit.py`).
 
-An `s3://` model store is first copied to `model.cache_dir` and then loaded like a local one.
+`model.adapters` lists LoRA adapters fused into the UNet after loading (see `adapters.py`); the
+fingerprint covers the base and each adapter with its scale.
+
+An `s3://` model store (or adapter) is first copied to `model.cache_dir` and then loaded like a local one.
 Everything is loaded on the CPU with `local_files_only=True`; placing it on a device is the
 scorer's job unless `device` is given.
 """
@@ -18,11 +21,12 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from cxrmem import storage
+from cxrmem.models.adapters import AdapterConfig, adapter_weight_file, fuse_adapters
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
@@ -34,7 +38,7 @@ from cxrmem.models.components import (
     read_json_file,
     torch_dtype,
 )
-from cxrmem.models.fingerprint import model_fingerprint
+from cxrmem.models.fingerprint import adapted_fingerprint, model_fingerprint
 from cxrmem.models.radedit import RadEditConfig, load_radedit, load_radedit_tokenizer, radedit_fingerprint
 from cxrmem.settings import POSITIVE, Settings, knob
 from cxrmem.storage import Store
@@ -52,6 +56,7 @@ class ModelConfig(Settings):
     tf32: bool = False  # CUDA float32 matmuls and convolutions in TF32: faster, about 1e-3 relative; enters the score key
     vae_decode_batch: int = knob(8, POSITIVE)  # images per VAE decode call (bf16 on CUDA): the SDXL VAE at 512x512 fits a 24 GB card at 8
     radedit: RadEditConfig = knob(RadEditConfig())
+    adapters: List[AdapterConfig] = knob([])  # LoRA adapters ({path, scale}) fused into the UNet in order; each enters the fingerprint
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 # Written last into a local copy of an s3:// store: its presence means the copy is complete.
@@ -65,6 +70,10 @@ def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = F
         components = load_radedit(model_cfg, root, need_vae=need_vae)
     else:
         components = load_diffusers_folder(root, torch_dtype(model_cfg.dtype), need_vae=need_vae)
+    adapters = adapter_files(model_cfg, store)
+    if adapters:
+        fuse_adapters(components.unet, adapters)
+        components.source += "".join(f" + LoRA {path} (scale {scale:g})" for path, scale in adapters)
     if device is not None:
         for module in (components.text_encoder, components.unet, components.vae):
             if module is not None:
@@ -73,11 +82,22 @@ def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = F
 
 
 def fingerprint_model(model_cfg, store: Optional[Store] = None) -> str:
-    """The model's fingerprint from its files alone (content hashes of weights and configs), loading nothing."""
+    """The model's fingerprint from its files alone (content hashes of weights and configs, the base's
+    and each adapter's with its scale), loading nothing."""
     root = local_model_root(model_cfg, store)
     if model_cfg.kind == "radedit":
-        return radedit_fingerprint(model_cfg, root)
-    return model_fingerprint(diffusers_parts(root, read_model_index(root)))
+        base = radedit_fingerprint(model_cfg, root)
+    else:
+        base = model_fingerprint(diffusers_parts(root, read_model_index(root)))
+    return adapted_fingerprint(base, adapter_files(model_cfg, store))
+
+
+def adapter_files(model_cfg, store: Optional[Store] = None) -> list[tuple[str, float]]:
+    """(local weights file, scale) of each of `model.adapters`, in order; s3:// adapters copied to model.cache_dir."""
+    return [
+        (adapter_weight_file(local_copy(adapter.path, model_cfg.cache_dir, store, key=f"model.adapters[{i}].path")), adapter.scale)
+        for i, adapter in enumerate(model_cfg.adapters)
+    ]
 
 
 def load_tokenizer(model_cfg, store: Optional[Store] = None):
@@ -203,17 +223,24 @@ def diffusers_parts(root: str, index: dict) -> dict[str, str]:
 
 def local_model_root(model_cfg, store: Optional[Store] = None) -> str:
     """model.path itself when local; for s3:// (any remote storage) a complete local copy under model.cache_dir."""
-    path = storage.local_path(model_cfg.path)
-    if path is not None:
-        return path
-    uri = model_cfg.path.rstrip("/")
-    # Keyed by endpoint and URI: the same bucket name on two S3 services is two stores.
-    store = store or Store.from_config()
-    key = f"{store.backend(uri).endpoint} {uri}"
-    local = os.path.join(os.path.expanduser(model_cfg.cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
     # A hub cache holds every file twice once uploaded (snapshots dereference the blobs): copy only what loading reads.
     keep = hub_cache_file if model_cfg.kind == "radedit" else None
-    copy_store(store, uri, local, keep=keep)
+    return local_copy(model_cfg.path, model_cfg.cache_dir, store, keep=keep)
+
+
+def local_copy(path: str, cache_dir: str, store: Optional[Store] = None, keep: Optional[Callable[[str], bool]] = None,
+               key: str = "model.path") -> str:
+    """`path` itself when local; for s3:// (any remote storage) a complete local copy under `cache_dir`.
+    `key` is the config key that named `path`, for the error when nothing is there."""
+    local = storage.local_path(path)
+    if local is not None:
+        return local
+    uri = path.rstrip("/")
+    # Keyed by endpoint and URI: the same bucket name on two S3 services is two stores.
+    store = store or Store.from_config()
+    identity = f"{store.backend(uri).endpoint} {uri}"
+    local = os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(identity.encode()).hexdigest()[:16])
+    copy_store(store, uri, local, keep=keep, key=key)
     return local
 
 
@@ -222,7 +249,7 @@ def hub_cache_file(relative: str) -> bool:
     return len(parts) >= 3 and parts[0].startswith("models--") and parts[1] in ("refs", "snapshots")
 
 
-def copy_store(store: Store, uri: str, local: str, keep: Optional[Callable[[str], bool]] = None) -> None:
+def copy_store(store: Store, uri: str, local: str, keep: Optional[Callable[[str], bool]] = None, key: str = "model.path") -> None:
     """Copy the files under `uri` to `local` unless a complete copy is already there.
 
     Each file is streamed to a temporary name and renamed into place (storage.copy_file), and the
@@ -236,7 +263,7 @@ def copy_store(store: Store, uri: str, local: str, keep: Optional[Callable[[str]
     chosen = [(f, storage.relative(f, uri)) for f in files]
     chosen = [(f, name) for f, name in chosen if keep is None or keep(name)]
     if not chosen:
-        raise ModelLoadError(f"model store {uri} holds no model files; check model.path and the S3 endpoint")
+        raise ModelLoadError(f"model store {uri} holds no model files; check {key} and the S3 endpoint")
     for source, name in chosen:
         # A key is data: one like `a/../../x` must not write outside the cache folder.
         store.copy_file(source, storage.join_inside(local, name, f"model store key under {uri}"))
