@@ -59,7 +59,7 @@ from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, Settings, at_least, knob
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, knob
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -88,8 +88,12 @@ class MitigationConfig(Settings):
     optimisation_iters: int = knob(10, POSITIVE)  # gradient steps of the first-step embedding optimisation
     optimisation_lr: float = knob(0.05, POSITIVE)  # learning rate of the embedding optimisation
     optimisation_target: float = knob(0.0, NON_NEGATIVE)  # stop once the first-step noise norm falls below this (0: run all iters)
-    max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))  # mitigate at most this many (None: all)
-    seed: int = knob(1234, NON_NEGATIVE)  # seed of the random rewrites and of the optimisation's own noises (the same rewrite across runs)
+    # memorized prompts mitigated: a seeded sample stratified by marker presence (None: all; cxrmem/mitigation_sizing.py)
+    sample_size: Optional[int] = knob(40, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))
+    sequential: bool = True  # stop running a strategy once its paired d_mem change against original is decided (mitigation_sizing.py)
+    stop_level: float = knob(0.99, UNIT_OPEN)  # the sequential rule's interval level: above F3's 95%, since it looks more than once
+    look_every: int = knob(5, POSITIVE)  # prompts between two looks of the sequential rule
+    seed: int = knob(1234, NON_NEGATIVE)  # seed of the sample, the random rewrites and the optimisation's own noises (the same across runs)
     attention_scale: float = knob(0.0, UNIT_CLOSED)  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
     guidance_delay: float = knob(0.3, UNIT_HALF_OPEN)  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)
     opposite_scale: float = knob(2.0, NON_NEGATIVE)  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition

@@ -310,10 +310,13 @@ class AttributePrompts:
 
 
 class MitigatePrompts:
-    """mitigation.parquet rows of memorized prompts, and the image grids of those in `grid_ids`."""
+    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), and the image
+    grids of those in `grid_ids`."""
 
-    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
-        return mitigate_prompts(worker.scorer, prompts, prompt_ids, worker.mitigation, grid_ids, worker.fidelity())
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset(),
+                 strategies: Optional[tuple[str, ...]] = None):  # fmt: skip
+        settings = worker.mitigation.replace(strategies=strategies) if strategies is not None else worker.mitigation
+        return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity())
 
 
 class CopiesOfPrompts:
