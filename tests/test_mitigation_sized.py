@@ -16,18 +16,18 @@ from cxrmem.storage import Store
 from cxrmem.summary import AnalysisSection
 from tests.test_attribution import write_scores_key
 
-pytestmark = pytest.mark.slow  # about two minutes on 2 cores: 24 + at most 16 prompts through the testbed model
+pytestmark = pytest.mark.slow  # a few minutes on 2 cores: 24 + at most 16 prompts through the testbed model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "testbed" / "model"
-STRATEGIES = ("original", "remove_marker", "random_word", "random_insertion")
+STRATEGIES = ("original", "remove_marker", "random_insertion")  # a marker rewrite, and one that changes every prompt
 
 
 def mitigated(out: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
     """mitigation.parquet and summary.json of the stage run on the testbed's planted prompts as the memorized set."""
     cfg = load_config(ROOT / "conf" / "testbed.yaml", [
-        f"model.path={MODEL}", f"run.output={out}", "score.steps=4", "score.generations=1", "mitigation.n_generations=2",
-        "mitigation.steps=2", f"mitigation.strategies=[{','.join(STRATEGIES)}]", "report.top_prompts=1", *overrides,
+        f"model.path={MODEL}", f"run.output={out}", "score.steps=2", "score.generations=1", "mitigation.n_generations=2",
+        "mitigation.steps=1", f"mitigation.strategies=[{','.join(STRATEGIES)}]", "report.top_prompts=1", *overrides,
     ])  # fmt: skip
     planted = pd.read_csv(MODEL / "manifest.csv").query("planted")
     memorized = pd.DataFrame({"prompt": planted["prompt"].tolist(), "prompt_id": [f"{i:016x}" for i in range(len(planted))]})
@@ -66,5 +66,5 @@ def test_the_sampled_sequential_mitigation_concludes_as_the_exhaustive_one_for_l
 
     counted = {run: s["cost"]["stages"]["mitigate"]["evaluations"] for run, s in (("exhaustive", full), ("sized", summary))}
     assert counted["exhaustive"] == exhaustive["evaluations"].sum() and counted["sized"] == sized["evaluations"].sum()
-    assert counted["sized"] < counted["exhaustive"] / 2, counted
+    assert counted["sized"] < 0.75 * counted["exhaustive"], counted
     print(f"counted UNet evaluations: exhaustive {counted['exhaustive']}, sampled and sequential {counted['sized']}")
