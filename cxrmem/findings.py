@@ -27,6 +27,7 @@ from typing import Callable, Optional
 from cxrmem import stats
 from cxrmem.formatting import fmt, percent
 from cxrmem.judgement import StrategyJudgement, halves_copying
+from cxrmem.strategies import marker_rewrites
 from cxrmem.summary import AnalysisSection, AttributionSection, CalibrationSection, CopiesSection
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -85,14 +86,6 @@ class FindingInputs:
     copies: Optional[CopiesSection] = None
     calibration: Optional[CalibrationSection] = None
     reference_min: int = 100  # analyze.reference_min: the fewest reference prompts F0 is judged on
-
-
-def _marker_strategies() -> tuple[str, ...]:
-    """The marker rewrites of cxrmem/mitigation.py, imported when a verdict on mitigation needs them: that
-    module loads torch, and `cxrmem enrich` (F1 on two lists, no model) must start and exit without it."""
-    from cxrmem.mitigation import MARKER_STRATEGIES
-
-    return MARKER_STRATEGIES
 
 
 def _above(result: Optional[dict], key: str = "ci_low", level: float = 1.0) -> bool:
@@ -211,7 +204,7 @@ def _removes_by_copies(judged: dict[str, list[StrategyJudgement]]) -> dict[str, 
     for name, rows in judged.items():
         halved = set(halves_copying(rows, FIDELITY_POINTS))
         for r in rows:
-            if r.strategy in _marker_strategies() and r.strategy in halved and _below(r.copy_rate_change, "ci_high", 0.0):
+            if r.strategy in marker_rewrites() and r.strategy in halved and _below(r.copy_rate_change, "ci_high", 0.0):
                 out.setdefault(r.strategy, []).append(name)
     return out
 
@@ -223,7 +216,7 @@ def _f3_by_copies(judged: dict[str, list[StrategyJudgement]]) -> tuple[dict, lis
     for name, rows in judged.items():
         base = next(r for r in rows if r.strategy == "original")
         for r in rows:
-            if r.strategy not in _marker_strategies() or r.copy_rate is None:
+            if r.strategy not in marker_rewrites() or r.copy_rate is None:
                 continue
             change = r.copy_rate_change or {}
             most = max(most, r.prompts)
@@ -261,7 +254,7 @@ def f3_rewrites(inputs: FindingInputs) -> Verdict:
     if judged:
         by, (strategies, removed, most, line) = "copies", _f3_by_copies(judged)
     else:
-        rows = [r for r in (inputs.mitigation_rows or []) if r["strategy"] in _marker_strategies()]
+        rows = [r for r in (inputs.mitigation_rows or []) if r["strategy"] in marker_rewrites()]
         by, (strategies, removed, most, line) = "d_mem", _f3_by_d_mem(rows, threshold)
     numbers = {"judged_by": by, "threshold": threshold, "min_prompts": MIN_PAIRED_PROMPTS, "strategies": strategies}
 

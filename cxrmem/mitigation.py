@@ -14,7 +14,7 @@ embedding's std; embedding_optimisation (Wen et al.) runs Adam on the prompt emb
 minimise the first-step text-conditional noise norm, on noises of its own seed (not the ones it
 is evaluated on), then generates with the optimised embedding.
 
-Sampling-level strategies keep the text and its embedding (cxrmem/strategies.py has their costs):
+Sampling-level strategies keep the text and its embedding (each a row of cxrmem/strategies.py, its hooks here):
 
 - attention_rescaling (Ren et al., ECCV 2024): in every cross-attention layer of the conditional
   pass, at every step, the attention to the marker's tokens is multiplied by `attention_scale`
@@ -59,14 +59,7 @@ from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, Settings, at_least, knob
-
-# Strategies that keep the prompt's text and change its embedding.
-EMBEDDING_STRATEGIES = registry.names_of("embedding")
-# Strategies that keep the text and its embedding and change how it is sampled.
-SAMPLING_STRATEGIES = registry.names_of("attention") + registry.names_of("guidance") + registry.names_of("noise")
-# Strategies that rewrite only the de-identification markers (the paper's finding 3 is about them).
-MARKER_STRATEGIES = ("random_word", "random_number", "remove_marker", "surrogate")
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, knob
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -95,8 +88,12 @@ class MitigationConfig(Settings):
     optimisation_iters: int = knob(10, POSITIVE)  # gradient steps of the first-step embedding optimisation
     optimisation_lr: float = knob(0.05, POSITIVE)  # learning rate of the embedding optimisation
     optimisation_target: float = knob(0.0, NON_NEGATIVE)  # stop once the first-step noise norm falls below this (0: run all iters)
-    max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))  # mitigate at most this many (None: all)
-    seed: int = knob(1234, NON_NEGATIVE)  # seed of the random rewrites and of the optimisation's own noises (the same rewrite across runs)
+    # memorized prompts mitigated: a seeded sample stratified by marker presence (None: all; cxrmem/mitigation_sizing.py)
+    sample_size: Optional[int] = knob(40, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))
+    sequential: bool = True  # stop running a strategy once its paired d_mem change against original is decided (mitigation_sizing.py)
+    stop_level: float = knob(0.99, UNIT_OPEN)  # the sequential rule's interval level: above F3's 95%, since it looks more than once
+    look_every: int = knob(5, POSITIVE)  # prompts between two looks of the sequential rule
+    seed: int = knob(1234, NON_NEGATIVE)  # seed of the sample, the random rewrites and the optimisation's own noises (the same across runs)
     attention_scale: float = knob(0.0, UNIT_CLOSED)  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
     guidance_delay: float = knob(0.3, UNIT_HALF_OPEN)  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)
     opposite_scale: float = knob(2.0, NON_NEGATIVE)  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
@@ -118,7 +115,16 @@ class MitigationSettings(MitigationConfig):
     grid_generations: int = 4  # generations kept per strategy for the report's image grid (report.grid_generations)
 
 
-# -- prompt rewrites (pure, seeded) -----------------------------------------------------------
+# -- prompt rewrites (pure, seeded): the `rewrite` hooks of cxrmem/strategies.py ---------------
+@dataclass(frozen=True)
+class Rewriting:
+    """What a rewrite hook draws on besides the prompt and its generator."""
+
+    pattern: re.Pattern  # the de-identification markers
+    vocab: Sequence[str]  # whole words of the model's tokenizer (vocabulary_words)
+    settings: MitigationSettings
+
+
 def vocabulary_words(tokenizer) -> list[str]:
     """Whole words of the tokenizer's vocabulary: alphabetic entries of 3+ letters that are English words.
 
@@ -140,28 +146,28 @@ def _draw(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def random_word(prompt: str, rng: np.random.Generator, pattern: re.Pattern, vocab: Sequence[str]) -> str:
-    return pattern.sub(lambda _: _draw(rng, vocab), prompt)
+def random_word(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
+    return rewriting.pattern.sub(lambda _: _draw(rng, rewriting.vocab), prompt)
 
 
-def random_number(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
-    return pattern.sub(lambda _: str(int(rng.integers(1, 1000))), prompt)
+def random_number(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
+    return rewriting.pattern.sub(lambda _: str(int(rng.integers(1, 1000))), prompt)
 
 
-def remove_marker(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
+def remove_marker(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
     """Every marker deleted; `rng` unused: nothing is drawn."""
-    return delete_markers(prompt, pattern)
+    return delete_markers(prompt, rewriting.pattern)
 
 
-def surrogate(prompt: str, rng: np.random.Generator, pattern: re.Pattern) -> str:
-    return replace_with_surrogates(prompt, pattern, rng)[0]
+def surrogate(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
+    return replace_with_surrogates(prompt, rewriting.pattern, rng)[0]
 
 
-def random_insertion(prompt: str, rng: np.random.Generator, vocab: Sequence[str], n_words: int) -> str:
-    """`n_words` vocabulary words inserted at random word boundaries (prompts are whitespace-normalised)."""
+def random_insertion(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
+    """`insertion_words` vocabulary words inserted at random word boundaries (prompts are whitespace-normalised)."""
     words = prompt.split(" ") if prompt else []
-    for _ in range(n_words):
-        words.insert(int(rng.integers(len(words) + 1)), _draw(rng, vocab))
+    for _ in range(rewriting.settings.insertion_words):
+        words.insert(int(rng.integers(len(words) + 1)), _draw(rng, rewriting.vocab))
     return " ".join(words)
 
 
@@ -171,20 +177,12 @@ def strategy_rng(seed: int, prompt_id: str, strategy: str) -> np.random.Generato
 
 
 def mitigated_prompt(strategy: str, prompt: str, prompt_id: str, vocab: Sequence[str], settings: MitigationSettings) -> str:
-    """The prompt text a strategy generates with (unchanged for the baseline and embedding-level ones)."""
-    rng = strategy_rng(settings.seed, prompt_id, strategy)
-    pattern = compile_marker_regex(settings.marker_regex)
-    if strategy == "random_word":
-        return random_word(prompt, rng, pattern, vocab)
-    if strategy == "random_number":
-        return random_number(prompt, rng, pattern)
-    if strategy == "remove_marker":
-        return remove_marker(prompt, rng, pattern)
-    if strategy == "surrogate":
-        return surrogate(prompt, rng, pattern)
-    if strategy == "random_insertion":
-        return random_insertion(prompt, rng, vocab, settings.insertion_words)
-    return prompt
+    """The prompt text a strategy generates with: its rewrite's, or the prompt itself when it has none."""
+    rewrite = registry.row(strategy).rewrite
+    if rewrite is None:
+        return prompt
+    rewriting = Rewriting(compile_marker_regex(settings.marker_regex), vocab, settings)
+    return registry.hook(rewrite)(prompt, strategy_rng(settings.seed, prompt_id, strategy), rewriting)
 
 
 # -- embedding-level strategies and the distance (pure tensor math) ---------------------------
@@ -231,15 +229,40 @@ def pairwise_rms_distance(images: torch.Tensor, device: Optional[torch.device] =
     return float(torch.pdist(flat).mean()) / math.sqrt(numel)
 
 
-# -- sampling-level strategies (pure tensor math, through the scorer) --------------------------
-def guidance_schedule(strategy: str, w: float, steps: int, settings: MitigationSettings) -> torch.Tensor:
-    """The guidance weight at each of `steps` steps [steps] float32: w after the transition point, and
-    before it 0 (delayed_guidance) or -opposite_scale (opposite_guidance); w throughout for any other strategy."""
+# -- the `embedding` hooks of cxrmem/strategies.py --------------------------------------------
+def embedding_noise(scorer, embedding: torch.Tensor, prompt_id: str, rng: np.random.Generator, settings: MitigationSettings) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(int(rng.integers(2**63)))
+    return noisy_embedding(embedding, settings.noise_std, generator)
+
+
+def embedding_optimisation(scorer, embedding: torch.Tensor, prompt_id: str, rng, settings: MitigationSettings) -> torch.Tensor:
+    # Its own noises (mitigation.seed): optimising on the evaluation noises would flatter it.
+    noise = scorer.initial_latents([prompt_id], seed=settings.seed)[0]
+    latents, timestep = scorer.first_step_inputs(noise)
+    return optimise_embedding(
+        scorer, latents, timestep, embedding, settings.optimisation_iters, settings.optimisation_lr, settings.optimisation_target
+    )
+
+
+# -- sampling-level strategies (pure tensor math, through the scorer): the `sampling` hooks ----
+def guidance_schedule(early: float, w: float, steps: int, delay: float) -> torch.Tensor:
+    """The guidance weight at each of `steps` steps [steps] float32: `early` over the first `delay` share, then w."""
     schedule = torch.full((steps,), float(w))
-    early = {"delayed_guidance": 0.0, "opposite_guidance": -settings.opposite_scale}
-    if strategy in early:
-        schedule[: int(round(settings.guidance_delay * steps))] = early[strategy]
+    schedule[: int(round(delay * steps))] = early
     return schedule
+
+
+def _early_guidance(early: float, scorer, inputs: dict, settings: MitigationSettings) -> dict:
+    schedule = guidance_schedule(early, inputs["guidance"], scorer.settings.steps, settings.guidance_delay)
+    return {**inputs, "guidance": schedule.expand(len(inputs["latents"]), -1)}
+
+
+def delayed_guidance(scorer, inputs: dict, texts: Sequence[str], settings: MitigationSettings) -> dict:
+    return _early_guidance(0.0, scorer, inputs, settings)
+
+
+def opposite_guidance(scorer, inputs: dict, texts: Sequence[str], settings: MitigationSettings) -> dict:
+    return _early_guidance(-settings.opposite_scale, scorer, inputs, settings)
 
 
 def marker_token_scales(tokenizer, prompts: Sequence[str], max_length: int, settings: MitigationSettings):
@@ -251,6 +274,15 @@ def marker_token_scales(tokenizer, prompts: Sequence[str], max_length: int, sett
             if unit.is_marker:
                 scales[i, unit.positions] = settings.attention_scale
     return scales, (scales != 1).any(dim=1).numpy()
+
+
+def attention_rescaling(scorer, inputs: dict, texts: Sequence[str], settings: MitigationSettings) -> dict:
+    return {**inputs, "token_scales": marker_token_scales(scorer.tokenizer, texts, scorer.max_length, settings)[0]}
+
+
+def has_marker_tokens(scorer, prompt: str, text: str, settings: MitigationSettings) -> bool:
+    """attention_rescaling's `changed`: a prompt without marker tokens has nothing to re-scale."""
+    return bool(marker_token_scales(scorer.tokenizer, [prompt], scorer.max_length, settings)[1][0])
 
 
 def adjust_initial_noise(scorer, latents: torch.Tensor, cond_emb: torch.Tensor, settings: MitigationSettings) -> torch.Tensor:
@@ -272,23 +304,30 @@ def adjust_initial_noise(scorer, latents: torch.Tensor, cond_emb: torch.Tensor, 
     return x
 
 
+def noise_adjustment(scorer, inputs: dict, texts: Sequence[str], settings: MitigationSettings) -> dict:
+    latents, embeddings = inputs["latents"], inputs["cond_embeddings"]
+    adjusted = [adjust_initial_noise(scorer, latents[i], embeddings[i : i + 1], settings) for i in range(len(texts))]
+    return {**inputs, "latents": torch.stack(adjusted)}
+
+
+# -- a strategy's hooks, applied ----------------------------------------------------------------
+def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, settings: MitigationSettings) -> torch.Tensor:
+    """The conditional embedding [1, L, D] a strategy generates with: its hook's, or the text's when it has none."""
+    hook = registry.row(strategy).embedding
+    if hook is None:
+        return embedding
+    return registry.hook(hook)(scorer, embedding, prompt_id, strategy_rng(settings.seed, prompt_id, strategy), settings)
+
+
 def strategy_sampling(
     scorer, strategy: str, texts: Sequence[str], embeddings: torch.Tensor, latents: torch.Tensor, guidance, settings: MitigationSettings
 ) -> dict:
     """Scorer.sample's keyword arguments for N prompts under a strategy (embeddings [N, L, D] already the
-    strategy's, latents [N, G, ...], guidance w: None for the scorer's)."""
-    kind = registry.kind_of(strategy)
+    strategy's, latents [N, G, ...], guidance w: None for the scorer's): plain guidance unless its hook changes them."""
     w = scorer.settings.guidance_scale if guidance is None else float(guidance)
     inputs = {"cond_embeddings": embeddings, "latents": latents, "guidance": w}
-    if kind == "guidance":
-        inputs["guidance"] = guidance_schedule(strategy, w, scorer.settings.steps, settings).expand(len(texts), -1)
-    elif kind == "attention":
-        inputs["token_scales"] = marker_token_scales(scorer.tokenizer, texts, scorer.max_length, settings)[0]
-    elif kind == "noise":
-        inputs["latents"] = torch.stack(
-            [adjust_initial_noise(scorer, latents[i], embeddings[i : i + 1], settings) for i in range(len(texts))]
-        )
-    return inputs
+    hook = registry.row(strategy).sampling
+    return registry.hook(hook)(scorer, inputs, texts, settings) if hook is not None else inputs
 
 
 def stack_sampling(inputs: list[dict], steps: int) -> dict:
@@ -307,33 +346,18 @@ def stack_sampling(inputs: list[dict], steps: int) -> dict:
     return stacked
 
 
-def changed(strategy: str, prompt: str, text: str, tokenizer, max_length: int, settings: MitigationSettings) -> bool:
-    """Did the strategy change anything for this prompt (a rewrite without a marker may leave it as it was)?"""
-    kind = registry.kind_of(strategy)
-    if kind == "text":
+def changed(strategy: str, prompt: str, text: str, scorer, settings: MitigationSettings) -> bool:
+    """Did the strategy change anything for this prompt (a rewrite without a marker may leave it as it was)?
+    Its `changed` hook says; without one, a rewrite changed the text, and any other strategy with a hook changed something."""
+    row = registry.row(strategy)
+    if row.changed is not None:
+        return bool(registry.hook(row.changed)(scorer, prompt, text, settings))
+    if row.rewrite is not None:
         return text != prompt
-    if kind == "attention":
-        return bool(marker_token_scales(tokenizer, [prompt], max_length, settings)[1][0])
-    return kind != "baseline"
+    return row.embedding is not None or row.sampling is not None
 
 
 # -- one prompt -------------------------------------------------------------------------------
-def strategy_embedding(scorer, strategy: str, embedding: torch.Tensor, prompt_id: str, settings: MitigationSettings) -> torch.Tensor:
-    """The conditional embedding [1, L, D] a strategy generates with."""
-    if strategy == "embedding_noise":
-        seed = int(strategy_rng(settings.seed, prompt_id, strategy).integers(2**63))
-        generator = torch.Generator("cpu").manual_seed(seed)
-        return noisy_embedding(embedding, settings.noise_std, generator)
-    if strategy == "embedding_optimisation":
-        # Its own noises (mitigation.seed): optimising on the evaluation noises would flatter it.
-        noise = scorer.initial_latents([prompt_id], seed=settings.seed)[0]
-        latents, timestep = scorer.first_step_inputs(noise)
-        return optimise_embedding(
-            scorer, latents, timestep, embedding, settings.optimisation_iters, settings.optimisation_lr, settings.optimisation_target
-        )
-    return embedding
-
-
 def generate_images(scorer, inputs: dict, chunk: int) -> torch.Tensor:
     """Decoded generations [S, M, C, H, W] in [0, 1] of S strategies' sampling `inputs` (stack_sampling), latents [S, M, ...].
 
@@ -393,8 +417,8 @@ def mitigate_prompt(
                 "d_mem": float(scores[i]),
                 "pairwise_distance": pairwise_rms_distance(images, scorer.device),
                 "n_generations": settings.n_generations,
-                "changed": changed(strategy, prompt, texts[i], scorer.tokenizer, scorer.max_length, settings),
-                "evaluations": registry.REGISTRY[strategy].evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
+                "changed": changed(strategy, prompt, texts[i], scorer, settings),
+                "evaluations": registry.row(strategy).evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
                 "fidelity": float(faithful[i]),
             }
         )

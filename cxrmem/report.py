@@ -24,8 +24,8 @@ from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
 from cxrmem import figures, findings, stats
+from cxrmem import strategies as registry
 from cxrmem.formatting import fmt, percent
-from cxrmem.mitigation import EMBEDDING_STRATEGIES
 from cxrmem.score_key import config_hash
 from cxrmem.settings import NON_NEGATIVE, Settings, knob, public_config
 from cxrmem.summary import AnalysisSection, CalibrationSection, CascadeSection, CopiesSection, DetectorsSection, RunSummary
@@ -308,8 +308,7 @@ def unchanged_rows(mitigation: pd.DataFrame) -> pd.Series:
     mitigation.parquet says so in `changed`; files written before it had that column judge text rewrites by their text."""
     if "changed" in mitigation.columns:
         return (mitigation["strategy"] != "original") & ~mitigation["changed"].astype(bool)
-    text_strategy = (mitigation["strategy"] != "original") & ~mitigation["strategy"].isin(EMBEDDING_STRATEGIES)
-    return text_strategy & (mitigation["mitigated_prompt"] == mitigation["prompt"])
+    return mitigation["strategy"].isin(registry.rewrites()) & (mitigation["mitigated_prompt"] == mitigation["prompt"])
 
 
 def strategy_rows(mitigation: pd.DataFrame, order: list[str]) -> list[dict]:

@@ -1,71 +1,103 @@
-"""The mitigation strategies as data: one row per strategy, its kind and its cost (cxrmem/mitigation.py runs them).
+"""The mitigation strategies: one row per strategy, carrying its behaviour hooks and its cost (cxrmem/mitigation.py runs them).
 
-A strategy changes one thing about how a memorized prompt is generated:
+A strategy changes one thing about how a memorized prompt is generated, through the hooks its row sets:
 
-- `baseline`: nothing (`original`);
-- `text`: the prompt's words (random_word, random_number, remove_marker, surrogate, random_insertion);
-- `embedding`: the text embedding (embedding_noise, embedding_optimisation);
-- `attention`: the cross-attention to some tokens (attention_rescaling, Ren et al., ECCV 2024);
-- `guidance`: the guidance weight over the first steps (delayed_guidance, opposite_guidance, Jain et al., CVPR 2025);
-- `noise`: the initial noise (noise_adjustment, Han et al., NeurIPS 2025).
+- `rewrite(prompt, rng, rewriting) -> text`: the prompt's words (random_word, random_number, remove_marker,
+  surrogate, random_insertion); `rewriting` is mitigation.Rewriting (marker pattern, vocabulary, settings);
+- `embedding(scorer, embedding [1, L, D], prompt_id, rng, settings) -> embedding`: the text embedding
+  (embedding_noise, embedding_optimisation);
+- `sampling(scorer, inputs, texts, settings) -> inputs`: Scorer.sample's keyword arguments for the prompts
+  (cond_embeddings, latents, guidance w), changed: the cross-attention to some tokens (attention_rescaling,
+  Ren et al., ECCV 2024), the guidance weight over the first steps (delayed_guidance, opposite_guidance,
+  Jain et al., CVPR 2025) or the initial noise (noise_adjustment, Han et al., NeurIPS 2025);
+- `changed(scorer, prompt, text, settings) -> bool`: did it change anything for this prompt; unset, a strategy
+  changed the prompt when its rewrite changed the text, or when it has an embedding or sampling hook.
+
+`original` sets no hook: the prompt as it is. A new strategy is one row here, its hook functions, and its test.
+
+A hook is the function itself, or "module:function" resolved on first use. The rows name the torch-using hooks
+of cxrmem/mitigation.py by reference so that this module stays importable without torch: the config checks
+strategy names and `cxrmem enrich` judges F1 with this table loaded, and neither should pay torch's import.
 
 Cost is declared in UNet sample evaluations per prompt (one latent through the UNet = 1; a backward
 pass counted as 2, the usual rule of thumb): d_mem over G noises and the N generations, each step of
-plain classifier-free guidance 2 samples, plus what the strategy does before sampling. The Scorer
-counts the same work as it happens (`Scorer.work`); tests/test_cost.py holds the two equal. No torch
-here, so that the config can validate names without loading it.
+plain classifier-free guidance 2 samples, plus what the strategy does before sampling (`preparation`).
+The Scorer counts the same work as it happens (`Scorer.work`); tests/test_cost.py holds the two equal.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from functools import lru_cache
+from typing import Callable, Optional, Union
 
 from cxrmem.settings import check_names as check_listed
 
-KINDS = ("baseline", "text", "embedding", "attention", "guidance", "noise")
 BACKWARD = 2  # evaluations one backward pass through the UNet costs
+Hook = Union[str, Callable]  # a function, or "module:function" resolved on first use
 
 
-# The initial noises a kind prepares, of (G scored, N generated): Wen et al. optimise the embedding on G noises
-# of their own seed, Han et al. adjust every initial noise the prompt is scored and generated from.
-PREPARED = {"embedding": lambda g, n: g, "noise": lambda g, n: g + n}
+def no_preparation(settings, g: int, n: int) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
 class Strategy:
-    kind: str  # one of KINDS
     summary: str  # one line for the report
-    extra: Callable[[object], int] = lambda settings: 0  # evaluations per prepared initial noise (PREPARED) before sampling
+    rewrite: Optional[Hook] = None
+    embedding: Optional[Hook] = None
+    sampling: Optional[Hook] = None
+    changed: Optional[Hook] = None
+    # (settings, G scored noises, N generations) -> evaluations spent before sampling
+    preparation: Callable[[object, int, int], int] = no_preparation
+    marker_rewrite: bool = False  # rewrites only the de-identification markers: what the paper's finding 3 is about
 
     def evaluations(self, settings, scored: tuple[int, int], generated: tuple[int, int]) -> int:
         """UNet evaluations of one prompt: d_mem over `scored` = (G noises, T_s steps), the `generated` = (N generations,
         T steps) and the preparation (settings: MitigationSettings or the config section)."""
         (g, t_s), (n, t) = scored, generated
-        prepared = PREPARED[self.kind](g, n) if self.kind in PREPARED else 0
-        return 2 * g * t_s + 2 * n * t + prepared * self.extra(settings)
+        return 2 * g * t_s + 2 * n * t + self.preparation(settings, g, n)
 
+
+def hook(reference: Hook) -> Callable:
+    """The function a row's hook names."""
+    return _resolve(reference) if isinstance(reference, str) else reference
+
+
+@lru_cache(maxsize=None)
+def _resolve(reference: str) -> Callable:
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+M = "cxrmem.mitigation:"  # where the hooks that need torch live
 
 REGISTRY: dict[str, Strategy] = {
-    "original": Strategy("baseline", "the prompt as it is"),
-    "random_word": Strategy("text", "every marker -> a random vocabulary word"),
-    "random_number": Strategy("text", "every marker -> a random number"),
-    "remove_marker": Strategy("text", "every marker deleted"),
-    "surrogate": Strategy("text", "every marker -> a realistic surrogate"),
-    "random_insertion": Strategy("text", "random words inserted (Somepalli et al.)"),
-    "embedding_noise": Strategy("embedding", "Gaussian noise on the text embedding"),
-    # Wen et al., per noise: one unconditional pass, then per iteration a conditional pass and its backward.
+    "original": Strategy("the prompt as it is"),
+    "random_word": Strategy("every marker -> a random vocabulary word", rewrite=M + "random_word", marker_rewrite=True),
+    "random_number": Strategy("every marker -> a random number", rewrite=M + "random_number", marker_rewrite=True),
+    "remove_marker": Strategy("every marker deleted", rewrite=M + "remove_marker", marker_rewrite=True),
+    "surrogate": Strategy("every marker -> a realistic surrogate", rewrite=M + "surrogate", marker_rewrite=True),
+    "random_insertion": Strategy("random words inserted (Somepalli et al.)", rewrite=M + "random_insertion"),
+    "embedding_noise": Strategy("Gaussian noise on the text embedding", embedding=M + "embedding_noise"),
+    # Wen et al., per noise of its own G: one unconditional pass, then per iteration a conditional pass and its backward.
     "embedding_optimisation": Strategy(
-        "embedding", "first-step embedding optimisation (Wen et al.)", lambda s: 1 + s.optimisation_iters * (1 + BACKWARD)
+        "first-step embedding optimisation (Wen et al.)", embedding=M + "embedding_optimisation",
+        preparation=lambda s, g, n: g * (1 + s.optimisation_iters * (1 + BACKWARD)),
     ),
-    "attention_rescaling": Strategy("attention", "cross-attention to the marker tokens re-scaled (Ren et al.)"),
-    "delayed_guidance": Strategy("guidance", "no guidance (w=0) over the first steps, then w (Jain et al.)"),
-    "opposite_guidance": Strategy("guidance", "opposite guidance (-s) over the first steps, then w (Jain et al.)"),
-    # Han et al., per noise: per iteration two gradients (sharpness-aware), each both halves forward and backward.
+    "attention_rescaling": Strategy(
+        "cross-attention to the marker tokens re-scaled (Ren et al.)", sampling=M + "attention_rescaling", changed=M + "has_marker_tokens"
+    ),
+    "delayed_guidance": Strategy("no guidance (w=0) over the first steps, then w (Jain et al.)", sampling=M + "delayed_guidance"),
+    "opposite_guidance": Strategy("opposite guidance (-s) over the first steps, then w (Jain et al.)", sampling=M + "opposite_guidance"),
+    # Han et al., on every initial noise scored and generated from (G + N): per iteration two gradients
+    # (sharpness-aware), each both halves forward and backward.
     "noise_adjustment": Strategy(
-        "noise", "initial noise moved to a lower guidance norm (Han et al.)", lambda s: s.noise_iters * 2 * 2 * (1 + BACKWARD)
+        "initial noise moved to a lower guidance norm (Han et al.)", sampling=M + "noise_adjustment",
+        preparation=lambda s, g, n: (g + n) * s.noise_iters * 2 * 2 * (1 + BACKWARD),
     ),
-}
+}  # fmt: skip
 
 
 def check_names(key: str, names) -> None:
@@ -73,11 +105,17 @@ def check_names(key: str, names) -> None:
     check_listed(key, names, REGISTRY, "strategy")
 
 
-def names_of(kind: str) -> tuple[str, ...]:
-    return tuple(name for name, row in REGISTRY.items() if row.kind == kind)
-
-
-def kind_of(name: str) -> str:
+def row(name: str) -> Strategy:
     if name not in REGISTRY:
-        raise ValueError(f"unknown mitigation strategy {name!r}: choose from {', '.join(REGISTRY)}")
-    return REGISTRY[name].kind
+        raise ValueError(f"unknown mitigation strategy {name!r}: choose from {', '.join(REGISTRY)} (cxrmem/strategies.py REGISTRY)")
+    return REGISTRY[name]
+
+
+def marker_rewrites() -> tuple[str, ...]:
+    """The strategies that rewrite only the markers (finding 3's subject)."""
+    return tuple(name for name, strategy in REGISTRY.items() if strategy.marker_rewrite)
+
+
+def rewrites() -> tuple[str, ...]:
+    """The strategies that change the prompt's text."""
+    return tuple(name for name, strategy in REGISTRY.items() if strategy.rewrite is not None)

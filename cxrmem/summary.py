@@ -140,6 +140,8 @@ class MitigationSection(Section):
     seconds: float
     mitigation: str  # mitigation.parquet
     figures: list = field(default_factory=list)
+    sample: Optional[dict] = None  # which memorized prompts were mitigated and why (mitigation_sizing.sample_record)
+    stopping: Optional[dict] = None  # per strategy: prompts used, paired d_mem change and why it stopped (SequentialRule)
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
 
     def timings(self) -> dict[str, float]:

@@ -105,7 +105,7 @@ def test_override_errors_name_the_override_not_the_file(override):
         "mitigation.steps=0",  # crashed later with ZeroDivisionError
         "attribution.max_prompts=-1",  # silently dropped a prompt
         "attribution.max_prompts=0",
-        "mitigation.max_prompts=-1",
+        "mitigation.sample_size=-1",
         "mitigation.optimisation_iters=0",
         "ray.num_cpus_per_worker=0",
         "ray.resource_wait_s=0",

@@ -1,5 +1,6 @@
 """Mitigation rewrites, the pairwise distance and the paired experiment, on the real tiny model."""
 
+import copy
 import re
 
 import numpy as np
@@ -11,6 +12,8 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX
 from cxrmem.mitigation import (
     MITIGATION_COLUMNS,
+    MitigationSettings,
+    Rewriting,
     generate_images,
     mitigate_prompt,
     mitigated_prompt,
@@ -68,6 +71,10 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def rewriting(vocab=(), **settings) -> Rewriting:
+    return Rewriting(PATTERN, vocab, MitigationSettings(**settings))
+
+
 def test_vocabulary_words_are_whole_alphabetic_entries(components, vocab):
     entries = components.tokenizer.get_vocab()
     assert len(vocab) > 50
@@ -76,32 +83,32 @@ def test_vocabulary_words_are_whole_alphabetic_entries(components, vocab):
 
 
 def test_random_word_replaces_only_markers_with_vocabulary_words(vocab):
-    words = replacements(PROMPT, random_word(PROMPT, rng(), PATTERN, vocab))
+    words = replacements(PROMPT, random_word(PROMPT, rng(), rewriting(vocab)))
     assert len(words) == 4 and all(w in vocab for w in words)
-    assert random_word(PROMPT, rng(), PATTERN, vocab) == random_word(PROMPT, rng(), PATTERN, vocab)
+    assert random_word(PROMPT, rng(), rewriting(vocab)) == random_word(PROMPT, rng(), rewriting(vocab))
 
 
 def test_random_number_replaces_only_markers_with_numbers():
-    numbers = replacements(PROMPT, random_number(PROMPT, rng(), PATTERN))
+    numbers = replacements(PROMPT, random_number(PROMPT, rng(), rewriting()))
     assert len(numbers) == 4 and all(n.isdigit() for n in numbers)
 
 
 def test_surrogate_replaces_only_markers_by_context():
-    parts = replacements(PROMPT, surrogate(PROMPT, rng(), PATTERN))
+    parts = replacements(PROMPT, surrogate(PROMPT, rng(), rewriting()))
     assert re.search(r"\d", parts[0])  # "compared to" -> a date
     assert parts[1].isalpha()  # "Dr." -> a surname
     assert re.fullmatch(r"\d{1,2}:\d{2}", parts[2])  # "... a.m." -> a time
 
 
 def test_remove_marker_leaves_tidy_text():
-    removed = remove_marker(PROMPT, rng(), PATTERN)
+    removed = remove_marker(PROMPT, rng(), rewriting())
     assert removed == "Compared to, the heart is enlarged. Dr. was notified at a.m. noted."
     assert "  " not in removed and not PATTERN.search(removed)
-    assert remove_marker("No markers here.", rng(), PATTERN) == "No markers here."
+    assert remove_marker("No markers here.", rng(), rewriting()) == "No markers here."
 
 
 def test_random_insertion_only_inserts_vocabulary_words(vocab):
-    inserted = random_insertion(PROMPT, rng(), vocab, 4).split(" ")
+    inserted = random_insertion(PROMPT, rng(), rewriting(vocab, insertion_words=4)).split(" ")
     original = PROMPT.split(" ")
     assert len(inserted) == len(original) + 4
     # The original words survive in order (greedy subsequence match); the rest come from the vocabulary.
@@ -234,3 +241,37 @@ def test_vocabulary_words_leave_out_wordpiece_fragments(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "conso", "##lidation",
                                                    "consolidation", "effusion", "left", "ab"]) + "\n")
     assert vocabulary_words(BertTokenizer(str(tmp_path / "vocab.txt"))) == ["consolidation", "effusion", "left"]
+
+
+# -- a new strategy is one row (and its function) ----------------------------------------------------
+def shout(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
+    """A throwaway text strategy: every marker -> SECRET."""
+    return rewriting.pattern.sub("SECRET", prompt)
+
+
+def hush(scorer, embedding: torch.Tensor, prompt_id: str, rng: np.random.Generator, settings: MitigationSettings) -> torch.Tensor:
+    """A throwaway embedding strategy: the embedding halved."""
+    return embedding * 0.5
+
+
+def test_a_registered_strategy_runs_through_the_real_mitigation(tiny_model_dir, components, vocab, monkeypatch):
+    """One REGISTRY row per strategy, its hook a plain function: the experiment, its cost and `changed` follow."""
+    from cxrmem import strategies
+
+    monkeypatch.setitem(strategies.REGISTRY, "shout", strategies.Strategy("every marker -> SECRET", rewrite=shout))
+    monkeypatch.setitem(strategies.REGISTRY, "hush", strategies.Strategy("the embedding halved", embedding=hush))
+    cfg = tiny_config(tiny_model_dir)
+    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
+    settings = mitigation_settings(cfg).replace(strategies=("original", "shout", "hush"))
+    rows = {}
+    for prompt, pid in ((PROMPT, "0" * 16), ("No acute process.", "1" * 16)):
+        before = copy.copy(scorer.work)
+        out, _ = mitigate_prompt(scorer, scorer, prompt, pid, settings, vocab)
+        assert (scorer.work - before).evaluations == sum(r["evaluations"] for r in out)  # counted == declared
+        rows[pid] = {r["strategy"]: r for r in out}
+    marked, plain = rows["0" * 16], rows["1" * 16]
+    assert marked["shout"]["mitigated_prompt"] == PROMPT.replace("___", "SECRET").replace("XXXX", "SECRET")
+    assert [marked[s]["changed"] for s in ("original", "shout", "hush")] == [False, True, True]
+    assert not plain["shout"]["changed"] and plain["hush"]["changed"]  # no marker to rewrite; an embedding always changes
+    assert marked["hush"]["mitigated_prompt"] == PROMPT and marked["hush"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-3)
+    assert marked["shout"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-3)

@@ -77,12 +77,18 @@ def test_rescaled_sampling_changes_the_marked_prompt_only(scorer):
 
 
 # -- delayed and opposite guidance ---------------------------------------------------------------
-def test_guidance_schedule_is_plain_guidance_after_the_delay():
-    s = settings(guidance_delay=0.25, opposite_scale=3.0)
-    assert guidance_schedule("delayed_guidance", 7.5, 8, s).tolist() == [0.0, 0.0] + [7.5] * 6
-    assert guidance_schedule("opposite_guidance", 1.0, 8, s).tolist() == [-3.0, -3.0] + [1.0] * 6
-    assert guidance_schedule("original", 7.5, 8, s).tolist() == [7.5] * 8
-    assert guidance_schedule("delayed_guidance", 7.5, 8, settings(guidance_delay=0.0)).tolist() == [7.5] * 8
+def test_guidance_strategies_schedule_their_early_weight_then_plain_guidance(scorer):
+    embeddings, latents = scorer.encode([MARKED]).embeddings, scorer.initial_latents(["a" * 16])
+
+    def schedule(name: str, w: float, **changes):
+        inputs = strategy_sampling(scorer, name, [MARKED], embeddings, latents, w, settings(**changes))["guidance"]
+        return inputs.tolist() if torch.is_tensor(inputs) else inputs
+
+    assert scorer.settings.steps == 4
+    assert schedule("delayed_guidance", 7.5, guidance_delay=0.5) == [[0.0, 0.0, 7.5, 7.5]]
+    assert schedule("opposite_guidance", 1.0, guidance_delay=0.5, opposite_scale=3.0) == [[-3.0, -3.0, 1.0, 1.0]]
+    assert schedule("original", 7.5) == 7.5
+    assert guidance_schedule(0.0, 7.5, 8, 0.0).tolist() == [7.5] * 8
 
 
 def test_delayed_trajectory_follows_the_early_weight_then_leaves_it(scorer):
@@ -91,7 +97,7 @@ def test_delayed_trajectory_follows_the_early_weight_then_leaves_it(scorer):
     steps = scorer.settings.steps
     flat = scorer.sample(embeddings, latents, guidance=torch.full((1, steps), 7.5))
     torch.testing.assert_close(flat.final_latents, scorer.sample(embeddings, latents, guidance=7.5).final_latents)
-    schedule = guidance_schedule("delayed_guidance", 7.5, steps, settings(guidance_delay=0.5)).expand(1, -1)
+    schedule = guidance_schedule(0.0, 7.5, steps, 0.5).expand(1, -1)
     delayed = scorer.sample(embeddings, latents, guidance=schedule, keep_inputs=True)
     unguided = scorer.sample(embeddings, latents, guidance=0.0, keep_inputs=True)
     guided = scorer.sample(embeddings, latents, guidance=7.5, keep_inputs=True)

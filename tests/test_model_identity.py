@@ -16,7 +16,7 @@ from cxrmem.storage import Store
 
 SMALL = ["corpus.synthetic.n_reports=60", "score.steps=2", "score.generations=1", "analyze.top_percent=5", "model.device=cpu",
          "attribution.steps=1", "attribution.generations=1", "attribution.max_prompts=1", "attribution.leave_one_out=false",
-         "mitigation.strategies=[original,remove_marker]", "mitigation.n_generations=2", "mitigation.steps=2", "mitigation.max_prompts=1",
+         "mitigation.strategies=[original,remove_marker]", "mitigation.n_generations=2", "mitigation.steps=2", "mitigation.sample_size=1",
          "report.figures=false"]  # fmt: skip
 
 

@@ -62,7 +62,7 @@ SMALL = [
     "mitigation.strategies=[original,remove_marker,embedding_noise]",
     "mitigation.n_generations=2",
     "mitigation.steps=2",
-    "mitigation.max_prompts=1",
+    "mitigation.sample_size=1",
     "report.figures=false",
 ]
 

@@ -5,7 +5,8 @@
       -> per guidance (the scoring one, and copies.second_guidance): N generations per prompt,
          embedded on the model workers (ModelWorker.copies) -> exact top-k search here
       -> copy threshold calibrated on the controls -> per-prompt evidence rows
-      -> the memorized prompts rewritten by each text mitigation strategy, against that threshold
+      -> each mitigation strategy on the memorized prompts mitigation ran it on (its stratified sample,
+         cut where its sequential rule stopped it), against that threshold
     -> copies.parquet, figures/copies_<prompt_id>.npz (generation, nearest image), summary["copies"]
 
 Off when images.source is empty. The workers return embeddings, not images (except the few the
@@ -28,6 +29,7 @@ from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import CopiesSettings, evidence, search
 from cxrmem.copies.images import read_image
 from cxrmem.judgement import halves_copying, judge_strategies
+from cxrmem.mitigation_sizing import stratified_sample
 from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
@@ -71,14 +73,25 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
     return sims, rows, [t for r in results for t in r[1]], kept, [f for r in results for f in r[3]]
 
 
-def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids) -> tuple[list[pa.Table], Threshold, dict]:
-    """copies.parquet rows at one guidance (the prompts, then each mitigation strategy), its threshold, the kept generations."""
+def strategy_prompts(cfg, memorized: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Per checked strategy, the memorized prompts its copies are checked on: those mitigation ran it on (its sample,
+    cut where the sequential rule stopped it), else the same seeded stratified sample (cxrmem/mitigation_sizing.py)."""
+    sample = stratified_sample(memorized, cfg.corpus.marker_regex, cfg.mitigation.sample_size, cfg.mitigation.seed)
+    sample = sample.drop(columns="stratum")
+    ran = mitigation.groupby("strategy")["prompt_id"].agg(set) if mitigation is not None else {}
+    return {s: sample[sample["prompt_id"].isin(ran[s])] if s in ran else sample for s in checked_strategies(cfg)}
+
+
+def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict) -> tuple[list[pa.Table], Threshold, dict]:
+    """copies.parquet rows at one guidance (the prompts, then each mitigation strategy on its `checks` prompts,
+    strategy_prompts), its threshold, the kept generations."""
     settings = CopiesSettings.of(cfg.copies)
     sims, rows, _, kept, faithful = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
     table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint, fidelity=faithful)
     tables = [table]
-    memorized = frame[frame["group"] == "memorized"]
-    for strategy in checked_strategies(cfg) if len(memorized) else []:
+    for strategy, memorized in checks.items():
+        if not len(memorized):
+            continue
         s_sims, s_rows, texts, _, s_faithful = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
         rewritten = memorized.assign(prompt=texts)
         tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy, s_faithful)[0])
@@ -152,8 +165,9 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
         mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
+        checks = strategy_prompts(cfg, frame[frame["group"] == "memorized"], mitigation)
         for guidance in guidances(cfg):
-            rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids)
+            rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks)
             tables += rows
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
+from cxrmem.mitigation_sizing import SequentialRule, sample_record, stratified_sample
 from cxrmem.runfiles import RunLayout, write_sections
 from cxrmem.stages.worker import LocalModel, MitigatePrompts, map_with_progress, memorized_stage, stamped
 from cxrmem.storage import Store
@@ -29,26 +30,54 @@ def save_generation_grid(store: Store, layout: RunLayout, prompt_id: str, grids:
 
 
 def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> MitigationSection:
-    """Mitigate the memorized set with `models` (default: a model with its VAE loaded in this process)."""
+    """Mitigate a stratified sample of the memorized set, strategy by strategy until each is decided, with `models`
+    (default: a model with its VAE loaded in this process)."""
     store = store or Store.from_config(cfg.storage)
-    with memorized_stage(cfg, store, "mitigate", cfg.mitigation.max_prompts, models, need_vae=True) as (layout, memorized, models, identity):
-        # The memorized set is sorted by d_mem: the first `top_prompts` get image grids in the report.
-        grid_ids = frozenset(memorized["prompt_id"].head(cfg.report.top_prompts))
-        results, seconds = map_with_progress(models, MitigatePrompts(), memorized, "mitigated", cfg.ray.progress_every_s, grid_ids)
+    with memorized_stage(cfg, store, "mitigate", None, models, need_vae=True) as (layout, memorized, models, identity):
+        c = cfg.mitigation
+        sample = stratified_sample(memorized, cfg.corpus.marker_regex, c.sample_size, c.seed)
+        # The memorized set is sorted by d_mem: its first `top_prompts` in the sample get image grids in the report.
+        grid_ids = frozenset(memorized["prompt_id"][memorized["prompt_id"].isin(sample["prompt_id"])].head(cfg.report.top_prompts))
+        results, stopping, seconds = mitigate_sequentially(models, sample, cfg, grid_ids)
         frame = pd.concat([rows for rows, _ in results], ignore_index=True)
-        grids = {pid: grid for _, chunk_grids in results for pid, grid in chunk_grids.items()}
+        grids: dict = {}
+        for _, chunk_grids in results:
+            for pid, grid in chunk_grids.items():
+                grids.setdefault(pid, {}).update(grid)
         table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
         store.write_table(stamped(table, identity), layout.mitigation)
         figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
         section = MitigationSection(
             strategies=mitigation_summary(frame),
             prompts=int(frame["prompt_id"].nunique()),
-            n_generations=cfg.mitigation.n_generations,
+            n_generations=c.n_generations,
             seconds=round(seconds, 2),
             mitigation=layout.mitigation,
             figures=figures,
+            sample=sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed),
+            stopping=stopping,
             model=identity,
         )
         write_sections(store, layout, section)
     log.info("mitigation: %s", section.strategies)
     return section
+
+
+def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset) -> tuple[list, dict, float]:
+    """The sample in looks of `look_every` prompts, each under the strategies still undecided (SequentialRule):
+    the results per chunk, the rule's record per strategy and the seconds."""
+    c = cfg.mitigation
+    rule = SequentialRule(tuple(c.strategies), c.stop_level, c.sequential)
+    results, seconds = [], 0.0
+    for lo in range(0, max(len(sample), 1), c.look_every):
+        if not rule.active:
+            break
+        look = sample.iloc[lo : lo + c.look_every][["prompt_id", "prompt"]]
+        done, spent = map_with_progress(models, MitigatePrompts(), look, "mitigated", cfg.ray.progress_every_s, grid_ids, tuple(rule.active))
+        results += done
+        seconds += spent
+        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        stopped = rule.look(frame)
+        if stopped:
+            log.info("mitigation: %s stopped after %d prompts", ", ".join(stopped), lo + len(look))
+    return results, rule.finish(frame), seconds

@@ -31,8 +31,6 @@ from cxrmem.copies.find import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
 from cxrmem.fidelity import FidelitySettings, make_fidelity
 from cxrmem.mitigation import (
-    EMBEDDING_STRATEGIES,
-    SAMPLING_STRATEGIES,
     MitigationSettings,
     mitigate_prompts,
     mitigated_prompt,
@@ -312,10 +310,13 @@ class AttributePrompts:
 
 
 class MitigatePrompts:
-    """mitigation.parquet rows of memorized prompts, and the image grids of those in `grid_ids`."""
+    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), and the image
+    grids of those in `grid_ids`."""
 
-    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset()):
-        return mitigate_prompts(worker.scorer, prompts, prompt_ids, worker.mitigation, grid_ids, worker.fidelity())
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset(),
+                 strategies: Optional[tuple[str, ...]] = None):  # fmt: skip
+        settings = worker.mitigation.replace(strategies=strategies) if strategies is not None else worker.mitigation
+        return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity())
 
 
 class CopiesOfPrompts:
@@ -328,11 +329,10 @@ class CopiesOfPrompts:
         from cxrmem.copies.find import embedded_generations
 
         plan, originals = None, list(prompts)
-        if strategy in EMBEDDING_STRATEGIES or strategy in SAMPLING_STRATEGIES:
-            plan = worker.sampling_plan(strategy)
-        elif strategy != "none":
+        if strategy != "none":  # the strategy's text (its rewrite's), embedding and sampling, as the mitigate stage makes them
             vocab = vocabulary_words(worker.scorer.tokenizer)
             prompts = [mitigated_prompt(strategy, p, i, vocab, worker.mitigation) for p, i in zip(prompts, prompt_ids)]
+            plan = worker.sampling_plan(strategy)
         queries, generations = embedded_generations(
             worker.scorer, worker.image_embedder(), prompts, prompt_ids, worker.copy_settings, guidance, plan
         )
