@@ -4,7 +4,9 @@
    against a reference of fresh synthetic impressions (the generator the testbed was trained from, another
    seed), every training prompt of the testbed removed from it. Truth: the planted prompts (the testbed's
    manifest); the realized false-discovery rate is the share of discoveries that are not planted.
-2. The null check: the IU X-ray testbed (testbed/iuxray) audited on synthetic prompts it never saw, against
+2. testbed/iuxray_heldout: the IU X-ray testbed trained without a seeded 30% of its distinct impressions
+   (conf/testbed_iuxray_heldout.yaml), audited on its training prompts against those held-out impressions.
+3. The null check: the IU X-ray testbed (testbed/iuxray) audited on synthetic prompts it never saw, against
    other synthetic prompts. Nothing is memorized: F0 must read "not supported" with about zero discoveries.
 
 Both run the real stages (prepare, score, reference, analyze) in this process at the settings given.
@@ -117,6 +119,12 @@ def main() -> None:
     training = set(pd.read_csv("testbed/model/manifest.csv")["prompt"])
     ref_model = synthetic_table(f"{args.work}/reference_model.csv", args.reference, seed=101, exclude=training)
     rows = [audit("testbed/model (demo corpus)", [*common, f"run.output={args.work}/model", f"analyze.reference={ref_model}"])]
+    heldout = "testbed/iuxray_heldout"  # conf/testbed_iuxray_heldout.yaml: trained without 30% of the impressions
+    if os.path.exists(f"{heldout}/reference.csv"):
+        rows.append(audit("testbed/iuxray_heldout (its training prompts)", [
+            *common, f"run.output={args.work}/iuxray_heldout", f"model.path={heldout}", f"corpus.path={heldout}/manifest.csv",
+            "corpus.max_reports=null", f"analyze.known_memorized={heldout}/manifest.csv", f"analyze.reference={heldout}/reference.csv",
+        ]))  # fmt: skip
     null_corpus = synthetic_table(f"{args.work}/null_corpus.csv", args.null_corpus, seed=202, exclude=set())
     null_ref = synthetic_table(f"{args.work}/null_reference.csv", args.reference, seed=303, exclude=set())
     rows.append(audit("null: testbed/iuxray on unseen synthetic prompts", [
