@@ -39,7 +39,8 @@ from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, screen_top
 from cxrmem.models.loading import load_components
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.cascade import dmem_cost, evaluations
 from cxrmem.stats import top_percent_mask
 

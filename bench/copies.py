@@ -64,8 +64,9 @@ def testbed_prompts(manifest, n_controls: int, seed: int):
 
 def testbed_guidance(scorer, frame, index, table, embedder, guidance: float, args) -> dict:
     from cxrmem.copies.evidence import calibrate_threshold, copies_table
-    from cxrmem.copies.find import CopiesSettings, nearest_images
+    from cxrmem.copies.find import nearest_images
     from cxrmem.copies.generation import generate
+    from cxrmem.copies.settings import CopiesSettings
     from cxrmem.stats import roc_auc
 
     started = time.perf_counter()

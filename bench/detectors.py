@@ -34,9 +34,11 @@ from omegaconf import OmegaConf
 
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import REGISTRY, DetectorSettings, oriented, screen_recall
-from cxrmem.models.loading import ModelConfig, fingerprint_model, load_components
+from cxrmem.models.loading import fingerprint_model, load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from cxrmem.stats import roc_auc, top_percent_mask, tpr_at_fpr
 
 SECTION = "## Detectors"

@@ -324,7 +324,8 @@ def build_unet(sizes: Sizes):
 def testbed_components(dtype: str = "float32"):
     from omegaconf import OmegaConf
 
-    from cxrmem.models.loading import ModelConfig, load_components
+    from cxrmem.models.loading import load_components
+    from cxrmem.models.settings import ModelConfig
 
     return load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": str(ROOT / "testbed/model"), "dtype": dtype}))
 
@@ -533,7 +534,8 @@ def step_compile(ctx: Context) -> None:
 # == the scorer =====================================================================================================
 def step_scorer(ctx: Context) -> None:
     from bench import unet_cost
-    from cxrmem.scoring.scorer import Scorer, ScoreSettings
+    from cxrmem.scoring.scorer import Scorer
+    from cxrmem.scoring.settings import ScoreSettings
 
     sizes = ctx.sizes
     components = shaped_components(sizes)
@@ -575,7 +577,7 @@ def step_scorer(ctx: Context) -> None:
 # == parity =========================================================================================================
 def parity_setup(sizes: Sizes):
     from cxrmem.config import load_config
-    from cxrmem.scoring.scorer import ScoreSettings
+    from cxrmem.scoring.settings import ScoreSettings
 
     cfg = load_config(ROOT / "conf/demo.yaml")
     settings = ScoreSettings.of(cfg.score)
@@ -704,8 +706,9 @@ def step_cascade(ctx: Context) -> None:
     from omegaconf import OmegaConf
 
     from cxrmem.detectors import screen_top
-    from cxrmem.scoring.scorer import Continuation, Scorer, ScoreSettings
-    from cxrmem.stages.cascade import DEFAULT_STAGES
+    from cxrmem.scoring.scorer import Continuation, Scorer
+    from cxrmem.scoring.settings import ScoreSettings
+    from cxrmem.stages.settings import DEFAULT_STAGES
 
     sizes = ctx.sizes
     batch = sizes.cascade_batch or int(OmegaConf.load(ROOT / "conf/radedit.yaml").score.batch_size)
@@ -801,7 +804,8 @@ def step_vae(ctx: Context) -> None:
 
     from cxrmem.models.components import Components
     from cxrmem.models.tiny import tiny_vae
-    from cxrmem.scoring.scorer import Scorer, ScoreSettings
+    from cxrmem.scoring.scorer import Scorer
+    from cxrmem.scoring.settings import ScoreSettings
 
     sizes = ctx.sizes
     device = torch.device(sizes.device)

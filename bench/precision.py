@@ -30,10 +30,12 @@ from scipy.stats import spearmanr
 
 from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import prompt_id
-from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny import build_tiny_model
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from cxrmem.stats import top_percent_mask
 
 SECTION = "## Precision: bfloat16 against float32 (CPU)"

@@ -48,13 +48,15 @@ from cxrmem.attribution import AttributionSettings, attribute_prompts, null_comp
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.copies.embedders import EmbedderSettings, PixelEmbedder  # noqa: E402
 from cxrmem.copies.evidence import calibrate_threshold, similarity_stats  # noqa: E402
-from cxrmem.copies.find import CopiesSettings, search  # noqa: E402
+from cxrmem.copies.find import search  # noqa: E402
+from cxrmem.copies.settings import CopiesSettings  # noqa: E402
 from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, prompt_id  # noqa: E402
 from cxrmem.models.components import null_copy  # noqa: E402
 from cxrmem.models.loading import load_components  # noqa: E402
 from cxrmem.results_page import cpu_name, replace_section  # noqa: E402
 from cxrmem.scoring.dmem import d_mem  # noqa: E402
-from cxrmem.scoring.scorer import Scorer, ScoreSettings  # noqa: E402
+from cxrmem.scoring.scorer import Scorer  # noqa: E402
+from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
 from cxrmem.stats import roc_auc, tpr_at_fpr  # noqa: E402
 from cxrmem.testbed.dataset import MANIFEST  # noqa: E402
 from cxrmem.testbed.evaluate import evaluation_prompts, score_and_generate, training_images  # noqa: E402

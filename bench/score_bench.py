@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 
 from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
 from cxrmem.corpus.text import normalise_whitespace, prompt_id
-from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny import build_tiny_model
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 
 
 class PaperLoop:

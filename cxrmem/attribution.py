@@ -39,15 +39,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from cxrmem import stats
 from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_span
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, Settings, knob
+
+if TYPE_CHECKING:  # torch is imported where used: the config reads AttributionConfig without loading it
+    import torch
 
 TOKEN_COLUMNS = {
     "prompt_id": pa.string(),
@@ -116,6 +118,8 @@ def token_gradient_norms(
     """
     if not cond_emb.requires_grad:
         cond_emb = cond_emb.detach().requires_grad_(True)
+    import torch
+
     with torch.enable_grad():
         # One row of e_p per sample, so that each sample's gradient can be read separately: sample
         # k's norm depends only on row k (the UNet does not mix a batch).
@@ -167,6 +171,8 @@ def word_units(tokenizer, prompt: str, marker_pattern: re.Pattern, max_length: i
 # -- one prompt -------------------------------------------------------------------------------
 def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int) -> torch.Tensor:
     """token_gradient_norms along the scorer's guided trajectories (first `steps` steps, `generations` noises): [L]."""
+    import torch
+
     latents = scorer.initial_latents([prompt_id], generations)
     trajectory = scorer.sample(cond_emb, latents, steps=steps, keep_inputs=True)
     timesteps = trajectory.timesteps.to(scorer.device)

@@ -18,21 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxrmem.attribution import AttributionConfig
-from cxrmem.copies.find import CopiesConfig
 from cxrmem.copies.images import ImagesConfig
+from cxrmem.copies.settings import CopiesConfig
 from cxrmem.detectors import DetectorSettings
 from cxrmem.distributed.session import RayConfig
 from cxrmem.fidelity import FidelitySettings
-from cxrmem.mitigation import MitigationConfig
-from cxrmem.models.loading import ModelConfig
+from cxrmem.models.settings import ModelConfig
 from cxrmem.publish import RunConfig
 from cxrmem.report import ReportConfig
-from cxrmem.scoring.scorer import ScoreConfig
+from cxrmem.scoring.settings import ScoreConfig
 from cxrmem.settings import ConfigError, check_section
 from cxrmem.stages.analyze import AnalyzeConfig
-from cxrmem.stages.cascade import CascadeConfig
 from cxrmem.stages.prepare import CorpusConfig
+from cxrmem.stages.settings import CascadeConfig
 from cxrmem.storage import StorageConfig
+from cxrmem.strategies import MitigationConfig
 from cxrmem.testbed.dataset import TestbedConfig
 
 __all__ = ["ConfigError", "CxrmemConfig", "default_config", "load_config"]

@@ -57,9 +57,9 @@ import torch
 from cxrmem import strategies as registry
 from cxrmem.attribution import word_units
 from cxrmem.corpus.surrogates import replace_with_surrogates
-from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_markers
+from cxrmem.corpus.text import compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, knob
+from cxrmem.strategies import MitigationSettings
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -73,46 +73,6 @@ MITIGATION_COLUMNS = {
     "evaluations": pa.int64(),  # UNet evaluations the strategy spends on the prompt (cxrmem/strategies.py)
     "fidelity": pa.float64(),  # share of the generations showing the original prompt's findings (NaN: no measure set)
 }
-
-
-@dataclass(frozen=True)
-class MitigationConfig(Settings):
-    """The `mitigation` config section."""
-
-    enabled: bool = True  # run the mitigation experiments on the memorized set
-    strategies: tuple[str, ...] = tuple(registry.REGISTRY)  # strategies to compare (cxrmem/strategies.py REGISTRY); `original` is the unmitigated baseline
-    n_generations: int = knob(50, at_least(2, "distances need pairs"))  # decoded generations per prompt and strategy for the pairwise distance (paper: 50)
-    steps: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # sampling steps for the generations (None: score.steps)
-    insertion_words: int = knob(4, POSITIVE)  # words inserted by random_insertion
-    noise_std: float = knob(0.1, NON_NEGATIVE)  # std of the Gaussian noise added to the text embedding
-    optimisation_iters: int = knob(10, POSITIVE)  # gradient steps of the first-step embedding optimisation
-    optimisation_lr: float = knob(0.05, POSITIVE)  # learning rate of the embedding optimisation
-    optimisation_target: float = knob(0.0, NON_NEGATIVE)  # stop once the first-step noise norm falls below this (0: run all iters)
-    # memorized prompts mitigated: a seeded sample stratified by marker presence (None: all; cxrmem/mitigation_sizing.py)
-    sample_size: Optional[int] = knob(40, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false mitigates none)"))
-    sequential: bool = True  # stop running a strategy once its paired d_mem change against original is decided (mitigation_sizing.py)
-    stop_level: float = knob(0.99, UNIT_OPEN)  # the sequential rule's interval level: above F3's 95%, since it looks more than once
-    look_every: int = knob(5, POSITIVE)  # prompts between two looks of the sequential rule
-    seed: int = knob(1234, NON_NEGATIVE)  # seed of the sample, the random rewrites and the optimisation's own noises (the same across runs)
-    attention_scale: float = knob(0.0, UNIT_CLOSED)  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
-    guidance_delay: float = knob(0.3, UNIT_HALF_OPEN)  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)
-    opposite_scale: float = knob(2.0, NON_NEGATIVE)  # opposite_guidance: s of eps_u - s (eps_c - eps_u) before the transition
-    noise_iters: int = knob(5, NON_NEGATIVE)  # noise_adjustment: sharpness-aware steps on each initial latent (Han et al.)
-    noise_lr: float = knob(0.05, POSITIVE)  # noise_adjustment: step length as a share of the latent's norm
-    noise_rho: float = knob(0.05, NON_NEGATIVE)  # noise_adjustment: sharpness-aware perturbation radius as a share of the norm
-
-    @staticmethod
-    def check(section, key: str) -> None:
-        registry.check_names(f"{key}.strategies", section.strategies)
-
-
-@dataclass(frozen=True)
-class MitigationSettings(MitigationConfig):
-    """The section with what mitigation takes from the rest of the run."""
-
-    marker_regex: str = MARKER_REGEX  # what counts as a de-identification marker (corpus.marker_regex)
-    samples_per_call: int = 32  # UNet samples per generation call, all strategies sharing it (score.batch_size x G)
-    grid_generations: int = 4  # generations kept per strategy for the report's image grid (report.grid_generations)
 
 
 # -- prompt rewrites (pure, seeded): the `rewrite` hooks of cxrmem/strategies.py ---------------

@@ -23,7 +23,7 @@ import pandas as pd
 from markupsafe import Markup, escape
 from omegaconf import DictConfig, OmegaConf
 
-from cxrmem import figures, findings, stats
+from cxrmem import findings, stats
 from cxrmem import strategies as registry
 from cxrmem.formatting import fmt, percent
 from cxrmem.score_key import config_hash
@@ -41,6 +41,14 @@ class ReportConfig(Settings):
     memorized_rows: int = knob(50, NON_NEGATIVE)  # rows of the memorized list shown in report.html (the CSV has them all)
 
 log = logging.getLogger(__name__)
+
+
+def figures():
+    """cxrmem.figures, imported on first use: matplotlib loads only when a page is drawn (the config reads
+    ReportConfig from this module)."""
+    from cxrmem import figures as module
+
+    return module
 
 # tokens.parquet score columns (cxrmem/attribution.py) -> method label shown in the report.
 ATTRIBUTION_METHODS = {"grad_score": "gradient", "loo_delta": "leave-one-out"}
@@ -61,7 +69,7 @@ OVERGUIDED_SHARE = 0.5
 def interval(result: Optional[dict], key: str = "odds_ratio", low: str = "ci_low", high: str = "ci_high") -> str:
     """`value [low, high]`, or a dash with the reason when an odds ratio could not be computed."""
     if not result or result.get(key) is None:
-        return f"– ({figures.no_odds_ratio_reason(result)})" if result and key == "odds_ratio" else "–"
+        return f"– ({figures().no_odds_ratio_reason(result)})" if result and key == "odds_ratio" else "–"
     return f"{result[key]:.3g} [{result[low]:.3g}, {result[high]:.3g}]"
 
 
@@ -335,7 +343,7 @@ def overguidance(generations: dict, w) -> Optional[dict]:
     shares: dict[str, list[float]] = {}
     for grids in generations.values():
         for strategy, images in grids.items():
-            shares.setdefault(strategy, []).extend(stats.high_frequency_share(figures.as_images(images)).tolist())
+            shares.setdefault(strategy, []).extend(stats.high_frequency_share(figures().as_images(images)).tolist())
     if not shares:
         return None
     median = {s: float(np.median(v)) for s, v in shares.items()}
@@ -376,9 +384,9 @@ def distribution_context(data: dict, cfg: DictConfig, figure: Figures) -> Option
         return out
     threshold, top = analysis.threshold, analysis.top_percent
     out["figures"] = [
-        figure("dmem_sorted.png", lambda p: figures.dmem_curve(d_mem, threshold, p, top),
+        figure("dmem_sorted.png", lambda p: figures().dmem_curve(d_mem, threshold, p, top),
                f"d_mem of every prompt, largest to smallest; the top {top:g}% (memorized) in red (cf. paper Fig. 2)."),
-        figure("dmem_histogram.png", lambda p: figures.dmem_histogram(d_mem, threshold, p),
+        figure("dmem_histogram.png", lambda p: figures().dmem_histogram(d_mem, threshold, p),
                "Histogram of d_mem, log counts; the dashed line is the memorized threshold."),
     ]
     return out
@@ -389,7 +397,7 @@ def known_figure(data: dict, threshold, figure: Figures) -> Optional[dict]:
     if scores is None or known_ids is None or threshold is None:
         return None
     known = scores["prompt_id"].isin(known_ids).to_numpy()
-    return figure("known_memorized.png", lambda p: figures.known_ranks(scores["d_mem"].to_numpy(), known, threshold, p),
+    return figure("known_memorized.png", lambda p: figures().known_ranks(scores["d_mem"].to_numpy(), known, threshold, p),
                   "Every scored prompt by d_mem rank (log scale); red dots: the prompts known to be memorized.")
 
 
@@ -407,7 +415,7 @@ def enrichment_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional
     analysis = data["summary"].analysis
     if not analysis:
         return None
-    return {"rows": enrichment_rows(analysis), "figure": figure("marker_enrichment.png", lambda p: figures.enrichment_chart(
+    return {"rows": enrichment_rows(analysis), "figure": figure("marker_enrichment.png", lambda p: figures().enrichment_chart(
         analysis.marker_enrichment, analysis.marker_enrichment_by_n_reports, p),
         "Share of prompts with a de-identification marker, memorized vs all, per duplication bucket; "
         "right: odds ratios with 95% intervals (log scale).")}
@@ -433,7 +441,7 @@ def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> Optiona
             if column in units and not units[column].isna().all():
                 frame = units.rename(columns={column: "score"}).assign(method=label)
                 shown.append(figure(f"tokens_{pid}_{column}.png",
-                                    lambda p, f=frame, t=prompt: figures.token_bars(f, p, cfg.attribution.top_units, t),
+                                    lambda p, f=frame, t=prompt: figures().token_bars(f, p, cfg.attribution.top_units, t),
                                     f"Prompt {pid}: top {cfg.attribution.top_units} words by {label} attribution; markers in red (cf. paper Fig. 3)."))
     return {"prompts": fmt(section.prompts if section else tokens["prompt_id"].nunique()),
             "with_marker": fmt(section.prompts_with_marker if section else None), "rows": rows, "figures": shown,
@@ -456,7 +464,7 @@ def length_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dic
         return None
     shown = data["memorized"] if data["memorized"] is not None else pd.DataFrame()
     return {**length, "adjusted": analysis.length_adjusted,
-            "figure": figure("length.png", lambda p: figures.length_chart(length["bins"], shown, analysis.threshold, p),
+            "figure": figure("length.png", lambda p: figures().length_chart(length["bins"], shown, analysis.threshold, p),
                              "d_mem against the prompt's token count: median and interquartile range per token-count bin "
                              "(all prompts), memorized prompts in red, the memorized threshold dashed.")}
 
@@ -482,7 +490,7 @@ def grid_context(data: dict, order: list[str], cfg: DictConfig, figure: Figures)
             same = strategy != "original" and used == original
             return Markup("<i>the original text</i>") if same else prompt_html(used, cfg.corpus.marker_regex)
         out.append({
-            "figure": figure(f"grid_{pid}.png", lambda p, i=images, n=notes, t=title: figures.generation_grid(
+            "figure": figure(f"grid_{pid}.png", lambda p, i=images, n=notes, t=title: figures().generation_grid(
                 i, p, cfg.report.grid_generations, t, n), f"Prompt {pid}: generations from the same seeds per strategy (cf. paper Fig. 4)."),
             "prompts": [{"strategy": s, "text": text(s), "unchanged": bool(rows.loc[s, "unchanged"])} for s in order if s in rows.index],
         })
@@ -497,7 +505,7 @@ def harm_context(copies: Optional[CopiesSection], figure: Figures) -> tuple[list
     if not harm:
         return [], None
     harm.sort(key=lambda h: -h["guidance"])
-    frontier = figure("mitigation_frontier.png", lambda p: figures.copy_fidelity_chart(harm, p),
+    frontier = figure("mitigation_frontier.png", lambda p: figures().copy_fidelity_chart(harm, p),
                       "Copy rate against fidelity per strategy and guidance: down and right is better (fewer copies, "
                       "the prompt's findings kept); strategies without a fidelity measure sit at fidelity 0.")
     return harm, frontier
@@ -515,7 +523,7 @@ def mitigation_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional
     return {
         "harm": harm, "frontier": frontier, "fidelity_measure": cfg.fidelity.measure,
         "rows": rows, "best": mitigation_verdict(rows), "overguidance": overguidance(data["generations"], data["facts"]["w"]),
-        "figure": figure("mitigation.png", lambda p: figures.mitigation_chart(kept, p, order),
+        "figure": figure("mitigation.png", lambda p: figures().mitigation_chart(kept, p, order),
                          "d_mem and mean pairwise distance of the generations per strategy, prompts a rewrite left "
                          "unchanged left out; dots are prompts, diamonds means, the dashed line the unmitigated mean."),
         "grids": grid_context(data, order, cfg, figure),
@@ -537,7 +545,7 @@ def copies_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional[dic
                  "nearest": arrays[f"nearest_{i}"], "similarity": float(arrays[f"similarity_{i}"]),
                  "copy": float(arrays[f"similarity_{i}"]) > _threshold_at(table, float(arrays[f"guidance_{i}"]))} for i in range(n)]  # fmt: skip
         prompt = table.loc[table["prompt_id"] == pid, "prompt"].iloc[0] if (table["prompt_id"] == pid).any() else pid
-        shown.append(figure(f"copies_{pid}.png", lambda p, r=rows, t=prompt: figures.copy_pairs(r, p, t),
+        shown.append(figure(f"copies_{pid}.png", lambda p, r=rows, t=prompt: figures().copy_pairs(r, p, t),
                             f"Prompt {pid}: its generation closest to a training image, and that image, per guidance (cf. paper Fig. 1)."))
     return {"section": section, "rows": guidance_rows, "strategies": strategies, "figures": shown}
 

@@ -17,7 +17,8 @@ from cxrmem.config import load_config
 from cxrmem.models.adapters import WEIGHT_FILE
 from cxrmem.models.components import ModelLoadError
 from cxrmem.models.fingerprint import model_fingerprint
-from cxrmem.models.loading import ModelConfig, diffusers_parts, fingerprint_model, load_components, read_model_index
+from cxrmem.models.loading import diffusers_parts, fingerprint_model, load_components, read_model_index
+from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny import tiny_unet
 from cxrmem.output_guard import check_inputs
 from cxrmem.report import run_facts

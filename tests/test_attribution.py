@@ -11,7 +11,8 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import MARKER_REGEX, delete_span
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages import attribute
 from cxrmem.stages.worker import attribution_settings
 from cxrmem.storage import Store

@@ -164,3 +164,20 @@ def test_public_config_drops_only_credentials():
     assert "MARKER" not in json.dumps(public)
     nested = {"auth": {"token": "t", "password": "p", "session_token": "s", "max_tokens": 3}, "list": [{"api_key": "k"}]}
     assert redact(nested) == {"auth": {"max_tokens": 3}, "list": [{}]}
+
+
+def test_loading_a_config_imports_neither_torch_nor_diffusers():
+    """Every `cxrmem` command loads a config first, `--help` and `verify` too: the settings classes live in modules
+    without torch, diffusers or matplotlib (a command that needs no model starts in about a second, not five)."""
+    code = ("import sys; from cxrmem.cli import main; from cxrmem.config import load_config; load_config('conf/demo.yaml');"
+            "print(sorted(m for m in ('torch', 'diffusers', 'matplotlib', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=CONF.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_copies_embedder_choices_are_the_embedder_registry():
+    from cxrmem.copies.embedders import EMBEDDERS
+    from cxrmem.copies.settings import EMBEDDER_NAMES
+
+    assert tuple(EMBEDDERS) == EMBEDDER_NAMES

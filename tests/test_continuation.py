@@ -14,9 +14,11 @@ from omegaconf import OmegaConf
 from cxrmem.cli import main
 from cxrmem.config import ConfigError, load_config
 from cxrmem.detectors import REGISTRY
-from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import Continuation, ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Continuation, Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from cxrmem.stages import cascade
 from cxrmem.stages.continuation import TrajectoryCarry
 from cxrmem.storage import Store

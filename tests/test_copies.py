@@ -298,7 +298,8 @@ def test_a_planted_prompt_finds_its_own_training_image_on_the_testbed(tmp_path):
     from omegaconf import OmegaConf
 
     from cxrmem.config import load_config
-    from cxrmem.copies.find import CopiesSettings, find_copies
+    from cxrmem.copies.find import find_copies
+    from cxrmem.copies.settings import CopiesSettings
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer
     from cxrmem.testbed.export import export_training_images

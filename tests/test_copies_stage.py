@@ -137,7 +137,7 @@ def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_m
     with np.load(summary.figures[0]) as data:
         assert {"generation_0", "nearest_0", "similarity_0", "generation_1"} <= set(data.files)
     assert Store().read_json(layout.summary)["copies"]["headline"].keys() == {"w=7.5", "w=1"}
-    assert Store().read_json(layout.summary)["cost"]["stages"]["copies"]["vae_decodes"] == len(table) * summary["generations"]  # counted
+    assert Store().read_json(layout.summary)["cost"]["stages"]["copies"]["vae_decodes"] == len(table) * summary.generations  # counted
 
     from cxrmem.stages import report
 

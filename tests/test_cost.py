@@ -16,7 +16,8 @@ from cxrmem.detectors import REGISTRY
 from cxrmem.mitigation import mitigate_prompt, vocabulary_words
 from cxrmem.models.loading import load_components
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import Scorer, ScoreSettings, UNetWork
+from cxrmem.scoring.scorer import Scorer, UNetWork
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages import cascade
 from cxrmem.stages.worker import mitigation_settings
 from cxrmem.storage import Store

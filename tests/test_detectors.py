@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 
 from cxrmem import detectors
 from cxrmem.detectors import REGISTRY, Cost, DetectorSettings
-from cxrmem.models.loading import ModelConfig, load_components
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 
 PROMPTS = [
     "No acute cardiopulmonary process.",

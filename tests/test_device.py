@@ -10,10 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrmem.config import load_config
-from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.score_key import config_hash
 from cxrmem.scoring.device import DeviceOutOfMemory, DeviceUnavailable, Precision, resolve_device
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from tests.test_scoring import IDS, PROMPTS
 
 requires_cpu_torch = pytest.mark.skipif(torch.cuda.is_available(), reason="shows the refusal of a torch without CUDA")

@@ -28,7 +28,8 @@ from cxrmem.mitigation import (
 )
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import RunLayout
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages import mitigate
 from cxrmem.stages.worker import mitigation_settings
 from cxrmem.storage import Store

@@ -20,7 +20,8 @@ from cxrmem.mitigation import (
 )
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.attention import rescale_attention
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.worker import mitigation_settings
 
 MARKED = "Compared to ___, the heart is enlarged."

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cxrmem import storage
-from cxrmem.models.loading import COMPLETE_MARKER, ModelConfig, ModelLoadError, fingerprint_model, load_components, load_tokenizer
+from cxrmem.models.loading import COMPLETE_MARKER, ModelLoadError, fingerprint_model, load_components, load_tokenizer
+from cxrmem.models.settings import ModelConfig
 from cxrmem.storage import Store
 
 

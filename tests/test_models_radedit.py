@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 
 from bench.hub_cache import repo_dir, set_ref
 from cxrmem.config import ConfigError, load_config
-from cxrmem.models.loading import ModelConfig, ModelLoadError, fingerprint_model, load_components, load_tokenizer
-from cxrmem.models.radedit import RadEditConfig
+from cxrmem.models.loading import ModelLoadError, fingerprint_model, load_components, load_tokenizer
+from cxrmem.models.settings import ModelConfig, RadEditConfig
 from tests.radedit_replica import TEXT_REPO, UNET_REPO, VAE_REPO, build_radedit_replica
 
 PROMPTS = ["No acute cardiopulmonary process.", "Small left pleural effusion since ___ , stable ___ ."]

@@ -9,8 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cxrmem.models.loading import ModelConfig, ModelLoadError, load_components
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.models.loading import ModelLoadError, load_components
+from cxrmem.models.settings import ModelConfig
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from tests.test_scoring import IDS, PROMPTS
 
 

@@ -4,8 +4,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from cxrmem.cli import main
-from cxrmem.models.loading import ModelConfig, load_components
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 
 
 @pytest.mark.slow

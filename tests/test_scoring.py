@@ -10,11 +10,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention
 from omegaconf import OmegaConf
 
-from cxrmem.models.loading import ModelConfig, load_components
+from cxrmem.models.loading import load_components
+from cxrmem.models.settings import ModelConfig
 from cxrmem.scoring.attention import SharedText
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.scoring.scorer import ScoreConfig, Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
 from cxrmem.scoring.seeds import initial_latents, noise_seed
+from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 
 PROMPTS = [
     "No acute cardiopulmonary process.",

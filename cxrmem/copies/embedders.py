@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxrmem.copies.settings import RAD_DINO_REPO
 from cxrmem.models.fingerprint import model_fingerprint
 from cxrmem.models.loading import ModelLoadError, guarded, load_checked
 from cxrmem.models.radedit import resolve_snapshot
-
-RAD_DINO_REPO = "microsoft/rad-dino"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem.distributed.session import pool_size
-from cxrmem.scoring.scorer import ScoreSettings, UNetWork
+from cxrmem.scoring.scorer import UNetWork
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.worker import ModelWorker
 from cxrmem.storage import Store
 

@@ -15,32 +15,17 @@ PixArt...), and an adapter whose shapes or module names do not fit the base (tra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from cxrmem.models.components import ModelLoadError, first_line, guarded
-from cxrmem.settings import NON_NEGATIVE, ConfigError, Settings, knob
 
 # The file diffusers' LoRA training scripts and `save_lora_weights` write.
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 SUPPORTED = f"supported: UNet LoRA in diffusers/peft or kohya layout, in {WEIGHT_FILE} (or the folder's one .safetensors file)"
 # Key fragments of adapter types peft knows but diffusers' SD loader does not load as LoRA (DoRA's scales it drops).
 OTHER_ADAPTER_TYPES = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".lokr_": "LoKr", ".hada_": "LoHa"}
-
-
-@dataclass(frozen=True)
-class AdapterConfig(Settings):
-    """One of `model.adapters`: a LoRA folder and how strongly it applies."""
-
-    path: str = ""  # folder holding the LoRA's .safetensors file; s3:// is copied to model.cache_dir like model.path
-    scale: float = knob(1.0, NON_NEGATIVE)  # weight of the adapter's update, as pipe.set_adapters(..., adapter_weights): 0 is the base, 1 as trained
-
-    @staticmethod
-    def check(section, key: str) -> None:
-        if not section.path:
-            raise ConfigError(f"config key '{key}.path' is empty: name the LoRA adapter's folder (local or s3://)")
 
 
 def adapter_weight_file(folder: str) -> str:

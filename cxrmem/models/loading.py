@@ -20,13 +20,12 @@ import hashlib
 import importlib
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
 from cxrmem import storage
-from cxrmem.models.adapters import AdapterConfig, adapter_weight_file, fuse_adapters
+from cxrmem.models.adapters import adapter_weight_file, fuse_adapters
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
@@ -39,24 +38,8 @@ from cxrmem.models.components import (
     torch_dtype,
 )
 from cxrmem.models.fingerprint import adapted_fingerprint, model_fingerprint
-from cxrmem.models.radedit import RadEditConfig, load_radedit, load_radedit_tokenizer, radedit_fingerprint
-from cxrmem.settings import POSITIVE, Settings, knob
+from cxrmem.models.radedit import load_radedit, load_radedit_tokenizer, radedit_fingerprint
 from cxrmem.storage import Store
-
-
-@dataclass(frozen=True)
-class ModelConfig(Settings):
-    """The `model` config section: which model, and where and in what precision it runs."""
-
-    kind: str = knob("diffusers", choices=["diffusers", "radedit"])  # diffusers (a model_index.json folder) | radedit (assembled from a Hugging Face cache)
-    path: str = "testbed/model"  # diffusers folder, or Hugging Face hub cache root for radedit; s3:// is copied to cache_dir
-    cache_dir: str = "~/.cache/cxrmem/models"  # local copy of s3:// model stores
-    dtype: str = knob("float32", choices=["float32", "bfloat16", "float16"])  # float32 | bfloat16 | float16 (UNet and text encoder; norms are always float32)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (a replica meant for CUDA that cannot use it refuses; never a silent CPU)
-    tf32: bool = False  # CUDA float32 matmuls and convolutions in TF32: faster, about 1e-3 relative; enters the score key
-    vae_decode_batch: int = knob(8, POSITIVE)  # images per VAE decode call (bf16 on CUDA): the SDXL VAE at 512x512 fits a 24 GB card at 8
-    radedit: RadEditConfig = knob(RadEditConfig())
-    adapters: List[AdapterConfig] = knob([])  # LoRA adapters ({path, scale}) fused into the UNet in order; each enters the fingerprint
 
 REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 # Written last into a local copy of an s3:// store: its presence means the copy is complete.

@@ -47,7 +47,6 @@ not depend on `need_vae`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -64,30 +63,7 @@ from cxrmem.models.components import (
     torch_dtype,
 )
 from cxrmem.models.fingerprint import model_fingerprint
-from cxrmem.settings import POSITIVE, ConfigError, Settings, knob
 
-
-@dataclass(frozen=True)
-class RadEditConfig(Settings):
-    """The `model.radedit` config section: where RadEdit's parts are in a Hugging Face cache."""
-
-    unet_repo: str = "microsoft/radedit"  # Hugging Face repo id of the UNet (subfolder `unet`)
-    vae_repo: str = "stabilityai/sdxl-vae"  # repo id of the VAE (needed only to decode images)
-    text_repo: str = "microsoft/BiomedVLP-BioViL-T"  # repo id of the text encoder and tokenizer
-    unet_revision: Optional[str] = None  # snapshot commit hash; None: the one `refs/main` names, else the only one
-    vae_revision: Optional[str] = None  # as above, for the VAE
-    text_revision: Optional[str] = None  # as above, for the text encoder; required with trust_remote_code
-    vae_scaling_factor: float = knob(0.13025, POSITIVE)  # SDXL VAE latent scaling
-    tokenizer_max_length: int = knob(128, POSITIVE)  # RadEdit's tokenizer model_max_length
-    trust_remote_code: bool = False  # run the snapshot's own CXR-BERT code instead of transformers' BERT (opt-in)
-
-    @staticmethod
-    def check(section, key: str) -> None:
-        if section.trust_remote_code and not section.text_revision:
-            raise ConfigError(f"config key '{key}.text_revision' must pin a snapshot hash when trust_remote_code is on")
-
-# DDIMScheduler's defaults, which RadEdit's scheduler call keeps (see the module docstring);
-# replaced by the snapshot's scheduler config when it has one.
 DEFAULT_NOISE_SCHEDULE = {"beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000, "set_alpha_to_one": True}
 NOISE_SCHEDULE_KEYS = ("beta_start", "beta_end", "num_train_timesteps")
 RADEDIT_SCHEDULER = {

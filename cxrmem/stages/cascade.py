@@ -38,60 +38,24 @@ import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrmem import detectors, stats, storage
+from cxrmem import stats, storage
 from cxrmem.cascade_bounds import AuditBounds, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
 from cxrmem.runfiles import RunLayout, record_cost, write_sections
-from cxrmem.scoring.scorer import ScoreSettings, UNetWork
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, knob, with_overrides
+from cxrmem.scoring.scorer import UNetWork
+from cxrmem.scoring.settings import ScoreSettings
+from cxrmem.settings import with_overrides
 from cxrmem.stages import score
 from cxrmem.stages.continuation import TrajectoryCarry
 from cxrmem.stages.results import CascadeResult, ScoreResult
 from cxrmem.storage import Store
 from cxrmem.summary import CascadeSection
-
-
-@dataclass(frozen=True)
-class CascadeStage(Settings):
-    """One screen of `cascade.stages`."""
-
-    screen: str = "dmem"  # the stage's detector (REGISTRY name)
-    keep_percent: float = knob(10.0, PERCENT)  # share of this stage's input (by its screen) that goes on to the next stage
-    steps: int = knob(1, POSITIVE)  # k: DDIM steps of a dmem / latent_update screen (below score.steps)
-    generations: Optional[int] = knob(None, OPTIONAL_POSITIVE)  # G of the screen (None: score.generations, so the full score can share its noises)
-
-    @staticmethod
-    def check(section, key: str) -> None:
-        detectors.check_names(f"{key}.screen", [section.screen])
-
-
-# The cheapest cascade that held the whole top 1% on both committed testbeds at G=4, T=50 (bench/RESULTS.md,
-# "Cascade frontier"): one noise's first step, then the full G's trajectories continued and pruned at steps 2, 10, 30.
-DEFAULT_STAGES = (CascadeStage("dmem", 10.0, 1, 1), CascadeStage("dmem", 25.0, 2), CascadeStage("dmem", 80.0, 10), CascadeStage("dmem", 70.0, 30))
-
-
-@dataclass(frozen=True)
-class CascadeConfig(Settings):
-    """The `cascade` config section."""
-
-    enabled: bool = False  # screen every prompt through cascade.stages, then fully score only the last stage's survivors
-    stages: List[CascadeStage] = knob(list(DEFAULT_STAGES))  # screens in order, each scoring the previous one's survivors (default: measured at T=50, G=4)
-    audit_sample: int = knob(200, NON_NEGATIVE)  # rejected prompts fully scored to check the cascade (seeded sample; 0: no check)
-    audit_seed: int = knob(0, NON_NEGATIVE)  # seed of the audit sample
-    widen_factor: float = knob(2.0, (lambda v: v > 1, "above 1"))  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
-    max_rounds: int = knob(4, POSITIVE)  # screen-check-widen rounds at most (the last one's result stands, its misses reported)
-    continue_trajectories: bool = True  # a later stage continues an earlier one's trajectories of the full score's seeds and schedule (in process and on Ray)
-
-    @staticmethod
-    def check(section, key: str) -> None:
-        if section.enabled and not section.stages:
-            raise ConfigError(f"config key '{key}.stages' is empty: list at least one screen, or set {key}.enabled=false")
 
 log = logging.getLogger(__name__)
 

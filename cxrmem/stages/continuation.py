@@ -43,7 +43,8 @@ import pyarrow as pa
 import torch
 
 from cxrmem.detectors import REGISTRY, oriented
-from cxrmem.scoring.scorer import Continuation, ScoreBatch, ScoreSettings
+from cxrmem.scoring.scorer import Continuation, ScoreBatch
+from cxrmem.scoring.settings import ScoreSettings
 
 
 @dataclass

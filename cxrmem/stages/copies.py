@@ -26,8 +26,9 @@ import torch
 
 from cxrmem.copies.embedders import embedder_fingerprint
 from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
-from cxrmem.copies.find import CopiesSettings, evidence, search
+from cxrmem.copies.find import evidence, search
 from cxrmem.copies.images import read_image
+from cxrmem.copies.settings import CopiesSettings
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation_sizing import stratified_sample
 from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from cxrmem.attribution import AttributionSettings, attribute_prompts
 from cxrmem.copies.embedders import EmbedderSettings
-from cxrmem.copies.find import CopiesSettings
+from cxrmem.copies.settings import CopiesSettings
 from cxrmem.detectors import REGISTRY, DetectorSettings
 from cxrmem.fidelity import FidelitySettings, make_fidelity
 from cxrmem.mitigation import (
@@ -42,7 +42,8 @@ from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout, read_memorized, record_cost
 from cxrmem.score_key import config_hash
-from cxrmem.scoring.scorer import ScoreBatch, Scorer, ScoreSettings, UNetWork
+from cxrmem.scoring.scorer import ScoreBatch, Scorer, UNetWork
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
 from cxrmem.storage import Store
 

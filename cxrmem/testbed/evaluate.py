@@ -40,7 +40,8 @@ from cxrmem.corpus.text import count_markers, prompt_id
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.results_page import cpu_name, write_results
 from cxrmem.scoring.dmem import d_mem
-from cxrmem.scoring.scorer import Scorer, ScoreSettings
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stats import roc_auc, tpr_at_fpr
 from cxrmem.testbed.dataset import MANIFEST, TestbedConfig, build_training_set
 from cxrmem.testbed.train import SUMMARY

@@ -1,0 +1,42 @@
+"""The `copies` config section: how generations are searched against the training images (no torch here, so
+that loading a configuration stays light; cxrmem/copies/find.py and embedders.py use it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_NON_NEGATIVE, POSITIVE, Settings, at_least, knob
+
+RAD_DINO_REPO = "microsoft/rad-dino"
+# The names of cxrmem/copies/embedders.py's EMBEDDERS, here without torch (tests/test_copies.py checks they agree).
+EMBEDDER_NAMES = ("pixel", "rad_dino", "hf")
+
+
+@dataclass(frozen=True)
+class CopiesSettings(Settings):
+    """What finding copies varies (cut from the `copies` config section)."""
+
+    generations: int = knob(8, POSITIVE)  # decoded generations per prompt and guidance
+    top_k: int = knob(5, POSITIVE)  # nearest training images kept per generation
+    threshold_quantile: float = knob(0.99, (lambda v: 0.5 <= v < 1, "in [0.5, 1)"))  # copy threshold: this quantile of the controls' max similarity
+    batch_size: int = knob(16, POSITIVE)  # prompts per sampling run (each with its generations), and images per embedder pass
+    query_chunk: int = knob(1024, POSITIVE)  # search: generation embeddings per matrix product
+    index_chunk: int = knob(65536, POSITIVE)  # search: stored embeddings per matrix product (bounds memory)
+    search_dtype: str = knob("float32", choices=["float32", "float16", "bfloat16"])  # float32 | float16 (GPU) | bfloat16 (CPUs with AVX512-BF16)
+
+
+@dataclass(frozen=True)
+class CopiesConfig(CopiesSettings):
+    """The `copies` config section: the settings above, the embedder, and the generations' guidances and controls."""
+
+    embedder: str = knob("pixel", choices=EMBEDDER_NAMES)  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
+    pixel_size: int = knob(64, at_least(4))  # pixel embedder: side of the resized image
+    embedder_repo: str = RAD_DINO_REPO  # hf embedder: the model's repo id in the cache
+    embedder_cache: str = ""  # rad_dino / hf: the Hugging Face hub cache root (loaded offline)
+    embedder_revision: Optional[str] = None  # rad_dino / hf: snapshot commit or ref (None: refs/main)
+    guidance: Optional[float] = knob(None, OPTIONAL_NON_NEGATIVE)  # first guidance (None: score.guidance_scale)
+    second_guidance: Optional[float] = knob(1.0, OPTIONAL_NON_NEGATIVE)  # second guidance, where a model may reproduce its images (None: skip)
+    n_controls: int = knob(200, at_least(2, "the copy threshold is calibrated on them"))  # random non-memorized prompts that calibrate the copy threshold
+    seed: int = knob(0, NON_NEGATIVE)  # seed of the control sample
+    strategies: bool = True  # also check the memorized prompts rewritten by each text strategy of mitigation.strategies
