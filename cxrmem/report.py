@@ -328,7 +328,8 @@ def strategy_rows(mitigation: pd.DataFrame, order: list[str]) -> list[dict]:
         own = used[used["strategy"] == strategy].set_index("prompt_id")
         row = {"strategy": strategy, "prompts": len(own), "unchanged": int((unchanged & (mitigation["strategy"] == strategy)).sum()),
                "d_mem_mean": own["d_mem"].mean() if len(own) else None,
-               "distance_mean": own["pairwise_distance"].mean() if len(own) else None}
+               "distance_mean": own["pairwise_distance"].mean() if len(own) else None,
+               "fidelity_mean": own["fidelity"].mean() if "fidelity" in own and own["fidelity"].notna().any() else None}
         base = used[used["strategy"] == "original"].set_index("prompt_id")
         if strategy != "original" and len(base):
             for column, key in (("d_mem", "d_mem_change"), ("pairwise_distance", "distance_change")):

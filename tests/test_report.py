@@ -101,6 +101,8 @@ def test_full_report_embeds_every_figure(tmp_path):
     assert result.sections == {**rendered, "copies": "absent: copies.parquet"}  # no images.source
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
+    # The card's best mitigation says what it was judged by, and that its cost to the image is unknown here
+    assert "judged by d_mem alone" in text and "fidelity not measured" in text
     # The page is report.SECTIONS in order: the nav links each heading, optional sections absent here are left out
     from cxrmem.report import SECTIONS
 
@@ -137,7 +139,11 @@ def test_mitigation_leaves_unchanged_rewrites_out_and_pairs_with_original(tmp_pa
 
     cfg, layout = _analyzed_run(tmp_path)
     _write_attribution_and_mitigation(layout)
-    rows = {r["strategy"]: r for r in strategy_rows(pq.read_table(layout.mitigation).to_pandas(), ["original", "random_word", "remove_marker"])}
+    table = pq.read_table(layout.mitigation).to_pandas()
+    rows = {r["strategy"]: r for r in strategy_rows(table, ["original", "random_word", "remove_marker"])}
+    assert rows["random_word"]["fidelity_mean"] is None  # no fidelity column: nothing measured
+    table["fidelity"] = np.where(table["strategy"] == "random_word", 0.25, 1.0)
+    assert strategy_rows(table, ["random_word"])[0]["fidelity_mean"] == pytest.approx(0.25)
     assert rows["remove_marker"]["unchanged"] == 1 and rows["remove_marker"]["prompts"] == 2
     assert rows["random_word"]["unchanged"] == 0 and rows["random_word"]["prompts"] == 3
     change = rows["remove_marker"]["d_mem_change"]  # -1.0 and -0.98 over the two changed prompts
