@@ -137,3 +137,21 @@ def test_a_resumed_run_must_keep_its_corpus(tiny_model_dir, tmp_path):
     check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2"), Store())
     with pytest.raises(ValueError, match=r"corpus.max_reports: 40 then, 30 now.*delete that folder"):
         check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30"), Store())
+
+
+def test_a_corpus_source_is_one_registry_entry(tiny_model_dir, tmp_path, monkeypatch):
+    """Adding a corpus source is one CORPUS_SOURCES entry (here registered by the test alone): the config accepts
+    its name, prepare reads through it, and an unregistered name is refused naming the key and the choices."""
+    from cxrmem.corpus.mimic import report_to_source
+
+    def radiology_notes(cfg, store):
+        notes = ["IMPRESSION: Dr. ___ was notified.", "IMPRESSION: No acute process.", "IMPRESSION: No acute process."]
+        return (report_to_source(f"note{i}", text, list(cfg.corpus.sections), None, f"note {i}") for i, text in enumerate(notes))
+
+    with pytest.raises(ConfigError, match=r"corpus.source.*'notes' is not one of"):
+        config(tiny_model_dir, tmp_path, "corpus.source=notes")
+    monkeypatch.setitem(prepare.CORPUS_SOURCES, "notes", radiology_notes)
+    summary = prepare.run(config(tiny_model_dir, tmp_path, "corpus.source=notes"))
+    table = pq.read_table(tmp_path / "prompts.parquet")
+    assert summary.reports_read == 3 and summary.source == "notes"
+    assert sorted(zip(table["prompt"].to_pylist(), table["n_reports"].to_pylist())) == [("Dr. ___ was notified.", 1), ("No acute process.", 2)]

@@ -23,7 +23,7 @@ from cxrmem.corpus.synthetic import SyntheticCorpusConfig
 from cxrmem.corpus.text import MARKER_REGEX, SourceText
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import RunLayout
-from cxrmem.settings import OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_regex, knob
+from cxrmem.settings import OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_names, check_regex, knob
 from cxrmem.stages.results import PrepareSummary
 from cxrmem.storage import Store
 
@@ -72,7 +72,7 @@ NEEDS_PATH = ("mimic_reports", "table")  # the sources without a built-in defaul
 class CorpusConfig(Settings):
     """The `corpus` config section: which reports, and how prompts are read from them."""
 
-    source: str = knob("synthetic", choices=list(CORPUS_SOURCES))  # synthetic | mimic_reports | table | iuxray
+    source: str = "synthetic"  # a CORPUS_SOURCES name: synthetic | mimic_reports | table | iuxray
     path: Optional[str] = None  # folder, file or s3:// URI of the corpus (unused for synthetic, optional for iuxray)
     text_column: str = "text"  # text column of a table source
     id_columns: tuple[str, ...] = ("path", "subject_id", "study")  # source id columns kept if present
@@ -89,6 +89,7 @@ class CorpusConfig(Settings):
             if name not in SECTIONS:
                 raise ConfigError(f"config key '{key}.sections': {name!r} is not one of {list(SECTIONS)}")
         check_regex(f"{key}.marker_regex", section.marker_regex)
+        check_names(f"{key}.source", [section.source], CORPUS_SOURCES, "corpus source")  # read now: a registered source counts
         if section.source in NEEDS_PATH and not section.path:
             raise ConfigError(f"config key '{key}.path' is required when {key}.source={section.source}")
 
