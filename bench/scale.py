@@ -138,7 +138,7 @@ def child_audit(args) -> dict:
         f"corpus.synthetic.n_reports={int(REPORTS_PER_UNIQUE * args.n)}", "score.steps=1", "score.generations=1", "score.batch_size=64",
         f"ray.num_workers={args.nodes}", "ray.num_cpus_per_worker=1", "ray.batch_size=256", "ray.checkpoint_every=8192",
         f"attribution.max_prompts={args.explain}", "attribution.steps=1", "attribution.generations=1", "attribution.leave_one_out=false",
-        f"mitigation.max_prompts={args.explain}", "mitigation.n_generations=2", "mitigation.steps=1", "mitigation.optimisation_iters=1",
+        f"mitigation.sample_size={args.explain}", "mitigation.n_generations=2", "mitigation.steps=1", "mitigation.optimisation_iters=1",
         "report.grid_generations=2", f"report.memorized_rows={rows}",
     ])
     ray.init(address=args.address, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
