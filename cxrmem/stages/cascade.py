@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from cxrmem import stats, storage
 from cxrmem.cascade_bounds import AuditBounds, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.runfiles import RunLayout, record_cost, write_sections
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.settings import with_overrides
@@ -166,24 +166,24 @@ def _executor(batches, carry: TrajectoryCarry | None):
 
 
 def run_stages(
-    cfg, store: Store, fingerprint: str, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
+    cfg, out: Run, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
 ) -> tuple[str, list[StageRun], dict]:
     """Every stage on the survivors of the one before: (the last survivors' file, the stage runs,
     prompt_id -> index of the stage that rejected it); their model work is added to `work`. `carry`: the
     trajectories carried between stages (None: every stage restarts)."""
-    layout = RunLayout(cfg.run.output)
+    store, layout = out.store, out.layout
     input_uri, runs, rejected_at = layout.prompts, [], {}
     for i, stage in enumerate(stages):
-        out = _stage_dir(layout, i)
-        stage_cfg = stage_config(cfg, out, stage)
+        stage_dir = _stage_dir(layout, i)
+        stage_cfg = stage_config(cfg, stage_dir, stage)
         inputs = _ids(store, input_uri)
         column = stage_column(stage.screen)
         if carry is not None:
             carry.begin_stage(stats.top_k(len(inputs), stage.keep_percent), stage.screen, column)
         what = f"screened (stage {i + 1}, {stage.screen})"
-        scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
+        scored = score.run(stage_cfg, out.at(stage_dir), _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
         work += UNetWork.from_json(scored.work)
-        table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
+        table = store.read_table(RunLayout(stage_dir).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
         chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
         rejected_at.update(dict.fromkeys(np.setdiff1d(ids, chosen).tolist(), i))
@@ -222,11 +222,11 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, rejected_at: dict, stages: list[Stage],
+def check_round(cfg, out: Run, batches, all_ids: np.ndarray, rejected_at: dict, stages: list[Stage],
                 work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
     """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
     model work is added to `work`."""
-    layout = RunLayout(cfg.run.output)
+    store, layout = out.store, out.layout
     scored_ids, scored = _full_scores(store, layout.scores)
     rejected = np.setdiff1d(all_ids, scored_ids)
     sample = audit_sample_ids(all_ids, rejected, cfg.cascade.audit_sample, cfg.cascade.audit_seed)
@@ -236,7 +236,7 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
         sample_uri = storage.join(layout.prefix, CASCADE_DIR, "audit_sample.parquet")
         store.write_table(store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(sample.tolist())), sample_uri)
         audit_cfg = with_overrides(cfg, run__output=audit_dir)
-        audited = UNetWork.from_json(score.run(audit_cfg, store, fingerprint, batches, prompts_uri=sample_uri, what="audited", cost=None).work)
+        audited = UNetWork.from_json(score.run(audit_cfg, out.at(audit_dir), batches, prompts_uri=sample_uri, what="audited", cost=None).work)
         work += audited
     audit_ids, audit_scores = _full_scores(store, RunLayout(audit_dir).scores)
     in_sample = np.isin(audit_ids, sample)
@@ -250,17 +250,17 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
     full = (np.concatenate([scored_ids, audit_ids]), np.concatenate([scored, audit_scores]))
     kept_members = int(np.sum(np.isfinite(scored) & (scored >= threshold))) if threshold is not None else 0
-    bounds = round_bounds(store, layout, stages[0].screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
+    bounds = round_bounds(out, stages[0].screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
                           full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size)  # fmt: skip
     return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
 
-def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, full: tuple[np.ndarray, np.ndarray], kept_members: int,
+def round_bounds(out: Run, screen: str, checked: Round, full: tuple[np.ndarray, np.ndarray], kept_members: int,
                  unaudited: np.ndarray, threshold: float | None, full_per_prompt: float) -> AuditBounds:  # fmt: skip
     """The audit's bounds (cxrmem/cascade_bounds.py), its screen model on the first stage's scores, which every
     prompt has. A screen whose higher scores do not mean memorized gets no model."""
     column = stage_column(screen)
-    first = store.read_table(RunLayout(_stage_dir(layout, 0)).scores, columns=["prompt_id", column])
+    first = out.store.read_table(RunLayout(_stage_dir(out.layout, 0)).scores, columns=["prompt_id", column])
     by_id = dict(zip(first["prompt_id"].to_pylist(), first[column].to_numpy(zero_copy_only=False).astype(np.float64)))
 
     def screen_of(ids: np.ndarray) -> np.ndarray:
@@ -272,11 +272,12 @@ def round_bounds(store: Store, layout: RunLayout, screen: str, checked: Round, f
                         full_per_prompt)  # fmt: skip
 
 
-def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
+def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
-    pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost."""
-    layout = RunLayout(cfg.run.output)
+    pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost; `out`
+    names the model's fingerprint."""
+    store, layout = out.store, out.layout
     stages = plan(cfg)
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
@@ -286,13 +287,13 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
     continuation = {"enabled": carrying, "off_because": why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
         carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
-        final_uri, stage_runs, rejected_at = run_stages(cfg, store, fingerprint, batches, stages, work, carry)
+        final_uri, stage_runs, rejected_at = run_stages(cfg, out, batches, stages, work, carry)
         if carry is not None:
             carry.begin_stage()
-        full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
+        full = score.run(cfg, out, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
         work += UNetWork.from_json(full.work)
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, rejected_at, stages, work)
+        checked, check = check_round(cfg, out, batches, all_ids, rejected_at, stages, work)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
@@ -313,8 +314,8 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
                 stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"])
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
-    write_sections(store, layout, section)
-    record_cost(store, layout, "score", work.to_json())
+    out.write_sections(section)
+    out.record_cost("score", work.to_json())
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
     return CascadeResult(
         **{**asdict(full), "work": work.to_json()},
@@ -369,13 +370,9 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     )
 
 
-def score_or_cascade(cfg, store: Store | None = None, fingerprint: Optional[str] = None,
-                     scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
+def score_or_cascade(cfg, out: Optional[Run] = None, scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
     """The score stage: the cascade with cascade.enabled, else the full score of every prompt; `scored_batches`
     is the executor (this process by default, the audit's actor pool)."""
     if not cfg.cascade.enabled:
-        return score.run(cfg, store, fingerprint, scored_batches)
-    from cxrmem.models.loading import fingerprint_model
-
-    store = store or Store.from_config(cfg.storage)
-    return run_cascade(cfg, store, fingerprint or fingerprint_model(cfg.model, store), scored_batches)
+        return score.run(cfg, out, scored_batches)
+    return run_cascade(cfg, score.fingerprinted(cfg, out), scored_batches)
