@@ -11,15 +11,13 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional, Protocol
 
 from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
 from cxrmem.summary import BY_NAME, CostSection, RunSummary, Section
 
 if TYPE_CHECKING:  # pandas is imported where a table is read: the lease (cxrmem/lease.py) needs this module at start
     import pandas as pd
-
-    from cxrmem.lease import Lease
 
 PROMPT_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -104,6 +102,13 @@ class RunLayout:
     set_aside = property(lambda self: self.path("_parts/set_aside"))
 
 
+class WriterLease(Protocol):
+    """What a run needs of its writer's lease (cxrmem/lease.py `Lease`, which sits above this module)."""
+
+    def check(self) -> None:
+        """Raise when another writer took the run over."""
+
+
 @dataclass(frozen=True)
 class Run:
     """One run as its stages see it: the store that holds it, where its files live, the lease of its writer
@@ -113,7 +118,7 @@ class Run:
 
     store: Store
     layout: RunLayout
-    lease: Optional[Lease] = None
+    lease: Optional[WriterLease] = None
     fingerprint: Optional[str] = None
 
     @classmethod
@@ -121,7 +126,7 @@ class Run:
         """The run at `cfg.run.output`, on `store` (default: the one `cfg.storage` names)."""
         return cls(store or Store.from_config(cfg.storage), RunLayout(cfg.run.output))
 
-    def held_by(self, lease: Lease) -> Run:
+    def held_by(self, lease: WriterLease) -> Run:
         return replace(self, lease=lease)
 
     def with_fingerprint(self, fingerprint: str) -> Run:
@@ -185,17 +190,3 @@ class Run:
             raise ValueError(f"{uri} lacks the columns {missing} (has {list(memorized.columns)}); rerun `cxrmem analyze`")
         check_prompt_ids(memorized["prompt_id"], uri)
         return memorized.head(limit) if limit is not None else memorized
-
-
-def read_known_memorized(store: Store, uri: str) -> set[str]:
-    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
-    import pandas as pd
-
-    from cxrmem.analysis import known_memorized_ids
-
-    if not store.exists(uri):
-        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
-    table = pd.read_csv(io.StringIO(store.read_text(uri)), keep_default_na=False)
-    if "prompt" not in table:
-        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
-    return known_memorized_ids(table)

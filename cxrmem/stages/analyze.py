@@ -7,6 +7,7 @@ the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -23,11 +24,12 @@ from cxrmem.analysis import (
     AdjustSettings,
     analyze_tables,
     detector_agreement,
+    known_memorized_ids,
 )
 from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import Run, check_prompt_ids, read_known_memorized
+from cxrmem.runfiles import Run, check_prompt_ids
 from cxrmem.settings import PERCENT, POSITIVE, ConfigError, knob, public_config
 from cxrmem.stages.prepare import read_prepare_summary
 from cxrmem.stages.results import AnalyzeResult
@@ -83,6 +85,16 @@ def flag_truncated(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
         log.warning("analyze: %d of the %d memorized prompts are longer than the model's %s tokens and were scored truncated",
                     int(memorized["truncated"].sum()), len(memorized), limit if limit is not None else "(unknown)")  # fmt: skip
     return memorized
+
+
+def read_known_memorized(store: Store, uri: str) -> set[str]:
+    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
+    table = pd.read_csv(io.StringIO(store.read_text(uri)), keep_default_na=False)
+    if "prompt" not in table:
+        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
+    return known_memorized_ids(table)
 
 
 def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) -> pd.DataFrame:

@@ -31,9 +31,10 @@ from cxrmem.copies.images import read_image
 from cxrmem.copies.settings import CopiesSettings
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation_sizing import stratified_sample
-from cxrmem.runfiles import Run, RunLayout, read_known_memorized
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
+from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store

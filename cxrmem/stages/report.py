@@ -17,7 +17,8 @@ import pandas as pd
 
 from cxrmem.publish import stage_writes
 from cxrmem.report import Draw, Figures, render_html, render_summary_md, report_context, sections
-from cxrmem.runfiles import Run, RunLayout, check_prompt_ids, read_known_memorized
+from cxrmem.runfiles import Run, RunLayout, check_prompt_ids
+from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.results import ReportResult
 
 log = logging.getLogger(__name__)
