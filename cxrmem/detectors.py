@@ -85,7 +85,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
-from cxrmem.settings import check_names as check_listed
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
     import torch  # and the config and analyze stage read them without loading torch
@@ -244,11 +243,6 @@ REGISTRY: dict[str, Detector] = {
         ),
     )
 }
-
-
-def check_names(key: str, names) -> None:
-    """Config check: every name at `key` is a detector of REGISTRY, none twice."""
-    check_listed(key, names, REGISTRY, "detector")
 
 
 def detector(name: str) -> Detector:

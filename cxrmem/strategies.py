@@ -33,8 +33,7 @@ from functools import lru_cache
 from typing import Callable, Optional, Union
 
 from cxrmem.corpus.text import MARKER_REGEX
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, knob
-from cxrmem.settings import check_names as check_listed
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, check_names, knob
 
 BACKWARD = 2  # evaluations one backward pass through the UNet costs
 Hook = Union[str, Callable]  # a function, or "module:function" resolved on first use
@@ -102,11 +101,6 @@ REGISTRY: dict[str, Strategy] = {
 }  # fmt: skip
 
 
-def check_names(key: str, names) -> None:
-    """Config check: every name at `key` is a strategy of REGISTRY, none twice."""
-    check_listed(key, names, REGISTRY, "strategy")
-
-
 def row(name: str) -> Strategy:
     if name not in REGISTRY:
         raise ValueError(f"unknown mitigation strategy {name!r}: choose from {', '.join(REGISTRY)} (cxrmem/strategies.py REGISTRY)")
@@ -151,7 +145,7 @@ class MitigationConfig(Settings):
 
     @staticmethod
     def check(section, key: str) -> None:
-        check_names(f"{key}.strategies", section.strategies)
+        check_names(f"{key}.strategies", section.strategies, REGISTRY, "strategy")
 
 
 @dataclass(frozen=True)

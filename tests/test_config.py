@@ -176,8 +176,13 @@ def test_loading_a_config_imports_neither_torch_nor_diffusers():
     assert done.stdout.strip() == "[]"
 
 
-def test_the_copies_embedder_choices_are_the_embedder_registry():
-    from cxrmem.copies.embedders import EMBEDDERS
-    from cxrmem.copies.settings import EMBEDDER_NAMES
+def test_every_registered_embedder_names_a_class_that_fingerprints_its_settings():
+    """copies/settings.py's EMBEDDERS names each class as text (no torch at config load): a misspelt entry fails here."""
+    from cxrmem.copies.embedders import EmbedderSettings, embedder_class
+    from cxrmem.copies.settings import EMBEDDERS
 
-    assert tuple(EMBEDDERS) == EMBEDDER_NAMES
+    for name in EMBEDDERS:
+        cls = embedder_class(EmbedderSettings(name=name))
+        assert isinstance(cls, type) and callable(cls.fingerprint_of), name
+    with pytest.raises(ValueError, match="use one of pixel, rad_dino, hf"):
+        embedder_class(EmbedderSettings(name="clip"))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrmem.copies.settings import RAD_DINO_REPO
+from cxrmem.copies.settings import EMBEDDERS, RAD_DINO_REPO
 from cxrmem.models.fingerprint import model_fingerprint
 from cxrmem.models.loading import ModelLoadError, guarded, load_checked
 from cxrmem.models.radedit import resolve_snapshot
@@ -122,14 +123,12 @@ class TransformersEmbedder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-# name -> embedder class (built from settings and a device, with a `fingerprint_of(settings)`); copies.embedder's choices.
-EMBEDDERS = {"pixel": PixelEmbedder, "rad_dino": TransformersEmbedder, "hf": TransformersEmbedder}
-
-
 def embedder_class(settings: EmbedderSettings):
+    """The class that copies/settings.py's EMBEDDERS names for `settings.name`."""
     if settings.name not in EMBEDDERS:
         raise ValueError(f"image embedder {settings.name!r}: use one of {', '.join(EMBEDDERS)} (copies.embedder)")
-    return EMBEDDERS[settings.name]
+    module, name = EMBEDDERS[settings.name].split(":")
+    return getattr(import_module(module), name)
 
 
 def embedder_fingerprint(settings: EmbedderSettings) -> str:

@@ -9,8 +9,14 @@ from typing import Optional
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_NON_NEGATIVE, POSITIVE, Settings, at_least, knob
 
 RAD_DINO_REPO = "microsoft/rad-dino"
-# The names of cxrmem/copies/embedders.py's EMBEDDERS, here without torch (tests/test_copies.py checks they agree).
-EMBEDDER_NAMES = ("pixel", "rad_dino", "hf")
+# name -> its embedder class in cxrmem/copies/embedders.py (built from settings and a device, with a
+# `fingerprint_of(settings)`), as "module:Class", imported when used: copies.embedder's choices are checked
+# without importing torch when a configuration loads.
+EMBEDDERS = {
+    "pixel": "cxrmem.copies.embedders:PixelEmbedder",
+    "rad_dino": "cxrmem.copies.embedders:TransformersEmbedder",  # microsoft/rad-dino
+    "hf": "cxrmem.copies.embedders:TransformersEmbedder",  # any transformers vision model in the cache
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class CopiesSettings(Settings):
 class CopiesConfig(CopiesSettings):
     """The `copies` config section: the settings above, the embedder, and the generations' guidances and controls."""
 
-    embedder: str = knob("pixel", choices=EMBEDDER_NAMES)  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
+    embedder: str = knob("pixel", choices=tuple(EMBEDDERS))  # pixel | rad_dino (microsoft/rad-dino) | hf (any transformers vision model in the cache)
     pixel_size: int = knob(64, at_least(4))  # pixel embedder: side of the resized image
     embedder_repo: str = RAD_DINO_REPO  # hf embedder: the model's repo id in the cache
     embedder_cache: str = ""  # rad_dino / hf: the Hugging Face hub cache root (loaded offline)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cxrmem import detectors
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, knob
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_names, knob
 
 
 @dataclass(frozen=True)
@@ -40,4 +40,4 @@ class ScoreConfig(ScoreSettings):
     def check(section, key: str) -> None:
         if section.screening_steps is not None and section.screening_steps > section.steps:
             raise ConfigError(f"config key '{key}.screening_steps' must not exceed {key}.steps")
-        detectors.check_names(f"{key}.detectors", section.detectors)
+        check_names(f"{key}.detectors", section.detectors, detectors.REGISTRY, "detector")

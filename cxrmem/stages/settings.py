@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from cxrmem import detectors
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, knob
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, PERCENT, POSITIVE, ConfigError, Settings, check_names, knob
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class CascadeStage(Settings):
 
     @staticmethod
     def check(section, key: str) -> None:
-        detectors.check_names(f"{key}.screen", [section.screen])
+        check_names(f"{key}.screen", [section.screen], detectors.REGISTRY, "detector")
 
 
 # The cheapest cascade that held the whole top 1% on both committed testbeds at G=4, T=50 (bench/RESULTS.md,
