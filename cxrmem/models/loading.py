@@ -29,12 +29,12 @@ from cxrmem.models.adapters import adapter_weight_file, fuse_adapters
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
-    scoring_scheduler,
     guarded,
     load_checked,
     load_diffusers_model,
     prompt_length,
     read_json_file,
+    scoring_scheduler,
     torch_dtype,
 )
 from cxrmem.models.fingerprint import adapted_fingerprint, model_fingerprint

@@ -54,12 +54,12 @@ import torch
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
-    scoring_scheduler,
     freeze,
     guarded,
     load_checked,
     load_diffusers_model,
     read_json_file,
+    scoring_scheduler,
     torch_dtype,
 )
 from cxrmem.models.fingerprint import model_fingerprint

@@ -162,9 +162,8 @@ class AddedConditionUNet(PipelineText):
         self.time_ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32, device=device)
 
     def _encode(self, prompts: list[str], negative: bool) -> torch.Tensor:
-        positive, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(
-            prompts, device=self.device, do_classifier_free_guidance=negative, negative_prompt=""
-        )
+        # No negative prompt, as a pipeline call without one: force_zeros_for_empty_prompt then gives zeros.
+        positive, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=negative)
         embeddings, pooled = (uncond[:1], uncond_pooled[:1]) if negative else (positive, pooled)
         width = embeddings.shape[-1]
         if pooled.shape[-1] > width:
