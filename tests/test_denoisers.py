@@ -2,18 +2,22 @@
 predictions at every step are the pipeline's, and its step norms are the pipeline's predictions converted to
 epsilon by the docs/design.md formulas (written out here, independently of cxrmem/scoring/prediction.py)."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from diffusers import PixArtSigmaPipeline, SanaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from omegaconf import OmegaConf
 
+from cxrmem.mitigation import runnable_strategies
 from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.loading import load_components
 from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny_layouts import BUILDERS
 from cxrmem.scoring.denoisers import DENOISERS
 from cxrmem.scoring.scorer import Scorer
+from cxrmem.strategies import MitigationSettings
 from tests.test_scoring import IDS, PROMPTS, score_cfg
 
 STEPS, G = 3, 2
@@ -100,7 +104,7 @@ def test_the_scorer_predicts_what_the_layouts_own_pipeline_predicts(replicas, na
 
 def test_every_layout_has_a_denoiser_and_a_replica():
     assert set(LAYOUTS) == set(DENOISERS)
-    assert {layout for layout, *_ in CASES.values()} == set(LAYOUTS) - {"unet"} | {"unet"}
+    assert {layout for layout, *_ in CASES.values()} == set(LAYOUTS)  # the plain SD one's parity: tests/test_scoring.py
 
 
 def test_the_empty_prompt_is_each_pipelines_own_unconditional_input(replicas):
@@ -110,3 +114,17 @@ def test_the_empty_prompt_is_each_pipelines_own_unconditional_input(replicas):
     sana = Scorer(load(replicas["sana"]), score_cfg(), device="cpu")
     mask = sana.empty_embedding[..., -1]
     assert mask.sum() >= 1 and mask.sum() < mask.shape[-1]  # the empty prompt's tokens only, not Sana's instruction
+
+
+def test_unet_only_detectors_and_strategies_are_skipped_with_a_reason_elsewhere(replicas, caplog):
+    pixart = Scorer(load(replicas["pixart"]), score_cfg(), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="cxrmem"):
+        columns = pixart.detect(PROMPTS[:2], IDS[:2], ["dmem", "attention_entropy"])
+    assert np.isfinite(columns["dmem"]).all() and np.isnan(columns["attention_entropy"]).all()
+    assert "detector attention_entropy skipped" in caplog.text and "plain cross-attention layers of a UNet" in caplog.text
+    settings = MitigationSettings(strategies=("original", "attention_rescaling", "embedding_noise", "delayed_guidance"))
+    with caplog.at_level(logging.WARNING, logger="cxrmem"):
+        assert runnable_strategies(pixart, settings).strategies == ("original", "delayed_guidance")
+    assert "mitigation strategy embedding_noise skipped: it needs a text tensor that is the encoder's hidden states alone" in caplog.text
+    unet = Scorer(load(replicas["sd2_v"]), score_cfg(), device="cpu")
+    assert runnable_strategies(unet, settings) is settings  # a plain UNet runs them all

@@ -14,7 +14,8 @@ The Scorer's sampling loop, norms and update are the same for all of them; what 
   cxrmem/scoring/prediction.py converts it to epsilon) for inputs x [M, C, H, W], timesteps t (one or [M]) and
   text [M, L', D'].
 - `capabilities`: what UNet-only machinery (cxrmem/scoring/attention.py) can run on it; a detector or mitigation
-  strategy that needs one it lacks is skipped with a reason (cxrmem/detectors.py, cxrmem/strategies.py `needs`).
+  strategy that needs one it lacks is skipped with a reason (cxrmem/detectors.py, cxrmem/strategies.py `needs`;
+  the capabilities are named in cxrmem/models/layouts.py).
 
 The transformer and SDXL layouts encode with their diffusers pipeline's own `encode_prompt`, with the defaults
 its `__call__` declares, so that their conditioning is the pipeline's by construction.
@@ -27,10 +28,8 @@ from typing import Optional
 
 import torch
 
+from cxrmem.models.layouts import CROSS_ATTENTION, PLAIN_TEXT
 from cxrmem.scoring.attention import TextLayout, share_text_projections
-
-CROSS_ATTENTION = "cross_attention"  # plain cross-attention layers of a UNet: shared text projections, attention capture
-PLAIN_TEXT = "plain_text"  # the text tensor is the encoder's hidden states and nothing else (safe to perturb)
 
 
 class UNetDenoiser:

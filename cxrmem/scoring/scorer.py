@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
+from cxrmem.models.layouts import missing
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention
 from cxrmem.scoring.ddim import DDIMUpdate
 from cxrmem.scoring.denoisers import denoiser
@@ -240,6 +241,10 @@ class Scorer:
         into this one's `work`: views of one worker's device (other settings, the null model) are one tally."""
         return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch,
                       float32_output=self.float32_output, work=self.work)
+
+    def cannot_run(self, needs: Sequence[str]) -> str:
+        """Why what `needs` these denoiser capabilities cannot run on this model ("" when it can)."""
+        return missing(needs, self.denoiser.capabilities, self._components.layout)
 
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -610,12 +615,19 @@ class Scorer:
         if unknown:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
         prompts, prompt_ids = list(prompts), list(prompt_ids)
+        skipped = {name: self.cannot_run(detectors.REGISTRY[name].needs) for name in names}
+        for name, reason in skipped.items():
+            if reason:
+                log.warning("detector %s skipped (its columns are NaN): it %s", name, reason)
 
         def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
             probe = Probe(self, self.encode(prompts[lo:hi]), self.initial_latents(prompt_ids[lo:hi], settings.generations))
             out: dict[str, np.ndarray] = {}
             for name in names:
-                out.update(detectors.REGISTRY[name].compute(probe, settings))
+                if skipped[name]:
+                    out.update({column: np.full(hi - lo, np.nan, np.float32) for column in detectors.REGISTRY[name].columns})
+                else:
+                    out.update(detectors.REGISTRY[name].compute(probe, settings))
             return out
 
         parts = self._chunks["detect"].run(len(prompts), chunk) if prompts else [chunk(0, 0)]
