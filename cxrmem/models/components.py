@@ -65,14 +65,13 @@ def null_copy(components: Components, seed: int) -> Components:
         null_denoiser = type(denoiser).from_config(denoiser.config)
         extras = {name: reinitialised_text_encoder(part) if isinstance(part, torch.nn.Module) else part
                   for name, part in components.extras.items()}  # fmt: skip
-    if denoiser.dtype != null_denoiser.dtype:  # built in float32; a half-precision model's null matches it
-        text_encoder, null_denoiser = text_encoder.to(denoiser.dtype), null_denoiser.to(denoiser.dtype)
-        extras = {name: part.to(denoiser.dtype) if isinstance(part, torch.nn.Module) else part for name, part in extras.items()}
+    # Built in float32; a half-precision model's null matches it.
+    as_model = lambda module: freeze(module.to(denoiser.dtype))  # noqa: E731
     return Components(
-        components.tokenizer, freeze(text_encoder), freeze(null_denoiser), components.scheduler, None,
+        components.tokenizer, as_model(text_encoder), as_model(null_denoiser), components.scheduler, None,
         vae_scaling_factor=components.vae_scaling_factor, max_length=components.max_length,
-        source=f"null (re-initialised, seed {seed}) of {components.source}",
-        layout=components.layout, extras={name: freeze(p) if isinstance(p, torch.nn.Module) else p for name, p in extras.items()},
+        source=f"null (re-initialised, seed {seed}) of {components.source}", layout=components.layout,
+        extras={name: as_model(part) if isinstance(part, torch.nn.Module) else part for name, part in extras.items()},
         index=components.index, image_scale=components.image_scale,
     )
 

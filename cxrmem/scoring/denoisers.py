@@ -59,31 +59,49 @@ class UNetDenoiser:
 
 
 class PipelineText:
-    """Conditioning made by the model's diffusers pipeline itself (`encode_prompt`), no VAE loaded."""
+    """Conditioning made by the model's diffusers pipeline itself (`encode_prompt`), with no VAE loaded."""
 
-    pipeline_class = None  # the diffusers pipeline whose encode_prompt and __call__ defaults are the layout's
+    pipeline_name = ""  # the diffusers pipeline whose encode_prompt and __call__ defaults are the layout's
+    denoiser_name = "transformer"  # its constructor's name for the denoiser
+    encode_options: tuple[str, ...] = ()  # __call__ defaults that encode_prompt takes too
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
+        import diffusers
+
         self.module, self.components, self.device = components.denoiser, components, device
         self.shares_text = False  # the text tensor is packed: the shared projections would read the packing
         self.capabilities: set[str] = set()
+        pipeline_class = getattr(diffusers, self.pipeline_name)
         parts = {"tokenizer": components.tokenizer, "text_encoder": components.text_encoder, **components.extras,
                  self.denoiser_name: components.denoiser, "scheduler": components.scheduler}  # fmt: skip
-        wanted = inspect.signature(self.pipeline_class.__init__).parameters
-        self.pipeline = self.pipeline_class(vae=None, **{name: part for name, part in parts.items() if name in wanted},
-                                            **self.pipeline_options(components))  # fmt: skip
+        wanted = inspect.signature(pipeline_class.__init__).parameters
+        self.pipeline = pipeline_class(vae=None, **{name: part for name, part in parts.items() if name in wanted},
+                                       **self.pipeline_options(components))  # fmt: skip
         # What the pipeline's __call__ uses when a caller passes nothing: the layout's conditioning is that.
-        self.defaults = {name: p.default for name, p in inspect.signature(self.pipeline_class.__call__).parameters.items()}
-
-    denoiser_name = "transformer"
+        defaults = {name: p.default for name, p in inspect.signature(pipeline_class.__call__).parameters.items()}
+        self.options = {name: defaults[name] for name in self.encode_options if name in defaults}
 
     def pipeline_options(self, components) -> dict:
         return {}
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self._encode(prompts, negative=False)
+
+    def unconditional(self) -> torch.Tensor:
+        return self._encode([""], negative=True)
+
+    def _encode(self, prompts: list[str], negative: bool) -> torch.Tensor:
+        """The packed conditioning of `prompts`, or (negative) the pipeline's unconditional input [1, ...]."""
+        raise NotImplementedError
 
 
 class TransformerDenoiser(PipelineText):
     """A diffusion transformer conditioned on a masked text encoder's hidden states (PixArt: T5; Sana: Gemma).
     The attention mask rides as the text tensor's last channel; the network is called as the pipeline calls it."""
+
+    # PixArt's clean_caption (on by default) falls back to lower-casing, with a warning, without bs4 and ftfy.
+    encode_options = ("negative_prompt", "max_sequence_length", "complex_human_instruction", "clean_caption")
+    call_options: dict = {}  # further keyword arguments the pipeline passes the transformer
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
         super().__init__(components, device, use_attention_mask)
@@ -93,23 +111,14 @@ class TransformerDenoiser(PipelineText):
         self.learned_sigma = config.out_channels // 2 == config.in_channels
 
     def _encode(self, prompts: list[str], negative: bool) -> torch.Tensor:
-        options = {name: self.defaults[name] for name in self.encode_options if name in self.defaults}
         positive, mask, uncond, uncond_mask = self.pipeline.encode_prompt(
-            prompts, do_classifier_free_guidance=negative, negative_prompt="", device=self.device, clean_caption=False, **options
+            prompts, do_classifier_free_guidance=negative, device=self.device, **self.options
         )[:4]
         embeddings, mask = (uncond[:1], uncond_mask[:1]) if negative else (positive, mask)
         return torch.cat([embeddings, mask.to(embeddings.dtype)[..., None]], dim=-1)
 
-    encode_options = ("max_sequence_length", "complex_human_instruction")
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self._encode(prompts, negative=False)
-
-    def unconditional(self) -> torch.Tensor:
-        return self._encode([""], negative=True)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, layout: Optional[TextLayout]) -> torch.Tensor:
-        embeddings, mask = text[..., :-1], text[..., -1] > 0.5
+        embeddings, mask = text[..., :-1], text[..., -1] > 0.5  # a perturbed text cannot flip the mask
         timestep = t.to(x.device).expand(len(x)) * self.timestep_scale
         output = self.module(
             x, encoder_hidden_states=embeddings, encoder_attention_mask=mask.to(embeddings.dtype), timestep=timestep,
@@ -117,25 +126,14 @@ class TransformerDenoiser(PipelineText):
         )[0]
         return output.chunk(2, dim=1)[0] if self.learned_sigma else output
 
-    call_options: dict = {}
-
 
 class PixArtDenoiser(TransformerDenoiser):
-    @property
-    def pipeline_class(self):
-        from diffusers import PixArtSigmaPipeline
-
-        return PixArtSigmaPipeline
-
+    pipeline_name = "PixArtSigmaPipeline"
     call_options = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
 class SanaDenoiser(TransformerDenoiser):
-    @property
-    def pipeline_class(self):
-        from diffusers import SanaPipeline
-
-        return SanaPipeline
+    pipeline_name = "SanaPipeline"
 
 
 class AddedConditionUNet(PipelineText):
@@ -143,22 +141,18 @@ class AddedConditionUNet(PipelineText):
     time ids (original size, crop, target size) as added conditioning. The pooled embedding rides as one extra
     row of the text tensor (zero-padded to its width); the time ids are the same for every sample."""
 
+    pipeline_name = "StableDiffusionXLPipeline"
     denoiser_name = "unet"
-
-    @property
-    def pipeline_class(self):
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline
-
-    def pipeline_options(self, components) -> dict:
-        return {"force_zeros_for_empty_prompt": bool(components.index.get("force_zeros_for_empty_prompt", True))}
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
         super().__init__(components, device, use_attention_mask)
         size = [side * components.image_scale for side in components.latent_shape[1:]]
         # The pipeline's defaults: original and target size the image's, crop (0, 0).
         self.time_ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32, device=device)
+        self.pooled_width = components.extras["text_encoder_2"].config.projection_dim
+
+    def pipeline_options(self, components) -> dict:
+        return {"force_zeros_for_empty_prompt": bool(components.index.get("force_zeros_for_empty_prompt", True))}
 
     def _encode(self, prompts: list[str], negative: bool) -> torch.Tensor:
         # No negative prompt, as a pipeline call without one: force_zeros_for_empty_prompt then gives zeros.
@@ -170,15 +164,8 @@ class AddedConditionUNet(PipelineText):
         row = torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))[:, None]
         return torch.cat([embeddings, row.to(embeddings.dtype)], dim=1)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self._encode(prompts, negative=False)
-
-    def unconditional(self) -> torch.Tensor:
-        return self._encode([""], negative=True)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, layout: Optional[TextLayout]) -> torch.Tensor:
-        pooled_width = self.components.extras["text_encoder_2"].config.projection_dim
-        embeddings, pooled = text[:, :-1], text[:, -1, :pooled_width]
+        embeddings, pooled = text[:, :-1], text[:, -1, : self.pooled_width]
         added = {"text_embeds": pooled, "time_ids": self.time_ids.to(x.dtype).expand(len(x), -1)}
         return self.module(x, t, encoder_hidden_states=embeddings, added_cond_kwargs=added).sample
 
