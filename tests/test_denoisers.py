@@ -102,6 +102,15 @@ def test_the_scorer_predicts_what_the_layouts_own_pipeline_predicts(replicas, na
     assert np.isfinite(batch.d_mem).all() and (batch.d_mem > 0).all()
 
 
+@pytest.mark.parametrize("name", ["sdxl", "sana"])
+def test_a_prompts_score_does_not_depend_on_its_batch(replicas, name):
+    """Packed text (a pooled row, a mask channel) batches like plain text, and the seeds stay the prompt's own."""
+    scorer = Scorer(load(replicas[name]), score_cfg(seed_mode="per_prompt"), device="cpu")
+    together, alone = scorer.score(PROMPTS, IDS), scorer.score(PROMPTS[2:3], IDS[2:3])
+    # Other batch compositions block the sums differently: close, never ==.
+    np.testing.assert_allclose(together.step_norms[2], alone.step_norms[0], rtol=1e-4, atol=1e-6)
+
+
 def test_every_layout_has_a_denoiser_and_a_replica():
     assert set(LAYOUTS) == set(DENOISERS)
     assert {layout for layout, *_ in CASES.values()} == set(LAYOUTS)  # the plain SD one's parity: tests/test_scoring.py
