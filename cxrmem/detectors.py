@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from cxrmem.models.layouts import CROSS_ATTENTION
+from cxrmem.scoring.capabilities import CROSS_ATTENTION
 from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
 from cxrmem.settings import check_names as check_listed
 
@@ -171,7 +171,7 @@ class Detector:
     paper: str
     compute: Optional[Compute] = None  # what the Scorer runs for it (see the module notes)
     full_schedule: bool = False  # runs the whole T-step trajectory: its cost's k is score.steps, not detect.steps
-    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/models/layouts.py); without one its columns are NaN, with a warning
+    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/scoring/capabilities.py); without one its columns are NaN, with a warning
 
     def cost_of(self, generations: int, steps: int, shared: bool, total_steps: int) -> Cost:
         """The declared cost with detect.steps = `steps` and score.steps = `total_steps`."""

@@ -11,21 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-# What UNet-only machinery a denoiser supports (cxrmem/scoring/denoisers.py `capabilities`); a detector or mitigation
-# strategy that needs one (its `needs`) is skipped, with this reason, on a denoiser without it.
-CROSS_ATTENTION = "cross_attention"
-PLAIN_TEXT = "plain_text"
-CAPABILITIES = {
-    CROSS_ATTENTION: "plain cross-attention layers of a UNet (token attention is read or re-scaled there)",
-    PLAIN_TEXT: "a text tensor that is the encoder's hidden states alone (it is perturbed; this layout packs a mask or a pooled row into it)",
-}
-
-
-def missing(needs, capabilities, layout: str) -> str:
-    """Why something that `needs` these capabilities cannot run on a denoiser with `capabilities` ("" if it can)."""
-    lacking = [CAPABILITIES[name] for name in needs if name not in capabilities]
-    return f"needs {'; '.join(lacking)}, which the {layout} layout's denoiser lacks" if lacking else ""
-
 
 @dataclass(frozen=True)
 class Layout:
