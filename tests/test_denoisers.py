@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from cxrmem.mitigation import runnable_strategies
 from cxrmem.models.layouts import LAYOUTS
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import diffusers_parts, load_components, read_model_index
 from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny_layouts import BUILDERS
 from cxrmem.scoring.denoisers import DENOISERS
@@ -114,6 +114,12 @@ def test_a_prompts_score_does_not_depend_on_its_batch(replicas, name):
 def test_every_layout_has_a_denoiser_and_a_replica():
     assert set(LAYOUTS) == set(DENOISERS)
     assert {layout for layout, *_ in CASES.values()} == set(LAYOUTS)  # the plain SD one's parity: tests/test_scoring.py
+
+
+def test_the_fingerprint_covers_every_part_a_layout_loads(replicas):
+    parts = diffusers_parts(replicas["sdxl"], read_model_index(replicas["sdxl"]))
+    assert {"tokenizer_2", "text_encoder_2", "unet", "scheduler"} <= set(parts)
+    assert "transformer" in diffusers_parts(replicas["sana"], read_model_index(replicas["sana"]))
 
 
 def test_the_empty_prompt_is_each_pipelines_own_unconditional_input(replicas):

@@ -24,12 +24,15 @@ its `__call__` declares, so that their conditioning is the pipeline's by constru
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Optional
 
 import torch
 
 from cxrmem.scoring.attention import TextLayout, share_text_projections
 from cxrmem.scoring.capabilities import CROSS_ATTENTION, PLAIN_TEXT
+
+log = logging.getLogger(__name__)
 
 
 class UNetDenoiser:
@@ -99,12 +102,19 @@ class TransformerDenoiser(PipelineText):
     """A diffusion transformer conditioned on a masked text encoder's hidden states (PixArt: T5; Sana: Gemma).
     The attention mask rides as the text tensor's last channel; the network is called as the pipeline calls it."""
 
-    # PixArt's clean_caption (on by default) falls back to lower-casing, with a warning, without bs4 and ftfy.
     encode_options = ("negative_prompt", "max_sequence_length", "complex_human_instruction", "clean_caption")
     call_options: dict = {}  # further keyword arguments the pipeline passes the transformer
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
         super().__init__(components, device, use_attention_mask)
+        if self.options.get("clean_caption"):
+            from diffusers.utils import is_bs4_available, is_ftfy_available
+
+            if not (is_bs4_available() and is_ftfy_available()):
+                # The pipeline would fall back to lower-casing on every call, warning each time: once is enough.
+                log.warning("%s cleans captions by default, which needs bs4 and ftfy: prompts are lower-cased only, "
+                            "as the pipeline itself does without them", self.pipeline_name)  # fmt: skip
+                self.options["clean_caption"] = False
         config = self.module.config
         self.timestep_scale = float(getattr(config, "timestep_scale", 1.0) or 1.0)
         # A learned-variance transformer predicts [eps, variance]; the pipelines keep the first half.
