@@ -90,8 +90,9 @@ def load_tokenizer(model_cfg, store: Optional[Store] = None):
         return load_radedit_tokenizer(model_cfg, root)
     index = read_model_index(root)
     tokenizer = load_named_tokenizer(root, index)
-    if LAYOUTS[model_layout(root, index)].max_length:
-        tokenizer.model_max_length = LAYOUTS[model_layout(root, index)].max_length
+    fixed = LAYOUTS[model_layout(root, index)].max_length
+    if fixed:
+        tokenizer.model_max_length = fixed
         return tokenizer
     text_config = read_json_file(os.path.join(root, "text_encoder", "config.json"), "text encoder config")
     tokenizer.model_max_length = prompt_length(tokenizer, text_config)
@@ -162,10 +163,10 @@ def named_class(index: dict, name: str, library: str):
     return getattr(module, class_name)
 
 
-def load_named_tokenizer(root: str, index: dict):
-    tokenizer_class = named_class(index, "tokenizer", "transformers")
-    path = os.path.join(root, "tokenizer")
-    return guarded("tokenizer", path, lambda: tokenizer_class.from_pretrained(path, local_files_only=True))
+def load_named_tokenizer(root: str, index: dict, name: str = "tokenizer"):
+    tokenizer_class = named_class(index, name, "transformers")
+    path = os.path.join(root, name)
+    return guarded(name.replace("_", " "), path, lambda: tokenizer_class.from_pretrained(path, local_files_only=True))
 
 
 def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -201,7 +202,9 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
     if has_component(index, "vae"):
         vae_config = read_json_file(os.path.join(root, "vae", "config.json"), "VAE config")
         scaling_factor = float(vae_config.get("scaling_factor", 1.0))
-        image_scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+        # As the pipelines compute it: 2 ** (levels - 1) (a deep-compression autoencoder names its encoder's levels).
+        levels = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels") or [0] * 4
+        image_scale = 2 ** (len(levels) - 1)
         if need_vae:
             # float32 whatever model.dtype says: decoding is cheap next to sampling, and SD VAEs overflow in float16.
             vae = load_diffusers_model(named_class(index, "vae", "diffusers"), root, "vae", torch.float32, "VAE")
@@ -215,11 +218,9 @@ def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False)
 
 def load_text_part(root: str, index: dict, name: str, dtype: torch.dtype):
     """A tokenizer (`tokenizer*`) or a text encoder (`text_encoder*`) that model_index.json names."""
-    path = os.path.join(root, name)
-    part_class = named_class(index, name, "transformers")
     if name.startswith("tokenizer"):
-        return guarded(name, path, lambda: part_class.from_pretrained(path, local_files_only=True))
-    return load_transformers_model(part_class, path, dtype, name.replace("_", " "))
+        return load_named_tokenizer(root, index, name)
+    return load_transformers_model(named_class(index, name, "transformers"), os.path.join(root, name), dtype, name.replace("_", " "))
 
 
 def diffusers_parts(root: str, index: dict) -> dict[str, str]:
