@@ -542,7 +542,7 @@ def step_scorer(ctx: Context) -> None:
     settings = ScoreSettings(generations=4, steps=50)
     g, steps = settings.generations, settings.steps
     scorer = Scorer(components, settings, device=sizes.device)
-    flop = unet_cost.unet_flops(dict(components.unet.config), sizes.text_tokens).total
+    flop = unet_cost.unet_flops(dict(components.denoiser.config), sizes.text_tokens).total
     peak, source = peak_of(sizes, sizes.dtype)
     k1, k2 = sizes.scorer_steps
     prompts, ids = testbed_prompts(max(sizes.scorer_prompts))
@@ -816,7 +816,7 @@ def step_vae(ctx: Context) -> None:
     side = 64 if sizes.vae == "sdxl" else 8  # latents of a 512x512 image (the dry run's tiny VAE: 16x16)
     pixels = side * 2 ** (len(vae.config.block_out_channels) - 1)
     base = testbed_components()
-    parts = Components(base.tokenizer, base.text_encoder, base.unet, base.scheduler, vae, 0.13025, base.max_length, "testbed + VAE")
+    parts = Components(base.tokenizer, base.text_encoder, base.denoiser, base.scheduler, vae, 0.13025, base.max_length, "testbed + VAE")
     scorer = Scorer(parts, ScoreSettings(), device=sizes.device, decode_batch=max(sizes.vae_images))
     latents = torch.randn(max(sizes.vae_images), 4, side, side)
     scorer.decode(latents[:1])  # moves the VAE to the device, in the dtype it decodes in

@@ -39,7 +39,7 @@ class PaperLoop:
             vae=components.vae,
             text_encoder=components.text_encoder,
             tokenizer=components.tokenizer,
-            unet=components.unet,
+            unet=components.denoiser,
             scheduler=own_scheduler(),
             safety_checker=None,
             feature_extractor=None,
@@ -48,7 +48,7 @@ class PaperLoop:
         self.pipe.scheduler = own_scheduler()  # the model's own settings, as the scorer uses them
         self.pipe.set_progress_bar_config(disable=True)
         self.outputs: list[torch.Tensor] = []
-        components.unet.register_forward_hook(lambda _m, _a, out: self.outputs.append(out[0].float()))
+        components.denoiser.register_forward_hook(lambda _m, _a, out: self.outputs.append(out[0].float()))
 
     def d_mem(self, prompt: str, latents: torch.Tensor, steps: int, guidance: float) -> float:
         self.outputs.clear()

@@ -107,7 +107,7 @@ def audit_bounds(
 ) -> AuditBounds:  # fmt: skip
     """The bounds of one audited round. `fit` is (screen, full) of every fully scored prompt;
     `rejected_screens` the first screen's score of the rejected prompts that were not audited;
-    `full_per_prompt` the UNet evaluations of one full score (what a larger audit would cost)."""
+    `full_per_prompt` the denoiser evaluations of one full score (what a larger audit would cost)."""
     rate = stats.miss_rate(misses, sample, LEVEL)
     upper = None if rate["upper"] is None else rate["upper"] * rejected
     recall = None if upper is None or kept_members + upper == 0 else kept_members / (kept_members + upper)
@@ -130,6 +130,6 @@ def audit_bounds(
         shown = "no" if recall is None else f"only a {recall:.0%}"
         note = (f"the audit of {sample} prompts gives {shown} lower bound on recall; bounding it at "
                 f"{target_recall:.0%} takes an audit of {needed} prompts "
-                f"(cascade.audit_sample; {needed * full_per_prompt:,.0f} UNet evaluations)")
+                f"(cascade.audit_sample; {needed * full_per_prompt:,.0f} denoiser evaluations)")
     return AuditBounds(kept_members, upper, recall, expected, None if model is None else asdict(model), check,
                        informative, None if informative else needed, note)  # fmt: skip

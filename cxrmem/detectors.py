@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
+from cxrmem.scoring.capabilities import CROSS_ATTENTION
 from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
@@ -169,6 +170,7 @@ class Detector:
     paper: str
     compute: Optional[Compute] = None  # what the Scorer runs for it (see the module notes)
     full_schedule: bool = False  # runs the whole T-step trajectory: its cost's k is score.steps, not detect.steps
+    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/scoring/capabilities.py); without one its columns are NaN, with a warning
 
     def cost_of(self, generations: int, steps: int, shared: bool, total_steps: int) -> Cost:
         """The declared cost with detect.steps = `steps` and score.steps = `total_steps`."""
@@ -227,7 +229,7 @@ REGISTRY: dict[str, Detector] = {
         ),
         Detector(
             "attention_entropy", ("attention_entropy",), True, lambda g, k, shared: Cost(g), "Ren et al., ECCV 2024",
-            _compute_attention_entropy,
+            _compute_attention_entropy, needs=(CROSS_ATTENTION,),
         ),
         Detector(
             "latent_update", ("latent_update",), True, _dmem_cost, "Chen C. et al. (Broken Memories), KDD 2026",
@@ -240,6 +242,7 @@ REGISTRY: dict[str, Detector] = {
         Detector(
             "bright_ending", ("bright_ending", "bright_ending_attention"), True, _bright_ending_cost,
             "Chen, Liu, Shah, Xu, ICLR 2025", _compute_bright_ending, full_schedule=True,
+            needs=(CROSS_ATTENTION,),
         ),
     )
 }

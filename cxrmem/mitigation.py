@@ -43,6 +43,7 @@ N noises for every strategy, so that the comparison is paired.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import zlib
@@ -60,6 +61,8 @@ from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.text import compile_marker_regex, delete_markers
 from cxrmem.scoring.dmem import d_mem
 from cxrmem.strategies import MitigationSettings
+
+log = logging.getLogger(__name__)
 
 MITIGATION_COLUMNS = {
     "prompt_id": pa.string(),
@@ -393,6 +396,7 @@ def mitigate_prompts(
     """mitigation.parquet rows of these prompts, and the image grids ({prompt_id: {strategy: [k, H, W]}})
     of those in `grid_ids`."""
     vocab = vocabulary_words(scorer.tokenizer)
+    settings = runnable_strategies(scorer, settings)
     sampler = scorer.with_steps(settings.steps)
     rows, grids = [], {}
     for prompt, pid in zip(prompts, prompt_ids):
@@ -402,6 +406,18 @@ def mitigate_prompts(
         if prompt_grids:
             grids[pid] = prompt_grids
     return mitigation_frame(rows), grids
+
+
+def runnable_strategies(scorer, settings: MitigationSettings) -> MitigationSettings:
+    """The settings without the strategies this model's denoiser cannot run (each skipped with its reason in the log)."""
+    kept = []
+    for strategy in settings.strategies:
+        reason = scorer.cannot_run(registry.row(strategy).needs)
+        if reason:
+            log.warning("mitigation strategy %s skipped: it %s", strategy, reason)
+        else:
+            kept.append(strategy)
+    return settings if len(kept) == len(settings.strategies) else settings.replace(strategies=tuple(kept))
 
 
 def mitigation_frame(rows: list[dict]) -> pd.DataFrame:

@@ -227,7 +227,7 @@ def cascade_context(section: Optional[CascadeSection]) -> Optional[dict]:
             "bounds": section.bounds or None}
 
 
-# UNet samples per second per GPU behind the Run section's GPU-hours: an ESTIMATE, issue 33's 250-400 for RadEdit's
+# Denoiser samples per second per GPU behind the Run section's GPU-hours: an ESTIMATE, issue 33's 250-400 for RadEdit's
 # UNet at 512x512 (bench/RESULTS.md has no GPU measurement yet; replace it with the measured rate once it does).
 # The page shows both ends and says it is an estimate.
 ESTIMATED_SAMPLES_PER_GPU_S = (250, 400)

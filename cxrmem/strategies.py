@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Callable, Optional, Union
 
 from cxrmem.corpus.text import MARKER_REGEX
+from cxrmem.scoring.capabilities import CROSS_ATTENTION, PLAIN_TEXT
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, check_names, knob
 
 BACKWARD = 2  # evaluations one backward pass through the UNet costs
@@ -53,6 +54,7 @@ class Strategy:
     # (settings, G scored noises, N generations) -> evaluations spent before sampling
     preparation: Callable[[object, int, int], int] = no_preparation
     marker_rewrite: bool = False  # rewrites only the de-identification markers: what the paper's finding 3 is about
+    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/scoring/capabilities.py); skipped with the reason on a model without one
 
     def evaluations(self, settings, scored: tuple[int, int], generated: tuple[int, int]) -> int:
         """UNet evaluations of one prompt: d_mem over `scored` = (G noises, T_s steps), the `generated` = (N generations,
@@ -81,14 +83,15 @@ REGISTRY: dict[str, Strategy] = {
     "remove_marker": Strategy("every marker deleted", rewrite=M + "remove_marker", marker_rewrite=True),
     "surrogate": Strategy("every marker -> a realistic surrogate", rewrite=M + "surrogate", marker_rewrite=True),
     "random_insertion": Strategy("random words inserted (Somepalli et al.)", rewrite=M + "random_insertion"),
-    "embedding_noise": Strategy("Gaussian noise on the text embedding", embedding=M + "embedding_noise"),
+    "embedding_noise": Strategy("Gaussian noise on the text embedding", embedding=M + "embedding_noise", needs=(PLAIN_TEXT,)),
     # Wen et al., per noise of its own G: one unconditional pass, then per iteration a conditional pass and its backward.
     "embedding_optimisation": Strategy(
         "first-step embedding optimisation (Wen et al.)", embedding=M + "embedding_optimisation",
-        preparation=lambda s, g, n: g * (1 + s.optimisation_iters * (1 + BACKWARD)),
+        preparation=lambda s, g, n: g * (1 + s.optimisation_iters * (1 + BACKWARD)), needs=(PLAIN_TEXT,),
     ),
     "attention_rescaling": Strategy(
-        "cross-attention to the marker tokens re-scaled (Ren et al.)", sampling=M + "attention_rescaling", changed=M + "has_marker_tokens"
+        "cross-attention to the marker tokens re-scaled (Ren et al.)", sampling=M + "attention_rescaling", changed=M + "has_marker_tokens",
+        needs=(CROSS_ATTENTION,),
     ),
     "delayed_guidance": Strategy("no guidance (w=0) over the first steps, then w (Jain et al.)", sampling=M + "delayed_guidance"),
     "opposite_guidance": Strategy("opposite guidance (-s) over the first steps, then w (Jain et al.)", sampling=M + "opposite_guidance"),

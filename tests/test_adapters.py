@@ -62,7 +62,7 @@ def scored(cfg, prompts=PROMPTS, ids=IDS):
     prompt-major over the prompts' G noises)."""
     scorer = Scorer(load_components(cfg), score_cfg(seed_mode="per_prompt", steps=3, generations=2), device="cpu")
     outputs = []
-    handle = scorer._unet.register_forward_hook(lambda module, args, output: outputs.append(output.sample.clone()))
+    handle = scorer.denoiser.module.register_forward_hook(lambda module, args, output: outputs.append(output.sample.clone()))
     try:
         batch = scorer.score(prompts, ids)
     finally:
@@ -73,7 +73,7 @@ def scored(cfg, prompts=PROMPTS, ids=IDS):
 def pipeline_outputs(components, prompt, latents, steps, guidance):
     """The UNet's outputs at every step when diffusers' StableDiffusionPipeline samples `prompt`."""
     outputs = []
-    handle = components.unet.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
+    handle = components.denoiser.register_forward_hook(lambda module, args, output: outputs.append(output[0].clone()))
     try:
         norms = reference_norms(components, prompt, latents, steps, guidance)
     finally:
@@ -88,7 +88,7 @@ def test_scorer_with_an_adapter_matches_the_pipeline_with_it_loaded(tiny_model_d
     settings = scorer.settings
     reference = load_components(model_cfg(tiny_model_dir))  # the base, the adapter loaded the pipeline's way, unfused
     scheduler = type(reference.scheduler).from_config(reference.scheduler.config)  # the pipeline changes its scheduler's config
-    pipe = StableDiffusionPipeline(vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, unet=reference.unet,
+    pipe = StableDiffusionPipeline(vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, unet=reference.denoiser,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.load_lora_weights(lora_dir, adapter_name="lora")
     pipe.set_adapters(["lora"], adapter_weights=[scale])
@@ -109,7 +109,7 @@ def test_scorer_with_an_adapter_matches_the_pipeline_with_it_loaded(tiny_model_d
 def test_an_adapter_is_fused_into_a_plain_frozen_unet_and_changes_d_mem(tiny_model_dir, lora_dir):
     _, base, _ = scored(model_cfg(tiny_model_dir))
     scorer, adapted, _ = scored(model_cfg(tiny_model_dir, (lora_dir, 1.0)))
-    unet = scorer._unet
+    unet = scorer.denoiser.module
     assert not any("lora" in name for name, _ in unet.named_parameters()) and not unet.training
     assert not any(parameter.requires_grad for parameter in unet.parameters())
     assert np.all(np.abs(adapted.d_mem - base.d_mem) > 1e-3 * np.abs(base.d_mem))

@@ -173,11 +173,11 @@ def test_null_copy_is_seeded_and_leaves_the_callers_rng(tiny_model_dir):
     a, b, c = null_copy(components, 0), null_copy(components, 0), null_copy(components, 1)
     assert torch.equal(torch.random.get_rng_state(), state)
     weights = lambda m: torch.cat([p.flatten() for p in m.parameters()])  # noqa: E731
-    assert torch.equal(weights(a.unet), weights(b.unet)) and torch.equal(weights(a.text_encoder), weights(b.text_encoder))
-    assert not torch.equal(weights(a.unet), weights(c.unet))
-    assert not torch.equal(weights(a.unet), weights(components.unet))  # re-initialised, not copied
+    assert torch.equal(weights(a.denoiser), weights(b.denoiser)) and torch.equal(weights(a.text_encoder), weights(b.text_encoder))
+    assert not torch.equal(weights(a.denoiser), weights(c.denoiser))
+    assert not torch.equal(weights(a.denoiser), weights(components.denoiser))  # re-initialised, not copied
     assert a.tokenizer is components.tokenizer and a.vae is None
-    assert type(a.unet) is type(components.unet) and a.unet.config == components.unet.config
+    assert type(a.denoiser) is type(components.denoiser) and a.denoiser.config == components.denoiser.config
 
 
 def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tiny_model_dir, tmp_path):

@@ -44,7 +44,7 @@ def components(tiny_model_dir):
 def unet_samples(scorer: Scorer, run) -> tuple[object, int]:
     """What `run()` returns and the UNet samples it evaluated."""
     samples = []
-    hook = scorer._unet.register_forward_hook(lambda module, args, kwargs, out: samples.append(args[0].shape[0]), with_kwargs=True)
+    hook = scorer.denoiser.module.register_forward_hook(lambda module, args, kwargs, out: samples.append(args[0].shape[0]), with_kwargs=True)
     try:
         return run(), sum(samples)
     finally:

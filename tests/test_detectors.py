@@ -109,7 +109,7 @@ def test_batch_invariance(tiny_model_dir, seed_mode):
 def test_unet_work_matches_declared_cost(tiny_model_dir, name, seed_mode):
     scorer = make_scorer(tiny_model_dir, seed_mode=seed_mode)
     samples = []
-    hook = scorer._unet.register_forward_hook(lambda module, args, kwargs, out: samples.append(args[0].shape[0]), with_kwargs=True)
+    hook = scorer.denoiser.module.register_forward_hook(lambda module, args, kwargs, out: samples.append(args[0].shape[0]), with_kwargs=True)
     try:
         scorer.detect(PROMPTS[:3], IDS[:3], [name], SETTINGS)
     finally:
@@ -140,12 +140,12 @@ def test_sharpness_jvp_matches_central_difference():
 
 
 def test_token_attention_sums_to_one_and_restores_processors(scorer):
-    before = {name: type(p) for name, p in scorer._unet.attn_processors.items()}
+    before = {name: type(p) for name, p in scorer.denoiser.module.attn_processors.items()}
     probs = scorer.token_attention(scorer.encode(PROMPTS[:2]).embeddings, scorer.initial_latents(IDS[:2], 2), scorer.timesteps()[0])
-    n_cross = sum(1 for m in scorer._unet.modules() if getattr(m, "is_cross_attention", False))
+    n_cross = sum(1 for m in scorer.denoiser.module.modules() if getattr(m, "is_cross_attention", False))
     assert probs.shape == (2, 2, n_cross, scorer.empty_embedding.shape[1])
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, n_cross))
-    assert {name: type(p) for name, p in scorer._unet.attn_processors.items()} == before
+    assert {name: type(p) for name, p in scorer.denoiser.module.attn_processors.items()} == before
 
 
 # -- on the committed testbed ----------------------------------------------------------------

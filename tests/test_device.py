@@ -64,8 +64,8 @@ def test_a_replica_meant_for_cuda_refuses_with_one_line_instead_of_running_on_th
 def test_an_out_of_memory_error_halves_the_chunk_and_gives_the_same_scores(components, caplog):
     reference = Scorer(components, settings(seed_mode="per_prompt")).score(PROMPTS, IDS)
     scorer = Scorer(components, settings(seed_mode="per_prompt"))
-    limited = UNetWithLimitedMemory(scorer._unet, limit=2 * 2)  # one prompt x G=2 x both guidance halves
-    scorer._unet = limited
+    limited = UNetWithLimitedMemory(scorer.denoiser.module, limit=2 * 2)  # one prompt x G=2 x both guidance halves
+    scorer.denoiser.module = limited
     with caplog.at_level(logging.WARNING, logger="cxrmem.scoring.scorer"):
         scored = scorer.score(PROMPTS, IDS)
     # Batch composition differs, so the kernels block the sums differently: close, never ==. The late steps' norms
@@ -81,7 +81,7 @@ def test_an_out_of_memory_error_halves_the_chunk_and_gives_the_same_scores(compo
 
 def test_one_prompt_that_does_not_fit_names_the_key_to_lower(components):
     scorer = Scorer(components, settings())
-    scorer._unet = UNetWithLimitedMemory(scorer._unet, limit=1)
+    scorer.denoiser.module = UNetWithLimitedMemory(scorer.denoiser.module, limit=1)
     with pytest.raises(DeviceOutOfMemory, match="lower score.batch_size"):
         scorer.score(PROMPTS[:2], IDS[:2])
 
@@ -175,8 +175,8 @@ def test_float32_output_layers_bring_bfloat16_d_mem_closer_to_float32(tiny_model
         parts = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": tiny_model_dir, "dtype": dtype}))
         scorer = Scorer(parts, settings(cpu_half=True, generations=2, steps=2), float32_output=float32_output)
         if dtype != "float32":
-            assert (parts.unet.conv_out.weight.dtype == torch.float32) == float32_output
-            assert parts.unet.conv_in.weight.dtype == torch.bfloat16  # the rest of the UNet stays in bfloat16
+            assert (parts.denoiser.conv_out.weight.dtype == torch.float32) == float32_output
+            assert parts.denoiser.conv_in.weight.dtype == torch.bfloat16  # the rest of the UNet stays in bfloat16
         return scorer.score(PROMPTS, IDS).d_mem
 
     full = d_mem("float32")

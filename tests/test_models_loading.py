@@ -34,14 +34,14 @@ def edit_json(path, **changes):
 def test_diffusers_folder_loads_frozen_components_on_the_cpu(tiny_model_dir):
     components = load_components(model_cfg(tiny_model_dir))
     assert type(components.text_encoder).__name__ == "BertModel"
-    assert type(components.unet).__name__ == "UNet2DConditionModel"
+    assert type(components.denoiser).__name__ == "UNet2DConditionModel"
     assert type(components.scheduler).__name__ == "DDIMScheduler"
     assert components.vae is None
     assert components.vae_scaling_factor == 0.13025
     assert components.latent_shape == (4, 8, 8)
     assert components.max_length == components.tokenizer.model_max_length == 128
     assert components.source == f"diffusers:{tiny_model_dir}"
-    for module in (components.text_encoder, components.unet):
+    for module in (components.text_encoder, components.denoiser):
         assert not module.training
         assert all(not p.requires_grad and p.device.type == "cpu" for p in module.parameters())
     # The weights are the files' (nothing initialised at random, no pooler added).
@@ -55,7 +55,7 @@ def test_diffusers_folder_loads_frozen_components_on_the_cpu(tiny_model_dir):
 def test_vae_and_dtype(tiny_model_dir):
     components = load_components(model_cfg(tiny_model_dir, dtype="bfloat16"), need_vae=True)
     assert type(components.vae).__name__ == "AutoencoderKL"
-    assert components.unet.dtype == components.text_encoder.dtype == torch.bfloat16
+    assert components.denoiser.dtype == components.text_encoder.dtype == torch.bfloat16
     assert components.vae.dtype == torch.float32
     # The fingerprint is of the files: it needs no model loaded.
     assert fingerprint_model(model_cfg(tiny_model_dir, dtype="bfloat16")) == fingerprint_model(model_cfg(tiny_model_dir))

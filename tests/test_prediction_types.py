@@ -44,8 +44,8 @@ def test_a_v_prediction_model_is_scored_on_the_noise_its_velocity_implies(tiny_m
     norms = []
     for t in scorer.timesteps():
         with torch.no_grad():
-            v_u = scorer._unet(x, t, encoder_hidden_states=uncond).sample
-            v_c = scorer._unet(x, t, encoder_hidden_states=cond).sample
+            v_u = scorer.denoiser.module(x, t, encoder_hidden_states=uncond).sample
+            v_c = scorer.denoiser.module(x, t, encoder_hidden_states=cond).sample
         norms.append(alphas[t].sqrt() * (v_c - v_u).flatten(1).norm(dim=1))  # ||eps_c - eps_u|| = sqrt(a) ||v_c - v_u||
         x = scheduler.step(v_u + 7.5 * (v_c - v_u), t, x).prev_sample
     np.testing.assert_allclose(ours.step_norms, torch.stack(norms, dim=1).reshape(2, 2, -1).numpy(), rtol=1e-4, atol=1e-6)
@@ -57,17 +57,23 @@ def test_epsilon_models_are_untouched_by_the_conversion(tiny_model_dir):
     x, t = torch.randn(2, *scorer.latent_shape), scorer.timesteps()[0]
     cond = scorer.encode(PROMPTS[:2]).embeddings
     with torch.no_grad():
-        assert torch.equal(scorer.predict_noise(x, t, cond), scorer._unet(x, t, encoder_hidden_states=cond).sample)
+        assert torch.equal(scorer.predict_noise(x, t, cond), scorer.denoiser.module(x, t, encoder_hidden_states=cond).sample)
 
 
-def test_a_flow_matching_scheduler_and_a_transformer_pipeline_are_refused_in_one_line(tiny_model_dir, tmp_path):
-    flow = model_with_scheduler(tiny_model_dir, tmp_path, _class_name="FlowMatchEulerDiscreteScheduler", shift=3.0)
-    with pytest.raises(ModelLoadError, match="FlowMatchEulerDiscreteScheduler.*does not yet score flow-matching"):
-        scorer_of(flow)
+def test_an_unknown_prediction_type_an_unknown_denoiser_and_a_monai_bundle_are_refused_in_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="prediction_type 'x0_residual'; cxrmem converts epsilon, v_prediction") as refused:
+        scorer_of(model_with_scheduler(tiny_model_dir, tmp_path, prediction_type="x0_residual"))
+    assert "\n" not in str(refused.value)
     index = tmp_path / "model" / "model_index.json"
     data = json.loads(index.read_text())
-    data["transformer"] = ["diffusers", "SanaTransformer2DModel"]
+    data["transformer"] = ["diffusers", "FluxTransformer2DModel"]
     del data["unet"]
     index.write_text(json.dumps(data))
-    with pytest.raises(ModelLoadError, match="denoiser is a transformer \\(SanaTransformer2DModel\\)"):
+    with pytest.raises(ModelLoadError, match="with transformer FluxTransformer2DModel; cxrmem scores SD-1.x.*SanaTransformer2DModel"):
         scorer_of(str(tmp_path / "model"))
+    bundle = tmp_path / "monai_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="is a MONAI bundle .*; cxrmem scores diffusers folders of SD-1.x") as refused:
+        scorer_of(str(bundle))
+    assert "\n" not in str(refused.value)

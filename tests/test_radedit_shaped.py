@@ -16,7 +16,7 @@ def test_radedit_shaped_model_scores_a_small_batch(tmp_path):
     assert main(["model", "tiny", "--radedit-shaped", "--out", str(out)]) == 0
     components = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": str(out)}))
     assert components.latent_shape == (4, 64, 64)
-    assert components.unet.config.cross_attention_dim == 768
+    assert components.denoiser.config.cross_attention_dim == 768
     assert components.text_encoder.config.hidden_size == 768
     cfg = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"generations": 1, "steps": 2})
     batch = Scorer(components, ScoreSettings.of(cfg), device="cpu").score(["Compared to ___, no change."], ["0" * 16])

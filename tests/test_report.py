@@ -266,6 +266,6 @@ def test_run_section_shows_the_counted_work_with_gpu_hours_labelled_an_estimate(
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)
     run = text[text.index('<h2 id="run"'):]
-    assert "<strong>GPU-hours are an estimate</strong>, at 250–400 UNet samples/s per GPU" in run
+    assert "<strong>GPU-hours are an estimate</strong>, at 250–400 denoiser samples/s per GPU" in run
     assert f"<td>score</td><td>3,600,000</td><td>0</td><td>0</td><td>3,600,000</td><td>{3_600_000 / N:.4g}</td><td>2.5 – 4</td>" in run
     assert "<td>total</td><td>3,600,000</td><td>0</td><td>7</td>" in run

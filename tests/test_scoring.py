@@ -69,7 +69,7 @@ def reference_norms(components, prompt: str, latents: torch.Tensor, steps: int, 
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        unet=components.unet,
+        unet=components.denoiser,
         scheduler=own_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -80,7 +80,7 @@ def reference_norms(components, prompt: str, latents: torch.Tensor, steps: int, 
     pipe.scheduler = own_scheduler()
     captured = []
     # The pipeline calls the UNet with return_dict=False, so the hook sees a tuple.
-    handle = components.unet.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    handle = components.denoiser.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     size = latents.shape[-1] * pipe.vae_scale_factor  # pixel-space models have no VAE: factor 8, unused
     try:
         pipe(
@@ -131,7 +131,7 @@ def test_scorer_matches_diffusers_pipeline_reference(request, model, atol, seed_
 @pytest.mark.parametrize("model", ["tiny", "testbed"])
 def test_shared_text_attention_equals_diffusers_attention(request, model):
     path = str(TESTBED) if model == "testbed" else request.getfixturevalue("tiny_model_dir")
-    scorer, stock = Scorer(load_model(path), score_cfg(), device="cpu"), load_model(path).unet
+    scorer, stock = Scorer(load_model(path), score_cfg(), device="cpu"), load_model(path).denoiser
     assert scorer.shares_text
     prompts = SharedText(scorer.encode(PROMPTS).embeddings)
     n, g = len(PROMPTS), 3
@@ -154,7 +154,7 @@ def test_shared_text_attention_equals_diffusers_attention(request, model):
 def test_text_keys_and_values_are_projected_once_per_trajectory(components):
     scorer = Scorer(components, score_cfg(steps=4), device="cpu")
     calls = []
-    cross = [m for m in components.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    cross = [m for m in components.denoiser.modules() if isinstance(m, Attention) and m.is_cross_attention]
     handles = [m.to_k.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0])) for m in cross]
     try:
         scorer.score(PROMPTS, IDS)
@@ -199,7 +199,7 @@ def test_screening_scores_the_first_k_steps_of_the_full_trajectory(components):
 def test_nonfinite_weights_are_flagged(components, tiny_model_dir):
     broken = load_components(OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": tiny_model_dir}))
     with torch.no_grad():
-        broken.unet.conv_out.bias.fill_(float("nan"))
+        broken.denoiser.conv_out.bias.fill_(float("nan"))
     batch = Scorer(broken, score_cfg(), device="cpu").score(PROMPTS[:1], IDS[:1])
     assert batch.nonfinite.tolist() == [True] and np.isnan(batch.d_mem[0])
 

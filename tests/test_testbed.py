@@ -183,7 +183,7 @@ def test_short_training_saves_a_loadable_pixel_space_model(trained_tiny_testbed)
     assert list(manifest.columns) == ["prompt", "n_copies", "planted", "n_images"]
     tokens = components.tokenizer(["Severe cardiomegaly."], padding="max_length", truncation=True, return_tensors="pt")
     hidden = components.text_encoder(tokens["input_ids"])[0]
-    eps = components.unet(torch.zeros(1, 1, 16, 16), 999, encoder_hidden_states=hidden).sample
+    eps = components.denoiser(torch.zeros(1, 1, 16, 16), 999, encoder_hidden_states=hidden).sample
     assert eps.shape == (1, 1, 16, 16) and torch.isfinite(eps).all()
 
 

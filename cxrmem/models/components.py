@@ -11,10 +11,12 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from cxrmem.scoring.prediction import check_prediction_type, is_flow_matching, prediction_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tokenizers without a real limit report a huge model_max_length (transformers' VERY_LARGE_INTEGER).
@@ -31,44 +33,57 @@ class Components:
 
     tokenizer: object
     text_encoder: torch.nn.Module  # output [0] is the last hidden state [N, L, D]
-    unet: torch.nn.Module  # diffusers UNet2DConditionModel
-    scheduler: object  # diffusers DDIMScheduler
+    denoiser: torch.nn.Module  # the network the sampling loop calls: a UNet2DConditionModel or a diffusion transformer
+    scheduler: object  # diffusers DDIMScheduler, or FlowMatchEulerDiscreteScheduler for a flow-matching model
     vae: Optional[torch.nn.Module]  # None when not requested, or for a pixel-space model
     vae_scaling_factor: float
     max_length: int  # tokens per prompt (the tokenizer pads and truncates to this)
     source: str  # where the model came from, for logs and summaries
+    layout: str = "unet"  # the cxrmem/models/layouts.py LAYOUTS row: how the Scorer conditions and calls the denoiser
+    extras: dict = field(default_factory=dict)  # further text parts the layout names (SDXL: tokenizer_2, text_encoder_2)
+    index: dict = field(default_factory=dict)  # model_index.json (pipeline options such as force_zeros_for_empty_prompt)
+    image_scale: int = 8  # image pixels per latent pixel (2 ** (VAE levels - 1)); SDXL's time ids are in pixels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        config = self.unet.config
+        config = self.denoiser.config
         size = config.sample_size  # an int, or [height, width] for non-square models
         height, width = (size, size) if isinstance(size, int) else size
         return (config.in_channels, height, width)
 
 
 def null_copy(components: Components, seed: int) -> Components:
-    """The same model with its text encoder and UNet re-initialised from `seed`: same classes, configs,
-    tokenizer and scheduler, no VAE. What "nothing learned" attributes to, for the attribution null.
+    """The same model with its text encoders and denoiser re-initialised from `seed`: same classes, configs,
+    tokenizers and scheduler, no VAE. What "nothing learned" attributes to, for the attribution null.
 
     The weights are drawn inside a forked RNG, so the caller's random state is left as it was, and
     the same seed gives the same weights (the construction order is fixed by the configs)."""
-    import inspect
-
-    text_class, unet = type(components.text_encoder), components.unet
-    options = {}
-    if "add_pooling_layer" in inspect.signature(text_class.__init__).parameters:
-        options["add_pooling_layer"] = getattr(components.text_encoder, "pooler", None) is not None
+    denoiser = components.denoiser
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = text_class(components.text_encoder.config, **options)
-        null_unet = type(unet).from_config(unet.config)
-    if unet.dtype != null_unet.dtype:  # built in float32; a half-precision model's null matches it
-        text_encoder, null_unet = text_encoder.to(unet.dtype), null_unet.to(unet.dtype)
+        text_encoder = reinitialised_text_encoder(components.text_encoder)
+        null_denoiser = type(denoiser).from_config(denoiser.config)
+        extras = {name: reinitialised_text_encoder(part) if isinstance(part, torch.nn.Module) else part
+                  for name, part in components.extras.items()}  # fmt: skip
+    # Built in float32; a half-precision model's null matches it.
+    as_model = lambda module: freeze(module.to(denoiser.dtype))  # noqa: E731
     return Components(
-        components.tokenizer, freeze(text_encoder), freeze(null_unet), components.scheduler, None,
+        components.tokenizer, as_model(text_encoder), as_model(null_denoiser), components.scheduler, None,
         vae_scaling_factor=components.vae_scaling_factor, max_length=components.max_length,
-        source=f"null (re-initialised, seed {seed}) of {components.source}",
+        source=f"null (re-initialised, seed {seed}) of {components.source}", layout=components.layout,
+        extras={name: as_model(part) if isinstance(part, torch.nn.Module) else part for name, part in extras.items()},
+        index=components.index, image_scale=components.image_scale,
     )
+
+
+def reinitialised_text_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A text encoder of the same class and config with fresh weights (a BERT keeps its pooler or its lack of one)."""
+    import inspect
+
+    options = {}
+    if "add_pooling_layer" in inspect.signature(type(encoder).__init__).parameters:
+        options["add_pooling_layer"] = getattr(encoder, "pooler", None) is not None
+    return type(encoder)(encoder.config, **options)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -155,20 +170,14 @@ def load_diffusers_model(model_class, root: str, subfolder: Optional[str], dtype
     )
 
 
-# Prediction types the sampling loop converts to the noise epsilon (cxrmem/scoring/scorer.py, `Scorer.predict_noise`).
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+def scoring_scheduler(scheduler_config: dict):
+    """The scheduler the sampling loop steps with, built from the model's own config: FlowMatchEulerDiscreteScheduler
+    for a flow-matching model (a DPM-Solver on flow sigmas, Sana's own, gives its flow_shift as the shift), else a
+    DDIMScheduler with the model's noise schedule. A prediction type the Scorer cannot convert to epsilon is refused."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-
-def ddim_scheduler(scheduler_config: dict):
-    """A DDIMScheduler with the model's own noise schedule and prediction type. A flow-matching scheduler
-    (rectified flow: Sana, SD3, Flux) has no such schedule: it is refused rather than replaced by a DDPM one."""
-    from diffusers import DDIMScheduler
-
-    name = str(scheduler_config.get("_class_name", ""))
-    if "FlowMatch" in name or "shift" in scheduler_config and "beta_start" not in scheduler_config:
-        raise ValueError(f"the model's scheduler is {name or 'a flow-matching scheduler'}: cxrmem scores DDPM-family models "
-                         f"(prediction types {', '.join(PREDICTION_TYPES)}) and does not yet score flow-matching models")  # fmt: skip
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"the model's scheduler predicts {prediction!r}; cxrmem converts {', '.join(PREDICTION_TYPES)} to the noise")
+    check_prediction_type(prediction_type(scheduler_config))
+    if is_flow_matching(scheduler_config):
+        shift = scheduler_config.get("shift", scheduler_config.get("flow_shift", 1.0))
+        return FlowMatchEulerDiscreteScheduler.from_config({**scheduler_config, "shift": shift})
     return DDIMScheduler.from_config(scheduler_config)

@@ -29,19 +29,19 @@ from cxrmem.models.adapters import adapter_weight_file, fuse_adapters
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
-    ddim_scheduler,
     guarded,
     load_checked,
     load_diffusers_model,
     prompt_length,
     read_json_file,
+    scoring_scheduler,
     torch_dtype,
 )
 from cxrmem.models.fingerprint import adapted_fingerprint, model_fingerprint
+from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.radedit import load_radedit, load_radedit_tokenizer, radedit_fingerprint
 from cxrmem.storage import Store
 
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 # Written last into a local copy of an s3:// store: its presence means the copy is complete.
 COMPLETE_MARKER = ".cxrmem-complete.json"
 
@@ -55,11 +55,11 @@ def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = F
         components = load_diffusers_folder(root, torch_dtype(model_cfg.dtype), need_vae=need_vae)
     adapters = adapter_files(model_cfg, store)
     if adapters:
-        fuse_adapters(components.unet, adapters)
+        fuse_adapters(components.denoiser, adapters)
         components.source += "".join(f" + LoRA {path} (scale {scale:g})" for path, scale in adapters)
     if device is not None:
-        for module in (components.text_encoder, components.unet, components.vae):
-            if module is not None:
+        for module in (components.text_encoder, components.denoiser, components.vae, *components.extras.values()):
+            if isinstance(module, torch.nn.Module):
                 module.to(device)
     return components
 
@@ -90,6 +90,10 @@ def load_tokenizer(model_cfg, store: Optional[Store] = None):
         return load_radedit_tokenizer(model_cfg, root)
     index = read_model_index(root)
     tokenizer = load_named_tokenizer(root, index)
+    fixed = LAYOUTS[model_layout(root, index)].max_length
+    if fixed:
+        tokenizer.model_max_length = fixed
+        return tokenizer
     text_config = read_json_file(os.path.join(root, "text_encoder", "config.json"), "text encoder config")
     tokenizer.model_max_length = prompt_length(tokenizer, text_config)
     return tokenizer
@@ -99,35 +103,48 @@ def load_tokenizer(model_cfg, store: Optional[Store] = None):
 
 
 def read_model_index(root: str) -> dict:
-    """model_index.json of a diffusers folder, checked for the components scoring needs."""
+    """model_index.json of a diffusers folder, checked for the components its layout needs."""
     path = os.path.join(root, "model_index.json")
     if not os.path.isdir(root):
         raise ModelLoadError(f"model folder {root} does not exist; set model.path to a diffusers model folder")
     if not os.path.isfile(path):
-        raise ModelLoadError(
-            f"{root} has no model_index.json, so it is not a diffusers model folder; set model.path to one "
-            "(or model.kind=radedit for a Hugging Face hub cache)"
-        )
+        raise ModelLoadError(f"{root} {unsupported_folder(root)}, so it is not a diffusers model folder; cxrmem scores "
+                             f"diffusers folders of {supported_layouts()} (model.kind=diffusers), or RadEdit from a Hugging "
+                             "Face hub cache (model.kind=radedit)")  # fmt: skip
     index = read_json_file(path, "model index")
-    if has_component(index, "transformer") and not has_component(index, "unet"):
-        raise ModelLoadError(
-            f"{root} is a {index.get('_class_name', 'diffusers')} pipeline whose denoiser is a transformer "
-            f"({index['transformer'][1]}); cxrmem scores pipelines with a UNet2DConditionModel (SD-1.x/2.x, RadEdit, "
-            "epsilon or v-prediction) and does not yet score diffusion transformers (PixArt, Sana, SD3, Flux)"
-        )
+    layout = LAYOUTS[model_layout(root, index)]
     problems = []
-    for name in REQUIRED_COMPONENTS:
+    for name in layout.components():
         if not has_component(index, name):
             problems.append(f"model_index.json has no {name!r} entry")
         elif not os.path.isdir(os.path.join(root, name)):
             problems.append(f"subfolder {name}/ is missing")
-    if has_component(index, "unet") and index["unet"][1] != "UNet2DConditionModel":
-        problems.append(f"unet is a {index['unet'][1]}; scoring needs a text-conditional UNet2DConditionModel")
     if has_component(index, "vae") and not os.path.isdir(os.path.join(root, "vae")):
         problems.append("model_index.json names a vae but subfolder vae/ is missing")
     if problems:
         raise ModelLoadError(f"model folder {root} is incomplete: " + "; ".join(problems))
     return index
+
+
+def unsupported_folder(root: str) -> str:
+    """What a folder without model_index.json holds, in a few words (a MONAI bundle is recognised by name)."""
+    if os.path.isfile(os.path.join(root, "configs", "metadata.json")):
+        return "is a MONAI bundle (configs/metadata.json), not a diffusers pipeline, and has no model_index.json"
+    return "has no model_index.json"
+
+
+def model_layout(root: str, index: dict) -> str:
+    """The LAYOUTS row of a diffusers folder: the first whose denoiser class and text parts model_index.json names."""
+    for name, layout in LAYOUTS.items():
+        if layout.matches(index):
+            return name
+    denoiser = next((f"{key} {index[key][1]}" for key in ("unet", "transformer", "prior") if has_component(index, key)), "no denoiser")
+    raise ModelLoadError(f"{root} is a {index.get('_class_name', 'diffusers')} pipeline with {denoiser}; cxrmem scores "
+                         f"{supported_layouts()}")  # fmt: skip
+
+
+def supported_layouts() -> str:
+    return "; ".join(f"{layout.describes} ({layout.denoiser_class})" for layout in LAYOUTS.values())
 
 
 def has_component(index: dict, name: str) -> bool:
@@ -146,10 +163,10 @@ def named_class(index: dict, name: str, library: str):
     return getattr(module, class_name)
 
 
-def load_named_tokenizer(root: str, index: dict):
-    tokenizer_class = named_class(index, "tokenizer", "transformers")
-    path = os.path.join(root, "tokenizer")
-    return guarded("tokenizer", path, lambda: tokenizer_class.from_pretrained(path, local_files_only=True))
+def load_named_tokenizer(root: str, index: dict, name: str = "tokenizer"):
+    tokenizer_class = named_class(index, name, "transformers")
+    path = os.path.join(root, name)
+    return guarded(name.replace("_", " "), path, lambda: tokenizer_class.from_pretrained(path, local_files_only=True))
 
 
 def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: str) -> torch.nn.Module:
@@ -166,38 +183,49 @@ def load_transformers_model(model_class, path: str, dtype: torch.dtype, what: st
 
 
 def load_diffusers_folder(root: str, dtype: torch.dtype, need_vae: bool = False) -> Components:
-    """A diffusers text-to-image folder; its scheduler becomes a DDIMScheduler with the same config."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """A diffusers text-to-image folder of any LAYOUTS row; its scheduler becomes the sampling loop's
+    (cxrmem/models/components.py `scoring_scheduler`) with the same config."""
+    from diffusers import DDIMScheduler
 
     index = read_model_index(root)
-    tokenizer = load_named_tokenizer(root, index)
-    text_path = os.path.join(root, "text_encoder")
-    text_encoder = load_transformers_model(named_class(index, "text_encoder", "transformers"), text_path, dtype, "text encoder")
-    unet = load_diffusers_model(UNet2DConditionModel, root, "unet", dtype, "UNet")
+    name = model_layout(root, index)
+    layout = LAYOUTS[name]
+    texts = {part: load_text_part(root, index, part, dtype) for part in layout.text_parts}
+    denoiser_class = named_class(index, layout.denoiser, "diffusers")
+    denoiser = load_diffusers_model(denoiser_class, root, layout.denoiser, dtype, {"unet": "UNet"}.get(layout.denoiser, layout.denoiser))
     scheduler_path = os.path.join(root, "scheduler")
-    scheduler = guarded("scheduler", scheduler_path, lambda: ddim_scheduler(DDIMScheduler.load_config(scheduler_path)))
-    tokenizer.model_max_length = prompt_length(tokenizer, text_encoder.config.to_dict())
+    scheduler = guarded("scheduler", scheduler_path, lambda: scoring_scheduler(DDIMScheduler.load_config(scheduler_path)))
+    tokenizer, text_encoder = texts.pop("tokenizer"), texts.pop("text_encoder")
+    tokenizer.model_max_length = layout.max_length or prompt_length(tokenizer, text_encoder.config.to_dict())
 
-    has_vae = has_component(index, "vae")
-    vae, scaling_factor = None, 1.0
-    if has_vae:
+    vae, scaling_factor, image_scale = None, 1.0, 8
+    if has_component(index, "vae"):
         vae_config = read_json_file(os.path.join(root, "vae", "config.json"), "VAE config")
         scaling_factor = float(vae_config.get("scaling_factor", 1.0))
+        # As the pipelines compute it: 2 ** (levels - 1) (a deep-compression autoencoder names its encoder's levels).
+        levels = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels") or [0] * 4
+        image_scale = 2 ** (len(levels) - 1)
         if need_vae:
             # float32 whatever model.dtype says: decoding is cheap next to sampling, and SD VAEs overflow in float16.
-            vae = load_diffusers_model(AutoencoderKL, root, "vae", torch.float32, "VAE")
+            vae = load_diffusers_model(named_class(index, "vae", "diffusers"), root, "vae", torch.float32, "VAE")
 
     return Components(
-        tokenizer, text_encoder, unet, scheduler, vae,
-        vae_scaling_factor=scaling_factor,
-        max_length=tokenizer.model_max_length,
-        source=f"diffusers:{root}",
+        tokenizer, text_encoder, denoiser, scheduler, vae,
+        vae_scaling_factor=scaling_factor, max_length=tokenizer.model_max_length, source=f"diffusers:{root}",
+        layout=name, extras=texts, index=index, image_scale=image_scale,
     )
 
 
+def load_text_part(root: str, index: dict, name: str, dtype: torch.dtype):
+    """A tokenizer (`tokenizer*`) or a text encoder (`text_encoder*`) that model_index.json names."""
+    if name.startswith("tokenizer"):
+        return load_named_tokenizer(root, index, name)
+    return load_transformers_model(named_class(index, name, "transformers"), os.path.join(root, name), dtype, name.replace("_", " "))
+
+
 def diffusers_parts(root: str, index: dict) -> dict[str, str]:
-    """The files a diffusers folder's fingerprint covers: every component folder and model_index.json."""
-    names = REQUIRED_COMPONENTS + (("vae",) if has_component(index, "vae") else ())
+    """The files a diffusers folder's fingerprint covers: every component folder its layout reads and model_index.json."""
+    names = LAYOUTS[model_layout(root, index)].components() + (("vae",) if has_component(index, "vae") else ())
     return {**{name: os.path.join(root, name) for name in names}, "model_index": os.path.join(root, "model_index.json")}
 
 

@@ -54,12 +54,12 @@ import torch
 from cxrmem.models.components import (
     Components,
     ModelLoadError,
-    ddim_scheduler,
     freeze,
     guarded,
     load_checked,
     load_diffusers_model,
     read_json_file,
+    scoring_scheduler,
     torch_dtype,
 )
 from cxrmem.models.fingerprint import model_fingerprint
@@ -287,7 +287,7 @@ def load_radedit(model_cfg, cache_root: str, need_vae: bool = False) -> Componen
             f"{found['text']} gives {hidden_size}-d; check model.radedit.unet_repo/text_repo"
         )
     scheduler_config = radedit_scheduler_config(found["unet"])
-    scheduler = ddim_scheduler(scheduler_config)
+    scheduler = scoring_scheduler(scheduler_config)
     vae = None
     if need_vae:
         # float32 whatever model.dtype says: the SDXL VAE overflows in float16.

@@ -12,8 +12,12 @@ def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scal
 
 def noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
     """|| eps_c - eps_u ||_2 over all latent elements of each sample, in float32: [B, ...] -> [B]."""
-    diff = eps_cond.float() - eps_uncond.float()
-    return diff.flatten(1).norm(dim=1)
+    return difference_norm(eps_cond.float() - eps_uncond.float())
+
+
+def difference_norm(difference: torch.Tensor) -> torch.Tensor:
+    """|| eps_c - eps_u ||_2 of a difference already taken (and converted to epsilon): [B, ...] -> [B]."""
+    return difference.flatten(1).norm(dim=1)
 
 
 def d_mem(step_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""The batched scorer: text-conditional noise norms for B prompts x G generations per UNet call.
+"""The batched scorer: text-conditional noise norms for B prompts x G generations per denoiser call.
 
-The sampling loop in `Scorer.sample` is the whole trajectory in one place: both halves of
-classifier-free guidance in one UNet call, the noise norm recorded at every step, a DDIM step
-driven by the guided noise (cxrmem/scoring/ddim.py: diffusers' arithmetic without host syncs). Everything else (encoding, seeding, decoding) stays outside it.
+The sampling loop in `Scorer.sample` is the whole trajectory in one place, for every model layout: both halves
+of classifier-free guidance in one denoiser call (cxrmem/scoring/denoisers.py: a UNet, an SDXL-style UNet or a
+diffusion transformer), the text-conditional difference converted to epsilon and its norm recorded at every
+step (cxrmem/scoring/prediction.py), and the scheduler's step driven by the guided prediction (DDIM,
+cxrmem/scoring/ddim.py, or flow-matching Euler, cxrmem/scoring/flow.py: diffusers' arithmetic without host
+syncs). Everything else (encoding, seeding, decoding) stays outside it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
-from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention, share_text_projections
+from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention
+from cxrmem.scoring.capabilities import missing
 from cxrmem.scoring.ddim import DDIMUpdate
+from cxrmem.scoring.denoisers import denoiser
 from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, resolve_device, set_tf32
-from cxrmem.scoring.dmem import d_mem, guided_noise, noise_norm
+from cxrmem.scoring.dmem import d_mem, difference_norm, guided_noise, noise_norm
+from cxrmem.scoring.flow import FlowEulerUpdate
+from cxrmem.scoring.prediction import FLOW_PREDICTION, prediction, prediction_type
 from cxrmem.scoring.seeds import initial_latents
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.strategies import BACKWARD
@@ -184,27 +191,28 @@ class Scorer:
         set_tf32(self.device, tf32)
         self._chunks = {"score": Chunks("prompt", "score.batch_size"), "detect": Chunks("prompt", "score.batch_size"),
                         "decode": Chunks("image", "model.vae_decode_batch")}  # fmt: skip
-        if self.device.type == "cpu" and components.unet.dtype != torch.float32 and not settings.cpu_half:
+        modules = [components.denoiser, components.text_encoder, *[p for p in components.extras.values() if isinstance(p, torch.nn.Module)]]
+        if self.device.type == "cpu" and components.denoiser.dtype != torch.float32 and not settings.cpu_half:
             # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
-            log.warning("model dtype %s on the CPU: using float32", components.unet.dtype)
-            components.unet.float()
-            components.text_encoder.float()
-        self._unet = components.unet.to(self.device)
-        self._text_encoder = components.text_encoder.to(self.device)
-        self.dtype = self._unet.dtype
+            log.warning("model dtype %s on the CPU: using float32", components.denoiser.dtype)
+            for module in modules:
+                module.float()
+        for module in modules:
+            module.to(self.device)
+        self.dtype = components.denoiser.dtype
         if float32_output:
-            output_layers_in_float32(self._unet)
+            output_layers_in_float32(components.denoiser)
         # A private scheduler: set_timesteps mutates it, and workers must not share that state.
         self._scheduler = copy.deepcopy(components.scheduler)
-        # What the model predicts; predict_noise converts it to epsilon, so the sampling loop's DDIM update
-        # and every norm work in epsilon whatever the parameterisation.
-        self.prediction_type = self._scheduler.config.prediction_type
-        self._alphas_cumprod = self._scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.empty_embedding = self.encode([""]).embeddings  # [1, L, D], once per worker
-        # Keys and values of the text embeddings made once, not for every sample at every step
-        # (cxrmem/scoring/attention.py); False where the UNet's attention is not the plain kind.
-        self.shares_text = share_text_projections(self._unet)
-        # The empty prompt as the UNet sees it; its projections last as long as the worker.
+        # What the model predicts (the scheduler config's prediction_type): its text-conditional difference is
+        # converted to epsilon before every norm, and the scheduler steps on the guided raw prediction.
+        self.prediction = prediction(self._scheduler, self.device)
+        self.prediction_type = prediction_type(self._scheduler.config)
+        # How this layout conditions and calls its network (cxrmem/scoring/denoisers.py).
+        self.denoiser = denoiser(components, self.device, settings.use_attention_mask)
+        self.shares_text = self.denoiser.shares_text
+        self.empty_embedding = self.denoiser.unconditional()  # [1, L, D], the pipeline's own, once per worker
+        # The empty prompt as the denoiser sees it; its projections last as long as the worker.
         self.empty_text = SharedText(self.empty_embedding.to(self.dtype))
         self._shared_latents: Optional[torch.Tensor] = None
 
@@ -234,20 +242,19 @@ class Scorer:
         return Scorer(components, settings or self.settings, self.device, tf32=self.tf32, decode_batch=self.decode_batch,
                       float32_output=self.float32_output, work=self.work)
 
+    def cannot_run(self, needs: Sequence[str]) -> str:
+        """Why what `needs` these denoiser capabilities cannot run on this model ("" when it can)."""
+        return missing(needs, self.denoiser.capabilities, self._components.layout)
+
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Encoded:
-        tokenizer = self._components.tokenizer
-        max_length = self._components.max_length
-        tokens = tokenizer(
-            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
+        """The prompts' text conditioning as the denoiser takes it, and their token counts."""
+        tokenizer, max_length = self._components.tokenizer, self._components.max_length
         full_lengths = np.array(
             [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]], dtype=np.int64
         )
-        mask = tokens["attention_mask"].to(self.device) if self.settings.use_attention_mask else None
-        embeddings = self._text_encoder(tokens["input_ids"].to(self.device), attention_mask=mask)[0]
-        return Encoded(embeddings, full_lengths, full_lengths > max_length)
+        return Encoded(self.denoiser.encode(list(prompts)), full_lengths, full_lengths > max_length)
 
     # -- noise ----------------------------------------------------------------------------
     def initial_latents(
@@ -260,7 +267,7 @@ class Scorer:
         """
         generations = generations or self.settings.generations
         shape = self.latent_shape
-        sigma = float(self._scheduler.init_noise_sigma)
+        sigma = float(getattr(self._scheduler, "init_noise_sigma", 1.0))  # flow matching starts from unit noise
         if seed is not None:
             ids = prompt_ids if self.settings.seed_mode == "per_prompt" else None
             noise = initial_latents(shape, seed, generations, ids, sigma)
@@ -272,14 +279,27 @@ class Scorer:
         return self._shared_latents.expand(len(prompt_ids), *self._shared_latents.shape[1:])
 
     def timesteps(self, steps: Optional[int] = None) -> torch.Tensor:
-        """The T-step DDIM schedule, cut to its first `steps` entries in screening mode."""
+        """The T-step schedule (DDIM or flow matching), cut to its first `steps` entries in screening mode."""
         self._scheduler.set_timesteps(self.settings.steps, device=self.device)
         return self._scheduler.timesteps[: steps or self.settings.steps]
 
     def first_step_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(UNet inputs x_T [M, C, H, W] on the device in the model dtype, t_T) for initial latents [M, C, H, W]."""
         t = self.timesteps()[0]
-        return self._scheduler.scale_model_input(latents.to(self.device), t).to(self.dtype), t
+        return self._model_input(latents.to(self.device), t), t
+
+    def _model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t as the denoiser takes it: the scheduler's input scaling (identity for DDIM; a flow-matching
+        scheduler has none), in the model dtype."""
+        scale = getattr(self._scheduler, "scale_model_input", None)
+        return (x if scale is None else scale(x, t)).to(self.dtype)
+
+    def _update(self, timesteps: torch.Tensor):
+        """The scheduler's step over these timesteps, on the guided raw prediction: DDIM in the model's own
+        parameterisation, or the flow-matching Euler step on the velocity."""
+        if self.prediction_type == FLOW_PREDICTION:
+            return FlowEulerUpdate(self._scheduler, timesteps)
+        return DDIMUpdate(self._scheduler, timesteps)
 
     # -- the sampling loop ----------------------------------------------------------------
     @torch.no_grad()
@@ -317,24 +337,25 @@ class Scorer:
         cond = prompts_text.embeddings.repeat_interleave(g, dim=0)
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
-        ddim = DDIMUpdate(self._scheduler, timesteps, "epsilon")  # predict_noise gives epsilon; the schedule read once
+        update = self._update(timesteps)  # the schedule read once
         norms, kept, updates, differences = [], [], [], []
         for i, t in enumerate(timesteps):
-            x_in = self._scheduler.scale_model_input(x, t).to(self.dtype)
+            x_in = self._model_input(x, t)
             if keep_inputs:
                 kept.append(x_in.float().reshape(latents.shape).cpu())
+            # The denoiser's raw predictions (epsilon, v or velocity): guidance is linear, so it guides them as they are.
             if i == 0 and shared_first_step and start_step == 0:
-                eps_cond = self.predict_noise(x_in, t, cond, [(prompts_text, g)])
-                eps_uncond = self.predict_noise(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
+                out_cond = self._predict(x_in, t, cond, [(prompts_text, g)])
+                out_uncond = self._predict(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
             else:
                 both = [(self.empty_text, n * g), (prompts_text, g)]
-                eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
-            norms.append(noise_norm(eps_cond, eps_uncond))
+                out_uncond, out_cond = self._predict(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
+            difference = self._noise_difference(out_cond, out_uncond, t)
+            norms.append(difference_norm(difference))
             if keep_differences:
-                differences.append((eps_cond.float() - eps_uncond.float()).reshape(latents.shape).cpu())
+                differences.append(difference.reshape(latents.shape).cpu())
             w_i = w[:, start_step + i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
-            eps_guided = guided_noise(eps_uncond.float(), eps_cond.float(), w_i)
-            x_next = ddim(i, eps_guided, x)
+            x_next = update(i, guided_noise(out_uncond.float(), out_cond.float(), w_i), x)
             updates.append((x_next - x).flatten(1).norm(dim=1))
             x = x_next
         per_step = lambda values: torch.stack(values, dim=1).reshape(n, g, len(timesteps)).cpu()  # noqa: E731
@@ -356,34 +377,32 @@ class Scorer:
     def predict_noise(
         self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, layout: Optional[TextLayout] = None
     ) -> torch.Tensor:
-        """The UNet's noise prediction; `layout` names the distinct texts behind encoder_hidden_states.
+        """The denoiser's prediction as the noise epsilon it implies at (x, t) (cxrmem/scoring/prediction.py);
+        `layout` names the distinct texts behind encoder_hidden_states.
 
-        Without a layout it is the plain UNet call, differentiable when called under grad mode
+        Without a layout it is the plain denoiser call, differentiable when called under grad mode
         (attribution and mitigation take gradients through it).
         """
-        kwargs = {"text_layout": layout} if self.shares_text else None
-        output = self._unet(x, t, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=kwargs).sample
+        return self.prediction.noise(self._predict(x, t, encoder_hidden_states, layout), x, t)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, layout: Optional[TextLayout] = None) -> torch.Tensor:
+        """The denoiser's raw output, counted: the only call of the network."""
+        output = self.denoiser(x, t, text, layout)
         rows = int(x.shape[0])
         self.work.unet_samples += rows  # after the call: a forward that ran out of memory did no work
         if output.requires_grad:  # a backward pass through this call reaches its output once: counted there
             output.register_hook(lambda grad: self._count_backward(rows))
-        return self._as_noise(output, x, t)
+        return output
 
     def _count_backward(self, rows: int) -> None:
         self.work.backward_samples += rows
 
-    def _as_noise(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's output as the noise epsilon it implies at (x_t, t): d_mem is a norm of epsilon differences
-        on every model (docs/design.md, "The score"). With x_t = sqrt(a) x_0 + sqrt(1 - a) eps (a = alpha_bar_t):
-        v = sqrt(a) eps - sqrt(1 - a) x_0 gives eps = sqrt(a) v + sqrt(1 - a) x_t, and an x_0 prediction gives
-        eps = (x_t - sqrt(a) x_0) / sqrt(1 - a). Epsilon models return their output untouched. The coefficients
-        are gathered on the device by t: no host sync."""
-        if self.prediction_type == "epsilon":
-            return output
-        alpha = self._alphas_cumprod[t.to(self._alphas_cumprod.device).long()].reshape(-1, *[1] * (output.dim() - 1))
-        if self.prediction_type == "v_prediction":
-            return alpha.sqrt().to(output.dtype) * output + (1 - alpha).sqrt().to(output.dtype) * x.to(output.dtype)
-        return (x.to(output.dtype) - alpha.sqrt().to(output.dtype) * output) / (1 - alpha).sqrt().to(output.dtype)
+    def _noise_difference(self, out_cond: torch.Tensor, out_uncond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_c - eps_u in float32 from two raw predictions: their difference times the conversion's factor
+        (none for an epsilon model, whose difference is taken exactly as before)."""
+        difference = out_cond.float() - out_uncond.float()
+        scale = self.prediction.difference_scale(t, difference)
+        return difference if scale is None else scale * difference
 
     # -- text-conditional noise with gradients (attribution, embedding optimisation) -----------
     @torch.no_grad()
@@ -411,7 +430,7 @@ class Scorer:
         """||eps(x_T, e_p) - eps(x_T, e_0)||_2 at the first timestep per initial latent [M, C, H, W] -> [M],
         differentiable in the latents through both halves (the initial-noise adjustment)."""
         t = self.timesteps()[0]
-        x_in = self._scheduler.scale_model_input(latents.to(self.device), t).to(self.dtype)
+        x_in = self._model_input(latents.to(self.device), t)
         m = len(x_in)
         context = torch.cat([self.empty_text.embeddings.expand(m, -1, -1), cond_emb.to(self.dtype).expand(m, -1, -1)])
         eps_uncond, eps_cond = self.predict_noise(torch.cat([x_in, x_in]), t, context).chunk(2)
@@ -490,7 +509,7 @@ class Scorer:
         # contiguous: shared latents are an expanded view, which forward-mode AD refuses as a primal.
         x = latents.reshape(-1, *latents.shape[2:]).to(self.device, torch.float32).contiguous()
         text = SharedText(cond_embeddings.to(self.device, self.dtype))
-        return self._scheduler.scale_model_input(x, t).to(self.dtype), text, text.embeddings.repeat_interleave(g, dim=0)
+        return self._model_input(x, t), text, text.embeddings.repeat_interleave(g, dim=0)
 
     @torch.no_grad()
     def noise_pair(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, shared: bool):
@@ -535,11 +554,11 @@ class Scorer:
         n, g = latents.shape[:2]
         x_in, text, cond = self._first_inputs(cond_embeddings, latents, t)
         records: list[torch.Tensor] = []
-        processors = capture_token_attention(self._unet, records)
+        processors = capture_token_attention(self.denoiser.module, records)
         try:
             self.predict_noise(x_in, t, cond, [(text, g)])
         finally:
-            self._unet.set_attn_processor(processors)
+            self.denoiser.module.set_attn_processor(processors)
         return torch.stack(records, dim=1).reshape(n, g, len(records), -1).cpu()
 
     def noise_energy_gradient(self, cond_embeddings: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -571,11 +590,11 @@ class Scorer:
         end_token = lambda probs: probs.mean(dim=1)[samples, :, rows]  # noqa: E731 [S, heads, Q, L] -> [S, Q]
         text = SharedText(cond_embeddings.to(self.device, self.dtype))
         flat = x_in.reshape(n * g, *x_in.shape[2:]).to(self.device, self.dtype)
-        processors = capture_token_attention(self._unet, records, end_token)
+        processors = capture_token_attention(self.denoiser.module, records, end_token)
         try:
             self.predict_noise(flat, t.to(self.device), text.embeddings.repeat_interleave(g, dim=0), [(text, g)])
         finally:
-            self._unet.set_attn_processor(processors)
+            self.denoiser.module.set_attn_processor(processors)
         maps = []
         for record in records:  # a layer's queries are its h' x w' grid, h' / w' = h / w
             scale = (h * w / record.shape[1]) ** 0.5
@@ -596,12 +615,19 @@ class Scorer:
         if unknown:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
         prompts, prompt_ids = list(prompts), list(prompt_ids)
+        skipped = {name: self.cannot_run(detectors.REGISTRY[name].needs) for name in names}
+        for name, reason in skipped.items():
+            if reason:
+                log.warning("detector %s skipped (its columns are NaN): it %s", name, reason)
 
         def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
             probe = Probe(self, self.encode(prompts[lo:hi]), self.initial_latents(prompt_ids[lo:hi], settings.generations))
             out: dict[str, np.ndarray] = {}
             for name in names:
-                out.update(detectors.REGISTRY[name].compute(probe, settings))
+                if skipped[name]:
+                    out.update({column: np.full(hi - lo, np.nan, np.float32) for column in detectors.REGISTRY[name].columns})
+                else:
+                    out.update(detectors.REGISTRY[name].compute(probe, settings))
             return out
 
         parts = self._chunks["detect"].run(len(prompts), chunk) if prompts else [chunk(0, 0)]

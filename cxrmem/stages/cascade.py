@@ -19,7 +19,7 @@ threshold (the cascade then kept too few: any sampled prompt above its weakest s
 
 The miss rate is the share of misses in the last round's sample with its 95% Clopper-Pearson upper
 bound (`stats.miss_rate`); times the rejected count it bounds the memorized prompts the cascade could
-have lost. Compute is counted, not declared: the UNet evaluations the Scorer counted for each scoring
+have lost. Compute is counted, not declared: the denoiser evaluations the Scorer counted for each scoring
 (cxrmem/scoring/scorer.py `UNetWork`: forward samples, a backward sample as 2), per prompt of the corpus,
 with the audit's share apart; tests/test_cost.py holds them equal to what cxrmem/detectors.py declares.
 
@@ -78,7 +78,7 @@ class StageRun:
     keep_percent: float
     screened: int
     kept: int
-    evaluations: int  # UNet evaluations counted in this round (prompts resumed from a round before cost none)
+    evaluations: int  # denoiser evaluations counted in this round (prompts resumed from a round before cost none)
     continued: int = 0  # prompts that continued an earlier stage's trajectories (none with the carry off or on Ray)
     saved: int = 0  # evaluations those prompts did not spend again
 
@@ -141,7 +141,7 @@ def evaluations(cost: Cost, n: int, batch_size: int) -> int:
 
 
 def cascade_cost(n_prompts: int, n_selected: int, screen: Cost, full: Cost, batch_size: int) -> dict:
-    """UNet evaluations (and derivative samples) of a one-stage cascade against the full score of every prompt."""
+    """Denoiser evaluations (and derivative samples) of a one-stage cascade against the full score of every prompt."""
     everything = evaluations(full, n_prompts, batch_size)
     cascade = evaluations(screen, n_prompts, batch_size) + evaluations(full, n_selected, batch_size)
     return {
