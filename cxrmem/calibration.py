@@ -25,8 +25,16 @@ scored with the same settings (docs/design.md, "Calibrated calls"). Choices, eac
   as such.
 - **Benjamini-Hochberg** on these p-values (statsmodels' `multipletests`), valid for conformal p-values,
   which are positively dependent (Bates et al., Ann. Stat. 2023).
-- **F0** is the global null "no prompt of the corpus is memorized beyond the reference": Simes' test, the
-  smallest BH q-value, is its p-value (BH makes a discovery exactly when Simes rejects).
+- **F0** is the global null "no prompt of the corpus is memorized beyond the reference", tested without the
+  tail model (`exceedance_test`): in each length bin, the number of corpus prompts scoring above every
+  reference prompt of the bin. Under the null, corpus and reference prompts of a bin are exchangeable, so
+  in the bin's scores sorted downward the corpus prompts before the first reference prompt follow the
+  negative hypergeometric law (n corpus and m reference prompts: P(X >= k) = prod_{i<k} (n - i) / (n + m - i),
+  expected n / (m + 1)); the bins' exact p-values are combined by Fisher's method (conservative for
+  discrete p-values). The fitted tail made F0 too eager: on IU X-ray's held-out impressions split in halves
+  (both non-members) Simes' test on the tail's p-values called F0 supported in 19% of splits at 273
+  reference prompts (bench/RESULTS.md, "Calibrated calls: the reference size"). Simes' p-value (the smallest
+  BH q-value: BH discovers exactly when it rejects) is still reported beside it.
 """
 
 from __future__ import annotations
@@ -155,6 +163,31 @@ def calibrate(scores: np.ndarray, log_tokens: np.ndarray, ref_scores: np.ndarray
         q[finite] = multipletests(p[finite], method="fdr_bh")[1]
     floor = 1.0 / (max(len(ref) for ref in bins.reference) + 1.0)
     return Calibrated(p, q, which, bins, scales, tail, floor)
+
+
+@dataclass(frozen=True)
+class Exceedance:
+    """F0's test: corpus prompts above every reference prompt of their length bin, against chance."""
+
+    beyond: int  # corpus prompts scoring above every reference prompt of their length bin
+    expected: float  # their expected number if no corpus prompt were memorized: sum over bins of n_b / (m_b + 1)
+    p_value: float  # P(at least this many) under exchangeability within each bin: exact per bin, Fisher across bins
+    per_bin: list[int]  # `beyond` in each bin
+
+
+def exceedance_test(scores: np.ndarray, which: np.ndarray, bins: LengthBins) -> Exceedance:
+    """F0's p-value (module notes): per bin the count above the bin's reference maximum, its exact negative
+    hypergeometric tail, the bins combined by Fisher's method. Non-finite scores take no part."""
+    counts, p_values, expected = [], [], 0.0
+    for b, ref in enumerate(bins.reference):
+        corpus = scores[(which == b) & np.isfinite(scores)]
+        beyond = int((corpus > ref[-1]).sum()) if len(ref) else 0
+        counts.append(beyond)
+        expected += len(corpus) / (len(ref) + 1.0)
+        # scipy's nhypergeom(M, n, r): red balls (corpus, n of M) drawn before the r-th blue one (a reference prompt)
+        p_values.append(float(scipy_stats.nhypergeom.sf(beyond - 1, len(corpus) + len(ref), len(corpus), 1)) if len(corpus) else 1.0)
+    combined = float(scipy_stats.combine_pvalues(p_values, method="fisher").pvalue) if p_values else 1.0
+    return Exceedance(int(sum(counts)), float(expected), min(1.0, combined), counts)
 
 
 def global_null_p(q_values: np.ndarray) -> Optional[float]:

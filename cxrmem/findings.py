@@ -5,8 +5,8 @@ sections (`FindingInputs`) and returns a Verdict with the numbers behind it and 
 account of them. The report's card, summary.md and metrics.json show every row; a new finding is
 one row here and its test.
 
-- F0, the model memorizes prompts of this corpus: judged on Simes' test of the corpus's p-values against
-  a reference of prompts the model never saw (calibration: global_p; cxrmem/calibration.py).
+- F0, the model memorizes prompts of this corpus: judged on the count of corpus prompts above every prompt
+  of a reference the model never saw, per length bin (calibration: global_p; cxrmem/calibration.py).
 - F1, markers are over-represented among the memorized prompts: judged on the marker's odds
   ratio adjusted for length and duplication (analysis: marker_enrichment_adjusted), beside the crude one.
 - F2, the marker is the token that contributes most: judged against the null model (attribution:
@@ -38,9 +38,10 @@ ALPHA = 0.05
 MIN_PAIRED_PROMPTS = stats.min_sign_test_pairs("greater", ALPHA)
 FIDELITY_POINTS = 0.10  # a rewrite that stops the copies by changing the image by more than this has not fixed anything
 
-F0_RULE = ("Supported when Simes' test of the corpus's p-values against the reference of non-members (the smallest "
-           "Benjamini-Hochberg q-value: at least one prompt is discovered) is below 0.05; not supported when it is not; "
-           "inconclusive without a reference (analyze.reference) or with fewer than {reference_min} scored reference prompts.")
+F0_RULE = ("Supported when more corpus prompts score above every reference prompt of their length bin than prompts the "
+           "model never saw would, at p < 0.05 (exact per bin under exchangeability with the reference of non-members, "
+           "bins combined by Fisher's method; no tail model); not supported when not; inconclusive without a reference "
+           "(analyze.reference) or with fewer than {reference_min} scored reference prompts.")
 F1_RULE = ("Supported when the marker's odds ratio adjusted for {covariates} has a 95% CI above 1 and the crude odds "
            "ratio is above 1 too; not supported after adjustment when the crude CI lies above 1 but the adjusted CI "
            "does not; not supported when neither does; inconclusive when the adjusted model cannot be fitted or the "
@@ -104,10 +105,13 @@ def f0_memorizes(inputs: FindingInputs) -> Verdict:
     if calibration is None:
         return Verdict("F0", claim, INCONCLUSIVE, rule, "no reference of non-members (set analyze.reference)")
     n_ref = (calibration.reference or {}).get("prompts") or 0
-    numbers = {"global_p": calibration.global_p, "discoveries": calibration.discoveries, "fdr": calibration.fdr,
+    beyond = calibration.beyond_reference or {}
+    numbers = {"global_p": calibration.global_p, "beyond": beyond.get("beyond"), "expected": beyond.get("expected"),
+               "simes_p": calibration.simes_p, "discoveries": calibration.discoveries, "fdr": calibration.fdr,
                "reference_prompts": n_ref, "top_set": calibration.top_set_overlap.get("top_set"),
                "in_both": calibration.top_set_overlap.get("both")}  # fmt: skip
-    line = (f"Simes p {fmt(calibration.global_p)}, {calibration.discoveries} prompts at q <= {fmt(calibration.fdr)} "
+    line = (f"{fmt(numbers['beyond'])} prompts beyond every reference prompt of their length ({fmt(numbers['expected'])} expected "
+            f"by chance), p {fmt(calibration.global_p)}; {calibration.discoveries} prompts at q <= {fmt(calibration.fdr)} "
             f"({numbers['in_both']} of them in the top set of {numbers['top_set']}), against {n_ref} reference prompts")
 
     def verdict(outcome: str, reason: str) -> Verdict:
@@ -116,8 +120,8 @@ def f0_memorizes(inputs: FindingInputs) -> Verdict:
     if n_ref < inputs.reference_min:
         return verdict(INCONCLUSIVE, f"{n_ref} scored reference prompts, fewer than the {inputs.reference_min} it is judged on")
     if calibration.global_p is not None and calibration.global_p < ALPHA:
-        return verdict(SUPPORTED, "some prompts score beyond the reference after false-discovery control")
-    return verdict(NOT_SUPPORTED, "no prompt scores beyond the reference after false-discovery control")
+        return verdict(SUPPORTED, "more prompts score beyond every non-member of their length than chance gives")
+    return verdict(NOT_SUPPORTED, "no more prompts score beyond every non-member of their length than chance gives")
 
 
 # -- F1 ---------------------------------------------------------------------------------------------

@@ -87,10 +87,12 @@ class CalibrationSection(Section):
     discoveries: int  # prompts with q <= fdr: the calibrated memorized set
     discoveries_by_q: dict  # "0.05" / "0.1" -> count
     top_set_overlap: dict  # top_set (the top-percent set's size), both (in both sets)
-    global_p: Optional[float]  # Simes' p-value of "no prompt is memorized beyond the reference" (F0)
+    global_p: Optional[float]  # F0's p-value: corpus prompts above every reference prompt of their length (calibration.exceedance_test)
     smallest_plain_p: float  # the conformal floor 1 / (n_bin + 1) of the largest bin
     bins: list  # per length bin: upper edge of log tokens, reference and corpus prompts, median and IQR of its reference
     tail: Optional[dict] = None  # the pooled standardized tail: threshold, exceedances, shape, scale, check_p, used
+    beyond_reference: Optional[dict] = None  # F0's test: beyond, expected, p_value, per_bin (calibration.Exceedance)
+    simes_p: Optional[float] = None  # Simes' test on the p-values (the smallest q-value), which rests on the fitted tail
     length_spearman: Optional[dict] = None  # Spearman(p-value, n_tokens) over the corpus: what conditioning left
     known_memorized: Optional[dict] = None  # recall of analyze.known_memorized at q <= fdr, and its discoveries' precision
     outputs: dict = field(default_factory=dict)

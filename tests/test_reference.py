@@ -48,7 +48,8 @@ def test_a_corpus_against_prompts_of_the_same_kind_gives_calibrated_p_values_and
     assert (calibration["q_value"] >= calibration["p_value"] - 1e-12).all()
     summary = json.loads(open(layout.summary).read())["calibration"]
     assert summary["reference"]["prompts"] == done.prompts and summary["discoveries"] == result.calibrated_count
-    assert summary["global_p"] == pytest.approx(calibration["q_value"].min())
+    assert summary["simes_p"] == pytest.approx(calibration["q_value"].min())
+    assert summary["global_p"] == summary["beyond_reference"]["p_value"]  # F0 reads the exceedance count, not the tail
     memorized = pd.read_csv(layout.memorized)
     assert {"p_value", "q_value"} <= set(memorized.columns)
     # Nothing was trained on either set: no prompt scores beyond the reference, and F0 says so first on the card.

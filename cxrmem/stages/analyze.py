@@ -26,7 +26,7 @@ from cxrmem.analysis import (
     detector_agreement,
     known_memorized_ids,
 )
-from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
+from cxrmem.calibration import CalibrationSettings, calibrate, exceedance_test, global_null_p
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
 from cxrmem.runfiles import Run, check_prompt_ids
@@ -155,6 +155,7 @@ def calibrate_run(cfg, out: Run, scores: pd.DataFrame, prompts: pd.DataFrame, to
                       "length_bin": result.length_bin.astype(np.int32)})  # fmt: skip
     store.write_table(table, layout.calibration)
     called = result.q_value <= settings.fdr
+    beyond = exceedance_test(d_mem, result.length_bin, result.bins)
     ids = frame["prompt_id"].to_numpy()
     finite = np.isfinite(result.p_value)
     info = store.read_json(storage.join(ref.prefix, "reference.json"))
@@ -175,7 +176,8 @@ def calibrate_run(cfg, out: Run, scores: pd.DataFrame, prompts: pd.DataFrame, to
         fdr=settings.fdr, discoveries=int(called.sum()),
         discoveries_by_q={str(q): int((result.q_value <= q).sum()) for q in (0.05, 0.1)},
         top_set_overlap={"top_set": len(top_set), "both": int(np.isin(ids[called], list(top_set)).sum())},
-        global_p=global_null_p(result.q_value), smallest_plain_p=result.smallest_plain_p, bins=bins,
+        global_p=beyond.p_value, beyond_reference=asdict(beyond), simes_p=global_null_p(result.q_value),
+        smallest_plain_p=result.smallest_plain_p, bins=bins,
         tail=asdict(result.tail) if result.tail else None,
         length_spearman=stats.spearman(result.p_value[finite], frame["n_tokens"].to_numpy(np.float64)[finite]) if finite.sum() > 2 else None,
         known_memorized=known_check, outputs={"calibration": layout.calibration},
