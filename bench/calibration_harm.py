@@ -75,14 +75,16 @@ def planted_ids(model_dir: str) -> set:
 
 
 # -- copies ---------------------------------------------------------------------------------------------
-def checked_frame(corpus: pd.DataFrame, ref: pd.DataFrame, n_sample: int, n_reference: int, seed: int) -> pd.DataFrame:
-    """Every discovery at the largest level, a seeded sample of the other prompts, a seeded sample of the reference."""
+def checked_frame(corpus: pd.DataFrame, ref: pd.DataFrame, planted: set, n_sample: int, n_reference: int, seed: int) -> pd.DataFrame:
+    """Every discovery at the largest level, a seeded sample of the other prompts, the planted prompts that are neither
+    (the harm the calls miss; not part of the sample's rate), a seeded sample of the reference."""
     top = corpus["q_value"] <= max(LEVELS)
     rng = np.random.default_rng(seed)
     others = corpus[~top]
     sample = others.iloc[np.sort(rng.choice(len(others), min(n_sample, len(others)), replace=False))]
+    missed = others[others["prompt_id"].isin(planted) & ~others["prompt_id"].isin(sample["prompt_id"])]
     refs = ref.iloc[np.sort(rng.choice(len(ref), min(n_reference, len(ref)), replace=False))]
-    return pd.concat([corpus[top].assign(group="discovery"), sample.assign(group="non-discovery"),
+    return pd.concat([corpus[top].assign(group="discovery"), sample.assign(group="non-discovery"), missed.assign(group="missed planted"),
                       refs.assign(group="reference", q_value=np.nan)], ignore_index=True)  # fmt: skip
 
 
@@ -101,8 +103,9 @@ def training_index(model_dir: str, config: str, folder: str):
     return table, embedder([read_image(Path(p).read_bytes(), p) for p in table["path"]]), embedder, cfg
 
 
-def copy_check(name: str, work: dict, args) -> dict:
-    """Generate, search, and judge every checked prompt of one testbed's run (see the module docstring)."""
+def copy_check(name: str, work: dict, args) -> pd.DataFrame:
+    """Generate, search, and judge every checked prompt of one testbed's run (see the module docstring); the rows
+    are kept in the run as copies_check_g<G>.csv (`--reuse` reads them back instead)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -113,10 +116,13 @@ def copy_check(name: str, work: dict, args) -> dict:
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer
 
+    saved = f"{work[name]}/copies_check_g{args.generations}.csv"
+    if args.reuse and os.path.exists(saved):
+        return pd.read_csv(saved)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    label, model_dir, config = TESTBEDS[name]
+    _, model_dir, config = TESTBEDS[name]
     corpus, ref = run_frames(work[name])
-    frame = checked_frame(corpus, ref, args.sample, args.reference_sample, args.seed)
+    frame = checked_frame(corpus, ref, planted_ids(model_dir), args.sample, args.reference_sample, args.seed)
     with tempfile.TemporaryDirectory() as folder:
         table, index, embedder, cfg = training_index(model_dir, config, folder)
     scorer = Scorer(load_components(OmegaConf.merge(cfg.model, {"path": model_dir}), cfg.storage),
@@ -128,52 +134,62 @@ def copy_check(name: str, work: dict, args) -> dict:
     best = top1.argmax(axis=1)
     nearest = table["corpus_id"].to_numpy()[rows[np.arange(len(best)), best, 0]]
     threshold = calibrate_threshold(top1.max(axis=1)[frame["group"].to_numpy() == "reference"], settings.threshold_quantile)
-    frame = frame.assign(max_similarity=top1.max(axis=1), own_image=nearest == frame["prompt_id"].to_numpy(),
+    frame = frame.assign(max_similarity=top1.max(axis=1), own_image=nearest == frame["prompt_id"].to_numpy(), threshold=threshold.value,
                          planted=frame["prompt_id"].isin(planted_ids(model_dir)))  # fmt: skip
-    frame["copies"] = frame["own_image"] & (frame["max_similarity"] > threshold.value)
-    frame.to_csv(f"{work[name]}/copies_check_g{args.generations}.csv", index=False)
-    return summarize(label, frame, corpus, threshold.value, args)
+    frame["above_threshold"] = frame["max_similarity"] > threshold.value
+    frame["copies"] = frame["own_image"] & frame["above_threshold"]
+    frame.drop(columns=["prompt"]).to_csv(saved, index=False)
+    return frame
 
 
-def summarize(label: str, frame: pd.DataFrame, corpus: pd.DataFrame, threshold: float, args) -> dict:
-    row = {"testbed": label, "corpus": len(corpus), "threshold": threshold, "generations": args.generations}
+def summarize(label: str, frame: pd.DataFrame, corpus: pd.DataFrame, generations: int) -> list[dict]:
+    """Per level: the discoveries and their copies, and the copies among the non-discoveries (the band between the
+    level and the largest one checked in full, the rest estimated from the seeded sample)."""
     sample = frame[frame["group"] == "non-discovery"]
+    rest = int((corpus["q_value"] > max(LEVELS)).sum())
     refs = frame[frame["group"] == "reference"]
-    row["sample"] = (int(sample["copies"].sum()), len(sample), int(sample["planted"].sum()))
-    row["reference"] = (int((refs["max_similarity"] > threshold).sum()), len(refs))
+    missed = frame[frame["group"] == "missed planted"]
+    threshold = float(frame["threshold"].iloc[0])
+    rows = []
     for level in LEVELS:
-        called = frame[(frame["group"] == "discovery") & (frame["q_value"] <= level)]
+        checked = frame[frame["group"] == "discovery"]
+        called, band = checked[checked["q_value"] <= level], checked[checked["q_value"] > level]
         false = int((~called["copies"]).sum())
-        row[level] = {"discoveries": len(called), "copy": int(called["copies"].sum()), "planted": int(called["planted"].sum()),
-                      "false": false, "fdr": false / len(called) if len(called) else None, "ci": clopper_pearson(false, len(called))}  # fmt: skip
-    print(row, flush=True)
-    return row
+        copying = int(sample["copies"].sum())
+        estimate = (int(band["copies"].sum()) + copying / len(sample) * rest) / (len(band) + rest)
+        rows.append({"testbed": label, "corpus": len(corpus), "generations": generations, "threshold": threshold, "level": level,
+                     "discoveries": len(called), "copy": int(called["copies"].sum()), "planted": int(called["planted"].sum()),
+                     "fdr": false / len(called) if len(called) else None, "ci": clopper_pearson(false, len(called)),
+                     "band": (int(band["copies"].sum()), len(band)), "sample": (copying, len(sample), int(sample["planted"].sum())),
+                     "sample_ci": clopper_pearson(copying, len(sample)), "non_discovery_rate": estimate,
+                     "reference": (int(refs["above_threshold"].sum()), len(refs)),
+                     "missed": (int(missed["copies"].sum()), len(missed)) if len(missed) else None})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def copies_markdown(rows: list[dict], args) -> str:
-    def level_cell(c: dict) -> str:
-        if not c["discoveries"]:
-            return "0, –, –"
-        return (f"{c['discoveries']}, {c['copy']}/{c['discoveries']} ({c['copy'] / c['discoveries']:.2f}), "
-                f"**{c['fdr']:.2f}** [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]")  # fmt: skip
-
     lines = [SECTIONS["copies"], "",
-             f"Command: `OMP_NUM_THREADS=2 PYTHONPATH=$PWD nice -n 10 .venv/bin/python bench/calibration_harm.py copies "
-             f"--generations {args.generations}` (CPU: {cpu_name()}, 2 cores shared), after `bench/calibration.py` "
-             f"(its runs: T=20, G=2, w=7.5). Generations: G={args.generations} per prompt at w={args.guidance:g}, "
-             f"T={args.steps}; `pixel` embedder at the testbed's image size, exact search over all its training images.",
-             "A prompt copies when its closest generation's nearest training image is its own and the similarity "
-             "exceeds the threshold (the 0.99 quantile of the max similarity of a seeded sample of reference "
-             "prompts, which have no training image). FDR by copies: share of discoveries that do not copy, "
-             "two-sided Clopper-Pearson 95% interval.", "",
-             "| testbed | threshold | q<=0.05: discoveries, copying, FDR [95% CI] | q<=0.10: discoveries, copying, FDR [95% CI] "
-             "| non-discoveries (q>0.10): copying / sampled (planted among them) | reference: above threshold / sampled |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD nice -n 10 .venv/bin/python bench/calibration_harm.py copies "
+             f"--run model=runs/demo --generations {args.generations}` (CPU: {cpu_name()}, 2 cores shared). Generations: "
+             f"G={args.generations} per prompt at w={args.guidance:g}, T={args.steps}; `pixel` embedder at the testbed's image "
+             "size, exact search over all its training images. A prompt copies when its closest generation's nearest "
+             "training image is its own and the similarity exceeds the threshold (the 0.99 quantile of the max similarity "
+             f"of {args.reference_sample} seeded reference prompts, which have no training image: with 100, their maximum). "
+             "FDR by copies: share of discoveries that do not copy, two-sided Clopper-Pearson 95% interval. "
+             "Non-discoveries: those between the level and q = 0.10 are all checked, those above q = 0.10 through a seeded "
+             f"sample of {args.sample}; the copy rate among all non-discoveries is estimated from both.", "",
+             "| testbed (prompts) | G | threshold | level | discoveries | copying | FDR by copies [95% CI] | planted among them "
+             "| non-discoveries: copying in the band to q=0.10 | q>0.10 sample: copying / sampled [95% CI] (planted) "
+             "| copy rate among all non-discoveries (est.) | reference above threshold | planted above q=0.10, outside the sample: copying |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        s, ref = r["sample"], r["reference"]
-        lines.append(f"| {r['testbed']} ({r['corpus']} prompts) | {r['threshold']:.3f} | {level_cell(r[0.05])} | {level_cell(r[0.1])} |"
-                     f" {s[0]}/{s[1]} ({s[0] / s[1]:.3f}, 95% CI {clopper_pearson(s[0], s[1])[0]:.3f}-{clopper_pearson(s[0], s[1])[1]:.3f}; {s[2]} planted) |"
-                     f" {ref[0]} / {ref[1]} |")  # fmt: skip
+        s, b, ci, missed = r["sample"], r["band"], r["sample_ci"], r["missed"]
+        fdr = "–" if r["fdr"] is None else f"**{r['fdr']:.2f}** [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+        lines.append(f"| {r['testbed']} ({r['corpus']}) | {r['generations']} | {r['threshold']:.3f} | q<={r['level']:g} | {r['discoveries']} "
+                     f"| {r['copy']} | {fdr} | {r['planted']} | {b[0]}/{b[1]} | {s[0]}/{s[1]} [{ci[0]:.3f}, {ci[1]:.3f}] ({s[2]}) "
+                     f"| {r['non_discovery_rate']:.3f} | {r['reference'][0]}/{r['reference'][1]} "
+                     f"| {'not checked' if missed is None else f'{missed[0]}/{missed[1]}'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +322,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=100, help="non-discoveries checked per testbed")
     parser.add_argument("--reference-sample", type=int, default=100, help="reference prompts that calibrate the copy threshold")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="copies: read the checked rows a previous run kept")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 150, 200, 250, 300, 400, 546])
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--total", type=int, default=100_000)
@@ -317,7 +334,9 @@ def main() -> None:
     args = parser.parse_args()
     work = {name: f"{args.work}/{name}" for name in TESTBEDS} | dict(item.split("=", 1) for item in args.run)
     if args.what == "copies":
-        text = copies_markdown([copy_check(name, work, args) for name in args.testbeds], args)
+        rows = [r for name in args.testbeds
+                for r in summarize(TESTBEDS[name][0], copy_check(name, work, args), run_frames(work[name])[0], args.generations)]  # fmt: skip
+        text = copies_markdown(rows, args)
     elif args.what == "settings":
         text = settings_markdown([r for name in args.testbeds for r in setting_rows(name, work, args.settings, args.draws, args.null_share)], args)
     else:
