@@ -10,6 +10,8 @@
    other synthetic prompts. Nothing is memorized: F0 must read "not supported" with about zero discoveries.
 
 Both run the real stages (prepare, score, reference, analyze) in this process at the settings given.
+bench/calibration_harm.py reads these runs: the calls judged by copies, the reference size the tail needs, and the
+analyze settings against a split-reference null.
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python bench/calibration.py
 """
