@@ -255,26 +255,29 @@ def size_markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def split_null(ref: pd.DataFrame, settings, draws: int, share: float) -> tuple[float, float]:
+def split_null(ref: pd.DataFrame, settings, draws: int, share: float) -> tuple[float, float, float]:
     """The reference split at random, `share` of it audited against the rest (both never seen: F0 must not be
-    supported): (share of draws where Simes' p < 0.05, mean discoveries at q <= 0.05)."""
-    from cxrmem.calibration import global_null_p
+    supported): (share of draws where Simes' p < 0.05, mean discoveries at q <= 0.05, share of draws where F0's
+    exceedance test gives p < 0.05)."""
+    from cxrmem.calibration import exceedance_test, global_null_p
 
-    supported, calls = [], []
+    supported, calls, exceeded = [], [], []
     for draw in range(draws):
         order = np.random.default_rng(draw).permutation(len(ref))
         cut = int(round(share * len(ref)))
-        result = recalibrate(ref.iloc[order[:cut]].assign(nonfinite=False), ref.iloc[order[cut:]], settings)
+        audited = ref.iloc[order[:cut]].assign(nonfinite=False)
+        result = recalibrate(audited, ref.iloc[order[cut:]], settings)
         supported.append((global_null_p(result.q_value) or 1.0) < 0.05)
         calls.append(int((result.q_value <= 0.05).sum()))
-    return float(np.mean(supported)), float(np.mean(calls))
+        exceeded.append(exceedance_test(audited["d_mem"].to_numpy(np.float64), result.length_bin, result.bins).p_value < 0.05)
+    return float(np.mean(supported)), float(np.mean(calls)), float(np.mean(exceeded))
 
 
 def setting_rows(name: str, work: dict, choices: list[str], draws: int, share: float) -> list[dict]:
     """Per analyze setting (`bins,tail_quantile`): the corpus's calls, the tail fit, the length bias, the split null."""
     from scipy.stats import spearmanr
 
-    from cxrmem.calibration import CalibrationSettings, global_null_p
+    from cxrmem.calibration import CalibrationSettings, exceedance_test, global_null_p
 
     label, model_dir, _ = TESTBEDS[name]
     corpus, ref = run_frames(work[name])
@@ -285,7 +288,8 @@ def setting_rows(name: str, work: dict, choices: list[str], draws: int, share: f
         settings = CalibrationSettings(reference_length_bins=int(bins), reference_tail_quantile=float(quantile))
         result = recalibrate(corpus, ref, settings)
         others = ~planted & np.isfinite(result.p_value)
-        rows.append({"testbed": label, "setting": choice, "tail": result.tail, "simes": global_null_p(result.q_value),
+        f0 = exceedance_test(np.where(corpus["nonfinite"], np.nan, corpus["d_mem"].to_numpy(np.float64)), result.length_bin, result.bins)
+        rows.append({"testbed": label, "setting": choice, "tail": result.tail, "simes": global_null_p(result.q_value), "f0": f0,
                      **{level: (int((result.q_value <= level).sum()), int(((result.q_value <= level) & planted).sum())) for level in LEVELS},
                      "planted": int(planted.sum()), "length_rho": float(spearmanr(result.p_value[others], corpus["n_tokens"][others]).statistic),
                      "null": split_null(ref, settings, draws, share)})  # fmt: skip
@@ -299,14 +303,17 @@ def settings_markdown(rows: list[dict], args) -> str:
              f"(CPU: {cpu_name()}; no model work). Length bias: Spearman of the p-value with the token count over the unplanted "
              f"prompts. Split null: the run's reference cut at random ({args.draws} seeded draws), {args.null_share:.0%} of it audited "
              "against the rest; both parts are non-members, so F0 must read not supported (in at most 5% of the draws).", "",
-             "| testbed | length bins, tail quantile | tail: GPD shape, check p | Simes p | q<=0.05: calls, planted (recall) | "
-             "q<=0.10: calls, planted | length bias | split null: F0 supported (share of draws), mean calls |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| testbed | length bins, tail quantile | tail: GPD shape, check p | Simes p | F0: beyond (expected), p | "
+             "q<=0.05: calls, planted (recall) | q<=0.10: calls, planted | length bias | split null: Simes supported "
+             "(share of draws), mean calls | split null: F0 supported |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         tail = f"{r['tail'].shape:.2f}, {r['tail'].check_p:.2f}" if r["tail"] else "none"
         (c5, p5), (c10, p10) = r[0.05], r[0.1]
-        lines.append(f"| {r['testbed']} | {r['setting']} | {tail} | {r['simes']:.2g} | {c5}, {p5} ({p5 / r['planted']:.2f}) | {c10}, {p10} "
-                     f"| {r['length_rho']:+.2f} | {r['null'][0]:.2f}, {r['null'][1]:.2f} |")  # fmt: skip
+        f0 = r["f0"]
+        lines.append(f"| {r['testbed']} | {r['setting']} | {tail} | {r['simes']:.2g} | {f0.beyond} ({f0.expected:.1f}), {f0.p_value:.2g} "
+                     f"| {c5}, {p5} ({p5 / r['planted']:.2f}) | {c10}, {p10} | {r['length_rho']:+.2f} | {r['null'][0]:.2f}, {r['null'][1]:.2f} "
+                     f"| {r['null'][2]:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
