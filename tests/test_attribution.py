@@ -106,8 +106,11 @@ def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
     assert sorted(first["grad_rank"]) == list(range(1, len(first) + 1))
     assert first.loc[first["grad_score"].idxmax(), "grad_rank"] == 1
     assert first.loc[first["loo_delta"].idxmax(), "loo_rank"] == 1
-    # Leave-one-out is d_mem(prompt) - d_mem(prompt without the unit), rescored with the same seeds.
-    scores = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2).d_mem
+    # Leave-one-out is d_mem(prompt) - d_mem(prompt without the unit), rescored with the same seeds over the first
+    # attribution.steps = 1 of the score's 2 steps.
+    scores = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2, steps=1).d_mem
+    full = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2).d_mem
+    assert abs(float(full[0] - full[1]) - float(scores[0] - scores[1])) > 1e-5  # the steps change the delta: k is what ran
     assert first["loo_delta"].iloc[2] == pytest.approx(float(scores[0] - scores[1]), rel=1e-4, abs=1e-6)
     summary = attribution_summary(tokens)
     assert summary["prompts"] == 2 and summary["prompts_with_marker"] == 1
