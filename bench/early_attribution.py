@@ -72,7 +72,8 @@ def gradient_step_norms(scorer: Scorer, prompt: str, pid: str, generations: int)
 
 
 def measure_testbed(path: str, config: str, n_prompts: int, raw: Path) -> None:
-    """Writes `raw` (JSON): the per-prompt norms of up to `n_prompts` planted prompts, rewritten after each prompt."""
+    """Writes `raw` (JSON): the per-prompt norms of up to `n_prompts` planted prompts, rewritten after each prompt;
+    the prompts an earlier run left in `raw` are kept, not measured again (a stopped run resumes)."""
     cfg = load_config(ROOT / config, ["score.screening_steps=null"])
     scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device=cfg.model.device)
     pattern = compile_marker_regex(cfg.corpus.marker_regex)
@@ -82,10 +83,13 @@ def measure_testbed(path: str, config: str, n_prompts: int, raw: Path) -> None:
     chosen = planted.assign(turn=planted.groupby(["marker", "n_copies"]).cumcount()).sort_values(["turn", "marker", "n_copies"], kind="stable")
     chosen = chosen.head(n_prompts)
     generations = AttributionConfig().generations
-    prompts, started = [], time.time()
     result = {"testbed": path, "config": config, "steps": scorer.settings.steps, "generations": scorer.settings.generations,
-              "gradient_generations": generations, "prompts": prompts}  # fmt: skip
-    for prompt in chosen.prompt:
+              "gradient_generations": generations, "prompts": [], "seconds": 0.0, "unet_samples": 0}  # fmt: skip
+    if raw.exists():
+        result = json.loads(raw.read_text())
+    prompts, done, started = result["prompts"], {p["prompt"] for p in result["prompts"]}, time.time() - result["seconds"]
+    earlier_samples = result["unet_samples"]
+    for prompt in chosen.prompt[~chosen.prompt.isin(done)]:
         pid = prompt_id(prompt)
         units = word_units(scorer.tokenizer, prompt, pattern, scorer.max_length)
         variants = [prompt] + [delete_span(prompt, u.start, u.end) for u in units]
@@ -95,7 +99,7 @@ def measure_testbed(path: str, config: str, n_prompts: int, raw: Path) -> None:
             "loo_norms": loo_step_norms(scorer, variants, pid, cfg.score.batch_size).tolist(),
             "grad_norms": [gradient[:, u.positions].sum(axis=1).tolist() for u in units],  # [U][T]
         })  # fmt: skip
-        result.update(seconds=round(time.time() - started, 1), unet_samples=scorer.work.unet_samples)
+        result.update(seconds=round(time.time() - started, 1), unet_samples=earlier_samples + scorer.work.unet_samples)
         raw.write_text(json.dumps(result))  # after every prompt: a run stopped early still has its prompts
         log.info("%s: %d/%d prompts, %.0f s", path, len(prompts), len(chosen), time.time() - started)
 
