@@ -164,4 +164,5 @@ def test_the_attribute_stage_records_its_work_and_the_null_models_at_the_same_st
     units = store.read_table(layout.tokens).to_pandas().groupby("prompt_id").size()
     plan = attribution_settings(cfg)
     declared = sum(declared_evaluations(int(u), plan, ScoreSettings.of(cfg.score)) for u in units)
-    assert json.loads(open(layout.summary).read())["cost"]["stages"]["attribute"]["evaluations"] == 2 * declared
+    summary = json.loads(open(layout.summary).read())
+    assert summary["cost"]["stages"]["attribute"]["evaluations"] == 2 * declared and summary["attribution"]["steps"] == 2
