@@ -37,16 +37,19 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from cxrmem.attribution import AttributionConfig, token_gradient_norms, word_units  # noqa: E402
+from cxrmem.attribution import AttributionConfig, declared_evaluations, token_gradient_norms, word_units  # noqa: E402
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.corpus.text import compile_marker_regex, delete_span, prompt_id  # noqa: E402
 from cxrmem.models.loading import load_components  # noqa: E402
 from cxrmem.results_page import cpu_name, write_results  # noqa: E402
 from cxrmem.scoring.scorer import Scorer  # noqa: E402
 from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
+from cxrmem.stages.worker import attribution_settings  # noqa: E402
 from cxrmem.testbed.dataset import MANIFEST  # noqa: E402
 
 HEADING = "## Attribution at early steps (issue 33)"
+TOLERANCE = 0.02  # how far below the full setting's own split-half Spearman an early k may stay (the default's rule)
+UNITS = 30  # word units of the memorized prompt the costs are given for (issue 33's figure)
 TESTBEDS = [("testbed/model", "conf/testbed.yaml"), ("testbed/iuxray", "conf/testbed_iuxray.yaml")]
 
 log = logging.getLogger("early_attribution")
@@ -183,7 +186,27 @@ def markdown(results: list[dict], ks: list[int], minutes: float) -> str:
                          f"| {spearman_cell(grad)} | {grad['top1']:.2f} |")  # fmt: skip
         half = split_half(testbed)
         lines.append(f"{head} | full, other noises | {spearman_cell(half)} | {half['top1']:.2f} | {half['top3']:.2f} | | | |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *choice(results, ks)]) + "\n"
+
+
+def choice(results: list[dict], ks: list[int]) -> list[str]:
+    """The rule that sets attribution.steps' default, applied, and the cost per memorized prompt at the defaults."""
+    below_t = [k for k in ks if k < results[0]["steps"]]
+    fits = [k for k in below_t if all(agreement(t, k)["leave_one_out"]["spearman_mean"] >= split_half(t)["spearman_mean"] - TOLERANCE
+                                      for t in results)]  # fmt: skip
+    cfg = load_config(None, [])
+    score, plan = ScoreSettings.of(cfg.score), attribution_settings(cfg)
+    full = declared_evaluations(UNITS, plan.replace(steps=score.steps), score)
+    before = full - declared_evaluations(0, plan.replace(steps=score.steps), score) + declared_evaluations(0, plan, score)
+    costs = ", ".join(f"k={k}: {declared_evaluations(UNITS, plan.replace(steps=k), score):,}" for k in below_t)
+    return [
+        f"Rule: the default k is the smallest whose mean LOO Spearman with the full setting is within {TOLERANCE} of the full",
+        f"setting's own agreement across noises on every testbed: k = {fits[0] if fits else 'none of ' + str(below_t)}. UNet evaluations per",
+        f"memorized prompt of {UNITS} units at the defaults (G={score.generations}, T={score.steps}, shared seeds, gradient over",
+        f"G={plan.generations}; attribution.declared_evaluations, which tests/test_cost.py holds equal to the count): before, with",
+        f"leave-one-out over all T and the gradient over k={plan.steps}: {before:,}; with both over the first k steps: {costs}. The null",
+        "model (attribution.null_model) doubles each.",
+    ]
 
 
 def main() -> None:
