@@ -1,7 +1,7 @@
 """Attribution at early steps (issue 33, item 3): how well leave-one-out and the gradient over the first k DDIM
 steps rank a memorized prompt's words the way the full-settings ones do, on both committed testbeds.
 
-    python bench/early_attribution.py [--prompts 24] [--ks 1,2,5,10,50] [--out bench/RESULTS.md] [--json runs/early_attribution.json]
+    python bench/early_attribution.py [--prompts 24] [--ks 1,2,5,10,20,30,40,50] [--out bench/RESULTS.md] [--json runs/early_attribution.json]
 
 Per testbed (conf/testbed.yaml, conf/testbed_iuxray.yaml at their score settings, T = 50 DDIM steps, G = 4), over
 the planted prompts taken in turn from each duplication level and marker condition, with the project's Scorer and seeds:
@@ -50,6 +50,7 @@ from cxrmem.testbed.dataset import MANIFEST  # noqa: E402
 HEADING = "## Attribution at early steps (issue 33)"
 TOLERANCE = 0.02  # how far below the full setting's own split-half Spearman an early k may stay (the default's rule)
 UNITS = 30  # word units of the memorized prompt the costs are given for (issue 33's figure)
+GRADIENT_STEPS_BEFORE = 10  # attribution.steps before issue 33, when it set the gradient's steps only
 TESTBEDS = [("testbed/model", "conf/testbed.yaml"), ("testbed/iuxray", "conf/testbed_iuxray.yaml")]
 
 log = logging.getLogger("early_attribution")
@@ -160,8 +161,10 @@ def markdown(results: list[dict], ks: list[int], minutes: float) -> str:
     lines = [
         HEADING,
         "",
-        "Command: `OMP_NUM_THREADS=1 nice -n 10 python bench/early_attribution.py` "
-        f"({minutes:.0f} min, 1 thread per testbed, CPU: {cpu_name()}, 2 cores shared and busy).",
+        "Command: `OMP_NUM_THREADS=1 nice -n 10 python bench/early_attribution.py --testbed testbed/model` and `--testbed",
+        "testbed/iuxray` side by side, stopped after the prompts below (a rerun resumes from runs/early_attribution.*.json),",
+        f"then `--from-json` for this section. {minutes:.0f} min of measurement in all, 1 thread each, CPU: {cpu_name()}, 2 cores",
+        "shared with other jobs (load 10-17).",
         "",
         "Per testbed, its planted prompts taken in turn from each duplication level and marker condition, at the testbed's",
         f"score settings (G={first['generations']}, w=7.5, T={first['steps']} DDIM steps, shared seeds). Leave-one-out (LOO) at k is d_mem",
@@ -197,14 +200,15 @@ def choice(results: list[dict], ks: list[int]) -> list[str]:
     cfg = load_config(None, [])
     score, plan = ScoreSettings.of(cfg.score), attribution_settings(cfg)
     full = declared_evaluations(UNITS, plan.replace(steps=score.steps), score)
-    before = full - declared_evaluations(0, plan.replace(steps=score.steps), score) + declared_evaluations(0, plan, score)
+    gradient_before = declared_evaluations(0, plan.replace(steps=GRADIENT_STEPS_BEFORE), score)
+    before = full - declared_evaluations(0, plan.replace(steps=score.steps), score) + gradient_before
     costs = ", ".join(f"k={k}: {declared_evaluations(UNITS, plan.replace(steps=k), score):,}" for k in below_t)
     return [
         f"Rule: the default k is the smallest whose mean LOO Spearman with the full setting is within {TOLERANCE} of the full",
         f"setting's own agreement across noises on every testbed: k = {fits[0] if fits else 'none of ' + str(below_t)}. UNet evaluations per",
         f"memorized prompt of {UNITS} units at the defaults (G={score.generations}, T={score.steps}, shared seeds, gradient over",
         f"G={plan.generations}; attribution.declared_evaluations, which tests/test_cost.py holds equal to the count): before, with",
-        f"leave-one-out over all T and the gradient over k={plan.steps}: {before:,}; with both over the first k steps: {costs}. The null",
+        f"leave-one-out over all T and the gradient over {GRADIENT_STEPS_BEFORE} steps: {before:,}; with both over the first k steps: {costs}. The null",
         "model (attribution.null_model) doubles each.",
     ]
 
@@ -212,7 +216,7 @@ def choice(results: list[dict], ks: list[int]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=24, help="planted prompts per testbed (a round robin over the cells)")
-    parser.add_argument("--ks", default="1,2,5,10,50", help="early step counts to compare with the full T")
+    parser.add_argument("--ks", default="1,2,5,10,20,30,40,50", help="early step counts to compare with the full T")
     parser.add_argument("--testbed", action="append", help="only these testbed paths (default: both)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--json", default=str(ROOT / "runs" / "early_attribution.json"), help="raw per-prompt norms (reused with --from-json)")
