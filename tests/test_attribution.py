@@ -216,7 +216,7 @@ def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tin
 TESTBED = "testbed/model"
 # Two planted prompts of the committed testbed (32 and 128 copies in training, one with a marker), short enough for
 # a full T = 50 leave-one-out in seconds. The second is memorized so strongly that deleting any word but the final
-# period breaks it: its other 16 deltas are near-ties (1.57-1.75 at T = 50) that only the late steps order.
+# period breaks it: its other 16 deltas are near-ties (1.57-1.75 at T = 20, G = 2) that only the late steps order.
 PLANTED = ["Moderate left apical pneumothorax.",
            "In comparison with the study of ___: Borderline cardiomegaly, increased since the prior study."]  # fmt: skip
 
@@ -235,17 +235,16 @@ def early_and_full_deltas(scorer, prompt: str, settings) -> tuple[pd.Series, np.
 @pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
 def test_early_leave_one_out_ranks_words_as_the_full_schedule_does():
     """At the default attribution.steps k of T = 50 (G = 1 here), leave-one-out is the full run's first k steps, and
-    agrees with the full T in rank within the tolerance bench/RESULTS.md measured ("Attribution at early steps"): the
-    same first unit on both prompts, and Spearman >= 0.8 on the one whose full deltas are not near-ties (~25 s alone)."""
+    agrees with the full T in rank within the tolerance bench/RESULTS.md measured at that k ("Attribution at early
+    steps": mean Spearman 0.93 and 0.89, the full first unit in the early top 3 on 90% and 88% of the prompts):
+    Spearman >= 0.75 on each prompt and the full setting's first unit in the early top 3 (~45 s alone)."""
     torch.set_num_threads(1)
     cfg = load_config(os.path.join("conf", "testbed.yaml"), ["score.generations=1", "score.batch_size=32"])
     scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
     settings = attribution_settings(cfg)
     assert settings.steps < scorer.settings.steps == 50
-    rho = []
     for prompt in PLANTED:
         early, prefix, full = early_and_full_deltas(scorer, prompt, settings)
         np.testing.assert_allclose(early, prefix, rtol=1e-3, atol=1e-5)  # k steps ran, from the full run's noises
-        assert early.idxmax() == np.argmax(full), prompt
-        rho.append(spearmanr(early, full).statistic)
-    assert rho[0] >= 0.8, rho
+        assert np.argmax(full) in early.nlargest(3).index, prompt
+        assert spearmanr(early, full).statistic >= 0.75, prompt
