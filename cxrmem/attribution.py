@@ -6,7 +6,15 @@ Two methods, both reported per word-level unit of each memorized prompt:
   ||eps(x_t, e_p) - eps(x_t, e_0)||_2 with respect to the prompt embedding e_p (e_0 carries
   none), per token position the L2 norm over the hidden dimension, averaged over the first
   `attribution.steps` steps of `attribution.generations` guided trajectories (the scorer's own);
-- leave-one-out: d_mem(prompt) - d_mem(prompt without the unit), with the same seeds.
+- leave-one-out: d_mem(prompt) - d_mem(prompt without the unit), with the same seeds, over the first
+  `attribution.steps` steps of the score's T-step schedule at its G (d_mem as a screen computes it).
+
+Both run on the first k = `attribution.steps` steps only (at most T). Wen et al. find most of d_mem's signal in
+the first step, and the gradient ranks words there as it does over all T (Spearman 0.9 at k = 1 on both committed
+testbeds), but leave-one-out does not: on strongly memorized prompts every word is essential and the full deltas
+are near-ties that only the late steps order (bench/RESULTS.md, "Attribution at early steps"; docs/design.md).
+A prompt of U units costs `declared_evaluations`: the gradient's (4 + BACKWARD) x generations x k and the
+U + 1 leave-one-out variants' d_mem over k steps, about 2 x G x k x (U + 1).
 
 Units: WordPieces grouped into the tokenizer's words (`##` pieces join their word), and every
 de-identification marker one unit however many pieces it tokenises into (`___` is three `_`
@@ -44,9 +52,10 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import pandas as pd
 import pyarrow as pa
 
-from cxrmem import stats
+from cxrmem import detectors, stats
 from cxrmem.corpus.text import MARKER_REGEX, compile_marker_regex, delete_span
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, Settings, knob
+from cxrmem.strategies import BACKWARD
 
 if TYPE_CHECKING:  # torch is imported where used: the config reads AttributionConfig without loading it
     import torch
@@ -86,7 +95,7 @@ class AttributionConfig(Settings):
 
     enabled: bool = True  # attribute the memorized set's d_mem to words
     generations: int = knob(2, POSITIVE)  # noises per prompt for the gradient
-    steps: int = knob(10, POSITIVE)  # DDIM steps at which the gradient is taken (first steps of the trajectory)
+    steps: int = knob(40, POSITIVE)  # k: the gradient and leave-one-out run the first k of the T DDIM steps (fewer: looser LOO ranks)
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
     max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false attributes none)"))  # at most this many prompts (None: all)
     null_model: bool = False  # also attribute on a seeded re-initialised copy (F2's baseline; one more model per worker)
@@ -169,6 +178,25 @@ def word_units(tokenizer, prompt: str, marker_pattern: re.Pattern, max_length: i
 
 
 # -- one prompt -------------------------------------------------------------------------------
+def early_steps(settings: AttributionConfig, score_steps: int) -> int:
+    """k: the steps the gradient and leave-one-out run, the first `attribution.steps` of the T-step schedule (at most T)."""
+    return min(settings.steps, score_steps)
+
+
+def declared_evaluations(n_units: int, settings: AttributionSettings, score) -> int:
+    """UNet evaluations `attribute_prompt` spends on a prompt of `n_units` units under `score` (ScoreSettings), as
+    the Scorer counts them (tests/test_cost.py): k guided steps of `generations` trajectories and, per step, one
+    unconditional and one conditional sample with its backward; then leave-one-out's U + 1 variants scored as d_mem
+    over k steps, `batch_size` per call (a shared first step's unconditional pass once per call)."""
+    k = early_steps(settings, score.steps)
+    gradient = (2 + 2 + BACKWARD) * settings.generations * k
+    if not settings.leave_one_out or n_units == 0:
+        return gradient
+    dmem = detectors.REGISTRY["dmem"].cost(score.generations, k, score.seed_mode == "shared")
+    variants = n_units + 1
+    return gradient + variants * dmem.per_prompt + math.ceil(variants / settings.batch_size) * dmem.per_batch
+
+
 def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, generations: int, steps: int) -> torch.Tensor:
     """token_gradient_norms along the scorer's guided trajectories (first `steps` steps, `generations` noises): [L]."""
     import torch
@@ -183,11 +211,12 @@ def trajectory_token_norms(scorer, cond_emb: torch.Tensor, prompt_id: str, gener
     return torch.stack(per_generation).mean(dim=0).cpu()
 
 
-def batched_d_mem(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], batch_size: int) -> list[float]:
+def batched_d_mem(scorer, prompts: Sequence[str], prompt_ids: Sequence[str], batch_size: int, steps: Optional[int] = None) -> list[float]:
+    """d_mem of the prompts, `batch_size` per scoring call, over the first `steps` steps (None: the scorer's own)."""
     return [
         float(d)
         for lo in range(0, len(prompts), batch_size)
-        for d in scorer.score(prompts[lo : lo + batch_size], prompt_ids[lo : lo + batch_size]).d_mem
+        for d in scorer.score(prompts[lo : lo + batch_size], prompt_ids[lo : lo + batch_size], steps=steps).d_mem
     ]
 
 
@@ -200,7 +229,7 @@ def attribute_prompt(scorer, prompt: str, prompt_id: str, settings: AttributionS
     """tokens.parquet rows of one prompt: every unit with its gradient and leave-one-out scores."""
     units = word_units(scorer.tokenizer, prompt, compile_marker_regex(settings.marker_regex), scorer.max_length)
     cond_emb = scorer.encode([prompt]).embeddings
-    per_token = trajectory_token_norms(scorer, cond_emb, prompt_id, settings.generations, settings.steps)
+    per_token = trajectory_token_norms(scorer, cond_emb, prompt_id, settings.generations, early_steps(settings, scorer.settings.steps))
     frame = pd.DataFrame(
         {
             "prompt_id": prompt_id,
@@ -216,7 +245,8 @@ def attribute_prompt(scorer, prompt: str, prompt_id: str, settings: AttributionS
     if settings.leave_one_out and units:
         # The original is rescored beside its variants, so both sides of the difference share seeds and settings.
         variants = [prompt] + [delete_span(prompt, u.start, u.end) for u in units]
-        scores = batched_d_mem(scorer, variants, [prompt_id] * len(variants), settings.batch_size)
+        steps = early_steps(settings, scorer.settings.steps)
+        scores = batched_d_mem(scorer, variants, [prompt_id] * len(variants), settings.batch_size, steps)
         frame["loo_delta"] = [scores[0] - s for s in scores[1:]]
     else:
         frame["loo_delta"] = math.nan

@@ -126,6 +126,7 @@ class AttributionSection(Section):
     null_seconds: Optional[float] = None
     null_seed: Optional[int] = None
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
+    steps: Optional[int] = None  # k: the gradient and leave-one-out ran the first k steps of the T-step schedule
 
     def timings(self) -> dict[str, float]:
         return _present({"attribute: seconds": self.seconds, "attribute, null model: seconds": self.null_seconds})

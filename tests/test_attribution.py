@@ -1,14 +1,17 @@
 """Token attribution on the real tiny model: the gradient, word units, leave-one-out, the stage."""
 
+import os
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import spearmanr
 
-from cxrmem.attribution import TOKEN_COLUMNS, attribute_prompts, attribution_summary, token_gradient_norms, word_units
+from cxrmem.attribution import TOKEN_COLUMNS, attribute_prompt, attribute_prompts, attribution_summary, token_gradient_norms, word_units
 from cxrmem.config import load_config
-from cxrmem.corpus.text import MARKER_REGEX, delete_span
+from cxrmem.corpus.text import MARKER_REGEX, delete_span, prompt_id
 from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import RunLayout
 from cxrmem.scoring.scorer import Scorer
@@ -106,8 +109,11 @@ def test_attribute_prompts_ranks_and_leave_one_out(tiny_model_dir, scorer):
     assert sorted(first["grad_rank"]) == list(range(1, len(first) + 1))
     assert first.loc[first["grad_score"].idxmax(), "grad_rank"] == 1
     assert first.loc[first["loo_delta"].idxmax(), "loo_rank"] == 1
-    # Leave-one-out is d_mem(prompt) - d_mem(prompt without the unit), rescored with the same seeds.
-    scores = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2).d_mem
+    # Leave-one-out is d_mem(prompt) - d_mem(prompt without the unit), rescored with the same seeds over the first
+    # attribution.steps = 1 of the score's 2 steps.
+    scores = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2, steps=1).d_mem
+    full = scorer.score([PROMPT, "Compared to, the heart is enlarged."], [ids[0]] * 2).d_mem
+    assert abs(float(full[0] - full[1]) - float(scores[0] - scores[1])) > 1e-5  # the steps change the delta: k is what ran
     assert first["loo_delta"].iloc[2] == pytest.approx(float(scores[0] - scores[1]), rel=1e-4, abs=1e-6)
     summary = attribution_summary(tokens)
     assert summary["prompts"] == 2 and summary["prompts_with_marker"] == 1
@@ -203,3 +209,42 @@ def test_null_attribution_shows_the_piece_bias_and_the_test_does_not_call_it(tin
     # the per-piece mean removes most of the bias on the null
     assert null["gradient_per_piece_mean"]["null_top1"] < gradient["null_top1"]
     assert summary.null_seed == 3 and summary.null_seconds > 0
+
+
+
+# -- early steps on the committed testbed (planted memorization) ------------------------------
+TESTBED = "testbed/model"
+# Two planted prompts of the committed testbed (32 and 128 copies in training, one with a marker), short enough for
+# a full T = 50 leave-one-out in seconds. The second is memorized so strongly that deleting any word but the final
+# period breaks it: its other 16 deltas are near-ties (1.57-1.75 at T = 20, G = 2) that only the late steps order.
+PLANTED = ["Moderate left apical pneumothorax.",
+           "In comparison with the study of ___: Borderline cardiomegaly, increased since the prior study."]  # fmt: skip
+
+
+def early_and_full_deltas(scorer, prompt: str, settings) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(attribute_prompt's leave-one-out deltas at settings.steps = k, the same over the first k steps of one full-T
+    scoring of the variants, and that scoring's deltas over all T steps)."""
+    pid, k = prompt_id(prompt), settings.steps
+    early = attribute_prompt(scorer, prompt, pid, settings)["loo_delta"]
+    variants = [prompt] + [delete_span(prompt, u.start, u.end) for u in word_units(scorer.tokenizer, prompt, PATTERN, scorer.max_length)]
+    norms = scorer.score(variants, [pid] * len(variants)).step_norms.mean(axis=1)  # [variants, T]
+    return early, norms[0, :k].mean() - norms[1:, :k].mean(axis=1), norms[0].mean() - norms[1:].mean(axis=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(TESTBED, "manifest.csv")), reason="no committed testbed")
+def test_early_leave_one_out_ranks_words_as_the_full_schedule_does():
+    """At the default attribution.steps k of T = 50 (G = 1 here), leave-one-out is the full run's first k steps, and
+    agrees with the full T in rank within the tolerance bench/RESULTS.md measured at that k ("Attribution at early
+    steps": mean Spearman 0.93 and 0.89, the full first unit in the early top 3 on 90% and 88% of the prompts):
+    Spearman >= 0.75 on each prompt and the full setting's first unit in the early top 3 (~45 s alone)."""
+    torch.set_num_threads(1)
+    cfg = load_config(os.path.join("conf", "testbed.yaml"), ["score.generations=1", "score.batch_size=32"])
+    scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
+    settings = attribution_settings(cfg)
+    assert settings.steps < scorer.settings.steps == 50
+    for prompt in PLANTED:
+        early, prefix, full = early_and_full_deltas(scorer, prompt, settings)
+        np.testing.assert_allclose(early, prefix, rtol=1e-3, atol=1e-5)  # k steps ran, from the full run's noises
+        assert np.argmax(full) in early.nlargest(3).index, prompt
+        assert spearmanr(early, full).statistic >= 0.75, prompt

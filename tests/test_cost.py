@@ -4,22 +4,24 @@ happens, the stages record what they counted, and every declared cost equals the
 import hashlib
 import json
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from cxrmem import strategies
+from cxrmem.attribution import AttributionSettings, attribute_prompts, declared_evaluations
 from cxrmem.cli import main
 from cxrmem.config import ModelConfig, ScoreConfig, load_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.mitigation import mitigate_prompt, vocabulary_words
-from cxrmem.models.loading import load_components
+from cxrmem.models.loading import fingerprint_model, load_components
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import Scorer, UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages import cascade
-from cxrmem.stages.worker import mitigation_settings
+from cxrmem.stages.worker import attribution_settings, mitigation_settings
 from cxrmem.storage import Store
 
 PROMPTS = [
@@ -131,3 +133,36 @@ def test_a_stage_records_its_own_work_beside_the_others(tmp_path):
     assert cost.stages["score"]["evaluations"] == 6 and cost.stages["mitigate"]["evaluations"] == 4 + 2 * 3
     assert cost.total == {"unet_samples": 10, "backward_samples": 3, "vae_decodes": 2, "evaluations": 16}
     assert cost.evaluations_per_prompt == 8  # 16 evaluations over the corpus's 2 prompts
+
+
+@pytest.mark.parametrize("steps, seed_mode", [(1, "shared"), (2, "per_prompt"), (5, "shared")])
+def test_attribution_declares_the_work_counted_at_its_steps(components, steps, seed_mode):
+    """The gradient and leave-one-out over the first k steps (5 > T = 3: all T), in calls of 2 variants: the count
+    is what attribution.declared_evaluations declares for each prompt's units, and it follows k."""
+    scorer = Scorer(components, settings(seed_mode=seed_mode), device="cpu")
+    plan = AttributionSettings(steps=steps, generations=2, batch_size=2)
+    tokens = attribute_prompts(scorer, PROMPTS, IDS, plan)
+    units = tokens.groupby("prompt_id", sort=False).size()
+    declared = [declared_evaluations(int(units[pid]), plan, scorer.settings) for pid in IDS]
+    assert scorer.work.evaluations == sum(declared)
+    full = [declared_evaluations(int(units[pid]), plan.replace(steps=3), scorer.settings) for pid in IDS]
+    assert (sum(declared) < sum(full)) == (steps < 3)
+
+
+def test_the_attribute_stage_records_its_work_and_the_null_models_at_the_same_steps(tiny_model_dir, tmp_path):
+    """summary.json's cost of `cxrmem attribute` with the null model: the declared work twice, at attribution.steps."""
+    from cxrmem.stages import attribute
+
+    cfg = load_config(None, [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu", "score.steps=3",
+                             "score.generations=2", "attribution.steps=2", "attribution.generations=1", "attribution.null_model=true"])  # fmt: skip
+    layout, store = RunLayout(str(tmp_path)), Store()
+    store.write_text(layout.memorized, pd.DataFrame({"prompt": PROMPTS[1:], "prompt_id": IDS[1:]}).to_csv(index=False))
+    n = len(PROMPTS) - 1
+    store.write_table(pa.table({"prompt_id": IDS[1:], "d_mem": pa.array([1.0] * n, pa.float32()), "nonfinite": [False] * n,
+                                "model_fingerprint": [fingerprint_model(cfg.model)] * n, "config_hash": ["h"] * n}), layout.scores)  # fmt: skip
+    attribute.run(cfg)
+    units = store.read_table(layout.tokens).to_pandas().groupby("prompt_id").size()
+    plan = attribution_settings(cfg)
+    declared = sum(declared_evaluations(int(u), plan, ScoreSettings.of(cfg.score)) for u in units)
+    summary = json.loads(open(layout.summary).read())
+    assert summary["cost"]["stages"]["attribute"]["evaluations"] == 2 * declared and summary["attribution"]["steps"] == 2

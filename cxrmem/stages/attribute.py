@@ -8,7 +8,7 @@ from typing import Optional
 import pandas as pd
 import pyarrow as pa
 
-from cxrmem.attribution import NULL_COLUMNS, TOKEN_COLUMNS, attribution_summary, with_null
+from cxrmem.attribution import NULL_COLUMNS, TOKEN_COLUMNS, attribution_summary, early_steps, with_null
 from cxrmem.runfiles import Run
 from cxrmem.stages.worker import AttributePrompts, LocalModel, map_with_progress, memorized_stage, stamped
 from cxrmem.summary import AttributionSection
@@ -31,7 +31,9 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
             null_timing = {"null_seconds": round(null_seconds, 2), "null_seed": cfg.attribution.null_seed}
         table = pa.Table.from_pandas(tokens[list(columns)], schema=pa.schema(columns), preserve_index=False)
         out.store.write_table(stamped(table, identity), layout.tokens)
-        section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, model=identity, **null_timing)
+        steps = early_steps(cfg.attribution, cfg.score.steps)
+        section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, model=identity, steps=steps,
+                                     **null_timing)  # fmt: skip
         out.write_sections(section)
     log.info("attribution: %s", section)
     return section
