@@ -97,7 +97,8 @@ class AttributionConfig(Settings):
     generations: int = knob(2, POSITIVE)  # noises per prompt for the gradient
     steps: int = knob(40, POSITIVE)  # k: the gradient and leave-one-out run the first k of the T DDIM steps (fewer: looser LOO ranks)
     leave_one_out: bool = True  # also compute the leave-one-word-out change in d_mem
-    max_prompts: Optional[int] = knob(None, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false attributes none)"))  # at most this many prompts (None: all)
+    # the most memorized prompts attributed (None: all): F2's paired sign test needs a few dozen, as F3 does (mitigation.sample_size)
+    max_prompts: Optional[int] = knob(40, (OPTIONAL_POSITIVE[0], "null or positive (enabled=false attributes none)"))
     null_model: bool = False  # also attribute on a seeded re-initialised copy (F2's baseline; one more model per worker)
     null_seed: int = knob(0, NON_NEGATIVE)  # seed of the null model's weights
     top_units: int = knob(25, POSITIVE)  # units shown per prompt in the figure
