@@ -127,3 +127,24 @@ def test_a_screen_with_fewer_generations_carries_as_many_samples_per_call_as_the
     assert one.score.batch_size * one.score.generations == cfg.score.batch_size * cfg.score.generations == 32
     assert stage_config(cfg, "out", Stage("dmem", 25.0, 2, 4)).score.batch_size == 8
     assert stage_config(cfg, "out", Stage("latent_update", 10.0, 1, 1)).score.batch_size == 32
+
+
+def test_a_stage_widens_to_what_its_screen_model_asks_or_on_a_miss_and_no_further():
+    """`cascade.wider_shares`: a stage whose margin asks for more than it kept widens to that share, one that lost
+    an audited memorized prompt widens by cascade.widen_factor, one whose model asks for less stays, and without
+    a model (needed_keep None, the fixed-share mode) only a miss widens."""
+    from cxrmem.stages.cascade import Round, Screened, Stage, wider_shares
+
+    cfg = load_config(None, ["cascade.widen_factor=2"])
+    stages = [Stage("dmem", 10.0, 1, 1), Stage("dmem", 20.0, 2, 4), Stage("dmem", 50.0, 10, 4), Stage("dmem", 50.0, 20, 4)]
+    n = [200, 20, 4, 2]
+    screened = [Screened(np.arange(k), np.arange(k, 0, -1.0), np.arange(k) < math.ceil(k * s.keep_percent / 100))
+                for k, s in zip(n, stages)]  # fmt: skip
+    checked = Round([], 0, 0, 0, 1, [0, 1, 0, 0])
+    margins = [{"needed_keep": 35}, {"needed_keep": 2}, {"needed_keep": 1}, {"needed_keep": None}]
+    assert wider_shares(cfg, stages, checked, margins, screened) == [17.5, 40.0, 50.0, 50.0]
+    fixed = [{"needed_keep": None}] * 4
+    assert wider_shares(cfg, stages, checked, fixed, screened) == [10.0, 40.0, 50.0, 50.0]
+    assert load_config(None, ["cascade.expected_missed_target=null"]).cascade.expected_missed_target is None
+    with pytest.raises(ConfigError, match="'cascade.expected_missed_target'"):
+        load_config(None, ["cascade.expected_missed_target=0"])
