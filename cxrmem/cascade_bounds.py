@@ -9,7 +9,8 @@ Three numbers, each with what it rests on:
 - `recall_lower_bound`: the memorized prompts the cascade kept, over those plus `missed_upper_95`:
   a 95% lower bound on the recall of the memorized set, on the same footing.
 - `expected_missed`: under a noise model of the full score given each stage's screen score, fitted
-  on the stage's fully scored inputs (survivors and audited). Each rejected prompt adds its
+  on every fully scored prompt (survivors and audited; for one an earlier stage rejected, a dmem
+  screen is recomputed from its full score's step norms). Each rejected prompt adds its
   probability of reaching the memorized threshold under the model of the stage that rejected it (an
   audited one adds 1 if it reached it, else 0). It is as good as the models, so each is checked: on
   the fully scored prompts, the members it predicts against the members there are (a
@@ -87,6 +88,14 @@ class StageScores:
     screen: np.ndarray  # [n] the stage's screen score of each input
     full: np.ndarray  # [n] the full d_mem of the fully scored inputs (survivors, audited), NaN elsewhere
     kept: np.ndarray  # [n] bool: the stage passed it on
+    # (screen, full) of fully scored prompts the stage never screened (an earlier stage rejected them), their screen
+    # recomputed from their full score's step norms: more points for the model, not inputs of the stage
+    also: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+
+    def fit_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(screen, full) of every fully scored prompt the model is fitted and checked on."""
+        scored = np.isfinite(self.full)
+        return np.concatenate([self.screen[scored], self.also[0]]), np.concatenate([self.full[scored], self.also[1]])
 
 
 @dataclass(frozen=True)
@@ -126,13 +135,13 @@ def model_check(model: ScreenModel, screen: np.ndarray, full: np.ndarray, thresh
 def stage_margin(scores: StageScores, threshold: Optional[float], allowed: Optional[float]) -> StageMargin:
     """A stage's model, its check, the members expected among its rejected, and (with `allowed`, the expected
     members its rejected may hold) the share it needs to keep."""
-    model = fit_screen_model(scores.screen, scores.full) if threshold is not None and threshold > 0 else None
+    points = scores.fit_points()
+    model = fit_screen_model(*points) if threshold is not None and threshold > 0 else None
     if model is None:
         return StageMargin(None, None, None, None)
     weights = member_weights(scores, model, threshold)
     needed = None if allowed is None else keep_needed(scores.screen, weights, allowed)
-    return StageMargin(asdict(model), model_check(model, scores.screen, scores.full, threshold),
-                       float(weights[~scores.kept].sum()), needed)  # fmt: skip
+    return StageMargin(asdict(model), model_check(model, *points, threshold), float(weights[~scores.kept].sum()), needed)
 
 
 @dataclass(frozen=True)

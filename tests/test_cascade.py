@@ -114,6 +114,12 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     assert section["continuation"] == {"enabled": True, "off_because": None, "continued": one["kept"] + two["kept"], "evaluations_saved": saved}
     assert (two["continued"], section["rounds"][0]["stages"][0]["continued"]) == (one["kept"], 0)
     assert section["audit"]["sample"] == 4
+    # The screen models' premise (cascade.stage_scores): a dmem stage's screen is the mean of the full score's first
+    # k steps, so a fully scored prompt's screen can be recomputed from its step norms.
+    screen2 = pq.read_table(f"{tmp_path}/_cascade/screening1/scores.parquet").to_pandas().set_index("prompt_id").d_mem
+    full = pq.read_table(layout.scores).to_pandas()
+    recomputed = [np.mean(np.asarray(norms.tolist())[:1, :2]) for norms in full.step_norms]
+    assert np.allclose(recomputed, screen2.loc[full.prompt_id].to_numpy(), rtol=1e-5)
     assert main(["analyze", *overrides]) == 0
     analysis = json.loads(open(layout.summary).read())["analysis"]
     assert analysis["memorized_count"] >= math.ceil(0.01 * n)

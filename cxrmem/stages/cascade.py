@@ -234,6 +234,15 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
+def _step_norms(store: Store, uri: str, ids: np.ndarray | None = None) -> dict:
+    """prompt_id -> [G, T] step norms of a full scoring (of `ids` only, if given)."""
+    if not store.exists(uri):
+        return {}
+    where = None if ids is None else pc.field("prompt_id").isin(ids.tolist() or [""])
+    table = store.read_table(uri, columns=["prompt_id", "step_norms"], filters=where)
+    return {i: np.asarray(n, dtype=np.float64) for i, n in zip(table["prompt_id"].to_pylist(), table["step_norms"].to_pylist())}
+
+
 def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, screened: list[Screened], stages: list[Stage],
                 work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
     """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
@@ -262,18 +271,21 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
     target = cfg.cascade.expected_missed_target
     bounds = audit_bounds(
         checked.rejected, checked.sample, checked.misses, kept_members,
-        stage_scores(stages, screened, (scored_ids, scored), (audit_ids, audit_scores)), threshold,
+        stage_scores(stages, screened, (scored_ids, scored), (audit_ids, audit_scores),
+                     {**_step_norms(store, layout.scores), **_step_norms(store, RunLayout(audit_dir).scores, audit_ids)}), threshold,
         full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size, None if target is None else target / len(stages),
     )  # fmt: skip
     return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
 
 def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.ndarray, np.ndarray],
-                 audited: tuple[np.ndarray, np.ndarray]) -> list[StageScores | None]:  # fmt: skip
+                 audited: tuple[np.ndarray, np.ndarray], step_norms: dict) -> list[StageScores | None]:  # fmt: skip
     """Each stage's inputs for its screen model (cxrmem/cascade_bounds.py): screen scores, the full scores known
     (`kept`: the cascade's scores.parquet, `audited`: the audit sample's) and what it passed on, a prompt the
-    cascade fully scored in an earlier round counting as passed (it is not lost). None for a screen whose higher
-    scores do not mean memorized: it gets no model."""
+    cascade fully scored in an earlier round counting as passed (it is not lost). A dmem stage's screen is the mean
+    of the full score's first k steps of its first G' generations (same seeds and schedule: the continuation's
+    premise), so the fully scored prompts it never screened (`step_norms`: id -> [G, T]) add points to its model.
+    None for a screen whose higher scores do not mean memorized: it gets no model."""
     full = dict(zip(np.concatenate([kept[0], audited[0]]).tolist(), np.concatenate([kept[1], audited[1]]).tolist()))
     out = []
     for stage, screen in zip(stages, screened):
@@ -281,7 +293,11 @@ def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.n
             out.append(None)
             continue
         scores = np.array([full.get(i, np.nan) for i in screen.ids.tolist()], dtype=np.float64)
-        out.append(StageScores(screen.scores, scores, screen.kept | np.isin(screen.ids, kept[0])))
+        inputs = set(screen.ids.tolist())
+        others = [i for i in full if i in step_norms and i not in inputs] if stage.screen == "dmem" else []
+        also = (np.array([np.mean(step_norms[i][: stage.generations, : stage.steps]) for i in others]),
+                np.array([full[i] for i in others], dtype=np.float64))  # fmt: skip
+        out.append(StageScores(screen.scores, scores, screen.kept | np.isin(screen.ids, kept[0]), also))
     return out
 
 
