@@ -27,7 +27,7 @@ from cxrmem.config import load_config
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.findings import FindingInputs, f0_memorizes
 from cxrmem.results_page import cpu_name, write_results
-from cxrmem.runfiles import RunLayout, read_summary
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.stages import analyze, prepare, reference, score
 from cxrmem.storage import Store
 
@@ -57,7 +57,7 @@ def audit(name: str, overrides: list[str]) -> dict:
     ref = reference.run(cfg)
     analyze.run(cfg)
     layout = RunLayout(cfg.run.output)
-    summary = read_summary(Store(), layout)
+    summary = Run(Store(), layout).read_summary()
     calibration = summary.calibration
     q = pq.read_table(layout.calibration).to_pandas()
     known = pd.read_csv(cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None

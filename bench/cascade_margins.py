@@ -146,7 +146,8 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         f"'margins': the same first-round shares, then each stage widened to what its screen model needs for "
         f"cascade.expected_missed_target={args.target:g} in all.",
         "",
-        "| testbed | prompts | top 1% | mode | recall | evaluations per prompt | audit per prompt | rounds | final keep % | expected_missed | recall_lower_bound |",
+        "| testbed | prompts | top 1% | mode | recall | evaluations per prompt | audit per prompt | rounds | final keep % "
+        "| expected_missed | recall_lower_bound |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.results_page import cpu_name  # noqa: E402
-from cxrmem.runfiles import RunLayout, write_memorized  # noqa: E402
+from cxrmem.runfiles import Run, RunLayout  # noqa: E402
 from cxrmem.storage import Store  # noqa: E402
 
 
@@ -67,17 +67,18 @@ def main() -> None:
     cfg = config(args)
     export_training_images(str(ROOT / "testbed" / "model"), args.images, cfg.corpus)
     store, layout = Store(), RunLayout(args.out)
-    prepare.run(cfg, store)
+    run = Run(store, layout)
+    prepare.run(cfg, run)
     prompts = store.read_table(layout.prompts, columns=["prompt_id", "prompt"]).to_pandas()
     manifest = pd.read_csv(ROOT / "testbed" / "model" / "manifest.csv").query("planted")
     groups = manifest.assign(marked=manifest.prompt.str.contains("___")).groupby(["n_copies", "marked"], sort=False)
     planted = set(groups.head(args.per_group).prompt)
     memorized = prompts[prompts.prompt.isin(planted)].assign(d_mem=float("nan"), n_reports=1)
-    write_memorized(store, layout, memorized)
+    run.write_memorized(memorized)
     timings = {}
     for name, stage in (("mitigate", mitigate), ("copies", copies), ("report", report)):
         t = time.time()
-        result = stage.run(cfg, store)
+        result = stage.run(cfg, run)
         timings[name] = round(time.time() - t, 1)
     judged = {w: g["judgement"] for w, g in result_copies(store, layout).items()}
     print(json.dumps({"cpu": cpu_name(), "threads": int(os.environ["OMP_NUM_THREADS"]), "memorized": len(memorized),

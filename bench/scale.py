@@ -165,8 +165,8 @@ def child_ceiling(args) -> dict:
 
     from cxrmem.config import load_config
     from cxrmem.distributed.pipeline import scored_batches
+    from cxrmem.runfiles import Run
     from cxrmem.stages import score
-    from cxrmem.storage import Store
 
     sys.path.insert(0, HERE)
     from ray_bench import write_prompts
@@ -177,7 +177,7 @@ def child_ceiling(args) -> dict:
                              "ray.num_cpus_per_worker=1", f"ray.batch_size={args.ceiling_batch}", "ray.checkpoint_every=16384"])
     ray.init(address=args.address, logging_level="WARNING")
     start = time.perf_counter()
-    result = score.run(cfg, Store(), "null", functools.partial(scored_batches, worker=NullWorker))
+    result = score.run(cfg, Run.of(cfg).with_fingerprint("null"), functools.partial(scored_batches, worker=NullWorker))
     wall = time.perf_counter() - start
     ray.shutdown()
     return {"n": args.n, "wall_s": wall, "prompts_per_s": result.computed / wall, "ray_batch_size": args.ceiling_batch,

@@ -22,7 +22,8 @@ from cxrmem.stages.table import STAGES, Stage, argument, load, run_stage
 from cxrmem.summary import Record
 
 # The CLI's own commands beside the stage table's stages (cxrmem/stages/table.py), in the same row type: each
-# runs `function(cfg, store, **arguments)`. They sit above the stages (Ray, publishing) or beside them (tools).
+# runs `function(cfg, out, **arguments)` (the run at run.output for a writer, else the store). They sit above
+# the stages (Ray, publishing) or beside them (tools).
 COMMANDS: tuple[Stage, ...] = STAGES + (
     Stage("audit", "all stages in order on Ray, then publish the run's manifest", "cxrmem.distributed.audit:run_audit",
           dict, "report", audit=False),
@@ -138,17 +139,17 @@ def writing(cfg, store, prefix: str, command: str) -> Iterator[None]:
         yield
 
 
-# The CLI's commands, each `(cfg, store, **arguments)` as the table calls them.
-def rescore(cfg, store, force: bool = False) -> dict:
+# The CLI's commands, each `(cfg, out, **arguments)` as the table calls them.
+def rescore(cfg, out, force: bool = False) -> dict:
     from cxrmem.distributed.rescore import rescore as rescore_run
 
-    return rescore_run(cfg, force=force, store=store)
+    return rescore_run(cfg, force=force, store=out.store)  # its runs live under run.output, each audited on its own
 
 
-def export(cfg, store, to: str) -> dict:
+def export(cfg, out, to: str) -> dict:
     from cxrmem.publish import export_run
 
-    return export_run(store, cfg.run.output, to, overwrite=cfg.run.overwrite)
+    return export_run(out.store, out.layout.prefix, to, overwrite=cfg.run.overwrite)
 
 
 def config(cfg, store) -> dict:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Iterable, Optional, Protocol
 
 from cxrmem.storage import PARTIAL_MARK, Store, join, join_inside
 from cxrmem.summary import BY_NAME, CostSection, RunSummary, Section
@@ -102,63 +102,91 @@ class RunLayout:
     set_aside = property(lambda self: self.path("_parts/set_aside"))
 
 
-def read_summary(store: Store, layout: RunLayout) -> RunSummary:
-    """summary.json as typed sections (cxrmem/summary.py); an absent file is an empty summary."""
-    return RunSummary.from_json(store.read_json(layout.summary) if store.exists(layout.summary) else {})
+class WriterLease(Protocol):
+    """What a run needs of its writer's lease (cxrmem/lease.py `Lease`, which sits above this module)."""
+
+    def check(self) -> None:
+        """Raise when another writer took the run over."""
 
 
-def write_sections(store: Store, layout: RunLayout, *sections: Section, clear: tuple[str, ...] = ()) -> None:
-    """Replace these sections of summary.json (each stage owns its sections) and remove the `clear`ed ones
-    (e.g. the detectors section an earlier analysis of other scores left); the other sections stay as they are."""
-    unknown = [name for name in clear if name not in BY_NAME]
-    if unknown:
-        raise ValueError(f"summary.json has no section {unknown}; the sections are {list(BY_NAME)}")
-    summary = store.read_json(layout.summary) if store.exists(layout.summary) else {}
-    for name in clear:
-        summary.pop(name, None)
-    summary.update({section.name: section.to_json() for section in sections})
-    store.write_json(layout.summary, summary)
+@dataclass(frozen=True)
+class Run:
+    """One run as its stages see it: the store that holds it, where its files live, the lease of its writer
+    (the audit's, once taken) and the model's fingerprint once known. A stage reads and writes its run
+    through this object, so the store and the layout travel together and downward (docs/design.md, Layers).
+    """
 
+    store: Store
+    layout: RunLayout
+    lease: Optional[WriterLease] = None
+    fingerprint: Optional[str] = None
 
-def record_cost(store: Store, layout: RunLayout, stage: str, work: dict) -> None:
-    """summary.json's cost section with `stage`'s counted model work (UNetWork.to_json) in place of its last record,
-    per prompt of the run's corpus."""
-    corpus = store.read_table(layout.prompts, columns=["prompt_id"]).num_rows if store.exists(layout.prompts) else 0
-    write_sections(store, layout, CostSection.with_stage(read_summary(store, layout).cost, corpus, stage, work))
+    @classmethod
+    def of(cls, cfg, store: Optional[Store] = None) -> Run:
+        """The run at `cfg.run.output`, on `store` (default: the one `cfg.storage` names)."""
+        return cls(store or Store.from_config(cfg.storage), RunLayout(cfg.run.output))
 
+    def held_by(self, lease: WriterLease) -> Run:
+        return replace(self, lease=lease)
 
-def write_memorized(store: Store, layout: RunLayout, memorized: pd.DataFrame) -> None:
-    """memorized_prompts.csv: the paper's released list, column `prompt` first, most memorized first."""
-    store.write_text(layout.memorized, memorized.to_csv(index=False))
+    def with_fingerprint(self, fingerprint: str) -> Run:
+        return replace(self, fingerprint=fingerprint)
 
+    def at(self, prefix: str) -> Run:
+        """A run of its own under `prefix` (the cascade's screens and audit), on this store, for this model."""
+        return replace(self, layout=RunLayout(prefix))
 
-def read_memorized(store: Store, layout: RunLayout, limit: Optional[int] = None) -> pd.DataFrame:
-    """The memorized set, most memorized first, cut to `limit` rows; ids checked."""
-    import pandas as pd
+    @property
+    def reference(self) -> Run:
+        """The run of the reference's prompts (`reference/` under this one), on the same store, for the same model."""
+        return replace(self, layout=self.layout.reference)
 
-    if not store.exists(layout.memorized):
-        raise FileNotFoundError(f"{layout.memorized} does not exist; run `cxrmem analyze` for this run first")
-    memorized = pd.read_csv(
-        io.BytesIO(store.read_bytes(layout.memorized)),
-        dtype={"prompt": str, "prompt_id": str},  # an all-digit id keeps its leading zeros
-        keep_default_na=False,  # a prompt that reads "NA" stays a prompt
-    )
-    missing = [c for c in ("prompt", "prompt_id") if c not in memorized.columns]
-    if missing:
-        raise ValueError(f"{layout.memorized} lacks the columns {missing} (has {list(memorized.columns)}); rerun `cxrmem analyze`")
-    check_prompt_ids(memorized["prompt_id"], layout.memorized)
-    return memorized.head(limit) if limit is not None else memorized
+    def exists(self, uri: str) -> bool:
+        return self.store.exists(uri)
 
+    def read_summary(self) -> RunSummary:
+        """summary.json as typed sections (cxrmem/summary.py); an absent file is an empty summary."""
+        uri = self.layout.summary
+        return RunSummary.from_json(self.store.read_json(uri) if self.store.exists(uri) else {})
 
-def read_known_memorized(store: Store, uri: str) -> set[str]:
-    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
-    import pandas as pd
+    def write_sections(self, *sections: Section, clear: tuple[str, ...] = ()) -> None:
+        """Replace these sections of summary.json (each stage owns its sections) and remove the `clear`ed ones
+        (e.g. the detectors section an earlier analysis of other scores left); the other sections stay as they are."""
+        unknown = [name for name in clear if name not in BY_NAME]
+        if unknown:
+            raise ValueError(f"summary.json has no section {unknown}; the sections are {list(BY_NAME)}")
+        uri = self.layout.summary
+        summary = self.store.read_json(uri) if self.store.exists(uri) else {}
+        for name in clear:
+            summary.pop(name, None)
+        summary.update({section.name: section.to_json() for section in sections})
+        self.store.write_json(uri, summary)
 
-    from cxrmem.analysis import known_memorized_ids
+    def record_cost(self, stage: str, work: dict) -> None:
+        """summary.json's cost section with `stage`'s counted model work (UNetWork.to_json) in place of its last
+        record, per prompt of the run's corpus."""
+        prompts = self.layout.prompts
+        corpus = self.store.read_table(prompts, columns=["prompt_id"]).num_rows if self.store.exists(prompts) else 0
+        self.write_sections(CostSection.with_stage(self.read_summary().cost, corpus, stage, work))
 
-    if not store.exists(uri):
-        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
-    table = pd.read_csv(io.StringIO(store.read_text(uri)), keep_default_na=False)
-    if "prompt" not in table:
-        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
-    return known_memorized_ids(table)
+    def write_memorized(self, memorized: pd.DataFrame) -> None:
+        """memorized_prompts.csv: the paper's released list, column `prompt` first, most memorized first."""
+        self.store.write_text(self.layout.memorized, memorized.to_csv(index=False))
+
+    def read_memorized(self, limit: Optional[int] = None) -> pd.DataFrame:
+        """The memorized set, most memorized first, cut to `limit` rows; ids checked."""
+        import pandas as pd
+
+        uri = self.layout.memorized
+        if not self.store.exists(uri):
+            raise FileNotFoundError(f"{uri} does not exist; run `cxrmem analyze` for this run first")
+        memorized = pd.read_csv(
+            io.BytesIO(self.store.read_bytes(uri)),
+            dtype={"prompt": str, "prompt_id": str},  # an all-digit id keeps its leading zeros
+            keep_default_na=False,  # a prompt that reads "NA" stays a prompt
+        )
+        missing = [c for c in ("prompt", "prompt_id") if c not in memorized.columns]
+        if missing:
+            raise ValueError(f"{uri} lacks the columns {missing} (has {list(memorized.columns)}); rerun `cxrmem analyze`")
+        check_prompt_ids(memorized["prompt_id"], uri)
+        return memorized.head(limit) if limit is not None else memorized

@@ -10,9 +10,8 @@ import pytest
 from cxrmem import stats
 from cxrmem.cli import main
 from cxrmem.config import ConfigError, load_config
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.stages import cascade, score
-from cxrmem.storage import Store
 
 STAGES = "cascade.stages=[{screen: dmem, keep_percent: %s, steps: 1}]"
 
@@ -66,14 +65,14 @@ def test_starved_screen_is_caught_widened_and_recovers(tiny_model_dir, tmp_path)
     truth_dir = tmp_path / "truth"
     truth_cfg = cfg_for(tiny_model_dir, truth_dir, "cascade.enabled=false")
     assert main(["prepare", f"run.output={truth_dir}", "corpus.synthetic.n_reports=40"]) == 0
-    score.run(truth_cfg, Store(), "fp-tiny")
+    score.run(truth_cfg, Run.of(truth_cfg).with_fingerprint("fp-tiny"))
     truth = pq.read_table(RunLayout(str(truth_dir)).scores).to_pandas()
     top = set(truth.prompt_id[stats.top_percent_mask(truth.d_mem.to_numpy(), 10.0)[0]])
 
     out = tmp_path / "run"
     cfg = cfg_for(tiny_model_dir, out, STAGES % 3, "analyze.top_percent=10", "cascade.audit_sample=1000", "cascade.widen_factor=3")
     assert main(["prepare", f"run.output={out}", "corpus.synthetic.n_reports=40"]) == 0
-    result = cascade.run_cascade(cfg, Store(), "fp-tiny")
+    result = cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-tiny"))
     section = json.loads(open(RunLayout(str(out)).summary).read())["cascade"]
     first, last = section["rounds"][0], section["rounds"][-1]
     assert first["misses"] >= len(top) - first["stages"][0]["kept"] > 0 and first["missed_by_stage"] == [first["misses"]]

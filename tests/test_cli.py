@@ -9,7 +9,7 @@ import pytest
 
 from cxrmem.cli import main
 from cxrmem.publish import publish_manifest
-from cxrmem.runfiles import RunLayout, read_memorized
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.storage import PARTIAL_MARK, Store, join_inside
 from tests.test_analysis import N, _write_run
 
@@ -105,7 +105,7 @@ def test_crafted_prompt_id_never_becomes_a_path(tmp_path):
     memorized.loc[1, "prompt_id"] = "/../../../../tmp/x"
     memorized.to_csv(layout.memorized, index=False)
     with pytest.raises(ValueError, match=r"row 1 has prompt_id '/../../../../tmp/x'"):
-        read_memorized(Store(), layout)
+        Run(Store(), layout).read_memorized()
     with pytest.raises(ValueError, match="outside"):
         layout.figure("generations_/../../../../tmp/x.npz")
 

@@ -16,7 +16,7 @@ from cxrmem.config import ConfigError, load_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.models.loading import load_components
 from cxrmem.models.settings import ModelConfig
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import Continuation, Scorer
 from cxrmem.scoring.settings import ScoreConfig, ScoreSettings
 from cxrmem.stages import cascade
@@ -103,7 +103,7 @@ def cascade_run(tiny_model_dir, out, *overrides):
 
     UNet2DConditionModel.forward = counted
     try:
-        cascade.run_cascade(cfg, Store(), "fp-tiny")
+        cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-tiny"))
     finally:
         UNet2DConditionModel.forward = forward
     section = json.loads(open(RunLayout(str(out)).summary).read())["cascade"]

@@ -13,7 +13,7 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import RunExistsError, publish_manifest
-from cxrmem.runfiles import RunLayout, write_memorized
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.stages import copies, image_index
 from cxrmem.stages.results import Skipped
 from cxrmem.stages.table import BY_NAME, run_stage
@@ -83,7 +83,7 @@ def write_run(output: Path, texts: list[str], memorized: int, sources: list[str]
                       "subject_id": [["p" + s[1:]] for s in sources]})  # fmt: skip
     Store().write_table(table, layout.prompts)
     frame = pd.DataFrame({"prompt": texts[:memorized], "prompt_id": ids[:memorized], "d_mem": 1.0, "n_reports": 1})
-    write_memorized(Store(), layout, frame)
+    Run(Store(), layout).write_memorized(frame)
     write_scores_key(layout, ids, fingerprint_model(load_config(None, [f"model.path={model_dir}"]).model))
     return ids
 

@@ -10,6 +10,7 @@ from cxrmem.config import ConfigError, load_config
 from cxrmem.corpus.prompts import build_prompts_table
 from cxrmem.corpus.text import SourceText, prompt_id, skipped
 from cxrmem.models.loading import load_tokenizer
+from cxrmem.runfiles import Run
 from cxrmem.stages import prepare
 from cxrmem.stages.prepare import check_same_corpus
 from cxrmem.storage import Store
@@ -134,9 +135,11 @@ def test_prepare_mimic_reports_from_s3(tiny_model_dir, s3_bucket, s3_server):
 def test_a_resumed_run_must_keep_its_corpus(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     prepare.run(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40"))
-    check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2"), Store())
+    same = config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=40", "corpus.read_workers=2")
+    check_same_corpus(same, Run.of(same))
+    other = config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30")
     with pytest.raises(ValueError, match=r"corpus.max_reports: 40 then, 30 now.*delete that folder"):
-        check_same_corpus(config(tiny_model_dir, out, "corpus.synthetic.n_reports=50", "corpus.max_reports=30"), Store())
+        check_same_corpus(other, Run.of(other))
 
 
 def test_a_corpus_source_is_one_registry_entry(tiny_model_dir, tmp_path, monkeypatch):

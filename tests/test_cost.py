@@ -15,7 +15,7 @@ from cxrmem.config import ModelConfig, ScoreConfig, load_config
 from cxrmem.detectors import REGISTRY
 from cxrmem.mitigation import mitigate_prompt, vocabulary_words
 from cxrmem.models.loading import load_components
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import Scorer, UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages import cascade
@@ -99,7 +99,7 @@ def test_the_cascade_records_what_its_stages_declare(tiny_model_dir, tmp_path):
                  "cascade.max_rounds=1"]  # fmt: skip
     assert main(["prepare", *overrides]) == 0
     cfg = load_config(None, overrides)
-    cascade.run_cascade(cfg, Store(), "fp-tiny")
+    cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-tiny"))
     summary = json.loads(open(RunLayout(str(tmp_path)).summary).read())
     section, cost = summary["cascade"], summary["cost"]
     (run,) = section["rounds"]
@@ -120,14 +120,14 @@ def test_the_cascade_records_what_its_stages_declare(tiny_model_dir, tmp_path):
 
 
 def test_a_stage_records_its_own_work_beside_the_others(tmp_path):
-    from cxrmem.runfiles import read_summary, record_cost
 
     layout, store = RunLayout(str(tmp_path)), Store()
     store.write_table(pa.table({"prompt_id": ["a" * 16, "b" * 16]}), layout.prompts)
-    record_cost(store, layout, "score", UNetWork(10).to_json())
-    record_cost(store, layout, "mitigate", UNetWork(4, 3, 2).to_json())
-    record_cost(store, layout, "score", UNetWork(6).to_json())  # a rerun replaces its stage's record
-    cost = read_summary(store, layout).cost
+    run = Run(store, layout)
+    run.record_cost("score", UNetWork(10).to_json())
+    run.record_cost("mitigate", UNetWork(4, 3, 2).to_json())
+    run.record_cost("score", UNetWork(6).to_json())  # a rerun replaces its stage's record
+    cost = run.read_summary().cost
     assert cost.stages["score"]["evaluations"] == 6 and cost.stages["mitigate"]["evaluations"] == 4 + 2 * 3
     assert cost.total == {"unet_samples": 10, "backward_samples": 3, "vae_decodes": 2, "evaluations": 16}
     assert cost.evaluations_per_prompt == 8  # 16 evaluations over the corpus's 2 prompts

@@ -13,7 +13,7 @@ from cxrmem.analysis import detector_agreement
 from cxrmem.cli import main
 from cxrmem.config import ConfigError, load_config
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.score_key import config_hash
 from cxrmem.stages import analyze, cascade, score, score_parts
 from cxrmem.storage import Store
@@ -76,7 +76,7 @@ def test_cascade_screens_with_a_named_detector_on_the_tiny_model(tiny_model_dir,
     cfg = tiny_cfg(tiny_model_dir, tmp_path, "cascade.enabled=true", "cascade.stages=[{screen: anisotropy, keep_percent: 25, steps: 1}]",
                    "cascade.audit_sample=0", "score.detectors=[attention_entropy]")
     assert main(["prepare", f"run.output={tmp_path}", "corpus.synthetic.n_reports=40"]) == 0
-    result = cascade.run_cascade(cfg, Store(), "fp-tiny")
+    result = cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-tiny"))
 
     screening = pq.read_table(RunLayout(f"{tmp_path}/{cascade.CASCADE_DIR}/screening").scores).to_pandas()
     assert {"anisotropy", "anisotropy_norm", "anisotropy_alignment"} <= set(screening.columns)

@@ -31,7 +31,7 @@ import pytest
 from cxrmem.config import load_config
 from cxrmem.distributed.pipeline import scored_batches
 from cxrmem.models.loading import fingerprint_model
-from cxrmem.runfiles import RunLayout, read_memorized
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.stages import prepare, score
 from cxrmem.storage import Store
 
@@ -276,7 +276,7 @@ def test_killed_worker_is_restarted_and_every_prompt_scored_once(driver_on_head,
         kill_flag.touch()  # the next batch's worker deletes it and exits
 
     threading.Thread(target=kill_a_worker_once_parts_exist, daemon=True).start()
-    result = score.run(cfg, Store(), fingerprint_model(cfg.model), scored_batches)
+    result = score.run(cfg, Run.of(cfg).with_fingerprint(fingerprint_model(cfg.model)), scored_batches)
 
     assert not kill_flag.exists(), "no worker died: the run finished before the fault was armed"
     total = pq.read_metadata(layout.prompts).num_rows
@@ -357,7 +357,7 @@ def test_rescore_runs_only_when_the_model_changes(driver_on_head, tiny_model_dir
     runs = {}
     for name, run in (("old", first["run"]), ("new", second["run"])):
         scores = pq.read_table(RunLayout(run).scores, columns=["prompt_id", "d_mem"]).to_pandas().set_index("prompt_id")
-        runs[name] = (scores["d_mem"].reindex(diff.index).to_numpy(), diff.index.isin(read_memorized(Store(), RunLayout(run)).prompt_id))
+        runs[name] = (scores["d_mem"].reindex(diff.index).to_numpy(), diff.index.isin(Run(Store(), RunLayout(run)).read_memorized().prompt_id))
     (old, was), (new, now) = runs["old"], runs["new"]
     np.testing.assert_array_equal(diff["d_mem_old"].to_numpy(), old)
     np.testing.assert_array_equal(diff["d_mem_new"].to_numpy(), new)
@@ -392,7 +392,7 @@ def test_cascade_on_ray_scores_and_continues_as_in_process(driver_on_head, score
         output.mkdir()
         shutil.copy(scored_reference.prompts, RunLayout(str(output)).prompts)
         cfg = small_config(output, tiny_model_dir, "score.steps=4", "cascade.enabled=true", "cascade.audit_sample=6", stages)
-        selected[where] = executor(cfg, Store(), fingerprint_model(cfg.model, Store())).selected
+        selected[where] = executor(cfg, Run.of(cfg).with_fingerprint(fingerprint_model(cfg.model, Store()))).selected
         sections[where] = json.loads(open(RunLayout(str(output)).summary).read())["cascade"]
         scores[where] = pq.read_table(RunLayout(str(output)).scores).to_pandas().set_index("prompt_id").sort_index()
     section = sections["ray"]

@@ -49,7 +49,7 @@ def test_a_pool_holding_every_cpu_still_gets_its_prompts(tiny_model_dir, tmp_pat
     cfg = load_config(REPO / "conf/test.yaml", [*overrides, "ray.local_num_cpus=1", "ray.num_cpus_per_worker=1", "ray.stall_timeout_s=120"])
     prepare.run(cfg)
     with ray_session(cfg.ray):
-        result = score.run(cfg, Store(), scored_batches=scored_batches)
+        result = score.run(cfg, scored_batches=scored_batches)
     assert result.computed == result.total > 0
 
 

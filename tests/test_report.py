@@ -255,13 +255,13 @@ def test_overguidance_and_paired_interval_statistics():
 
 
 def test_run_section_shows_the_counted_work_with_gpu_hours_labelled_an_estimate(tmp_path):
-    from cxrmem.runfiles import record_cost
+    from cxrmem.runfiles import Run
     from cxrmem.scoring.scorer import UNetWork
     from cxrmem.storage import Store
 
     cfg, layout = _analyzed_run(tmp_path)
-    record_cost(Store(), layout, "score", UNetWork(3_600_000).to_json())  # 4 h at 250 samples/s, 2.5 h at 400
-    record_cost(Store(), layout, "mitigate", UNetWork(0, 0, 7).to_json())
+    Run(Store(), layout).record_cost("score", UNetWork(3_600_000).to_json())  # 4 h at 250 samples/s, 2.5 h at 400
+    Run(Store(), layout).record_cost("mitigate", UNetWork(0, 0, 7).to_json())
     report.run(cfg)
     text = open(layout.report, encoding="utf-8").read()
     _check_html(text)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cxrmem.runfiles import RunLayout, read_summary, write_sections
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.storage import Store
 from cxrmem.summary import BY_NAME, AttributionSection, AuditSection, MitigationSection, RunSummary
 
@@ -16,18 +16,19 @@ def _mitigation(seconds=4.5):
 def test_a_section_replaces_only_itself_and_reads_back_by_field(tmp_path):
     store, layout = Store(), RunLayout(str(tmp_path))
     open(layout.summary, "w").write(json.dumps({"score": {"anything": 1}}))  # a key no section owns survives
-    write_sections(store, layout, _mitigation())
-    write_sections(store, layout, AuditSection(output="o", scoring={}, memorized_count=3, threshold=2.0, timings_s={"score": 1.0}))
-    write_sections(store, layout, _mitigation(seconds=9.0))  # a rerun of the stage replaces its section
+    run = Run(store, layout)
+    run.write_sections(_mitigation())
+    run.write_sections(AuditSection(output="o", scoring={}, memorized_count=3, threshold=2.0, timings_s={"score": 1.0}))
+    run.write_sections(_mitigation(seconds=9.0))  # a rerun of the stage replaces its section
     on_disk = json.loads(open(layout.summary).read())
     assert set(on_disk) == {"score", "mitigation", "audit"} and on_disk["mitigation"]["seconds"] == 9.0
-    summary = read_summary(store, layout)
+    summary = run.read_summary()
     assert summary.mitigation == _mitigation(seconds=9.0) and summary.audit.threshold == 2.0
     assert summary.analysis is None and summary.copies is None
-    write_sections(store, layout, clear=("mitigation",))
-    assert read_summary(store, layout).mitigation is None
+    run.write_sections(clear=("mitigation",))
+    assert run.read_summary().mitigation is None
     with pytest.raises(ValueError, match="no section \\['mitigate'\\]"):
-        write_sections(store, layout, clear=("mitigate",))
+        run.write_sections(clear=("mitigate",))
 
 
 def test_an_older_file_reads_with_defaults_and_a_newer_one_without_its_new_keys():

@@ -30,7 +30,7 @@ from cxrmem.distributed.session import ray_session
 from cxrmem.lease import LeaseSettings, hold
 from cxrmem.models.loading import fingerprint_model
 from cxrmem.publish import is_published, manifest_digest, publish_manifest
-from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.score_key import config_hash
 from cxrmem.settings import with_overrides
 from cxrmem.stages import score
@@ -106,7 +106,7 @@ def _rescore(cfg, force: bool, store: Store) -> dict:
     if previous:
         # Same corpus: the new run starts from the previous run's prompts instead of preparing again.
         store.copy_within(RunLayout(previous).prompts, RunLayout(run).prompts)
-    audit = run_audit(run_cfg, store)
+    audit = run_audit(run_cfg, Run.of(run_cfg, store))
     result = {
         "status": "rescored",
         "reason": "forced" if old_key == key else ("first run" if old_key is None else "model or score settings changed"),
@@ -121,7 +121,7 @@ def _rescore(cfg, force: bool, store: Store) -> dict:
         diff_uri = storage.join(run, DIFF_FILE)
         store.write_table(pa.Table.from_pandas(diff, preserve_index=False), diff_uri)
         result.update(diff=diff_uri, **counts)
-    write_sections(store, RunLayout(run), RescoreSection(**result))
+    Run(store, RunLayout(run)).write_sections(RescoreSection(**result))
     digest = manifest_digest(publish_manifest(store, run, fingerprint, run_cfg, extra={"config_hash": key[1]}))
     store.write_json(latest_uri(output), {"run": run, "model_fingerprint": fingerprint, "config_hash": key[1], "created": stamp,
                                           "manifest_sha256": digest})  # fmt: skip

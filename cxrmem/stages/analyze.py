@@ -7,6 +7,7 @@ the whole corpus are read (ids, d_mem, flags, counts); prompt text only for the 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -23,18 +24,12 @@ from cxrmem.analysis import (
     AdjustSettings,
     analyze_tables,
     detector_agreement,
+    known_memorized_ids,
 )
 from cxrmem.calibration import CalibrationSettings, calibrate, global_null_p
 from cxrmem.detectors import REGISTRY
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import (
-    RunLayout,
-    check_prompt_ids,
-    read_known_memorized,
-    read_summary,
-    write_memorized,
-    write_sections,
-)
+from cxrmem.runfiles import Run, check_prompt_ids
 from cxrmem.settings import PERCENT, POSITIVE, ConfigError, knob, public_config
 from cxrmem.stages.prepare import read_prepare_summary
 from cxrmem.stages.results import AnalyzeResult
@@ -63,33 +58,43 @@ def check_something_scored(counts: dict, scores_uri: str) -> None:
     )
 
 
-def token_limit(cfg, store: Store, layout: RunLayout) -> Optional[int]:
+def token_limit(cfg, out: Run) -> Optional[int]:
     """The model's prompt length in tokens (its tokenizer's model_max_length) that `truncated` is measured
     against: from prepare_summary.json, else from the model's tokenizer; None when neither can be read."""
-    prepared = read_prepare_summary(store, layout)
+    prepared = read_prepare_summary(out)
     if prepared is not None and isinstance(prepared.max_length, int):
         return prepared.max_length
     try:
         from cxrmem.models.loading import load_tokenizer
 
-        return int(load_tokenizer(cfg.model, store).model_max_length)
+        return int(load_tokenizer(cfg.model, out.store).model_max_length)
     except Exception as err:  # the flag stays; only the number is missing
         log.warning("analyze: the model's token limit is unknown (%s: %s); truncated prompts are flagged without it", type(err).__name__, err)
         return None
 
 
-def flag_truncated(cfg, store: Store, layout: RunLayout, memorized: pd.DataFrame) -> pd.DataFrame:
+def flag_truncated(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
     """memorized_prompts.csv's `truncated` (the prompt is longer than the model reads: its d_mem is that of its
     first `token_limit` tokens) and `token_limit`; unchanged for prompts.parquet written without the flag."""
     if "truncated" not in memorized.columns:
         return memorized
     memorized["truncated"] = memorized["truncated"].fillna(False).astype(bool)
     if memorized["truncated"].any():
-        limit = token_limit(cfg, store, layout)
+        limit = token_limit(cfg, out)
         memorized["token_limit"] = pd.array([limit] * len(memorized), dtype="Int64")
         log.warning("analyze: %d of the %d memorized prompts are longer than the model's %s tokens and were scored truncated",
                     int(memorized["truncated"].sum()), len(memorized), limit if limit is not None else "(unknown)")  # fmt: skip
     return memorized
+
+
+def read_known_memorized(store: Store, uri: str) -> set[str]:
+    """prompt_ids of the prompts a CSV lists as memorized (column `prompt`; a `planted` column filters)."""
+    if not store.exists(uri):
+        raise FileNotFoundError(f"{uri} (analyze.known_memorized) does not exist; fix the path or set it to null")
+    table = pd.read_csv(io.StringIO(store.read_text(uri)), keep_default_na=False)
+    if "prompt" not in table:
+        raise ValueError(f"{uri} (analyze.known_memorized) has no `prompt` column; its columns are {list(table.columns)}")
+    return known_memorized_ids(table)
 
 
 def read_columns(store: Store, uri: str, columns: list[str], missing_hint: str) -> pd.DataFrame:
@@ -132,9 +137,10 @@ def detector_names(store: Store, scores_uri: str) -> list[str]:
     return [name for name, spec in REGISTRY.items() if spec.columns[0] in columns]
 
 
-def calibrate_run(cfg, store: Store, layout: RunLayout, scores: pd.DataFrame, prompts: pd.DataFrame, top_set: set,
+def calibrate_run(cfg, out: Run, scores: pd.DataFrame, prompts: pd.DataFrame, top_set: set,
                   known: Optional[set]) -> CalibrationSection:  # fmt: skip
     """calibration.parquet (p- and q-values of every scored prompt against the reference) and its section."""
+    store, layout = out.store, out.layout
     ref = layout.reference
     ref_scores = read_columns(store, ref.scores, SCORE_COLUMNS, "run `cxrmem reference` (analyze.reference is set)")
     ref_prompts = read_columns(store, ref.prompts, ["prompt_id", "n_tokens"], "run `cxrmem reference` (analyze.reference is set)")
@@ -183,9 +189,9 @@ def top_share_ids(scores: pd.DataFrame, top_percent: float) -> set:
     return set(finite["prompt_id"][mask])
 
 
-def called_ids(store: Store, layout: RunLayout, fdr: float) -> set:
+def called_ids(out: Run, fdr: float) -> set:
     """The calibrated calls: prompt_ids with q-value at most `fdr` (calibration.parquet)."""
-    table = store.read_table(layout.calibration, columns=["prompt_id", "q_value"]).to_pandas()
+    table = out.store.read_table(out.layout.calibration, columns=["prompt_id", "q_value"]).to_pandas()
     return set(table["prompt_id"][table["q_value"] <= fdr])
 
 
@@ -193,13 +199,13 @@ def adjust_settings(cfg) -> AdjustSettings:
     return AdjustSettings.of(cfg.analyze)
 
 
-def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None) -> AnalyzeResult:
+def run(cfg, out: Optional[Run] = None, top_percent: Optional[float] = None) -> AnalyzeResult:
     """Write memorized_prompts.csv and summary.json["analysis"]; `top_percent` overrides analyze.top_percent
     (the cascade's scores hold only the screened share of the corpus)."""
-    store = store or Store.from_config(cfg.storage)
-    layout = RunLayout(cfg.run.output)
+    out = out or Run.of(cfg)
+    store, layout = out.store, out.layout
     if top_percent is None and cfg.cascade.enabled:  # a cascade's scores hold its fully scored share only
-        cascade = read_summary(store, layout).cascade
+        cascade = out.read_summary().cascade
         top_percent = cascade.analysis_top_percent if cascade else None
     top_percent = cfg.analyze.top_percent if top_percent is None else top_percent
     with stage_writes(store, cfg.run, "analyze"):
@@ -208,8 +214,8 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         scores = read_columns(store, layout.scores, SCORE_COLUMNS + RUN_ID_COLUMNS + extra, "run `cxrmem score` (or `cxrmem audit`) first")
         prompts = read_columns(store, layout.prompts, PROMPT_COLUMNS, "run `cxrmem prepare` first")
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
-        calibrated = calibrate_run(cfg, store, layout, scores, prompts, top_share_ids(scores, top_percent), known) if cfg.analyze.reference else None
-        called = called_ids(store, layout, cfg.analyze.fdr) if cfg.analyze.memorized_by == "q_value" else None
+        calibrated = calibrate_run(cfg, out, scores, prompts, top_share_ids(scores, top_percent), known) if cfg.analyze.reference else None
+        called = called_ids(out, cfg.analyze.fdr) if cfg.analyze.memorized_by == "q_value" else None
         memorized, analysis = analyze_tables(
             scores[SCORE_COLUMNS], prompts, top_percent, cfg.analyze.zscore, list(cfg.analyze.n_reports_buckets), known,
             adjust_settings(cfg), called,
@@ -221,7 +227,7 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         texts = store.read_table(layout.prompts, columns=["prompt_id", "prompt", *flags], filters=[("prompt_id", "in", ids)])
         memorized = memorized.merge(texts.to_pandas(), on="prompt_id", how="left")
         memorized = memorized[["prompt", *[c for c in memorized.columns if c != "prompt"]]]
-        memorized = flag_truncated(cfg, store, layout, memorized)
+        memorized = flag_truncated(cfg, out, memorized)
         analysis = replace(
             analysis,
             model_fingerprints=sorted(scores["model_fingerprint"].dropna().unique().tolist()),
@@ -232,14 +238,14 @@ def run(cfg, store: Optional[Store] = None, top_percent: Optional[float] = None)
         if calibrated is not None:
             memorized = memorized.merge(store.read_table(layout.calibration, columns=["prompt_id", "p_value", "q_value"]).to_pandas(),
                                         on="prompt_id", how="left")  # fmt: skip
-        write_memorized(store, layout, memorized)
-        write_sections(store, layout, *([calibrated] if calibrated else []), clear=() if calibrated else ("calibration",))
+        out.write_memorized(memorized)
+        out.write_sections(*([calibrated] if calibrated else []), clear=() if calibrated else ("calibration",))
         if calibrated is None and store.exists(layout.calibration):  # an earlier analysis against a reference
             store.delete(layout.calibration)
         if names:
-            write_sections(store, layout, analysis, detector_agreement(scores, names, top_percent, known))
+            out.write_sections(analysis, detector_agreement(scores, names, top_percent, known))
         else:  # no detector columns: the detectors section an earlier analysis of other scores left goes
-            write_sections(store, layout, analysis, clear=("detectors",))
+            out.write_sections(analysis, clear=("detectors",))
     adjusted = analysis.marker_enrichment_adjusted["logistic"]
     log.info(
         "analyze: %d finite scores (%d non-finite), threshold %.6g, %d memorized, marker OR %s, adjusted %s",

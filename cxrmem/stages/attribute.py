@@ -9,18 +9,19 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.attribution import NULL_COLUMNS, TOKEN_COLUMNS, attribution_summary, with_null
-from cxrmem.runfiles import write_sections
+from cxrmem.runfiles import Run
 from cxrmem.stages.worker import AttributePrompts, LocalModel, map_with_progress, memorized_stage, stamped
-from cxrmem.storage import Store
 from cxrmem.summary import AttributionSection
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> AttributionSection:
-    """Attribute the memorized set with `models` (default: a model loaded in this process)."""
-    store = store or Store.from_config(cfg.storage)
-    with memorized_stage(cfg, store, "attribute", cfg.attribution.max_prompts, models) as (layout, memorized, models, identity):
+def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> AttributionSection:
+    """Attribute the memorized set of the run `out` (default: at run.output) with `models` (default: a model
+    loaded in this process)."""
+    out = out or Run.of(cfg)
+    layout = out.layout
+    with memorized_stage(cfg, out, "attribute", cfg.attribution.max_prompts, models) as (memorized, models, identity):
         frames, seconds = map_with_progress(models, AttributePrompts(), memorized, "attributed", cfg.ray.progress_every_s)
         tokens, columns, null_timing = pd.concat(frames, ignore_index=True), dict(TOKEN_COLUMNS), {}
         if cfg.attribution.null_model:
@@ -29,8 +30,8 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
             tokens, columns = with_null(tokens, pd.concat(null, ignore_index=True)), columns | NULL_COLUMNS
             null_timing = {"null_seconds": round(null_seconds, 2), "null_seed": cfg.attribution.null_seed}
         table = pa.Table.from_pandas(tokens[list(columns)], schema=pa.schema(columns), preserve_index=False)
-        store.write_table(stamped(table, identity), layout.tokens)
+        out.store.write_table(stamped(table, identity), layout.tokens)
         section = AttributionSection(**attribution_summary(tokens), seconds=round(seconds, 2), tokens=layout.tokens, model=identity, **null_timing)
-        write_sections(store, layout, section)
+        out.write_sections(section)
     log.info("attribution: %s", section)
     return section

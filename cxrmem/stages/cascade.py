@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from cxrmem import stats, storage
 from cxrmem.cascade_bounds import AuditBounds, StageScores, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
-from cxrmem.runfiles import RunLayout, record_cost, write_sections
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.settings import with_overrides
@@ -177,24 +177,24 @@ def _executor(batches, carry: TrajectoryCarry | None):
 
 
 def run_stages(
-    cfg, store: Store, fingerprint: str, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
+    cfg, out: Run, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
 ) -> tuple[str, list[StageRun], list[Screened]]:
     """Every stage on the survivors of the one before: (the last survivors' file, the stage runs, each stage's
     screen); their model work is added to `work`. `carry`: the trajectories carried between stages (None: every
     stage restarts)."""
-    layout = RunLayout(cfg.run.output)
+    store, layout = out.store, out.layout
     input_uri, runs, screened = layout.prompts, [], []
     for i, stage in enumerate(stages):
-        out = _stage_dir(layout, i)
-        stage_cfg = stage_config(cfg, out, stage)
+        stage_dir = _stage_dir(layout, i)
+        stage_cfg = stage_config(cfg, stage_dir, stage)
         inputs = _ids(store, input_uri)
         column = stage_column(stage.screen)
         if carry is not None:
             carry.begin_stage(stats.top_k(len(inputs), stage.keep_percent), stage.screen, column)
         what = f"screened (stage {i + 1}, {stage.screen})"
-        scored = score.run(stage_cfg, store, fingerprint, _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
+        scored = score.run(stage_cfg, out.at(stage_dir), _executor(batches, carry), prompts_uri=input_uri, what=what, cost=None)
         work += UNetWork.from_json(scored.work)
-        table = store.read_table(RunLayout(out).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
+        table = store.read_table(RunLayout(stage_dir).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
         values = table[column].to_numpy(zero_copy_only=False).astype(np.float64)
         chosen = screen_top(ids, values, stage.keep_percent, stage.screen)
@@ -243,11 +243,11 @@ def _step_norms(store: Store, uri: str, ids: np.ndarray | None = None) -> dict:
     return {i: np.asarray(n, dtype=np.float64) for i, n in zip(table["prompt_id"].to_pylist(), table["step_norms"].to_pylist())}
 
 
-def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarray, screened: list[Screened], stages: list[Stage],
+def check_round(cfg, out: Run, batches, all_ids: np.ndarray, screened: list[Screened], stages: list[Stage],
                 work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
     """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
     model work is added to `work`."""
-    layout = RunLayout(cfg.run.output)
+    store, layout = out.store, out.layout
     scored_ids, scored = _full_scores(store, layout.scores)
     rejected = np.setdiff1d(all_ids, scored_ids)
     sample = audit_sample_ids(all_ids, rejected, cfg.cascade.audit_sample, cfg.cascade.audit_seed)
@@ -257,7 +257,7 @@ def check_round(cfg, store: Store, fingerprint: str, batches, all_ids: np.ndarra
         sample_uri = storage.join(layout.prefix, CASCADE_DIR, "audit_sample.parquet")
         store.write_table(store.read_table(layout.prompts, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(sample.tolist())), sample_uri)
         audit_cfg = with_overrides(cfg, run__output=audit_dir)
-        audited = UNetWork.from_json(score.run(audit_cfg, store, fingerprint, batches, prompts_uri=sample_uri, what="audited", cost=None).work)
+        audited = UNetWork.from_json(score.run(audit_cfg, out.at(audit_dir), batches, prompts_uri=sample_uri, what="audited", cost=None).work)
         work += audited
     audit_ids, audit_scores = _full_scores(store, RunLayout(audit_dir).scores)
     in_sample = np.isin(audit_ids, sample)
@@ -316,11 +316,12 @@ def wider_shares(cfg, stages: list[Stage], checked: Round, margins: list[dict], 
     return shares
 
 
-def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
+def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
     """Screen in stages, fully score the survivors, audit the rejected; widen and rescreen on a miss.
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
-    pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost."""
-    layout = RunLayout(cfg.run.output)
+    pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost; `out`
+    names the model's fingerprint."""
+    store, layout = out.store, out.layout
     stages = plan(cfg)
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
@@ -330,13 +331,13 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
     continuation = {"enabled": carrying, "off_because": why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
         carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
-        final_uri, stage_runs, screened = run_stages(cfg, store, fingerprint, batches, stages, work, carry)
+        final_uri, stage_runs, screened = run_stages(cfg, out, batches, stages, work, carry)
         if carry is not None:
             carry.begin_stage()
-        full = score.run(cfg, store, fingerprint, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
+        full = score.run(cfg, out, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
         work += UNetWork.from_json(full.work)
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, store, fingerprint, batches, all_ids, screened, stages, work)
+        checked, check = check_round(cfg, out, batches, all_ids, screened, stages, work)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
@@ -361,8 +362,8 @@ def run_cascade(cfg, store: Store, fingerprint: str, batches: score.ScoredBatche
             short = []
     section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"], short)
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
-    write_sections(store, layout, section)
-    record_cost(store, layout, "score", work.to_json())
+    out.write_sections(section)
+    out.record_cost("score", work.to_json())
     first = stage_config(cfg, _stage_dir(layout, 0), stages[0])
     return CascadeResult(
         **{**asdict(full), "work": work.to_json()},
@@ -421,13 +422,9 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     )
 
 
-def score_or_cascade(cfg, store: Store | None = None, fingerprint: Optional[str] = None,
-                     scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
+def score_or_cascade(cfg, out: Optional[Run] = None, scored_batches: score.ScoredBatches = score.local_batches) -> ScoreResult:
     """The score stage: the cascade with cascade.enabled, else the full score of every prompt; `scored_batches`
     is the executor (this process by default, the audit's actor pool)."""
     if not cfg.cascade.enabled:
-        return score.run(cfg, store, fingerprint, scored_batches)
-    from cxrmem.models.loading import fingerprint_model
-
-    store = store or Store.from_config(cfg.storage)
-    return run_cascade(cfg, store, fingerprint or fingerprint_model(cfg.model, store), scored_batches)
+        return score.run(cfg, out, scored_batches)
+    return run_cascade(cfg, score.fingerprinted(cfg, out), scored_batches)

@@ -14,15 +14,15 @@ import pyarrow as pa
 from cxrmem import storage
 from cxrmem.analysis import score_diff
 from cxrmem.publish import require_published
-from cxrmem.runfiles import RunLayout, read_memorized
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.storage import Store
 
 
 def memorized_scores(store: Store, prefix: str):
     """prompt_id, d_mem and the memorized flag of one run (the d_mem column, never the norms)."""
-    layout = RunLayout(prefix)
-    scores = store.read_table(layout.scores, columns=["prompt_id", "d_mem"]).to_pandas()
-    scores["memorized"] = scores["prompt_id"].isin(read_memorized(store, layout)["prompt_id"])
+    published = Run(store, RunLayout(prefix))
+    scores = store.read_table(published.layout.scores, columns=["prompt_id", "d_mem"]).to_pandas()
+    scores["memorized"] = scores["prompt_id"].isin(published.read_memorized()["prompt_id"])
     return scores
 
 

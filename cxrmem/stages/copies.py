@@ -31,9 +31,10 @@ from cxrmem.copies.images import read_image
 from cxrmem.copies.settings import CopiesSettings
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation_sizing import stratified_sample
-from cxrmem.runfiles import RunLayout, read_known_memorized, write_sections
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
+from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
@@ -54,11 +55,11 @@ def checked_strategies(cfg) -> list[str]:
     return [s for s in cfg.mitigation.strategies if s != "original"] if cfg.copies.strategies else []
 
 
-def checked_prompts(cfg, store: Store, layout: RunLayout, memorized: pd.DataFrame) -> pd.DataFrame:
+def checked_prompts(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
     """The memorized prompts and the controls, with their source ids (and patients where the corpus has them)."""
-    names = store.parquet_schema(layout.prompts).names
+    names = out.store.parquet_schema(out.layout.prompts).names
     columns = ["prompt_id", "prompt", "source_ids"] + (["subject_id"] if "subject_id" in names else [])
-    prompts = store.read_table(layout.prompts, columns=columns).to_pandas().set_index("prompt_id")
+    prompts = out.store.read_table(out.layout.prompts, columns=columns).to_pandas().set_index("prompt_id")
     ids = [p for p in memorized["prompt_id"] if p in prompts.index]
     controls = pick_controls(prompts.index.tolist(), set(ids), cfg.copies.n_controls, cfg.copies.seed)
     groups = ["memorized"] * len(ids) + ["control"] * len(controls)
@@ -132,20 +133,20 @@ def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidanc
             "fidelity_measure": cfg.fidelity.measure}
 
 
-def save_figures(store: Store, layout: RunLayout, chosen: dict[float, dict]) -> list[str]:
+def save_figures(out: Run, chosen: dict[float, dict]) -> list[str]:
     """figures/copies_<prompt_id>.npz: per guidance i the best generation, its nearest training image and their similarity."""
     arrays: dict[str, dict] = {}
     for i, (guidance, by_prompt) in enumerate(chosen.items()):
         for pid, (generation, row) in by_prompt.items():
-            nearest = read_image(store.read_bytes(row["nearest_path"]), row["nearest_path"])
+            nearest = read_image(out.store.read_bytes(row["nearest_path"]), row["nearest_path"])
             arrays.setdefault(pid, {}).update({f"generation_{i}": generation, f"nearest_{i}": nearest,
                                                f"similarity_{i}": np.float32(row["max_similarity"]), f"guidance_{i}": np.float32(guidance)})  # fmt: skip
     uris = []
     for pid, named in arrays.items():
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **named)
-        uris.append(layout.figure(f"copies_{pid}.npz"))
-        store.write_bytes(uris[-1], buffer.getvalue())
+        uris.append(out.layout.figure(f"copies_{pid}.npz"))
+        out.store.write_bytes(uris[-1], buffer.getvalue())
     return uris
 
 
@@ -154,14 +155,15 @@ def build_image_index(cfg, store: Store, embed_rows: image_index.EmbedRows) -> d
     return image_index.build_index(cfg, store, embedder_fingerprint(embedder_settings(cfg)), embed_rows)[2]
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> CopiesSection:
-    """Check the memorized set for copies of training images with `models` (default: a model with its VAE in
+def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, embed_rows=image_index.local_rows) -> CopiesSection:
+    """Check the run's memorized set for copies of training images with `models` (default: a model with its VAE in
     this process); the images not yet in the index are embedded by `embed_rows` first."""
-    store = store or Store.from_config(cfg.storage)
+    out = out or Run.of(cfg)
+    store, layout = out.store, out.layout
     fingerprint = embedder_fingerprint(embedder_settings(cfg))  # from the files: the embedder loads on the workers
-    with memorized_stage(cfg, store, "copies", None, models, need_vae=True) as (layout, memorized, models, identity):
+    with memorized_stage(cfg, out, "copies", None, models, need_vae=True) as (memorized, models, identity):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
-        frame = checked_prompts(cfg, store, layout, memorized)
+        frame = checked_prompts(cfg, out, memorized)
         keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
@@ -174,9 +176,9 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None,
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
-        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(store, layout, chosen))
+        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen))
         section.model = identity
-        write_sections(store, layout, section)
+        out.write_sections(section)
     log.info("copies: %s", section.headline)
     return section
 

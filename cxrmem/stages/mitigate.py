@@ -12,28 +12,28 @@ import pyarrow as pa
 
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
 from cxrmem.mitigation_sizing import SequentialRule, sample_record, stratified_sample
-from cxrmem.runfiles import RunLayout, write_sections
+from cxrmem.runfiles import Run
 from cxrmem.stages.worker import LocalModel, MitigatePrompts, map_with_progress, memorized_stage, stamped
-from cxrmem.storage import Store
 from cxrmem.summary import MitigationSection
 
 log = logging.getLogger(__name__)
 
 
-def save_generation_grid(store: Store, layout: RunLayout, prompt_id: str, grids: dict[str, np.ndarray]) -> str:
+def save_generation_grid(out: Run, prompt_id: str, grids: dict[str, np.ndarray]) -> str:
     """figures/generations_<prompt_id>.npz: one float32 [k, H, W] array in [0, 1] per strategy."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **grids)
-    uri = layout.figure(f"generations_{prompt_id}.npz")
-    store.write_bytes(uri, buffer.getvalue())
+    uri = out.layout.figure(f"generations_{prompt_id}.npz")
+    out.store.write_bytes(uri, buffer.getvalue())
     return uri
 
 
-def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None) -> MitigationSection:
-    """Mitigate a stratified sample of the memorized set, strategy by strategy until each is decided, with `models`
-    (default: a model with its VAE loaded in this process)."""
-    store = store or Store.from_config(cfg.storage)
-    with memorized_stage(cfg, store, "mitigate", None, models, need_vae=True) as (layout, memorized, models, identity):
+def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> MitigationSection:
+    """Mitigate a stratified sample of the run's memorized set, strategy by strategy until each is decided, with
+    `models` (default: a model with its VAE loaded in this process)."""
+    out = out or Run.of(cfg)
+    layout = out.layout
+    with memorized_stage(cfg, out, "mitigate", None, models, need_vae=True) as (memorized, models, identity):
         c = cfg.mitigation
         sample = stratified_sample(memorized, cfg.corpus.marker_regex, c.sample_size, c.seed)
         # The memorized set is sorted by d_mem: its first `top_prompts` in the sample get image grids in the report.
@@ -45,8 +45,8 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
             for pid, grid in chunk_grids.items():
                 grids.setdefault(pid, {}).update(grid)
         table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
-        store.write_table(stamped(table, identity), layout.mitigation)
-        figures = [save_generation_grid(store, layout, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
+        out.store.write_table(stamped(table, identity), layout.mitigation)
+        figures = [save_generation_grid(out, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
         section = MitigationSection(
             strategies=mitigation_summary(frame),
             prompts=int(frame["prompt_id"].nunique()),
@@ -58,7 +58,7 @@ def run(cfg, store: Optional[Store] = None, models: Optional[LocalModel] = None)
             stopping=stopping,
             model=identity,
         )
-        write_sections(store, layout, section)
+        out.write_sections(section)
     log.info("mitigation: %s", section.strategies)
     return section
 

@@ -22,7 +22,7 @@ from cxrmem.corpus.prompts import build_prompts_table
 from cxrmem.corpus.synthetic import SyntheticCorpusConfig
 from cxrmem.corpus.text import MARKER_REGEX, SourceText
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout
+from cxrmem.runfiles import Run
 from cxrmem.settings import OPTIONAL_POSITIVE, POSITIVE, ConfigError, Settings, check_names, check_regex, knob
 from cxrmem.stages.results import PrepareSummary
 from cxrmem.storage import Store
@@ -109,16 +109,16 @@ def corpus_settings(cfg) -> dict:
     return settings
 
 
-def read_prepare_summary(store: Store, layout: RunLayout) -> Optional[PrepareSummary]:
+def read_prepare_summary(out: Run) -> Optional[PrepareSummary]:
     """The run's prepare_summary.json; None where prompts.parquet was given by hand (no summary)."""
-    if not store.exists(layout.prepare_summary):
+    if not out.exists(out.layout.prepare_summary):
         return None
-    return PrepareSummary.from_json(store.read_json(layout.prepare_summary))
+    return PrepareSummary.from_json(out.store.read_json(out.layout.prepare_summary))
 
 
-def check_same_corpus(cfg, store: Store) -> None:
-    """Raise if run.output already holds prompts prepared from other corpus settings."""
-    recorded = read_prepare_summary(store, RunLayout(cfg.run.output))
+def check_same_corpus(cfg, out: Run) -> None:
+    """Raise if the run already holds prompts prepared from other corpus settings."""
+    recorded = read_prepare_summary(out)
     if recorded is None:
         return  # prompts.parquet given by hand: nothing recorded to compare with
     recorded = recorded.corpus
@@ -128,24 +128,24 @@ def check_same_corpus(cfg, store: Store) -> None:
     changed = sorted(k for k in current if recorded.get(k) != current[k])
     if changed:
         raise ValueError(
-            f"{cfg.run.output} holds an unfinished run prepared with other corpus settings "
+            f"{out.layout.prefix} holds an unfinished run prepared with other corpus settings "
             + ", ".join(f"corpus.{k}: {recorded.get(k)!r} then, {current[k]!r} now" for k in changed)
             + "; resume it with the same settings, or delete that folder (or choose another run.output) to start over"
         )
 
 
-def run(cfg, store: Optional[Store] = None, tokenizer=None) -> PrepareSummary:
-    """Write prompts.parquet and prepare_summary.json under run.output; returns the summary.
+def run(cfg, out: Optional[Run] = None, tokenizer=None) -> PrepareSummary:
+    """Write prompts.parquet and prepare_summary.json of the run (default: at run.output); returns the summary.
 
     `tokenizer` defaults to the model's (`load_tokenizer(cfg.model)`); its `model_max_length`
     is the length beyond which a prompt counts as truncated.
     """
-    store = store or Store.from_config(cfg.storage)
+    out = out or Run.of(cfg)
+    store, layout = out.store, out.layout
     try:
         re.compile(cfg.corpus.marker_regex)
     except re.error as err:
         raise ConfigError(f"config key 'corpus.marker_regex': {cfg.corpus.marker_regex!r} is not a valid regular expression ({err})") from None
-    layout = RunLayout(cfg.run.output)
     with stage_writes(store, cfg.run, "prepare"):
         if tokenizer is None:
             from cxrmem.models.loading import load_tokenizer

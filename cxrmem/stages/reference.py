@@ -20,38 +20,32 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from cxrmem import storage
-from cxrmem.runfiles import RunLayout, record_cost
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.settings import with_overrides
 from cxrmem.stages import prepare, score
 from cxrmem.stages.results import ReferenceResult
-from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
-
-def reference_layout(cfg) -> RunLayout:
-    """Where the reference's prompts.parquet and scores.parquet live: `reference/` under the run's prefix."""
-    return RunLayout(cfg.run.output).reference
-
 
 def reference_config(cfg):
     """The run's config as the reference's preparation and scoring see it: the reference table as the corpus,
     every prompt of it (no cascade: each reference prompt needs its full d_mem), the same model and scoring."""
     return with_overrides(
-        cfg, run__output=reference_layout(cfg).prefix, corpus__source="table", corpus__path=cfg.analyze.reference,
+        cfg, run__output=RunLayout(cfg.run.output).reference.prefix, corpus__source="table", corpus__path=cfg.analyze.reference,
         corpus__text_column=cfg.analyze.reference_text_column, corpus__max_reports="null", cascade__enabled=False,
     )  # fmt: skip
 
 
-def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, scored_batches=score.local_batches) -> ReferenceResult:
+def run(cfg, out: Optional[Run] = None, scored_batches=score.local_batches) -> ReferenceResult:
     """Prepare and score the reference of analyze.reference; its prompts that the corpus also
     holds are dropped first: a prompt cannot be its own non-member."""
-    store = store or Store.from_config(cfg.storage)
-    corpus = RunLayout(cfg.run.output)
+    out = score.fingerprinted(cfg, out)
+    store, corpus, ref = out.store, out.layout, out.reference
     if not store.exists(corpus.prompts):
         raise FileNotFoundError(f"{corpus.prompts} does not exist; run `cxrmem prepare` for this run first")
-    ref_cfg, layout = reference_config(cfg), reference_layout(cfg)
+    ref_cfg, layout = reference_config(cfg), ref.layout
     if not store.exists(layout.prompts):
-        prepare.run(ref_cfg, store)
+        prepare.run(ref_cfg, ref)
         prompts = store.read_table(layout.prompts)
         in_corpus = pc.is_in(prompts["prompt_id"], value_set=store.read_table(corpus.prompts, columns=["prompt_id"])["prompt_id"])
         dropped = int(pc.sum(in_corpus).as_py() or 0)
@@ -64,8 +58,8 @@ def run(cfg, store: Optional[Store] = None, fingerprint: Optional[str] = None, s
                                                                          "dropped_in_corpus": dropped})  # fmt: skip
         if dropped:
             log.warning("reference: %d of its %d prompts are also in the audited corpus: dropped", dropped, prompts.num_rows)
-    scored = score.run(ref_cfg, store, fingerprint, scored_batches, what="reference scored", cost=None)
-    record_cost(store, corpus, "reference", scored.work)  # the corpus run's cost: the reference is part of its audit
+    scored = score.run(ref_cfg, ref, scored_batches, what="reference scored", cost=None)
+    out.record_cost("reference", scored.work)  # the corpus run's cost: the reference is part of its audit
     kept = store.read_json(storage.join(layout.prefix, "reference.json"))
     return ReferenceResult(source=kept["source"], prompts=kept["prompts"], dropped_in_corpus=kept["dropped_in_corpus"],
                            scores=layout.scores, computed=scored.computed, resumed=scored.resumed, work=scored.work)  # fmt: skip

@@ -17,16 +17,16 @@ import pandas as pd
 
 from cxrmem.publish import stage_writes
 from cxrmem.report import Draw, Figures, render_html, render_summary_md, report_context, sections
-from cxrmem.runfiles import RunLayout, check_prompt_ids, read_known_memorized, read_memorized, read_summary
+from cxrmem.runfiles import Run, RunLayout, check_prompt_ids
+from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.results import ReportResult
-from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
 
 
-def read_run_inputs(cfg, store: Store) -> dict:
-    """Everything the report shows, read from the run at cfg.run.output; absent inputs are None."""
-    layout = RunLayout(cfg.run.output)
+def read_run_inputs(cfg, out: Run) -> dict:
+    """Everything the report shows, read from the run `out`; absent inputs are None."""
+    store, layout = out.store, out.layout
 
     def optional(uri: str, read: Callable[[str], object]):
         return read(uri) if store.exists(uri) else None
@@ -47,8 +47,8 @@ def read_run_inputs(cfg, store: Store) -> dict:
     check_prompt_ids(pairs, layout.figures)
     return {
         "prefix": layout.prefix,
-        "summary": read_summary(store, layout),
-        "memorized": optional(layout.memorized, lambda _: read_memorized(store, layout)),
+        "summary": out.read_summary(),
+        "memorized": optional(layout.memorized, lambda _: out.read_memorized()),
         "scores": optional(layout.scores, scores),
         "known_ids": read_known_memorized(store, known) if known and store.exists(known) else None,
         "tokens": optional(layout.tokens, lambda u: store.read_table(u).to_pandas()),
@@ -73,10 +73,10 @@ def check_one_model(summary, layout: RunLayout) -> None:
                          "with one model (or `cxrmem rescore` into a new run) before the report")  # fmt: skip
 
 
-def run(cfg, store: Optional[Store] = None) -> ReportResult:
-    """Write report.html, metrics.json, summary.md and figures/*.png for the run at cfg.run.output."""
-    store = store or Store.from_config(cfg.storage)
-    layout = RunLayout(cfg.run.output)
+def run(cfg, out: Optional[Run] = None) -> ReportResult:
+    """Write report.html, metrics.json, summary.md and figures/*.png for the run `out` (default: at run.output)."""
+    out = out or Run.of(cfg)
+    store, layout = out.store, out.layout
 
     def write(name: str, draw: Draw) -> bytes:
         buffer = io.BytesIO()
@@ -86,7 +86,7 @@ def run(cfg, store: Optional[Store] = None) -> ReportResult:
 
     with stage_writes(store, cfg.run, "report"):
         figure = Figures(bool(cfg.report.figures), write)
-        inputs = read_run_inputs(cfg, store)
+        inputs = read_run_inputs(cfg, out)
         check_one_model(inputs["summary"], layout)
         page = report_context(inputs, cfg, figure)
         store.write_text(layout.report, render_html(page))

@@ -23,7 +23,7 @@ from cxrmem import storage
 from cxrmem.interrupts import note_scored, stop_requested
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, record_cost
+from cxrmem.runfiles import Run, RunLayout
 from cxrmem.score_key import config_hash, effective_precision
 from cxrmem.scoring.device import Precision, planned_device
 from cxrmem.scoring.scorer import UNetWork
@@ -111,26 +111,34 @@ def keep_one_precision(store: Store, layout: RunLayout, precision: Precision) ->
     store.write_json(record, dataclasses.asdict(precision))
 
 
+def fingerprinted(cfg, out: Optional[Run]) -> Run:
+    """`out` (default: the run at cfg.run.output) with the fingerprint of cfg.model once known: a run alone
+    computes it here, the audit once for every stage."""
+    out = out or Run.of(cfg)
+    if out.fingerprint is not None:
+        return out
+    from cxrmem.models.loading import fingerprint_model
+
+    return out.with_fingerprint(fingerprint_model(cfg.model, out.store))
+
+
 def run(
     cfg,
-    store: Optional[Store] = None,
-    fingerprint: Optional[str] = None,
+    out: Optional[Run] = None,
     scored_batches: ScoredBatches = local_batches,
     prompts_uri: Optional[str] = None,
     what: str = "scored",
     cost: Optional[str] = "score",
 ) -> ScoreResult:
-    """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet.
-    The model work counted (`work` in the result) is recorded in summary.json's cost section as stage `cost`
-    (None: a part of a stage that records its own, the cascade's screens or the reference)."""
-    store = store or Store.from_config(cfg.storage)
-    from cxrmem.models.loading import fingerprint_model
-
-    layout = RunLayout(cfg.run.output)
+    """Score the prompts of `prompts_uri` (default: the run's prompts.parquet) into the run's scores.parquet, with
+    the model `out.fingerprint` names (computed here when unknown). The model work counted (`work` in the result)
+    is recorded in summary.json's cost section as stage `cost` (None: a part of a stage that records its own,
+    the cascade's screens or the reference)."""
+    out = fingerprinted(cfg, out)
+    store, layout, fingerprint = out.store, out.layout, out.fingerprint
     prompts_uri = prompts_uri or layout.prompts
     if not store.exists(prompts_uri):
         raise FileNotFoundError(f"{prompts_uri} does not exist; run `cxrmem prepare` for this run first")
-    fingerprint = fingerprint or fingerprint_model(cfg.model, store)
     cfg = with_planned_device(cfg)
     key = config_hash(cfg)
     with stage_writes(store, cfg.run, "score"):
@@ -147,7 +155,7 @@ def run(
             parts_written = stream_to_parts(store, batches, layout, cfg.ray.checkpoint_every, progress)
         merged = score_parts.consolidate(store, layout, fingerprint, key)
         if cost is not None:
-            record_cost(store, layout, cost, work.to_json())
+            out.record_cost(cost, work.to_json())
     timing = progress.summary()
     return ScoreResult(
         scores=layout.scores, total=len(prompt_ids), computed=progress.done, resumed=resumed, parts_written=parts_written,

@@ -4,9 +4,11 @@ checks that the README lists exactly these stages (and the CLI's own commands, c
 
 Adding a stage is its module under cxrmem/stages/, its result type (results.py) and one row here.
 A row names its run function as "module:function", imported when the stage runs: `cxrmem --help`
-loads no torch or Ray. Every run function is called `run(cfg, store, **inputs)`, where the inputs are
+loads no torch or Ray. Every run function is called `run(cfg, out, **inputs)`: `out` is the run it writes
+(cxrmem/runfiles.py `Run`: store, layout, lease, model fingerprint) for a row that `writes_run`, the Store
+for one that reads runs by their prefixes or writes elsewhere (verify, compare, enrich); the inputs are
 the CLI arguments the row declares (by their dest) or, in the audit, what the row `takes` of the
-audit's model pool (fingerprint, scored_batches, models).
+audit's model pool (scored_batches, models).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from importlib import import_module
 from typing import Any, Callable, Optional
 
 from cxrmem.publish import SIGNING_KEY_ENV
+from cxrmem.runfiles import Run
 from cxrmem.stages.results import AnalyzeResult, PrepareSummary, ReferenceResult, ReportResult, ScoreResult, Skipped
+from cxrmem.storage import Store
 from cxrmem.summary import AttributionSection, CopiesSection, MitigationSection
 
 
@@ -41,7 +45,7 @@ def argument(*flags: str, **options: Any) -> Argument:
 class Stage:
     name: str  # the CLI subcommand
     help: str  # its one line in `cxrmem --help`
-    run: str  # "module:function": run(cfg, store, **inputs) -> result
+    run: str  # "module:function": run(cfg, out, **inputs) -> result (module notes)
     result: type  # what run returns (a Skipped where `off` says why not)
     output: str  # the result's field naming the main output, for the CLI's last line
     arguments: tuple[Argument, ...] = ()
@@ -61,15 +65,15 @@ def load(path: str) -> Callable:
     return getattr(import_module(module), name)
 
 
-def run_stage(stage: Stage, cfg, store, **inputs):
-    """The stage's result, or Skipped where its settings turn it off."""
+def run_stage(stage: Stage, cfg, store: Store, **inputs):
+    """The stage's result, on the run at cfg.run.output where it writes one; Skipped where its settings turn it off."""
     reason = stage.off(cfg)
     if reason is not None:
         return Skipped(stage.name, reason)
-    return stage.function()(cfg, store, **inputs)
+    return stage.function()(cfg, Run.of(cfg, store) if stage.writes_run else store, **inputs)
 
 
-MODEL_POOL = ("fingerprint", "scored_batches")  # what the scoring stages take of the audit's pool
+MODEL_POOL = ("scored_batches",)  # what the scoring stages take of the audit's pool
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "read the corpus, extract prompts, deduplicate globally: prompts.parquet",
           "cxrmem.stages.prepare:run", PrepareSummary, "prompts_file"),

@@ -40,7 +40,7 @@ from cxrmem.mitigation import (
 )
 from cxrmem.progress import Progress
 from cxrmem.publish import stage_writes
-from cxrmem.runfiles import RunLayout, read_memorized, record_cost
+from cxrmem.runfiles import Run
 from cxrmem.score_key import config_hash
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, UNetWork
 from cxrmem.scoring.settings import ScoreSettings
@@ -359,30 +359,31 @@ def score_carried(worker: ModelWorker, batch: pa.Table, screen: str = "dmem", co
 
 
 @contextmanager
-def memorized_stage(cfg, store: Store, stage: str, limit: Optional[int], models=None, need_vae: bool = False):
-    """Inside a stage that maps the memorized set over a model: (layout, memorized set, models, the scores'
+def memorized_stage(cfg, out: Run, stage: str, limit: Optional[int], models=None, need_vae: bool = False):
+    """Inside a stage that maps the memorized set of the run `out` over a model: (memorized set, models, the scores'
     identity), with the published-run guard around it. `models` defaults to a model loaded in this process.
     The model must be the one that scored: the memorized set is that model's (`scores_identity`). The model
     work of the results `models` returned meanwhile is the stage's cost (summary.json's cost section)."""
-    layout = RunLayout(cfg.run.output)
-    with stage_writes(store, cfg.run, stage):
-        identity = scores_identity(cfg, store, layout, stage)
-        models = models or LocalModel(cfg, store, need_vae)
+    with stage_writes(out.store, cfg.run, stage):
+        identity = scores_identity(cfg, out, stage)
+        models = models or LocalModel(cfg, out.store, need_vae)
         before = copy.copy(models.work)  # the audit's pool served the stages before this one
-        yield layout, read_memorized(store, layout, limit), models, identity
-        record_cost(store, layout, stage, (models.work - before).to_json())
+        yield out.read_memorized(limit), models, identity
+        out.record_cost(stage, (models.work - before).to_json())
 
 
-def scores_identity(cfg, store: Store, layout: RunLayout, stage: str) -> dict:
+def scores_identity(cfg, out: Run, stage: str) -> dict:
     """{model_fingerprint, config_hash} of the run's scores, which every memorized-set artefact carries; a
-    model.path whose weights are not the scoring model's is refused, naming both fingerprints."""
+    model.path whose weights are not the scoring model's (`out.fingerprint`, computed here when unknown) is
+    refused, naming both fingerprints."""
     from cxrmem.models.loading import fingerprint_model
 
+    store, layout = out.store, out.layout
     keys = store.read_table(layout.scores, columns=["model_fingerprint", "config_hash"]) if store.exists(layout.scores) else None
     if keys is None or keys.num_rows == 0:
         raise FileNotFoundError(f"{layout.scores} does not exist or is empty: run `cxrmem score` (and `cxrmem analyze`) first")
     scored = sorted(set(keys["model_fingerprint"].to_pylist()))
-    current = fingerprint_model(cfg.model, store)
+    current = out.fingerprint or fingerprint_model(cfg.model, store)
     if scored != [current]:
         raise ValueError(
             f"`cxrmem {stage}` would run the model at {cfg.model.path} (fingerprint {current}) on the memorized set that the "

@@ -17,15 +17,12 @@ A new scheme is one module: a Backend subclass decorated with `@register`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import pyarrow.fs as pafs
 
 from cxrmem.storage.errors import StorageError
 from cxrmem.storage.uris import LOCAL_SCHEME, scheme_of
-
-if TYPE_CHECKING:
-    from cxrmem.storage.store import Store
 
 
 class Backend:
@@ -35,8 +32,8 @@ class Backend:
     scheme: ClassVar[str]
     retried: ClassVar[bool] = True  # requests can fail transiently and are tried storage.max_attempts times
 
-    def __init__(self, store: "Store"):
-        self.store = store
+    def __init__(self, store):
+        self.store = store  # the Store (store.py, which imports this module) whose settings the backend reads
 
     # -- what a URI names (no settings needed: the registry answers these for callers without a Store) --
     @classmethod
