@@ -33,6 +33,7 @@ from cxrmem.cascade_bounds import audit_bounds
 from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import screen_top
+from cxrmem.formatting import fmt
 from cxrmem.results_page import cpu_name, write_results
 from cxrmem.stages.cascade import Round, Screened, audit_sample_ids, memorized_threshold, plan, stage_scores, wider_shares
 from cxrmem.stats import top_percent_mask
@@ -150,7 +151,6 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         "| expected_missed | recall_lower_bound |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['testbed']} | {r['prompts']} | {r['members']} | {r['mode']} | {r['recall']:.2f} ({round(r['recall'] * r['members'])}/{r['members']}) "
