@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import sys
 import time
@@ -140,20 +141,22 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         f"1 thread, 2 cores shared with other jobs; this call {minutes:.0f} min, most of it the one-off full scoring). "
         f"Ground truth: every prompt scored (a testbed not fully scored is the seeded random sample scored so far, "
         f"column 'prompts') at G=4, T=50, w=7.5, shared seeds; the cascade's rounds replayed on those norms with "
-        f"cxrmem/stages/cascade.py's own functions (audit sample {args.audit_sample}, cascade.max_rounds 4). Recall: share of "
+        f"cxrmem/stages/cascade.py's own functions (cascade.max_rounds 4; the audit sample of 200 rejected prompts is the default, "
+        f"a large share of a 1,024-prompt corpus; 20 is about its share at 10,000). Recall: share of "
         f"the full d_mem's top 1% among the fully scored. Evaluations: UNet samples per corpus prompt, screens and full score "
         f"(continuing trajectories within a round; a prompt a stage screened in an earlier round is not rescreened), the audit apart. "
         f"'fixed': the default stages, widened x2 only where the audit finds a miss (cascade.expected_missed_target=null); "
         f"'margins': the same first-round shares, then each stage widened to what its screen model needs for "
         f"cascade.expected_missed_target={args.target:g} in all.",
         "",
-        "| testbed | prompts | top 1% | mode | recall | evaluations per prompt | audit per prompt | rounds | final keep % "
+        "| testbed | prompts | top 1% | audit sample | mode | recall | evaluations per prompt | audit per prompt | rounds | final keep % "
         "| expected_missed | recall_lower_bound |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for r in rows:
         lines.append(
-            f"| {r['testbed']} | {r['prompts']} | {r['members']} | {r['mode']} | {r['recall']:.2f} ({round(r['recall'] * r['members'])}/{r['members']}) "
+            f"| {r['testbed']} | {r['prompts']} | {r['members']} | {r['audit']} | {r['mode']} "
+            f"| {r['recall']:.2f} ({round(r['recall'] * r['members'])}/{r['members']}) "
             f"| {r['per_prompt']:.2f} | {r['audit_per_prompt']:.1f} | {r['rounds']}{' (max)' if r['short'] else ''} | {r['shares']} "
             f"| {fmt(r['expected_missed'])} | {fmt(r['recall_lower_bound'])} |"
         )
@@ -166,7 +169,7 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/cascade_margins", help="folder of the per-testbed norms (gitignored)")
     parser.add_argument("--score", action="store_true", help="fully score what the caches lack (else use them as they are)")
     parser.add_argument("--target", type=float, default=None, help="cascade.expected_missed_target (default: the config's)")
-    parser.add_argument("--audit-sample", type=int, default=200)
+    parser.add_argument("--audit-sample", type=int, nargs="+", default=[200, 20], help="cascade.audit_sample values to replay")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
@@ -175,7 +178,7 @@ def main() -> None:
     for path in args.testbed:
         name = os.path.basename(os.path.normpath(path))
         cache = os.path.join(args.cache, f"{name}.npz")
-        base = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4", f"cascade.audit_sample={args.audit_sample}"])
+        base = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4"])
         if args.score:
             full_norms(path, cache, base, args.batch, None, order_seed=ORDER_SEED, save_every=2)
         if not os.path.exists(cache):
@@ -184,10 +187,11 @@ def main() -> None:
         norms = np.load(cache)["norms"]
         ids = np.array([prompt_id(p) for p in testbed_prompts(path, ORDER_SEED)[: len(norms)]])
         args.target = base.cascade.expected_missed_target if args.target is None else args.target
-        for mode, target in (("fixed", "null"), ("margins", args.target)):
+        for audit, (mode, target) in itertools.product(args.audit_sample, (("fixed", "null"), ("margins", args.target))):
             cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4",
-                                     f"cascade.audit_sample={args.audit_sample}", f"cascade.expected_missed_target={target}"])  # fmt: skip
-            rows.append({"testbed": name, "prompts": len(norms), "mode": mode, **replay(norms, ids, copy.deepcopy(cfg), args.batch)})
+                                     f"cascade.audit_sample={audit}", f"cascade.expected_missed_target={target}"])  # fmt: skip
+            rows.append({"testbed": name, "prompts": len(norms), "audit": audit, "mode": mode,
+                         **replay(norms, ids, copy.deepcopy(cfg), args.batch)})  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
     text = markdown(rows, args, (time.time() - started) / 60)
     print(text)
