@@ -59,9 +59,17 @@ class Screen:
         return f"k={self.steps} G={self.generations} keep {self.keep_percent:g}%"
 
 
-def full_norms(path: str, cache: str, cfg, batch: int, limit: int | None) -> np.ndarray:
-    """[N, G, T] norms of every distinct prompt (the first `limit`), resumed from (and saved every few batches to) `cache`."""
-    prompts = pd.read_csv(os.path.join(path, "manifest.csv"))["prompt"].drop_duplicates().tolist()[:limit]
+def testbed_prompts(path: str, order_seed: int | None = None) -> list[str]:
+    """The testbed's distinct prompts in manifest order (planted first), or in one seeded random order: any prefix
+    of it is then a simple random sample of the testbed."""
+    prompts = pd.read_csv(os.path.join(path, "manifest.csv"))["prompt"].drop_duplicates().tolist()
+    return prompts if order_seed is None else [prompts[i] for i in np.random.default_rng(order_seed).permutation(len(prompts))]
+
+
+def full_norms(path: str, cache: str, cfg, batch: int, limit: int | None, order_seed: int | None = None, save_every: int = 8) -> np.ndarray:
+    """[N, G, T] norms of every distinct prompt (the first `limit` of `testbed_prompts`), resumed from (and saved every
+    `save_every` batches to) `cache`."""
+    prompts = testbed_prompts(path, order_seed)[:limit]
     done = list(np.load(cache)["norms"]) if os.path.exists(cache) else []
     scorer = Scorer(load_components(cfg.model), ScoreSettings.of(cfg.score), device="cpu")
     started, resumed = time.time(), len(done)
@@ -69,12 +77,20 @@ def full_norms(path: str, cache: str, cfg, batch: int, limit: int | None) -> np.
         chunk = prompts[lo : lo + batch]
         scored = scorer.score(chunk, [prompt_id(p) for p in chunk], steps=cfg.score.steps)
         done.extend(scored.step_norms)
-        if (lo // batch) % 8 == 7 or lo + batch >= len(prompts):
+        if (lo // batch) % save_every == save_every - 1 or lo + batch >= len(prompts):
             os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
             np.savez(cache, norms=np.stack(done))
             rate = (len(done) - resumed) / max(time.time() - started, 1e-9)
             print(f"{path}: {len(done)}/{len(prompts)} prompts fully scored ({rate:.2f}/s)", file=sys.stderr, flush=True)
     return np.stack(done)
+
+
+def dmem_evaluations(g: int, k: int, m: int, from_steps: int, shared: bool, batch: int) -> int:
+    """UNet evaluations of a (k steps, G = g) d_mem for m prompts, continuing from `from_steps` already run (0: restart)."""
+    c = evaluations(REGISTRY["dmem"].cost(g, k, shared), m, batch)
+    if from_steps:  # what the continuation saves (cxrmem/stages/continuation.py's count)
+        c -= evaluations(REGISTRY["dmem"].cost(g, from_steps, shared), m, batch)
+    return c
 
 
 @dataclass
@@ -100,10 +116,7 @@ def cascade_outcome(testbed: Testbed, stages: tuple[Screen, ...], batch: int) ->
     carried_steps = 0  # steps of the deepest earlier stage at the full G (what a later one continues)
 
     def cost(g: int, k: int, m: int, from_steps: int) -> int:
-        c = evaluations(REGISTRY["dmem"].cost(g, k, testbed.shared), m, batch)
-        if from_steps:  # what the continuation saves (cxrmem/stages/continuation.py's count)
-            c -= evaluations(REGISTRY["dmem"].cost(g, from_steps, testbed.shared), m, batch)
-        return c
+        return dmem_evaluations(g, k, m, from_steps, testbed.shared, batch)
 
     for stage in stages:
         restart += cost(stage.generations, stage.steps, len(survivors), 0)

@@ -8,15 +8,21 @@ Three numbers, each with what it rests on:
   n with no miss only bounds the share at about 3/n.
 - `recall_lower_bound`: the memorized prompts the cascade kept, over those plus `missed_upper_95`:
   a 95% lower bound on the recall of the memorized set, on the same footing.
-- `expected_missed`: under a noise model of the full score given the first screen's score, fitted
-  on every fully scored prompt (survivors and audit sample). Each rejected prompt adds its
-  probability of reaching the memorized threshold. It is as good as the model, so the model is
-  checked: on the fully scored prompts, the members it predicts against the members there are
-  (a Poisson-binomial tail p-value each way).
+- `expected_missed`: under a noise model of the full score given each stage's screen score, fitted
+  on every fully scored prompt (survivors and audited; for one an earlier stage rejected, a dmem
+  screen is recomputed from its full score's step norms). Each rejected prompt adds its
+  probability of reaching the memorized threshold under the model of the stage that rejected it (an
+  audited one adds 1 if it reached it, else 0). It is as good as the models, so each is checked: on
+  the fully scored prompts, the members it predicts against the members there are (a
+  Poisson-binomial tail p-value each way).
+
+The same models set the margins (`StageMargin.needed_keep`): the least share a stage must keep for
+its rejected prompts to hold at most its part of `cascade.expected_missed_target` expected members.
 
 The model: log full = a + b log screen + e, e ~ N(0, s^2), by least squares. Selection on the
-screen score does not bias a regression of the full score on it, so the survivors (selected by
-the screens) and the random audit sample fit it together.
+screen score itself does not bias a regression of the full score on it. The survivors were also
+selected by the later stages' screens, which the model does not see; the check is what says whether
+that or the log-normal shape misleads it.
 """
 
 from __future__ import annotations
@@ -76,15 +82,77 @@ def poisson_binomial_tails(probabilities: np.ndarray, observed: int) -> tuple[fl
 
 
 @dataclass(frozen=True)
+class StageScores:
+    """One stage's inputs as the audit sees them."""
+
+    screen: np.ndarray  # [n] the stage's screen score of each input
+    full: np.ndarray  # [n] the full d_mem of the fully scored inputs (survivors, audited), NaN elsewhere
+    kept: np.ndarray  # [n] bool: the stage passed it on
+    # (screen, full) of fully scored prompts the stage never screened (an earlier stage rejected them), their screen
+    # recomputed from their full score's step norms: more points for the model, not inputs of the stage
+    also: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+
+    def fit_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(screen, full) of every fully scored prompt the model is fitted and checked on."""
+        scored = np.isfinite(self.full)
+        return np.concatenate([self.screen[scored], self.also[0]]), np.concatenate([self.full[scored], self.also[1]])
+
+
+@dataclass(frozen=True)
+class StageMargin:
+    """What one stage's screen model says about the prompts the stage rejected."""
+
+    model: Optional[dict]  # intercept, slope, sigma, n (None: too few fully scored inputs, or no screen model)
+    model_check: Optional[dict]  # predicted vs actual members among its fully scored inputs, the two tail p-values
+    expected_missed: Optional[float]  # members among its rejected: audited ones counted, the model's expectation for the rest
+    needed_keep: Optional[int]  # the fewest inputs to keep (top by screen) for its rejected to hold at most the allowed members
+
+
+def member_weights(scores: StageScores, model: ScreenModel, threshold: float) -> np.ndarray:
+    """[n] each input's chance of being memorized: 1 or 0 where fully scored, the model's probability elsewhere."""
+    scored = np.isfinite(scores.full)
+    return np.where(scored, scored & (np.nan_to_num(scores.full, nan=-np.inf) >= threshold),
+                    model.member_probability(scores.screen, threshold))  # fmt: skip
+
+
+def keep_needed(screen: np.ndarray, weights: np.ndarray, allowed: float) -> int:
+    """The fewest prompts to keep, top by screen, so that the weights of the rest sum to at most `allowed`."""
+    order = np.argsort(-np.nan_to_num(np.asarray(screen, dtype=np.float64), nan=-np.inf), kind="stable")
+    tail = np.cumsum(weights[order][::-1])[::-1]  # tail[m]: the weight of every prompt ranked m or lower
+    over = np.flatnonzero(tail > allowed)
+    return 0 if over.size == 0 else int(over[-1]) + 1
+
+
+def model_check(model: ScreenModel, screen: np.ndarray, full: np.ndarray, threshold: float) -> dict:
+    """The members the model predicts among prompts with a full score against those there are."""
+    scored = np.isfinite(full)
+    p = model.member_probability(screen[scored], threshold)
+    actual = int(np.sum(full[scored] >= threshold))
+    above, below = poisson_binomial_tails(p, actual)
+    return {"predicted_members": float(p.sum()), "actual_members": actual, "p_more": above, "p_fewer": below}
+
+
+def stage_margin(scores: StageScores, threshold: Optional[float], allowed: Optional[float]) -> StageMargin:
+    """A stage's model, its check, the members expected among its rejected, and (with `allowed`, the expected
+    members its rejected may hold) the share it needs to keep."""
+    points = scores.fit_points()
+    model = fit_screen_model(*points) if threshold is not None and threshold > 0 else None
+    if model is None:
+        return StageMargin(None, None, None, None)
+    weights = member_weights(scores, model, threshold)
+    needed = None if allowed is None else keep_needed(scores.screen, weights, allowed)
+    return StageMargin(asdict(model), model_check(model, *points, threshold), float(weights[~scores.kept].sum()), needed)
+
+
+@dataclass(frozen=True)
 class AuditBounds:
     """summary.json["cascade"]["bounds"]: what the audit says about the lost memorized prompts."""
 
     kept_members: int  # memorized prompts among the fully scored survivors
     missed_upper_95: Optional[float]  # distribution-free bound on memorized prompts among the rejected
     recall_lower_bound: Optional[float]  # kept / (kept + missed_upper_95)
-    expected_missed: Optional[float]  # under the screen model (None: no model)
-    model: Optional[dict]  # intercept, slope, sigma, n
-    model_check: Optional[dict]  # predicted vs actual members among the fully scored, and the two tail p-values
+    expected_missed: Optional[float]  # summed over the stages' models (None: a stage has no model)
+    stages: list  # StageMargin of each stage, in order
     informative: bool  # the bound keeps the recall at or above `target_recall`
     audit_needed: Optional[int]  # the audit sample that would make it so at zero misses (None: it is)
     note: str  # one line for the card
@@ -102,24 +170,18 @@ def audit_needed(rejected: int, kept_members: int, target_recall: float, level: 
 
 
 def audit_bounds(
-    rejected: int, sample: int, misses: int, kept_members: int, fit: tuple[np.ndarray, np.ndarray],
-    rejected_screens: np.ndarray, threshold: Optional[float], full_per_prompt: float, target_recall: float = 0.9,
+    rejected: int, sample: int, misses: int, kept_members: int, stages: list[Optional[StageScores]],
+    threshold: Optional[float], full_per_prompt: float, allowed: Optional[float] = None, target_recall: float = 0.9,
 ) -> AuditBounds:  # fmt: skip
-    """The bounds of one audited round. `fit` is (screen, full) of every fully scored prompt;
-    `rejected_screens` the first screen's score of the rejected prompts that were not audited;
+    """The bounds of one audited round. `stages`: each stage's inputs (None: a screen whose higher scores do not
+    mean memorized, no model); `allowed`: the expected members each stage's rejected may hold (None: no margins);
     `full_per_prompt` the denoiser evaluations of one full score (what a larger audit would cost)."""
     rate = stats.miss_rate(misses, sample, LEVEL)
     upper = None if rate["upper"] is None else rate["upper"] * rejected
     recall = None if upper is None or kept_members + upper == 0 else kept_members / (kept_members + upper)
-    model = fit_screen_model(*fit) if threshold is not None and threshold > 0 else None
-    expected, check = None, None
-    if model is not None:
-        expected = misses + float(model.member_probability(rejected_screens, threshold).sum())
-        screen, full = (np.asarray(a, dtype=np.float64) for a in fit)
-        p = model.member_probability(screen, threshold)
-        actual = int(np.sum(np.isfinite(full) & (full >= threshold)))
-        above, below = poisson_binomial_tails(p, actual)
-        check = {"predicted_members": float(p.sum()), "actual_members": actual, "p_more": above, "p_fewer": below}
+    none = StageMargin(None, None, None, None)
+    margins = [none if scores is None else stage_margin(scores, threshold, allowed) for scores in stages]
+    expected = None if any(m.expected_missed is None for m in margins) else sum(m.expected_missed for m in margins)
     needed = audit_needed(rejected, kept_members, target_recall)
     informative = recall is not None and recall >= target_recall
     if informative:
@@ -131,5 +193,5 @@ def audit_bounds(
         note = (f"the audit of {sample} prompts gives {shown} lower bound on recall; bounding it at "
                 f"{target_recall:.0%} takes an audit of {needed} prompts "
                 f"(cascade.audit_sample; {needed * full_per_prompt:,.0f} denoiser evaluations)")
-    return AuditBounds(kept_members, upper, recall, expected, None if model is None else asdict(model), check,
+    return AuditBounds(kept_members, upper, recall, expected, [asdict(m) for m in margins],
                        informative, None if informative else needed, note)  # fmt: skip

@@ -58,10 +58,12 @@ def test_stage_keys_fail_fast():
         load_config(None, ["cascade.widen_factor=1"])
 
 
-def test_starved_screen_is_caught_widened_and_recovers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("margins", ["null", "0.5"], ids=["fixed-shares", "screen-model-margins"])
+def test_starved_screen_is_caught_widened_and_recovers(tiny_model_dir, tmp_path, margins):
     """A one-stage screen keeping 3% of the prompts cannot hold the top 10%: the audit sample (every
     rejected prompt here, so that the catch does not hang on a draw) finds the loss, the stage widens
-    and the last round's fully scored prompts hold the full d_mem's whole top 10%."""
+    and the last round's fully scored prompts hold the full d_mem's whole top 10%; with the screen model's
+    margins (cascade.expected_missed_target) as with fixed shares."""
     truth_dir = tmp_path / "truth"
     truth_cfg = cfg_for(tiny_model_dir, truth_dir, "cascade.enabled=false")
     assert main(["prepare", f"run.output={truth_dir}", "corpus.synthetic.n_reports=40"]) == 0
@@ -70,7 +72,8 @@ def test_starved_screen_is_caught_widened_and_recovers(tiny_model_dir, tmp_path)
     top = set(truth.prompt_id[stats.top_percent_mask(truth.d_mem.to_numpy(), 10.0)[0]])
 
     out = tmp_path / "run"
-    cfg = cfg_for(tiny_model_dir, out, STAGES % 3, "analyze.top_percent=10", "cascade.audit_sample=1000", "cascade.widen_factor=3")
+    cfg = cfg_for(tiny_model_dir, out, STAGES % 3, "analyze.top_percent=10", "cascade.audit_sample=1000", "cascade.widen_factor=3",
+                  f"cascade.expected_missed_target={margins}")
     assert main(["prepare", f"run.output={out}", "corpus.synthetic.n_reports=40"]) == 0
     result = cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-tiny"))
     section = json.loads(open(RunLayout(str(out)).summary).read())["cascade"]
@@ -113,6 +116,12 @@ def test_two_stages_chain_in_process_through_the_cli(tiny_model_dir, tmp_path):
     assert section["continuation"] == {"enabled": True, "off_because": None, "continued": one["kept"] + two["kept"], "evaluations_saved": saved}
     assert (two["continued"], section["rounds"][0]["stages"][0]["continued"]) == (one["kept"], 0)
     assert section["audit"]["sample"] == 4
+    # The screen models' premise (cascade.stage_scores): a dmem stage's screen is the mean of the full score's first
+    # k steps, so a fully scored prompt's screen can be recomputed from its step norms.
+    screen2 = pq.read_table(f"{tmp_path}/_cascade/screening1/scores.parquet").to_pandas().set_index("prompt_id").d_mem
+    full = pq.read_table(layout.scores).to_pandas()
+    recomputed = [np.mean(np.asarray(norms.tolist())[:1, :2]) for norms in full.step_norms]
+    assert np.allclose(recomputed, screen2.loc[full.prompt_id].to_numpy(), rtol=1e-5)
     assert main(["analyze", *overrides]) == 0
     analysis = json.loads(open(layout.summary).read())["analysis"]
     assert analysis["memorized_count"] >= math.ceil(0.01 * n)
@@ -126,3 +135,24 @@ def test_a_screen_with_fewer_generations_carries_as_many_samples_per_call_as_the
     assert one.score.batch_size * one.score.generations == cfg.score.batch_size * cfg.score.generations == 32
     assert stage_config(cfg, "out", Stage("dmem", 25.0, 2, 4)).score.batch_size == 8
     assert stage_config(cfg, "out", Stage("latent_update", 10.0, 1, 1)).score.batch_size == 32
+
+
+def test_a_stage_widens_to_what_its_screen_model_asks_or_on_a_miss_and_no_further():
+    """`cascade.wider_shares`: a stage whose margin asks for more than it kept widens to that share, one that lost
+    an audited memorized prompt widens by cascade.widen_factor, one whose model asks for less stays, and without
+    a model (needed_keep None, the fixed-share mode) only a miss widens."""
+    from cxrmem.stages.cascade import Round, Screened, Stage, wider_shares
+
+    cfg = load_config(None, ["cascade.widen_factor=2"])
+    stages = [Stage("dmem", 10.0, 1, 1), Stage("dmem", 20.0, 2, 4), Stage("dmem", 50.0, 10, 4), Stage("dmem", 50.0, 20, 4)]
+    n = [200, 20, 4, 2]
+    screened = [Screened(np.arange(k), np.arange(k, 0, -1.0), np.arange(k) < math.ceil(k * s.keep_percent / 100))
+                for k, s in zip(n, stages)]  # fmt: skip
+    checked = Round([], 0, 0, 0, 1, [0, 1, 0, 0])
+    margins = [{"needed_keep": 35}, {"needed_keep": 2}, {"needed_keep": 1}, {"needed_keep": None}]
+    assert wider_shares(cfg, stages, checked, margins, screened) == [17.5, 40.0, 50.0, 50.0]
+    fixed = [{"needed_keep": None}] * 4
+    assert wider_shares(cfg, stages, checked, fixed, screened) == [10.0, 40.0, 50.0, 50.0]
+    assert load_config(None, ["cascade.expected_missed_target=null"]).cascade.expected_missed_target is None
+    with pytest.raises(ConfigError, match="'cascade.expected_missed_target'"):
+        load_config(None, ["cascade.expected_missed_target=0"])

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmem import stats, storage
-from cxrmem.cascade_bounds import AuditBounds, audit_bounds
+from cxrmem.cascade_bounds import AuditBounds, StageScores, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import UNetWork
@@ -81,6 +81,17 @@ class StageRun:
     evaluations: int  # denoiser evaluations counted in this round (prompts resumed from a round before cost none)
     continued: int = 0  # prompts that continued an earlier stage's trajectories (none with the carry off or on Ray)
     saved: int = 0  # evaluations those prompts did not spend again
+    expected_missed: Optional[float] = None  # memorized prompts among its rejected under its screen model (cxrmem/cascade_bounds.py)
+    needed_keep: Optional[int] = None  # the fewest inputs its screen model says to keep for cascade.expected_missed_target
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One stage's screen of one round, in memory: every input's id and screen score, and which it passed on."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    kept: np.ndarray  # bool
 
 
 @dataclass
@@ -167,12 +178,12 @@ def _executor(batches, carry: TrajectoryCarry | None):
 
 def run_stages(
     cfg, out: Run, batches, stages: list[Stage], work: UNetWork, carry: TrajectoryCarry | None = None
-) -> tuple[str, list[StageRun], dict]:
-    """Every stage on the survivors of the one before: (the last survivors' file, the stage runs,
-    prompt_id -> index of the stage that rejected it); their model work is added to `work`. `carry`: the
-    trajectories carried between stages (None: every stage restarts)."""
+) -> tuple[str, list[StageRun], list[Screened]]:
+    """Every stage on the survivors of the one before: (the last survivors' file, the stage runs, each stage's
+    screen); their model work is added to `work`. `carry`: the trajectories carried between stages (None: every
+    stage restarts)."""
     store, layout = out.store, out.layout
-    input_uri, runs, rejected_at = layout.prompts, [], {}
+    input_uri, runs, screened = layout.prompts, [], []
     for i, stage in enumerate(stages):
         stage_dir = _stage_dir(layout, i)
         stage_cfg = stage_config(cfg, stage_dir, stage)
@@ -185,8 +196,9 @@ def run_stages(
         work += UNetWork.from_json(scored.work)
         table = store.read_table(RunLayout(stage_dir).scores, columns=["prompt_id", column], filters=pc.field("prompt_id").isin(inputs))
         ids = table["prompt_id"].to_numpy(zero_copy_only=False)
-        chosen = screen_top(ids, table[column].to_numpy(zero_copy_only=False).astype(np.float64), stage.keep_percent, stage.screen)
-        rejected_at.update(dict.fromkeys(np.setdiff1d(ids, chosen).tolist(), i))
+        values = table[column].to_numpy(zero_copy_only=False).astype(np.float64)
+        chosen = screen_top(ids, values, stage.keep_percent, stage.screen)
+        screened.append(Screened(ids, values, np.isin(ids, chosen)))
         kept_uri = storage.join(layout.prefix, CASCADE_DIR, f"kept{i}.parquet")
         kept = store.read_table(input_uri, columns=["prompt_id", "prompt"], filters=pc.field("prompt_id").isin(chosen.tolist() or [""]))
         store.write_table(kept, kept_uri)
@@ -196,7 +208,7 @@ def run_stages(
             carry.end_stage(chosen.tolist())
         log.info("cascade stage %d (%s, keep %.3g%%): %d of %d prompts pass", i + 1, stage.screen, stage.keep_percent, kept.num_rows, table.num_rows)
         input_uri = kept_uri
-    return input_uri, runs, rejected_at
+    return input_uri, runs, screened
 
 
 def audit_sample_ids(all_ids: np.ndarray, rejected: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -222,7 +234,16 @@ def _full_scores(store: Store, uri: str) -> tuple[np.ndarray, np.ndarray]:
     return table["prompt_id"].to_numpy(zero_copy_only=False), table["d_mem"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def check_round(cfg, out: Run, batches, all_ids: np.ndarray, rejected_at: dict, stages: list[Stage],
+def _step_norms(store: Store, uri: str, ids: np.ndarray | None = None) -> dict:
+    """prompt_id -> [G, T] step norms of a full scoring (of `ids` only, if given)."""
+    if not store.exists(uri):
+        return {}
+    where = None if ids is None else pc.field("prompt_id").isin(ids.tolist() or [""])
+    table = store.read_table(uri, columns=["prompt_id", "step_norms"], filters=where)
+    return {i: np.asarray(n, dtype=np.float64) for i, n in zip(table["prompt_id"].to_pylist(), table["step_norms"].to_pylist())}
+
+
+def check_round(cfg, out: Run, batches, all_ids: np.ndarray, screened: list[Screened], stages: list[Stage],
                 work: UNetWork) -> tuple[Round, dict]:  # fmt: skip
     """Fully score the audit sample of this round's rejected prompts, count its misses and bound the loss; its
     model work is added to `work`."""
@@ -243,33 +264,56 @@ def check_round(cfg, out: Run, batches, all_ids: np.ndarray, rejected_at: dict, 
     audit_ids, audit_scores = audit_ids[in_sample], audit_scores[in_sample]
     threshold = memorized_threshold(np.concatenate([scored, audit_scores]), len(all_ids), cfg.analyze.top_percent)
     missed = audit_ids[np.isfinite(audit_scores) & (audit_scores >= threshold)] if threshold is not None else audit_ids[:0]
-    by_stage = [0] * len(stages)
-    for prompt in missed.tolist():
-        by_stage[rejected_at[prompt]] += 1
+    by_stage = [int(np.isin(missed, s.ids[~s.kept]).sum()) for s in screened]
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
     checked = Round([], int(scored_ids.size), int(rejected.size), int(sample.size), int(missed.size), by_stage)
-    full = (np.concatenate([scored_ids, audit_ids]), np.concatenate([scored, audit_scores]))
     kept_members = int(np.sum(np.isfinite(scored) & (scored >= threshold))) if threshold is not None else 0
-    bounds = round_bounds(out, stages[0].screen, checked, full, kept_members, np.setdiff1d(rejected, audit_ids), threshold,
-                          full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size)  # fmt: skip
+    target = cfg.cascade.expected_missed_target
+    bounds = audit_bounds(
+        checked.rejected, checked.sample, checked.misses, kept_members,
+        stage_scores(stages, screened, (scored_ids, scored), (audit_ids, audit_scores),
+                     {**_step_norms(store, layout.scores), **_step_norms(store, RunLayout(audit_dir).scores, audit_ids)}), threshold,
+        full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size, None if target is None else target / len(stages),
+    )  # fmt: skip
     return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
 
-def round_bounds(out: Run, screen: str, checked: Round, full: tuple[np.ndarray, np.ndarray], kept_members: int,
-                 unaudited: np.ndarray, threshold: float | None, full_per_prompt: float) -> AuditBounds:  # fmt: skip
-    """The audit's bounds (cxrmem/cascade_bounds.py), its screen model on the first stage's scores, which every
-    prompt has. A screen whose higher scores do not mean memorized gets no model."""
-    column = stage_column(screen)
-    first = out.store.read_table(RunLayout(_stage_dir(out.layout, 0)).scores, columns=["prompt_id", column])
-    by_id = dict(zip(first["prompt_id"].to_pylist(), first[column].to_numpy(zero_copy_only=False).astype(np.float64)))
+def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.ndarray, np.ndarray],
+                 audited: tuple[np.ndarray, np.ndarray], step_norms: dict) -> list[StageScores | None]:  # fmt: skip
+    """Each stage's inputs for its screen model (cxrmem/cascade_bounds.py): screen scores, the full scores known
+    (`kept`: the cascade's scores.parquet, `audited`: the audit sample's) and what it passed on, a prompt the
+    cascade fully scored in an earlier round counting as passed (it is not lost). A dmem stage's screen is the mean
+    of the full score's first k steps of its first G' generations (same seeds and schedule: the continuation's
+    premise), so the fully scored prompts it never screened (`step_norms`: id -> [G, T]) add points to its model.
+    None for a screen whose higher scores do not mean memorized: it gets no model."""
+    full = dict(zip(np.concatenate([kept[0], audited[0]]).tolist(), np.concatenate([kept[1], audited[1]]).tolist()))
+    out = []
+    for stage, screen in zip(stages, screened):
+        if not REGISTRY[stage.screen].higher_is_memorized:
+            out.append(None)
+            continue
+        scores = np.array([full.get(i, np.nan) for i in screen.ids.tolist()], dtype=np.float64)
+        inputs = set(screen.ids.tolist())
+        others = [i for i in full if i in step_norms and i not in inputs] if stage.screen == "dmem" else []
+        also = (np.array([np.mean(step_norms[i][: stage.generations, : stage.steps]) for i in others]),
+                np.array([full[i] for i in others], dtype=np.float64))  # fmt: skip
+        out.append(StageScores(screen.scores, scores, screen.kept | np.isin(screen.ids, kept[0]), also))
+    return out
 
-    def screen_of(ids: np.ndarray) -> np.ndarray:
-        return np.array([by_id.get(i, np.nan) for i in ids.tolist()], dtype=np.float64)
 
-    ids, scores = full
-    fit = (screen_of(ids), scores) if REGISTRY[screen].higher_is_memorized else (np.zeros(0), np.zeros(0))
-    return audit_bounds(checked.rejected, checked.sample, checked.misses, kept_members, fit, screen_of(unaudited), threshold,
-                        full_per_prompt)  # fmt: skip
+def wider_shares(cfg, stages: list[Stage], checked: Round, margins: list[dict], screened: list[Screened]) -> list[float]:
+    """Each stage's keep share for the next round: `cascade.widen_factor` times its share where the audit found a
+    memorized prompt it rejected, at least the share its screen model needs for its rejected to hold at most its
+    part of `cascade.expected_missed_target` (margins' `needed_keep`, None without a target or a model); never less
+    than it kept, at most 100."""
+    shares = []
+    for stage, misses, margin, screen in zip(stages, checked.missed_by_stage, margins, screened):
+        share = stage.keep_percent * (cfg.cascade.widen_factor if misses else 1.0)
+        needed = margin["needed_keep"]
+        if needed is not None and needed > int(screen.kept.sum()):
+            share = max(share, 100.0 * needed / screen.ids.size)
+        shares.append(min(100.0, share))
+    return shares
 
 
 def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batches) -> CascadeResult:
@@ -287,13 +331,13 @@ def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batche
     continuation = {"enabled": carrying, "off_because": why_not, "continued": 0, "evaluations_saved": 0}
     for number in range(1, cfg.cascade.max_rounds + 1):
         carry = TrajectoryCarry(ScoreSettings.of(cfg.score)) if carrying else None  # a round's own survivors
-        final_uri, stage_runs, rejected_at = run_stages(cfg, out, batches, stages, work, carry)
+        final_uri, stage_runs, screened = run_stages(cfg, out, batches, stages, work, carry)
         if carry is not None:
             carry.begin_stage()
         full = score.run(cfg, out, _executor(batches, carry), prompts_uri=final_uri, what="fully scored", cost=None)
         work += UNetWork.from_json(full.work)
         full_saved = 0 if carry is None else carry.saved
-        checked, check = check_round(cfg, out, batches, all_ids, rejected_at, stages, work)
+        checked, check = check_round(cfg, out, batches, all_ids, screened, stages, work)
         checked.stages = stage_runs
         rounds.append(checked)
         spent["screens"] += sum(s.evaluations for s in stage_runs)
@@ -301,18 +345,22 @@ def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batche
         spent["audit"] += check["evaluations"]
         continuation["continued"] += sum(s.continued for s in stage_runs) + (0 if carry is None else carry.continued)
         continuation["evaluations_saved"] += sum(s.saved for s in stage_runs) + full_saved
-        if not checked.misses:
+        for run, margin in zip(stage_runs, check["bounds"].stages):
+            run.expected_missed, run.needed_keep = margin["expected_missed"], margin["needed_keep"]
+        shares = wider_shares(cfg, stages, checked, check["bounds"].stages, screened)
+        short = [i for i, share in enumerate(shares) if share > stages[i].keep_percent]
+        if not short:
             break
-        lost = [i for i, n in enumerate(checked.missed_by_stage) if n]
         log.warning(
-            "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold (lost by stages %s)%s",
-            number, checked.misses, checked.sample, [i + 1 for i in lost],
+            "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold; stages %s need a wider share%s",
+            number, checked.misses, checked.sample, [i + 1 for i in short],
             "; widening and rescreening" if number < cfg.cascade.max_rounds else "; cascade.max_rounds reached",
         )
         if number < cfg.cascade.max_rounds:
-            for i in lost:
-                stages[i].keep_percent = min(100.0, stages[i].keep_percent * cfg.cascade.widen_factor)
-    section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"])
+            for i in short:
+                stages[i].keep_percent = shares[i]
+            short = []
+    section = cascade_summary(cfg, stages, rounds, spent, len(all_ids), full_cost, check["threshold"], check["bounds"], short)
     section.continuation = continuation  # prompts (over all stages and rounds) that continued a trajectory
     out.write_sections(section)
     out.record_cost("score", work.to_json())
@@ -330,8 +378,9 @@ def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batche
 
 
 def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, n_corpus: int, full_cost: Cost, threshold,
-                    bounds: AuditBounds) -> CascadeSection:  # fmt: skip
-    """summary.json["cascade"]: the stages as they ended, every round, the compute and the self-check."""
+                    bounds: AuditBounds, short: list[int]) -> CascadeSection:  # fmt: skip
+    """summary.json["cascade"]: the stages as they ended, every round, the compute and the self-check; `short`: the
+    stages cascade.max_rounds left narrower than the audit or their screen model asked."""
     last = rounds[-1]
     total = sum(spent.values())
     rate = stats.miss_rate(last.misses, last.sample)
@@ -343,6 +392,9 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
     else:
         verdict = (f"no audited rejected prompt is memorized{' after widening' if len(rounds) > 1 else ''}: at most "
                    f"{upper:.1f} of the {last.rejected} rejected prompts (95% upper bound)")
+    if short:
+        verdict += (f"; stages {', '.join(str(i + 1) for i in short)} still keep less than their screen model asks "
+                    f"for cascade.expected_missed_target (cascade.max_rounds = {cfg.cascade.max_rounds} reached)")
     return CascadeSection(
         stages=[asdict(s) for s in stages],
         rounds=[asdict(r) for r in rounds],

@@ -38,6 +38,12 @@ class CascadeConfig(Settings):
     audit_sample: int = knob(200, NON_NEGATIVE)  # rejected prompts fully scored to check the cascade (seeded sample; 0: no check)
     audit_seed: int = knob(0, NON_NEGATIVE)  # seed of the audit sample
     widen_factor: float = knob(2.0, (lambda v: v > 1, "above 1"))  # a stage that lost a memorized prompt keeps this many times its share on the rescreen
+    # Margins from the run's own data: after a round, each stage's screen model (cxrmem/cascade_bounds.py) sets the
+    # least share it must keep for its rejected prompts to hold at most target / len(stages) expected memorized ones;
+    # a stage below that widens to it and the round reruns. keep_percent is then the first round's (least) share.
+    # Off by default: on 320 prompts of testbed/random_markers it cost 119-229 evaluations per prompt against the fixed
+    # shares' 10-68 (bench/RESULTS.md, "Cascade margins"); 0.5 is the measured setting. Not yet measured at scale.
+    expected_missed_target: Optional[float] = knob(None, OPTIONAL_POSITIVE)  # expected memorized prompts the stages may lose in all (None: fixed keep_percent)
     max_rounds: int = knob(4, POSITIVE)  # screen-check-widen rounds at most (the last one's result stands, its misses reported)
     continue_trajectories: bool = True  # a later stage continues an earlier one's trajectories of the full score's seeds and schedule (in process and on Ray)
 
