@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from cxrmem.scoring.capabilities import CROSS_ATTENTION
+from cxrmem.capabilities import CROSS_ATTENTION
 from cxrmem.settings import NON_NEGATIVE, POSITIVE, Settings, knob
 
 if TYPE_CHECKING:  # torch is imported where tensors are computed: the registry and screening are numpy,
@@ -170,7 +170,7 @@ class Detector:
     paper: str
     compute: Optional[Compute] = None  # what the Scorer runs for it (see the module notes)
     full_schedule: bool = False  # runs the whole T-step trajectory: its cost's k is score.steps, not detect.steps
-    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/scoring/capabilities.py); without one its columns are NaN, with a warning
+    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/capabilities.py); without one its columns are NaN, with a warning
 
     def cost_of(self, generations: int, steps: int, shared: bool, total_steps: int) -> Cost:
         """The declared cost with detect.steps = `steps` and score.steps = `total_steps`."""

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Union
 
+from cxrmem.capabilities import CROSS_ATTENTION, PLAIN_TEXT
 from cxrmem.corpus.text import MARKER_REGEX
-from cxrmem.scoring.capabilities import CROSS_ATTENTION, PLAIN_TEXT
 from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, UNIT_CLOSED, UNIT_HALF_OPEN, UNIT_OPEN, Settings, at_least, check_names, knob
 
 BACKWARD = 2  # evaluations one backward pass through the UNet costs
@@ -54,7 +54,7 @@ class Strategy:
     # (settings, G scored noises, N generations) -> evaluations spent before sampling
     preparation: Callable[[object, int, int], int] = no_preparation
     marker_rewrite: bool = False  # rewrites only the de-identification markers: what the paper's finding 3 is about
-    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/scoring/capabilities.py); skipped with the reason on a model without one
+    needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/capabilities.py); skipped with the reason on a model without one
 
     def evaluations(self, settings, scored: tuple[int, int], generated: tuple[int, int]) -> int:
         """UNet evaluations of one prompt: d_mem over `scored` = (G noises, T_s steps), the `generated` = (N generations,

@@ -15,7 +15,7 @@ The Scorer's sampling loop, norms and update are the same for all of them; what 
   text [M, L', D'].
 - `capabilities`: what UNet-only machinery (cxrmem/scoring/attention.py) can run on it; a detector or mitigation
   strategy that needs one it lacks is skipped with a reason (cxrmem/detectors.py, cxrmem/strategies.py `needs`;
-  the capabilities are named in cxrmem/scoring/capabilities.py).
+  the capabilities are named in cxrmem/capabilities.py).
 
 The transformer and SDXL layouts encode with their diffusers pipeline's own `encode_prompt`, with the defaults
 its `__call__` declares, so that their conditioning is the pipeline's by construction.
@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 
+from cxrmem.capabilities import CROSS_ATTENTION, PLAIN_TEXT
 from cxrmem.scoring.attention import TextLayout, share_text_projections
-from cxrmem.scoring.capabilities import CROSS_ATTENTION, PLAIN_TEXT
 
 log = logging.getLogger(__name__)
 

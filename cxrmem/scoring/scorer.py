@@ -20,8 +20,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cxrmem import detectors
+from cxrmem.capabilities import missing
 from cxrmem.scoring.attention import SharedText, TextLayout, capture_token_attention
-from cxrmem.scoring.capabilities import missing
 from cxrmem.scoring.ddim import DDIMUpdate
 from cxrmem.scoring.denoisers import denoiser
 from cxrmem.scoring.device import DeviceOutOfMemory, output_layers_in_float32, resolve_device, set_tf32
