@@ -110,6 +110,22 @@ def stage_config(tiny_model_dir, output, images_csv, *overrides):
     ])  # fmt: skip
 
 
+def test_copies_checks_mitigations_stratified_sample_of_the_memorized_set(tiny_model_dir, own_images, tmp_path):
+    """With mitigation.sample_size below the memorized count, the harm is checked on mitigation's own sample (the
+    same seeded, marker-stratified draw), and the section says which prompts and why."""
+    from cxrmem.mitigation_sizing import stratified_sample
+
+    write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
+    cfg = stage_config(tiny_model_dir, tmp_path, own_images, "mitigation.sample_size=1", "copies.second_guidance=null",
+                       "copies.strategies=false")  # fmt: skip
+    summary = copies.run(cfg)
+    table = Store().read_table(RunLayout(str(tmp_path)).copies).to_pandas()
+    drawn = stratified_sample(Run.of(cfg).read_memorized(), cfg.corpus.marker_regex, 1, cfg.mitigation.seed)
+    assert list(table[table.group == "memorized"].prompt_id) == list(drawn.prompt_id)
+    assert (table.group == "control").sum() == 3 and summary.guidances["w=7.5"]["memorized"] == 1
+    assert (summary.sample["memorized"], summary.sample["sampled"]) == (2, 1) and "seeded sample" in summary.sample["why"]
+
+
 def test_copies_stage_finds_each_prompts_own_image_and_writes_its_outputs(tiny_model_dir, own_images, tmp_path):
     ids = write_run(tmp_path, TEXTS, memorized=2, sources=[f"s{i}" for i in range(len(TEXTS))], model_dir=tiny_model_dir)
     summary = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, "report.top_prompts=1"))

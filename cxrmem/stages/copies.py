@@ -30,7 +30,7 @@ from cxrmem.copies.find import evidence, search
 from cxrmem.copies.images import read_image
 from cxrmem.copies.settings import CopiesSettings
 from cxrmem.judgement import halves_copying, judge_strategies
-from cxrmem.mitigation_sizing import stratified_sample
+from cxrmem.mitigation_sizing import sample_record, stratified_sample
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
@@ -75,11 +75,9 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
     return sims, rows, [t for r in results for t in r[1]], kept, [f for r in results for f in r[3]]
 
 
-def strategy_prompts(cfg, memorized: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Per checked strategy, the memorized prompts its copies are checked on: those mitigation ran it on (its sample,
-    cut where the sequential rule stopped it), else the same seeded stratified sample (cxrmem/mitigation_sizing.py)."""
-    sample = stratified_sample(memorized, cfg.corpus.marker_regex, cfg.mitigation.sample_size, cfg.mitigation.seed)
-    sample = sample.drop(columns="stratum")
+def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Per checked strategy, the sampled memorized prompts its copies are checked on: those mitigation ran it on (its
+    sample, cut where the sequential rule stopped it), else the whole sample (cxrmem/mitigation_sizing.py)."""
     ran = mitigation.groupby("strategy")["prompt_id"].agg(set) if mitigation is not None else {}
     return {s: sample[sample["prompt_id"].isin(ran[s])] if s in ran else sample for s in checked_strategies(cfg)}
 
@@ -163,7 +161,11 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
     fingerprint = embedder_fingerprint(embedder_settings(cfg))  # from the files: the embedder loads on the workers
     with memorized_stage(cfg, out, "copies", None, models, need_vae=True) as (memorized, models, identity):
         images, index, built = image_index.build_index(cfg, store, fingerprint, embed_rows)
-        frame = checked_prompts(cfg, out, memorized)
+        # The harm is checked on mitigation's seeded, marker-stratified sample of the memorized set (mitigation.sample_size):
+        # the copy rate is an estimate over it, and the strategies' copies are judged on the same prompts.
+        c = cfg.mitigation
+        sample = stratified_sample(memorized, cfg.corpus.marker_regex, c.sample_size, c.seed)
+        frame = checked_prompts(cfg, out, sample)
         keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
@@ -178,6 +180,7 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
         section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen))
         section.model = identity
+        section.sample = sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed)
         out.write_sections(section)
     log.info("copies: %s", section.headline)
     return section
