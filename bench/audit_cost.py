@@ -1,0 +1,99 @@
+"""Benchmark (not a test): a whole audit's denoiser evaluations per corpus prompt, projected to a corpus size.
+
+Every stage on at the configuration's defaults (the cascade, the reference, attribution with the null model,
+every mitigation strategy, copies with images), each stage's cost from the declared costs that
+tests/test_cost.py holds equal to what the Scorer counts:
+
+- score: the cascade's evaluations per prompt measured on the testbeds (`--cascade-per-prompt`, bench/RESULTS.md
+  "Cascade frontier": 9.56 at the default stages, counted) times N, plus the audit sample's full scores;
+- reference: `--reference` prompts, each a full score (the cascade does not screen it);
+- attribute: `attribution.max_prompts` of the M memorized prompts (`--words` words each), twice with the null model;
+- mitigate: `mitigation.sample_size` prompts, every strategy's declared evaluations (an upper bound: the
+  sequential rule stops decided strategies early);
+- copies: the same sample and `copies.n_controls` controls at each guidance, N generations of T steps, and each
+  checked strategy's generations and preparation on the sample.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts 100000 --memorized-percent 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cxrmem import strategies  # noqa: E402
+from cxrmem.attribution import declared_evaluations  # noqa: E402
+from cxrmem.config import load_config  # noqa: E402
+from cxrmem.results_page import cpu_name, write_results  # noqa: E402
+from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
+from cxrmem.stages.cascade import dmem_cost, evaluations  # noqa: E402
+from cxrmem.stages.copies import guidances  # noqa: E402
+from cxrmem.stages.worker import attribution_settings, mitigation_settings  # noqa: E402
+
+HEADING = "## The whole audit's cost, projected (issue 33)"
+
+
+def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
+    """stage -> denoiser evaluations of one audit of n prompts with `memorized` of them memorized."""
+    score = ScoreSettings.of(cfg.score)
+    full = dmem_cost(cfg.score, score.steps)
+    full_one = full.per_prompt + full.per_batch / cfg.score.batch_size
+    attributed = min(memorized, cfg.attribution.max_prompts or memorized)
+    per_attributed = declared_evaluations(args.words, attribution_settings(cfg), score)
+    m = mitigation_settings(cfg)
+    sample = min(memorized, m.sample_size or memorized)
+    g, t, nm = score.generations, score.steps, m.n_generations
+    mitigate = sample * sum(strategies.row(s).evaluations(m, (g, t), (nm, m.steps or t)) for s in m.strategies)
+    nc, checked = cfg.copies.generations, [s for s in m.strategies if s != "original"] if cfg.copies.strategies else []
+    per_guidance = (sample + cfg.copies.n_controls) * 2 * nc * t + sample * sum(
+        strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
+    return {
+        "score": args.cascade_per_prompt * n + evaluations(full, cfg.cascade.audit_sample, cfg.score.batch_size),
+        "reference": args.reference * full_one,
+        "attribute": attributed * per_attributed * (2 if cfg.attribution.null_model else 1),
+        "mitigate": mitigate,
+        "copies": per_guidance * len(guidances(cfg)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=100_000)
+    parser.add_argument("--memorized-percent", type=float, default=1.0)
+    parser.add_argument("--cascade-per-prompt", type=float, default=9.56, help="counted, bench/RESULTS.md 'Cascade frontier'")
+    parser.add_argument("--reference", type=int, default=500, help="reference prompts (bench/RESULTS.md 'Reference size')")
+    parser.add_argument("--words", type=int, default=30, help="words per attributed prompt")
+    parser.add_argument("--results", default=None, help="write the table into this page (bench/RESULTS.md)")
+    parser.add_argument("overrides", nargs="*", help="config overrides (OmegaConf dot-keys)")
+    args = parser.parse_args()
+    cfg = load_config(None, args.overrides)
+    n = args.prompts
+    memorized = max(1, round(n * args.memorized_percent / 100))
+    costs = stage_costs(cfg, n, memorized, args)
+    total = sum(costs.values())
+    lines = [HEADING, "",
+             f"Command: `PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts {n} --memorized-percent "
+             f"{args.memorized_percent:g}{' ' + ' '.join(args.overrides) if args.overrides else ''}` (arithmetic on the declared "
+             f"costs, which tests/test_cost.py holds equal to the counted ones; {cpu_name()}). {n:,} prompts, {memorized:,} "
+             f"memorized, the defaults: T={cfg.score.steps}, G={cfg.score.generations}, the cascade at "
+             f"{args.cascade_per_prompt} evaluations per prompt plus a {cfg.cascade.audit_sample}-prompt audit sample, "
+             f"{args.reference} reference prompts, attribution of {cfg.attribution.max_prompts} prompts at k = "
+             f"{cfg.attribution.steps} with the null model, mitigation and copies on a sample of "
+             f"{cfg.mitigation.sample_size} with {len(cfg.mitigation.strategies)} strategies and {cfg.mitigation.n_generations} "
+             f"generations, {cfg.copies.n_controls} copy controls at {len(guidances(cfg))} guidances.", "",
+             "| stage | denoiser evaluations | per corpus prompt | share |", "|---|---|---|---|"]  # fmt: skip
+    for stage, value in costs.items():
+        lines.append(f"| {stage} | {value:,.0f} | {value / n:.2f} | {value / total:.0%} |")
+    lines.append(f"| **total** | **{total:,.0f}** | **{total / n:.2f}** | |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.results:
+        write_results(args.results, HEADING, section)
+
+
+if __name__ == "__main__":
+    main()
