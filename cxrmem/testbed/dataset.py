@@ -59,7 +59,7 @@ class TestbedConfig(Settings):
     transformer_layers: int = knob(4, POSITIVE)  # sana: transformer blocks
     transformer_width: int = knob(64, (lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))  # sana: width (16 per head)
     patch_size: int = knob(2, POSITIVE)  # sana: pixels per patch side (32x32 at 2: 256 tokens)
-    text_hidden_size: int = knob(64, POSITIVE)  # text encoder hidden size (= the UNet's cross-attention dim; sana: a multiple of 16)
+    text_hidden_size: int = knob(64, POSITIVE)  # text encoder hidden size (= the UNet's cross-attention dim; sana: even)
     text_layers: int = knob(2, POSITIVE)  # text encoder layers (BERT; sana: Gemma-2)
     vocab_size: int = knob(1000, POSITIVE)  # WordPiece vocabulary trained on the training prompts
     max_tokens: int = knob(96, POSITIVE)  # tokenizer model_max_length (prompts pad and truncate to it)

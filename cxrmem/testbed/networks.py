@@ -30,8 +30,11 @@ from cxrmem.models.components import Components
 from cxrmem.models.tiny import radedit_scheduler
 from cxrmem.scoring.denoisers import SanaDenoiser
 
-# Text per attention head of the Sana-style network's self- and cross-attention, and its Gemma-2 encoder's.
+# Channels per attention head of the Sana-style network's self- and cross-attention.
 HEAD_DIM = 16
+# Gemma-2's attention is eager only (softcapped logits), and it reads ~500 tokens per prompt (the instruction prefix
+# and 300 more): its score matrices are most of a training step's CPU time, so few heads.
+TEXT_HEADS = 2
 # Rotary positions cost no parameters: room for the instruction prefix and the pipeline's 300 tokens.
 GEMMA_POSITIONS = 2048
 
@@ -118,7 +121,7 @@ class SanaNetwork:
         width = tb.text_hidden_size
         self.text_encoder = Gemma2Model(Gemma2Config(
             vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=tb.text_layers,
-            num_attention_heads=width // HEAD_DIM, num_key_value_heads=width // HEAD_DIM, head_dim=HEAD_DIM,
+            num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_HEADS, head_dim=width // TEXT_HEADS,
             max_position_embeddings=GEMMA_POSITIONS, pad_token_id=tokenizer.pad_token_id,
         ))  # fmt: skip
         heads = tb.transformer_width // HEAD_DIM
