@@ -7,7 +7,7 @@ Per testbed config, d_mem's detection: the prompts `cxrmem testbed evaluate` sco
 same seeded sample of never-duplicated ones), fully scored with the Scorer at the config's G, w and T =
 testbed.eval_steps (shared seeds), norms cached under `--cache`; AUC and TPR at 1% FPR of the planted prompts against
 the never-duplicated ones, d_mem over all steps and the first step alone (evaluate.detection_rows, the numbers
-`testbed evaluate` writes).
+`testbed evaluate` writes), and over the first two steps (the default cascade's second screen).
 
 The default `cascade.stages` on the testbeds of `--cascade` (by default the transformer only: the UNet testbed's is
 section "Cascade frontier at T=50, G=4"): as bench/cascade_frontier.py measures it, on every distinct training prompt
@@ -45,6 +45,8 @@ from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
 from cxrmem.stages.cascade import dmem_cost, evaluations  # noqa: E402
 from cxrmem.testbed.evaluate import MANIFEST, detection_rows, evaluation_prompts  # noqa: E402
 
+# d_mem over all steps, and the cascade's first two screens' depths (the first step of a flow-matching schedule is 0).
+SCREENS = {"full": None, "first step": 1, "first two steps": 2}
 SECTION = "## Transformer testbed against the UNet testbed: d_mem and the default cascade (issue 35)"
 
 
@@ -89,11 +91,9 @@ def detection(config: str, args) -> dict:
     cfg = load_config(config)
     name = os.path.basename(os.path.normpath(cfg.testbed.out))
     frame, norms, sampler = scored(cfg, os.path.join(args.cache, f"{name}.npz"), args.batch)
-    full, _ = d_mem(torch.from_numpy(norms))
-    first, _ = d_mem(torch.from_numpy(norms[:, :, :1]))
     levels = list(cfg.testbed.duplication_levels)
-    return {"name": name, "sampler": sampler, "shape": norms.shape, "full": detection_rows(full.numpy(), frame, levels),
-            "first": detection_rows(first.numpy(), frame, levels)}  # fmt: skip
+    rows = {key: detection_rows(d_mem(torch.from_numpy(norms[:, :, :k]))[0].numpy(), frame, levels) for key, k in SCREENS.items()}
+    return {"name": name, "sampler": sampler, "shape": norms.shape, **rows}
 
 
 def cascade(config: str, args) -> dict:
@@ -119,7 +119,8 @@ def markdown(results: list[dict], cascades: list[dict], args, minutes: float) ->
         "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in results:
-        for label, key in (("all steps", "full"), ("first step", "first")):
+        for key in SCREENS:
+            label = "all steps" if key == "full" else key
             overall, *levels = r[key]
             per_level = " / ".join(f"{row['auc']:.3f}" for row in levels)
             lines.append(f"| {r['name']} | {r['sampler']} | {label} | {overall['auc']:.3f} | {overall['tpr_at_1pct_fpr']:.2f} | {per_level} |")
