@@ -17,10 +17,15 @@ SMALL_DIT = {"testbed.denoiser": "sana", "testbed.text_hidden_size": 16, "testbe
              "testbed.transformer_width": 16, "testbed.patch_size": 4}  # fmt: skip
 
 
-def test_a_short_transformer_training_loads_and_scores_with_finite_d_mem(tmp_path):
-    out = str(tmp_path / "dit")
+@pytest.fixture(scope="module")
+def trained_tiny_dit(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dit"))
+    return out, train(tiny_testbed_config(out, **SMALL_DIT))
+
+
+def test_a_short_transformer_training_loads_and_scores_with_finite_d_mem(trained_tiny_dit):
+    out, summary = trained_tiny_dit
     cfg = tiny_testbed_config(out, **SMALL_DIT)
-    summary = train(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     components = load_components(OmegaConf.merge(cfg.model, {"path": out}))
     assert components.layout == "sana" and components.vae is None and components.latent_shape == (1, 16, 16)
@@ -30,6 +35,18 @@ def test_a_short_transformer_training_loads_and_scores_with_finite_d_mem(tmp_pat
     assert np.isfinite(batch.d_mem).all() and (batch.d_mem > 0).all()
     # Flow matching starts at sigma = 1, where the velocity's text difference implies no noise difference.
     assert (batch.step_norms[:, :, 0] == 0).all() and (batch.step_norms[:, :, 1:] > 0).all()
+
+
+def test_evaluate_writes_the_transformer_section_with_a_degenerate_first_step(trained_tiny_dit, tmp_path):
+    from cxrmem.testbed.evaluate import SECTIONS, evaluate
+
+    out, _ = trained_tiny_dit
+    results = tmp_path / "RESULTS.md"
+    cfg = tiny_testbed_config(out, **SMALL_DIT, **{"testbed.eval_unique": 6, "testbed.eval_steps": 2, "testbed.results": str(results)})
+    result = evaluate(cfg)
+    assert [row["auc"] for row in result["first_step"]] == [0.5, 0.5, 0.5]  # every first-step score ties at 0
+    text = results.read_text()
+    assert SECTIONS["synthetic", "sana"].heading in text and "flow-matching Euler steps" in text
 
 
 def test_the_flow_target_is_the_velocity_between_image_and_noise():
