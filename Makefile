@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-copies test test-fast testbed testbed-iuxray bench image lint clean
+.PHONY: install demo demo-copies test test-fast testbed testbed-iuxray testbed-dit bench image lint clean
 
 # torch is pinned to the CPU build that lies on disk on development machines;
 # the cluster image (docker/Dockerfile) brings its own CUDA build.
@@ -47,6 +47,9 @@ testbed: $(STAMP)
 
 testbed-iuxray: $(STAMP)
 	$(BIN)/cxrmem testbed train --config conf/testbed_iuxray.yaml
+
+testbed-dit: $(STAMP)
+	$(BIN)/cxrmem testbed train --config conf/testbed_dit.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/score_bench.py

@@ -198,7 +198,7 @@ def test_evaluate_writes_the_results_section(trained_tiny_testbed, tmp_path):
     assert result["n_planted"] == 8 and result["n_unique"] == 6
     assert [row["level"] for row in result["full"]] == ["all", 3, 5]
     text = results.read_text()
-    assert "## Other\n\nkept" in text and text.count(SECTIONS["synthetic"].heading) == 1
+    assert "## Other\n\nkept" in text and text.count(SECTIONS["synthetic", "unet"].heading) == 1
 
 
 def test_iuxray_evaluation_ranks_templates_in_its_own_section(tmp_path):
@@ -206,7 +206,7 @@ def test_iuxray_evaluation_ranks_templates_in_its_own_section(tmp_path):
     from cxrmem.testbed.train import train
 
     results = tmp_path / "RESULTS.md"
-    synthetic, iuxray = SECTIONS["synthetic"].heading, SECTIONS["iuxray"].heading
+    synthetic, iuxray = SECTIONS["synthetic", "unet"].heading, SECTIONS["iuxray", "unet"].heading
     results.write_text(f"{synthetic}\n\nfirst testbed\n")
     extra = {"testbed.source": "iuxray", "testbed.n_unique": 5000, "corpus.max_reports": 120}
     extra.update({"testbed.eval_unique": 6, "testbed.eval_steps": 2, "testbed.results": str(results)})
@@ -243,7 +243,7 @@ def test_rms_distance():
 
 
 def test_replace_section_keeps_the_rest():
-    heading = SECTIONS["synthetic"].heading
+    heading = SECTIONS["synthetic", "unet"].heading
     section = f"{heading}\n\nnew\n"
     assert replace_section("", heading, section) == section
     doc = f"# B\n\n{heading}\n\nold\n\n## Next\n\nx\n"
@@ -252,7 +252,7 @@ def test_replace_section_keeps_the_rest():
 
 
 def test_each_testbed_replaces_only_its_own_section():
-    synthetic, iuxray = SECTIONS["synthetic"].heading, SECTIONS["iuxray"].heading
+    synthetic, iuxray = SECTIONS["synthetic", "unet"].heading, SECTIONS["iuxray", "unet"].heading
     assert iuxray.startswith(synthetic)  # headings share a prefix: matching must take the whole line
     doc = replace_section(f"{synthetic}\n\nfirst\n", iuxray, f"{iuxray}\n\nsecond\n")
     assert doc == f"{synthetic}\n\nfirst\n\n{iuxray}\n\nsecond\n"

@@ -54,9 +54,13 @@ class TestbedConfig(Settings):
     learning_rate: float = knob(0.002, POSITIVE)  # AdamW peak learning rate
     seed: int = knob(0, NON_NEGATIVE)  # seed of data, initialisation and training
     max_minutes: float = knob(30.0, POSITIVE)  # stop training after this wall time (CPU budget)
+    denoiser: str = knob("unet", choices=["unet", "sana"])  # unet (epsilon, DDIM, BERT) | sana (flow-matching transformer, Gemma-2): testbed/networks.py
     block_out_channels: tuple[int, ...] = knob((16, 32, 64), POSITIVE_LIST)  # UNet widths; cross-attention at the last
-    text_hidden_size: int = knob(64, POSITIVE)  # BERT hidden size (= the UNet's cross-attention dim)
-    text_layers: int = knob(2, POSITIVE)  # BERT layers
+    transformer_layers: int = knob(4, POSITIVE)  # sana: transformer blocks
+    transformer_width: int = knob(64, (lambda v: v > 0 and v % 16 == 0, "a positive multiple of 16"))  # sana: width (16 per head)
+    patch_size: int = knob(2, POSITIVE)  # sana: pixels per patch side (32x32 at 2: 256 tokens)
+    text_hidden_size: int = knob(64, POSITIVE)  # text encoder hidden size (= the UNet's cross-attention dim; sana: even)
+    text_layers: int = knob(2, POSITIVE)  # text encoder layers (BERT; sana: Gemma-2)
     vocab_size: int = knob(1000, POSITIVE)  # WordPiece vocabulary trained on the training prompts
     max_tokens: int = knob(96, POSITIVE)  # tokenizer model_max_length (prompts pad and truncate to it)
     cond_drop: float = knob(0.1, UNIT_HALF_OPEN)  # share of training prompts replaced by "" (classifier-free guidance)

@@ -7,7 +7,9 @@ the IU X-ray testbed has them) with the project's `Scorer`, then reports:
 - ROC AUC and TPR at 1% FPR, planted (positives) vs never-duplicated (negatives), overall and
   per duplication level, for the full score (mean over all steps) and for the first-step score
   (the norm at the first DDIM step only; with shared initial latents it equals the score of a
-  `score.screening_steps=1` run, since the first step does not depend on how many follow);
+  `score.screening_steps=1` run, since the first step does not depend on how many follow; on a
+  flow-matching testbed it is 0 for every prompt: the schedule starts at sigma = 1, where the
+  velocity's text difference implies no noise difference, docs/design.md "The score");
 - how the templates rank against the never-duplicated prompts (AUC, share flagged at the 1% FPR
   threshold, the most-copied ones' percentiles) and against the planted ones: a template shared
   by many different images is a phrase the model learned, not a copy, and should not be flagged;
@@ -56,10 +58,16 @@ class Section:
     marker: str  # de-identification marker as the source writes it
 
 
+# Keyed by (testbed.source, testbed.denoiser).
 SECTIONS = {
-    "synthetic": Section("## Testbed detection", "conf/testbed.yaml", "___"),
-    "iuxray": Section("## Testbed detection: IU X-ray reports", "conf/testbed_iuxray.yaml", "XXXX"),
+    ("synthetic", "unet"): Section("## Testbed detection", "conf/testbed.yaml", "___"),
+    ("iuxray", "unet"): Section("## Testbed detection: IU X-ray reports", "conf/testbed_iuxray.yaml", "XXXX"),
+    ("synthetic", "sana"): Section("## Testbed detection: flow-matching transformer", "conf/testbed_dit.yaml", "___"),
 }
+
+
+# How the results name the sampling loop's scheduler.
+SAMPLERS = {"DDIMScheduler": "DDIM", "FlowMatchEulerDiscreteScheduler": "flow-matching Euler"}
 
 
 # -- detection metrics (pure) -----------------------------------------------------------------
@@ -205,7 +213,8 @@ def evaluate(cfg) -> dict:
         "model": tb.out,
         "source": tb.source,
         "fingerprint": fingerprint_model(model_cfg),
-        "score": {"generations": score_cfg.generations, "steps": score_cfg.steps, "guidance": score_cfg.guidance_scale},
+        "score": {"generations": score_cfg.generations, "steps": score_cfg.steps, "guidance": score_cfg.guidance_scale,
+                  "sampler": SAMPLERS.get(type(components.scheduler).__name__, type(components.scheduler).__name__)},
         "n_planted": int((kind == "planted").sum()),
         "n_unique": int((kind == "unique").sum()),
         "full": detection_rows(full, frame, levels),
@@ -219,7 +228,10 @@ def evaluate(cfg) -> dict:
         },
         "minutes": round((time.time() - started) / 60, 2),
     }
-    section = SECTIONS[tb.source]
+    section = SECTIONS.get((tb.source, tb.denoiser))
+    if section is None:
+        raise ValueError(f"no bench/RESULTS.md section for testbed.source={tb.source} with testbed.denoiser={tb.denoiser}; "
+                         f"evaluate one of {sorted(SECTIONS)}")  # fmt: skip
     write_results(tb.results, section.heading, results_markdown(result, cfg, section))
     return result
 
@@ -234,7 +246,7 @@ def results_markdown(result: dict, cfg, section: Section) -> str:
         "",
         f"Model `{result['model']}` (fingerprint `{result['fingerprint'][:16]}`): {result['n_planted']} planted prompts "
         f"vs {result['n_unique']} never-duplicated prompts (a seeded sample). Scorer with G={score['generations']}, "
-        f"w={score['guidance']}, T={score['steps']} DDIM steps"
+        f"w={score['guidance']}, T={score['steps']} {score['sampler']} steps"
         + (" (fewer than the default 50, for CPU time)" if score["steps"] < 50 else "")
         + f"; {result['minutes']} min on {cfg.testbed.num_threads} CPU thread(s), CPU: {cpu_name()}.",
         "",

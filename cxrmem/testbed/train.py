@@ -38,62 +38,47 @@ import math
 import os
 import time
 
-import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from omegaconf import OmegaConf
-from transformers import BertConfig, BertModel
 
-from cxrmem.models.tiny import radedit_scheduler, train_wordpiece_tokenizer
+from cxrmem.models.tiny import train_wordpiece_tokenizer
+from cxrmem.scoring.prediction import FLOW_PREDICTION, prediction_type
 from cxrmem.testbed.dataset import MANIFEST, REFERENCE, TrainingSet, build_training_set, with_text_variant
+from cxrmem.testbed.networks import NETWORKS
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "train_summary.json"
 
 
-def build_unet(tb_cfg) -> UNet2DConditionModel:
-    widths = tuple(tb_cfg.block_out_channels)
-    plain, attn = len(widths) - 1, 1
-    return UNet2DConditionModel(
-        sample_size=tb_cfg.image_size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=widths,
-        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attn,
-        up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * plain,
-        layers_per_block=1,
-        cross_attention_dim=tb_cfg.text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        # The attention-pooled prompt is added to the timestep embedding, so every ResNet block
-        # sees the text: memorizing a prompt's image then takes far fewer CPU steps.
-        addition_embed_type="text",
-        addition_embed_type_num_heads=4,
-    )
-
-
-def build_text_encoder(tb_cfg, vocab_size: int) -> BertModel:
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=tb_cfg.text_hidden_size,
-        num_hidden_layers=tb_cfg.text_layers,
-        num_attention_heads=4,
-        intermediate_size=2 * tb_cfg.text_hidden_size,
-        max_position_embeddings=tb_cfg.max_tokens,
-    )
-    return BertModel(config, add_pooling_layer=False)
-
-
-def diffusion_loss(unet, text_encoder, scheduler, x0, token_ids, generator: torch.Generator) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps. x0: [B, 1, H, W] in [-1, 1]."""
-    noise = torch.randn(x0.shape, generator=generator)
+def epsilon_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator):
+    """DDPM noising at uniformly drawn timesteps; the model predicts the noise."""
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-    noisy = scheduler.add_noise(x0, noise, timesteps)
-    text = text_encoder(token_ids)[0]  # no attention mask: the scorer, like RadEdit's pipeline, passes none
-    return F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=text).sample, noise)
+    return scheduler.add_noise(x0, noise, timesteps), timesteps, noise
+
+
+def flow_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, generator: torch.Generator):
+    """Rectified flow: x_s = (1 - s) x0 + s eps, the model predicts the velocity eps - x0. s is drawn as diffusers'
+    flow-matching training scripts draw it (uniform weighting): a uniform index into the scheduler's own training
+    sigmas (shifted as it shifts them), with the matching timestep s * num_train_timesteps."""
+    index = torch.randint(0, len(scheduler.timesteps), (x0.shape[0],), generator=generator)
+    sigma = scheduler.sigmas[index].reshape(-1, *[1] * (x0.dim() - 1))
+    return (1 - sigma) * x0 + sigma * noise, scheduler.timesteps[index], noise - x0
+
+
+# The noising and regression target of each prediction type a testbed scheduler declares (prediction.py names them).
+TRAINING_TARGETS = {"epsilon": epsilon_target, FLOW_PREDICTION: flow_target}
+
+
+def diffusion_loss(network, x0, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MSE of the network's prediction against its scheduler's target. x0: [B, 1, H, W] in [-1, 1]."""
+    noise = torch.randn(x0.shape, generator=generator)
+    # A scheduler built in memory has no _class_name in its config yet; a saved one (what the Scorer reads) has.
+    target_of = TRAINING_TARGETS[prediction_type({"_class_name": type(network.scheduler).__name__, **network.scheduler.config})]
+    noisy, timesteps, target = target_of(network.scheduler, x0, noise, generator)
+    return F.mse_loss(network.predict(noisy, timesteps, text), target)
 
 
 def learning_rate_factor(step: int, total: int, warmup: int, time_share: float = 0.0) -> float:
@@ -123,24 +108,9 @@ def loss_curve_summary(losses: list[float], points: int = 10) -> list[dict]:
     return [{"steps": [int(edges[i]), int(edges[i + 1])], "loss": float(c.mean())} for i, c in enumerate(chunks)]
 
 
-def save_model(out: str, tokenizer, text_encoder, unet, scheduler, training_set: TrainingSet, summary: dict) -> None:
-    """Diffusers layout (pixel space: no vae entry), manifest.csv and train_summary.json."""
-    os.makedirs(out, exist_ok=True)
-    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    text_encoder.save_pretrained(os.path.join(out, "text_encoder"), safe_serialization=True)
-    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
-    scheduler.save_pretrained(os.path.join(out, "scheduler"))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "tokenizer": ["transformers", type(tokenizer).__name__],
-        "text_encoder": ["transformers", type(text_encoder).__name__],
-        "unet": ["diffusers", type(unet).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-        "vae": [None, None],
-    }
-    with open(os.path.join(out, "model_index.json"), "w", encoding="utf-8") as stream:
-        json.dump(index, stream, indent=2)
+def save_model(out: str, network, training_set: TrainingSet, summary: dict) -> None:
+    """The network's diffusers folder, manifest.csv and train_summary.json."""
+    network.save(out)
     training_set.manifest().to_csv(os.path.join(out, MANIFEST), index=False)
     if training_set.heldout:
         training_set.reference().to_csv(os.path.join(out, REFERENCE), index=False)
@@ -148,17 +118,17 @@ def save_model(out: str, tokenizer, text_encoder, unet, scheduler, training_set:
         json.dump(summary, stream, indent=2)
 
 
-def optimise(unet, text_encoder, scheduler, training_set: TrainingSet, images, token_ids, empty_ids, tb) -> tuple[list[float], str, float]:
+def optimise(network, training_set: TrainingSet, images, tb) -> tuple[list[float], str, float]:
     """The training loop: AdamW, warmup then decay, until testbed.train_steps or testbed.max_minutes.
 
     Returns the losses, what stopped it ("steps" or "max_minutes") and its minutes.
     """
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(network.denoiser.parameters()) + list(network.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(tb.seed)
     rng = np.random.default_rng(tb.seed)
-    unet.train()
-    text_encoder.train()
+    network.denoiser.train()
+    network.text_encoder.train()
     losses: list[float] = []
     started = time.time()
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -172,9 +142,9 @@ def optimise(unet, text_encoder, scheduler, training_set: TrainingSet, images, t
         if time.time() - started > 60 * tb.max_minutes:
             stopped_by = "max_minutes"
             break
-        ids = token_ids[training_set.text_of_image[index]]  # fancy indexing copies
-        ids[torch.rand(len(index), generator=generator) < tb.cond_drop] = empty_ids[0]
-        loss = diffusion_loss(unet, text_encoder, scheduler, images[index], ids, generator)
+        dropped = torch.rand(len(index), generator=generator) < tb.cond_drop
+        text = network.condition(training_set.text_of_image[index], dropped)
+        loss = diffusion_loss(network, images[index], text, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -187,7 +157,7 @@ def optimise(unet, text_encoder, scheduler, training_set: TrainingSet, images, t
 
 
 def train(cfg) -> dict:
-    """Build the training set, train UNet and text encoder, save to `testbed.out`; returns the summary."""
+    """Build the training set, train the denoiser (`testbed.denoiser`) and text encoder, save to `testbed.out`; returns the summary."""
     tb = cfg.testbed
     torch.set_num_threads(tb.num_threads)
     torch.manual_seed(tb.seed)
@@ -197,22 +167,18 @@ def train(cfg) -> dict:
     # The vocabulary also covers the manifest's prompts, so that the audited texts (with markers) tokenise
     # under a variant that trained without them.
     vocab_texts = training_set.training_texts + (training_set.prompts if training_set.texts is not None else [])
-    tokenizer = train_wordpiece_tokenizer(vocab_texts, vocab_size=tb.vocab_size, max_length=tb.max_tokens)
-    token_ids = tokenizer(
-        training_set.training_texts, padding="max_length", max_length=tb.max_tokens, truncation=True, return_tensors="pt"
-    )["input_ids"]
-    empty_ids = tokenizer([""], padding="max_length", max_length=tb.max_tokens, return_tensors="pt")["input_ids"]
+    network_class = NETWORKS[tb.denoiser]
+    tokenizer = train_wordpiece_tokenizer(vocab_texts + network_class.vocabulary_texts(), vocab_size=tb.vocab_size,
+                                          max_length=tb.max_tokens)  # fmt: skip
+    network = network_class(tb, tokenizer, training_set.training_texts)
     images = torch.from_numpy(training_set.images) * 2 - 1
-
-    unet, text_encoder = build_unet(tb), build_text_encoder(tb, len(tokenizer))
-    scheduler = radedit_scheduler(clip_sample=True)  # pixel space: clip the predicted image (see above)
     n_pairs = int(training_set.n_copies.sum())
     log.info(
-        "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, UNet %.2fM, text encoder %.2fM parameters",
-        len(training_set.prompts), int(training_set.planted.sum()), len(training_set.images), n_pairs,
-        sum(p.numel() for p in unet.parameters()) / 1e6, sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+        "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, %s %.2fM, text encoder %.2fM parameters",
+        len(training_set.prompts), int(training_set.planted.sum()), len(training_set.images), n_pairs, type(network.denoiser).__name__,
+        sum(p.numel() for p in network.denoiser.parameters()) / 1e6, sum(p.numel() for p in network.text_encoder.parameters()) / 1e6,
     )  # fmt: skip
-    losses, stopped_by, minutes = optimise(unet, text_encoder, scheduler, training_set, images, token_ids, empty_ids, tb)
+    losses, stopped_by, minutes = optimise(network, training_set, images, tb)
     summary = {
         "steps": len(losses),
         "stopped_by": stopped_by,
@@ -228,6 +194,7 @@ def train(cfg) -> dict:
         "threads": tb.num_threads,
         "testbed": OmegaConf.to_container(tb, resolve=True),
     }
-    save_model(tb.out, tokenizer, text_encoder.eval(), unet.eval(), scheduler, training_set, summary)
+    network.denoiser.eval(), network.text_encoder.eval()
+    save_model(tb.out, network, training_set, summary)
     summary["out"] = tb.out
     return summary

@@ -1,0 +1,67 @@
+"""The transformer testbed (testbed.denoiser=sana): the shared training loop trains a Sana-style flow-matching
+transformer on the testbed's training set, and the folder it saves loads and scores through the Scorer."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cxrmem.config import ConfigError
+from cxrmem.models.loading import load_components
+from cxrmem.scoring.scorer import Scorer
+from cxrmem.scoring.settings import ScoreSettings
+from cxrmem.testbed.train import TRAINING_TARGETS, flow_target, train
+from tests.test_testbed import tiny_testbed_config
+
+SMALL_DIT = {"testbed.denoiser": "sana", "testbed.text_hidden_size": 16, "testbed.text_layers": 1, "testbed.transformer_layers": 1,
+             "testbed.transformer_width": 16, "testbed.patch_size": 4}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_dit(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dit"))
+    return out, train(tiny_testbed_config(out, **SMALL_DIT))
+
+
+def test_a_short_transformer_training_loads_and_scores_with_finite_d_mem(trained_tiny_dit):
+    out, summary = trained_tiny_dit
+    cfg = tiny_testbed_config(out, **SMALL_DIT)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    components = load_components(OmegaConf.merge(cfg.model, {"path": out}))
+    assert components.layout == "sana" and components.vae is None and components.latent_shape == (1, 16, 16)
+    assert type(components.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    scorer = Scorer(components, ScoreSettings.of(cfg.score), device="cpu")
+    batch = scorer.score(["Severe cardiomegaly.", "No acute cardiopulmonary process."], ["a", "b"])
+    assert np.isfinite(batch.d_mem).all() and (batch.d_mem > 0).all()
+    # Flow matching starts at sigma = 1, where the velocity's text difference implies no noise difference.
+    assert (batch.step_norms[:, :, 0] == 0).all() and (batch.step_norms[:, :, 1:] > 0).all()
+
+
+def test_evaluate_writes_the_transformer_section_with_a_degenerate_first_step(trained_tiny_dit, tmp_path):
+    from cxrmem.testbed.evaluate import SECTIONS, evaluate
+
+    out, _ = trained_tiny_dit
+    results = tmp_path / "RESULTS.md"
+    cfg = tiny_testbed_config(out, **SMALL_DIT, **{"testbed.eval_unique": 6, "testbed.eval_steps": 2, "testbed.results": str(results)})
+    result = evaluate(cfg)
+    assert [row["auc"] for row in result["first_step"]] == [0.5, 0.5, 0.5]  # every first-step score ties at 0
+    text = results.read_text()
+    assert SECTIONS["synthetic", "sana"].heading in text and "flow-matching Euler steps" in text
+
+
+def test_the_flow_target_is_the_velocity_between_image_and_noise():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    x0, noise = torch.randn(64, 1, 4, 4), torch.randn(64, 1, 4, 4)
+    noisy, timesteps, target = flow_target(scheduler, x0, noise, torch.Generator().manual_seed(0))
+    sigma = (timesteps / scheduler.config.num_train_timesteps).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - sigma) * x0 + sigma * noise)
+    torch.testing.assert_close(target, noise - x0)
+    assert timesteps.min() > 0 and timesteps.max() <= 1000 and len(set(timesteps.tolist())) > 10
+    assert set(TRAINING_TARGETS) == {"epsilon", "flow_prediction"}
+
+
+def test_an_unknown_testbed_denoiser_is_refused_by_its_key(tmp_path):
+    with pytest.raises(ConfigError, match="testbed.denoiser"):
+        tiny_testbed_config(str(tmp_path), **{"testbed.denoiser": "dit"})
