@@ -245,9 +245,12 @@ def test_vocabulary_words_leave_out_wordpiece_fragments(tmp_path):
 
 
 # -- a new strategy is one row (and its function) ----------------------------------------------------
+SHOUTED = "large right pleural effusion with consolidation"
+
+
 def shout(prompt: str, rng: np.random.Generator, rewriting: Rewriting) -> str:
-    """A throwaway text strategy: every marker -> SECRET."""
-    return rewriting.pattern.sub("SECRET", prompt)
+    """A throwaway text strategy: every marker -> a phrase of the tokenizer's own words (a change d_mem can see)."""
+    return rewriting.pattern.sub(SHOUTED, prompt)
 
 
 def hush(scorer, embedding: torch.Tensor, prompt_id: str, rng: np.random.Generator, settings: MitigationSettings) -> torch.Tensor:
@@ -271,8 +274,12 @@ def test_a_registered_strategy_runs_through_the_real_mitigation(tiny_model_dir, 
         assert (scorer.work - before).evaluations == sum(r["evaluations"] for r in out)  # counted == declared
         rows[pid] = {r["strategy"]: r for r in out}
     marked, plain = rows["0" * 16], rows["1" * 16]
-    assert marked["shout"]["mitigated_prompt"] == PROMPT.replace("___", "SECRET").replace("XXXX", "SECRET")
+    assert marked["shout"]["mitigated_prompt"] == PROMPT.replace("___", SHOUTED).replace("XXXX", SHOUTED)
     assert [marked[s]["changed"] for s in ("original", "shout", "hush")] == [False, True, True]
     assert not plain["shout"]["changed"] and plain["hush"]["changed"]  # no marker to rewrite; an embedding always changes
     assert marked["hush"]["mitigated_prompt"] == PROMPT and marked["hush"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-3)
-    assert marked["shout"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-3)
+    # The experiment scores the rewritten text: its d_mem is that text's as the unmitigated prompt (another batch
+    # composition: within 1e-4, above the 1.8e-5 batch-position noise), and not the original prompt's.
+    again, _ = mitigate_prompt(scorer, scorer, marked["shout"]["mitigated_prompt"], "0" * 16, settings.replace(strategies=("original",)), vocab)
+    assert marked["shout"]["d_mem"] == pytest.approx(again[0]["d_mem"], rel=1e-4)
+    assert marked["shout"]["d_mem"] != pytest.approx(marked["original"]["d_mem"], rel=1e-2)
