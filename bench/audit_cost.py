@@ -7,7 +7,9 @@ tests/test_cost.py holds equal to what the Scorer counts:
 - score: the cascade's evaluations per prompt measured on the testbeds (`--cascade-per-prompt`, bench/RESULTS.md
   "Cascade frontier": 9.56 at the default stages, counted) times N, plus the audit sample's full scores;
 - reference: `--reference` prompts, each a full score (the cascade does not screen it);
-- attribute: `attribution.max_prompts` of the M memorized prompts (`--words` words each), twice with the null model;
+- attribute: the gradient on `attribution.max_prompts` of the M memorized prompts, leave-one-out (`--words` words each)
+  on the `attribution.leave_one_out_prompts` most memorized; the null model the same (its leave-one-out only with
+  `attribution.null_leave_one_out`);
 - mitigate: `mitigation.sample_size` prompts, every strategy's declared evaluations (an upper bound: the
   sequential rule stops decided strategies early);
 - copies: the same sample and `copies.n_controls` controls at each guidance, N generations of T steps, and each
@@ -42,8 +44,10 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     score = ScoreSettings.of(cfg.score)
     full = dmem_cost(cfg.score, score.steps)
     full_one = full.per_prompt + full.per_batch / cfg.score.batch_size
-    attributed = min(memorized, cfg.attribution.max_prompts or memorized)
-    per_attributed = declared_evaluations(args.words, attribution_settings(cfg), score)
+    a = attribution_settings(cfg)
+    attributed = min(memorized, a.max_prompts or memorized)
+    gradient = declared_evaluations(0, a, score)  # no units to leave out: the gradient alone
+    loo = (declared_evaluations(args.words, a, score) - gradient) * min(attributed, attributed if a.leave_one_out_prompts is None else a.leave_one_out_prompts)
     m = mitigation_settings(cfg)
     sample = min(memorized, m.sample_size or memorized)
     g, t, nm = score.generations, score.steps, m.n_generations
@@ -54,7 +58,7 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     return {
         "score": args.cascade_per_prompt * n + evaluations(full, cfg.cascade.audit_sample, cfg.score.batch_size),
         "reference": args.reference * full_one,
-        "attribute": attributed * per_attributed * (2 if cfg.attribution.null_model else 1),
+        "attribute": (attributed * gradient + loo) * (2 if a.null_model else 1) - (loo if a.null_model and not a.null_leave_one_out else 0),
         "mitigate": mitigate,
         "copies": per_guidance * len(guidances(cfg)),
     }
