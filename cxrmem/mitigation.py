@@ -355,34 +355,43 @@ def mitigate_prompt(
     `scorer` scores (d_mem, every strategy from the same G noises: paired by construction);
     `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations; `fidelity`
     (cxrmem/fidelity.py, None: not measured) reads them for the original prompt's findings.
+    A strategy that changes nothing for this prompt (a marker rewrite of a prompt without a marker) would sample
+    exactly what `original` samples: with `original` among the strategies, its row takes original's results and
+    costs nothing.
     """
     strategies = list(settings.strategies)
     texts = [mitigated_prompt(s, prompt, prompt_id, vocab, settings) for s in strategies]
-    encoded = scorer.encode(texts).embeddings
+    changes = [changed(s, prompt, texts[i], scorer, settings) for i, s in enumerate(strategies)]
+    same_as = {i: strategies.index(registry.BASELINE) for i, c in enumerate(changes)
+               if not c and strategies[i] != registry.BASELINE and registry.BASELINE in strategies}  # fmt: skip
+    run = [i for i in range(len(strategies)) if i not in same_as]  # the strategies sampled, original among them
+    encoded = scorer.encode([texts[i] for i in run]).embeddings
     embeddings = torch.cat(
-        [strategy_embedding(scorer, s, encoded[i : i + 1], prompt_id, settings) for i, s in enumerate(strategies)]
+        [strategy_embedding(scorer, strategies[i], encoded[j : j + 1], prompt_id, settings) for j, i in enumerate(run)]
     )
-    scoring = sampling_for(scorer, strategies, texts, embeddings, scorer.initial_latents([prompt_id]), settings)
+    sampled, sampled_texts = [strategies[i] for i in run], [texts[i] for i in run]
+    scoring = sampling_for(scorer, sampled, sampled_texts, embeddings, scorer.initial_latents([prompt_id]), settings)
     scores, _ = d_mem(scorer.sample(**scoring, steps=scorer.settings.screening_steps).step_norms)
     latents = sampler.initial_latents([prompt_id], settings.n_generations)
-    generations = generate_images(sampler, sampling_for(sampler, strategies, texts, embeddings, latents, settings), settings.samples_per_call)
-    faithful = fidelity(generations, [prompt] * len(strategies)) if fidelity is not None else np.full(len(strategies), np.nan)
+    generations = generate_images(sampler, sampling_for(sampler, sampled, sampled_texts, embeddings, latents, settings), settings.samples_per_call)
+    faithful = fidelity(generations, [prompt] * len(run)) if fidelity is not None else np.full(len(run), np.nan)
     scored = (scorer.settings.generations, scorer.settings.scored_steps)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
-        images = generations[i]
+        j = run.index(same_as.get(i, i))  # the sampled row whose results this strategy's are
+        images = generations[j]
         rows.append(
             {
                 "prompt_id": prompt_id,
                 "prompt": prompt,
                 "strategy": strategy,
                 "mitigated_prompt": texts[i],
-                "d_mem": float(scores[i]),
+                "d_mem": float(scores[j]),
                 "pairwise_distance": pairwise_rms_distance(images, scorer.device),
                 "n_generations": settings.n_generations,
-                "changed": changed(strategy, prompt, texts[i], scorer, settings),
-                "evaluations": registry.row(strategy).evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
-                "fidelity": float(faithful[i]),
+                "changed": changes[i],
+                "evaluations": 0 if i in same_as else registry.row(strategy).evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
+                "fidelity": float(faithful[j]),
             }
         )
         if keep:

@@ -30,8 +30,8 @@ import pandas as pd
 from cxrmem import stats
 from cxrmem.corpus.text import compile_marker_regex
 from cxrmem.findings import MIN_PAIRED_PROMPTS
+from cxrmem.strategies import BASELINE
 
-BASELINE = "original"
 STRATA = ("marker", "no_marker")
 
 

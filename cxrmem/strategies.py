@@ -75,9 +75,10 @@ def _resolve(reference: str) -> Callable:
 
 
 M = "cxrmem.mitigation:"  # where the hooks that need torch live
+BASELINE = "original"  # the unmitigated prompt: the other half of every strategy's paired comparison
 
 REGISTRY: dict[str, Strategy] = {
-    "original": Strategy("the prompt as it is"),
+    BASELINE: Strategy("the prompt as it is"),
     "random_word": Strategy("every marker -> a random vocabulary word", rewrite=M + "random_word", marker_rewrite=True),
     "random_number": Strategy("every marker -> a random number", rewrite=M + "random_number", marker_rewrite=True),
     "remove_marker": Strategy("every marker deleted", rewrite=M + "remove_marker", marker_rewrite=True),

@@ -77,9 +77,14 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
 
 def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Per checked strategy, the sampled memorized prompts its copies are checked on: those mitigation ran it on (its
-    sample, cut where the sequential rule stopped it), else the whole sample (cxrmem/mitigation_sizing.py)."""
-    ran = mitigation.groupby("strategy")["prompt_id"].agg(set) if mitigation is not None else {}
-    return {s: sample[sample["prompt_id"].isin(ran[s])] if s in ran else sample for s in checked_strategies(cfg)}
+    sample, cut where the sequential rule stopped it) and it changed (an unchanged prompt generates what the
+    unmitigated one does, and the judgement leaves it out); without mitigation.parquet, the whole sample
+    (cxrmem/mitigation_sizing.py)."""
+    if mitigation is None:
+        return {s: sample for s in checked_strategies(cfg)}
+    changed = mitigation[mitigation["changed"].astype(bool)]
+    return {s: sample[sample["prompt_id"].isin(changed.loc[changed["strategy"] == s, "prompt_id"])] if s in set(mitigation["strategy"]) else sample
+            for s in checked_strategies(cfg)}  # fmt: skip
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict) -> tuple[list[pa.Table], Threshold, dict]:
