@@ -1,9 +1,12 @@
 """The copies check reuses mitigation's generations where the settings match (issue 33), on a tiny real model."""
 
+from argparse import Namespace
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from bench.audit_cost import stage_costs
 from cxrmem import strategies
 from cxrmem.runfiles import RunLayout
 from cxrmem.settings import with_overrides
@@ -75,6 +78,8 @@ def test_copies_reuses_mitigations_generations_with_the_same_rows_and_less_count
     assert len(taken) == section.reuse["w=7.5"]["reused"]
     assert fresh_work["evaluations"] - work["evaluations"] == declared > 0
     assert fresh_work["vae_decodes"] - work["vae_decodes"] == len(taken) * n
+    # bench/audit_cost.py's declared copies cost (every strategy on the whole sample, as here) is the counted one.
+    assert stage_costs(cfg, len(TEXTS), 2, Namespace(cascade_per_prompt=0, reference=0, words=1))["copies"] == work["evaluations"]
 
 
 @pytest.mark.parametrize("changed", [["copies.generations=3"], ["copies.pixel_size=16"], ["mitigation.noise_std=0.5"]])
@@ -87,7 +92,7 @@ def test_a_stamp_other_than_the_copies_settings_means_no_reuse_and_the_same_rows
     key = changed[0].split("=")[0].split(".")[-1]
     assert section.reuse["w=7.5"] == {"reused": 0, "generated": 5 + 2 * len(CHECKED)}
     named = {"generations": "n_generations 2 (copies: 3)", "pixel_size": "embedder", "noise_std": "settings"}[key]
-    assert section.reuse["why"].startswith("mitigation's generations were made under") and named in section.reuse["why"]
+    assert section.reuse["why"].startswith("mitigation's generations not reused: made under") and named in section.reuse["why"]
     plain, *_ = audited(tiny_model_dir, memorized_images, tmp_path / "plain", no_images, *changed)
     exact = ["guidance", "strategy", "prompt_id", "is_copy", "nearest_image_id", "fidelity"]
     pd.testing.assert_frame_equal(table[exact], plain[exact])

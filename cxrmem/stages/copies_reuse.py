@@ -34,6 +34,7 @@ from cxrmem.stages.worker import embedder_settings, mitigation_settings, stamped
 log = logging.getLogger(__name__)
 
 UNMITIGATED = "none"  # the copies check's name for mitigation's `original`
+NOT_REUSED = "mitigation's generations not reused"
 # Mitigation settings that choose what runs, how much and how it is batched, not what one pair's generations are;
 # every other one (the strategies' hooks: seed, noise_std, ...; new knobs too) enters the stamp's `settings`.
 SIZING = frozenset({"enabled", "strategies", "n_generations", "steps", "sample_size", "sequential", "stop_level",
@@ -88,6 +89,7 @@ def save(out: Run, frame: pd.DataFrame, stamp: Optional[dict]) -> None:
         EMBEDDING: pa.array([e.tolist() for e in frame[EMBEDDING]], pa.list_(pa.list_(pa.float32()))),
     })  # fmt: skip
     store.write_table(stamped(table, stamp), uri)
+    log.info("mitigation: %d prompt-strategy pairs' generations embedded for the copies check to reuse at w=%s", len(frame), stamp["guidance"])
 
 
 def reusable(cfg, out: Run, identity: dict, guidances: list[float]) -> tuple[Optional[float], dict, str]:
@@ -95,17 +97,17 @@ def reusable(cfg, out: Run, identity: dict, guidances: list[float]) -> tuple[Opt
     fidelity)}, why): (None, {}, why not) where there are none or their stamp is not what copies generates under."""
     store, layout = out.store, out.layout
     if not (store.exists(layout.mitigation_embeddings) and store.exists(layout.mitigation)):
-        return None, {}, "mitigation wrote no embeddings of its generations (off, or the copies stage would not take them)"
+        return None, {}, f"{NOT_REUSED}: mitigation wrote none (it was off, or the copies stage would not take them)"
     table = store.read_table(layout.mitigation_embeddings).to_pandas()
     if table.empty:
-        return None, {}, "mitigation_embeddings.parquet is empty"
+        return None, {}, f"{NOT_REUSED}: mitigation_embeddings.parquet is empty"
     made = {k: table[k].iloc[0] for k in made_under(cfg, identity)}
     wants = {w: wanted(cfg, identity, w) for w in guidances}
     match = [w for w, want in wants.items() if want == made]
     if not match:
         differ = [k for k in made if any(want[k] != made[k] for want in wants.values())]
         needs = {k: " or ".join(sorted({want[k] for want in wants.values()})) for k in differ}
-        return None, {}, "mitigation's generations were made under " + ", ".join(f"{k} {made[k]} (copies: {needs[k]})" for k in differ)
+        return None, {}, f"{NOT_REUSED}: made under " + ", ".join(f"{k} {made[k]} (copies: {needs[k]})" for k in differ)
     texts = store.read_table(layout.mitigation, columns=["prompt_id", "strategy", "mitigated_prompt", "fidelity"]).to_pandas()
     rows = table.merge(texts, on=["prompt_id", "strategy"], how="inner")
     pairs: dict = {}
