@@ -3,7 +3,8 @@
     images.source -> the image index (stages/image_index.py, built once, resumable)
     memorized set + a seeded random sample of other prompts (controls)
       -> per guidance (the scoring one, and copies.second_guidance): N generations per prompt,
-         embedded on the model workers (ModelWorker.copies) -> exact top-k search here
+         embedded on the model workers (ModelWorker.copies) -> exact top-k search here; at the guidance
+         whose settings are mitigation's, the pairs it generated are taken from it (copies_reuse.py)
       -> copy threshold calibrated on the controls -> per-prompt evidence rows
       -> each mitigation strategy on the memorized prompts mitigation ran it on (its stratified sample,
          cut where its sequential rule stopped it), against that threshold
