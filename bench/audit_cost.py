@@ -7,9 +7,11 @@ tests/test_cost.py holds equal to what the Scorer counts:
 - score: the cascade's evaluations per prompt measured on the testbeds (`--cascade-per-prompt`, bench/RESULTS.md
   "Cascade frontier": 9.56 at the default stages, counted) times N, plus the audit sample's full scores;
 - reference: `--reference` prompts, each a full score (the cascade does not screen it);
-- attribute: `attribution.max_prompts` of the M memorized prompts (`--words` words each), twice with the null model;
-- mitigate: `mitigation.sample_size` prompts, every strategy's declared evaluations (an upper bound: the
-  sequential rule stops decided strategies early);
+- attribute: the gradient on `attribution.max_prompts` of the M memorized prompts, leave-one-out (`--words` words each)
+  on the `attribution.leave_one_out_prompts` most memorized; the null model the same (its leave-one-out only with
+  `attribution.null_leave_one_out`);
+- mitigate: `mitigation.sample_size` prompts, every strategy's declared evaluations, times `--mitigated-share`
+  (1: an upper bound; bench/mitigation_stops.py measures where the sequential rule stops the strategies);
 - copies: the same sample and `copies.n_controls` controls at each guidance, N generations of T steps, and each
   checked strategy's generations and preparation on the sample, less mitigation's generations that it reuses at the
   guidance whose settings match (all but the report's top prompts of the sample, and every strategy's).
@@ -44,14 +46,20 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     score = ScoreSettings.of(cfg.score)
     full = dmem_cost(cfg.score, score.steps)
     full_one = full.per_prompt + full.per_batch / cfg.score.batch_size
-    attributed = min(memorized, cfg.attribution.max_prompts or memorized)
-    per_attributed = declared_evaluations(args.words, attribution_settings(cfg), score)
+    a = attribution_settings(cfg)
+    attributed = min(memorized, a.max_prompts or memorized)
+    gradient = declared_evaluations(0, a, score)  # no units to leave out: the gradient alone
+    loo = (declared_evaluations(args.words, a, score) - gradient) * min(attributed, attributed if a.leave_one_out_prompts is None else a.leave_one_out_prompts)
     m = mitigation_settings(cfg)
     sample = min(memorized, m.sample_size or memorized)
     g, t, nm = score.generations, score.steps, m.n_generations
-    mitigate = sample * sum(strategies.row(s).evaluations(m, (g, t), (nm, m.steps or t)) for s in m.strategies)
+    # --mitigated-share: the strategies' runs as a share of every strategy on the whole sample (1: the upper bound;
+    # bench/mitigation_stops.py measures where the sequential rule stops them); copies checks each strategy on the
+    # prompts mitigation ran it on, so its strategy part follows the same share.
+    share = args.mitigated_share
+    mitigate = share * sample * sum(strategies.row(s).evaluations(m, (g, t), (nm, m.steps or t)) for s in m.strategies)
     nc, checked = cfg.copies.generations, [s for s in m.strategies if s != "original"] if cfg.copies.strategies else []
-    checked_cost = sample * sum(strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
+    checked_cost = share * sample * sum(strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
     per_guidance = (sample + cfg.copies.n_controls) * 2 * nc * t + checked_cost
     # At the guidance whose settings are mitigation's (copies_reuse.served_guidance), copies takes mitigation's embedded
     # generations: it samples only the controls and the report's top prompts (their figures need the images) there.
@@ -59,7 +67,7 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     return {
         "score": args.cascade_per_prompt * n + evaluations(full, cfg.cascade.audit_sample, cfg.score.batch_size),
         "reference": args.reference * full_one,
-        "attribute": attributed * per_attributed * (2 if cfg.attribution.null_model else 1),
+        "attribute": (attributed * gradient + loo) * (2 if a.null_model else 1) - (loo if a.null_model and not a.null_leave_one_out else 0),
         "mitigate": mitigate,
         "copies": per_guidance * len(guidances(cfg)) - reused,
     }
@@ -72,6 +80,8 @@ def main() -> None:
     parser.add_argument("--cascade-per-prompt", type=float, default=9.56, help="counted, bench/RESULTS.md 'Cascade frontier'")
     parser.add_argument("--reference", type=int, default=500, help="reference prompts (bench/RESULTS.md 'Reference size')")
     parser.add_argument("--words", type=int, default=30, help="words per attributed prompt")
+    parser.add_argument("--mitigated-share", type=float, default=1.0,
+                        help="strategies' runs as a share of the upper bound (bench/RESULTS.md 'where the sequential rule stops')")
     parser.add_argument("--results", default=None, help="write the table into this page (bench/RESULTS.md)")
     parser.add_argument("overrides", nargs="*", help="config overrides (OmegaConf dot-keys)")
     args = parser.parse_args()
@@ -82,14 +92,16 @@ def main() -> None:
     total = sum(costs.values())
     lines = [HEADING, "",
              f"Command: `PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts {n} --memorized-percent "
-             f"{args.memorized_percent:g}{' ' + ' '.join(args.overrides) if args.overrides else ''}` (arithmetic on the declared "
+             f"{args.memorized_percent:g} --mitigated-share {args.mitigated_share:g}"
+             f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` (arithmetic on the declared "
              f"costs, which tests/test_cost.py holds equal to the counted ones; {cpu_name()}). {n:,} prompts, {memorized:,} "
              f"memorized, the defaults: T={cfg.score.steps}, G={cfg.score.generations}, the cascade at "
              f"{args.cascade_per_prompt} evaluations per prompt plus a {cfg.cascade.audit_sample}-prompt audit sample, "
              f"{args.reference} reference prompts, attribution of {cfg.attribution.max_prompts} prompts at k = "
              f"{cfg.attribution.steps} with the null model, mitigation and copies on a sample of "
              f"{cfg.mitigation.sample_size} with {len(cfg.mitigation.strategies)} strategies and {cfg.mitigation.n_generations} "
-             f"generations, {cfg.copies.n_controls} copy controls at {len(guidances(cfg))} guidances.", "",
+             f"generations (strategies run to {args.mitigated_share:.0%} of the whole sample), {cfg.copies.n_controls} copy "
+             f"controls at {len(guidances(cfg))} guidances.", "",
              "| stage | denoiser evaluations | per corpus prompt | share |", "|---|---|---|---|"]  # fmt: skip
     for stage, value in costs.items():
         lines.append(f"| {stage} | {value:,.0f} | {value / n:.2f} | {value / total:.0%} |")

@@ -115,28 +115,34 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--null-corpus", type=int, default=300)
     parser.add_argument("--results", default="bench/RESULTS.md")
+    parser.add_argument("--only", choices=["model", "iuxray_heldout", "null"], default=None,
+                        help="run this audit alone; its table goes under a heading of its own")
     args = parser.parse_args()
+    chosen = {args.only} if args.only else {"model", "iuxray_heldout", "null"}
     common = [f"score.steps={args.steps}", f"score.generations={args.generations}", "run.overwrite=true",
               "analyze.length_adjusted=false", "analyze.top_percent=1"]  # fmt: skip
     training = set(pd.read_csv("testbed/model/manifest.csv")["prompt"])
     ref_model = synthetic_table(f"{args.work}/reference_model.csv", args.reference, seed=101, exclude=training)
     rows = [audit("testbed/model (demo corpus)", [*common, f"run.output={args.work}/model", f"analyze.reference={ref_model}",
-                                                   "corpus.max_reports=512"])]  # as measured: the demo's corpus was 512 prompts
+                                                   "corpus.max_reports=512"])] if "model" in chosen else []  # the demo's corpus was 512
     heldout = "testbed/iuxray_heldout"  # conf/testbed_iuxray_heldout.yaml: trained without 30% of the impressions
-    if os.path.exists(f"{heldout}/reference.csv"):
+    if "iuxray_heldout" in chosen and os.path.exists(f"{heldout}/reference.csv"):
         rows.append(audit("testbed/iuxray_heldout (its training prompts)", [
             *common, f"run.output={args.work}/iuxray_heldout", f"model.path={heldout}", f"corpus.path={heldout}/manifest.csv",
             "corpus.max_reports=null", f"analyze.known_memorized={heldout}/manifest.csv", f"analyze.reference={heldout}/reference.csv",
         ]))  # fmt: skip
     null_corpus = synthetic_table(f"{args.work}/null_corpus.csv", args.null_corpus, seed=202, exclude=set())
     null_ref = synthetic_table(f"{args.work}/null_reference.csv", args.reference, seed=303, exclude=set())
-    rows.append(audit("null: testbed/iuxray on unseen synthetic prompts", [
+    rows += [] if "null" not in chosen else [audit("null: testbed/iuxray on unseen synthetic prompts", [
         *common, f"run.output={args.work}/null", "model.path=testbed/iuxray", f"corpus.path={null_corpus}", "corpus.max_reports=null",
         "analyze.known_memorized=null", f"analyze.reference={null_ref}",
-    ]))  # fmt: skip
-    text = markdown(rows, f"T={args.steps}, G={args.generations}, w=7.5")
+    ])]  # fmt: skip
+    section = SECTION + (f" -- {args.only} alone" if args.only else "")
+    text = markdown(rows, f"T={args.steps}, G={args.generations}, w=7.5").replace(SECTION, section, 1)
+    if args.only:
+        text = text.replace("bench/calibration.py`", f"bench/calibration.py --only {args.only}`", 1)
     print(text)
-    write_results(args.results, SECTION, text)
+    write_results(args.results, section, text)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Finding 3 is a paired test across prompts: a few dozen prompts give its interval
   F3's minimum of paired prompts. The level is above F3's 95% because the rule looks more than once; and an
   interval at 99% that excludes 0 excludes it at 95% on the same prompts, so the verdict's interval agrees
   with the decision that stopped it. `original` runs as long as any strategy does: it is every pair's other half.
+- The equivalence stop: a strategy whose interval at `stop_level` lies inside +-`equivalence_margin` x
+  original's mean d_mem over the same prompts (two one-sided tests at that level) changes nothing that matters
+  either way, and stops too. Without it a strategy with no effect (embedding noise, a delayed guidance) would
+  run the whole sample; F3 reads such a strategy as not removing memorization, with or without the stop.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class SequentialRule:
     strategies: Sequence[str]
     level: float  # mitigation.stop_level
     enabled: bool = True  # mitigation.sequential
+    margin: float = 0.0  # mitigation.equivalence_margin (0: a strategy stops only when its change excludes 0)
     min_pairs: int = MIN_PAIRED_PROMPTS
     stopped: dict = field(default_factory=dict)  # strategy -> {prompts, pairs, d_mem_change, stopped}
 
@@ -96,9 +101,10 @@ class SequentialRule:
         """After a look at the rows so far: stop the decided strategies, and `original` when none is left to pair; the stopped."""
         if not self.enabled or BASELINE not in self.active:
             return []
-        done = [s for s in self.active if s != BASELINE and self.decided(frame, s)]
+        reasons = {s: self.decided(frame, s) for s in self.active if s != BASELINE}
+        done = [s for s, why in reasons.items() if why]
         for strategy in done:
-            self.stop(frame, strategy, f"decided: its {self.level:.0%} interval on the d_mem change excludes 0")
+            self.stop(frame, strategy, reasons[strategy])
         if self.active == [BASELINE]:
             self.stop(frame, BASELINE, "no strategy left to pair with")
             done.append(BASELINE)
@@ -118,11 +124,18 @@ class SequentialRule:
                                   "d_mem_change": change, "stopped": why}  # fmt: skip
         self.active.remove(strategy)
 
-    def decided(self, frame: pd.DataFrame, strategy: str) -> bool:
+    def decided(self, frame: pd.DataFrame, strategy: str) -> Optional[str]:
+        """Why the strategy's paired d_mem change is decided, or None: its interval excludes 0, or (an equivalence
+        stop, as in two one-sided tests) it lies within +-margin x original's mean d_mem over the same prompts."""
         change = paired_change(frame, strategy, self.level)
         if change["n"] < self.min_pairs or change["ci_low"] is None:
-            return False
-        return change["ci_low"] > 0 or change["ci_high"] < 0
+            return None
+        if change["ci_low"] > 0 or change["ci_high"] < 0:
+            return f"decided: its {self.level:.0%} interval on the d_mem change excludes 0"
+        bound = self.margin * abs(change["baseline_mean"])
+        if -bound < change["ci_low"] and change["ci_high"] < bound:
+            return f"decided: its {self.level:.0%} interval lies within +-{self.margin:g} x original's d_mem (no practical change)"
+        return None
 
 
 def paired_change(frame: pd.DataFrame, strategy: str, level: float) -> dict:
@@ -130,4 +143,5 @@ def paired_change(frame: pd.DataFrame, strategy: str, level: float) -> dict:
     own = frame[(frame["strategy"] == strategy) & frame["changed"].astype(bool)].set_index("prompt_id")["d_mem"]
     base = frame[frame["strategy"] == BASELINE].set_index("prompt_id")["d_mem"]
     pairs = pd.concat([own, base], axis=1, join="inner").dropna()
-    return stats.paired_difference_ci(pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy(), level)
+    change = stats.paired_difference_ci(pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy(), level)
+    return change | {"baseline_mean": float(pairs.iloc[:, 1].mean()) if len(pairs) else None}

@@ -428,7 +428,8 @@ def attribution_context(data: dict, cfg: DictConfig, figure: Figures) -> Optiona
         return None
     methods = {key: getattr(section, key, None) if section else None for key in SUMMARY_ATTRIBUTION_KEYS}
     null = (section.null if section else None) or {}
-    rows = [{"method": label, "top1": percent(methods[key].get("marker_top1")), "rank": fmt(methods[key].get("marker_mean_rank")),
+    rows = [{"method": label, "prompts": fmt(methods[key].get("prompts")), "top1": percent(methods[key].get("marker_top1")),
+             "rank": fmt(methods[key].get("marker_mean_rank")),
              "chance": percent(methods[key].get("chance_top1")), "null": null_cells(null.get(key))}
             for key, label in SUMMARY_ATTRIBUTION_KEYS.items() if isinstance(methods[key], dict)]
     order = list(memorized["prompt_id"]) if memorized is not None else []

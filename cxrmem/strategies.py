@@ -139,6 +139,9 @@ class MitigationConfig(Settings):
     sequential: bool = True  # stop running a strategy once its paired d_mem change against original is decided (mitigation_sizing.py)
     stop_level: float = knob(0.99, UNIT_OPEN)  # the sequential rule's interval level: above F3's 95%, since it looks more than once
     look_every: int = knob(5, POSITIVE)  # prompts between two looks of the sequential rule
+    # the sequential rule also stops a strategy whose interval lies within +- this share of original's mean d_mem
+    # (no practical change, decided either way; 0: only a change that excludes 0 stops it)
+    equivalence_margin: float = knob(0.1, NON_NEGATIVE)
     seed: int = knob(1234, NON_NEGATIVE)  # seed of the sample, the random rewrites and the optimisation's own noises (the same across runs)
     attention_scale: float = knob(0.0, UNIT_CLOSED)  # attention_rescaling: factor on the marker tokens' cross-attention (0: masked; Ren et al.)
     guidance_delay: float = knob(0.3, UNIT_HALF_OPEN)  # delayed/opposite guidance: share of the steps before the transition point (Jain et al.)

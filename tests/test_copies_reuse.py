@@ -79,7 +79,7 @@ def test_copies_reuses_mitigations_generations_with_the_same_rows_and_less_count
     assert fresh_work["evaluations"] - work["evaluations"] == declared > 0
     assert fresh_work["vae_decodes"] - work["vae_decodes"] == len(taken) * n
     # bench/audit_cost.py's declared copies cost (every strategy on the whole sample, as here) is the counted one.
-    assert stage_costs(cfg, len(TEXTS), 2, Namespace(cascade_per_prompt=0, reference=0, words=1))["copies"] == work["evaluations"]
+    assert stage_costs(cfg, len(TEXTS), 2, Namespace(cascade_per_prompt=0, reference=0, words=1, mitigated_share=1))["copies"] == work["evaluations"]
 
 
 @pytest.mark.parametrize("changed", [["copies.generations=3"], ["copies.pixel_size=16"], ["mitigation.noise_std=0.5"]])

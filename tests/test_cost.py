@@ -150,19 +150,24 @@ def test_attribution_declares_the_work_counted_at_its_steps(components, steps, s
 
 
 def test_the_attribute_stage_records_its_work_and_the_null_models_at_the_same_steps(tiny_model_dir, tmp_path):
-    """summary.json's cost of `cxrmem attribute` with the null model: the declared work twice, at attribution.steps."""
+    """summary.json's cost of `cxrmem attribute` with the null model, at attribution.steps: the gradient of every
+    prompt twice, and leave-one-out once, of the most memorized prompt only (attribution.leave_one_out_prompts=1)."""
     from cxrmem.stages import attribute
 
     cfg = load_config(None, [f"run.output={tmp_path}", f"model.path={tiny_model_dir}", "model.device=cpu", "score.steps=3",
-                             "score.generations=2", "attribution.steps=2", "attribution.generations=1", "attribution.null_model=true"])  # fmt: skip
+                             "score.generations=2", "attribution.steps=2", "attribution.generations=1", "attribution.null_model=true",
+                             "attribution.leave_one_out_prompts=1"])  # fmt: skip
     layout, store = RunLayout(str(tmp_path)), Store()
     store.write_text(layout.memorized, pd.DataFrame({"prompt": PROMPTS[1:], "prompt_id": IDS[1:]}).to_csv(index=False))
     n = len(PROMPTS) - 1
     store.write_table(pa.table({"prompt_id": IDS[1:], "d_mem": pa.array([1.0] * n, pa.float32()), "nonfinite": [False] * n,
                                 "model_fingerprint": [fingerprint_model(cfg.model)] * n, "config_hash": ["h"] * n}), layout.scores)  # fmt: skip
     attribute.run(cfg)
-    units = store.read_table(layout.tokens).to_pandas().groupby("prompt_id").size()
-    plan = attribution_settings(cfg)
-    declared = sum(declared_evaluations(int(u), plan, ScoreSettings.of(cfg.score)) for u in units)
+    tokens = store.read_table(layout.tokens).to_pandas()
+    with_loo = set(tokens.loc[tokens["loo_delta"].notna(), "prompt_id"])
+    assert with_loo == {IDS[1]} and tokens["null_loo_delta"].isna().all() and tokens["null_grad_score"].notna().all()
+    plan, score = attribution_settings(cfg), ScoreSettings.of(cfg.score)
+    gradient = declared_evaluations(0, plan, score)
+    loo = declared_evaluations(int((tokens["prompt_id"] == IDS[1]).sum()), plan, score) - gradient
     summary = json.loads(open(layout.summary).read())
-    assert summary["cost"]["stages"]["attribute"]["evaluations"] == 2 * declared and summary["attribution"]["steps"] == 2
+    assert summary["cost"]["stages"]["attribute"]["evaluations"] == 2 * n * gradient + loo and summary["attribution"]["steps"] == 2

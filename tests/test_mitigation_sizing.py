@@ -88,3 +88,16 @@ def test_a_stop_at_a_level_agrees_with_f3s_95_interval_on_the_same_prompts(level
     decided = SequentialRule(("original", "drops"), level=level).decided(frame, "drops")
     if decided:  # a 99% interval that excludes 0 implies the 95% one does too
         assert paired_change(frame, "drops", 0.95)["ci_high"] < 0
+
+
+def test_a_strategy_that_changes_nothing_stops_for_equivalence_only_with_a_margin():
+    frame = rows({"same": 0.0}, range(10))  # original's d_mem is about 1; noise 0.01
+    rule = SequentialRule(("original", "same"), level=0.99, margin=0.1)
+    assert rule.look(frame) == ["same", "original"]  # its interval lies within +-0.1, and original has no pair left
+    assert "no practical change" in rule.stopped["same"]["stopped"]
+    bound = 0.1 * rule.stopped["same"]["d_mem_change"]["baseline_mean"]
+    assert -bound < rule.stopped["same"]["d_mem_change"]["ci_low"] and rule.stopped["same"]["d_mem_change"]["ci_high"] < bound
+    without = SequentialRule(("original", "same"), level=0.99)  # margin 0: a null strategy runs on
+    assert without.look(frame) == [] and without.active == ["original", "same"]
+    wide = rows({"same": 0.0}, range(10), noise=0.3)  # an interval wider than the margin is not decided
+    assert SequentialRule(("original", "same"), level=0.99, margin=0.1).decided(wide, "same") is None

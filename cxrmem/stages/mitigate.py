@@ -70,7 +70,7 @@ def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset
     """The sample in looks of `look_every` prompts, each under the strategies still undecided (SequentialRule):
     the results per chunk, the rule's record per strategy and the seconds; `embed`: MitigatePrompts's."""
     c = cfg.mitigation
-    rule = SequentialRule(tuple(c.strategies), c.stop_level, c.sequential)
+    rule = SequentialRule(tuple(c.strategies), c.stop_level, c.sequential, c.equivalence_margin)
     results, seconds = [], 0.0
     for lo in range(0, max(len(sample), 1), c.look_every):
         if not rule.active:

@@ -305,9 +305,9 @@ class AttributePrompts:
     def __init__(self, null: bool = False):
         self.null = null
 
-    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str]) -> pd.DataFrame:
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], loo_ids: Optional[frozenset] = None) -> pd.DataFrame:
         scorer = worker.null_model_scorer() if self.null else worker.scorer
-        return attribute_prompts(scorer, prompts, prompt_ids, worker.attribution)
+        return attribute_prompts(scorer, prompts, prompt_ids, worker.attribution, loo_ids)
 
 
 class MitigatePrompts:
