@@ -101,7 +101,7 @@ def reusable(cfg, out: Run, identity: dict, guidances: list[float]) -> tuple[Opt
     table = store.read_table(layout.mitigation_embeddings).to_pandas()
     if table.empty:
         return None, {}, f"{NOT_REUSED}: mitigation_embeddings.parquet is empty"
-    made = {k: table[k].iloc[0] for k in made_under(cfg, identity)}
+    made = {k: table[k].iloc[0] if k in table else "unstamped" for k in made_under(cfg, identity)}  # a file of an older stamp
     wants = {w: wanted(cfg, identity, w) for w in guidances}
     match = [w for w, want in wants.items() if want == made]
     if not match:
