@@ -13,7 +13,8 @@ tests/test_cost.py holds equal to what the Scorer counts:
 - mitigate: `mitigation.sample_size` prompts, every strategy's declared evaluations, times `--mitigated-share`
   (1: an upper bound; bench/mitigation_stops.py measures where the sequential rule stops the strategies);
 - copies: the same sample and `copies.n_controls` controls at each guidance, N generations of T steps, and each
-  checked strategy's generations and preparation on the sample.
+  checked strategy's generations and preparation on the sample, less mitigation's generations that it reuses at the
+  guidance whose settings match (all but the report's top prompts of the sample, and every strategy's).
 
     PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts 100000 --memorized-percent 1
 """
@@ -34,6 +35,7 @@ from cxrmem.results_page import cpu_name, write_results  # noqa: E402
 from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
 from cxrmem.stages.cascade import dmem_cost, evaluations  # noqa: E402
 from cxrmem.stages.copies import guidances  # noqa: E402
+from cxrmem.stages.copies_reuse import served_guidance  # noqa: E402
 from cxrmem.stages.worker import attribution_settings, mitigation_settings  # noqa: E402
 
 HEADING = "## The whole audit's cost, projected (issue 33)"
@@ -57,14 +59,17 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     share = args.mitigated_share
     mitigate = share * sample * sum(strategies.row(s).evaluations(m, (g, t), (nm, m.steps or t)) for s in m.strategies)
     nc, checked = cfg.copies.generations, [s for s in m.strategies if s != "original"] if cfg.copies.strategies else []
-    per_guidance = (sample + cfg.copies.n_controls) * 2 * nc * t + share * sample * sum(
-        strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
+    checked_cost = share * sample * sum(strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
+    per_guidance = (sample + cfg.copies.n_controls) * 2 * nc * t + checked_cost
+    # At the guidance whose settings are mitigation's (copies_reuse.served_guidance), copies takes mitigation's embedded
+    # generations: it samples only the controls and the report's top prompts (their figures need the images) there.
+    reused = (sample - min(cfg.report.top_prompts, sample)) * 2 * nc * t + checked_cost if served_guidance(cfg) is not None else 0
     return {
         "score": args.cascade_per_prompt * n + evaluations(full, cfg.cascade.audit_sample, cfg.score.batch_size),
         "reference": args.reference * full_one,
         "attribute": (attributed * gradient + loo) * (2 if a.null_model else 1) - (loo if a.null_model and not a.null_leave_one_out else 0),
         "mitigate": mitigate,
-        "copies": per_guidance * len(guidances(cfg)),
+        "copies": per_guidance * len(guidances(cfg)) - reused,
     }
 
 

@@ -76,6 +76,7 @@ MITIGATION_COLUMNS = {
     "evaluations": pa.int64(),  # UNet evaluations the strategy spends on the prompt (cxrmem/strategies.py)
     "fidelity": pa.float64(),  # share of the generations showing the original prompt's findings (NaN: no measure set)
 }
+EMBEDDING = "embedding"  # a row's generations embedded by the copies embedder [N, D]: the copies stage reuses them
 
 
 # -- prompt rewrites (pure, seeded): the `rewrite` hooks of cxrmem/strategies.py ---------------
@@ -348,13 +349,16 @@ def sampling_for(scorer, strategies: Sequence[str], texts: Sequence[str], embedd
 
 
 def mitigate_prompt(
-    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0, fidelity=None
+    scorer, sampler, prompt: str, prompt_id: str, settings: MitigationSettings, vocab: Sequence[str], keep: int = 0, fidelity=None,
+    embedder=None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """mitigation.parquet rows of one prompt, and its first `keep` generations per strategy as grey [k, H, W].
 
     `scorer` scores (d_mem, every strategy from the same G noises: paired by construction);
     `sampler` (`scorer.with_steps(settings.steps)`) draws the N generations; `fidelity`
-    (cxrmem/fidelity.py, None: not measured) reads them for the original prompt's findings.
+    (cxrmem/fidelity.py, None: not measured) reads them for the original prompt's findings; `embedder` (the
+    copies check's, None: not embedded) adds each row's generations embedded, [N, D] under `EMBEDDING`, for
+    the copies stage to reuse (cxrmem/stages/copies_reuse.py).
     A strategy that changes nothing for this prompt (a marker rewrite of a prompt without a marker) would sample
     exactly what `original` samples: with `original` among the strategies, its row takes original's results and
     costs nothing.
@@ -375,6 +379,7 @@ def mitigate_prompt(
     latents = sampler.initial_latents([prompt_id], settings.n_generations)
     generations = generate_images(sampler, sampling_for(sampler, sampled, sampled_texts, embeddings, latents, settings), settings.samples_per_call)
     faithful = fidelity(generations, [prompt] * len(run)) if fidelity is not None else np.full(len(run), np.nan)
+    embedded = embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1).numpy() if embedder is not None else None
     scored = (scorer.settings.generations, scorer.settings.scored_steps)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
@@ -392,6 +397,7 @@ def mitigate_prompt(
                 "changed": changes[i],
                 "evaluations": 0 if i in same_as else registry.row(strategy).evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),
                 "fidelity": float(faithful[j]),
+                **({EMBEDDING: embedded[j]} if embedded is not None else {}),
             }
         )
         if keep:
@@ -400,17 +406,18 @@ def mitigate_prompt(
 
 
 def mitigate_prompts(
-    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset(), fidelity=None
+    scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset(), fidelity=None,
+    embedder=None,
 ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """mitigation.parquet rows of these prompts, and the image grids ({prompt_id: {strategy: [k, H, W]}})
-    of those in `grid_ids`."""
+    """mitigation.parquet rows of these prompts (with `EMBEDDING` given an `embedder`: mitigate_prompt), and the
+    image grids ({prompt_id: {strategy: [k, H, W]}}) of those in `grid_ids`."""
     vocab = vocabulary_words(scorer.tokenizer)
     settings = runnable_strategies(scorer, settings)
     sampler = scorer.with_steps(settings.steps)
     rows, grids = [], {}
     for prompt, pid in zip(prompts, prompt_ids):
         keep = settings.grid_generations if pid in grid_ids else 0
-        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep, fidelity)
+        prompt_rows, prompt_grids = mitigate_prompt(scorer, sampler, prompt, pid, settings, vocab, keep, fidelity, embedder)
         rows += prompt_rows
         if prompt_grids:
             grids[pid] = prompt_grids
@@ -430,7 +437,8 @@ def runnable_strategies(scorer, settings: MitigationSettings) -> MitigationSetti
 
 
 def mitigation_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=list(MITIGATION_COLUMNS))
+    """The rows in MITIGATION_COLUMNS' order, and `EMBEDDING` after them where they have it (not a mitigation.parquet column)."""
+    return pd.DataFrame(rows, columns=list(MITIGATION_COLUMNS) + ([EMBEDDING] if any(EMBEDDING in r for r in rows) else []))
 
 
 def mitigation_summary(frame: pd.DataFrame) -> dict:

@@ -45,7 +45,7 @@ SIGNATURE_NAME = "manifest.sig"  # the operator's HMAC of the manifest, beside i
 # writes: anything else under a prefix is foreign, never published and never deleted (cxrmem/publish.py).
 OUTPUT_NAMES = frozenset({
     "prompts.parquet", "prepare_summary.json", "scores.parquet", "summary.json", "memorized_prompts.csv", "tokens.parquet",
-    "mitigation.parquet", "copies.parquet", "report.html", "metrics.json", "summary.md", "diff.parquet", "calibration.parquet",
+    "mitigation.parquet", "mitigation_embeddings.parquet", "copies.parquet", "report.html", "metrics.json", "summary.md", "diff.parquet", "calibration.parquet",
 })  # fmt: skip
 OUTPUT_FOLDERS = ("figures", "reference")  # reference: the run of the prompts the model never saw (RunLayout.reference)
 
@@ -86,6 +86,8 @@ class RunLayout:
     reference = property(lambda self: RunLayout(self.path("reference")))  # the reference of non-members, prepared and scored
     tokens = property(lambda self: self.path("tokens.parquet"))
     mitigation = property(lambda self: self.path("mitigation.parquet"))
+    # mitigation's generations embedded for the copies check, which reuses them (cxrmem/stages/copies_reuse.py)
+    mitigation_embeddings = property(lambda self: self.path("mitigation_embeddings.parquet"))
     copies = property(lambda self: self.path("copies.parquet"))
     # The training-image index when images.index is empty (a resume checkpoint: not published).
     image_index = property(lambda self: self.path("_parts/image_index"))

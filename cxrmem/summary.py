@@ -170,6 +170,7 @@ class CopiesSection(Section):
     figures: list = field(default_factory=list)
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
     sample: Optional[dict] = None  # the memorized prompts checked: mitigation's stratified sample (mitigation_sizing.sample_record)
+    reuse: Optional[dict] = None  # per guidance w=<g>: prompt-strategy pairs taken from mitigation's generations vs generated; why
 
     def timings(self) -> dict[str, float]:
         return _present({"image index: seconds": (self.index or {}).get("seconds")})

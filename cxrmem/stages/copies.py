@@ -3,7 +3,8 @@
     images.source -> the image index (stages/image_index.py, built once, resumable)
     memorized set + a seeded random sample of other prompts (controls)
       -> per guidance (the scoring one, and copies.second_guidance): N generations per prompt,
-         embedded on the model workers (ModelWorker.copies) -> exact top-k search here
+         embedded on the model workers (ModelWorker.copies) -> exact top-k search here; at the guidance
+         whose settings are mitigation's, the pairs it generated are taken from it (copies_reuse.py)
       -> copy threshold calibrated on the controls -> per-prompt evidence rows
       -> each mitigation strategy on the memorized prompts mitigation ran it on (its stratified sample,
          cut where its sequential rule stopped it), against that threshold
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -33,8 +35,9 @@ from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation_sizing import sample_record, stratified_sample
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
-from cxrmem.stages import image_index
+from cxrmem.stages import copies_reuse, image_index
 from cxrmem.stages.analyze import read_known_memorized
+from cxrmem.stages.copies_reuse import UNMITIGATED
 from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
@@ -66,13 +69,30 @@ def checked_prompts(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
     return prompts.loc[ids + controls].reset_index().assign(group=groups)
 
 
-def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.Tensor, *args) -> tuple:
-    """(sims, rows [P, N, k], the texts generated from, kept generations, fidelity [P]) of `frame` through `models.copies`."""
-    results, _ = map_with_progress(models, CopiesOfPrompts(), frame[["prompt_id", "prompt"]], what, cfg.ray.progress_every_s, *args)
-    queries = torch.from_numpy(np.concatenate([r[0] for r in results]))
+@dataclass
+class Checked:
+    """One set of prompts generated (or taken from mitigation) and searched at one guidance, in the frame's order."""
+
+    sims: np.ndarray  # [P, N, k]
+    rows: np.ndarray  # [P, N, k] index rows
+    texts: list  # the texts generated from
+    kept: dict  # prompt_id -> grey generations [N, H, W] of those in keep_ids
+    fidelity: list  # [P]
+    reused: int  # prompts taken from mitigation's generations (the others were generated here)
+
+
+def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.Tensor, reused: dict, *args) -> Checked:
+    """`frame`'s prompts searched: those in `reused` ({prompt_id: (embeddings [N, D], text, fidelity)}, mitigation's:
+    cxrmem/stages/copies_reuse.py) as they are, the others generated and embedded through `models` (CopiesOfPrompts)."""
+    fresh = frame[~frame["prompt_id"].isin(reused)][["prompt_id", "prompt"]]
+    results = map_with_progress(models, CopiesOfPrompts(), fresh, what, cfg.ray.progress_every_s, *args)[0] if len(fresh) else []
+    made = zip([q for r in results for q in r[0]], [t for r in results for t in r[1]], [f for r in results for f in r[3]])
+    found = {**dict(zip(fresh["prompt_id"], made)), **reused}
+    ordered = [found[pid] for pid in frame["prompt_id"]]
+    queries = torch.from_numpy(np.stack([q for q, _, _ in ordered]))
     sims, rows = search(queries, index, CopiesSettings.of(cfg.copies), resolve_device("auto"))
     kept = {pid: g for r in results for pid, g in r[2].items()}
-    return sims, rows, [t for r in results for t in r[1]], kept, [f for r in results for f in r[3]]
+    return Checked(sims, rows, [t for _, t, _ in ordered], kept, [f for _, _, f in ordered], len(frame) - len(fresh))
 
 
 def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -87,22 +107,25 @@ def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFram
             for s in checked_strategies(cfg)}  # fmt: skip
 
 
-def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict) -> tuple[list[pa.Table], Threshold, dict]:
+def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict, reused: dict) -> tuple:
     """copies.parquet rows at one guidance (the prompts, then each mitigation strategy on its `checks` prompts,
-    strategy_prompts), its threshold, the kept generations."""
+    strategy_prompts), its threshold, the kept generations, and the prompt-strategy pairs taken from `reused` (per
+    strategy, mitigation's generations at this guidance: copies_reuse.reusable) and generated here."""
     settings = CopiesSettings.of(cfg.copies)
-    sims, rows, _, kept, faithful = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, guidance, "none", keep_ids)
-    table, threshold = evidence(frame, sims, rows, images, settings, guidance, fingerprint, fidelity=faithful)
-    tables = [table]
+    own = {pid: v for pid, v in reused.get(UNMITIGATED, {}).items() if pid not in keep_ids}  # the figures' prompts: fresh
+    done = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, own, guidance, UNMITIGATED, keep_ids)
+    table, threshold = evidence(frame, done.sims, done.rows, images, settings, guidance, fingerprint, fidelity=done.fidelity)
+    tables, pairs = [table], {"reused": done.reused, "generated": len(frame) - done.reused}
     for strategy, memorized in checks.items():
         if not len(memorized):
             continue
-        s_sims, s_rows, texts, _, s_faithful = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, guidance, strategy)
-        rewritten = memorized.assign(prompt=texts)
-        tables.append(evidence(rewritten, s_sims, s_rows, images, settings, guidance, fingerprint, threshold, strategy, s_faithful)[0])
+        got = embed_and_search(models, memorized, f"{strategy} at w={guidance:g}", cfg, index, reused.get(strategy, {}), guidance, strategy)
+        rewritten = memorized.assign(prompt=got.texts)
+        tables.append(evidence(rewritten, got.sims, got.rows, images, settings, guidance, fingerprint, threshold, strategy, got.fidelity)[0])
+        pairs = {"reused": pairs["reused"] + got.reused, "generated": pairs["generated"] + len(memorized) - got.reused}
     best = table.to_pandas().set_index("prompt_id")
-    chosen = {pid: (g[int(best.loc[pid, "best_generation"])], best.loc[pid]) for pid, g in kept.items()}
-    return tables, threshold, chosen
+    chosen = {pid: (g[int(best.loc[pid, "best_generation"])], best.loc[pid]) for pid, g in done.kept.items()}
+    return tables, threshold, chosen, pairs
 
 
 def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[set]) -> dict:
@@ -176,15 +199,20 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         tables, per_guidance, chosen = [], {}, {}
         mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
         checks = strategy_prompts(cfg, frame[frame["group"] == "memorized"], mitigation)
+        served, reused, why = copies_reuse.reusable(cfg, out, identity, guidances(cfg))
+        log.info("copies: %s", why)
+        reuse: dict = {"why": why}
         for guidance in guidances(cfg):
-            rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks)
+            at = reused if guidance == served else {}
+            rows, threshold, chosen[guidance], reuse[f"w={guidance:g}"] = check_guidance(
+                models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks, at)
             tables += rows
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
         section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen))
-        section.model = identity
+        section.model, section.reuse = identity, reuse
         section.sample = sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed)
         out.write_sections(section)
     log.info("copies: %s", section.headline)

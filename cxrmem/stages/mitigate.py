@@ -13,6 +13,7 @@ import pyarrow as pa
 from cxrmem.mitigation import MITIGATION_COLUMNS, mitigation_summary
 from cxrmem.mitigation_sizing import SequentialRule, sample_record, stratified_sample
 from cxrmem.runfiles import Run
+from cxrmem.stages import copies_reuse
 from cxrmem.stages.worker import LocalModel, MitigatePrompts, map_with_progress, memorized_stage, stamped
 from cxrmem.summary import MitigationSection
 
@@ -38,13 +39,15 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
         sample = stratified_sample(memorized, cfg.corpus.marker_regex, c.sample_size, c.seed)
         # The memorized set is sorted by d_mem: its first `top_prompts` in the sample get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"][memorized["prompt_id"].isin(sample["prompt_id"])].head(cfg.report.top_prompts))
-        results, stopping, seconds = mitigate_sequentially(models, sample, cfg, grid_ids)
+        stamp = copies_reuse.stamp_for_copies(cfg, identity)  # None: the copies stage will not take the generations
+        results, stopping, seconds = mitigate_sequentially(models, sample, cfg, grid_ids, stamp is not None)
         frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        copies_reuse.save(out, frame, stamp)
         grids: dict = {}
         for _, chunk_grids in results:
             for pid, grid in chunk_grids.items():
                 grids.setdefault(pid, {}).update(grid)
-        table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
+        table = pa.Table.from_pandas(frame[list(MITIGATION_COLUMNS)], schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
         out.store.write_table(stamped(table, identity), layout.mitigation)
         figures = [save_generation_grid(out, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
         section = MitigationSection(
@@ -63,9 +66,9 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
     return section
 
 
-def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset) -> tuple[list, dict, float]:
+def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset, embed: bool = False) -> tuple[list, dict, float]:
     """The sample in looks of `look_every` prompts, each under the strategies still undecided (SequentialRule):
-    the results per chunk, the rule's record per strategy and the seconds."""
+    the results per chunk, the rule's record per strategy and the seconds; `embed`: MitigatePrompts's."""
     c = cfg.mitigation
     rule = SequentialRule(tuple(c.strategies), c.stop_level, c.sequential, c.equivalence_margin)
     results, seconds = [], 0.0
@@ -73,7 +76,7 @@ def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset
         if not rule.active:
             break
         look = sample.iloc[lo : lo + c.look_every][["prompt_id", "prompt"]]
-        done, spent = map_with_progress(models, MitigatePrompts(), look, "mitigated", cfg.ray.progress_every_s, grid_ids, tuple(rule.active))
+        done, spent = map_with_progress(models, MitigatePrompts(), look, "mitigated", cfg.ray.progress_every_s, grid_ids, tuple(rule.active), embed)
         results += done
         seconds += spent
         frame = pd.concat([rows for rows, _ in results], ignore_index=True)

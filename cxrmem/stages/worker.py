@@ -312,12 +312,13 @@ class AttributePrompts:
 
 class MitigatePrompts:
     """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), and the image
-    grids of those in `grid_ids`."""
+    grids of those in `grid_ids`; `embed`: the rows also carry their generations embedded by the copies embedder."""
 
     def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset(),
-                 strategies: Optional[tuple[str, ...]] = None):  # fmt: skip
+                 strategies: Optional[tuple[str, ...]] = None, embed: bool = False):  # fmt: skip
         settings = worker.mitigation.replace(strategies=strategies) if strategies is not None else worker.mitigation
-        return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity())
+        embedder = worker.image_embedder() if embed else None
+        return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity(), embedder)
 
 
 class CopiesOfPrompts:
