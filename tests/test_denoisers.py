@@ -139,7 +139,7 @@ def test_unet_only_detectors_and_strategies_are_skipped_with_a_reason_elsewhere(
     assert "detector attention_entropy skipped" in caplog.text and "plain cross-attention layers of a UNet" in caplog.text
     settings = MitigationSettings(strategies=("original", "attention_rescaling", "embedding_noise", "delayed_guidance"))
     with caplog.at_level(logging.WARNING, logger="cxrmem"):
-        assert runnable_strategies(pixart, settings).strategies == ("original", "delayed_guidance")
+        assert runnable_strategies(pixart, settings)[0].strategies == ("original", "delayed_guidance")
     assert "mitigation strategy embedding_noise skipped: it needs a text tensor that is the encoder's hidden states alone" in caplog.text
     unet = Scorer(load(replicas["sd2_v"]), score_cfg(), device="cpu")
-    assert runnable_strategies(unet, settings) is settings  # a plain UNet runs them all
+    assert runnable_strategies(unet, settings) == (settings, {})  # a plain UNet runs them all

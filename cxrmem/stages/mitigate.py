@@ -39,11 +39,13 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
         # The memorized set is sorted by d_mem: its first `top_prompts` in the sample get image grids in the report.
         grid_ids = frozenset(memorized["prompt_id"][memorized["prompt_id"].isin(sample["prompt_id"])].head(cfg.report.top_prompts))
         results, stopping, seconds = mitigate_sequentially(models, sample, cfg, grid_ids)
-        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        frame = pd.concat([rows for rows, _, _ in results], ignore_index=True)
         grids: dict = {}
-        for _, chunk_grids in results:
+        for _, chunk_grids, _ in results:
             for pid, grid in chunk_grids.items():
                 grids.setdefault(pid, {}).update(grid)
+        # Every chunk ran on the same model and skipped the same strategies; chunks of later looks ask fewer.
+        skipped = {strategy: why for _, _, chunk_skipped in results for strategy, why in chunk_skipped.items()}
         table = pa.Table.from_pandas(frame, schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
         out.store.write_table(stamped(table, identity), layout.mitigation)
         figures = [save_generation_grid(out, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
@@ -57,6 +59,7 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
             sample=sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed),
             stopping=stopping,
             model=identity,
+            skipped=skipped,
         )
         out.write_sections(section)
     log.info("mitigation: %s", section.strategies)
@@ -76,7 +79,7 @@ def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset
         done, spent = map_with_progress(models, MitigatePrompts(), look, "mitigated", cfg.ray.progress_every_s, grid_ids, tuple(rule.active))
         results += done
         seconds += spent
-        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        frame = pd.concat([rows for rows, _, _ in results], ignore_index=True)
         stopped = rule.look(frame)
         if stopped:
             log.info("mitigation: %s stopped after %d prompts", ", ".join(stopped), lo + len(look))

@@ -45,6 +45,7 @@ from cxrmem.score_key import config_hash
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
+from cxrmem.stages.score_parts import with_skipped_detectors
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,9 @@ class ModelWorker:
             else:
                 tables += self.continued(chunk_ids, chunk)
         if not tables:
-            return scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))
-        return pa.concat_tables(tables)
+            tables = [scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))]
+        # Which detectors' columns are NaN because this denoiser cannot run them, and why: the analyze stage's record.
+        return with_skipped_detectors(pa.concat_tables(tables), self.scorer.skipped({name: REGISTRY[name].needs for name in self.detectors}))
 
     def continued(self, ids: list[str], prompts: list[str]) -> list[pa.Table]:
         """One batch's rows with the carry: its prompts grouped by the step their carried trajectories
@@ -311,8 +313,8 @@ class AttributePrompts:
 
 
 class MitigatePrompts:
-    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), and the image
-    grids of those in `grid_ids`."""
+    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), the image
+    grids of those in `grid_ids`, and the strategies this model cannot run with their reasons."""
 
     def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset(),
                  strategies: Optional[tuple[str, ...]] = None):  # fmt: skip
