@@ -53,8 +53,9 @@ def captured_outputs(module, run) -> list[torch.Tensor]:
     return outputs
 
 
-def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor) -> tuple[list[torch.Tensor], object]:
-    """The denoiser's outputs at each step of the diffusers pipeline itself, run on its own copy of the model."""
+def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor, adapt=None) -> tuple[list[torch.Tensor], object]:
+    """The denoiser's outputs at each step of the diffusers pipeline itself, run on its own copy of the model
+    (`adapt(pipe)` first, where given: the adapters loaded the pipeline's way)."""
     _, pipeline_class, build_options, call_options = CASES[name]
     parts = load(path, need_vae=True)  # with its VAE: the pipeline's image scale comes from it
     modules = {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "vae": parts.vae, **parts.extras,
@@ -62,6 +63,8 @@ def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor) -
                "scheduler": type(parts.scheduler).from_config(parts.scheduler.config)}  # fmt: skip
     pipe = pipeline_class(**modules, **build_options)
     pipe.scheduler = type(parts.scheduler).from_config(parts.scheduler.config)  # SD's constructor rewrites old configs
+    if adapt is not None:
+        adapt(pipe)
     size = latents.shape[-1] * pipe.vae_scale_factor
     run = lambda: pipe(prompt, height=size, width=size, latents=latents.clone(), num_images_per_prompt=G,  # noqa: E731
                        num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent", **call_options)
