@@ -172,6 +172,7 @@ class CopiesSection(Section):
     figures: list = field(default_factory=list)
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
     sample: Optional[dict] = None  # the memorized prompts checked: mitigation's stratified sample (mitigation_sizing.sample_record)
+    skipped: dict = field(default_factory=dict)  # strategy -> why the model's denoiser cannot run it: not checked
 
     def timings(self) -> dict[str, float]:
         return _present({"image index: seconds": (self.index or {}).get("seconds")})

@@ -35,7 +35,15 @@ from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import image_index
 from cxrmem.stages.analyze import read_known_memorized
-from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
+from cxrmem.stages.worker import (
+    CopiesOfPrompts,
+    LocalModel,
+    SkippedStrategies,
+    embedder_settings,
+    map_with_progress,
+    memorized_stage,
+    stamped,
+)
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
 from cxrmem.summary import CopiesSection
@@ -49,10 +57,20 @@ def guidances(cfg) -> list[float]:
     return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])
 
 
-def checked_strategies(cfg) -> list[str]:
-    """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside:
-    text rewrites generate from the rewritten text, embedding-level ones from the changed embedding."""
-    return [s for s in cfg.mitigation.strategies if s != "original"] if cfg.copies.strategies else []
+def checked_strategies(cfg, skipped=()) -> list[str]:
+    """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside,
+    and those the model cannot run (`skipped`, SkippedStrategies): text rewrites generate from the rewritten text,
+    embedding-level ones from the changed embedding."""
+    return [s for s in cfg.mitigation.strategies if s != "original" and s not in skipped] if cfg.copies.strategies else []
+
+
+def unrunnable_strategies(models, cfg) -> dict[str, str]:
+    """The copies.strategies the model's denoiser cannot run, with the reason, as a worker decides it."""
+    if not checked_strategies(cfg):
+        return {}
+    no_prompts = pd.DataFrame({"prompt_id": [], "prompt": []})  # one empty chunk: one worker answers
+    ((_, skipped),) = models.map(SkippedStrategies(), no_prompts, tuple(checked_strategies(cfg)))
+    return skipped
 
 
 def checked_prompts(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
@@ -75,11 +93,11 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
     return sims, rows, [t for r in results for t in r[1]], kept, [f for r in results for f in r[3]]
 
 
-def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Per checked strategy, the sampled memorized prompts its copies are checked on: those mitigation ran it on (its
     sample, cut where the sequential rule stopped it), else the whole sample (cxrmem/mitigation_sizing.py)."""
     ran = mitigation.groupby("strategy")["prompt_id"].agg(set) if mitigation is not None else {}
-    return {s: sample[sample["prompt_id"].isin(ran[s])] if s in ran else sample for s in checked_strategies(cfg)}
+    return {s: sample[sample["prompt_id"].isin(ran[s])] if s in ran else sample for s in strategies}
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict) -> tuple[list[pa.Table], Threshold, dict]:
@@ -122,10 +140,10 @@ def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[s
     return out
 
 
-def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidance: float, cfg) -> dict:
+def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidance: float, cfg, strategies: list[str]) -> dict:
     """Per strategy: copy rate (paired against original), fidelity, d_mem change and cost (cxrmem/judgement.py),
     and the strategies that halve the copy rate with fidelity within 10 points."""
-    order = ["original"] + checked_strategies(cfg)
+    order = ["original"] + strategies
     rows = judge_strategies(checked, mitigation, guidance, order)
     return {"guidance": guidance, "strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows),
             "fidelity_measure": cfg.fidelity.measure}
@@ -170,15 +188,17 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
         mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
-        checks = strategy_prompts(cfg, frame[frame["group"] == "memorized"], mitigation)
+        skipped = unrunnable_strategies(models, cfg)
+        strategies = checked_strategies(cfg, skipped)
+        checks = strategy_prompts(strategies, frame[frame["group"] == "memorized"], mitigation)
         for guidance in guidances(cfg):
             rows, threshold, chosen[guidance] = check_guidance(models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks)
             tables += rows
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
-            per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
+            per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg, strategies)
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
-        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen))
+        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen), skipped)
         section.model = identity
         section.sample = sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed)
         out.write_sections(section)
@@ -186,7 +206,8 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
     return section
 
 
-def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> CopiesSection:
+def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str],
+                   skipped: dict) -> CopiesSection:  # fmt: skip
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
         f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
@@ -195,5 +216,5 @@ def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold
     return CopiesSection(
         headline=headline, prompts=n_prompts, guidances=per_guidance, rule=threshold.rule, threshold_quantile=threshold.quantile,
         generations=cfg.copies.generations, top_k=cfg.copies.top_k, embedder=cfg.copies.embedder,
-        strategies_checked=checked_strategies(cfg), index=built, copies=layout.copies, figures=figures,
+        strategies_checked=checked_strategies(cfg, skipped), index=built, copies=layout.copies, figures=figures, skipped=skipped,
     )  # fmt: skip

@@ -34,6 +34,7 @@ from cxrmem.mitigation import (
     MitigationSettings,
     mitigate_prompts,
     mitigated_prompt,
+    runnable_strategies,
     strategy_embedding,
     strategy_sampling,
     vocabulary_words,
@@ -320,6 +321,13 @@ class MitigatePrompts:
                  strategies: Optional[tuple[str, ...]] = None):  # fmt: skip
         settings = worker.mitigation.replace(strategies=strategies) if strategies is not None else worker.mitigation
         return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity())
+
+
+class SkippedStrategies:
+    """The mitigation strategies of `strategies` this worker's model cannot run, with the reasons (no prompts needed)."""
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], strategies: tuple[str, ...]) -> dict[str, str]:
+        return runnable_strategies(worker.scorer, worker.mitigation.replace(strategies=strategies))[1]
 
 
 class CopiesOfPrompts:
