@@ -86,7 +86,7 @@ def main() -> None:
     scorer = Scorer(load_components(cfg.model), score, device="cpu")
     settings = mitigation_settings(cfg).replace(n_generations=2)  # the rule reads d_mem; generations are not needed
     start = time.perf_counter()
-    frame, _ = mitigate_prompts(scorer, sample["prompt"].tolist(), sample["prompt_id"].tolist(), settings)
+    frame, _, _ = mitigate_prompts(scorer, sample["prompt"].tolist(), sample["prompt_id"].tolist(), settings)
     seconds = time.perf_counter() - start
     rows, default, zero = table(cfg.model.path, frame, sample["prompt_id"].tolist(), cfg, mitigation_settings(cfg), score)
     lines = [HEADING, "", f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/mitigation_stops.py --config {args.config}"

@@ -250,9 +250,11 @@ def known_memorized_check(d_mem: np.ndarray, memorized: np.ndarray, known: np.nd
 
 
 def detector_agreement(
-    scores_df: pd.DataFrame, names: Sequence[str], top_percent: float, known_ids: Optional[set[str]] = None, fpr: float = 0.01
+    scores_df: pd.DataFrame, names: Sequence[str], top_percent: float, known_ids: Optional[set[str]] = None, fpr: float = 0.01,
+    skipped: Optional[dict] = None,
 ) -> DetectorsSection:
-    """Each detector of `names` as a second opinion on d_mem, over the prompts with a finite d_mem.
+    """Each detector of `names` as a second opinion on d_mem, over the prompts with a finite d_mem; those in `skipped`
+    (name -> why the model's denoiser cannot run it: its column is NaN) are recorded with their reason instead.
 
     scores_df: prompt_id, d_mem, nonfinite and each detector's score column (its first REGISTRY
     column). Per detector: the Spearman correlation with d_mem (scores turned so that larger means
@@ -263,8 +265,8 @@ def detector_agreement(
     keep = np.isfinite(d_mem) & ~scores_df["nonfinite"].fillna(False).to_numpy(dtype=bool)
     d_mem = d_mem[keep]
     known = scores_df["prompt_id"][keep].isin(known_ids).to_numpy() if known_ids is not None else None
-    rows = {}
-    for name in names:
+    rows, skipped = {}, {name: why for name, why in (skipped or {}).items() if name in names}
+    for name in (name for name in names if name not in skipped):
         column = REGISTRY[name].columns[0]
         scores = oriented(scores_df[column].to_numpy(dtype=np.float64)[keep], name)
         finite = np.isfinite(scores)
@@ -280,7 +282,8 @@ def detector_agreement(
             positives, negatives = scores[finite & known], scores[finite & ~known]
             row |= {"auc": stats.roc_auc(positives, negatives), "tpr_at_fpr": stats.tpr_at_fpr(positives, negatives, fpr)}
         rows[name] = row
-    return DetectorsSection(reference="d_mem", top_percent=float(top_percent), fpr=fpr if known is not None else None, detectors=rows)
+    return DetectorsSection(reference="d_mem", top_percent=float(top_percent), fpr=fpr if known is not None else None, detectors=rows,
+                            skipped=skipped)
 
 
 def known_memorized_ids(table: pd.DataFrame) -> set[str]:

@@ -408,11 +408,12 @@ def mitigate_prompt(
 def mitigate_prompts(
     scorer, prompts: Sequence[str], prompt_ids: Sequence[str], settings: MitigationSettings, grid_ids=frozenset(), fidelity=None,
     embedder=None,
-) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """mitigation.parquet rows of these prompts (with `EMBEDDING` given an `embedder`: mitigate_prompt), and the
-    image grids ({prompt_id: {strategy: [k, H, W]}}) of those in `grid_ids`."""
+) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """mitigation.parquet rows of these prompts (with `EMBEDDING` given an `embedder`: mitigate_prompt), the image
+    grids ({prompt_id: {strategy: [k, H, W]}}) of those in `grid_ids`, and the strategies skipped on this model
+    with their reasons."""
     vocab = vocabulary_words(scorer.tokenizer)
-    settings = runnable_strategies(scorer, settings)
+    settings, skipped = runnable_strategies(scorer, settings)
     sampler = scorer.with_steps(settings.steps)
     rows, grids = [], {}
     for prompt, pid in zip(prompts, prompt_ids):
@@ -421,19 +422,17 @@ def mitigate_prompts(
         rows += prompt_rows
         if prompt_grids:
             grids[pid] = prompt_grids
-    return mitigation_frame(rows), grids
+    return mitigation_frame(rows), grids, skipped
 
 
-def runnable_strategies(scorer, settings: MitigationSettings) -> MitigationSettings:
-    """The settings without the strategies this model's denoiser cannot run (each skipped with its reason in the log)."""
-    kept = []
-    for strategy in settings.strategies:
-        reason = scorer.cannot_run(registry.row(strategy).needs)
-        if reason:
-            log.warning("mitigation strategy %s skipped: it %s", strategy, reason)
-        else:
-            kept.append(strategy)
-    return settings if len(kept) == len(settings.strategies) else settings.replace(strategies=tuple(kept))
+def runnable_strategies(scorer, settings: MitigationSettings) -> tuple[MitigationSettings, dict[str, str]]:
+    """The settings without the strategies this model's denoiser cannot run, and those strategies with the reason
+    (each also in the log)."""
+    skipped = scorer.skipped({strategy: registry.row(strategy).needs for strategy in settings.strategies})
+    for strategy, reason in skipped.items():
+        log.warning("mitigation strategy %s skipped: it %s", strategy, reason)
+    kept = tuple(strategy for strategy in settings.strategies if strategy not in skipped)
+    return (settings if not skipped else settings.replace(strategies=kept)), skipped
 
 
 def mitigation_frame(rows: list[dict]) -> pd.DataFrame:

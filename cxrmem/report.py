@@ -200,12 +200,12 @@ def harm_metrics(harm: list[dict]) -> dict:
 # -- sections -------------------------------------------------------------------------------------
 def detectors_context(section: Optional[DetectorsSection]) -> Optional[dict]:
     """The Detectors table and the summary card's agreement line, from the analyze stage's detectors section."""
-    if not section or not section.detectors:
+    if not section or not (section.detectors or section.skipped):
         return None
     top = fmt(section.top_percent)
     rows = [{"name": name, **row} for name, row in section.detectors.items()]
     card = {row["name"]: f"Spearman {fmt(row['spearman'])}, top {top}% overlap {percent(row['top_overlap'])}" for row in rows}
-    return {"rows": rows, "card": card, "top_percent": top, "fpr": section.fpr}
+    return {"rows": rows, "card": card, "top_percent": top, "fpr": section.fpr, "skipped": section.skipped}
 
 
 def calibration_context(section: Optional[CalibrationSection]) -> Optional[dict]:
@@ -529,6 +529,7 @@ def mitigation_context(data: dict, cfg: DictConfig, figure: Figures) -> Optional
                          "d_mem and mean pairwise distance of the generations per strategy, prompts a rewrite left "
                          "unchanged left out; dots are prompts, diamonds means, the dashed line the unmitigated mean."),
         "grids": grid_context(data, order, cfg, figure),
+        "skipped": data["summary"].mitigation.skipped if data["summary"].mitigation else {},
     }
 
 
@@ -609,7 +610,7 @@ def card_context(data: dict, page: dict) -> dict:
     extra = {}
     if summary.copies:
         extra["copy evidence"] = {k: fmt(v) for k, v in _flatten(summary.copies.headline or {}).items()}
-    if page["detectors"]:
+    if page["detectors"] and page["detectors"]["card"]:
         extra["detector agreement"] = page["detectors"]["card"]
     return {"extra": extra, "cascade": page["cascade"], "enrichment": summary.analysis.marker_enrichment if summary.analysis else None,
             "mitigation": page["mitigation"], "truncated": truncated_context(data["memorized"])}

@@ -107,6 +107,7 @@ class DetectorsSection(Section):
     top_percent: float
     fpr: Optional[float]  # None without known memorized prompts
     detectors: dict  # name -> column, paper, finite, spearman, top_overlap, auc, tpr_at_fpr
+    skipped: dict = field(default_factory=dict)  # name -> why the model's denoiser cannot run it (cxrmem/capabilities.py): its column is NaN
 
 
 @dataclass
@@ -146,6 +147,7 @@ class MitigationSection(Section):
     sample: Optional[dict] = None  # which memorized prompts were mitigated and why (mitigation_sizing.sample_record)
     stopping: Optional[dict] = None  # per strategy: prompts used, paired d_mem change and why it stopped (SequentialRule)
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
+    skipped: dict = field(default_factory=dict)  # strategy -> why the model's denoiser cannot run it (cxrmem/capabilities.py): no rows
 
     def timings(self) -> dict[str, float]:
         return {"mitigate: seconds": self.seconds}
@@ -171,6 +173,7 @@ class CopiesSection(Section):
     model: Optional[dict] = None  # the scores' model_fingerprint and config_hash: the model these rows came from
     sample: Optional[dict] = None  # the memorized prompts checked: mitigation's stratified sample (mitigation_sizing.sample_record)
     reuse: Optional[dict] = None  # per guidance w=<g>: prompt-strategy pairs taken from mitigation's generations vs generated; why
+    skipped: dict = field(default_factory=dict)  # strategy -> why the model's denoiser cannot run it: not checked
 
     def timings(self) -> dict[str, float]:
         return _present({"image index: seconds": (self.index or {}).get("seconds")})

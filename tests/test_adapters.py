@@ -165,11 +165,11 @@ REFUSALS = {
     "full weights": (full_weights, r"is not a LoRA adapter \(\d+ of \d+ tensors are not LoRA weights"),
     "DoRA": (lambda base, lora, out: resaved(lora, out, extra={"unet.mid_block.dora_scale": torch.ones(4)}), "is a DoRA adapter"),
     "another denoiser": (lambda base, lora, out: resaved(lora, out, rename=lambda k: k.replace("unet.", "transformer.", 1)),
-                         r"keys for no Stable Diffusion UNet \(e\.g\. transformer\."),
+                         r"keys for no unet of a unet layout \(e\.g\. transformer\."),
     "text encoder": (lambda base, lora, out: resaved(lora, out, extra={TEXT_ENCODER_KEY: torch.ones(2, 32)}), "adapts a text encoder"),
-    "another base": (lambda base, lora, out: other_base_lora(base, out), "does not fit the base model's UNet"),
+    "another base": (lambda base, lora, out: other_base_lora(base, out), "does not fit the base model's unet"),
     "a module the base lacks": (lambda base, lora, out: resaved(lora, out, rename=lambda k: k.replace("attn2.to_k", "attn2.to_kv")),
-                                r"does not match the base model's UNet module for module: 8 of its 64 tensors name modules the base lacks"),
+                                r"does not match the base model's unet module for module: 8 of its 64 tensors name modules the base lacks"),
 }  # fmt: skip
 
 
@@ -203,3 +203,66 @@ def test_an_s3_adapter_is_copied_and_fingerprinted_as_the_local_one(tiny_model_d
     components = load_components(cfg, Store.from_config(s3_storage_cfg))
     assert str(tmp_path / "cache") in components.source
     assert fingerprint_model(cfg, Store.from_config(s3_storage_cfg)) == fingerprint_model(model_cfg(tiny_model_dir, (lora_dir, 1.0)))
+
+
+# -- LoRA on a diffusion transformer (issue 35): Sana's pipeline has a LoRA loader, PixArt-Sigma's has none -----------
+@pytest.fixture(scope="module")
+def transformer_replicas(tmp_path_factory):
+    from cxrmem.corpus.synthetic import tokenizer_texts
+    from cxrmem.models.tiny_layouts import build_tiny_pixart, build_tiny_sana
+
+    root = tmp_path_factory.mktemp("transformers")
+    return {"sana": build_tiny_sana(str(root / "sana"), tokenizer_texts()), "pixart": build_tiny_pixart(str(root / "pixart"), tokenizer_texts())}
+
+
+def save_transformer_lora(base: str, out_dir, seed: int, rank: int = 4, alpha: int = 8) -> str:
+    """A random LoRA on the Sana transformer's attention projections (self and cross), saved as diffusers' Sana
+    training script saves one; lora_B drawn and alpha / r = 2, as `save_lora`."""
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel.from_pretrained(base, subfolder="transformer", local_files_only=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION_PROJECTIONS, init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    SanaPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    return str(out_dir)
+
+
+def test_a_sana_adapter_is_scored_as_the_sana_pipeline_runs_it_and_fingerprinted(transformer_replicas, tmp_path):
+    from tests.test_denoisers import STEPS, G, captured_outputs, pipeline_outputs
+
+    base, scale = transformer_replicas["sana"], 0.5
+    lora = save_transformer_lora(base, tmp_path / "lora", seed=1)
+    settings = score_cfg(generations=G, steps=STEPS)
+    scorer = Scorer(load_components(model_cfg(base, (lora, scale))), settings, device="cpu")
+    assert not any("lora" in name for name, _ in scorer.denoiser.module.named_parameters())  # fused: a plain transformer
+    latents, encoded = scorer.initial_latents(IDS[:1]), scorer.encode(PROMPTS[1:2])
+    ours = captured_outputs(scorer.denoiser.module, lambda: scorer.sample(encoded.embeddings, latents))
+
+    def adapt(pipe):  # the base with the adapter loaded by SanaPipeline's own LoRA loader, unfused
+        pipe.load_lora_weights(lora, adapter_name="lora")
+        pipe.set_adapters(["lora"], adapter_weights=[scale])
+
+    expected, _ = pipeline_outputs("sana", base, PROMPTS[1], latents[0], adapt)
+    plain = Scorer(load_components(model_cfg(base)), settings, device="cpu")
+    unadapted = captured_outputs(plain.denoiser.module, lambda: plain.sample(encoded.embeddings, latents))
+    assert len(ours) == len(expected) == STEPS
+    worst = max((mine - theirs).abs().max().item() for mine, theirs in zip(ours, expected))  # both halves, every step
+    moved = min((mine - base_out).abs().max().item() for mine, base_out in zip(ours, unadapted))
+    print(f"Sana LoRA (scale {scale}): largest |scorer - SanaPipeline| {worst:.3g}; smallest step change from the base {moved:.3g}")
+    for mine, theirs in zip(ours, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert moved > 1e-3  # the adapter changes the predictions: the parity is not the base's against itself
+    other = save_transformer_lora(base, tmp_path / "other", seed=2)
+    prints = {fingerprint_model(model_cfg(base)), fingerprint_model(model_cfg(base, (lora, scale))),
+              fingerprint_model(model_cfg(base, (other, scale)))}  # fmt: skip
+    assert len(prints) == 3
+
+
+def test_an_adapter_on_a_layout_whose_pipeline_has_no_lora_loader_is_refused_in_one_line(transformer_replicas, tmp_path):
+    lora = save_transformer_lora(transformer_replicas["sana"], tmp_path / "lora", seed=1)
+    with pytest.raises(ModelLoadError, match=r"a pixart layout .* PixArtSigmaPipeline has no LoRA loader.*supported: .*sana") as refused:
+        load_components(model_cfg(transformer_replicas["pixart"], (lora, 1.0)))
+    assert "\n" not in str(refused.value)

@@ -53,8 +53,9 @@ def captured_outputs(module, run) -> list[torch.Tensor]:
     return outputs
 
 
-def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor) -> tuple[list[torch.Tensor], object]:
-    """The denoiser's outputs at each step of the diffusers pipeline itself, run on its own copy of the model."""
+def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor, adapt=None) -> tuple[list[torch.Tensor], object]:
+    """The denoiser's outputs at each step of the diffusers pipeline itself, run on its own copy of the model
+    (`adapt(pipe)` first, where given: the adapters loaded the pipeline's way)."""
     _, pipeline_class, build_options, call_options = CASES[name]
     parts = load(path, need_vae=True)  # with its VAE: the pipeline's image scale comes from it
     modules = {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "vae": parts.vae, **parts.extras,
@@ -62,6 +63,8 @@ def pipeline_outputs(name: str, path: str, prompt: str, latents: torch.Tensor) -
                "scheduler": type(parts.scheduler).from_config(parts.scheduler.config)}  # fmt: skip
     pipe = pipeline_class(**modules, **build_options)
     pipe.scheduler = type(parts.scheduler).from_config(parts.scheduler.config)  # SD's constructor rewrites old configs
+    if adapt is not None:
+        adapt(pipe)
     size = latents.shape[-1] * pipe.vae_scale_factor
     run = lambda: pipe(prompt, height=size, width=size, latents=latents.clone(), num_images_per_prompt=G,  # noqa: E731
                        num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent", **call_options)
@@ -139,7 +142,7 @@ def test_unet_only_detectors_and_strategies_are_skipped_with_a_reason_elsewhere(
     assert "detector attention_entropy skipped" in caplog.text and "plain cross-attention layers of a UNet" in caplog.text
     settings = MitigationSettings(strategies=("original", "attention_rescaling", "embedding_noise", "delayed_guidance"))
     with caplog.at_level(logging.WARNING, logger="cxrmem"):
-        assert runnable_strategies(pixart, settings).strategies == ("original", "delayed_guidance")
+        assert runnable_strategies(pixart, settings)[0].strategies == ("original", "delayed_guidance")
     assert "mitigation strategy embedding_noise skipped: it needs a text tensor that is the encoder's hidden states alone" in caplog.text
     unet = Scorer(load(replicas["sd2_v"]), score_cfg(), device="cpu")
-    assert runnable_strategies(unet, settings) is settings  # a plain UNet runs them all
+    assert runnable_strategies(unet, settings) == (settings, {})  # a plain UNet runs them all

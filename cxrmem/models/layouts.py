@@ -19,6 +19,8 @@ class Layout:
     denoiser_class: str  # its diffusers class
     text_parts: tuple[str, ...] = ("tokenizer", "text_encoder")  # model_index.json entries of the text side, loaded in order
     max_length: Optional[int] = None  # tokens per prompt when the pipeline fixes it (max_sequence_length); None: the tokenizer's
+    pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline of the layout, named in refusals
+    lora_loader: Optional[str] = "StableDiffusionLoraLoaderMixin"  # that pipeline's diffusers LoRA loader (None: it has none)
 
     def components(self) -> tuple[str, ...]:
         """The model_index.json entries (and subfolders) loading reads, the VAE apart."""
@@ -35,9 +37,11 @@ class Layout:
 LAYOUTS = {
     "unet": Layout("SD-1.x/2.x-style UNets (epsilon, v or sample prediction; RadEdit, RoentGen, MINIM)", "unet", "UNet2DConditionModel"),
     "sdxl": Layout("SDXL-style UNets with added conditioning (two CLIP encoders, pooled embedding, time ids)", "unet",
-                   "UNet2DConditionModel", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")),
+                   "UNet2DConditionModel", ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
+                   pipeline="StableDiffusionXLPipeline", lora_loader="StableDiffusionXLLoraLoaderMixin"),
     # PixArt-Sigma's and Sana's pipelines encode max_sequence_length = 300 tokens.
-    "pixart": Layout("PixArt-style diffusion transformers (T5 encoder)", "transformer", "PixArtTransformer2DModel", max_length=300),
+    "pixart": Layout("PixArt-style diffusion transformers (T5 encoder)", "transformer", "PixArtTransformer2DModel", max_length=300,
+                     pipeline="PixArtSigmaPipeline", lora_loader=None),
     "sana": Layout("Sana-style flow-matching diffusion transformers (Gemma-style encoder)", "transformer", "SanaTransformer2DModel",
-                   max_length=300),
+                   max_length=300, pipeline="SanaPipeline", lora_loader="SanaLoraLoaderMixin"),
 }  # fmt: skip

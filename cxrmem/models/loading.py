@@ -6,7 +6,7 @@ Two kinds of model store (docs/design.md, Model):
   optional vae), which is how the tests and the testbed run;
 - `radedit`: RadEdit assembled from a local Hugging Face hub cache (see `radedit.py`).
 
-`model.adapters` lists LoRA adapters fused into the UNet after loading (see `adapters.py`); the
+`model.adapters` lists LoRA adapters fused into the denoiser after loading (see `adapters.py`); the
 fingerprint covers the base and each adapter with its scale.
 
 An `s3://` model store (or adapter) is first copied to `model.cache_dir` and then loaded like a local one.
@@ -55,7 +55,7 @@ def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = F
         components = load_diffusers_folder(root, torch_dtype(model_cfg.dtype), need_vae=need_vae)
     adapters = adapter_files(model_cfg, store)
     if adapters:
-        fuse_adapters(components.denoiser, adapters)
+        fuse_adapters(components.denoiser, adapters, components.layout)
         components.source += "".join(f" + LoRA {path} (scale {scale:g})" for path, scale in adapters)
     if device is not None:
         for module in (components.text_encoder, components.denoiser, components.vae, *components.extras.values()):

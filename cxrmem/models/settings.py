@@ -57,4 +57,4 @@ class ModelConfig(Settings):
     tf32: bool = False  # CUDA float32 matmuls and convolutions in TF32: faster, about 1e-3 relative; enters the score key
     vae_decode_batch: int = knob(8, POSITIVE)  # images per VAE decode call (bf16 on CUDA): the SDXL VAE at 512x512 fits a 24 GB card at 8
     radedit: RadEditConfig = knob(RadEditConfig())
-    adapters: List[AdapterConfig] = knob([])  # LoRA adapters ({path, scale}) fused into the UNet in order; each enters the fingerprint
+    adapters: List[AdapterConfig] = knob([])  # LoRA adapters ({path, scale}) fused into the denoiser in order; each enters the fingerprint

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     PixArtSigmaPipeline,
@@ -113,10 +114,21 @@ def build_tiny_sana(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_WIDTH, sample_size=8, patch_size=1,
     )  # fmt: skip
-    # No VAE: Sana's is a deep-compression autoencoder (AutoencoderDC), and scoring never decodes.
-    pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=transformer,
+    pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_dc_vae(), transformer=transformer,
                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # fmt: skip
     return save(pipeline, out_dir)
+
+
+def tiny_dc_vae() -> AutoencoderDC:
+    """Sana's kind of VAE, a deep-compression autoencoder, one channel (grey): the copies stage and mitigation decode
+    through it as through a real Sana's. Three levels (x4): SanaPipeline wants image sides divisible by 32."""
+    levels = 3
+    return AutoencoderDC(in_channels=1, latent_channels=4, attention_head_dim=8, encoder_block_types=("ResBlock",) * levels,
+                         decoder_block_types=("ResBlock",) * levels, encoder_block_out_channels=(8, 16, 16),
+                         decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1,) * levels,
+                         decoder_layers_per_block=(1,) * levels, encoder_qkv_multiscales=((),) * levels,
+                         decoder_qkv_multiscales=((),) * levels, upsample_block_type="interpolate", downsample_block_type="Conv",
+                         scaling_factor=0.41407)  # fmt: skip
 
 
 BUILDERS = {"sd2_v": build_tiny_sd2_v, "sdxl": build_tiny_sdxl, "pixart": build_tiny_pixart, "sana": build_tiny_sana}

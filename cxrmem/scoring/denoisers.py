@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from cxrmem.capabilities import CROSS_ATTENTION, PLAIN_TEXT
+from cxrmem.models.layouts import LAYOUTS
 from cxrmem.scoring.attention import TextLayout, share_text_projections
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ class UNetDenoiser:
 class PipelineText:
     """Conditioning made by the model's diffusers pipeline itself (`encode_prompt`), with no VAE loaded."""
 
-    pipeline_name = ""  # the diffusers pipeline whose encode_prompt and __call__ defaults are the layout's
-    denoiser_name = "transformer"  # its constructor's name for the denoiser
     encode_options: tuple[str, ...] = ()  # __call__ defaults that encode_prompt takes too
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
@@ -74,9 +73,12 @@ class PipelineText:
         self.module, self.components, self.device = components.denoiser, components, device
         self.shares_text = False  # the text tensor is packed: the shared projections would read the packing
         self.capabilities: set[str] = set()
+        # The layout's diffusers pipeline: its encode_prompt and __call__ defaults are the layout's conditioning.
+        layout = LAYOUTS[components.layout]
+        self.pipeline_name = layout.pipeline
         pipeline_class = getattr(diffusers, self.pipeline_name)
         parts = {"tokenizer": components.tokenizer, "text_encoder": components.text_encoder, **components.extras,
-                 self.denoiser_name: components.denoiser, "scheduler": components.scheduler}  # fmt: skip
+                 layout.denoiser: components.denoiser, "scheduler": components.scheduler}  # fmt: skip
         wanted = inspect.signature(pipeline_class.__init__).parameters
         self.pipeline = pipeline_class(vae=None, **{name: part for name, part in parts.items() if name in wanted},
                                        **self.pipeline_options(components))  # fmt: skip
@@ -138,21 +140,17 @@ class TransformerDenoiser(PipelineText):
 
 
 class PixArtDenoiser(TransformerDenoiser):
-    pipeline_name = "PixArtSigmaPipeline"
     call_options = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
 class SanaDenoiser(TransformerDenoiser):
-    pipeline_name = "SanaPipeline"
+    """Sana's transformer: called as TransformerDenoiser calls it, with no further options."""
 
 
 class AddedConditionUNet(PipelineText):
     """An SDXL-style UNet: two CLIP encoders' penultimate hidden states, plus the second's pooled embedding and the
     time ids (original size, crop, target size) as added conditioning. The pooled embedding rides as one extra
     row of the text tensor (zero-padded to its width); the time ids are the same for every sample."""
-
-    pipeline_name = "StableDiffusionXLPipeline"
-    denoiser_name = "unet"
 
     def __init__(self, components, device: torch.device, use_attention_mask: bool):
         super().__init__(components, device, use_attention_mask)

@@ -246,6 +246,12 @@ class Scorer:
         """Why what `needs` these denoiser capabilities cannot run on this model ("" when it can)."""
         return missing(needs, self.denoiser.capabilities, self._components.layout)
 
+    def skipped(self, needs: dict[str, Sequence[str]]) -> dict[str, str]:
+        """name -> why it cannot run on this model, for those of the named tools (name -> the capabilities it needs)
+        that cannot: what a stage records of its skipped detectors or strategies."""
+        reasons = {name: self.cannot_run(need) for name, need in needs.items()}
+        return {name: reason for name, reason in reasons.items() if reason}
+
     # -- text -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Encoded:
@@ -615,16 +621,15 @@ class Scorer:
         if unknown:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
         prompts, prompt_ids = list(prompts), list(prompt_ids)
-        skipped = {name: self.cannot_run(detectors.REGISTRY[name].needs) for name in names}
+        skipped = self.skipped({name: detectors.REGISTRY[name].needs for name in names})
         for name, reason in skipped.items():
-            if reason:
-                log.warning("detector %s skipped (its columns are NaN): it %s", name, reason)
+            log.warning("detector %s skipped (its columns are NaN): it %s", name, reason)
 
         def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
             probe = Probe(self, self.encode(prompts[lo:hi]), self.initial_latents(prompt_ids[lo:hi], settings.generations))
             out: dict[str, np.ndarray] = {}
             for name in names:
-                if skipped[name]:
+                if name in skipped:
                     out.update({column: np.full(hi - lo, np.nan, np.float32) for column in detectors.REGISTRY[name].columns})
                 else:
                     out.update(detectors.REGISTRY[name].compute(probe, settings))

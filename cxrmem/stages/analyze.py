@@ -33,6 +33,7 @@ from cxrmem.runfiles import Run, check_prompt_ids
 from cxrmem.settings import PERCENT, POSITIVE, ConfigError, knob, public_config
 from cxrmem.stages.prepare import read_prepare_summary
 from cxrmem.stages.results import AnalyzeResult
+from cxrmem.stages.score_parts import skipped_detectors
 from cxrmem.storage import Store
 from cxrmem.summary import CalibrationSection
 
@@ -245,7 +246,8 @@ def run(cfg, out: Optional[Run] = None, top_percent: Optional[float] = None) -> 
         if calibrated is None and store.exists(layout.calibration):  # an earlier analysis against a reference
             store.delete(layout.calibration)
         if names:
-            out.write_sections(analysis, detector_agreement(scores, names, top_percent, known))
+            skipped = skipped_detectors(store.parquet_schema(layout.scores))
+            out.write_sections(analysis, detector_agreement(scores, names, top_percent, known, skipped=skipped))
         else:  # no detector columns: the detectors section an earlier analysis of other scores left goes
             out.write_sections(analysis, clear=("detectors",))
     adjusted = analysis.marker_enrichment_adjusted["logistic"]

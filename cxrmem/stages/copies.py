@@ -38,7 +38,15 @@ from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import copies_reuse, image_index
 from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.copies_reuse import UNMITIGATED
-from cxrmem.stages.worker import CopiesOfPrompts, LocalModel, embedder_settings, map_with_progress, memorized_stage, stamped
+from cxrmem.stages.worker import (
+    CopiesOfPrompts,
+    LocalModel,
+    SkippedStrategies,
+    embedder_settings,
+    map_with_progress,
+    memorized_stage,
+    stamped,
+)
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
 from cxrmem.summary import CopiesSection
@@ -52,10 +60,20 @@ def guidances(cfg) -> list[float]:
     return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])
 
 
-def checked_strategies(cfg) -> list[str]:
-    """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside:
-    text rewrites generate from the rewritten text, embedding-level ones from the changed embedding."""
-    return [s for s in cfg.mitigation.strategies if s != "original"] if cfg.copies.strategies else []
+def checked_strategies(cfg, skipped=()) -> list[str]:
+    """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside,
+    and those the model cannot run (`skipped`, SkippedStrategies): text rewrites generate from the rewritten text,
+    embedding-level ones from the changed embedding."""
+    return [s for s in cfg.mitigation.strategies if s != "original" and s not in skipped] if cfg.copies.strategies else []
+
+
+def unrunnable_strategies(models, cfg) -> dict[str, str]:
+    """The copies.strategies the model's denoiser cannot run, with the reason, as a worker decides it."""
+    if not checked_strategies(cfg):
+        return {}
+    no_prompts = pd.DataFrame({"prompt_id": [], "prompt": []})  # one empty chunk: one worker answers
+    ((_, skipped),) = models.map(SkippedStrategies(), no_prompts, tuple(checked_strategies(cfg)))
+    return skipped
 
 
 def checked_prompts(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
@@ -95,16 +113,16 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
     return Checked(sims, rows, [t for _, t, _ in ordered], kept, [f for _, _, f in ordered], len(frame) - len(fresh))
 
 
-def strategy_prompts(cfg, sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Per checked strategy, the sampled memorized prompts its copies are checked on: those mitigation ran it on (its
     sample, cut where the sequential rule stopped it) and it changed (an unchanged prompt generates what the
     unmitigated one does, and the judgement leaves it out); without mitigation.parquet, the whole sample
     (cxrmem/mitigation_sizing.py)."""
     if mitigation is None:
-        return {s: sample for s in checked_strategies(cfg)}
+        return {s: sample for s in strategies}
     changed = mitigation[mitigation["changed"].astype(bool)]
     return {s: sample[sample["prompt_id"].isin(changed.loc[changed["strategy"] == s, "prompt_id"])] if s in set(mitigation["strategy"]) else sample
-            for s in checked_strategies(cfg)}  # fmt: skip
+            for s in strategies}  # fmt: skip
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict, reused: dict) -> tuple:
@@ -150,10 +168,10 @@ def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[s
     return out
 
 
-def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidance: float, cfg) -> dict:
+def judgement(checked: pd.DataFrame, mitigation: Optional[pd.DataFrame], guidance: float, cfg, strategies: list[str]) -> dict:
     """Per strategy: copy rate (paired against original), fidelity, d_mem change and cost (cxrmem/judgement.py),
     and the strategies that halve the copy rate with fidelity within 10 points."""
-    order = ["original"] + checked_strategies(cfg)
+    order = ["original"] + strategies
     rows = judge_strategies(checked, mitigation, guidance, order)
     return {"guidance": guidance, "strategies": [r.as_dict() for r in rows], "halve_copying": halves_copying(rows),
             "fidelity_measure": cfg.fidelity.measure}
@@ -198,7 +216,9 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
         mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
-        checks = strategy_prompts(cfg, frame[frame["group"] == "memorized"], mitigation)
+        skipped = unrunnable_strategies(models, cfg)
+        strategies = checked_strategies(cfg, skipped)
+        checks = strategy_prompts(strategies, frame[frame["group"] == "memorized"], mitigation)
         served, reused, why = copies_reuse.reusable(cfg, out, identity, guidances(cfg))
         log.info("copies: %s", why)
         reuse: dict = {"why": why}
@@ -209,9 +229,9 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
             tables += rows
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
-            per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg)
+            per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg, strategies)
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
-        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen))
+        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen), skipped)
         section.model, section.reuse = identity, reuse
         section.sample = sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed)
         out.write_sections(section)
@@ -219,7 +239,8 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
     return section
 
 
-def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str]) -> CopiesSection:
+def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str],
+                   skipped: dict) -> CopiesSection:  # fmt: skip
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
         f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
@@ -228,5 +249,5 @@ def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold
     return CopiesSection(
         headline=headline, prompts=n_prompts, guidances=per_guidance, rule=threshold.rule, threshold_quantile=threshold.quantile,
         generations=cfg.copies.generations, top_k=cfg.copies.top_k, embedder=cfg.copies.embedder,
-        strategies_checked=checked_strategies(cfg), index=built, copies=layout.copies, figures=figures,
+        strategies_checked=checked_strategies(cfg, skipped), index=built, copies=layout.copies, figures=figures, skipped=skipped,
     )  # fmt: skip

@@ -41,12 +41,14 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
         grid_ids = frozenset(memorized["prompt_id"][memorized["prompt_id"].isin(sample["prompt_id"])].head(cfg.report.top_prompts))
         stamp = copies_reuse.stamp_for_copies(cfg, identity)  # None: the copies stage will not take the generations
         results, stopping, seconds = mitigate_sequentially(models, sample, cfg, grid_ids, stamp is not None)
-        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        frame = pd.concat([rows for rows, _, _ in results], ignore_index=True)
         copies_reuse.save(out, frame, stamp)
         grids: dict = {}
-        for _, chunk_grids in results:
+        for _, chunk_grids, _ in results:
             for pid, grid in chunk_grids.items():
                 grids.setdefault(pid, {}).update(grid)
+        # Every chunk ran on the same model and skipped the same strategies; chunks of later looks ask fewer.
+        skipped = {strategy: why for _, _, chunk_skipped in results for strategy, why in chunk_skipped.items()}
         table = pa.Table.from_pandas(frame[list(MITIGATION_COLUMNS)], schema=pa.schema(MITIGATION_COLUMNS), preserve_index=False)
         out.store.write_table(stamped(table, identity), layout.mitigation)
         figures = [save_generation_grid(out, pid, grids[pid]) for pid in memorized["prompt_id"] if pid in grids]
@@ -60,6 +62,7 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None) -> 
             sample=sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed),
             stopping=stopping,
             model=identity,
+            skipped=skipped,
         )
         out.write_sections(section)
     log.info("mitigation: %s", section.strategies)
@@ -79,7 +82,7 @@ def mitigate_sequentially(models, sample: pd.DataFrame, cfg, grid_ids: frozenset
         done, spent = map_with_progress(models, MitigatePrompts(), look, "mitigated", cfg.ray.progress_every_s, grid_ids, tuple(rule.active), embed)
         results += done
         seconds += spent
-        frame = pd.concat([rows for rows, _ in results], ignore_index=True)
+        frame = pd.concat([rows for rows, _, _ in results], ignore_index=True)
         stopped = rule.look(frame)
         if stopped:
             log.info("mitigation: %s stopped after %d prompts", ", ".join(stopped), lo + len(look))

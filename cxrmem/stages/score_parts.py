@@ -25,6 +25,7 @@ import hashlib
 import heapq
 import io
 import itertools
+import json
 import logging
 import re
 import time
@@ -45,6 +46,20 @@ log = logging.getLogger(__name__)
 KEY_COLUMNS = ["prompt_id", "model_fingerprint", "config_hash"]
 MERGE_READ_ROWS = 256  # rows read at a time from each merged source
 MERGE_WRITE_ROWS = 4096  # rows per row group of the consolidated file
+
+
+# scores.parquet's schema metadata: {detector: why} of the score.detectors this model's denoiser cannot run (their
+# columns are NaN; cxrmem/capabilities.py). Parts carry it and consolidation keeps the first source's schema with it.
+SKIPPED_DETECTORS = b"cxrmem.skipped_detectors"
+
+
+def with_skipped_detectors(table: pa.Table, skipped: dict) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SKIPPED_DETECTORS: json.dumps(skipped, sort_keys=True)})
+
+
+def skipped_detectors(schema: pa.Schema) -> dict:
+    """{detector: why it was skipped} that the scores' writer recorded ({} in files written before it recorded any)."""
+    return json.loads((schema.metadata or {}).get(SKIPPED_DETECTORS, b"{}"))
 
 
 DIGEST_HEX = 32  # hex digits of the part's sha256 kept in its name (128 bits: no corruption matches by chance)

@@ -34,6 +34,7 @@ from cxrmem.mitigation import (
     MitigationSettings,
     mitigate_prompts,
     mitigated_prompt,
+    runnable_strategies,
     strategy_embedding,
     strategy_sampling,
     vocabulary_words,
@@ -45,6 +46,7 @@ from cxrmem.score_key import config_hash
 from cxrmem.scoring.scorer import ScoreBatch, Scorer, UNetWork
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.stages.continuation import STATE_COLUMN, TrajectoryCarry, column_states, continuation, state_column
+from cxrmem.stages.score_parts import with_skipped_detectors
 from cxrmem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -228,8 +230,9 @@ class ModelWorker:
             else:
                 tables += self.continued(chunk_ids, chunk)
         if not tables:
-            return scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))
-        return pa.concat_tables(tables)
+            tables = [scores_table([], [], ScoreBatch.empty(), "", "", self.detected([], []))]
+        # Which detectors' columns are NaN because this denoiser cannot run them, and why: the analyze stage's record.
+        return with_skipped_detectors(pa.concat_tables(tables), self.scorer.skipped({name: REGISTRY[name].needs for name in self.detectors}))
 
     def continued(self, ids: list[str], prompts: list[str]) -> list[pa.Table]:
         """One batch's rows with the carry: its prompts grouped by the step their carried trajectories
@@ -311,14 +314,22 @@ class AttributePrompts:
 
 
 class MitigatePrompts:
-    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), and the image
-    grids of those in `grid_ids`; `embed`: the rows also carry their generations embedded by the copies embedder."""
+    """mitigation.parquet rows of memorized prompts under `strategies` (None: mitigation.strategies), the image
+    grids of those in `grid_ids`, and the strategies this model cannot run with their reasons; `embed`: the rows
+    also carry their generations embedded by the copies embedder."""
 
     def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], grid_ids: frozenset = frozenset(),
                  strategies: Optional[tuple[str, ...]] = None, embed: bool = False):  # fmt: skip
         settings = worker.mitigation.replace(strategies=strategies) if strategies is not None else worker.mitigation
         embedder = worker.image_embedder() if embed else None
         return mitigate_prompts(worker.scorer, prompts, prompt_ids, settings, grid_ids, worker.fidelity(), embedder)
+
+
+class SkippedStrategies:
+    """The mitigation strategies of `strategies` this worker's model cannot run, with the reasons (no prompts needed)."""
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], strategies: tuple[str, ...]) -> dict[str, str]:
+        return runnable_strategies(worker.scorer, worker.mitigation.replace(strategies=strategies))[1]
 
 
 class CopiesOfPrompts:

@@ -1,0 +1,71 @@
+"""A full audit on the SDXL and Sana replicas with every stage on: the copies check against training images
+(images.source) and a reference of non-members (analyze.reference). Strategies a layout's denoiser cannot run are
+left out of the copies check with their reason, as mitigation leaves them out (attention re-scaling on SDXL used
+to stop the audit there)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxrmem.config import load_config
+from cxrmem.corpus.synthetic import generate_reports, tokenizer_texts
+from cxrmem.distributed.audit import run_audit
+from cxrmem.models.tiny_layouts import BUILDERS
+from cxrmem.runfiles import RunLayout
+from cxrmem.storage import Store
+
+pytestmark = pytest.mark.slow  # two audits on Ray in process, about 50 s each on 2 cores
+
+STRATEGIES = "mitigation.strategies=[original,remove_marker,attention_rescaling,embedding_noise,delayed_guidance]"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[str, str]:
+    """A table of grey 16 x 16 training images (one per study) and a reference of synthetic reports."""
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(str(root / f"{i}.png"))
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(paths[-1])
+    pd.DataFrame({"path": paths, "study_id": [f"s{i}" for i in range(6)]}).to_csv(root / "images.csv", index=False)
+    pd.DataFrame({"prompt": [r["impression"] for r in generate_reports(40, seed=99)]}).to_csv(root / "reference.csv", index=False)
+    return str(root / "images.csv"), str(root / "reference.csv")
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sana"])
+def test_a_full_audit_with_copies_and_a_reference_runs_on_the_replica(name, inputs, tmp_path):
+    images, reference = inputs
+    model = BUILDERS[name](str(tmp_path / "model"), tokenizer_texts())
+    output = tmp_path / "run"
+    cfg = load_config("conf/test.yaml", [
+        f"model.path={model}", f"run.output={output}", f"images.source={images}", f"analyze.reference={reference}",
+        "corpus.synthetic.n_reports=60", STRATEGIES, "copies.generations=2", "copies.pixel_size=8", "copies.n_controls=3",
+        "copies.top_k=2",
+    ])  # fmt: skip
+    run_audit(cfg)
+    layout, store = RunLayout(str(output)), Store()
+    summary = json.loads(Path(layout.summary).read_text())
+    copies = store.read_table(layout.copies).to_pandas()
+    memorized = summary["analysis"]["memorized_count"]
+    sampled = summary["copies"]["sample"]["sampled"]
+    assert memorized >= 1 and set(copies.group) == {"memorized", "control"}
+    unmitigated = copies[copies.strategy == "none"]
+    # At w = 7.5 and w = 1: the sampled memorized prompts and 3 controls, then each runnable strategy on the sample.
+    assert len(unmitigated) == 2 * (sampled + 3) and set(copies.guidance) == {7.5, 1.0}
+    assert set(copies.strategy) == {"none", "remove_marker", "delayed_guidance"}
+    assert np.isfinite(copies.max_similarity).all() and (copies.nearest_source_id.str.match(r"s\d")).all()
+    reason = f"which the {name} layout's denoiser lacks"
+    assert set(summary["copies"]["skipped"]) == {"attention_rescaling", "embedding_noise"}
+    assert all(why.endswith(reason) for why in summary["copies"]["skipped"].values())
+    assert summary["copies"]["strategies_checked"] == ["remove_marker", "delayed_guidance"]
+    calibration = store.read_table(layout.calibration).to_pandas()
+    assert len(calibration) == summary["analysis"]["counts"]["finite"]
+    assert calibration.p_value.between(0, 1, inclusive="right").all() and calibration.p_value.nunique() > 1
+    assert "p_value" in pd.read_csv(layout.memorized).columns and summary["calibration"]["global_p"] is not None
+    page = Path(layout.report).read_text()
+    assert "Copies of training images" in page and "Strategy <code>attention_rescaling</code> skipped" in page
