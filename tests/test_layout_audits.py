@@ -57,7 +57,12 @@ def test_a_full_audit_with_copies_and_a_reference_runs_on_the_replica(name, inpu
     unmitigated = copies[copies.strategy == "none"]
     # At w = 7.5 and w = 1: the sampled memorized prompts and 3 controls, then each runnable strategy on the sample.
     assert len(unmitigated) == 2 * (sampled + 3) and set(copies.guidance) == {7.5, 1.0}
-    assert set(copies.strategy) == {"none", "remove_marker", "delayed_guidance"}
+    # Each strategy is checked on the sampled prompts it changed (remove_marker: those with a marker).
+    mitigation = store.read_table(layout.mitigation).to_pandas()
+    changed = mitigation[mitigation.changed & mitigation.strategy.isin(["remove_marker", "delayed_guidance"])]
+    assert set(copies.strategy) == {"none"} | set(changed.strategy) and "delayed_guidance" in set(changed.strategy)
+    checked = copies[copies.strategy != "none"].groupby(["strategy", "guidance"]).prompt_id.agg(set)
+    assert all(ids == set(changed.prompt_id[changed.strategy == s]) for (s, _), ids in checked.items())
     assert np.isfinite(copies.max_similarity).all() and (copies.nearest_source_id.str.match(r"s\d")).all()
     reason = f"which the {name} layout's denoiser lacks"
     assert set(summary["copies"]["skipped"]) == {"attention_rescaling", "embedding_noise"}
