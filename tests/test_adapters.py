@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import SanaPipeline, SanaTransformer2DModel, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict
@@ -17,6 +17,7 @@ from cxrmem.config import load_config
 from cxrmem.models.adapters import WEIGHT_FILE
 from cxrmem.models.components import ModelLoadError
 from cxrmem.models.fingerprint import model_fingerprint
+from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.loading import diffusers_parts, fingerprint_model, load_components, read_model_index
 from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny import tiny_unet
@@ -37,17 +38,19 @@ def model_cfg(path, *adapters):
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), {"path": path, "adapters": listed})
 
 
-def save_lora(unet: UNet2DConditionModel, out_dir, seed: int, rank: int = 4, alpha: int = 8) -> str:
-    """A random LoRA on `unet`'s attention projections, saved as diffusers' training scripts save one.
+def save_lora(denoiser, out_dir, seed: int, pipeline=StableDiffusionPipeline, rank: int = 4, alpha: int = 8) -> str:
+    """A random LoRA on `denoiser`'s attention projections, saved as diffusers' training scripts for `pipeline` save one
+    (UNet scripts in diffusers' lora.down / lora.up names, transformer ones in peft's).
 
     lora_B is drawn too (peft's default starts it at zero, an adapter that changes nothing), and alpha / r = 2
     so that a loader ignoring the metadata's lora_alpha would score another model."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION_PROJECTIONS, init_lora_weights=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict())
+        denoiser.add_adapter(config)
+    layers, name = get_peft_model_state_dict(denoiser), "unet" if isinstance(denoiser, UNet2DConditionModel) else "transformer"
+    layers = convert_state_dict_to_diffusers(layers) if name == "unet" else layers
+    pipeline.save_lora_weights(str(out_dir), **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config.to_dict()})
     return str(out_dir)
 
 
@@ -205,64 +208,62 @@ def test_an_s3_adapter_is_copied_and_fingerprinted_as_the_local_one(tiny_model_d
     assert fingerprint_model(cfg, Store.from_config(s3_storage_cfg)) == fingerprint_model(model_cfg(tiny_model_dir, (lora_dir, 1.0)))
 
 
-# -- LoRA on a diffusion transformer (issue 35): Sana's pipeline has a LoRA loader, PixArt-Sigma's has none -----------
+# -- LoRA on the other layouts (issue 35): SDXL's and Sana's pipelines have LoRA loaders, PixArt-Sigma's has none -------
+# layout -> its denoiser's class and the pipeline whose LoRA saver (and loader) its adapters go through
+LORA_REPLICAS = {"sdxl": (UNet2DConditionModel, StableDiffusionXLPipeline), "sana": (SanaTransformer2DModel, SanaPipeline)}
+
+
 @pytest.fixture(scope="module")
-def transformer_replicas(tmp_path_factory):
+def replicas(tmp_path_factory):
     from cxrmem.corpus.synthetic import tokenizer_texts
-    from cxrmem.models.tiny_layouts import build_tiny_pixart, build_tiny_sana
+    from cxrmem.models.tiny_layouts import BUILDERS
 
-    root = tmp_path_factory.mktemp("transformers")
-    return {"sana": build_tiny_sana(str(root / "sana"), tokenizer_texts()), "pixart": build_tiny_pixart(str(root / "pixart"), tokenizer_texts())}
-
-
-def save_transformer_lora(base: str, out_dir, seed: int, rank: int = 4, alpha: int = 8) -> str:
-    """A random LoRA on the Sana transformer's attention projections (self and cross), saved as diffusers' Sana
-    training script saves one; lora_B drawn and alpha / r = 2, as `save_lora`."""
-    from diffusers import SanaPipeline, SanaTransformer2DModel
-
-    transformer = SanaTransformer2DModel.from_pretrained(base, subfolder="transformer", local_files_only=True)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION_PROJECTIONS, init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer.add_adapter(config)
-    SanaPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
-    return str(out_dir)
+    root = tmp_path_factory.mktemp("replicas")
+    return {name: BUILDERS[name](str(root / name), tokenizer_texts()) for name in ("sdxl", "sana", "pixart")}
 
 
-def test_a_sana_adapter_is_scored_as_the_sana_pipeline_runs_it_and_fingerprinted(transformer_replicas, tmp_path):
+def save_replica_lora(name: str, base: str, out_dir, seed: int) -> str:
+    """A random LoRA on the `name` replica's denoiser, saved by its pipeline as its diffusers training script does."""
+    denoiser_class, pipeline = LORA_REPLICAS[name]
+    denoiser = denoiser_class.from_pretrained(base, subfolder=LAYOUTS[name].denoiser, local_files_only=True)
+    return save_lora(denoiser, out_dir, seed, pipeline)
+
+
+@pytest.mark.parametrize("name", list(LORA_REPLICAS))
+def test_an_adapter_is_scored_as_the_layouts_pipeline_runs_it_and_fingerprinted(replicas, name, tmp_path):
     from tests.test_denoisers import STEPS, G, captured_outputs, pipeline_outputs
 
-    base, scale = transformer_replicas["sana"], 0.5
-    lora = save_transformer_lora(base, tmp_path / "lora", seed=1)
+    base, scale = replicas[name], 0.5
+    lora = save_replica_lora(name, base, tmp_path / "lora", seed=1)
     settings = score_cfg(generations=G, steps=STEPS)
     scorer = Scorer(load_components(model_cfg(base, (lora, scale))), settings, device="cpu")
-    assert not any("lora" in name for name, _ in scorer.denoiser.module.named_parameters())  # fused: a plain transformer
+    assert not any("lora" in key for key, _ in scorer.denoiser.module.named_parameters())  # fused: a plain denoiser
     latents, encoded = scorer.initial_latents(IDS[:1]), scorer.encode(PROMPTS[1:2])
     ours = captured_outputs(scorer.denoiser.module, lambda: scorer.sample(encoded.embeddings, latents))
 
-    def adapt(pipe):  # the base with the adapter loaded by SanaPipeline's own LoRA loader, unfused
+    def adapt(pipe):  # the base with the adapter loaded by the layout pipeline's own LoRA loader, unfused
         pipe.load_lora_weights(lora, adapter_name="lora")
         pipe.set_adapters(["lora"], adapter_weights=[scale])
 
-    expected, _ = pipeline_outputs("sana", base, PROMPTS[1], latents[0], adapt)
+    expected, _ = pipeline_outputs(name, base, PROMPTS[1], latents[0], adapt)
     plain = Scorer(load_components(model_cfg(base)), settings, device="cpu")
     unadapted = captured_outputs(plain.denoiser.module, lambda: plain.sample(encoded.embeddings, latents))
     assert len(ours) == len(expected) == STEPS
     worst = max((mine - theirs).abs().max().item() for mine, theirs in zip(ours, expected))  # both halves, every step
     moved = min((mine - base_out).abs().max().item() for mine, base_out in zip(ours, unadapted))
-    print(f"Sana LoRA (scale {scale}): largest |scorer - SanaPipeline| {worst:.3g}; smallest step change from the base {moved:.3g}")
-    for mine, theirs in zip(ours, expected):
+    print(f"{name} LoRA (scale {scale}): largest |scorer - {LAYOUTS[name].pipeline}| {worst:.3g}; "
+          f"smallest step change from the base {moved:.3g}")  # fmt: skip
+    for mine, theirs in zip(ours, expected):  # [uncond; cond]: both predictions, at every step
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     assert moved > 1e-3  # the adapter changes the predictions: the parity is not the base's against itself
-    other = save_transformer_lora(base, tmp_path / "other", seed=2)
+    other = save_replica_lora(name, base, tmp_path / "other", seed=2)
     prints = {fingerprint_model(model_cfg(base)), fingerprint_model(model_cfg(base, (lora, scale))),
               fingerprint_model(model_cfg(base, (other, scale)))}  # fmt: skip
     assert len(prints) == 3
 
 
-def test_an_adapter_on_a_layout_whose_pipeline_has_no_lora_loader_is_refused_in_one_line(transformer_replicas, tmp_path):
-    lora = save_transformer_lora(transformer_replicas["sana"], tmp_path / "lora", seed=1)
+def test_an_adapter_on_a_layout_whose_pipeline_has_no_lora_loader_is_refused_in_one_line(replicas, tmp_path):
+    lora = save_replica_lora("sana", replicas["sana"], tmp_path / "lora", seed=1)
     with pytest.raises(ModelLoadError, match=r"a pixart layout .* PixArtSigmaPipeline has no LoRA loader.*supported: .*sana") as refused:
-        load_components(model_cfg(transformer_replicas["pixart"], (lora, 1.0)))
+        load_components(model_cfg(replicas["pixart"], (lora, 1.0)))
     assert "\n" not in str(refused.value)
