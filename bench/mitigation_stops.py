@@ -59,7 +59,12 @@ def table(name: str, frame: pd.DataFrame, order: list[str], cfg, settings, score
     scored, generated = (score.generations, score.steps), (cfg.mitigation.n_generations, cfg.mitigation.steps or score.steps)
     cost = {s: strategies.row(s).evaluations(settings, scored, generated) for s in names}
     bound = sum(cost.values()) * len(order)
-    spent = {m: sum(cost[s] * record[s]["prompts"] for s in names) / bound for m, record in (("zero", at_zero), ("default", at_default))}
+    # What the rows ran cost: each strategy's declared evaluations on the prompts it ran (0 where it changed nothing
+    # and took original's results), at the full settings, not this bench's two generations.
+    rank = {pid: i for i, pid in enumerate(order)}
+    ran = frame.assign(at=frame["prompt_id"].map(rank), full=frame["strategy"].map(cost).where(frame["evaluations"] > 0, 0))
+    spent = {m: sum(ran.loc[(ran["strategy"] == s) & (ran["at"] < record[s]["prompts"]), "full"].sum() for s in names) / bound
+             for m, record in (("zero", at_zero), ("default", at_default))}  # fmt: skip
     rows = []
     for s in names:
         if s == BASELINE:
@@ -74,12 +79,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="conf/testbed.yaml")
     parser.add_argument("--manifest", default=None, help="planted prompts (default: <model.path>/manifest.csv)")
+    parser.add_argument("--scores", default=None, help="a run's scores.parquet: its --top most memorized prompts instead of the planted")
+    parser.add_argument("--top", type=int, default=40, help="with --scores: the memorized set's size")
     parser.add_argument("--results", default=None, help="write the table into this page (bench/RESULTS.md)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    manifest = pd.read_csv(args.manifest or os.path.join(cfg.model.path, "manifest.csv"))
-    planted = manifest[manifest["planted"]].assign(prompt_id=lambda f: f["prompt"].map(prompt_id))
+    if args.scores:  # a memorized set as an audit makes one: the top of a run's d_mem
+        planted = pd.read_parquet(args.scores, columns=["prompt_id", "prompt", "d_mem"]).nlargest(args.top, "d_mem")
+    else:
+        manifest = pd.read_csv(args.manifest or os.path.join(cfg.model.path, "manifest.csv"))
+        planted = manifest[manifest["planted"]].assign(prompt_id=lambda f: f["prompt"].map(prompt_id))
     c = cfg.mitigation
     sample = stratified_sample(planted[["prompt", "prompt_id"]], cfg.corpus.marker_regex, c.sample_size, c.seed)
     score = ScoreSettings.of(cfg.score)
@@ -90,14 +100,14 @@ def main() -> None:
     seconds = time.perf_counter() - start
     rows, default, zero = table(cfg.model.path, frame, sample["prompt_id"].tolist(), cfg, mitigation_settings(cfg), score)
     lines = [HEADING, "", f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/mitigation_stops.py --config {args.config}"
-             f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` ({cpu_name()}; {seconds:.0f} s). {len(sample)} planted prompts "
+             f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` ({cpu_name()}; {seconds:.0f} s). {len(sample)} {'memorized' if args.scores else 'planted'} prompts "
              f"of {cfg.model.path} in the stratified sample's order, G={score.generations}, T={score.steps}, looks every {c.look_every}, "
-             f"level {c.stop_level}.", "",
+             f"level {c.stop_level}{f'; the {args.top} highest d_mem of {args.scores}' if args.scores else ''}.", "",
              "| testbed | strategy | prompts run (margin 0) | prompts run (margin "
              f"{c.equivalence_margin:g}) | why it stopped | change over the whole sample, 95% (pairs) |", "|---|---|---|---|---|---|",
              *rows, "",
-             f"Mitigation's cost as a share of the upper bound (every strategy on every prompt): **{default:.0%}** with the equivalence stop, "
-             f"{zero:.0%} without it."]  # fmt: skip
+             f"Mitigation's cost as a share of the upper bound (every strategy on every prompt at its full cost): **{default:.0%}** with the "
+             f"equivalence stop, {zero:.0%} without it (a strategy that changes nothing for a prompt costs nothing there)."]  # fmt: skip
     print("\n".join(lines))
     if args.results:
         write_results(args.results, HEADING, "\n".join(lines))
