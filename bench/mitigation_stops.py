@@ -99,8 +99,9 @@ def main() -> None:
     frame, _, _ = mitigate_prompts(scorer, sample["prompt"].tolist(), sample["prompt_id"].tolist(), settings)
     seconds = time.perf_counter() - start
     rows, default, zero = table(cfg.model.path, frame, sample["prompt_id"].tolist(), cfg, mitigation_settings(cfg), score)
-    lines = [HEADING, "", f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/mitigation_stops.py --config {args.config}"
-             f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` ({cpu_name()}; {seconds:.0f} s). {len(sample)} {'memorized' if args.scores else 'planted'} prompts "
+    chosen = f"--scores {args.scores} --top {args.top} " if args.scores else ""
+    lines = [HEADING, "", f"Command: `OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python bench/mitigation_stops.py --config {args.config} {chosen}"
+             f"{' '.join(args.overrides)}` ({cpu_name()}; {seconds:.0f} s). {len(sample)} {'memorized' if args.scores else 'planted'} prompts "
              f"of {cfg.model.path} in the stratified sample's order, G={score.generations}, T={score.steps}, looks every {c.look_every}, "
              f"level {c.stop_level}{f'; the {args.top} highest d_mem of {args.scores}' if args.scores else ''}.", "",
              "| testbed | strategy | prompts run (margin 0) | prompts run (margin "
