@@ -31,10 +31,10 @@ sys.path.insert(0, ROOT)
 from cxrmem import strategies  # noqa: E402
 from cxrmem.attribution import declared_evaluations  # noqa: E402
 from cxrmem.config import load_config  # noqa: E402
+from cxrmem.copies.settings import guidances  # noqa: E402
 from cxrmem.results_page import cpu_name, write_results  # noqa: E402
 from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
 from cxrmem.stages.cascade import dmem_cost, evaluations  # noqa: E402
-from cxrmem.stages.copies import guidances  # noqa: E402
 from cxrmem.stages.copies_reuse import served_guidance  # noqa: E402
 from cxrmem.stages.worker import attribution_settings, mitigation_settings  # noqa: E402
 

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model_state_dict
 
 from cxrmem.config import load_config
+from cxrmem.layouts import LAYOUTS
 from cxrmem.models.adapters import WEIGHT_FILE
 from cxrmem.models.components import ModelLoadError
 from cxrmem.models.fingerprint import model_fingerprint
-from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.loading import diffusers_parts, fingerprint_model, load_components, read_model_index
 from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny import tiny_unet

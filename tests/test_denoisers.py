@@ -10,8 +10,8 @@ import torch
 from diffusers import PixArtSigmaPipeline, SanaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from omegaconf import OmegaConf
 
+from cxrmem.layouts import LAYOUTS
 from cxrmem.mitigation import runnable_strategies
-from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.loading import diffusers_parts, load_components, read_model_index
 from cxrmem.models.settings import ModelConfig
 from cxrmem.models.tiny_layouts import BUILDERS

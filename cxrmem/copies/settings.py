@@ -46,3 +46,11 @@ class CopiesConfig(CopiesSettings):
     n_controls: int = knob(200, at_least(2, "the copy threshold is calibrated on them"))  # random non-memorized prompts that calibrate the copy threshold
     seed: int = knob(0, NON_NEGATIVE)  # seed of the control sample
     strategies: bool = True  # also check the memorized prompts rewritten by each text strategy of mitigation.strategies
+
+
+def guidances(cfg) -> list[float]:
+    """The guidances the copies check generates at: copies.guidance (None: score.guidance_scale), then
+    copies.second_guidance unless it is None or the same."""
+    first = cfg.copies.guidance if cfg.copies.guidance is not None else cfg.score.guidance_scale
+    second = cfg.copies.second_guidance
+    return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])

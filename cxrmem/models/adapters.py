@@ -6,7 +6,7 @@ base, and nothing in the sampling loop (or the detectors and strategies that rea
 know about adapters. Each adapter enters as W + scale * (alpha / r) * B A, which is what diffusers'
 `set_adapters(..., weights)` then `fuse_lora()` compute.
 
-Supported: denoiser LoRA of the layouts whose diffusers pipeline has a LoRA loader (cxrmem/models/layouts.py
+Supported: denoiser LoRA of the layouts whose diffusers pipeline has a LoRA loader (cxrmem/layouts.py
 `lora_loader`): UNet LoRA (diffusers/peft keys under `unet.`, or kohya's `lora_unet_` keys) on SD and SDXL, and
 transformer LoRA (keys under `transformer.`) on Sana, in a safetensors file. Refused, with the file named: a layout
 whose pipeline has no LoRA loader (PixArt-Sigma's), text-encoder LoRA (transformers needs peft >= 0.22 for it),
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
+from cxrmem.layouts import LAYOUTS, Layout
 from cxrmem.models.components import ModelLoadError, first_line, guarded
-from cxrmem.models.layouts import LAYOUTS, Layout
 
 # The file diffusers' LoRA training scripts and `save_lora_weights` write.
 WEIGHT_FILE = "pytorch_lora_weights.safetensors"

@@ -39,7 +39,7 @@ class Components:
     vae_scaling_factor: float
     max_length: int  # tokens per prompt (the tokenizer pads and truncates to this)
     source: str  # where the model came from, for logs and summaries
-    layout: str = "unet"  # the cxrmem/models/layouts.py LAYOUTS row: how the Scorer conditions and calls the denoiser
+    layout: str = "unet"  # the cxrmem/layouts.py LAYOUTS row: how the Scorer conditions and calls the denoiser
     extras: dict = field(default_factory=dict)  # further text parts the layout names (SDXL: tokenizer_2, text_encoder_2)
     index: dict = field(default_factory=dict)  # model_index.json (pipeline options such as force_zeros_for_empty_prompt)
     image_scale: int = 8  # image pixels per latent pixel (2 ** (VAE levels - 1)); SDXL's time ids are in pixels

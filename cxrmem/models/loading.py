@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from cxrmem import storage
+from cxrmem.layouts import LAYOUTS
 from cxrmem.models.adapters import adapter_weight_file, fuse_adapters
 from cxrmem.models.components import (
     Components,
@@ -38,7 +39,6 @@ from cxrmem.models.components import (
     torch_dtype,
 )
 from cxrmem.models.fingerprint import adapted_fingerprint, model_fingerprint
-from cxrmem.models.layouts import LAYOUTS
 from cxrmem.models.radedit import load_radedit, load_radedit_tokenizer, radedit_fingerprint
 from cxrmem.storage import Store
 

@@ -1,4 +1,4 @@
-"""Random-initialised tiny replicas of every layout cxrmem/models/layouts.py names but the plain SD one (tiny.py),
+"""Random-initialised tiny replicas of every layout cxrmem/layouts.py names but the plain SD one (tiny.py),
 saved in diffusers layout by the matching diffusers pipeline, built offline in seconds for the parity tests.
 
 Each keeps what makes its layout different (the parameterisation, the added conditioning, the transformer and its

@@ -1,4 +1,4 @@
-"""The denoisers the Scorer drives: one class per model layout (cxrmem/models/layouts.py names them), each knowing
+"""The denoisers the Scorer drives: one class per model layout (cxrmem/layouts.py names them), each knowing
 how its pipeline turns prompts into conditioning and how it calls its network.
 
 The Scorer's sampling loop, norms and update are the same for all of them; what differs is here:
@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from cxrmem.capabilities import CROSS_ATTENTION, PLAIN_TEXT
-from cxrmem.models.layouts import LAYOUTS
+from cxrmem.layouts import LAYOUTS
 from cxrmem.scoring.attention import TextLayout, share_text_projections
 
 log = logging.getLogger(__name__)

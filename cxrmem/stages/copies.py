@@ -30,7 +30,7 @@ from cxrmem.copies.embedders import embedder_fingerprint
 from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import evidence, search
 from cxrmem.copies.images import read_image
-from cxrmem.copies.settings import CopiesSettings
+from cxrmem.copies.settings import CopiesSettings, guidances
 from cxrmem.judgement import halves_copying, judge_strategies
 from cxrmem.mitigation_sizing import sample_record, stratified_sample
 from cxrmem.runfiles import Run, RunLayout
@@ -52,12 +52,6 @@ from cxrmem.storage import Store
 from cxrmem.summary import CopiesSection
 
 log = logging.getLogger(__name__)
-
-
-def guidances(cfg) -> list[float]:
-    first = cfg.copies.guidance if cfg.copies.guidance is not None else cfg.score.guidance_scale
-    second = cfg.copies.second_guidance
-    return [float(first)] + ([float(second)] if second is not None and float(second) != float(first) else [])
 
 
 def checked_strategies(cfg, skipped=()) -> list[str]:

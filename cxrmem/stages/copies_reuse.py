@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cxrmem.copies.embedders import embedder_fingerprint
+from cxrmem.copies.settings import guidances
 from cxrmem.mitigation import EMBEDDING
 from cxrmem.mitigation_sizing import BASELINE
 from cxrmem.runfiles import Run
@@ -60,8 +61,6 @@ def wanted(cfg, identity: dict, guidance: float) -> dict[str, str]:
 
 def served_guidance(cfg) -> Optional[float]:
     """The copies guidance whose generations are mitigation's under `cfg` (the same stamp, whatever the model), or None."""
-    from cxrmem.stages.copies import guidances
-
     made = made_under(cfg, {})
     return next((w for w in guidances(cfg) if wanted(cfg, {}, w) == made), None)
 
