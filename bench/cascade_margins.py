@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--testbed", nargs="+", default=["testbed/model", "testbed/iuxray", "testbed/random_markers", "testbed/no_markers"])
     parser.add_argument("--cache", default="runs/cascade_margins", help="folder of the per-testbed norms (gitignored)")
     parser.add_argument("--score", action="store_true", help="fully score what the caches lack (else use them as they are)")
-    parser.add_argument("--target", type=float, default=None, help="cascade.expected_missed_target (default: the config's)")
+    parser.add_argument("--target", type=float, default=None, help="cascade.expected_missed_target (default: the config's, else 0.5)")
     parser.add_argument("--audit-sample", type=int, nargs="+", default=[200, 20], help="cascade.audit_sample values to replay")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--results", default="bench/RESULTS.md")
@@ -186,7 +186,8 @@ def main() -> None:
             continue
         norms = np.load(cache)["norms"]
         ids = np.array([prompt_id(p) for p in testbed_prompts(path, ORDER_SEED)[: len(norms)]])
-        args.target = base.cascade.expected_missed_target if args.target is None else args.target
+        # margins: the config's target, else 0.5, the measured setting (the config's default is null: margins off)
+        args.target = args.target if args.target is not None else (base.cascade.expected_missed_target or 0.5)
         for audit, (mode, target) in itertools.product(args.audit_sample, (("fixed", "null"), ("margins", args.target))):
             cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4",
                                      f"cascade.audit_sample={audit}", f"cascade.expected_missed_target={target}"])  # fmt: skip
