@@ -380,6 +380,7 @@ def mitigate_prompt(
     generations = generate_images(sampler, sampling_for(sampler, sampled, sampled_texts, embeddings, latents, settings), settings.samples_per_call)
     faithful = fidelity(generations, [prompt] * len(run)) if fidelity is not None else np.full(len(run), np.nan)
     embedded = embedder(generations.flatten(0, 1)).reshape(*generations.shape[:2], -1).numpy() if embedder is not None else None
+    spreads = [pairwise_rms_distance(images, scorer.device) for images in generations]  # per sampled row, once
     scored = (scorer.settings.generations, scorer.settings.scored_steps)
     rows, grids = [], {}
     for i, strategy in enumerate(strategies):
@@ -392,7 +393,7 @@ def mitigate_prompt(
                 "strategy": strategy,
                 "mitigated_prompt": texts[i],
                 "d_mem": float(scores[j]),
-                "pairwise_distance": pairwise_rms_distance(images, scorer.device),
+                "pairwise_distance": spreads[j],
                 "n_generations": settings.n_generations,
                 "changed": changes[i],
                 "evaluations": 0 if i in same_as else registry.row(strategy).evaluations(settings, scored, (settings.n_generations, sampler.settings.steps)),

@@ -49,6 +49,7 @@ from cxrmem.stages.worker import (
 )
 from cxrmem.stats import roc_auc
 from cxrmem.storage import Store
+from cxrmem.strategies import BASELINE
 from cxrmem.summary import CopiesSection
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,16 @@ def checked_strategies(cfg, skipped=()) -> list[str]:
     """The mitigation strategies whose generations are checked for copies too (copies.strategies), `original` aside,
     and those the model cannot run (`skipped`, SkippedStrategies): text rewrites generate from the rewritten text,
     embedding-level ones from the changed embedding."""
-    return [s for s in cfg.mitigation.strategies if s != "original" and s not in skipped] if cfg.copies.strategies else []
+    return [s for s in cfg.mitigation.strategies if s != BASELINE and s not in skipped] if cfg.copies.strategies else []
 
 
 def unrunnable_strategies(models, cfg) -> dict[str, str]:
     """The copies.strategies the model's denoiser cannot run, with the reason, as a worker decides it."""
-    if not checked_strategies(cfg):
+    asked = checked_strategies(cfg)
+    if not asked:
         return {}
     no_prompts = pd.DataFrame({"prompt_id": [], "prompt": []})  # one empty chunk: one worker answers
-    ((_, skipped),) = models.map(SkippedStrategies(), no_prompts, tuple(checked_strategies(cfg)))
+    ((_, skipped),) = models.map(SkippedStrategies(), no_prompts, tuple(asked))
     return skipped
 
 
@@ -225,7 +227,7 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg, strategies)
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
-        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen), skipped)
+        section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen), strategies, skipped)
         section.model, section.reuse = identity, reuse
         section.sample = sample_record(memorized, sample, cfg.corpus.marker_regex, c.sample_size, c.seed)
         out.write_sections(section)
@@ -234,7 +236,7 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
 
 
 def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold, built: dict, layout: RunLayout, figures: list[str],
-                   skipped: dict) -> CopiesSection:  # fmt: skip
+                   strategies: list[str], skipped: dict) -> CopiesSection:  # fmt: skip
     headline = {
         name: f"{g['memorized_copies']}/{g['memorized']} memorized prompts copy a training image "
         f"({g['control_copies']}/{g['controls']} controls; AUC {'n/a' if g['auc'] is None else format(g['auc'], '.3f')})"
@@ -243,5 +245,5 @@ def copies_summary(cfg, n_prompts: int, per_guidance: dict, threshold: Threshold
     return CopiesSection(
         headline=headline, prompts=n_prompts, guidances=per_guidance, rule=threshold.rule, threshold_quantile=threshold.quantile,
         generations=cfg.copies.generations, top_k=cfg.copies.top_k, embedder=cfg.copies.embedder,
-        strategies_checked=checked_strategies(cfg, skipped), index=built, copies=layout.copies, figures=figures, skipped=skipped,
+        strategies_checked=strategies, index=built, copies=layout.copies, figures=figures, skipped=skipped,
     )  # fmt: skip
