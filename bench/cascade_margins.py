@@ -145,7 +145,9 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         f"a large share of a 1,024-prompt corpus; 20 is about its share at 10,000). Recall: share of "
         f"the full d_mem's top 1% among the fully scored. Evaluations: UNet samples per corpus prompt, screens and full score "
         f"(continuing trajectories within a round; a prompt a stage screened in an earlier round is not rescreened), the audit apart. "
-        f"'fixed': the default stages, widened x2 only where the audit finds a miss (cascade.expected_missed_target=null); "
+        f"'audit misses only': the default stages, widened x2 only where the audit finds a miss (cascade.expected_missed_target=null, "
+        f"cascade.widen_above_expected_missed=null, the behaviour before 2026-12-07); 'fixed' (the default): also where a "
+        f"stage's screen model expects more than cascade.widen_above_expected_missed lost members; "
         f"'margins': the same first-round shares, then each stage widened to what its screen model needs for "
         f"cascade.expected_missed_target={args.target:g} in all.",
         "",
@@ -188,9 +190,11 @@ def main() -> None:
         ids = np.array([prompt_id(p) for p in testbed_prompts(path, ORDER_SEED)[: len(norms)]])
         # margins: the config's target, else 0.5, the measured setting (the config's default is null: margins off)
         args.target = args.target if args.target is not None else (base.cascade.expected_missed_target or 0.5)
-        for audit, (mode, target) in itertools.product(args.audit_sample, (("fixed", "null"), ("margins", args.target))):
-            cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4",
-                                     f"cascade.audit_sample={audit}", f"cascade.expected_missed_target={target}"])  # fmt: skip
+        modes = (("audit misses only", "null", "null"), ("fixed", "null", base.cascade.widen_above_expected_missed),
+                 ("margins", args.target, base.cascade.widen_above_expected_missed))  # fmt: skip
+        for audit, (mode, target, above) in itertools.product(args.audit_sample, modes):
+            cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4", f"cascade.audit_sample={audit}",
+                                     f"cascade.expected_missed_target={target}", f"cascade.widen_above_expected_missed={above}"])  # fmt: skip
             rows.append({"testbed": name, "prompts": len(norms), "audit": audit, "mode": mode,
                          **replay(norms, ids, copy.deepcopy(cfg), args.batch)})  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)

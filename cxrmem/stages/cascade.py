@@ -4,7 +4,9 @@
         -> the full d_mem on the last stage's survivors: the run's scores.parquet
         -> the audit: a seeded random sample of the rejected prompts, fully scored (`cascade.audit_sample`)
         -> any sampled prompt at or above the memorized threshold is a miss: the stage that rejected it
-           keeps `cascade.widen_factor` times its share and the cascade runs again (`cascade.max_rounds`)
+           keeps `cascade.widen_factor` times its share and the cascade runs again (`cascade.max_rounds`);
+           so does a stage whose screen model expects more than `cascade.widen_above_expected_missed`
+           memorized prompts among its rejected (the model sees a loss a small audit sample does not)
 
 `cascade.stages` lists the screens as (screen, keep_percent, steps, generations); the default is the
 cheapest cascade that recovered the full top 1% on both committed testbeds at G=4, T=50
@@ -47,6 +49,7 @@ import pyarrow.compute as pc
 from cxrmem import stats, storage
 from cxrmem.cascade_bounds import AuditBounds, StageScores, audit_bounds
 from cxrmem.detectors import REGISTRY, Cost, screen_top
+from cxrmem.formatting import fmt
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.scorer import UNetWork
 from cxrmem.scoring.settings import ScoreSettings
@@ -303,12 +306,16 @@ def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.n
 
 def wider_shares(cfg, stages: list[Stage], checked: Round, margins: list[dict], screened: list[Screened]) -> list[float]:
     """Each stage's keep share for the next round: `cascade.widen_factor` times its share where the audit found a
-    memorized prompt it rejected, at least the share its screen model needs for its rejected to hold at most its
-    part of `cascade.expected_missed_target` (margins' `needed_keep`, None without a target or a model); never less
-    than it kept, at most 100."""
+    memorized prompt it rejected or its screen model expects more than `cascade.widen_above_expected_missed` there,
+    at least the share its screen model needs for its rejected to hold at most its part of
+    `cascade.expected_missed_target` (margins' `needed_keep`, None without a target or a model); never less than it
+    kept, at most 100."""
     shares = []
+    above = cfg.cascade.widen_above_expected_missed
     for stage, misses, margin, screen in zip(stages, checked.missed_by_stage, margins, screened):
-        share = stage.keep_percent * (cfg.cascade.widen_factor if misses else 1.0)
+        expected = margin.get("expected_missed")
+        losing = misses or (above is not None and expected is not None and expected > above)
+        share = stage.keep_percent * (cfg.cascade.widen_factor if losing else 1.0)
         needed = margin["needed_keep"]
         if needed is not None and needed > int(screen.kept.sum()):
             share = max(share, 100.0 * needed / screen.ids.size)
@@ -352,8 +359,9 @@ def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batche
         if not short:
             break
         log.warning(
-            "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold; stages %s need a wider share%s",
-            number, checked.misses, checked.sample, [i + 1 for i in short],
+            "cascade round %d: %d of %d audited rejected prompts reach the memorized threshold, %s expected under the "
+            "screen models; stages %s need a wider share%s",
+            number, checked.misses, checked.sample, fmt(check["bounds"].expected_missed), [i + 1 for i in short],
             "; widening and rescreening" if number < cfg.cascade.max_rounds else "; cascade.max_rounds reached",
         )
         if number < cfg.cascade.max_rounds:
@@ -393,8 +401,8 @@ def cascade_summary(cfg, stages: list[Stage], rounds: list[Round], spent: dict, 
         verdict = (f"no audited rejected prompt is memorized{' after widening' if len(rounds) > 1 else ''}: at most "
                    f"{upper:.1f} of the {last.rejected} rejected prompts (95% upper bound)")
     if short:
-        verdict += (f"; stages {', '.join(str(i + 1) for i in short)} still keep less than their screen model asks "
-                    f"for cascade.expected_missed_target (cascade.max_rounds = {cfg.cascade.max_rounds} reached)")
+        verdict += (f"; stages {', '.join(str(i + 1) for i in short)} still keep less than their audit or screen model "
+                    f"asks (cascade.max_rounds = {cfg.cascade.max_rounds} reached)")
     return CascadeSection(
         stages=[asdict(s) for s in stages],
         rounds=[asdict(r) for r in rounds],
