@@ -140,6 +140,10 @@ def test_unet_only_detectors_and_strategies_are_skipped_with_a_reason_elsewhere(
         columns = pixart.detect(PROMPTS[:2], IDS[:2], ["dmem", "attention_entropy"])
     assert np.isfinite(columns["dmem"]).all() and np.isnan(columns["attention_entropy"]).all()
     assert "detector attention_entropy skipped" in caplog.text and "plain cross-attention layers of a UNet" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cxrmem"):
+        again = pixart.detect(PROMPTS[:2], IDS[:2], ["dmem", "attention_entropy"])
+    assert np.isnan(again["attention_entropy"]).all() and "skipped" not in caplog.text  # said once per model, not per batch
     settings = MitigationSettings(strategies=("original", "attention_rescaling", "embedding_noise", "delayed_guidance"))
     with caplog.at_level(logging.WARNING, logger="cxrmem"):
         assert runnable_strategies(pixart, settings)[0].strategies == ("original", "delayed_guidance")

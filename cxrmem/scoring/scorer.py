@@ -191,6 +191,7 @@ class Scorer:
         set_tf32(self.device, tf32)
         self._chunks = {"score": Chunks("prompt", "score.batch_size"), "detect": Chunks("prompt", "score.batch_size"),
                         "decode": Chunks("image", "model.vae_decode_batch")}  # fmt: skip
+        self._warned_skipped: set[str] = set()  # detectors whose skip was logged: once per model, not once per batch
         modules = [components.denoiser, components.text_encoder, *[p for p in components.extras.values() if isinstance(p, torch.nn.Module)]]
         if self.device.type == "cpu" and components.denoiser.dtype != torch.float32 and not settings.cpu_half:
             # Half precision on the CPU is slow and inexact: the CPU path is float32 only.
@@ -622,8 +623,9 @@ class Scorer:
             raise ValueError(f"unknown detectors {unknown}: choose from {', '.join(detectors.REGISTRY)}")
         prompts, prompt_ids = list(prompts), list(prompt_ids)
         skipped = self.skipped({name: detectors.REGISTRY[name].needs for name in names})
-        for name, reason in skipped.items():
-            log.warning("detector %s skipped (its columns are NaN): it %s", name, reason)
+        for name in skipped.keys() - self._warned_skipped:
+            log.warning("detector %s skipped (its columns are NaN): it %s", name, skipped[name])
+        self._warned_skipped.update(skipped)
 
         def chunk(lo: int, hi: int) -> dict[str, np.ndarray]:
             probe = Probe(self, self.encode(prompts[lo:hi]), self.initial_latents(prompt_ids[lo:hi], settings.generations))
