@@ -59,17 +59,26 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     share = args.mitigated_share
     mitigate = share * sample * sum(strategies.row(s).evaluations(m, (g, t), (nm, m.steps or t)) for s in m.strategies)
     nc, checked = cfg.copies.generations, [s for s in m.strategies if s != "original"] if cfg.copies.strategies else []
-    checked_cost = share * sample * sum(strategies.row(s).evaluations(m, (0, 0), (nc, t)) for s in checked)
-    per_guidance = (sample + cfg.copies.n_controls) * 2 * nc * t + checked_cost
+
+    def checked_cost(w: float) -> float:
+        return share * sample * sum(strategies.row(s).evaluations(m, (0, 0), (nc, t), w) for s in checked)
+
+    def unmitigated(w: float) -> float:  # one prompt's N generations as `original` samples them at w
+        return strategies.row("original").evaluations(m, (0, 0), (nc, t), w)
+
+    def per_guidance(w: float) -> float:  # the unmitigated sample and the controls, then the strategies
+        return (sample + cfg.copies.n_controls) * unmitigated(w) + checked_cost(w)
+
     # At the guidance whose settings are mitigation's (copies_reuse.served_guidance), copies takes mitigation's embedded
     # generations: it samples only the controls and the report's top prompts (their figures need the images) there.
-    reused = (sample - min(cfg.report.top_prompts, sample)) * 2 * nc * t + checked_cost if served_guidance(cfg) is not None else 0
+    served = served_guidance(cfg)
+    reused = 0 if served is None else (sample - min(cfg.report.top_prompts, sample)) * unmitigated(served) + checked_cost(served)
     return {
         "score": args.cascade_per_prompt * n + evaluations(full, cfg.cascade.audit_sample, cfg.score.batch_size),
         "reference": args.reference * full_one,
         "attribute": (attributed * gradient + loo) * (2 if a.null_model else 1) - (loo if a.null_model and not a.null_leave_one_out else 0),
         "mitigate": mitigate,
-        "copies": per_guidance * len(guidances(cfg)) - reused,
+        "copies": sum(per_guidance(w) for w in guidances(cfg)) - reused,
     }
 
 

@@ -55,12 +55,15 @@ class Strategy:
     preparation: Callable[[object, int, int], int] = no_preparation
     marker_rewrite: bool = False  # rewrites only the de-identification markers: what the paper's finding 3 is about
     needs: tuple[str, ...] = ()  # denoiser capabilities (cxrmem/capabilities.py); skipped with the reason on a model without one
+    guidance_schedule: bool = False  # its sampling replaces w by a per-step schedule: both passes at every step, w = 1 too
 
-    def evaluations(self, settings, scored: tuple[int, int], generated: tuple[int, int]) -> int:
+    def evaluations(self, settings, scored: tuple[int, int], generated: tuple[int, int], guidance: Optional[float] = None) -> int:
         """UNet evaluations of one prompt: d_mem over `scored` = (G noises, T_s steps), the `generated` = (N generations,
-        T steps) and the preparation (settings: MitigationSettings or the config section)."""
+        T steps) at `guidance` (None: the scoring guidance) and the preparation (settings: MitigationSettings or the
+        config section). Generations at w = 1 without a schedule are one conditional pass a step (copies/generation.py)."""
         (g, t_s), (n, t) = scored, generated
-        return 2 * g * t_s + 2 * n * t + self.preparation(settings, g, n)
+        passes = 1 if guidance == 1.0 and not self.guidance_schedule else 2
+        return 2 * g * t_s + passes * n * t + self.preparation(settings, g, n)
 
 
 def hook(reference: Hook) -> Callable:
@@ -94,8 +97,10 @@ REGISTRY: dict[str, Strategy] = {
         "cross-attention to the marker tokens re-scaled (Ren et al.)", sampling=M + "attention_rescaling", changed=M + "has_marker_tokens",
         needs=(CROSS_ATTENTION,),
     ),
-    "delayed_guidance": Strategy("no guidance (w=0) over the first steps, then w (Jain et al.)", sampling=M + "delayed_guidance"),
-    "opposite_guidance": Strategy("opposite guidance (-s) over the first steps, then w (Jain et al.)", sampling=M + "opposite_guidance"),
+    "delayed_guidance": Strategy("no guidance (w=0) over the first steps, then w (Jain et al.)", sampling=M + "delayed_guidance",
+                                 guidance_schedule=True),
+    "opposite_guidance": Strategy("opposite guidance (-s) over the first steps, then w (Jain et al.)", sampling=M + "opposite_guidance",
+                                  guidance_schedule=True),
     # Han et al., on every initial noise scored and generated from (G + N): per iteration two gradients
     # (sharpness-aware), each both halves forward and backward.
     "noise_adjustment": Strategy(

@@ -78,6 +78,31 @@ def test_backward_passes_and_decodes_are_counted_where_they_happen(components):
     assert scorer.work.vae_decodes == 2
 
 
+@pytest.mark.parametrize("strategy", ["original", "remove_marker", "delayed_guidance"])
+def test_copies_generations_at_w_1_take_one_pass_a_step_and_each_strategy_declares_what_it_takes(components, strategy):
+    """At w = 1 the guided prediction is the conditional one: the copies check's generations there skip the
+    unconditional pass (images within float rounding of the two-pass ones); a strategy whose sampling is a guidance
+    schedule keeps both; at w = 7.5 both run. Each count equals what the strategy's row declares."""
+    from cxrmem.copies.generation import generate
+    from cxrmem.mitigation import strategy_sampling
+
+    cfg = load_config(None, ["score.steps=3", "score.generations=2"])
+    plan_settings = mitigation_settings(cfg)
+    n, t = 2, 3
+    for w in (1.0, 7.5):
+        scorer = Scorer(components, settings(), device="cpu")
+        plan = lambda texts, ids, emb, lat, g: strategy_sampling(scorer, strategy, texts, emb, lat, g, plan_settings)  # noqa: E731
+        images = generate(scorer, PROMPTS[:2], IDS[:2], n, w, batch_size=2, plan=plan)
+        declared = strategies.row(strategy).evaluations(plan_settings, (0, 0), (n, t), w)
+        assert scorer.work.unet_samples == 2 * declared and scorer.work.vae_decodes == 2 * n
+        both = Scorer(components, settings(), device="cpu")
+        two_pass = both.sample(**plan(PROMPTS[:2], IDS[:2], both.encode(PROMPTS[:2]).embeddings, both.initial_latents(IDS[:2], n), w))
+        torch.testing.assert_close(images, both.decode(two_pass.final_latents.flatten(0, 1)).reshape(images.shape), rtol=0, atol=1e-5)
+    assert declared == 2 * n * t  # w = 7.5
+    one_pass = strategies.row(strategy).evaluations(plan_settings, (0, 0), (n, t), 1.0)
+    assert one_pass == (2 if strategies.row(strategy).guidance_schedule else 1) * n * t
+
+
 def test_mitigation_rows_declare_the_work_counted(tiny_model_dir, components):
     """Every strategy at once (sampling shares its calls): the rows' declared evaluations sum to the count, and
     every generation is decoded once."""

@@ -29,7 +29,8 @@ def generate(
 
     `batch_size` prompts (each with its N generations) go through one sampling run. `plan`
     changes what the sampling starts from (a mitigation strategy: the embedding, the initial
-    noise, the guidance schedule or the attention to some tokens).
+    noise, the guidance schedule or the attention to some tokens). At w = 1 without a schedule a step is one
+    conditional pass (Scorer.sample's `record_norms`): `strategies.Strategy.evaluations` declares it.
     """
     if len(prompts) != len(prompt_ids) or not prompts:
         raise ValueError(f"{len(prompts)} prompts and {len(prompt_ids)} prompt ids: need the same, non-zero number")
@@ -41,7 +42,7 @@ def generate(
         inputs = {"cond_embeddings": embeddings, "latents": latents, "guidance": guidance}
         if plan is not None:
             inputs = plan(texts, ids, embeddings, latents, guidance)
-        final = scorer.sample(**inputs).final_latents
+        final = scorer.sample(**inputs, record_norms=False).final_latents  # the images only: at w = 1 one pass a step
         decoded = scorer.decode(final.flatten(0, 1))
         images.append(decoded.reshape(*final.shape[:2], *decoded.shape[1:]))
     return torch.cat(images)

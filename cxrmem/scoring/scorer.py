@@ -321,6 +321,7 @@ class Scorer:
         token_scales: Optional[torch.Tensor] = None,
         keep_differences: bool = False,
         start_step: int = 0,
+        record_norms: bool = True,
     ) -> Trajectory:
         """Run G guided DDIM trajectories per prompt and record ||eps_c - eps_u|| at every step.
 
@@ -332,6 +333,8 @@ class Scorer:
         The norm of each latent update is recorded too (the latent_update detector: free beside any
         sampling). `start_step` k: `latents` are x after the schedule's first k steps, and only steps
         k..`steps` run (a continued trajectory: DDIM with eta 0 needs nothing but x and the schedule).
+        `record_norms=False`: the caller reads only the images, so at w = 1 (one number, not a schedule), where the
+        guided prediction is the conditional one, the unconditional pass is not run; `step_norms` are then NaN.
         """
         n, g = latents.shape[:2]
         timesteps = self.timesteps(steps)[start_step:]
@@ -345,24 +348,31 @@ class Scorer:
         uncond = self.empty_text.embeddings.expand_as(cond)
         uncond_and_cond = torch.cat([uncond, cond])  # built once: every step reuses it
         update = self._update(timesteps)  # the schedule read once
+        # w = 1 without norms: u + 1 (c - u) is c, so the copies check's generations at w = 1 cost one pass, not two
+        conditional_only = not record_norms and not torch.is_tensor(w) and w == 1.0
         norms, kept, updates, differences = [], [], [], []
         for i, t in enumerate(timesteps):
             x_in = self._model_input(x, t)
             if keep_inputs:
                 kept.append(x_in.float().reshape(latents.shape).cpu())
-            # The denoiser's raw predictions (epsilon, v or velocity): guidance is linear, so it guides them as they are.
-            if i == 0 and shared_first_step and start_step == 0:
-                out_cond = self._predict(x_in, t, cond, [(prompts_text, g)])
-                out_uncond = self._predict(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
+            if conditional_only:
+                guided = self._predict(x_in, t, cond, [(prompts_text, g)]).float()
+                norms.append(torch.full((n * g,), float("nan"), device=x.device))
             else:
-                both = [(self.empty_text, n * g), (prompts_text, g)]
-                out_uncond, out_cond = self._predict(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
-            difference = self._noise_difference(out_cond, out_uncond, t)
-            norms.append(difference_norm(difference))
-            if keep_differences:
-                differences.append(difference.reshape(latents.shape).cpu())
-            w_i = w[:, start_step + i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
-            x_next = update(i, guided_noise(out_uncond.float(), out_cond.float(), w_i), x)
+                # The denoiser's raw predictions (epsilon, v or velocity): guidance is linear, so it guides them as they are.
+                if i == 0 and shared_first_step and start_step == 0:
+                    out_cond = self._predict(x_in, t, cond, [(prompts_text, g)])
+                    out_uncond = self._predict(x_in[:g], t, uncond[:g], [(self.empty_text, g)]).repeat(n, 1, 1, 1)
+                else:
+                    both = [(self.empty_text, n * g), (prompts_text, g)]
+                    out_uncond, out_cond = self._predict(torch.cat([x_in, x_in]), t, uncond_and_cond, both).chunk(2)
+                difference = self._noise_difference(out_cond, out_uncond, t)
+                norms.append(difference_norm(difference))
+                if keep_differences:
+                    differences.append(difference.reshape(latents.shape).cpu())
+                w_i = w[:, start_step + i].view(-1, 1, 1, 1) if torch.is_tensor(w) else w
+                guided = guided_noise(out_uncond.float(), out_cond.float(), w_i)
+            x_next = update(i, guided, x)
             updates.append((x_next - x).flatten(1).norm(dim=1))
             x = x_next
         per_step = lambda values: torch.stack(values, dim=1).reshape(n, g, len(timesteps)).cpu()  # noqa: E731
