@@ -2,10 +2,13 @@
 predictions at every step are the pipeline's, and its step norms are the pipeline's predictions converted to
 epsilon by the docs/design.md formulas (written out here, independently of cxrmem/scoring/prediction.py)."""
 
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 from diffusers import PixArtSigmaPipeline, SanaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from omegaconf import OmegaConf
@@ -123,6 +126,24 @@ def test_the_fingerprint_covers_every_part_a_layout_loads(replicas):
     parts = diffusers_parts(replicas["sdxl"], read_model_index(replicas["sdxl"]))
     assert {"tokenizer_2", "text_encoder_2", "unet", "scheduler"} <= set(parts)
     assert "transformer" in diffusers_parts(replicas["sana"], read_model_index(replicas["sana"]))
+
+
+def test_the_pixart_replicas_tokenizer_is_a_published_t5_one_and_loads_through_sentencepiece(replicas):
+    """PixArt-Sigma's folder declares T5Tokenizer and ships spiece.model alone (no tokenizer.json): cxrmem's loader
+    must convert it, and the tokenizer it gets splits prompts as SentencePiece itself does, then appends </s>."""
+    root = replicas["pixart"]
+    folder = os.path.join(root, "tokenizer")
+    assert sorted(os.listdir(folder)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
+    assert read_model_index(root)["tokenizer"] == ["transformers", "T5Tokenizer"]
+    with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as stream:
+        assert json.load(stream)["tokenizer_class"] == "T5Tokenizer"
+    tokenizer = load(root).tokenizer
+    assert type(tokenizer).__name__ == "T5Tokenizer" and tokenizer.model_max_length == LAYOUTS["pixart"].max_length
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)  # T5's
+    pieces = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "spiece.model"))
+    ids = tokenizer(PROMPTS).input_ids
+    assert ids == [pieces.encode(prompt) + [pieces.eos_id()] for prompt in PROMPTS]
+    assert all(tokenizer.unk_token_id not in row and len(row) > 3 for row in ids)  # real pieces, not unknowns
 
 
 def test_the_empty_prompt_is_each_pipelines_own_unconditional_input(replicas):

@@ -9,17 +9,21 @@ random weights, for memory and throughput work.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from typing import Iterable
 
+import sentencepiece
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertModel, BertTokenizerFast, T5Tokenizer
 
 from cxrmem.models.radedit import DEFAULT_NOISE_SCHEDULE, RADEDIT_SCHEDULER
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+T5_EXTRA_IDS = 100  # T5's sentinels <extra_id_0..99>, which its published tokenizer_config.json declares
 
 
 def radedit_scheduler(**overrides) -> DDIMScheduler:
@@ -39,6 +43,28 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, max_
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return BertTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=True)
+
+
+def train_t5_tokenizer(texts: Iterable[str], folder: str, vocab_size: int = 1000, max_length: int = 300) -> T5Tokenizer:
+    """A T5 SentencePiece unigram tokenizer trained on `texts` (T5's ids: pad 0, eos 1, unk 2, no bos), written to
+    `folder` as published T5 checkpoints hold it (PixArt-Sigma's tokenizer/: spiece.model, tokenizer_config.json,
+    special_tokens_map.json) and loaded from there. No tokenizer.json: transformers builds the tokenizer from
+    spiece.model, through sentencepiece and protobuf, as it must for a real checkpoint."""
+    model = io.BytesIO()
+    # A soft vocabulary limit: a small corpus may not hold vocab_size pieces. One thread: the same pieces every time.
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, model_type="unigram",
+                                             vocab_size=vocab_size, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, num_threads=1, minloglevel=2)  # fmt: skip
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+               "additional_special_tokens": [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]}  # fmt: skip
+    config = {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": T5_EXTRA_IDS, "model_max_length": max_length}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "spiece.model"), "wb") as stream:
+        stream.write(model.getvalue())
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as stream:
+            json.dump(content, stream, indent=2)
+    return T5Tokenizer.from_pretrained(folder)
 
 
 def tiny_unet(cross_attention_dim: int, sample_size: int = 8, in_channels: int = 4) -> UNet2DConditionModel:

@@ -2,13 +2,16 @@
 saved in diffusers layout by the matching diffusers pipeline, built offline in seconds for the parity tests.
 
 Each keeps what makes its layout different (the parameterisation, the added conditioning, the transformer and its
-text encoder class, the scheduler its pipeline declares) and nothing of its size. Tokenizers are the WordPiece one
-of tiny.py trained on local texts: the pipelines only call them, and no vocabulary is downloaded.
+text encoder class, the scheduler its pipeline declares) and nothing of its size. Tokenizers are trained on local
+texts (tiny.py), no vocabulary is downloaded: the WordPiece one where the pipelines only call them, and PixArt's a T5
+SentencePiece one in the files a published PixArt-Sigma folder holds, so loading reads what it reads on a real one.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 import torch
@@ -26,7 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model, T5Config, T5EncoderModel
 
-from cxrmem.models.tiny import tiny_vae, train_wordpiece_tokenizer
+from cxrmem.models.tiny import tiny_vae, train_t5_tokenizer, train_wordpiece_tokenizer
 
 # SD-2.x's own scheduler (stable-diffusion-2-1): a scaled-linear DDPM schedule, predicting v.
 SD2_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
@@ -87,19 +90,24 @@ def build_tiny_sdxl(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
 
 
 def build_tiny_pixart(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
-    """PixArt-Sigma-style: a T5 encoder (attention-masked), a transformer with learned variance (8 output channels
-    for 4 latent ones), epsilon prediction on a DDPM schedule."""
+    """PixArt-Sigma-style: a T5 encoder (attention-masked) with its SentencePiece tokenizer, a transformer with learned
+    variance (8 output channels for 4 latent ones), epsilon prediction on a DDPM schedule."""
     torch.manual_seed(seed)
-    tokenizer = train_wordpiece_tokenizer(list(texts), vocab_size=1000, max_length=300)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
-        sample_size=8, patch_size=2, caption_channels=TEXT_WIDTH, use_additional_conditions=False, norm_num_groups=8,
-    )  # fmt: skip
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
-    pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(), transformer=transformer,
-                                   scheduler=scheduler)  # fmt: skip
-    return save(pipeline, out_dir)
+    with tempfile.TemporaryDirectory() as published:
+        tokenizer = train_t5_tokenizer(list(texts), published)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
+            sample_size=8, patch_size=2, caption_channels=TEXT_WIDTH, use_additional_conditions=False, norm_num_groups=8,
+        )  # fmt: skip
+        scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+        pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(), transformer=transformer,
+                                       scheduler=scheduler)  # fmt: skip
+        save(pipeline, out_dir)
+        # transformers 5 saves the tokenizer as tokenizer.json; the published folder holds spiece.model instead.
+        shutil.rmtree(os.path.join(out_dir, "tokenizer"))
+        shutil.copytree(published, os.path.join(out_dir, "tokenizer"))
+    return out_dir
 
 
 def build_tiny_sana(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
