@@ -89,18 +89,28 @@ class Rewriting:
     settings: MitigationSettings
 
 
-def vocabulary_words(tokenizer) -> list[str]:
-    """Whole words of the tokenizer's vocabulary: alphabetic entries of 3+ letters that are English words.
+# How vocabularies mark where a word starts or ends: SentencePiece's "▁lobe" (T5, Gemma), byte-level BPE's "Ġlobe",
+# CLIP's "lobe</w>". WordPiece marks the continuation instead ("##lidation"), which the alphabetic check drops.
+WORD_START_MARKS = "▁Ġ"
+WORD_END_MARK = "</w>"
 
-    A WordPiece vocabulary also holds word-start fragments ("conso" of "conso ##lidation"), which
-    look like words but are not; the dictionary (Webster's 2nd, from english-words) tells them apart.
+
+def vocabulary_words(tokenizer) -> list[str]:
+    """Whole words of the tokenizer's vocabulary: English words of 3+ letters that it reads as one token alone.
+
+    Entries are read without their word marks (WORD_START_MARKS, WORD_END_MARK). A vocabulary also holds pieces of
+    words that look like words: a WordPiece word-start fragment ("conso" of "conso ##lidation"), which the dictionary
+    (Webster's 2nd, from english-words) tells apart, and a SentencePiece or BPE piece from inside a word ("ati",
+    "hest"), which the one-token check does: standing alone it is read as a word start and something more.
     """
     from english_words import get_english_words_set
 
     english = get_english_words_set(["web2"], lower=True, alpha=True)
     special = set(tokenizer.all_special_tokens)
-    words = sorted(w for w in tokenizer.get_vocab()
-                   if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special and w.lower() in english)
+    unmarked = {entry.lstrip(WORD_START_MARKS).removesuffix(WORD_END_MARK) for entry in tokenizer.get_vocab() if entry not in special}
+    candidates = sorted(w for w in unmarked if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special and w.lower() in english)
+    pieces = tokenizer(candidates, add_special_tokens=False)["input_ids"] if candidates else []
+    words = [word for word, ids in zip(candidates, pieces) if len(ids) == 1]
     if not words:
         raise ValueError("the tokenizer's vocabulary has no whole English words of 3+ letters to draw from")
     return words

@@ -244,6 +244,20 @@ def test_vocabulary_words_leave_out_wordpiece_fragments(tmp_path):
     assert vocabulary_words(BertTokenizer(str(tmp_path / "vocab.txt"))) == ["consolidation", "effusion", "left"]
 
 
+def test_vocabulary_words_of_a_sentencepiece_tokenizer_are_word_starts_not_inner_pieces(tmp_path):
+    """T5's SentencePiece vocabulary (PixArt-Sigma's) marks a word start with "▁" and holds pieces from inside words
+    ("ati", "hest"): the words drawn are the marked ones, unmarked, each read back as that one marked token."""
+    from cxrmem.corpus.synthetic import tokenizer_texts
+    from cxrmem.models.tiny import train_t5_tokenizer
+
+    tokenizer = train_t5_tokenizer(tokenizer_texts(), str(tmp_path / "t5"))
+    entries = tokenizer.get_vocab()
+    words = vocabulary_words(tokenizer)
+    assert len(words) > 20 and all(f"▁{w}" in entries and tokenizer.tokenize(w) == [f"▁{w}"] for w in words)
+    inner = [e for e in entries if e.isascii() and e.isalpha() and len(e) >= 3 and f"▁{e}" not in entries]
+    assert inner and not set(inner) & set(words)  # the vocabulary has inner pieces, and none is drawn
+
+
 # -- a new strategy is one row (and its function) ----------------------------------------------------
 SHOUTED = "large right pleural effusion with consolidation"
 
