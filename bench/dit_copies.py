@@ -8,6 +8,8 @@ sample's rule with 24), at G=4, T=20: a quicker check than the whole evaluation 
 what was planted at all. Prints the means per kind.
 """
 
+import os
+
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +20,7 @@ from cxrmem.scoring.scorer import Scorer
 from cxrmem.scoring.settings import ScoreSettings
 from cxrmem.testbed.evaluate import MANIFEST, evaluation_prompts, nearest_distances, score_and_generate, training_images
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 on busy shared cores: 2 threads spin
 cfg = load_config("conf/testbed_dit.yaml")
 tb = cfg.testbed
 manifest = pd.read_csv(f"{tb.out}/{MANIFEST}")
