@@ -105,10 +105,10 @@ def cascade(config: str, args) -> dict:
     limit, order_seed = args.cascade_prompts, (base.testbed.seed if args.cascade_prompts else None)
     cache = os.path.join("runs/cascade_frontier", f"{name}{f'_sample{order_seed}' if limit else ''}.npz")
     norms = full_norms(base.testbed.out, cache, cfg, args.batch, limit, order_seed)
-    planted = pd.read_csv(os.path.join(base.testbed.out, MANIFEST)).drop_duplicates("prompt").set_index("prompt").planted
-    planted = planted.loc[testbed_prompts(base.testbed.out, order_seed)[: len(norms)]].to_numpy()
+    planted_by_prompt = pd.read_csv(os.path.join(base.testbed.out, MANIFEST)).drop_duplicates("prompt").set_index("prompt").planted
+    planted = planted_by_prompt.loc[testbed_prompts(base.testbed.out, order_seed)[: len(norms)]].to_numpy()
     stages = tuple(Screen(s.steps, s.generations or cfg.score.generations, s.keep_percent) for s in cfg.cascade.stages)
-    sample = f"a seeded random sample of {len(norms)}" if limit else f"all {len(norms)}"
+    sample = f"a seeded random sample of {len(norms)}" if len(norms) < len(planted_by_prompt) else f"all {len(norms)}"
     return {"name": name, "steps": args.cascade_steps, "stages": stages, "sample": sample,
             **cascade_rows(norms, planted, stages, args.batch, cfg.score)}  # fmt: skip
 
