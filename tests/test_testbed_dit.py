@@ -83,6 +83,15 @@ def test_a_frozen_text_encoder_keeps_its_weights_and_the_saved_model_conditions_
     assert len(texts) > 2 and (cache.table[0] - cache.table[1]).abs().max() > 1e-3  # the frozen encoder tells prompts apart
 
 
+def test_the_text_encoder_trains_for_its_steps_and_is_frozen_after(tmp_path):
+    cfg = tiny_testbed_config(str(tmp_path), **{"testbed.block_out_channels": "[8,16]", "testbed.text_encoder_steps": 1})
+    training_set, network, images = prepare(cfg)
+    before = {k: v.clone() for k, v in network.text_encoder.state_dict().items()}
+    optimise(network, training_set, images, cfg.testbed)
+    assert any(not torch.equal(value, network.text_encoder.state_dict()[key]) for key, value in before.items())
+    assert not any(p.requires_grad for p in network.text_encoder.parameters()) and not network.text_encoder.training
+
+
 def test_the_text_encoder_steps_must_not_be_negative(tmp_path):
     with pytest.raises(ConfigError, match="testbed.text_encoder_steps"):
         tiny_testbed_config(str(tmp_path), **{"testbed.text_encoder_steps": -1})
