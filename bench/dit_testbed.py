@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from bench.cascade_frontier import Screen, Testbed, cascade_outcome, full_norms  # noqa: E402
+from bench.cascade_frontier import Screen, Testbed, cascade_outcome, full_norms, testbed_prompts  # noqa: E402
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.corpus.text import prompt_id  # noqa: E402
 from cxrmem.detectors import screen_top  # noqa: E402
@@ -101,18 +101,23 @@ def cascade(config: str, args) -> dict:
     base = load_config(config)
     cfg = load_config(config, [f"model.path={base.testbed.out}", f"score.steps={args.cascade_steps}", "score.screening_steps=null"])
     name = os.path.basename(os.path.normpath(base.testbed.out))
-    norms = full_norms(base.testbed.out, os.path.join("runs/cascade_frontier", f"{name}.npz"), cfg, args.batch, None)
-    manifest = pd.read_csv(os.path.join(base.testbed.out, MANIFEST)).drop_duplicates("prompt")
+    # A sample (--cascade-prompts) is a prefix of one seeded order, cached apart from the full scoring's.
+    limit, order_seed = args.cascade_prompts, (base.testbed.seed if args.cascade_prompts else None)
+    cache = os.path.join("runs/cascade_frontier", f"{name}{f'_sample{order_seed}' if limit else ''}.npz")
+    norms = full_norms(base.testbed.out, cache, cfg, args.batch, limit, order_seed)
+    planted_by_prompt = pd.read_csv(os.path.join(base.testbed.out, MANIFEST)).drop_duplicates("prompt").set_index("prompt").planted
+    planted = planted_by_prompt.loc[testbed_prompts(base.testbed.out, order_seed)[: len(norms)]].to_numpy()
     stages = tuple(Screen(s.steps, s.generations or cfg.score.generations, s.keep_percent) for s in cfg.cascade.stages)
-    return {"name": name, "steps": args.cascade_steps, "stages": stages,
-            **cascade_rows(norms, manifest.planted.to_numpy(), stages, args.batch, cfg.score)}  # fmt: skip
+    sample = f"a seeded random sample of {len(norms)}" if len(norms) < len(planted_by_prompt) else f"all {len(norms)}"
+    return {"name": name, "steps": args.cascade_steps, "stages": stages, "sample": sample,
+            **cascade_rows(norms, planted, stages, args.batch, cfg.score)}  # fmt: skip
 
 
 def markdown(results: list[dict], cascades: list[dict], args, minutes: float) -> str:
     n, g, t = results[0]["shape"]
     lines = [
         SECTION, "",
-        f"Command: `OMP_NUM_THREADS=2 bench/dit_testbed.py --config {' '.join(args.config)} --cascade {' '.join(args.cascade)}` "
+        f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} bench/dit_testbed.py {' '.join(sys.argv[1:])}` "
         f"({cpu_name()}, 2 cores shared with other jobs; {minutes:.0f} min for the scoring not cached). {n} prompts per testbed (the planted ones and the "
         f"seeded never-duplicated sample of `cxrmem testbed evaluate`), G={g}, T={t}, w=7.5, shared seeds.", "",
         "| testbed | sampler | d_mem | AUC | TPR at 1% FPR | AUC per duplication level (copies ascending) |",
@@ -126,7 +131,7 @@ def markdown(results: list[dict], cascades: list[dict], args, minutes: float) ->
             lines.append(f"| {r['name']} | {r['sampler']} | {label} | {overall['auc']:.3f} | {overall['tpr_at_1pct_fpr']:.2f} | {per_level} |")
     for c in cascades:
         lines += [
-            "", f"The default `cascade.stages` ({', '.join(map(str, c['stages']))}) on all {c['n']} distinct training prompts of "
+            "", f"The default `cascade.stages` ({', '.join(map(str, c['stages']))}) on {c['sample']} distinct training prompts of "
             f"{c['name']}, fully scored at G={g}, T={c['steps']}: the prompts each stage keeps, recall of the full d_mem's top 1% "
             f"({c['top']} prompts) and of the planted prompts among the fully scored, and denoiser evaluations per prompt "
             "(continuing trajectories, as `cascade.evaluations` counts them) against the full score's.", "",
@@ -145,6 +150,7 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/dit_testbed", help="folder of the per-testbed norms")
     parser.add_argument("--cascade", nargs="*", default=["conf/testbed_dit.yaml"], help="configs whose testbed the cascade runs on")
     parser.add_argument("--cascade-steps", type=int, default=50, help="T of the cascade's full score (the default stages' T)")
+    parser.add_argument("--cascade-prompts", type=int, default=None, help="a seeded random sample of this many prompts (default: all)")
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -10,7 +10,7 @@ from cxrmem.config import ConfigError
 from cxrmem.models.loading import load_components
 from cxrmem.scoring.scorer import Scorer
 from cxrmem.scoring.settings import ScoreSettings
-from cxrmem.testbed.train import TRAINING_TARGETS, flow_target, train
+from cxrmem.testbed.train import TRAINING_TARGETS, CachedConditioning, flow_target, optimise, prepare, train
 from tests.test_testbed import tiny_testbed_config
 
 SMALL_DIT = {"testbed.denoiser": "sana", "testbed.text_hidden_size": 16, "testbed.text_layers": 1, "testbed.transformer_layers": 1,
@@ -60,6 +60,41 @@ def test_the_flow_target_is_the_velocity_between_image_and_noise():
     torch.testing.assert_close(target, noise - x0)
     assert timesteps.min() > 0 and timesteps.max() <= 1000 and len(set(timesteps.tolist())) > 10
     assert set(TRAINING_TARGETS) == {"epsilon", "flow_prediction"}
+
+
+@pytest.mark.parametrize("denoiser", ["unet", "sana"])
+def test_a_frozen_text_encoder_keeps_its_weights_and_the_saved_model_conditions_as_the_cache(denoiser, tmp_path):
+    extra = {**SMALL_DIT, "testbed.denoiser": denoiser, "testbed.block_out_channels": "[8,16]", "testbed.text_encoder_steps": 0}
+    cfg = tiny_testbed_config(str(tmp_path), **extra)
+    torch.manual_seed(0)
+    training_set, network, images = prepare(cfg)
+    encoder, denoiser_before = ({k: v.clone() for k, v in part.state_dict().items()} for part in (network.text_encoder, network.denoiser))
+    losses, _, _ = optimise(network, training_set, images, cfg.testbed)
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    assert all(torch.equal(value, network.text_encoder.state_dict()[key]) for key, value in encoder.items())
+    assert any(not torch.equal(value, network.denoiser.state_dict()[key]) for key, value in denoiser_before.items())
+    # The Scorer reading the saved folder conditions every training text, and the empty prompt, as training did.
+    texts = training_set.training_texts
+    cache = CachedConditioning(network, len(texts), batch=8)
+    network.save(str(tmp_path))
+    scorer = Scorer(load_components(OmegaConf.merge(cfg.model, {"path": str(tmp_path)})), ScoreSettings.of(cfg.score), device="cpu")
+    torch.testing.assert_close(scorer.encode(texts).embeddings, cache.table)
+    torch.testing.assert_close(scorer.empty_embedding, cache.empty)
+    assert len(texts) > 2 and (cache.table[0] - cache.table[1]).abs().max() > 1e-3  # the frozen encoder tells prompts apart
+
+
+def test_the_text_encoder_trains_for_its_steps_and_is_frozen_after(tmp_path):
+    cfg = tiny_testbed_config(str(tmp_path), **{"testbed.block_out_channels": "[8,16]", "testbed.text_encoder_steps": 1})
+    training_set, network, images = prepare(cfg)
+    before = {k: v.clone() for k, v in network.text_encoder.state_dict().items()}
+    optimise(network, training_set, images, cfg.testbed)
+    assert any(not torch.equal(value, network.text_encoder.state_dict()[key]) for key, value in before.items())
+    assert not any(p.requires_grad for p in network.text_encoder.parameters()) and not network.text_encoder.training
+
+
+def test_the_text_encoder_steps_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="testbed.text_encoder_steps"):
+        tiny_testbed_config(str(tmp_path), **{"testbed.text_encoder_steps": -1})
 
 
 def test_an_unknown_testbed_denoiser_is_refused_by_its_key(tmp_path):

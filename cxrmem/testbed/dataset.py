@@ -33,7 +33,7 @@ from cxrmem.corpus.iuxray import iter_iuxray_reports
 from cxrmem.corpus.surrogates import replace_with_surrogates
 from cxrmem.corpus.synthetic import generate_reports
 from cxrmem.corpus.text import compile_marker_regex, count_markers, delete_markers, normalise_whitespace
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, POSITIVE_LIST, UNIT_HALF_OPEN, Settings, knob
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, POSITIVE_LIST, UNIT_HALF_OPEN, Settings, knob
 from cxrmem.testbed.phantoms import phantoms
 
 TEXT_VARIANTS = ("none", "random_markers", "no_markers")
@@ -61,6 +61,7 @@ class TestbedConfig(Settings):
     patch_size: int = knob(2, POSITIVE)  # sana: pixels per patch side (32x32 at 2: 256 tokens)
     text_hidden_size: int = knob(64, POSITIVE)  # text encoder hidden size (= the UNet's cross-attention dim; sana: even)
     text_layers: int = knob(2, POSITIVE)  # text encoder layers (BERT; sana: Gemma-2)
+    text_encoder_steps: Optional[int] = knob(None, OPTIONAL_NON_NEGATIVE)  # joint text encoder steps, then frozen, each text's conditioning cached (None: all)
     vocab_size: int = knob(1000, POSITIVE)  # WordPiece vocabulary trained on the training prompts
     max_tokens: int = knob(96, POSITIVE)  # tokenizer model_max_length (prompts pad and truncate to it)
     cond_drop: float = knob(0.1, UNIT_HALF_OPEN)  # share of training prompts replaced by "" (classifier-free guidance)

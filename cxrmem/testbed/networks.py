@@ -4,7 +4,8 @@ batch of training texts becomes its conditioning, how it is called and how it is
 - `unet`: the committed testbed (testbed/model): a UNet2DConditionModel predicting the noise on a DDIM schedule,
   conditioned on a jointly trained BERT (cxrmem/testbed/train.py says why each choice).
 - `sana`: a Sana-style diffusion transformer (SanaTransformer2DModel) predicting the flow-matching velocity, with a
-  Gemma-2 text encoder trained jointly from random initialisation, saved as a SanaPipeline folder without a VAE
+  Gemma-2 text encoder from random initialisation (conf/testbed_dit.yaml keeps it frozen and its conditioning
+  cached: `testbed.text_encoder_steps`, train.py `CachedConditioning`), saved as a SanaPipeline folder without a VAE
   (Sana's layout allows none: scoring never decodes and the testbed denoises pixels). It is conditioned through
   cxrmem/scoring/denoisers.py `SanaDenoiser`, the Scorer's own: the training texts are encoded exactly as the
   audit encodes them (the pipeline's instruction prefix, attention mask and 300 kept tokens) and the unconditional
@@ -33,7 +34,7 @@ from cxrmem.scoring.denoisers import SanaDenoiser
 # Channels per attention head of the Sana-style network's self- and cross-attention.
 HEAD_DIM = 16
 # Gemma-2's attention is eager only (softcapped logits), and it reads ~500 tokens per prompt (the instruction prefix
-# and 300 more): its score matrices are most of a training step's CPU time, so few heads.
+# and 300 more): trained jointly, its score matrices are most of a training step's CPU time, so few heads.
 TEXT_HEADS = 2
 # Rotary positions cost no parameters: room for the instruction prefix and the pipeline's 300 tokens.
 GEMMA_POSITIONS = 2048

@@ -18,6 +18,9 @@ Choices, and why:
 - The BERT text encoder is trained jointly from random initialisation (no pretrained
   weights may be downloaded). A random frozen encoder maps all prompts to nearly the same
   embedding; training it lets the model tell prompts apart, which memorization needs.
+  `testbed.text_encoder_steps` freezes it after that many steps and caches every training
+  text's conditioning (`CachedConditioning`): the transformer testbed freezes its random
+  Gemma-2 from the start, whose per-token states still tell prompts apart (bench/RESULTS.md).
 - Noise schedule and sampler: the DDIM scheduler docs/design.md fixes for RadEdit (linear betas,
   trailing spacing, epsilon prediction), so the audit scores the testbed with the schedule it
   uses for RadEdit, except one pixel-space setting: `clip_sample=True`, the predicted clean
@@ -118,11 +121,31 @@ def save_model(out: str, network, training_set: TrainingSet, summary: dict) -> N
         json.dump(summary, stream, indent=2)
 
 
+class CachedConditioning:
+    """The conditioning of every training text and the unconditional input, computed once by the network's own
+    `condition` with its text encoder frozen in eval mode, as the Scorer runs the saved encoder: the training then
+    conditions exactly as the audit will, and a step costs the denoiser alone. On the transformer testbed the text
+    encoder (Gemma-2 reading Sana's ~200-token instruction prefix before every prompt) was most of a step's CPU."""
+
+    def __init__(self, network, n_texts: int, batch: int):
+        network.text_encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            parts = [network.condition(np.arange(lo, min(lo + batch, n_texts)), torch.zeros(min(batch, n_texts - lo), dtype=torch.bool))
+                     for lo in range(0, n_texts, batch)]  # fmt: skip
+            self.table = torch.cat(parts)
+            self.empty = network.condition(np.zeros(1, dtype=np.int64), torch.ones(1, dtype=torch.bool))
+
+    def __call__(self, text_index: np.ndarray, dropped: torch.Tensor) -> torch.Tensor:
+        return torch.where(dropped[:, None, None], self.empty, self.table[text_index])
+
+
 def optimise(network, training_set: TrainingSet, images, tb) -> tuple[list[float], str, float]:
-    """The training loop: AdamW, warmup then decay, until testbed.train_steps or testbed.max_minutes.
+    """The training loop: AdamW, warmup then decay, until testbed.train_steps or testbed.max_minutes. The text
+    encoder trains jointly for testbed.text_encoder_steps (None: throughout), then is frozen and cached.
 
     Returns the losses, what stopped it ("steps" or "max_minutes") and its minutes.
     """
+    # A frozen encoder's parameters get no gradients, so AdamW (weight decay included) leaves them as they are.
     params = list(network.denoiser.parameters()) + list(network.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=tb.learning_rate, weight_decay=0.01)
     generator = torch.Generator().manual_seed(tb.seed)
@@ -135,15 +158,18 @@ def optimise(network, training_set: TrainingSet, images, tb) -> tuple[list[float
         optimizer,
         lambda step: learning_rate_factor(step, tb.train_steps, tb.warmup_steps, (time.time() - started) / (60 * tb.max_minutes)),
     )
-    stopped_by = "steps"
+    stopped_by, condition = "steps", network.condition
     for step, index in enumerate(batches(training_set, tb.train_batch_size, rng)):
         if step >= tb.train_steps:
             break
         if time.time() - started > 60 * tb.max_minutes:
             stopped_by = "max_minutes"
             break
+        if step == tb.text_encoder_steps:
+            condition = CachedConditioning(network, len(training_set.training_texts), tb.train_batch_size)
+            log.info("step %d: text encoder frozen, %d texts' conditioning cached (%.1f min)", step, len(condition.table), (time.time() - started) / 60)
         dropped = torch.rand(len(index), generator=generator) < tb.cond_drop
-        text = network.condition(training_set.text_of_image[index], dropped)
+        text = condition(training_set.text_of_image[index], dropped)
         loss = diffusion_loss(network, images[index], text, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,13 +182,9 @@ def optimise(network, training_set: TrainingSet, images, tb) -> tuple[list[float
     return losses, stopped_by, (time.time() - started) / 60
 
 
-def train(cfg) -> dict:
-    """Build the training set, train the denoiser (`testbed.denoiser`) and text encoder, save to `testbed.out`; returns the summary."""
+def prepare(cfg) -> tuple[TrainingSet, object, torch.Tensor]:
+    """The training set, the untrained network (`testbed.denoiser`) with its tokenizer, and the images in [-1, 1]."""
     tb = cfg.testbed
-    torch.set_num_threads(tb.num_threads)
-    torch.manual_seed(tb.seed)
-    started = time.time()
-
     training_set = with_text_variant(build_training_set(tb, cfg.corpus), tb.text_variant, tb.seed, cfg.corpus.marker_regex)
     # The vocabulary also covers the manifest's prompts, so that the audited texts (with markers) tokenise
     # under a variant that trained without them.
@@ -170,8 +192,16 @@ def train(cfg) -> dict:
     network_class = NETWORKS[tb.denoiser]
     tokenizer = train_wordpiece_tokenizer(vocab_texts + network_class.vocabulary_texts(), vocab_size=tb.vocab_size,
                                           max_length=tb.max_tokens)  # fmt: skip
-    network = network_class(tb, tokenizer, training_set.training_texts)
-    images = torch.from_numpy(training_set.images) * 2 - 1
+    return training_set, network_class(tb, tokenizer, training_set.training_texts), torch.from_numpy(training_set.images) * 2 - 1
+
+
+def train(cfg) -> dict:
+    """Build the training set, train the denoiser (`testbed.denoiser`) and text encoder, save to `testbed.out`; returns the summary."""
+    tb = cfg.testbed
+    torch.set_num_threads(tb.num_threads)
+    torch.manual_seed(tb.seed)
+    started = time.time()
+    training_set, network, images = prepare(cfg)
     n_pairs = int(training_set.n_copies.sum())
     log.info(
         "testbed: %d prompts (%d planted), %d images, %d pairs per epoch, %s %.2fM, text encoder %.2fM parameters",
