@@ -145,9 +145,9 @@ def markdown(rows: list[dict], args, minutes: float) -> str:
         f"a large share of a 1,024-prompt corpus; 20 is about its share at 10,000). Recall: share of "
         f"the full d_mem's top 1% among the fully scored. Evaluations: UNet samples per corpus prompt, screens and full score "
         f"(continuing trajectories within a round; a prompt a stage screened in an earlier round is not rescreened), the audit apart. "
-        f"'audit misses only': the default stages, widened x2 only where the audit finds a miss (cascade.expected_missed_target=null, "
-        f"cascade.widen_above_expected_missed=null, the behaviour before 2026-12-07); 'fixed' (the default): also where a "
-        f"stage's screen model expects more than cascade.widen_above_expected_missed lost members; "
+        f"'fixed' (the default): the default stages, widened x2 only where the audit finds a miss (cascade.expected_missed_target=null, "
+        f"cascade.widen_above_expected_missed=null); 'fixed + model': also where a stage's screen model expects more than "
+        f"cascade.widen_above_expected_missed={args.widen_above:g} lost members; "
         f"'margins': the same first-round shares, then each stage widened to what its screen model needs for "
         f"cascade.expected_missed_target={args.target:g} in all.",
         "",
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/cascade_margins", help="folder of the per-testbed norms (gitignored)")
     parser.add_argument("--score", action="store_true", help="fully score what the caches lack (else use them as they are)")
     parser.add_argument("--target", type=float, default=None, help="cascade.expected_missed_target (default: the config's, else 0.5)")
+    parser.add_argument("--widen-above", type=float, default=1.0, help="cascade.widen_above_expected_missed of the 'fixed + model' rows")
     parser.add_argument("--audit-sample", type=int, nargs="+", default=[200, 20], help="cascade.audit_sample values to replay")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--results", default="bench/RESULTS.md")
@@ -190,8 +191,7 @@ def main() -> None:
         ids = np.array([prompt_id(p) for p in testbed_prompts(path, ORDER_SEED)[: len(norms)]])
         # margins: the config's target, else 0.5, the measured setting (the config's default is null: margins off)
         args.target = args.target if args.target is not None else (base.cascade.expected_missed_target or 0.5)
-        modes = (("audit misses only", "null", "null"), ("fixed", "null", base.cascade.widen_above_expected_missed),
-                 ("margins", args.target, base.cascade.widen_above_expected_missed))  # fmt: skip
+        modes = (("fixed", "null", "null"), ("fixed + model", "null", args.widen_above), ("margins", args.target, "null"))
         for audit, (mode, target, above) in itertools.product(args.audit_sample, modes):
             cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4", f"cascade.audit_sample={audit}",
                                      f"cascade.expected_missed_target={target}", f"cascade.widen_above_expected_missed={above}"])  # fmt: skip
