@@ -198,7 +198,8 @@ def testbed_markdown(r: dict) -> str:
     sized, full = r["modes"]["sized"], r["modes"]["exhaustive"]
     lines = [f"### {r['testbed']}: {r['prompts']} prompts, T={r['steps']}, top {r['top_percent']}% = {r['memorized']} "
              f"memorized; copies at w = 1, {r['copy_generations']} generations, {r['controls']} controls; {r['cpu']}, "
-             f"{r['threads']} threads, wall {r['wall_s'] / 60:.1f} min", "",
+             f"{r['threads']} threads, wall {r['wall_s'] / 60:.1f} min (the scored run: "
+             f"{', '.join(f'{k} {v:.0f} s' for k, v in r['base_seconds'].items())})", "",
              "| finding | sized | exhaustive | equal |", "| --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {f} | {sized['verdicts'][f]} | {full['verdicts'][f]} | {'yes' if r['equal'][f] else '**no**'} |" for f in FINDINGS]
     lines += ["", "Per strategy at w = 1 (paired against original, 95% interval, (pairs)): copy-rate change and d_mem change "
@@ -223,10 +224,17 @@ def testbed_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def command(r: dict) -> str:
+    testbed = next(name for name, (model, _) in TESTBEDS.items() if model == r["testbed"])
+    return (f"`OMP_NUM_THREADS={r['threads']} nice -n 10 PYTHONPATH=$PWD .venv/bin/python bench/sized_vs_exhaustive.py --testbed "
+            f"{testbed} --prompts {r['prompts']} --steps {r['steps']} --top-percent {r['top_percent']:g} --controls {r['controls']} "
+            f"--copy-generations {r['copy_generations']}{''.join(' ' + o for o in r['overrides'])}`")  # fmt: skip
+
+
 def table(args) -> str:
     done = [json.loads(p.read_text()) for t in TESTBEDS if (p := Path(args.work) / t / "comparison.json").exists()]
-    command = "`OMP_NUM_THREADS=2 nice -n 10 PYTHONPATH=$PWD .venv/bin/python bench/sized_vs_exhaustive.py --testbed model`"
-    return "\n\n".join([SECTION, f"Command: {command}.", *[testbed_markdown(r) for r in done]]) + "\n"
+    parts = [SECTION] + [f"Command: {command(r)}, then `--table`.\n\n{testbed_markdown(r)}" for r in done]
+    return "\n\n".join(parts) + "\n"
 
 
 def main() -> None:
