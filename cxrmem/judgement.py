@@ -16,7 +16,8 @@ the prompt as it is) and mitigation.parquet (d_mem, fidelity, cost per prompt an
 - evaluations: UNet evaluations per prompt (cxrmem/strategies.py), as mitigation.parquet records them.
 
 Prompts a strategy left unchanged (`changed` false in mitigation.parquet: a rewrite or a
-re-scaling without a marker) are left out of that strategy's row.
+re-scaling without a marker) are left out of that strategy's row. The copies stage's copy-rate rule
+checks a strategy on memorized prompts beyond mitigation's, and only those the strategy changes.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ def _paired(own: pd.Series, base: pd.Series) -> Optional[dict]:
     return stats.paired_difference_ci(pairs.iloc[:, 0].to_numpy(np.float64), pairs.iloc[:, 1].to_numpy(np.float64))
 
 
-def changed_prompts(mitigation: Optional[pd.DataFrame], strategy: str) -> Optional[set]:
-    """The prompts a strategy changed according to mitigation.parquet (None: not known, keep all)."""
+def changed_prompts(mitigation: Optional[pd.DataFrame], strategy: str, changed: bool = True) -> Optional[set]:
+    """The prompts a strategy changed (or with `changed` false, left unchanged) according to mitigation.parquet
+    (None: not known, keep all)."""
     if mitigation is None or "changed" not in mitigation.columns or strategy == "original":
         return None
     own = mitigation[mitigation["strategy"] == strategy]
-    return set(own.loc[own["changed"].astype(bool), "prompt_id"]) if len(own) else None
+    return set(own.loc[own["changed"].astype(bool) == changed, "prompt_id"]) if len(own) else None
 
 
 def judge_strategies(
@@ -77,9 +79,9 @@ def judge_strategies(
     rows = []
     for strategy in order:
         own, own_mit = per_strategy.get(strategy), mit.get(strategy)
-        keep = changed_prompts(mitigation, strategy)
-        if own is not None and keep is not None:
-            own = own[own.index.isin(keep)]
+        keep, unchanged = changed_prompts(mitigation, strategy), changed_prompts(mitigation, strategy, changed=False)
+        if own is not None and unchanged is not None:  # the copy-rate rule's prompts beyond mitigation's were checked changed
+            own = own[~own.index.isin(unchanged)]
         if own_mit is not None and keep is not None:
             own_mit = own_mit[own_mit.index.isin(keep)]
         rows.append(judge_one(strategy, own, base, own_mit, mit_base))

@@ -125,17 +125,29 @@ class SequentialRule:
         self.active.remove(strategy)
 
     def decided(self, frame: pd.DataFrame, strategy: str) -> Optional[str]:
-        """Why the strategy's paired d_mem change is decided, or None: its interval excludes 0, or (an equivalence
-        stop, as in two one-sided tests) it lies within +-margin x original's mean d_mem over the same prompts."""
+        """Why the strategy's paired d_mem change is decided, or None (`decision`: the margin is a share of original's
+        mean d_mem over the same prompts)."""
         change = paired_change(frame, strategy, self.level)
-        if change["n"] < self.min_pairs or change["ci_low"] is None:
-            return None
-        if change["ci_low"] > 0 or change["ci_high"] < 0:
-            return f"decided: its {self.level:.0%} interval on the d_mem change excludes 0"
-        bound = self.margin * abs(change["baseline_mean"])
-        if -bound < change["ci_low"] and change["ci_high"] < bound:
-            return f"decided: its {self.level:.0%} interval lies within +-{self.margin:g} x original's d_mem (no practical change)"
+        bound = self.margin * abs(change["baseline_mean"]) if change["baseline_mean"] is not None else 0.0
+        return decision(change, self.level, bound, self.min_pairs, "the d_mem change", f"+-{self.margin:g} x original's d_mem")
+
+
+def decision(change: dict, level: float, bound: float, min_pairs: int, what: str, margin: str) -> Optional[str]:
+    """Why a paired change ({n, ci_low, ci_high} at `level`) is decided, or None: once it has `min_pairs` pairs, its
+    interval excludes 0, or (an equivalence stop, as in two one-sided tests) lies strictly within +-`bound` (0: none)."""
+    if change["n"] < min_pairs or change["ci_low"] is None:
         return None
+    if change["ci_low"] > 0 or change["ci_high"] < 0:
+        return f"decided: its {level:.0%} interval on {what} excludes 0"
+    if -bound < change["ci_low"] and change["ci_high"] < bound:
+        return f"decided: its {level:.0%} interval lies within {margin} (no practical change)"
+    return None
+
+
+def copy_rate_change(is_copy: pd.Series, base: pd.Series, level: float) -> dict:
+    """The copy indicator (0/1 per prompt, indexed by prompt_id) under a strategy minus under `original`, paired."""
+    pairs = pd.concat([is_copy.astype(float), base.astype(float)], axis=1, join="inner").dropna()
+    return stats.paired_difference_ci(pairs.iloc[:, 0].to_numpy(), pairs.iloc[:, 1].to_numpy(), level)
 
 
 def paired_change(frame: pd.DataFrame, strategy: str, level: float) -> dict:

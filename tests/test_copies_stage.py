@@ -236,3 +236,47 @@ def test_copies_stage_checks_the_sampling_strategies_and_judges_every_strategy(t
     assert RunLayout(str(tmp_path)).figure("mitigation_frontier.png") in written.figures
     metrics = Store().read_json(RunLayout(str(tmp_path)).path("metrics.json"))
     assert metrics["mitigation.delayed_guidance.w=1.copy_rate"] == pytest.approx(judged["delayed_guidance"]["copy_rate"])
+
+
+MORE_TEXTS = [*TEXTS, "Clips in the ___ region.", "Stable lines.", "Left basilar atelectasis.", "No effusion seen.",
+              "Mild edema.", "Unchanged ___ catheter.", "No pneumothorax."]  # fmt: skip
+
+
+def test_the_copy_rate_rule_goes_on_past_mitigations_prompts_until_decided_and_only_where_a_strategy_changes_one(
+    tiny_model_dir, own_images, tmp_path
+):  # fmt: skip
+    """Mitigation runs a sample of 2 of the 9 memorized prompts: too few pairs to read a copy-rate change (F3's
+    minimum is 5). The rule takes further memorized prompts a look (mitigation.look_every) at a time, each under
+    the strategies still undecided and with the unmitigated prompt beside it, until the change is decided; a marker
+    rewrite is checked only on the prompts it changes; copies.max_prompts and copies.sequential=false cut it."""
+    from cxrmem.stages import mitigate
+
+    ids = write_run(tmp_path, MORE_TEXTS, memorized=9, sources=[f"s{i}" for i in range(len(MORE_TEXTS))], model_dir=tiny_model_dir)
+    strategies = "mitigation.strategies=[original,remove_marker,embedding_noise]"
+    base = [strategies, "mitigation.sample_size=2", "mitigation.n_generations=2", "copies.second_guidance=null", "mitigation.look_every=3"]
+    mitigate.run(stage_config(tiny_model_dir, tmp_path, own_images, *base))
+    ran = Store().read_table(RunLayout(str(tmp_path)).mitigation).to_pandas()
+    assert ran.groupby("strategy").prompt_id.nunique().to_dict() == {"original": 2, "remove_marker": 2, "embedding_noise": 2}
+
+    summary = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, *base))
+    table = Store().read_table(RunLayout(str(tmp_path)).copies).to_pandas()
+    rule = summary.guidances["w=7.5"]["copy_rate_rule"]
+    noise = table[table.strategy == "embedding_noise"]
+    # embedding_noise changes every prompt: 2 of mitigation's, then looks of 3 until its change is decided (>= 5 pairs).
+    assert rule["embedding_noise"]["prompts"] == len(noise) >= 5 and "decided" in rule["embedding_noise"]["stopped"]
+    assert rule["embedding_noise"]["copy_rate_change"]["n"] == len(noise)
+    unmitigated = set(table[(table.strategy == "none") & (table.group == "memorized")].prompt_id)
+    assert set(noise.prompt_id) <= unmitigated and len(unmitigated) > 2  # every pair has its unmitigated half
+    # remove_marker is judged on marker-bearing prompts only: 4 of the 9 memorized carry a marker.
+    marked = {pid for pid, text in zip(ids[:9], MORE_TEXTS[:9]) if "___" in text}
+    assert set(table[table.strategy == "remove_marker"].prompt_id) <= marked
+    assert rule["remove_marker"]["tried"] == 9 and "ran out" in rule["remove_marker"]["stopped"]  # 4 pairs: undecided
+    judged = {r["strategy"]: r for r in summary.guidances["w=7.5"]["judgement"]["strategies"]}
+    assert judged["embedding_noise"]["prompts"] == len(noise) and judged["remove_marker"]["prompts"] == len(marked)
+
+    capped = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, *base, "copies.max_prompts=4", "run.overwrite=true"))
+    assert capped.guidances["w=7.5"]["copy_rate_rule"]["embedding_noise"]["tried"] == 4
+    off = copies.run(stage_config(tiny_model_dir, tmp_path, own_images, *base, "copies.sequential=false", "run.overwrite=true"))
+    # mitigation's sample of 2 holds 1 prompt with a marker
+    assert {s: r["prompts"] for s, r in off.guidances["w=7.5"]["copy_rate_rule"].items()} == {"remove_marker": 1, "embedding_noise": 2}
+    assert all("copies.sequential=false" in r["stopped"] for r in off.guidances["w=7.5"]["copy_rate_rule"].values())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from cxrmem.settings import NON_NEGATIVE, OPTIONAL_NON_NEGATIVE, POSITIVE, Settings, at_least, knob
+from cxrmem.settings import NON_NEGATIVE, OPTIONAL_NON_NEGATIVE, OPTIONAL_POSITIVE, POSITIVE, Settings, at_least, knob
 
 RAD_DINO_REPO = "microsoft/rad-dino"
 # name -> its embedder class in cxrmem/copies/embedders.py (built from settings and a device, with a
@@ -46,6 +46,11 @@ class CopiesConfig(CopiesSettings):
     n_controls: int = knob(200, at_least(2, "the copy threshold is calibrated on them"))  # random non-memorized prompts that calibrate the copy threshold
     seed: int = knob(0, NON_NEGATIVE)  # seed of the control sample
     strategies: bool = True  # also check the memorized prompts rewritten by each text strategy of mitigation.strategies
+    # continue a strategy whose paired copy-rate change is undecided where mitigation's rule stopped it, over the rest of the
+    # memorized set in its stratified order, until decided at mitigation.stop_level (cxrmem/stages/copies.py)
+    sequential: bool = True
+    equivalence_margin: float = knob(0.1, NON_NEGATIVE)  # ...or until its interval lies within +- this copy rate (no practical change)
+    max_prompts: Optional[int] = knob(80, OPTIONAL_POSITIVE)  # most memorized prompts a strategy's copies are checked on (None: all)
 
 
 def guidances(cfg) -> list[float]:

@@ -8,6 +8,8 @@
       -> copy threshold calibrated on the controls -> per-prompt evidence rows
       -> each mitigation strategy on the memorized prompts mitigation ran it on (its stratified sample,
          cut where its sequential rule stopped it), against that threshold
+      -> the copy-rate rule: a strategy whose paired copy-rate change is still undecided goes on over the
+         rest of the memorized set, a look at a time, until decided (continue_undecided)
     -> copies.parquet, figures/copies_<prompt_id>.npz (generation, nearest image), summary["copies"]
 
 Off when images.source is empty. The workers return embeddings, not images (except the few the
@@ -31,14 +33,16 @@ from cxrmem.copies.evidence import COPIES_SCHEMA, Threshold, pick_controls
 from cxrmem.copies.find import evidence, search
 from cxrmem.copies.images import read_image
 from cxrmem.copies.settings import CopiesSettings, guidances
+from cxrmem.findings import MIN_PAIRED_PROMPTS
 from cxrmem.judgement import halves_copying, judge_strategies
-from cxrmem.mitigation_sizing import sample_record, stratified_sample
+from cxrmem.mitigation_sizing import copy_rate_change, decision, sample_record, stratified_sample
 from cxrmem.runfiles import Run, RunLayout
 from cxrmem.scoring.device import resolve_device
 from cxrmem.stages import copies_reuse, image_index
 from cxrmem.stages.analyze import read_known_memorized
 from cxrmem.stages.copies_reuse import UNMITIGATED
 from cxrmem.stages.worker import (
+    ChangedPrompts,
     CopiesOfPrompts,
     LocalModel,
     SkippedStrategies,
@@ -72,11 +76,15 @@ def unrunnable_strategies(models, cfg) -> dict[str, str]:
     return skipped
 
 
-def checked_prompts(cfg, out: Run, memorized: pd.DataFrame) -> pd.DataFrame:
-    """The memorized prompts and the controls, with their source ids (and patients where the corpus has them)."""
+def prompt_rows(out: Run) -> pd.DataFrame:
+    """The run's prompts by id, with their source ids (and patients where the corpus has them)."""
     names = out.store.parquet_schema(out.layout.prompts).names
     columns = ["prompt_id", "prompt", "source_ids"] + (["subject_id"] if "subject_id" in names else [])
-    prompts = out.store.read_table(out.layout.prompts, columns=columns).to_pandas().set_index("prompt_id")
+    return out.store.read_table(out.layout.prompts, columns=columns).to_pandas().set_index("prompt_id")
+
+
+def checked_prompts(cfg, prompts: pd.DataFrame, memorized: pd.DataFrame) -> pd.DataFrame:
+    """The memorized prompts and the controls, in `prompts`' columns (prompt_rows) and a `group`."""
     ids = [p for p in memorized["prompt_id"] if p in prompts.index]
     controls = pick_controls(prompts.index.tolist(), set(ids), cfg.copies.n_controls, cfg.copies.seed)
     groups = ["memorized"] * len(ids) + ["control"] * len(controls)
@@ -121,10 +129,28 @@ def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Op
             for s in strategies}  # fmt: skip
 
 
-def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict, reused: dict) -> tuple:
+def rule_order(prompts: pd.DataFrame, memorized: pd.DataFrame, sample: pd.DataFrame, cfg) -> pd.DataFrame:
+    """The memorized prompts in the order the copy-rate rule takes them: mitigation's sample, then the rest of the
+    memorized set in its own stratified order (the same seed: mitigation_sizing.stratified_sample)."""
+    everyone = stratified_sample(memorized, cfg.corpus.marker_regex, None, cfg.mitigation.seed)
+    rest = everyone[~everyone["prompt_id"].isin(sample["prompt_id"])]
+    ids = [p for p in pd.concat([sample, rest])["prompt_id"] if p in prompts.index]
+    return prompts.loc[ids].reset_index().assign(group="memorized")
+
+
+def tried_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, set]:
+    """Per checked strategy, the memorized prompts already tried before the copy-rate rule: those mitigation ran it on
+    (changed or not), or the whole sample where mitigation did not run it (strategy_prompts)."""
+    ran = {} if mitigation is None else {s: set(g["prompt_id"]) for s, g in mitigation.groupby("strategy")}
+    return {s: ran.get(s, set(sample["prompt_id"])) for s in strategies}
+
+
+def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict, reused: dict,
+                   order: pd.DataFrame, tried: dict) -> tuple:  # fmt: skip
     """copies.parquet rows at one guidance (the prompts, then each mitigation strategy on its `checks` prompts,
-    strategy_prompts), its threshold, the kept generations, and the prompt-strategy pairs taken from `reused` (per
-    strategy, mitigation's generations at this guidance: copies_reuse.reusable) and generated here."""
+    strategy_prompts, then the copy-rate rule's further prompts of `order`: continue_undecided), its threshold, the
+    kept generations, the prompt-strategy pairs taken from `reused` (per strategy, mitigation's generations at this
+    guidance: copies_reuse.reusable) and generated here, and the copy-rate rule's record."""
     settings = CopiesSettings.of(cfg.copies)
     own = {pid: v for pid, v in reused.get(UNMITIGATED, {}).items() if pid not in keep_ids}  # the figures' prompts: fresh
     done = embed_and_search(models, frame, f"checked at w={guidance:g}", cfg, index, own, guidance, UNMITIGATED, keep_ids)
@@ -137,9 +163,60 @@ def check_guidance(models, frame, images, index, cfg, guidance: float, fingerpri
         rewritten = memorized.assign(prompt=got.texts)
         tables.append(evidence(rewritten, got.sims, got.rows, images, settings, guidance, fingerprint, threshold, strategy, got.fidelity)[0])
         pairs = {"reused": pairs["reused"] + got.reused, "generated": pairs["generated"] + len(memorized) - got.reused}
+    more, rule = continue_undecided(models, cfg, order, tables, threshold, images, index, guidance, fingerprint, dict(tried))
+    tables += more
+    pairs["generated"] += sum(t.num_rows for t in more)
     best = table.to_pandas().set_index("prompt_id")
     chosen = {pid: (g[int(best.loc[pid, "best_generation"])], best.loc[pid]) for pid, g in done.kept.items()}
-    return tables, threshold, chosen, pairs
+    return tables, threshold, chosen, pairs, rule
+
+
+def continue_undecided(models, cfg, order: pd.DataFrame, tables: list, threshold: Threshold, images, index, guidance: float,
+                       fingerprint: str, tried: dict[str, set]) -> tuple[list, dict]:  # fmt: skip
+    """The copy-rate rule at one guidance. Mitigation's sequential rule stops a strategy on its d_mem change, and the
+    copy rate of the prompts it ran may then rest on too few pairs to say whether it lowers copying (bench/RESULTS.md,
+    "Sized against exhaustive audits"). So a strategy whose paired copy-rate change against the unmitigated prompts
+    (`is_copy` 0/1 per prompt) is undecided at mitigation.stop_level (mitigation_sizing.decision: it excludes 0, or
+    lies within +-copies.equivalence_margin) goes on through `order` (the memorized set in its stratified order,
+    mitigation's sample first), mitigation.look_every prompts it has not tried at a time (`tried`), the changed ones
+    only, until decided or copies.max_prompts are tried; the unmitigated prompts are generated where they were not.
+    New copies.parquet tables, and per strategy the rule's record."""
+    c, m = cfg.copies, cfg.mitigation
+    settings = CopiesSettings.of(c)
+    rows = pa.concat_tables(tables).to_pandas()
+    rows = rows[rows["group"] == "memorized"]
+    found = {s: rows.loc[rows["strategy"] == s].set_index("prompt_id")["is_copy"] for s in [UNMITIGATED, *tried]}
+    limit = order.head(c.max_prompts) if c.max_prompts else order
+    new, record, active = [], {}, list(tried)
+    margin = f"+-{c.equivalence_margin:g} of copy rate"
+    while active:
+        looks = {}
+        for strategy in list(active):
+            change = copy_rate_change(found[strategy], found[UNMITIGATED], m.stop_level)
+            why = decision(change, m.stop_level, c.equivalence_margin, MIN_PAIRED_PROMPTS, "the copy-rate change", margin)
+            ahead = limit[~limit["prompt_id"].isin(tried[strategy])].head(m.look_every)
+            if why is None and c.sequential and len(ahead):
+                looks[strategy] = ahead
+                continue
+            why = why or ("undecided, not continued (copies.sequential=false)" if not c.sequential else
+                          "the memorized set (or copies.max_prompts) ran out, undecided")  # fmt: skip
+            record[strategy] = {"prompts": len(found[strategy]), "tried": len(tried[strategy]), "level": m.stop_level,
+                                "copy_rate_change": change, "stopped": why}  # fmt: skip
+            active.remove(strategy)
+        for strategy, ahead in looks.items():  # only the prompts a strategy changes are judged (cxrmem/judgement.py)
+            flags = [flag for _, chunk in models.map(ChangedPrompts(), ahead, strategy) for flag in chunk]
+            tried[strategy] = tried[strategy] | set(ahead["prompt_id"])
+            looks[strategy] = ahead[np.asarray(flags, dtype=bool)]
+        wanted = pd.concat(looks.values()).drop_duplicates("prompt_id") if looks else order.head(0)
+        for strategy, ahead in [(UNMITIGATED, wanted[~wanted["prompt_id"].isin(found[UNMITIGATED].index)]), *looks.items()]:
+            if not len(ahead):
+                continue
+            got = embed_and_search(models, ahead, f"{strategy} (copy-rate rule) at w={guidance:g}", cfg, index, {}, guidance, strategy)
+            table = evidence(ahead.assign(prompt=got.texts), got.sims, got.rows, images, settings, guidance, fingerprint, threshold,
+                             strategy, got.fidelity)[0]  # fmt: skip
+            new.append(table)
+            found[strategy] = pd.concat([found[strategy], table.to_pandas().set_index("prompt_id")["is_copy"]])
+    return new, record
 
 
 def guidance_summary(rows: pd.DataFrame, threshold: Threshold, known: Optional[set]) -> dict:
@@ -207,7 +284,8 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         # the copy rate is an estimate over it, and the strategies' copies are judged on the same prompts.
         c = cfg.mitigation
         sample = stratified_sample(memorized, cfg.corpus.marker_regex, c.sample_size, c.seed)
-        frame = checked_prompts(cfg, out, sample)
+        prompts = prompt_rows(out)
+        frame = checked_prompts(cfg, prompts, sample)
         keep_ids = frozenset(frame["prompt_id"][frame["group"] == "memorized"].head(cfg.report.top_prompts))
         known = read_known_memorized(store, cfg.analyze.known_memorized) if cfg.analyze.known_memorized else None
         tables, per_guidance, chosen = [], {}, {}
@@ -215,17 +293,19 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         skipped = unrunnable_strategies(models, cfg)
         strategies = checked_strategies(cfg, skipped)
         checks = strategy_prompts(strategies, frame[frame["group"] == "memorized"], mitigation)
+        order, tried = rule_order(prompts, memorized, sample, cfg), tried_prompts(strategies, sample, mitigation)
         served, reused, why = copies_reuse.reusable(cfg, out, identity, guidances(cfg))
         log.info("copies: %s", why)
         reuse: dict = {"why": why}
         for guidance in guidances(cfg):
             at = reused if guidance == served else {}
-            rows, threshold, chosen[guidance], reuse[f"w={guidance:g}"] = check_guidance(
-                models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks, at)
+            rows, threshold, chosen[guidance], reuse[f"w={guidance:g}"], rule = check_guidance(
+                models, frame, images, index, cfg, guidance, fingerprint, keep_ids, checks, at, order, tried)
             tables += rows
             checked = pa.concat_tables(rows).to_pandas()
             per_guidance[f"w={guidance:g}"] = guidance_summary(checked, threshold, known)
             per_guidance[f"w={guidance:g}"]["judgement"] = judgement(checked, mitigation, guidance, cfg, strategies)
+            per_guidance[f"w={guidance:g}"]["copy_rate_rule"] = rule
         store.write_table(stamped(pa.concat_tables(tables).cast(COPIES_SCHEMA), identity), layout.copies)
         section = copies_summary(cfg, len(frame), per_guidance, threshold, built, layout, save_figures(out, chosen), strategies, skipped)
         section.model, section.reuse = identity, reuse

@@ -32,6 +32,7 @@ from cxrmem.detectors import REGISTRY, DetectorSettings
 from cxrmem.fidelity import FidelitySettings, make_fidelity
 from cxrmem.mitigation import (
     MitigationSettings,
+    changed,
     mitigate_prompts,
     mitigated_prompt,
     runnable_strategies,
@@ -330,6 +331,16 @@ class SkippedStrategies:
 
     def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], strategies: tuple[str, ...]) -> dict[str, str]:
         return runnable_strategies(worker.scorer, worker.mitigation.replace(strategies=strategies))[1]
+
+
+class ChangedPrompts:
+    """Per prompt, whether `strategy` changes anything for it (cxrmem/mitigation.py `changed`, as the mitigate stage
+    records it): the copies check generates only the changed ones, no model work here."""
+
+    def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], strategy: str) -> list[bool]:
+        vocab = vocabulary_words(worker.scorer.tokenizer)
+        texts = [mitigated_prompt(strategy, p, i, vocab, worker.mitigation) for p, i in zip(prompts, prompt_ids)]
+        return [changed(strategy, p, t, worker.scorer, worker.mitigation) for p, t in zip(prompts, texts)]
 
 
 class CopiesOfPrompts:
