@@ -153,8 +153,8 @@ def run_testbed(args, testbed: str) -> None:
         timings = {"settings": settings, "base": base}
         (work / "timings.json").write_text(json.dumps(timings, indent=1))
     later = [(name, {"attribute": attribute, "mitigate": mitigate, "copies": copies, "report": report}[name]) for name in LATER_STAGES]
-    for mode, overrides in MODES.items():
-        folder = work / mode
+    for mode in args.modes:
+        overrides, folder = MODES[mode], work / mode
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(work / "base", folder)
         mode_cfg = base_config(args, testbed, images, str(folder), [*overrides, f"attribution.steps={mode_steps(mode, args.steps)}"])
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--copy-generations", type=int, default=4)
     parser.add_argument("--controls", type=int, default=50)
     parser.add_argument("--reuse-base", action="store_true", help="keep the scored run of an earlier call (same settings)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="the modes to run again (the others' runs and timings are kept from an earlier call)")
     parser.add_argument("--compare", action="store_true", help="only compare the runs already there")
     parser.add_argument("--table", action="store_true", help="write the RESULTS section from the saved comparisons")
     parser.add_argument("--results", default="bench/RESULTS.md")

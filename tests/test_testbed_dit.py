@@ -100,3 +100,29 @@ def test_the_text_encoder_steps_must_not_be_negative(tmp_path):
 def test_an_unknown_testbed_denoiser_is_refused_by_its_key(tmp_path):
     with pytest.raises(ConfigError, match="testbed.denoiser"):
         tiny_testbed_config(str(tmp_path), **{"testbed.denoiser": "dit"})
+
+
+def test_on_the_flow_model_the_cascade_first_screen_reads_a_second_step_and_prunes(trained_tiny_dit, tiny_model_dir, tmp_path):
+    """The first step's norm is 0 for every prompt here (above), so a k = 1 screen keeps every prompt as a tie and
+    prunes nothing. The cascade reads the scheduler config (no weights) and starts its d_mem screens at k = 2 on a
+    flow-matching model, where the screen ranks and keeps its share; a UNet's first screen stays at k = 1."""
+    import json
+
+    from cxrmem.cli import main
+    from cxrmem.config import load_config
+    from cxrmem.models.loading import blind_steps
+    from cxrmem.runfiles import Run, RunLayout
+    from cxrmem.stages import cascade
+    from tests.test_cascade import cfg_for
+
+    out, _ = trained_tiny_dit
+    run = tmp_path / "run"
+    first_screen = "cascade.stages=[{screen: dmem, keep_percent: 25, steps: 1, generations: 1}]"
+    cfg = cfg_for(out, run, first_screen, "cascade.audit_sample=0")
+    assert blind_steps(cfg.model) == 1 and blind_steps(load_config(None, [f"model.path={tiny_model_dir}"]).model) == 0
+    assert [s.steps for s in cascade.plan(cfg, 1)] == [2] and [s.steps for s in cascade.plan(cfg)] == [1]
+    assert main(["prepare", f"run.output={run}", "corpus.synthetic.n_reports=40"]) == 0
+    cascade.run_cascade(cfg, Run.of(cfg).with_fingerprint("fp-dit"))
+    section = json.loads(open(RunLayout(str(run)).summary).read())["cascade"]
+    stage = section["rounds"][-1]["stages"][0]
+    assert section["stages"][0]["steps"] == 2 and (stage["screened"], stage["kept"]) == (34, 9)  # 40 reports, 34 distinct

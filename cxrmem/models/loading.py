@@ -64,6 +64,20 @@ def load_components(model_cfg, store: Optional[Store] = None, need_vae: bool = F
     return components
 
 
+def blind_steps(model_cfg, store: Optional[Store] = None) -> int:
+    """Leading sampling steps whose text-conditional difference is 0 by construction, from the scheduler config alone
+    (no weights loaded): 1 on a flow-matching model, whose schedule starts at sigma = 1 where the epsilon a velocity
+    implies is x_t whatever the denoiser predicts (cxrmem/scoring/prediction.py FlowVelocity), else 0. A first-step
+    screen ranks nothing there (bench/RESULTS.md, "Transformer testbed")."""
+    from cxrmem.scoring.prediction import is_flow_matching
+
+    if model_cfg.kind == "radedit":  # DDIM on epsilon (cxrmem/models/radedit.py)
+        return 0
+    store = store or Store.from_config()
+    uri = f"{model_cfg.path.rstrip('/')}/scheduler/scheduler_config.json"
+    return int(is_flow_matching(store.read_json(uri))) if store.exists(uri) else 0  # a folder without one fails to load, named
+
+
 def fingerprint_model(model_cfg, store: Optional[Store] = None) -> str:
     """The model's fingerprint from its files alone (content hashes of weights and configs, the base's
     and each adapter's with its scale), loading nothing."""

@@ -108,9 +108,12 @@ class Round:
     missed_by_stage: list[int] = field(default_factory=list)
 
 
-def plan(cfg) -> list[Stage]:
-    """The configured screens, in order."""
-    return [Stage(s.screen, s.keep_percent, s.steps, s.generations or cfg.score.generations) for s in cfg.cascade.stages]
+def plan(cfg, blind: int = 0) -> list[Stage]:
+    """The configured screens, in order; a d_mem screen reads at least one step past the model's `blind` ones
+    (cxrmem/models/loading.py blind_steps: on a flow-matching model the first step's norm is 0 for every prompt,
+    so the default first screen, k = 1, would keep every prompt as a tie and prune nothing)."""
+    return [Stage(s.screen, s.keep_percent, max(s.steps, blind + 1) if s.screen == "dmem" else s.steps, s.generations or cfg.score.generations)
+            for s in cfg.cascade.stages]  # fmt: skip
 
 
 def stage_config(cfg, output: str, stage: Stage):
@@ -328,8 +331,14 @@ def run_cascade(cfg, out: Run, batches: score.ScoredBatches = score.local_batche
     `batches` is the executor, which takes the stages' `carry`: in this process by default, Ray's actor
     pool from cxrmem/distributed/cascade.py. The model work of every scoring is the score stage's cost; `out`
     names the model's fingerprint."""
+    from cxrmem.models.loading import blind_steps
+
     store, layout = out.store, out.layout
-    stages = plan(cfg)
+    blind = blind_steps(cfg.model, store)
+    stages = plan(cfg, blind)
+    if blind:
+        log.info("cascade: the model's first %d step(s) carry no text-conditional difference (flow matching): d_mem screens read "
+                 "at least %d steps", blind, blind + 1)  # fmt: skip
     all_ids = _ids(store, layout.prompts).to_numpy(zero_copy_only=False)
     full_cost = dmem_cost(cfg.score, cfg.score.steps)
     rounds, spent, work = [], {"screens": 0, "full": 0, "audit": 0}, UNetWork()
