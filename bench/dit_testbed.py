@@ -37,12 +37,12 @@ from bench.cascade_frontier import Screen, Testbed, cascade_outcome, full_norms,
 from cxrmem.config import load_config  # noqa: E402
 from cxrmem.corpus.text import prompt_id  # noqa: E402
 from cxrmem.detectors import screen_top  # noqa: E402
-from cxrmem.models.loading import load_components  # noqa: E402
+from cxrmem.models.loading import blind_steps, load_components  # noqa: E402
 from cxrmem.results_page import cpu_name, write_results  # noqa: E402
 from cxrmem.scoring.dmem import d_mem  # noqa: E402
 from cxrmem.scoring.scorer import Scorer  # noqa: E402
 from cxrmem.scoring.settings import ScoreSettings  # noqa: E402
-from cxrmem.stages.cascade import dmem_cost, evaluations  # noqa: E402
+from cxrmem.stages.cascade import dmem_cost, evaluations, plan  # noqa: E402
 from cxrmem.testbed.evaluate import MANIFEST, detection_rows, evaluation_prompts  # noqa: E402
 
 # d_mem over all steps, and the cascade's first two screens' depths (the first step of a flow-matching schedule is 0).
@@ -107,10 +107,14 @@ def cascade(config: str, args) -> dict:
     norms = full_norms(base.testbed.out, cache, cfg, args.batch, limit, order_seed)
     planted_by_prompt = pd.read_csv(os.path.join(base.testbed.out, MANIFEST)).drop_duplicates("prompt").set_index("prompt").planted
     planted = planted_by_prompt.loc[testbed_prompts(base.testbed.out, order_seed)[: len(norms)]].to_numpy()
-    stages = tuple(Screen(s.steps, s.generations or cfg.score.generations, s.keep_percent) for s in cfg.cascade.stages)
     sample = f"a seeded random sample of {len(norms)}" if len(norms) < len(planted_by_prompt) else f"all {len(norms)}"
-    return {"name": name, "steps": args.cascade_steps, "stages": stages, "sample": sample,
-            **cascade_rows(norms, planted, stages, args.batch, cfg.score)}  # fmt: skip
+    # as configured, and as the cascade plans them on this model (a d_mem screen past the blind first step of flow matching)
+    plans = {"configured": plan(cfg), "planned for the model": plan(cfg, blind_steps(cfg.model))}
+    rows = {}
+    for label, stages in plans.items():
+        screens = tuple(Screen(s.steps, s.generations, s.keep_percent) for s in stages)
+        rows[label] = {"stages": screens, **cascade_rows(norms, planted, screens, args.batch, cfg.score)}
+    return {"name": name, "steps": args.cascade_steps, "sample": sample, "rows": rows}
 
 
 def markdown(results: list[dict], cascades: list[dict], args, minutes: float) -> str:
@@ -130,16 +134,21 @@ def markdown(results: list[dict], cascades: list[dict], args, minutes: float) ->
             per_level = " / ".join(f"{row['auc']:.3f}" for row in levels)
             lines.append(f"| {r['name']} | {r['sampler']} | {label} | {overall['auc']:.3f} | {overall['tpr_at_1pct_fpr']:.2f} | {per_level} |")
     for c in cascades:
+        first = next(iter(c["rows"].values()))
         lines += [
-            "", f"The default `cascade.stages` ({', '.join(map(str, c['stages']))}) on {c['sample']} distinct training prompts of "
-            f"{c['name']}, fully scored at G={g}, T={c['steps']}: the prompts each stage keeps, recall of the full d_mem's top 1% "
-            f"({c['top']} prompts) and of the planted prompts among the fully scored, and denoiser evaluations per prompt "
-            "(continuing trajectories, as `cascade.evaluations` counts them) against the full score's.", "",
-            "| first step all zero | kept per stage | fully scored | recall top 1% | recall planted | evaluations per prompt | full score |",
-            "|---|---|---|---|---|---|---|",
-            f"| {'yes' if c['first_step_zero'] else 'no'} | {' / '.join(map(str, c['kept']))} | {c['fully_scored']} | {c['recall']:.2f} "
-            f"| {c['planted_recall']:.2f} | {c['continued']:.2f} | {c['full_cost']:.1f} |",
+            "", f"The default `cascade.stages` on {c['sample']} distinct training prompts of {c['name']}, fully scored at G={g}, "
+            f"T={c['steps']}, as configured and as `cascade.plan` runs them on this model (a d_mem screen reads at least one "
+            "step past the model's blind first steps: cxrmem/models/loading.py `blind_steps`): the prompts each stage keeps, "
+            f"recall of the full d_mem's top 1% ({first['top']} prompts) and of the planted prompts among the fully scored, and "
+            "denoiser evaluations per prompt (continuing trajectories, as `cascade.evaluations` counts them) against the full "
+            f"score's. Every prompt's first-step norm is zero: {'yes' if first['first_step_zero'] else 'no'}.", "",
+            "| stages | screens (k, G, keep %) | kept per stage | fully scored | recall top 1% | recall planted | evaluations per prompt | full score |",
+            "|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
+        for label, r in c["rows"].items():
+            screens = ", ".join(f"({s.steps}, {s.generations}, {s.keep_percent:g})" for s in r["stages"])
+            lines.append(f"| {label} | {screens} | {' / '.join(map(str, r['kept']))} | {r['fully_scored']} | {r['recall']:.2f} "
+                         f"| {r['planted_recall']:.2f} | {r['continued']:.2f} | {r['full_cost']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
