@@ -107,7 +107,7 @@ def vocabulary_words(tokenizer) -> list[str]:
 
     english = get_english_words_set(["web2"], lower=True, alpha=True)
     special = set(tokenizer.all_special_tokens)
-    unmarked = {entry.lstrip(WORD_START_MARKS).removesuffix(WORD_END_MARK) for entry in tokenizer.get_vocab() if entry not in special}
+    unmarked = {entry.lstrip(WORD_START_MARKS).removesuffix(WORD_END_MARK) for entry in tokenizer.get_vocab()}
     candidates = sorted(w for w in unmarked if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special and w.lower() in english)
     pieces = tokenizer(candidates, add_special_tokens=False)["input_ids"] if candidates else []
     words = [word for word, ids in zip(candidates, pieces) if len(ids) == 1]
