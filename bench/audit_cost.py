@@ -14,7 +14,11 @@ tests/test_cost.py holds equal to what the Scorer counts:
   (1: an upper bound; bench/mitigation_stops.py measures where the sequential rule stops the strategies);
 - copies: the same sample and `copies.n_controls` controls at each guidance, N generations of T steps, and each
   checked strategy's generations and preparation on the sample, less mitigation's generations that it reuses at the
-  guidance whose settings match (all but the report's top prompts of the sample, and every strategy's).
+  guidance whose settings match (all but the report's top prompts of the sample, and every strategy's); and the
+  copy-rate rule's prompts past mitigation's (cxrmem/stages/copies.py continue_undecided), generated fresh at each
+  guidance where the unmitigated prompts copy (`--copy-rule-guidances`): `--copy-rule-pairs` prompt-strategy pairs and
+  `--copy-rule-prompts` unmitigated prompts at each (measured: bench/sized_vs_exhaustive.py's summaries; the bound is
+  copies.max_prompts per strategy).
 
     PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts 100000 --memorized-percent 1
 """
@@ -66,8 +70,14 @@ def stage_costs(cfg, n: int, memorized: int, args) -> dict[str, float]:
     def unmitigated(w: float) -> float:  # one prompt's N generations as `original` samples them at w
         return strategies.row("original").evaluations(m, (0, 0), (nc, t), w)
 
+    def rule_cost(w: float) -> float:  # the copy-rate rule's pairs past mitigation's, at the checked strategies' mean cost
+        if w not in args.copy_rule_guidances:
+            return 0.0
+        mean = sum(strategies.row(s).evaluations(m, (0, 0), (nc, t), w) for s in checked) / max(len(checked), 1)
+        return args.copy_rule_prompts * unmitigated(w) + args.copy_rule_pairs * mean
+
     def per_guidance(w: float) -> float:  # the unmitigated sample and the controls, then the strategies
-        return (sample + cfg.copies.n_controls) * unmitigated(w) + checked_cost(w)
+        return (sample + cfg.copies.n_controls) * unmitigated(w) + checked_cost(w) + rule_cost(w)
 
     # At the guidance whose settings are mitigation's (copies_reuse.served_guidance), copies takes mitigation's embedded
     # generations: it samples only the controls and the report's top prompts (their figures need the images) there.
@@ -91,6 +101,11 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=30, help="words per attributed prompt")
     parser.add_argument("--mitigated-share", type=float, default=1.0,
                         help="strategies' runs as a share of the upper bound (bench/RESULTS.md 'where the sequential rule stops')")
+    parser.add_argument("--copy-rule-pairs", type=float, default=0.0,
+                        help="prompt-strategy pairs the copies' copy-rate rule adds per guidance past mitigation's")
+    parser.add_argument("--copy-rule-prompts", type=float, default=0.0, help="unmitigated prompts it adds per guidance")
+    parser.add_argument("--copy-rule-guidances", type=float, nargs="*", default=[1.0],
+                        help="the guidances where the unmitigated prompts copy, where the rule runs (testbeds: w = 1)")
     parser.add_argument("--results", default=None, help="write the table into this page (bench/RESULTS.md)")
     parser.add_argument("overrides", nargs="*", help="config overrides (OmegaConf dot-keys)")
     args = parser.parse_args()
@@ -101,7 +116,8 @@ def main() -> None:
     total = sum(costs.values())
     lines = [HEADING, "",
              f"Command: `PYTHONPATH=$PWD .venv/bin/python bench/audit_cost.py --prompts {n} --memorized-percent "
-             f"{args.memorized_percent:g} --mitigated-share {args.mitigated_share:g}"
+             f"{args.memorized_percent:g} --mitigated-share {args.mitigated_share:g} --copy-rule-pairs {args.copy_rule_pairs:g} "
+             f"--copy-rule-prompts {args.copy_rule_prompts:g} --copy-rule-guidances {' '.join(f'{w:g}' for w in args.copy_rule_guidances)}"
              f"{' ' + ' '.join(args.overrides) if args.overrides else ''}` (arithmetic on the declared "
              f"costs, which tests/test_cost.py holds equal to the counted ones; {cpu_name()}). {n:,} prompts, {memorized:,} "
              f"memorized, the defaults: T={cfg.score.steps}, G={cfg.score.generations}, the cascade at "

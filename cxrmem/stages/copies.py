@@ -180,7 +180,8 @@ def continue_undecided(models, cfg, order: pd.DataFrame, tables: list, threshold
     lies within +-copies.equivalence_margin) goes on through `order` (the memorized set in its stratified order,
     mitigation's sample first), mitigation.look_every prompts it has not tried at a time (`tried`), the changed ones
     only, until decided or copies.max_prompts are tried; the unmitigated prompts are generated where they were not.
-    New copies.parquet tables, and per strategy the rule's record."""
+    Not at a guidance where no unmitigated memorized prompt copies: F3 reads only those where some do (findings.py
+    F3_RULE), and a strategy there can only raise the rate. New copies.parquet tables, and per strategy the record."""
     c, m = cfg.copies, cfg.mitigation
     settings = CopiesSettings.of(c)
     rows = pa.concat_tables(tables).to_pandas()
@@ -189,17 +190,18 @@ def continue_undecided(models, cfg, order: pd.DataFrame, tables: list, threshold
     limit = order.head(c.max_prompts) if c.max_prompts else order
     new, record, active = [], {}, list(tried)
     margin = f"+-{c.equivalence_margin:g} of copy rate"
+    idle = None if found[UNMITIGATED].any() else "not continued: no unmitigated memorized prompt copies at this guidance"
     while active:
         looks = {}
         for strategy in list(active):
             change = copy_rate_change(found[strategy], found[UNMITIGATED], m.stop_level)
             why = decision(change, m.stop_level, c.equivalence_margin, MIN_PAIRED_PROMPTS, "the copy-rate change", margin)
             ahead = limit[~limit["prompt_id"].isin(tried[strategy])].head(m.look_every)
-            if why is None and c.sequential and len(ahead):
+            if why is None and c.sequential and len(ahead) and idle is None:
                 looks[strategy] = ahead
                 continue
-            why = why or ("undecided, not continued (copies.sequential=false)" if not c.sequential else
-                          "the memorized set (or copies.max_prompts) ran out, undecided")  # fmt: skip
+            why = why or idle or ("undecided, not continued (copies.sequential=false)" if not c.sequential else
+                                  "the memorized set (or copies.max_prompts) ran out, undecided")  # fmt: skip
             record[strategy] = {"prompts": len(found[strategy]), "tried": len(tried[strategy]), "level": m.stop_level,
                                 "copy_rate_change": change, "stopped": why}  # fmt: skip
             active.remove(strategy)
