@@ -35,6 +35,7 @@ from cxrmem.config import load_config
 from cxrmem.corpus.text import prompt_id
 from cxrmem.detectors import screen_top
 from cxrmem.formatting import fmt
+from cxrmem.models.loading import blind_steps
 from cxrmem.results_page import cpu_name, write_results
 from cxrmem.stages.cascade import Round, Screened, audit_sample_ids, memorized_threshold, plan, stage_scores, wider_shares
 from cxrmem.stats import top_percent_mask
@@ -110,9 +111,10 @@ class Replay:
         return checked, bounds
 
 
-def replay(norms: np.ndarray, ids: np.ndarray, cfg, batch: int) -> dict:
-    """The cascade's rounds on these norms under `cfg`: its recall of the full top 1% and what it reports."""
-    run, stages = Replay(norms, ids, cfg, batch), plan(cfg)
+def replay(norms: np.ndarray, ids: np.ndarray, cfg, batch: int, blind: int = 0) -> dict:
+    """The cascade's rounds on these norms under `cfg` (its stages planned past the model's `blind` first steps, as
+    the run plans them): its recall of the full top 1% and what it reports."""
+    run, stages = Replay(norms, ids, cfg, batch), plan(cfg, blind)
     rounds = []
     for number in range(1, cfg.cascade.max_rounds + 1):
         _, screened, rows = run.stages_round(stages)
@@ -174,6 +176,7 @@ def main() -> None:
     parser.add_argument("--widen-above", type=float, default=1.0, help="cascade.widen_above_expected_missed of the 'fixed + model' rows")
     parser.add_argument("--audit-sample", type=int, nargs="+", default=[200, 20], help="cascade.audit_sample values to replay")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--ignore-blind-steps", action="store_true", help="plan the stages as configured on a flow model too")
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -195,8 +198,9 @@ def main() -> None:
         for audit, (mode, target, above) in itertools.product(args.audit_sample, modes):
             cfg = load_config(None, [f"model.path={path}", "score.steps=50", "score.generations=4", f"cascade.audit_sample={audit}",
                                      f"cascade.expected_missed_target={target}", f"cascade.widen_above_expected_missed={above}"])  # fmt: skip
-            rows.append({"testbed": name, "prompts": len(norms), "audit": audit, "mode": mode,
-                         **replay(norms, ids, copy.deepcopy(cfg), args.batch)})  # fmt: skip
+            blind = 0 if args.ignore_blind_steps else blind_steps(cfg.model)
+            rows.append({"testbed": name, "prompts": len(norms), "audit": audit, "mode": mode + (" (k = 1 kept)" if args.ignore_blind_steps else ""),
+                         **replay(norms, ids, copy.deepcopy(cfg), args.batch, blind)})  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
     text = markdown(rows, args, (time.time() - started) / 60)
     print(text)
