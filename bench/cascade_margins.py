@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--ignore-blind-steps", action="store_true", help="plan the stages as configured on a flow model too")
     parser.add_argument("--results", default="bench/RESULTS.md")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started, rows = time.time(), []
     for path in args.testbed:
         name = os.path.basename(os.path.normpath(path))
