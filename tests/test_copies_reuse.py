@@ -78,8 +78,12 @@ def test_copies_reuses_mitigations_generations_with_the_same_rows_and_less_count
     assert len(taken) == section.reuse["w=7.5"]["reused"]
     assert fresh_work["evaluations"] - work["evaluations"] == declared > 0
     assert fresh_work["vae_decodes"] - work["vae_decodes"] == len(taken) * n
-    # bench/audit_cost.py's declared copies cost (every strategy on the whole sample, as here) is the counted one.
-    assert stage_costs(cfg, len(TEXTS), 2, Namespace(cascade_per_prompt=0, reference=0, words=1, mitigated_share=1))["copies"] == work["evaluations"]
+    # bench/audit_cost.py's declared copies cost (every strategy on the whole sample, as here: the memorized set is the
+    # sample, so the copy-rate rule has no prompt to add) is the counted one.
+    assert not any(r["tried"] > 2 for g in section.guidances.values() for r in g["copy_rate_rule"].values())
+    projection = Namespace(cascade_per_prompt=0, reference=0, words=1, mitigated_share=1, copy_rule_pairs=0, copy_rule_prompts=0,
+                           copy_rule_guidances=[1.0])  # fmt: skip
+    assert stage_costs(cfg, len(TEXTS), 2, projection)["copies"] == work["evaluations"]
 
 
 @pytest.mark.parametrize("changed", [["copies.generations=3"], ["copies.pixel_size=16"], ["mitigation.noise_std=0.5"]])
