@@ -43,6 +43,7 @@ N noises for every strategy, so that the comparison is paired.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -95,7 +96,8 @@ WORD_START_MARKS = "▁Ġ"
 WORD_END_MARK = "</w>"
 
 
-def vocabulary_words(tokenizer) -> list[str]:
+@functools.lru_cache(maxsize=4)  # per tokenizer: every strategy call and copies chunk asks again, and the answer is fixed
+def vocabulary_words(tokenizer) -> tuple[str, ...]:
     """Whole words of the tokenizer's vocabulary: English words of 3+ letters that it reads as one token alone.
 
     Entries are read without their word marks (WORD_START_MARKS, WORD_END_MARK). A vocabulary also holds pieces of
@@ -110,7 +112,7 @@ def vocabulary_words(tokenizer) -> list[str]:
     unmarked = {entry.lstrip(WORD_START_MARKS).removesuffix(WORD_END_MARK) for entry in tokenizer.get_vocab()}
     candidates = sorted(w for w in unmarked if w.isascii() and w.isalpha() and len(w) >= 3 and w not in special and w.lower() in english)
     pieces = tokenizer(candidates, add_special_tokens=False)["input_ids"] if candidates else []
-    words = [word for word, ids in zip(candidates, pieces) if len(ids) == 1]
+    words = tuple(word for word, ids in zip(candidates, pieces) if len(ids) == 1)
     if not words:
         raise ValueError("the tokenizer's vocabulary has no whole English words of 3+ letters to draw from")
     return words

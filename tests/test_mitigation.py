@@ -241,7 +241,7 @@ def test_vocabulary_words_leave_out_wordpiece_fragments(tmp_path):
 
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "conso", "##lidation",
                                                    "consolidation", "effusion", "left", "ab"]) + "\n")
-    assert vocabulary_words(BertTokenizer(str(tmp_path / "vocab.txt"))) == ["consolidation", "effusion", "left"]
+    assert vocabulary_words(BertTokenizer(str(tmp_path / "vocab.txt"))) == ("consolidation", "effusion", "left")
 
 
 def test_vocabulary_words_of_a_sentencepiece_tokenizer_are_word_starts_not_inner_pieces(tmp_path):

@@ -117,16 +117,18 @@ def embed_and_search(models, frame: pd.DataFrame, what: str, cfg, index: torch.T
     return Checked(sims, rows, [t for _, t, _ in ordered], kept, [f for _, _, f in ordered], len(frame) - len(fresh))
 
 
-def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Per checked strategy, the sampled memorized prompts its copies are checked on: those mitigation ran it on (its
-    sample, cut where the sequential rule stopped it) and it changed (an unchanged prompt generates what the
-    unmitigated one does, and the judgement leaves it out); without mitigation.parquet, the whole sample
-    (cxrmem/mitigation_sizing.py)."""
-    if mitigation is None:
-        return {s: sample for s in strategies}
-    changed = mitigation[mitigation["changed"].astype(bool)]
-    return {s: sample[sample["prompt_id"].isin(changed.loc[changed["strategy"] == s, "prompt_id"])] if s in set(mitigation["strategy"]) else sample
-            for s in strategies}  # fmt: skip
+def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> tuple[dict, dict]:
+    """Per checked strategy, from mitigation.parquet (cxrmem/mitigation_sizing.py):
+    - the sampled memorized prompts its copies are checked on: those mitigation ran it on (its sample, cut where the
+      sequential rule stopped it) and it changed (an unchanged prompt generates what the unmitigated one does, and
+      the judgement leaves it out);
+    - the ids of the memorized prompts tried before the copy-rate rule: those mitigation ran it on, changed or not.
+    A strategy mitigation did not run (or no mitigation.parquet) gets the whole sample in both."""
+    ran = {} if mitigation is None else dict(iter(mitigation.groupby("strategy")))
+    checks = {s: sample[sample["prompt_id"].isin(ran[s].loc[ran[s]["changed"].astype(bool), "prompt_id"])] if s in ran else sample
+              for s in strategies}  # fmt: skip
+    tried = {s: set(ran[s]["prompt_id"]) if s in ran else set(sample["prompt_id"]) for s in strategies}
+    return checks, tried
 
 
 def rule_order(prompts: pd.DataFrame, memorized: pd.DataFrame, sample: pd.DataFrame, cfg) -> pd.DataFrame:
@@ -136,13 +138,6 @@ def rule_order(prompts: pd.DataFrame, memorized: pd.DataFrame, sample: pd.DataFr
     rest = everyone[~everyone["prompt_id"].isin(sample["prompt_id"])]
     ids = [p for p in pd.concat([sample, rest])["prompt_id"] if p in prompts.index]
     return prompts.loc[ids].reset_index().assign(group="memorized")
-
-
-def tried_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Optional[pd.DataFrame]) -> dict[str, set]:
-    """Per checked strategy, the memorized prompts already tried before the copy-rate rule: those mitigation ran it on
-    (changed or not), or the whole sample where mitigation did not run it (strategy_prompts)."""
-    ran = {} if mitigation is None else {s: set(g["prompt_id"]) for s, g in mitigation.groupby("strategy")}
-    return {s: ran.get(s, set(sample["prompt_id"])) for s in strategies}
 
 
 def check_guidance(models, frame, images, index, cfg, guidance: float, fingerprint: str, keep_ids, checks: dict, reused: dict,
@@ -294,8 +289,8 @@ def run(cfg, out: Optional[Run] = None, models: Optional[LocalModel] = None, emb
         mitigation = store.read_table(layout.mitigation).to_pandas() if store.exists(layout.mitigation) else None
         skipped = unrunnable_strategies(models, cfg)
         strategies = checked_strategies(cfg, skipped)
-        checks = strategy_prompts(strategies, frame[frame["group"] == "memorized"], mitigation)
-        order, tried = rule_order(prompts, memorized, sample, cfg), tried_prompts(strategies, sample, mitigation)
+        checks, tried = strategy_prompts(strategies, frame[frame["group"] == "memorized"], mitigation)
+        order = rule_order(prompts, memorized, sample, cfg)
         served, reused, why = copies_reuse.reusable(cfg, out, identity, guidances(cfg))
         log.info("copies: %s", why)
         reuse: dict = {"why": why}

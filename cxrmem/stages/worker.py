@@ -284,6 +284,11 @@ class ModelWorker:
             self.embedder = make_embedder(self.embedder_settings, self.scorer.device)
         return self.embedder
 
+    def strategy_texts(self, strategy: str, prompts: list[str], prompt_ids: list[str]) -> list[str]:
+        """The texts `strategy` generates from (its rewrite's, seeded by prompt id), as the mitigate stage makes them."""
+        vocab = vocabulary_words(self.scorer.tokenizer)
+        return [mitigated_prompt(strategy, p, i, vocab, self.mitigation) for p, i in zip(prompts, prompt_ids)]
+
     def sampling_plan(self, strategy: str):
         """The same text; a changed embedding, attention, guidance schedule or initial noise, as the mitigate stage makes it."""
         import torch
@@ -338,8 +343,7 @@ class ChangedPrompts:
     records it): the copies check generates only the changed ones, no model work here."""
 
     def __call__(self, worker: ModelWorker, prompt_ids: list[str], prompts: list[str], strategy: str) -> list[bool]:
-        vocab = vocabulary_words(worker.scorer.tokenizer)
-        texts = [mitigated_prompt(strategy, p, i, vocab, worker.mitigation) for p, i in zip(prompts, prompt_ids)]
+        texts = worker.strategy_texts(strategy, prompts, prompt_ids)
         return [changed(strategy, p, t, worker.scorer, worker.mitigation) for p, t in zip(prompts, texts)]
 
 
@@ -354,9 +358,7 @@ class CopiesOfPrompts:
 
         plan, originals = None, list(prompts)
         if strategy != "none":  # the strategy's text (its rewrite's), embedding and sampling, as the mitigate stage makes them
-            vocab = vocabulary_words(worker.scorer.tokenizer)
-            prompts = [mitigated_prompt(strategy, p, i, vocab, worker.mitigation) for p, i in zip(prompts, prompt_ids)]
-            plan = worker.sampling_plan(strategy)
+            prompts, plan = worker.strategy_texts(strategy, prompts, prompt_ids), worker.sampling_plan(strategy)
         queries, generations = embedded_generations(
             worker.scorer, worker.image_embedder(), prompts, prompt_ids, worker.copy_settings, guidance, plan
         )
