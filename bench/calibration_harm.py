@@ -68,6 +68,24 @@ def run_frames(run: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return corpus, ref[np.isfinite(ref["d_mem"]) & ~ref["nonfinite"]]
 
 
+def parse_setting(choice: str):
+    """CalibrationSettings of `BINS,TAIL_QUANTILE[,LO:HI]` (LO:HI: analyze.reference_spread; default the IQR)."""
+    from cxrmem.calibration import CalibrationSettings
+
+    bins, quantile, *spread = choice.split(",")
+    extra = {"reference_spread": [float(q) for q in spread[0].split(":")]} if spread else {}
+    return CalibrationSettings(reference_length_bins=int(bins), reference_tail_quantile=float(quantile), **extra)
+
+
+def calibrated_frames(run: str, setting: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """run_frames, the corpus's p- and q-values recalibrated at `setting` (None: the run's own)."""
+    corpus, ref = run_frames(run)
+    if setting is None:
+        return corpus, ref
+    result = recalibrate(corpus, ref, parse_setting(setting))
+    return corpus.assign(p_value=result.p_value, q_value=result.q_value), ref
+
+
 def planted_ids(model_dir: str) -> set:
     from cxrmem.analysis import known_memorized_ids
 
@@ -116,12 +134,13 @@ def copy_check(name: str, work: dict, args) -> pd.DataFrame:
     from cxrmem.models.loading import load_components
     from cxrmem.scoring.scorer import Scorer
 
-    saved = f"{work[name]}/copies_check_g{args.generations}.csv"
+    suffix = "" if args.setting is None else "_" + args.setting.replace(",", "_").replace(":", "-")
+    saved = f"{work[name]}/copies_check_g{args.generations}{suffix}.csv"
     if args.reuse and os.path.exists(saved):
         return pd.read_csv(saved)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _, model_dir, config = TESTBEDS[name]
-    corpus, ref = run_frames(work[name])
+    corpus, ref = calibrated_frames(work[name], args.setting)
     frame = checked_frame(corpus, ref, planted_ids(model_dir), args.sample, args.reference_sample, args.seed)
     with tempfile.TemporaryDirectory() as folder:
         table, index, embedder, cfg = training_index(model_dir, config, folder)
@@ -277,15 +296,14 @@ def setting_rows(name: str, work: dict, choices: list[str], draws: int, share: f
     """Per analyze setting (`bins,tail_quantile`): the corpus's calls, the tail fit, the length bias, the split null."""
     from scipy.stats import spearmanr
 
-    from cxrmem.calibration import CalibrationSettings, exceedance_test, global_null_p
+    from cxrmem.calibration import exceedance_test, global_null_p
 
     label, model_dir, _ = TESTBEDS[name]
     corpus, ref = run_frames(work[name])
     planted = corpus["prompt_id"].isin(planted_ids(model_dir)).to_numpy()
     rows = []
     for choice in choices:
-        bins, quantile = choice.split(",")
-        settings = CalibrationSettings(reference_length_bins=int(bins), reference_tail_quantile=float(quantile))
+        settings = parse_setting(choice)
         result = recalibrate(corpus, ref, settings)
         others = ~planted & np.isfinite(result.p_value)
         f0 = exceedance_test(np.where(corpus["nonfinite"], np.nan, corpus["d_mem"].to_numpy(np.float64)), result.length_bin, result.bins)
@@ -333,7 +351,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 150, 200, 250, 300, 400, 546])
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--total", type=int, default=100_000)
-    parser.add_argument("--settings", nargs="+", default=["4,0.9", "1,0.9", "2,0.8", "3,0.8", "3,0.9"], help="BINS,TAIL_QUANTILE")
+    parser.add_argument("--settings", nargs="+", default=["4,0.9", "1,0.9", "2,0.8", "3,0.8", "3,0.9"], help="BINS,TAIL_QUANTILE[,LO:HI] (reference_spread)")
+    parser.add_argument("--setting", default=None, help="copies: recalibrate the runs at BINS,TAIL_QUANTILE[,LO:HI] first (default: their own q-values)")
     parser.add_argument("--null-share", type=float, default=0.2, help="settings: share of the reference audited in the split null")
     parser.add_argument("--bins", type=int, default=4, help="analyze.reference_length_bins")
     parser.add_argument("--tail-quantile", type=float, default=0.9, help="analyze.reference_tail_quantile")
@@ -342,7 +361,8 @@ def main() -> None:
     work = {name: f"{args.work}/{name}" for name in TESTBEDS} | dict(item.split("=", 1) for item in args.run)
     if args.what == "copies":
         rows = [r for name in args.testbeds
-                for r in summarize(TESTBEDS[name][0], copy_check(name, work, args), run_frames(work[name])[0], args.generations)]  # fmt: skip
+                for r in summarize(TESTBEDS[name][0], copy_check(name, work, args), calibrated_frames(work[name], args.setting)[0],
+                                   args.generations)]  # fmt: skip
         text = copies_markdown(rows, args)
     elif args.what == "settings":
         text = settings_markdown([r for name in args.testbeds for r in setting_rows(name, work, args.settings, args.draws, args.null_share)], args)

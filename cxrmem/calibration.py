@@ -13,8 +13,8 @@ scored with the same settings (docs/design.md, "Calibrated calls"). Choices, eac
 - **The floor and a fitted upper tail.** A plain conformal p-value is at least 1/(n_b + 1): with a reference
   of 400 prompts in 4 bins, no prompt reaches below 0.01, and BH over 512 prompts then makes no discovery
   at 0.05 even for 24 prompts far beyond every non-member (measured: bench/RESULTS.md, "Calibrated calls").
-  Each bin's reference scores are standardized by the bin's median and interquartile range (length moves
-  the location and spread of d_mem), the standardized scores of all bins are pooled, and their
+  Each bin's reference scores are standardized by the bin's median and spread (`reference_spread`: the
+  interquartile range by default; length moves the location and spread of d_mem), the standardized scores of all bins are pooled, and their
   exceedances beyond the pooled `reference_tail_quantile` (0.9 by default) are fitted with a generalized
   Pareto distribution (the peaks-over-threshold model of extreme-value theory; its shape is kept >= 0,
   since a fitted bounded tail would give p = 0 just past the reference's maximum). A prompt whose
@@ -45,7 +45,9 @@ from typing import Optional
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cxrmem.settings import POSITIVE, UNIT_OPEN, Settings, at_least, knob
+from cxrmem.settings import POSITIVE, UNIT_OPEN, Rule, Settings, at_least, knob
+
+SPREAD: Rule = (lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 1, "two quantiles [lo, hi] with 0 <= lo < hi <= 1")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class CalibrationSettings(Settings):
     reference_min_per_bin: int = knob(50, POSITIVE)  # fewest reference prompts per length bin (bins are merged below it)
     reference_tail: str = knob("gpd", choices=["gpd", "none"])  # gpd: a fitted upper tail (generalized Pareto) below the conformal floor 1/(n+1) | none
     reference_tail_quantile: float = knob(0.9, UNIT_OPEN)  # where the fitted tail starts, as a quantile of each bin's reference scores
+    reference_spread: list = knob([0.25, 0.75], SPREAD)  # [lo, hi]: a bin's scores are standardized by its median and q_hi - q_lo ([0.5, 0.9]: upper spread)
     reference_min: int = knob(100, POSITIVE)  # fewer reference prompts: F0 is inconclusive
 
 
@@ -122,15 +125,20 @@ class Calibrated:
     q_value: np.ndarray  # [N] Benjamini-Hochberg over the finite p-values
     length_bin: np.ndarray  # [N] the Mondrian bin of each prompt
     bins: LengthBins
-    scales: list[tuple[float, float]]  # per bin, the (median, interquartile range) that standardizes its scores
+    scales: list[tuple[float, float]]  # per bin, the (median, spread) that standardizes its scores
     tail: Optional[TailFit]  # the pooled standardized tail (None: plain p-values everywhere)
     smallest_plain_p: float  # 1 / (n_b + 1) of the largest bin: the conformal floor
 
 
-def bin_scale(sorted_ref: np.ndarray) -> tuple[float, float]:
-    """(median, interquartile range) of a bin's reference scores: robust, since the tail is what is tested."""
-    q1, median, q3 = np.quantile(sorted_ref, [0.25, 0.5, 0.75])
-    return float(median), float(q3 - q1) if q3 > q1 else 1.0
+def bin_scale(sorted_ref: np.ndarray, spread: tuple[float, float]) -> tuple[float, float]:
+    """(median, q_hi - q_lo) of a bin's reference scores, quantiles rather than moments since the tail is what is tested.
+
+    The interquartile range (the default) matches the bins' middles; [0.5, 0.9] matches their upper halves, which is
+    what the pooled tail is fitted to: on IU X-ray's held-out impressions the shortest bin's upper tail is long for its
+    IQR, and standardized by the IQR its few high prompts alone made the pooled tail heavy (bench/RESULTS.md,
+    "Calibration settings")."""
+    lo, median, hi = np.quantile(sorted_ref, [spread[0], 0.5, spread[1]])
+    return float(median), float(hi - lo) if hi > lo else 1.0
 
 
 def calibrate(scores: np.ndarray, log_tokens: np.ndarray, ref_scores: np.ndarray, ref_log_tokens: np.ndarray,
@@ -141,7 +149,7 @@ def calibrate(scores: np.ndarray, log_tokens: np.ndarray, ref_scores: np.ndarray
     keep = np.isfinite(ref_scores)
     bins = length_bins(ref_scores[keep], ref_log_tokens[keep], settings.reference_length_bins, settings.reference_min_per_bin)
     which = bins.of(log_tokens)
-    scales = [bin_scale(ref) for ref in bins.reference]
+    scales = [bin_scale(ref, settings.reference_spread) for ref in bins.reference]
     standard = lambda values, b: (values - scales[b][0]) / scales[b][1]  # noqa: E731
     tail = None
     if settings.reference_tail == "gpd":

@@ -17,7 +17,11 @@ def exchangeable(seed: int, n: int = 300, n_ref: int = 400):
     return scores[:n], tokens[:n], scores[n:], tokens[n:]
 
 
-@pytest.mark.parametrize("settings", [PLAIN, CalibrationSettings(reference_tail="none"), CalibrationSettings()], ids=["plain", "mondrian", "mondrian+tail"])
+UPPER = CalibrationSettings(reference_spread=[0.5, 0.9])
+
+
+@pytest.mark.parametrize("settings", [PLAIN, CalibrationSettings(reference_tail="none"), CalibrationSettings(), UPPER],
+                         ids=["plain", "mondrian", "mondrian+tail", "mondrian+tail, upper spread"])  # fmt: skip
 def test_p_values_are_uniform_under_exchangeable_scores(settings):
     p = np.concatenate([calibrate(*exchangeable(seed), settings).p_value for seed in range(20)])
     assert scipy_stats.kstest(p, "uniform").pvalue > 0.001
@@ -47,6 +51,41 @@ def test_length_conditioning_removes_a_planted_length_effect():
     conditional = calibrate(scores[corpus], tokens[corpus], scores[ref], tokens[ref], CalibrationSettings(reference_tail="none", reference_length_bins=8))
     assert scipy_stats.spearmanr(unconditional.p_value, tokens[corpus]).statistic < -0.8
     assert abs(scipy_stats.spearmanr(conditional.p_value, tokens[corpus]).statistic) < 0.25
+
+
+def long_upper_half_in_short_prompts(rng, n):
+    """Scores whose short prompts (5-10 tokens) have an upper half three times as long as the long prompts' (30-60)
+    for about the same interquartile range: IU X-ray's shortest bin, in the large."""
+    tokens = np.log(np.where(rng.random(n) < 0.5, rng.uniform(5, 10, n), rng.uniform(30, 60, n)))
+    z = rng.laplace(0, 1, n)
+    return np.where((tokens < np.log(20)) & (z > 0), 3.0 * z, z), tokens
+
+
+def test_the_upper_spread_keeps_one_bins_long_upper_half_from_hiding_another_bins_members():
+    """Standardized by each bin's IQR, the short bin's longer upper half dominates the pooled tail, and members of the
+    long bin are judged against it; standardized by the median-to-q90 spread, each bin's upper half has one length."""
+    found, smaller = {"iqr": 0, "upper": 0}, 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        ref, ref_tokens = long_upper_half_in_short_prompts(rng, 600)
+        scores, tokens = long_upper_half_in_short_prompts(rng, 1000)
+        planted = np.flatnonzero(tokens > np.log(20))[:20]
+        scores[planted] += 8.0
+        p = {}
+        for name, spread in (("iqr", [0.25, 0.75]), ("upper", [0.5, 0.9])):
+            calibrated = calibrate(scores, tokens, ref, ref_tokens, CalibrationSettings(reference_length_bins=2, reference_spread=spread))
+            p[name] = np.median(calibrated.p_value[planted])
+            found[name] += int((calibrated.q_value[planted] <= 0.05).sum())
+        smaller += p["upper"] < p["iqr"]
+    assert smaller == 8 and found["upper"] >= 3 * max(found["iqr"], 1)
+
+
+def test_a_bad_spread_is_refused_naming_its_key():
+    from cxrmem.config import load_config
+    from cxrmem.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="analyze.reference_spread"):
+        load_config(None, ["analyze.reference_spread=[0.9,0.5]"])
 
 
 def test_planted_members_are_discovered_and_the_global_null_rejected_only_then():

@@ -161,7 +161,7 @@ def calibrate_run(cfg, out: Run, scores: pd.DataFrame, prompts: pd.DataFrame, to
     finite = np.isfinite(result.p_value)
     info = store.read_json(storage.join(ref.prefix, "reference.json"))
     bins = [{"log_tokens_upper": float(edge), "reference": int(len(r)), "corpus": int((result.length_bin == b).sum()),
-             "median": result.scales[b][0], "iqr": result.scales[b][1]}
+             "median": result.scales[b][0], "spread": result.scales[b][1]}
             for b, (edge, r) in enumerate(zip(result.bins.edges, result.bins.reference))]  # fmt: skip
     known_check = None
     if known is not None:
@@ -178,7 +178,7 @@ def calibrate_run(cfg, out: Run, scores: pd.DataFrame, prompts: pd.DataFrame, to
         discoveries_by_q={str(q): int((result.q_value <= q).sum()) for q in (0.05, 0.1)},
         top_set_overlap={"top_set": len(top_set), "both": int(np.isin(ids[called], list(top_set)).sum())},
         global_p=beyond.p_value, beyond_reference=asdict(beyond), simes_p=global_null_p(result.q_value),
-        smallest_plain_p=result.smallest_plain_p, bins=bins,
+        smallest_plain_p=result.smallest_plain_p, bins=bins, spread=list(settings.reference_spread),
         tail=asdict(result.tail) if result.tail else None,
         length_spearman=stats.spearman(result.p_value[finite], frame["n_tokens"].to_numpy(np.float64)[finite]) if finite.sum() > 2 else None,
         known_memorized=known_check, outputs={"calibration": layout.calibration},
