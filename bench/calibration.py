@@ -91,7 +91,7 @@ def markdown(rows: list[dict], settings: str) -> str:
              "Length-conditional conformal p-values with the fitted upper tail (the defaults), Benjamini-Hochberg q-values; truth for",
              "testbed/model: the planted prompts (realized FDR = share of discoveries not planted). The null check audits the IU X-ray",
              "testbed on synthetic prompts it never saw, against other synthetic prompts.", "",
-             "| testbed | corpus | reference (dropped) | Simes p | F0 | top set | q<=0.05: discoveries, in top set, recall, FDR "
+             "| testbed | corpus | reference (dropped) | F0 p | F0 | top set | q<=0.05: discoveries, in top set, recall, FDR "
              "| q<=0.10: discoveries, in top set, recall, FDR | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 

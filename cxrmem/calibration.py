@@ -14,7 +14,8 @@ scored with the same settings (docs/design.md, "Calibrated calls"). Choices, eac
   of 400 prompts in 4 bins, no prompt reaches below 0.01, and BH over 512 prompts then makes no discovery
   at 0.05 even for 24 prompts far beyond every non-member (measured: bench/RESULTS.md, "Calibrated calls").
   Each bin's reference scores are standardized by the bin's median and spread (`reference_spread`: the
-  interquartile range by default; length moves the location and spread of d_mem), the standardized scores of all bins are pooled, and their
+  distance from the median to the 0.9 quantile by default, the bin's upper half, which is what the pooled tail
+  is fitted to; length moves the location and spread of d_mem), the standardized scores of all bins are pooled, and their
   exceedances beyond the pooled `reference_tail_quantile` (0.9 by default) are fitted with a generalized
   Pareto distribution (the peaks-over-threshold model of extreme-value theory; its shape is kept >= 0,
   since a fitted bounded tail would give p = 0 just past the reference's maximum). A prompt whose
@@ -55,11 +56,11 @@ class CalibrationSettings(Settings):
     """How p-values are computed against the reference (cut from the `analyze` config section)."""
 
     fdr: float = knob(0.05, UNIT_OPEN)  # calibrated memorized set: prompts with Benjamini-Hochberg q-value at most this
-    reference_length_bins: int = knob(4, at_least(1))  # length-conditional (Mondrian) p-values: bins of log token count (1: none)
+    reference_length_bins: int = knob(3, at_least(1))  # length-conditional (Mondrian) p-values: bins of log token count (1: none)
     reference_min_per_bin: int = knob(50, POSITIVE)  # fewest reference prompts per length bin (bins are merged below it)
     reference_tail: str = knob("gpd", choices=["gpd", "none"])  # gpd: a fitted upper tail (generalized Pareto) below the conformal floor 1/(n+1) | none
     reference_tail_quantile: float = knob(0.9, UNIT_OPEN)  # where the fitted tail starts, as a quantile of each bin's reference scores
-    reference_spread: list = knob([0.25, 0.75], SPREAD)  # [lo, hi]: a bin's scores are standardized by its median and q_hi - q_lo ([0.5, 0.9]: upper spread)
+    reference_spread: list = knob([0.5, 0.9], SPREAD)  # [lo, hi]: a bin's scores are standardized by its median and q_hi - q_lo ([0.25, 0.75]: the IQR)
     reference_min: int = knob(100, POSITIVE)  # fewer reference prompts: F0 is inconclusive
 
 
@@ -133,10 +134,10 @@ class Calibrated:
 def bin_scale(sorted_ref: np.ndarray, spread: tuple[float, float]) -> tuple[float, float]:
     """(median, q_hi - q_lo) of a bin's reference scores, quantiles rather than moments since the tail is what is tested.
 
-    The interquartile range (the default) matches the bins' middles; [0.5, 0.9] matches their upper halves, which is
-    what the pooled tail is fitted to: on IU X-ray's held-out impressions the shortest bin's upper tail is long for its
-    IQR, and standardized by the IQR its few high prompts alone made the pooled tail heavy (bench/RESULTS.md,
-    "Calibration settings")."""
+    [0.5, 0.9] (the default) matches the bins' upper halves, which is what the pooled tail is fitted to; the
+    interquartile range [0.25, 0.75] matches their middles. On IU X-ray's held-out impressions the shortest bin's upper
+    half is long for its IQR: standardized by the IQR, its few high prompts alone made the pooled tail heavy and no
+    planted prompt reached q <= 0.05 (bench/RESULTS.md, "Calibration settings: the bins' upper spread")."""
     lo, median, hi = np.quantile(sorted_ref, [spread[0], 0.5, spread[1]])
     return float(median), float(hi - lo) if hi > lo else 1.0
 

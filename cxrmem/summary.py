@@ -90,7 +90,7 @@ class CalibrationSection(Section):
     global_p: Optional[float]  # F0's p-value: corpus prompts above every reference prompt of their length (calibration.exceedance_test)
     smallest_plain_p: float  # the conformal floor 1 / (n_bin + 1) of the largest bin
     bins: list  # per length bin: upper edge of log tokens, reference and corpus prompts, median and spread of its reference
-    spread: list = field(default_factory=lambda: [0.25, 0.75])  # analyze.reference_spread: the quantiles whose distance is a bin's spread
+    spread: list = field(default_factory=lambda: [0.25, 0.75])  # analyze.reference_spread (runs before it: the IQR)
     tail: Optional[dict] = None  # the pooled standardized tail: threshold, exceedances, shape, scale, check_p, used
     beyond_reference: Optional[dict] = None  # F0's test: beyond, expected, p_value, per_bin (calibration.Exceedance)
     simes_p: Optional[float] = None  # Simes' test on the p-values (the smallest q-value), which rests on the fitted tail
