@@ -105,7 +105,8 @@ class Replay:
         bounds = audit_bounds(
             len(rejected), len(sample), len(missed), int(np.sum(self.full[scored] >= threshold)),
             stage_scores(stages, screened, (self.ids[scored], self.full[scored]), (self.ids[sample], self.full[sample]),
-                         {self.ids[p]: self.norms[p] for p in np.concatenate([scored, sample]).tolist()}),
+                         {self.ids[p]: self.norms[p] for p in np.concatenate([scored, sample]).tolist()},
+                         len(sample) / len(rejected) if len(rejected) else None),
             threshold, full_cost_per, None if target is None else target / len(stages),
         )  # fmt: skip
         return checked, bounds

@@ -98,3 +98,32 @@ def test_the_model_recovers_a_known_line_and_needs_enough_points():
     assert model.slope == pytest.approx(0.8, abs=0.02) and model.intercept == pytest.approx(0.5, abs=0.02)
     assert model.sigma == pytest.approx(0.3, abs=0.01)
     assert fit_screen_model(screen[:5], full[:5]) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_audited_prompts_weighted_by_the_rejected_they_stand_for_keep_the_fit_off_the_survivors_members(seed):
+    """Memorized prompts a population apart, far above the bulk: the survivors, all fully scored, are rich in them,
+    and the rejected are known only through the audit's random sample. Unweighted, the fit follows the survivors and
+    expects two to three times the members truly lost; each audited prompt weighted by the rejected prompts it stands
+    for (StageScores.audit), it expects about what was lost."""
+    rng = np.random.default_rng(seed)
+    full = np.exp(rng.normal(0, 0.5, N))
+    planted = rng.choice(N, 150, replace=False)
+    full[planted] *= np.exp(rng.uniform(1.0, 2.0, 150))
+    screen = full * np.exp(rng.normal(0, 0.3, N))
+    threshold = np.sort(full)[::-1][TOP - 1]
+    members = full >= threshold
+    order = np.argsort(-screen)
+    kept, rejected = order[:600], order[600:]
+    audited = rng.choice(rejected, size=200, replace=False)
+    known = np.full(N, np.nan)
+    known[kept], known[audited] = full[kept], full[audited]
+    passed = np.isin(np.arange(N), kept)
+    lost = int(members[rejected].sum())
+
+    def expected(audit):
+        scores = StageScores(screen, known, passed, audit=audit)
+        return audit_bounds(len(rejected), 200, int(members[audited].sum()), int(members[kept].sum()), [scores], threshold, 396.0).expected_missed
+
+    weighted = expected((200 / len(rejected), np.isin(np.arange(N), audited), np.zeros(0, dtype=bool)))
+    assert lost > 15 and weighted == pytest.approx(lost, rel=0.5) and expected(None) > 1.8 * lost

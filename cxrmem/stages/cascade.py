@@ -278,19 +278,21 @@ def check_round(cfg, out: Run, batches, all_ids: np.ndarray, screened: list[Scre
     bounds = audit_bounds(
         checked.rejected, checked.sample, checked.misses, kept_members,
         stage_scores(stages, screened, (scored_ids, scored), (audit_ids, audit_scores),
-                     {**_step_norms(store, layout.scores), **_step_norms(store, RunLayout(audit_dir).scores, audit_ids)}), threshold,
+                     {**_step_norms(store, layout.scores), **_step_norms(store, RunLayout(audit_dir).scores, audit_ids)},
+                     checked.sample / checked.rejected if checked.rejected else None), threshold,
         full_cost.per_prompt + full_cost.per_batch / cfg.score.batch_size, None if target is None else target / len(stages),
     )  # fmt: skip
     return checked, {"threshold": threshold, "evaluations": audited.evaluations, "missed_ids": sorted(missed.tolist()), "bounds": bounds}
 
 
 def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.ndarray, np.ndarray],
-                 audited: tuple[np.ndarray, np.ndarray], step_norms: dict) -> list[StageScores | None]:  # fmt: skip
+                 audited: tuple[np.ndarray, np.ndarray], step_norms: dict, share: Optional[float] = None) -> list[StageScores | None]:  # fmt: skip
     """Each stage's inputs for its screen model (cxrmem/cascade_bounds.py): screen scores, the full scores known
     (`kept`: the cascade's scores.parquet, `audited`: the audit sample's) and what it passed on, a prompt the
     cascade fully scored in an earlier round counting as passed (it is not lost). A dmem stage's screen is the mean
     of the full score's first k steps of its first G' generations (same seeds and schedule: the continuation's
     premise), so the fully scored prompts it never screened (`step_norms`: id -> [G, T]) add points to its model.
+    `share`: the audit sample over the rejected prompts, which weights the audited points in the fit (None: unweighted).
     None for a screen whose higher scores do not mean memorized: it gets no model."""
     full = dict(zip(np.concatenate([kept[0], audited[0]]).tolist(), np.concatenate([kept[1], audited[1]]).tolist()))
     out = []
@@ -303,7 +305,8 @@ def stage_scores(stages: list[Stage], screened: list[Screened], kept: tuple[np.n
         others = [i for i in full if i in step_norms and i not in inputs] if stage.screen == "dmem" else []
         also = (np.array([np.mean(step_norms[i][: stage.generations, : stage.steps]) for i in others]),
                 np.array([full[i] for i in others], dtype=np.float64))  # fmt: skip
-        out.append(StageScores(screen.scores, scores, screen.kept | np.isin(screen.ids, kept[0]), also))
+        audit = (share, np.isin(screen.ids, audited[0]), np.isin(np.array(others, dtype=object), audited[0])) if share else None
+        out.append(StageScores(screen.scores, scores, screen.kept | np.isin(screen.ids, kept[0]), also, audit))
     return out
 
 
