@@ -158,8 +158,10 @@ def test_a_stage_widens_to_what_its_screen_model_asks_or_on_a_miss_and_no_furthe
     losing = [{"needed_keep": None, "expected_missed": e} for e in (3.5, 0.2, None, 1.5)]
     acting = load_config(None, ["cascade.widen_factor=2", "cascade.widen_above_expected_missed=1"])
     assert wider_shares(acting, stages, checked, losing, screened) == [20.0, 40.0, 50.0, 100.0]
-    assert cfg.cascade.widen_above_expected_missed is None  # off by default: only the audit's misses widen
-    assert wider_shares(cfg, stages, checked, losing, screened) == [10.0, 40.0, 50.0, 50.0]
+    assert cfg.cascade.widen_above_expected_missed == 1  # on by default
+    assert wider_shares(cfg, stages, checked, losing, screened) == [20.0, 40.0, 50.0, 100.0]
+    off = load_config(None, ["cascade.widen_factor=2", "cascade.widen_above_expected_missed=null"])
+    assert wider_shares(off, stages, checked, losing, screened) == [10.0, 40.0, 50.0, 50.0]  # null: only the audit's misses widen
     assert load_config(None, ["cascade.expected_missed_target=null"]).cascade.expected_missed_target is None
     with pytest.raises(ConfigError, match="'cascade.expected_missed_target'"):
         load_config(None, ["cascade.expected_missed_target=0"])
