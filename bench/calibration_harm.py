@@ -69,12 +69,13 @@ def run_frames(run: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def parse_setting(choice: str):
-    """CalibrationSettings of `BINS,TAIL_QUANTILE[,LO:HI]` (LO:HI: analyze.reference_spread; default the IQR)."""
+    """CalibrationSettings of `BINS,TAIL_QUANTILE[,LO:HI]` (LO:HI: analyze.reference_spread; omitted: the interquartile
+    range, the only spread before 2026-12-08, so that the tables of bench/RESULTS.md written then still reproduce)."""
     from cxrmem.calibration import CalibrationSettings
 
     bins, quantile, *spread = choice.split(",")
-    extra = {"reference_spread": [float(q) for q in spread[0].split(":")]} if spread else {}
-    return CalibrationSettings(reference_length_bins=int(bins), reference_tail_quantile=float(quantile), **extra)
+    quantiles = [float(q) for q in spread[0].split(":")] if spread else [0.25, 0.75]
+    return CalibrationSettings(reference_length_bins=int(bins), reference_tail_quantile=float(quantile), reference_spread=quantiles)
 
 
 def calibrated_frames(run: str, setting: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -354,7 +355,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["4,0.9", "1,0.9", "2,0.8", "3,0.8", "3,0.9"], help="BINS,TAIL_QUANTILE[,LO:HI] (reference_spread)")
     parser.add_argument("--setting", default=None, help="copies: recalibrate the runs at BINS,TAIL_QUANTILE[,LO:HI] first (default: their own q-values)")
     parser.add_argument("--null-share", type=float, default=0.2, help="settings: share of the reference audited in the split null")
-    parser.add_argument("--bins", type=int, default=4, help="analyze.reference_length_bins")
+    parser.add_argument("--bins", type=int, default=3, help="analyze.reference_length_bins (reference-size; the spread is the config's)")
     parser.add_argument("--tail-quantile", type=float, default=0.9, help="analyze.reference_tail_quantile")
     parser.add_argument("--results", default=None, help="write the table into this page (bench/RESULTS.md)")
     args = parser.parse_args()
