@@ -294,7 +294,8 @@ def split_null(ref: pd.DataFrame, settings, draws: int, share: float) -> tuple[f
 
 
 def setting_rows(name: str, work: dict, choices: list[str], draws: int, share: float) -> list[dict]:
-    """Per analyze setting (`bins,tail_quantile`): the corpus's calls, the tail fit, the length bias, the split null."""
+    """Per analyze setting (`bins,tail_quantile[,lo:hi]`, parse_setting): the corpus's calls, the tail fit, the length
+    bias, the split null."""
     from scipy.stats import spearmanr
 
     from cxrmem.calibration import exceedance_test, global_null_p

@@ -124,6 +124,7 @@ def strategy_prompts(strategies: list[str], sample: pd.DataFrame, mitigation: Op
       the judgement leaves it out);
     - the ids of the memorized prompts tried before the copy-rate rule: those mitigation ran it on, changed or not.
     A strategy mitigation did not run (or no mitigation.parquet) gets the whole sample in both."""
+    # iter(): a GroupBy has a `keys` attribute, which dict() would take for a mapping's
     ran = {} if mitigation is None else dict(iter(mitigation.groupby("strategy")))
     checks = {s: sample[sample["prompt_id"].isin(ran[s].loc[ran[s]["changed"].astype(bool), "prompt_id"])] if s in ran else sample
               for s in strategies}  # fmt: skip
